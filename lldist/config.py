@@ -1,0 +1,330 @@
+"""Job files: YAML -> frozen, typed dataclasses, with `--set key.sub=value` overrides.
+
+    python -m lldist.surface jobs/quickstart.yaml --set grid.x=[-1,1,11] --out /tmp/q.h5
+
+Every key is declared below with its type and default; docs/JOBS.md documents them.
+Unknown keys, wrong types and impossible values are rejected with one line that
+names the file and the key (nanoGPT's configurator does the same, without exec).
+Relative paths in a job file are relative to the current directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union
+
+import yaml
+
+from .errors import UserError
+
+BUILTIN_MODELS = ("mlp", "cnn", "cnn_skip", "mobilenet_v2")
+BUILTIN_DATA = ("digits", "cifar10", "imagefolder")
+NORMS = ("filter", "layer", "weight", "none")
+IGNORES = ("biasbn", "none")
+SPLITS = ("train", "test", "both")
+PRECISIONS = ("fp32", "tf32", "bf16")
+OPTIMIZERS = ("adam", "sgd")
+DEVICES = ("auto", "cpu", "cuda")
+BN_MODES = ("eval", "batch")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "cnn"  # mlp | cnn | cnn_skip | mobilenet_v2 | torchvision:<name> | python:<module>:<factory>
+    checkpoint: Optional[str] = None  # .pt state dict; trained first when missing and `train:` is given
+    pretrained: Optional[str] = None  # torchvision weights name, e.g. IMAGENET1K_V1 or DEFAULT
+    seed: int = 0  # initialisation seed when there is no checkpoint
+    args: dict = field(default_factory=dict)  # keyword arguments for the model factory
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "digits"  # digits | cifar10 | imagefolder | python:<module>:<factory>
+    root: Optional[str] = None  # dataset folder (cifar10, imagefolder)
+    download: bool = False  # cifar10 only: fetch into root if absent
+    subset: Optional[int] = None  # evaluate on this many samples per split (seeded draw)
+    subset_seed: int = 0
+    resize: int = 256  # imagefolder: shorter side before the centre crop
+    crop: int = 224  # imagefolder: centre crop size
+    args: dict = field(default_factory=dict)  # keyword arguments for a python: factory
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = "adam"
+    lr: float = 5e-4
+    batch_size: int = 64
+    epochs: int = 10
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class DirectionsConfig:
+    seed: int = 0
+    norm: str = "filter"
+    ignore: str = "biasbn"  # biasbn: 1-D parameters (biases, BatchNorm) get a zero direction
+    target: Optional[str] = None  # checkpoint theta': x direction = theta' - theta (interpolation)
+
+
+@dataclass(frozen=True)
+class Axis:
+    min: float
+    max: float
+    num: int
+
+
+@dataclass(frozen=True)
+class GridConfig:
+    x: Axis = Axis(-1.0, 1.0, 21)
+    y: Optional[Axis] = None
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    split: str = "test"  # train | test | both
+    batch_size: Union[int, str] = 256  # or "auto"
+    device: str = "auto"
+    precision: str = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    bn: str = "eval"  # eval: running statistics; batch: statistics of each batch
+    cells_per_pass: Union[int, str] = 1  # several cells in one vmapped pass, or "auto"
+    chunk_size: Union[int, str] = "auto"  # cells per unit of work (and per HDF5 flush)
+    threads: Optional[int] = None  # torch CPU threads per process
+
+
+@dataclass(frozen=True)
+class Job:
+    name: str = "job"
+    output: str = "runs/job/surface.h5"
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: Optional[TrainConfig] = None
+    directions: DirectionsConfig = DirectionsConfig()
+    grid: GridConfig = GridConfig()
+    eval: EvalConfig = EvalConfig()
+    source: str = field(default="<job>", compare=False)  # the file it came from
+    text: str = field(default="", compare=False)  # the YAML text, with overrides appended
+
+    @property
+    def splits(self) -> tuple[str, ...]:
+        return ("train", "test") if self.eval.split == "both" else (self.eval.split,)
+
+    @property
+    def ndim(self) -> int:
+        return 1 if self.grid.y is None else 2
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_job(path: str, overrides: list[str] = (), out: Optional[str] = None) -> Job:
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read job file: {e.strerror}")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise UserError(f"{path}: malformed YAML{line}: {getattr(e, 'problem', e)}")
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a job file must be a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        apply_override(raw, item, path)
+    if out is not None:
+        raw["output"] = out
+    if overrides or out is not None:
+        text = text.rstrip("\n") + "\n# overrides: " + json.dumps({"set": list(overrides), "out": out}) + "\n"
+    job = _build(Job, raw, "", path)
+    job = dataclasses.replace(job, source=path, text=text)
+    validate(job)
+    return job
+
+
+def apply_override(raw: dict, item: str, path: str) -> None:
+    """`key.sub=value`: the value is parsed as YAML, so numbers, lists and null work."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected key.sub=value")
+    key, value = item.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        raise UserError(f"--set {key}: cannot parse value {value!r}")
+    node = raw
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        if not isinstance(node.get(p), dict):
+            node[p] = {}
+        node = node[p]
+    node[parts[-1]] = parsed
+
+
+def _typename(t) -> str:
+    return getattr(t, "__name__", str(t).replace("typing.", ""))
+
+
+def _coerce(value: Any, t, key: str, path: str):
+    origin = typing.get_origin(t)
+    if origin is Union:
+        args = typing.get_args(t)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, key, path)
+            except UserError as e:
+                errors.append(e)
+        wanted = " or ".join(_typename(a) for a in args if a is not type(None))
+        raise UserError(f"{path}: key '{key}' must be {wanted}, got {value!r}")
+    if t is Axis:
+        if (not isinstance(value, (list, tuple)) or len(value) != 3
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            raise UserError(f"{path}: key '{key}' must be [min, max, num], got {value!r}")
+        if isinstance(value[2], float) and not float(value[2]).is_integer():
+            raise UserError(f"{path}: key '{key}': num must be an integer, got {value[2]!r}")
+        return Axis(float(value[0]), float(value[1]), int(value[2]))
+    if dataclasses.is_dataclass(t):
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: key '{key}' must be a mapping, got {value!r}")
+        return _build(t, value, key + ".", path)
+    if t is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"{path}: key '{key}' must be true or false, got {value!r}")
+        return value
+    if t is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"{path}: key '{key}' must be an integer, got {value!r}")
+        return value
+    if t is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"{path}: key '{key}' must be a number, got {value!r}")
+        return float(value)
+    if t is str:
+        if not isinstance(value, str):
+            raise UserError(f"{path}: key '{key}' must be a string, got {value!r}")
+        return value
+    if t is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: key '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    raise TypeError(f"unsupported config type {t}")
+
+
+def _build(cls, raw: dict, prefix: str, path: str):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls) if f.compare}
+    for k in raw:
+        if k not in names:
+            known = ", ".join(sorted(names))
+            raise UserError(f"{path}: unknown key '{prefix}{k}' (known keys here: {known})")
+    kwargs = {k: _coerce(v, hints[k], prefix + k, path) for k, v in raw.items()}
+    return cls(**kwargs)
+
+
+def _choice(value, allowed, key, path):
+    if value not in allowed:
+        raise UserError(f"{path}: key '{key}' is {value!r}; allowed: {', '.join(allowed)}")
+
+
+def validate(job: Job) -> None:
+    p = job.source
+    m, d, g, e, dr = job.model, job.data, job.grid, job.eval, job.directions
+    if not (m.name in BUILTIN_MODELS or m.name.startswith("torchvision:")
+            or (m.name.startswith("python:") and m.name.count(":") == 2)):
+        raise UserError(f"{p}: key 'model.name' is {m.name!r}; allowed: {', '.join(BUILTIN_MODELS)}, "
+                        "torchvision:<name>, python:<module>:<factory>")
+    if m.checkpoint and m.pretrained:
+        raise UserError(f"{p}: keys 'model.checkpoint' and 'model.pretrained' exclude each other")
+    if m.checkpoint and not os.path.exists(m.checkpoint) and job.train is None:
+        raise UserError(f"{p}: key 'model.checkpoint': {m.checkpoint} does not exist "
+                        "(and the job has no 'train:' section to make it)")
+    if job.train is not None and not m.checkpoint:
+        raise UserError(f"{p}: a job with 'train:' needs 'model.checkpoint' to say where the model goes")
+    if not (d.name in BUILTIN_DATA or (d.name.startswith("python:") and d.name.count(":") == 2)):
+        raise UserError(f"{p}: key 'data.name' is {d.name!r}; allowed: {', '.join(BUILTIN_DATA)}, "
+                        "python:<module>:<factory>")
+    if d.name in ("cifar10", "imagefolder") and not d.root:
+        raise UserError(f"{p}: key 'data.root' is required for data.name={d.name}")
+    if d.subset is not None and d.subset < 1:
+        raise UserError(f"{p}: key 'data.subset' must be at least 1, got {d.subset}")
+    for key, ax in (("grid.x", g.x), ("grid.y", g.y)):
+        if ax is None:
+            continue
+        if ax.num < 1:
+            raise UserError(f"{p}: key '{key}': num must be at least 1 (empty grid), got {ax.num}")
+        if not ax.min < ax.max:
+            raise UserError(f"{p}: key '{key}': min must be below max, got [{ax.min}, {ax.max}]")
+    _choice(dr.norm, NORMS, "directions.norm", p)
+    _choice(dr.ignore, IGNORES, "directions.ignore", p)
+    if dr.target and not os.path.exists(dr.target):
+        raise UserError(f"{p}: key 'directions.target': {dr.target} does not exist")
+    _choice(e.split, SPLITS, "eval.split", p)
+    _choice(e.device, DEVICES, "eval.device", p)
+    _choice(e.precision, PRECISIONS, "eval.precision", p)
+    _choice(e.bn, BN_MODES, "eval.bn", p)
+    for key in ("batch_size", "cells_per_pass", "chunk_size"):
+        v = getattr(e, key)
+        if not (v == "auto" or (isinstance(v, int) and v >= 1)):
+            raise UserError(f"{p}: key 'eval.{key}' must be a positive integer or 'auto', got {v!r}")
+    if e.threads is not None and e.threads < 1:
+        raise UserError(f"{p}: key 'eval.threads' must be at least 1, got {e.threads}")
+    if job.train is not None:
+        t = job.train
+        _choice(t.optimizer, OPTIMIZERS, "train.optimizer", p)
+        _choice(t.device, DEVICES, "train.device", p)
+        if not t.lr > 0:
+            raise UserError(f"{p}: key 'train.lr' must be positive, got {t.lr}")
+        if t.batch_size < 1 or t.epochs < 1:
+            raise UserError(f"{p}: keys 'train.batch_size' and 'train.epochs' must be at least 1")
+    if not job.output:
+        raise UserError(f"{p}: key 'output' must name a file")
+
+
+def as_dict(obj) -> dict:
+    d = dataclasses.asdict(obj)
+    d.pop("source", None)
+    d.pop("text", None)
+    return d
+
+
+def identity_hash(job: Job, file_hashes: dict) -> str:
+    """Hash of everything that determines the numbers in the output file.
+
+    Not included: where the output goes, batch and chunk sizes, device, threads, compile and
+    channels_last (they change speed, not results beyond float round-off). The precision and
+    the BatchNorm mode are included: they change the numbers. `file_hashes` holds the sha256
+    of the checkpoint and target files, so a retrained checkpoint is a different job.
+    """
+    ident = {
+        "model": {k: v for k, v in as_dict(job.model).items() if k != "checkpoint"},
+        "data": {k: v for k, v in as_dict(job.data).items() if k not in ("root", "download")},
+        "directions": {k: v for k, v in as_dict(job.directions).items() if k != "target"},
+        "grid": as_dict(job.grid),
+        "eval": {"split": job.eval.split, "precision": job.eval.precision, "bn": job.eval.bn},
+        "files": file_hashes,
+    }
+    blob = json.dumps(ident, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

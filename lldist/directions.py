@@ -1,0 +1,106 @@
+"""Directions in weight space and their normalization (Li et al. 2018, section 4).
+
+    from lldist.directions import model_state, make_directions
+    theta, kinds = model_state(model)
+    dirs = make_directions(theta, kinds, job.directions, ndim=2)   # {"x": {...}, "y": {...}}
+
+A direction is a dict {state-dict name: tensor shaped like that entry} over the model's
+floating-point state: parameters *and* float buffers (BatchNorm running statistics), so
+that setting theta + a*dx + b*dy also resets the buffers of every cell, and interpolation
+between checkpoints moves the running statistics too. Random directions are zero on buffers.
+
+Kinds of entries: "weight" (parameter with dim > 1: conv and linear weights, normalized per
+filter, i.e. per output unit = index along dim 0), "vector" (1-D parameter: biases and
+BatchNorm affine parameters; `ignore: biasbn` zeroes them, as in the paper, `ignore: none`
+normalizes each as a single filter), "buffer" (always zero in a random direction).
+
+Norms: filter (d_i <- d_i * |theta_i| / |d_i| for each filter i), layer (the same per tensor),
+weight (d <- d * theta, elementwise), none (raw Gaussian).
+No MPI, no HDF5 here: pure tensor code.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import DirectionsConfig
+
+EPS = 1e-10  # guards zero-norm directions; a zero filter of theta gives a zero direction
+
+
+def model_state(model: nn.Module) -> tuple[dict, dict]:
+    """(theta, kinds): detached CPU copies of the float state, and each entry's kind."""
+    params = {n for n, _ in model.named_parameters()}
+    theta, kinds = {}, {}
+    for name, t in model.state_dict().items():
+        if not t.is_floating_point():
+            continue  # e.g. BatchNorm's num_batches_tracked
+        theta[name] = t.detach().to("cpu", copy=True)
+        if name in params:
+            kinds[name] = "weight" if t.dim() > 1 else "vector"
+        else:
+            kinds[name] = "buffer"
+    return theta, kinds
+
+
+def _normalize(d: torch.Tensor, w: torch.Tensor, norm: str) -> torch.Tensor:
+    if norm == "none":
+        return d
+    if norm == "weight":
+        return d * w
+    if norm == "layer":
+        return d * (w.norm() / (d.norm() + EPS))
+    if norm == "filter":
+        if d.dim() <= 1:  # a 1-D vector is one filter
+            return d * (w.norm() / (d.norm() + EPS))
+        dn = d.flatten(1).norm(dim=1)  # (out,)
+        wn = w.flatten(1).norm(dim=1)
+        return d * (wn / (dn + EPS)).view(-1, *([1] * (d.dim() - 1)))
+    raise ValueError(f"unknown normalization {norm!r}")  # config validation makes this unreachable
+
+
+def random_direction(theta: dict, kinds: dict, norm: str, ignore: str, gen: torch.Generator) -> dict:
+    """One Gaussian direction, normalized. Draws from `gen` in the state dict's order, on the
+    CPU in float32, so the same seed gives the same direction on every machine."""
+    out = {}
+    for name, w in theta.items():
+        d = torch.randn(w.shape, generator=gen, dtype=torch.float32)
+        kind = kinds[name]
+        if kind == "buffer" or (kind == "vector" and ignore == "biasbn"):
+            d.zero_()
+        else:
+            d = _normalize(d, w.float(), norm)
+        out[name] = d.to(w.dtype)
+    return out
+
+
+def target_direction(theta: dict, theta_target: dict) -> dict:
+    """theta' - theta over every float entry (buffers included), so alpha = 1 lands on theta'."""
+    return {n: (theta_target[n].to(w.dtype) - w) for n, w in theta.items()}
+
+
+def make_directions(theta: dict, kinds: dict, cfg: DirectionsConfig, ndim: int,
+                    theta_target: Optional[dict] = None) -> dict:
+    """{"x": dir} or {"x": dir, "y": dir}. With a target, x is theta' - theta and y (2D) random.
+
+    The generator draws x first, then y: a 1D job and a 2D job with the same seed share x."""
+    gen = torch.Generator().manual_seed(cfg.seed)
+    dirs = {}
+    if theta_target is not None:
+        dirs["x"] = target_direction(theta, theta_target)
+    else:
+        dirs["x"] = random_direction(theta, kinds, cfg.norm, cfg.ignore, gen)
+    if ndim == 2:
+        dirs["y"] = random_direction(theta, kinds, cfg.norm, cfg.ignore, gen)
+    return dirs
+
+
+def cosine(a: dict, b: dict) -> float:
+    """Cosine of the angle between two directions, over all their entries, in float64."""
+    dot = sum(float((a[n].double() * b[n].double()).sum()) for n in a)
+    na = sum(float(a[n].double().pow(2).sum()) for n in a) ** 0.5
+    nb = sum(float(b[n].double().pow(2).sum()) for n in b) ** 0.5
+    return dot / (na * nb) if na > 0 and nb > 0 else float("nan")

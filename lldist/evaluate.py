@@ -1,0 +1,161 @@
+"""Loss and accuracy of a model at theta + a*dx + b*dy. No MPI, no HDF5.
+
+    ev = Evaluator(model, theta, dirs, {"test": testset}, EvalOptions(device="cpu"))
+    out = ev.evaluate_cells([(0.0, 0.0), (0.1, -0.2)])   # (2, nsplits, 2): [loss, acc]
+
+The model is built once; each cell overwrites its floating-point state in place from theta
+and the directions (both kept on the device), so nothing is rebuilt or re-allocated per cell
+and compiled or CUDA-graphed models keep their parameter addresses. Losses are summed per
+batch in float32 and accumulated across batches in float64; NaN and inf pass through.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+from .data import TensorSet
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    device: str = "cpu"
+    batch_size: Union[int, str] = 256
+    precision: str = "fp32"  # fp32 | tf32 | bf16
+    channels_last: bool = False
+    compile: bool = False
+    bn: str = "eval"  # eval: running statistics; batch: each batch's statistics
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        from .errors import UserError
+        raise UserError("eval.device is cuda, but torch sees no CUDA device")
+    return name
+
+
+def set_bn_mode(model: nn.Module, bn: str) -> None:
+    model.eval()
+    if bn == "batch":  # batch statistics; running stats still update but are reset every cell
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.train()
+
+
+class Evaluator:
+    def __init__(self, model: nn.Module, theta: dict, dirs: dict, splits: dict,
+                 opts: EvalOptions):
+        self.opts = opts
+        self.device = torch.device(opts.device)
+        if opts.precision == "tf32":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        elif self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+        fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
+        model = model.to(self.device, memory_format=fmt)
+        set_bn_mode(model, opts.bn)
+        live = model.state_dict(keep_vars=True)
+        # (target tensor in the model, theta, dx, dy) on the device; dy None on 1D grids
+        self.slots = []
+        for name, w in theta.items():
+            t = live[name].data
+            dx = dirs["x"][name].to(self.device)
+            dy = dirs["y"][name].to(self.device) if "y" in dirs else None
+            # entries with zero directions never change: skip them per cell
+            moving = bool(dx.any()) or (dy is not None and bool(dy.any()))
+            self.slots.append((t, w.to(self.device), dx, dy, moving))
+            t.copy_(w)
+        self.model = torch.compile(model) if opts.compile else model
+        self.splits = {k: v.to(self.device) for k, v in splits.items()}
+        self.dtype = torch.float32
+        self.batch_size = opts.batch_size if opts.batch_size != "auto" else self.calibrate_batch()
+
+    @torch.no_grad()
+    def set_weights(self, a: float, b: float = 0.0) -> None:
+        for t, w, dx, dy, moving in self.slots:
+            if not moving:
+                continue
+            torch.add(w, dx, alpha=a, out=t)
+            if dy is not None:
+                t.add_(dy, alpha=b)
+
+    def _autocast(self):
+        if self.opts.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def loss_acc(self, data: TensorSet, batch_size: Optional[int] = None) -> tuple[float, float]:
+        bs = batch_size or self.batch_size
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        cl = self.opts.channels_last and data.x.dim() == 4
+        for xb, yb in data.batches(bs, self.dtype):
+            if cl:
+                xb = xb.contiguous(memory_format=torch.channels_last)
+            with self._autocast():
+                logits = self.model(xb)
+            logits = logits.float()
+            total += F.cross_entropy(logits, yb, reduction="sum").double()
+            correct += (logits.argmax(1) == yb).sum()
+        n = len(data)
+        return float(total) / n, float(correct) / n  # the one device sync per split
+
+    def evaluate(self, a: float, b: float = 0.0) -> np.ndarray:
+        """(nsplits, 2) float64: [loss, accuracy] per split at theta + a*dx + b*dy."""
+        self.set_weights(a, b)
+        return np.array([self.loss_acc(d) for d in self.splits.values()], dtype=np.float64)
+
+    def evaluate_cells(self, coords: Sequence[tuple]) -> np.ndarray:
+        """(ncells, nsplits, 2) float64 for a list of (alpha, beta)."""
+        return np.stack([self.evaluate(a, b) for a, b in coords]) if len(coords) else \
+            np.zeros((0, len(self.splits), 2))
+
+    def calibrate_batch(self, budget_s: float = 2.0) -> int:
+        """The fastest batch size among powers of two, on the first split, within the memory."""
+        data = next(iter(self.splits.values()))
+        best, best_rate = 64, 0.0
+        bs, deadline = 32, time.perf_counter() + budget_s
+        while bs <= max(32, len(data)) and time.perf_counter() < deadline:
+            sub = TensorSet(data.x[:bs * 2], data.y[:bs * 2], data.num_classes, data.scale, data.mean, data.std)
+            try:
+                self.loss_acc(sub, bs)  # warm-up (cudnn autotune, compile)
+                t0 = time.perf_counter()
+                self.loss_acc(sub, bs)
+                rate = len(sub) / (time.perf_counter() - t0)
+            except torch.OutOfMemoryError:
+                break
+            if rate > best_rate:
+                best, best_rate = bs, rate
+            if len(sub) < bs * 2:
+                break
+            bs *= 2
+        return best
+
+
+@torch.inference_mode()
+def evaluate_plain(model: nn.Module, state: dict, data: TensorSet, batch_size: int = 128,
+                   device: str = "cpu") -> tuple[float, float]:
+    """The plain reference: load the state dict, loop over batches, no tricks. Used by tests
+    and by the benchmark's naive baseline."""
+    model.load_state_dict(state, strict=False)
+    model.to(device).eval()
+    total, correct = 0.0, 0
+    for i in range(0, len(data), batch_size):
+        xb = data.normalize(data.x[i:i + batch_size]).to(device)
+        yb = data.y[i:i + batch_size].to(device)
+        logits = model(xb)
+        total += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    return total / len(data), correct / len(data)

@@ -1,0 +1,176 @@
+"""Model registry, checkpoints and pretrained weights.
+
+    from lldist.models import build_model, load_checkpoint
+    model = build_model(job.model, in_shape=(3, 32, 32), num_classes=10)
+
+Built-in models: `mlp` (the "linear layer model"), `cnn` (plain conv stack), `cnn_skip`
+(the same stack with residual skips: identical parameters, only the additions differ, so the
+two landscapes compare skip connections and nothing else), `mobilenet_v2` (torchvision).
+Also `torchvision:<name>` for any torchvision classifier and `python:<module>:<factory>`
+for user models (the factory is called with `model.args` as keyword arguments).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import UserError
+
+
+class MLP(nn.Module):
+    """Flatten -> Linear/ReLU stack -> Linear. hidden=(512, 256) on 3x32x32 is 3072-512-256-10."""
+
+    def __init__(self, in_features: int, num_classes: int, hidden=(512, 256)):
+        super().__init__()
+        layers, width = [nn.Flatten()], in_features
+        for h in hidden:
+            layers += [nn.Linear(width, h), nn.ReLU()]
+            width = h
+        layers.append(nn.Linear(width, num_classes))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _conv_bn(cin, cout, stride, batchnorm):
+    layers = [nn.Conv2d(cin, cout, 3, stride, 1, bias=not batchnorm)]
+    if batchnorm:
+        layers.append(nn.BatchNorm2d(cout))
+    return nn.Sequential(*layers)
+
+
+class Block(nn.Module):
+    """conv-(bn)-relu-conv-(bn) [+ x] -relu. With skip=False it is the same block, minus the add."""
+
+    def __init__(self, width, batchnorm, skip):
+        super().__init__()
+        self.a = _conv_bn(width, width, 1, batchnorm)
+        self.b = _conv_bn(width, width, 1, batchnorm)
+        self.skip = skip
+
+    def forward(self, x):
+        y = self.b(torch.relu(self.a(x)))
+        return torch.relu(y + x if self.skip else y)
+
+
+class CNN(nn.Module):
+    """Stem conv, then `stages` stages of `blocks` blocks; each new stage doubles the width and
+    halves the resolution with a stride-2 conv. Global average pool, linear classifier.
+
+    Defaults (width 16, 3 stages, 1 block): 9 convs, about 78k parameters at 10 classes."""
+
+    def __init__(self, in_channels, num_classes, width=16, stages=3, blocks=1, batchnorm=True, skip=False):
+        super().__init__()
+        layers = [_conv_bn(in_channels, width, 1, batchnorm), nn.ReLU()]
+        w = width
+        for s in range(stages):
+            if s > 0:
+                layers += [_conv_bn(w, 2 * w, 2, batchnorm), nn.ReLU()]
+                w *= 2
+            layers += [Block(w, batchnorm, skip) for _ in range(blocks)]
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(w, num_classes)
+
+    def forward(self, x):
+        x = self.features(x)  # (B, w, H', W')
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def _import_factory(spec: str, what: str):
+    _, module, factory = spec.split(":")
+    try:
+        mod = importlib.import_module(module)
+    except ImportError as e:
+        raise UserError(f"{what} {spec}: cannot import module {module!r}: {e}")
+    fn = getattr(mod, factory, None)
+    if not callable(fn):
+        raise UserError(f"{what} {spec}: module {module!r} has no callable {factory!r}")
+    return fn
+
+
+def _torchvision_model(name: str, num_classes: int, pretrained: Optional[str], args: dict) -> nn.Module:
+    import torchvision
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError:
+        raise UserError(f"model {name!r} is not a torchvision model "
+                        f"(e.g. {', '.join(torchvision.models.list_models()[:5])}, ...)")
+    if pretrained is None:
+        return builder(weights=None, num_classes=num_classes, **args)
+    try:
+        weights = torchvision.models.get_model_weights(name)[pretrained] if pretrained != "DEFAULT" \
+            else torchvision.models.get_model_weights(name).DEFAULT
+    except KeyError:
+        names = ", ".join(w.name for w in torchvision.models.get_model_weights(name))
+        raise UserError(f"model.pretrained {pretrained!r} is not a weights name of {name}; allowed: DEFAULT, {names}")
+    try:
+        return builder(weights=weights, **args)
+    except Exception as e:  # URLError, HTTPError, OSError: offline or blocked
+        hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+        raise UserError(f"cannot get pretrained weights {name}.{weights.name} ({type(e).__name__}: {e}); "
+                        f"offline, put the file {os.path.basename(weights.url)} into {hub}")
+
+
+def build_model(cfg: ModelConfig, in_shape: tuple, num_classes: int) -> nn.Module:
+    """A fresh model for data of shape `in_shape` (C, H, W) and `num_classes` classes, seeded."""
+    torch.manual_seed(cfg.seed)
+    name, args = cfg.name, dict(cfg.args)
+    try:
+        if name == "mlp":
+            n = 1
+            for s in in_shape:
+                n *= s
+            model = MLP(n, num_classes, **args)
+        elif name in ("cnn", "cnn_skip"):
+            model = CNN(in_shape[0], num_classes, skip=(name == "cnn_skip"), **args)
+        elif name == "mobilenet_v2":
+            model = _torchvision_model("mobilenet_v2", num_classes, cfg.pretrained, args)
+        elif name.startswith("torchvision:"):
+            model = _torchvision_model(name.split(":", 1)[1], num_classes, cfg.pretrained, args)
+        else:
+            model = _import_factory(name, "model")(**args)
+    except TypeError as e:
+        raise UserError(f"model {name}: bad model.args {args}: {e}")
+    if not isinstance(model, nn.Module):
+        raise UserError(f"model {name}: the factory returned {type(model).__name__}, not a torch.nn.Module")
+    if cfg.pretrained and name in ("mlp", "cnn", "cnn_skip"):
+        raise UserError(f"model.pretrained is for torchvision models; {name} has no published weights")
+    return model
+
+
+def load_checkpoint(model: nn.Module, path: str) -> dict:
+    """Load a state dict saved by lldist.train (or a plain state dict). Returns its metadata."""
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {path} does not exist")
+    except Exception as e:  # corrupt, truncated, or not a torch file
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    meta = {}
+    if isinstance(obj, dict) and "state_dict" in obj:
+        meta = obj.get("meta", {}) or {}
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"checkpoint {path} holds no state dict of tensors")
+    try:
+        model.load_state_dict(obj, strict=True)
+    except RuntimeError as e:
+        first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:3]
+        raise UserError(f"checkpoint {path} does not fit model {type(model).__name__}: {' '.join(first)[:300]}")
+    return meta
+
+
+def save_checkpoint(model: nn.Module, path: str, meta: dict) -> None:
+    """Written to a temporary name and renamed, so a killed run never leaves half a checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": state, "meta": meta}, tmp)
+    os.replace(tmp, path)

@@ -1,0 +1,220 @@
+"""The results file: the only module that imports h5py. Layout in docs/FORMAT.md.
+
+    sf = SurfaceFile.open_or_create("out.h5", job, job_hash, grid, make_dirs, meta)
+    sf.write_chunk(cells, values, record)   # values (n, nsplits, 2); flushed at once
+    sf.close()
+
+The file is the checkpoint of a run: an explicit `done` mask says which cells hold results
+(no sentinel values; a NaN loss is a legitimate result), each chunk is written and flushed
+once, and re-opening a file made by the same job resumes it. A file made by another job is
+refused. New files are written under a temporary name and renamed, so a run killed while
+creating one leaves nothing half-made under the real name. No SWMR: SWMR files cannot be
+reopened for writing after a crash.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import time
+from typing import Callable, Optional
+
+import h5py
+import numpy as np
+
+from .config import Job
+from .errors import UserError
+from .grid import Grid
+
+FORMAT = "lldist.surface"
+FORMAT_VERSION = 1
+
+CHUNK_DTYPE = np.dtype([
+    ("run", "i4"), ("offset", "i8"), ("ncells", "i4"), ("rank", "i4"),
+    ("host", "S64"), ("device", "S32"), ("t_start", "f8"), ("t_end", "f8"),
+])
+
+
+def now_iso() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def git_revision() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+def versions() -> dict:
+    import torch
+    from . import __version__
+    return {"lldist_version": __version__, "torch_version": torch.__version__, "numpy_version": np.__version__,
+            "h5py_version": h5py.__version__, "python_version": platform.python_version()}
+
+
+def check_writable(path: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(d, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"output {path}: cannot create folder {d}: {e.strerror}")
+    if not os.access(d, os.W_OK):
+        raise UserError(f"output {path}: folder {d} is not writable")
+    if os.path.isdir(path):
+        raise UserError(f"output {path} is a folder, not a file")
+
+
+class SurfaceFile:
+    def __init__(self, path: str, f: h5py.File):
+        self.path, self.f = path, f
+        self.splits = json.loads(f.attrs["splits"])
+        self.shape = f["done"].shape
+        self.run = int(f.attrs.get("runs", 0))
+
+    # ------------------------------------------------------------------ open / create
+    @classmethod
+    def open_or_create(cls, path: str, job: Job, job_hash: str, grid: Grid,
+                       make_dirs: Callable[[], dict], meta: dict, overwrite: bool = False) -> "SurfaceFile":
+        check_writable(path)
+        if os.path.exists(path) and overwrite:
+            os.remove(path)
+        if os.path.exists(path):
+            sf = cls.open(path, "r+")
+            theirs = sf.f.attrs.get("job_hash", "")
+            if theirs != job_hash:
+                made = sf.f.attrs.get("job_source", "?")
+                sf.f.close()
+                raise UserError(f"output {path} was made by a different job ({made}, hash {theirs[:12]}; "
+                                f"this job's is {job_hash[:12]}); use --out for a new file or --overwrite to replace it")
+        else:
+            cls._create(path, job, job_hash, grid, make_dirs(), meta)
+            sf = cls.open(path, "r+")
+        sf.f.attrs["runs"] = sf.run = sf.run + 1
+        sf.f.attrs["last_started"] = now_iso()
+        sf.f.attrs["git_revision"] = git_revision()
+        sf.f.flush()
+        return sf
+
+    @classmethod
+    def open(cls, path: str, mode: str = "r") -> "SurfaceFile":
+        try:
+            f = h5py.File(path, mode)
+        except FileNotFoundError:
+            raise UserError(f"{path} does not exist")
+        except OSError as e:
+            raise UserError(f"{path} cannot be opened as HDF5 (corrupt, locked by a running job, or not "
+                            f"an HDF5 file): {str(e).splitlines()[0][:160]}")
+        if f.attrs.get("format") != FORMAT:
+            f.close()
+            raise UserError(f"{path} is an HDF5 file but not an lldist surface (no format={FORMAT} attribute)")
+        return cls(path, f)
+
+    @staticmethod
+    def _create(path: str, job: Job, job_hash: str, grid: Grid, dirs: dict, meta: dict) -> None:
+        tmp = path + ".creating"
+        with h5py.File(tmp, "w") as f:
+            a = f.attrs
+            a["format"], a["format_version"] = FORMAT, FORMAT_VERSION
+            a["job_name"], a["job_source"], a["job_yaml"], a["job_hash"] = job.name, job.source, job.text, job_hash
+            for k, v in versions().items():
+                a[k] = str(v)  # torch's version is a str subclass h5py cannot store
+            a["hostname"], a["created"] = socket.gethostname(), now_iso()
+            a["ndim"], a["splits"] = grid.ndim, json.dumps(list(job.splits))
+            a["runs"] = 0
+            a["complete"] = False
+            for k, v in meta.items():
+                a[k] = v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
+            x = f.create_dataset("x", data=grid.x)
+            x.attrs["long_name"], x.attrs["units"] = "alpha (step along direction x)", "1"
+            x.make_scale("x")
+            if grid.ndim == 2:
+                y = f.create_dataset("y", data=grid.y)
+                y.attrs["long_name"], y.attrs["units"] = "beta (step along direction y)", "1"
+                y.make_scale("y")
+            done = f.create_dataset("done", shape=grid.shape, dtype=bool, fillvalue=False)
+            done.attrs["long_name"] = "cell has been computed"
+            arrays = [done]
+            for split in job.splits:
+                g = f.create_group(split)
+                g.attrs["signal"] = "loss"  # NXdata-style hints for generic HDF5 viewers
+                g.attrs["axes"] = np.array(["y", "x"] if grid.ndim == 2 else ["x"], dtype=h5py.string_dtype())
+                for name, long_name, units in (("loss", f"mean cross-entropy loss on the {split} split", "nat"),
+                                               ("acc", f"accuracy on the {split} split", "1")):
+                    d = g.create_dataset(name, shape=grid.shape, dtype="f8", fillvalue=np.nan)
+                    d.attrs["long_name"], d.attrs["units"] = long_name, units
+                    arrays.append(d)
+            for d in arrays:  # (ny, nx): dim 0 is y, dim 1 is x
+                d.dims[d.ndim - 1].attach_scale(f["x"])
+                d.dims[d.ndim - 1].label = "x"
+                if grid.ndim == 2:
+                    d.dims[0].attach_scale(f["y"])
+                    d.dims[0].label = "y"
+            gd = f.create_group("directions")
+            for axis, direction in dirs.items():
+                ga = gd.create_group(axis)
+                for name, t in direction.items():
+                    ga.create_dataset(name, data=t.cpu().numpy())
+            for k, v in meta.get("directions_attrs", {}).items():
+                gd.attrs[k] = v
+            # one record per chunk; its cells are chunk_cells[offset:offset + ncells]
+            f.create_dataset("chunks", shape=(0,), maxshape=(None,), dtype=CHUNK_DTYPE, chunks=(256,))
+            f.create_dataset("chunk_cells", shape=(0,), maxshape=(None,), dtype="i8", chunks=(1024,))
+        os.replace(tmp, path)
+
+    # ------------------------------------------------------------------ reading
+    def read_directions(self) -> dict:
+        import torch
+        return {axis: {name: torch.from_numpy(ds[()]) for name, ds in g.items()}
+                for axis, g in self.f["directions"].items()}
+
+    def done(self) -> np.ndarray:
+        return self.f["done"][()]
+
+    def pending(self) -> np.ndarray:
+        """Flat indices (row-major, see grid.py) of cells not yet done."""
+        return np.flatnonzero(~self.done().reshape(-1))
+
+    # ------------------------------------------------------------------ writing
+    def write_chunk(self, cells: np.ndarray, values: np.ndarray, rank: int, host: str, device: str,
+                    t_start: float, t_end: float) -> None:
+        """Store `values` (len(cells), nsplits, 2) for flat `cells`, mark them done, flush.
+
+        Values are written before the done mask, and both before the flush: a kill at any
+        point leaves these cells either done with their values or not done."""
+        cells = np.asarray(cells, dtype=np.int64)
+        done = self.f["done"]
+        dm = done[()].reshape(-1)
+        if dm[cells].any():
+            raise RuntimeError(f"cells {cells[dm[cells]].tolist()} were already done: a chunk was handed out twice")
+        for j, split in enumerate(self.splits):
+            for q, name in enumerate(("loss", "acc")):
+                d = self.f[split][name]
+                arr = d[()].reshape(-1)
+                arr[cells] = values[:, j, q]
+                d[()] = arr.reshape(self.shape)
+        dm[cells] = True
+        done[()] = dm.reshape(self.shape)
+        ch, cc = self.f["chunks"], self.f["chunk_cells"]
+        n, m = ch.shape[0], cc.shape[0]
+        cc.resize((m + len(cells),))
+        cc[m:] = cells
+        ch.resize((n + 1,))
+        ch[n] = (self.run, m, len(cells), rank, host.encode()[:64], device.encode()[:32], t_start, t_end)
+        self.f.flush()
+
+    def close(self, finished: bool = True) -> None:
+        if self.f.id.valid:
+            if finished:
+                self.f.attrs["last_finished"] = now_iso()
+                self.f.attrs["complete"] = bool(self.done().all())
+            self.f.close()

@@ -1,0 +1,108 @@
+"""Train the job's model and write its checkpoints.
+
+    python -m lldist.train jobs/quickstart.yaml [--set train.epochs=5]
+
+Writes `model.checkpoint` (final weights) and, beside it, `<stem>_epoch<N>.pt` after every
+epoch (for trajectory and interpolation plots), each with metadata: epoch, train/test loss
+and accuracy, generalization gap, the train config. Prints one line per epoch.
+Training is seeded; on the CPU the same job gives the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .config import Job, load_job
+from .data import load_split
+from .errors import run_cli
+from .evaluate import resolve_device
+from .models import build_model, save_checkpoint
+
+
+def epoch_path(checkpoint: str, epoch: int) -> str:
+    stem, ext = os.path.splitext(checkpoint)
+    return f"{stem}_epoch{epoch}{ext or '.pt'}"
+
+
+@torch.no_grad()
+def _measure(model, data, device, batch_size=512):
+    model.eval()
+    total, correct = 0.0, 0
+    for xb, yb in data.batches(batch_size):
+        xb, yb = xb.to(device), yb.to(device)
+        logits = model(xb)
+        total += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(1) == yb).sum())
+    return total / len(data), correct / len(data)
+
+
+def train(job: Job, log=print) -> dict:
+    """Train per job.train; write checkpoints; return the final metadata."""
+    t = job.train
+    device = resolve_device(t.device)
+    train_set = load_split(job.data, "train", subset=False)
+    test_set = load_split(job.data, "test", subset=False)
+    model = build_model(job.model, train_set.in_shape, train_set.num_classes).to(device)
+    if t.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    gen = torch.Generator().manual_seed(t.seed)
+    x_all, y_all = train_set.x, train_set.y
+    log(f"train: {job.model.name} on {job.data.name} ({len(train_set)} train / {len(test_set)} test), "
+        f"{t.optimizer} lr={t.lr} batch={t.batch_size} epochs={t.epochs} on {device}")
+    meta = {}
+    for epoch in range(1, t.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        order = torch.randperm(len(train_set), generator=gen)
+        for i in range(0, len(order), t.batch_size):
+            idx = order[i:i + t.batch_size]
+            if len(idx) < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+                continue  # BatchNorm cannot train on a batch of one
+            xb = train_set.normalize(x_all[idx]).to(device)
+            yb = y_all[idx].to(device)
+            loss = F.cross_entropy(model(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        tr_loss, tr_acc = _measure(model, train_set, device)
+        te_loss, te_acc = _measure(model, test_set, device)
+        meta = {"epoch": epoch, "train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss,
+                "test_acc": te_acc, "gap": tr_acc - te_acc, "train_config": dataclasses.asdict(t),
+                "model": job.model.name, "data": job.data.name}
+        save_checkpoint(model, epoch_path(job.model.checkpoint, epoch), meta)
+        log(f"epoch {epoch:3d}/{t.epochs}  train loss {tr_loss:.4f} acc {tr_acc:.4f}  "
+            f"test loss {te_loss:.4f} acc {te_acc:.4f}  ({time.perf_counter() - t0:.1f}s)")
+    save_checkpoint(model, job.model.checkpoint, meta)
+    log(f"train: wrote {job.model.checkpoint}")
+    return meta
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lldist.train", description=__doc__.split("\n")[0])
+    ap.add_argument("job", help="job file (YAML)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a job key")
+    args = ap.parse_args(argv)
+    job = load_job(args.job, args.set)
+    if job.train is None:
+        from .errors import UserError
+        raise UserError(f"{args.job}: the job has no 'train:' section")
+    train(job, log=lambda s: print(s, flush=True))
+    return 0
+
+
+
+def cli() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
