@@ -181,6 +181,9 @@ def _coerce(value: Any, t, key: str, path: str):
         args = typing.get_args(t)
         if value is None and type(None) in args:
             return None
+        real = [a for a in args if a is not type(None)]
+        if len(real) == 1:  # Optional[X]: X's own, more precise, message
+            return _coerce(value, real[0], key, path)
         errors = []
         for a in args:
             if a is type(None):
@@ -271,7 +274,7 @@ def validate(job: Job) -> None:
             raise UserError(f"{p}: key '{key}': min must be below max, got [{ax.min}, {ax.max}]")
     _choice(dr.norm, NORMS, "directions.norm", p)
     _choice(dr.ignore, IGNORES, "directions.ignore", p)
-    if dr.target and not os.path.exists(dr.target):
+    if dr.target and not os.path.exists(dr.target) and job.train is None:
         raise UserError(f"{p}: key 'directions.target': {dr.target} does not exist")
     _choice(e.split, SPLITS, "eval.split", p)
     _choice(e.device, DEVICES, "eval.device", p)

@@ -87,17 +87,36 @@ def _digits(split: str) -> TensorSet:
 
 
 def _cifar10(cfg: DataConfig, split: str) -> TensorSet:
-    import torchvision
-    if not os.path.isdir(cfg.root) and not cfg.download:
-        raise UserError(f"data.root {cfg.root} does not exist (set data.download: true to fetch CIFAR-10)")
-    try:
-        ds = torchvision.datasets.CIFAR10(cfg.root, train=(split == "train"), download=cfg.download)
-    except RuntimeError as e:  # "Dataset not found or corrupted"
-        raise UserError(f"data.root {cfg.root}: no CIFAR-10 here ({e})")
-    except OSError as e:  # download attempted offline, or unreadable files
-        raise UserError(f"data.root {cfg.root}: cannot get CIFAR-10 ({type(e).__name__}: {e})")
-    x = torch.from_numpy(np.ascontiguousarray(ds.data)).permute(0, 3, 1, 2).contiguous()  # (N,3,32,32) uint8
-    y = torch.tensor(ds.targets, dtype=torch.int64)
+    """CIFAR-10 in its official on-disk format (`<root>/cifar-10-batches-py/`, python pickles of
+    uint8 rows), the folder torchvision's CIFAR10 downloads and reads. We read the batches
+    ourselves rather than through torchvision, whose md5 check of every file would reject a
+    re-packed or subset copy; `download: true` still goes through torchvision."""
+    import pickle
+    folder = os.path.join(cfg.root, "cifar-10-batches-py")
+    if not os.path.isdir(folder):
+        if not cfg.download:
+            raise UserError(f"data.root {cfg.root}: no cifar-10-batches-py/ folder "
+                            "(set data.download: true to fetch CIFAR-10)")
+        import torchvision
+        try:
+            torchvision.datasets.CIFAR10(cfg.root, train=True, download=True)
+        except Exception as e:  # URLError offline, OSError
+            raise UserError(f"data.root {cfg.root}: cannot download CIFAR-10 ({type(e).__name__}: {e})")
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    xs, ys = [], []
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            with open(path, "rb") as f:
+                entry = pickle.load(f, encoding="latin1")
+            xs.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.extend(entry["labels"] if "labels" in entry else entry["fine_labels"])
+        except FileNotFoundError:
+            raise UserError(f"data.root {cfg.root}: CIFAR-10 file {name} is missing")
+        except Exception as e:
+            raise UserError(f"data.root {cfg.root}: CIFAR-10 file {name} is unreadable ({type(e).__name__})")
+    x = torch.from_numpy(np.concatenate(xs))  # (N, 3, 32, 32) uint8
+    y = torch.tensor(ys, dtype=torch.int64)
     return TensorSet(x, y, 10, scale=1 / 255, mean=CIFAR_MEAN, std=CIFAR_STD)
 
 

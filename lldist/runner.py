@@ -65,11 +65,14 @@ class Context:
         return self.comm is not None
 
     def abort(self, code: int) -> None:
+        """End the whole job with `code`: MPI_Abort kills every rank (a plain exit would leave
+        the others blocked in a receive); a single process just exits."""
         sys.stdout.flush()
         sys.stderr.flush()
         if self.comm is not None and self.size > 1:
             self.comm.Abort(code)
-        os._exit(code)
+            os._exit(code)
+        raise SystemExit(code)
 
 
 def launch() -> Context:

@@ -77,6 +77,8 @@ def plan(job: Job, overwrite: bool):
     from .store import SurfaceFile, check_writable
     check_writable(job.output)
     ensure_checkpoint(job)
+    if job.directions.target and not os.path.exists(job.directions.target):
+        raise UserError(f"{job.source}: key 'directions.target': {job.directions.target} does not exist")
     loaded = load_model_and_data(job)
     files = {}
     if job.model.checkpoint:
@@ -149,6 +151,16 @@ def main(argv=None) -> int:
         grid = Grid(job.grid.x, job.grid.y)
     set_threads(job, ctx)
 
+    if not ctx.mpi:  # one process: errors surface directly (UserError -> one line, exit 2)
+        try:
+            device = runner.pick_device(ctx, job.eval.device)
+            ev = make_evaluator(job, loaded, dirs, device)
+        except BaseException:
+            sf.close(finished=False)
+            raise
+        log(f"rank 0/1 on {ctx.host}: {device}")
+        return coordinate(ctx, args, job, sf, grid, ev, device, {0: (ctx.host, device)}, stop_flag)
+
     # every rank: device, model, data, evaluator; failures are reported, not hung on
     status, device, ev = None, "?", None
     try:
@@ -160,18 +172,14 @@ def main(argv=None) -> int:
         status = str(e)
     except Exception:
         status = traceback.format_exc()
-    hosts = {0: (ctx.host, device)}
-    if ctx.mpi:
-        everyone = ctx.comm.gather((ctx.host, device, status), root=0)
-        if ctx.rank != 0:
-            # wait for the coordinator's verdict; it aborts the job if any rank failed
-            if ctx.comm.bcast(None, root=0) == "go":
-                runner.work(ctx, lambda cells: ev.evaluate_cells([grid.coords(k) for k in cells]))
-            return 0
-        hosts = {r: (h, d) for r, (h, d, _) in enumerate(everyone)}
-        bad = [(r, s) for r, (_, _, s) in enumerate(everyone) if s]
-    else:
-        bad = [(0, status)] if status else []
+    everyone = ctx.comm.gather((ctx.host, device, status), root=0)
+    if ctx.rank != 0:
+        # wait for the coordinator's verdict; it aborts the job if any rank failed
+        if ctx.comm.bcast(None, root=0) == "go":
+            runner.work(ctx, lambda cells: ev.evaluate_cells([grid.coords(k) for k in cells]))
+        return 0
+    hosts = {r: (h, d) for r, (h, d, _) in enumerate(everyone)}
+    bad = [(r, s) for r, (_, _, s) in enumerate(everyone) if s]
     # rank 0 from here on
     for r, (h, d) in hosts.items():
         log(f"rank {r}/{ctx.size} on {h}: {d}")
@@ -180,8 +188,7 @@ def main(argv=None) -> int:
         r, s = bad[0]
         print(f"lldist: error: rank {r} ({hosts[r][0]}) could not start: {s.strip().splitlines()[-1]}",
               file=sys.stderr, flush=True)
-        if ctx.mpi:
-            ctx.comm.bcast("abort", root=0)
+        ctx.comm.bcast("abort", root=0)
         ctx.abort(EXIT_USAGE)
     return coordinate(ctx, args, job, sf, grid, ev, device, hosts, stop_flag)
 

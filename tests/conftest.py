@@ -1,0 +1,66 @@
+"""Shared helpers: tiny jobs on the bundled digits data, and running the real CLIs."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.join(ROOT, "tests")
+BIN = os.path.dirname(sys.executable)
+
+
+def env(**extra):
+    e = dict(os.environ)
+    e["PYTHONPATH"] = os.pathsep.join([ROOT, TESTS, e.get("PYTHONPATH", "")])
+    e["PYTHONUNBUFFERED"] = "1"
+    e["OMP_NUM_THREADS"] = "1"
+    e.pop("LLDIST_MPI", None)
+    e.update({k: str(v) for k, v in extra.items()})
+    return e
+
+
+def run(args, cwd, timeout=300, check=True, **extra):
+    """Run `python -m ...args` (or a full command if args[0] is a path) and return the result."""
+    cmd = list(args) if os.path.isabs(args[0]) else [sys.executable, "-m", *args]
+    p = subprocess.run(cmd, cwd=cwd, env=env(**extra), capture_output=True, text=True, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{cmd} exited {p.returncode}\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p
+
+
+def mpiexec():
+    path = os.path.join(BIN, "mpiexec")
+    if not os.path.exists(path):
+        pytest.skip("no mpiexec next to the interpreter (pip install mpich)")
+    return path
+
+
+def write_job(path, **sections):
+    """A tiny job: small MLP on a subset of digits; `sections` override top-level keys."""
+    job = {
+        "name": "tiny",
+        "output": "out.h5",
+        "model": {"name": "mlp", "checkpoint": "model.pt", "args": {"hidden": [16]}},
+        "data": {"name": "digits", "subset": 120},
+        "train": {"epochs": 2, "lr": 0.01, "batch_size": 64, "seed": 0},
+        "directions": {"seed": 3, "norm": "filter", "ignore": "biasbn"},
+        "grid": {"x": [-1.0, 1.0, 7], "y": [-0.5, 0.5, 5]},
+        "eval": {"split": "test", "batch_size": 50, "threads": 1},
+    }
+    for k, v in sections.items():
+        if isinstance(v, dict) and isinstance(job.get(k), dict):
+            job[k] = {**job[k], **v}
+        else:
+            job[k] = v
+    with open(path, "w") as f:
+        yaml.safe_dump(job, f, sort_keys=False)
+    return str(path)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,0 +1,190 @@
+"""The single-process pipeline end to end: numbers against a plain reference loop, the axis
+convention on a non-square grid, interpolation, resume after SIGKILL, refusal of other jobs."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import env, run, write_job
+from lldist.config import load_job
+from lldist.data import load_split
+from lldist.evaluate import evaluate_plain
+from lldist.models import build_model, load_checkpoint
+
+
+def reference(job_path, h5path):
+    """Plain reference: theta = theta* + a*dx + b*dy with the stored directions, load_state_dict, loop."""
+    job = load_job(job_path)
+    data = load_split(job.data, "test")
+    model = build_model(job.model, data.in_shape, data.num_classes)
+    load_checkpoint(model, job.model.checkpoint)
+    theta = {k: v.clone() for k, v in model.state_dict().items()}
+    with h5py.File(h5path, "r") as f:
+        x, y = f["x"][()], f["y"][()]
+        dx = {k: torch.from_numpy(v[()]) for k, v in f["directions/x"].items()}
+        dy = {k: torch.from_numpy(v[()]) for k, v in f["directions/y"].items()}
+    loss = np.zeros((len(y), len(x)))
+    acc = np.zeros((len(y), len(x)))
+    for iy, b in enumerate(y):
+        for ix, a in enumerate(x):
+            state = {k: (theta[k] + a * dx[k] + b * dy[k]) if k in dx else theta[k] for k in theta}
+            loss[iy, ix], acc[iy, ix] = evaluate_plain(model, state, data, batch_size=64)
+    return x, y, loss, acc
+
+
+def test_2d_matches_reference_on_non_square_grid(workdir):
+    job = write_job(workdir / "job.yaml")
+    p = run(["lldist.surface", job], workdir)
+    assert "training it first" in p.stdout
+    assert os.path.exists("model_epoch1.pt") and os.path.exists("model_epoch2.pt")
+    x, y, loss, acc = reference(job, "out.h5")
+    with h5py.File("out.h5", "r") as f:
+        assert f["test/loss"].shape == (5, 7)  # (len(y), len(x))
+        assert f["done"][()].all()
+        np.testing.assert_array_equal(f["x"][()], np.linspace(-1, 1, 7))
+        np.testing.assert_array_equal(f["y"][()], np.linspace(-0.5, 0.5, 5))
+        # x and y are attached as dimension scales, y on axis 0
+        assert f["test/loss"].dims[0][0].name == "/y" and f["test/loss"].dims[1][0].name == "/x"
+        np.testing.assert_allclose(f["test/loss"][()], loss, rtol=1e-6)
+        np.testing.assert_allclose(f["test/acc"][()], acc, rtol=1e-6)
+        # provenance
+        a = f.attrs
+        assert "name: tiny" in a["job_yaml"] and len(a["job_hash"]) == 64
+        assert a["torch_version"] == torch.__version__ and a["complete"]
+        assert -1 <= f["directions"].attrs["cosine_xy"] <= 1
+        assert "last_finished" in a and "created" in a
+    # the minimum of the loss sits near theta* (cell (2, 3) is alpha=0, beta=0)
+    assert loss[2, 3] == loss.min()
+
+
+def test_axis_convention_is_row_y_column_x(workdir):
+    """With a zero y direction (a 1-cell y axis is not allowed, so use identical rows), every row
+    must equal the 1D curve along x: checks that x varies along axis 1."""
+    job = write_job(workdir / "job.yaml", grid={"x": [-1.0, 1.0, 6], "y": [0.0, 1.0, 3]})
+    run(["lldist.surface", job], workdir)
+    job1 = write_job(workdir / "job1.yaml", output="one.h5", grid={"x": [-1.0, 1.0, 6], "y": None})
+    run(["lldist.surface", job1], workdir)
+    with h5py.File("out.h5", "r") as f, h5py.File("one.h5", "r") as g:
+        two, one = f["test/loss"][()], g["test/loss"][()]
+        assert g["test/loss"].shape == (6,)
+        # the seed draws x first, then y: x directions are the same in both files
+        for k in g["directions/x"]:
+            np.testing.assert_array_equal(f["directions/x"][k][()], g["directions/x"][k][()])
+    np.testing.assert_allclose(two[0], one, rtol=1e-6)  # beta = 0 row is the 1D curve
+
+
+def test_both_splits_and_1d(workdir):
+    job = write_job(workdir / "job.yaml", grid={"x": [-0.5, 1.5, 5], "y": None}, eval={"split": "both", "batch_size": 1000})
+    run(["lldist.surface", job], workdir)
+    with h5py.File("out.h5", "r") as f:
+        assert set(f.keys()) >= {"train", "test", "x", "done", "directions"}
+        assert "y" not in f and "y" not in f["directions"]
+        assert f["train/loss"].shape == (5,)
+        assert (f["train/acc"][()] >= 0).all() and (f["train/acc"][()] <= 1).all()
+    p = run(["lldist.plot", "out.h5", "--format", "svg"], workdir)
+    assert os.path.exists("out_curve.svg")
+
+
+def test_interpolation_hits_both_checkpoints(workdir):
+    job = write_job(workdir / "job.yaml", directions={"target": "model_epoch1.pt", "seed": 0},
+                    grid={"x": [0.0, 1.0, 3], "y": None})
+    run(["lldist.train", job], workdir)
+    run(["lldist.surface", job], workdir)
+    cfg = load_job(job)
+    data = load_split(cfg.data, "test")
+    res = []
+    for ck in ("model.pt", "model_epoch1.pt"):
+        m = build_model(cfg.model, data.in_shape, data.num_classes)
+        load_checkpoint(m, ck)
+        res.append(evaluate_plain(m, m.state_dict(), data))
+    with h5py.File("out.h5", "r") as f:
+        loss, acc = f["test/loss"][()], f["test/acc"][()]
+    assert res[0][0] != res[1][0]
+    np.testing.assert_allclose(loss[0], res[0][0], rtol=1e-6)
+    np.testing.assert_allclose(loss[-1], res[1][0], rtol=1e-5)
+    np.testing.assert_allclose(acc[[0, -1]], [res[0][1], res[1][1]], rtol=1e-6)
+
+
+def test_interpolation_moves_batchnorm_statistics(workdir):
+    """BatchNorm running statistics are part of the state: alpha = 1 must be theta' exactly."""
+    job = write_job(workdir / "job.yaml", model={"name": "cnn", "checkpoint": "model.pt",
+                                                 "args": {"width": 4, "stages": 2}},
+                    directions={"target": "model_epoch1.pt"}, grid={"x": [0.0, 1.0, 2], "y": None})
+    run(["lldist.train", job], workdir)
+    run(["lldist.surface", job], workdir)
+    cfg = load_job(job)
+    data = load_split(cfg.data, "test")
+    m = build_model(cfg.model, data.in_shape, data.num_classes)
+    load_checkpoint(m, "model_epoch1.pt")
+    ref = evaluate_plain(m, m.state_dict(), data)
+    with h5py.File("out.h5", "r") as f:
+        np.testing.assert_allclose(f["test/loss"][1], ref[0], rtol=1e-5)
+
+
+def _progress_cells(line):
+    # "cells 12/35 (34%) ..."
+    return int(line.split()[1].split("/")[0])
+
+
+def test_sigkill_then_resume_gives_identical_arrays(workdir):
+    job = write_job(workdir / "job.yaml", model={"name": "cnn", "checkpoint": "model.pt",
+                                                 "args": {"width": 8, "stages": 2}},
+                    data={"name": "digits", "subset": 360}, grid={"x": [-1.0, 1.0, 9], "y": [-1.0, 1.0, 8]},
+                    eval={"chunk_size": 2, "batch_size": 16, "threads": 1})
+    run(["lldist.train", job], workdir)
+    run(["lldist.surface", job, "--out", "full.h5"], workdir)
+    cmd = [sys.executable, "-m", "lldist.surface", job, "--progress-every", "0"]
+    p = subprocess.Popen(cmd, cwd=workdir, env=env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in p.stderr:
+        if line.startswith("cells ") and _progress_cells(line) >= 36:
+            p.send_signal(signal.SIGKILL)
+            break
+    p.wait()
+    assert p.returncode == -signal.SIGKILL
+    with h5py.File("out.h5", "r") as f:
+        done_after_kill = int(f["done"][()].sum())
+    assert 36 <= done_after_kill < 72
+    q = run(["lldist.surface", job], workdir)
+    assert f"{72 - done_after_kill} to compute" in q.stdout
+    with h5py.File("out.h5", "r") as f, h5py.File("full.h5", "r") as g:
+        np.testing.assert_array_equal(f["test/loss"][()], g["test/loss"][()])
+        np.testing.assert_array_equal(f["test/acc"][()], g["test/acc"][()])
+        cells = f["chunk_cells"][()]
+        assert sorted(cells.tolist()) == list(range(72))  # every cell computed exactly once
+        runs = f["chunks"]["run"]
+        assert set(runs.tolist()) == {1, 2} and f.attrs["runs"] == 2
+        assert int(f["chunks"]["ncells"][runs == 2].sum()) == 72 - done_after_kill
+    # a third run has nothing to do
+    r = run(["lldist.surface", job], workdir)
+    assert " 0 to compute" in r.stdout
+
+
+def test_other_job_refused_and_overwrite(workdir):
+    job = write_job(workdir / "job.yaml", grid={"x": [-1.0, 1.0, 3], "y": None})
+    run(["lldist.surface", job], workdir)
+    before = open("out.h5", "rb").read()
+    p = run(["lldist.surface", job, "--set", "directions.seed=4"], workdir, check=False)
+    assert p.returncode == 2 and "different job" in p.stderr and "Traceback" not in p.stderr
+    assert open("out.h5", "rb").read() == before
+    run(["lldist.surface", job, "--set", "directions.seed=4", "--overwrite"], workdir)
+    with h5py.File("out.h5", "r") as f:
+        assert "directions.seed=4" in f.attrs["job_yaml"]
+
+
+def test_nan_is_stored_not_recomputed(workdir):
+    """A huge step overflows the loss to inf/NaN: stored as is, marked done, plotted as a gap."""
+    job = write_job(workdir / "job.yaml", directions={"norm": "none"}, grid={"x": [-1e30, 1e30, 3], "y": None})
+    run(["lldist.surface", job], workdir)
+    with h5py.File("out.h5", "r") as f:
+        loss = f["test/loss"][()]
+        assert f["done"][()].all()
+    assert not np.isfinite(loss[0]) and np.isfinite(loss[1])
+    r = run(["lldist.surface", job], workdir)
+    assert " 0 to compute" in r.stdout
+    run(["lldist.plot", "out.h5"], workdir)

@@ -1,0 +1,66 @@
+"""User factories for `python:<module>:<factory>` models and data, used by the tests."""
+
+import os
+
+import torch
+from torch import nn
+
+
+class Tiny(nn.Module):
+    def __init__(self, width=8):
+        super().__init__()
+        self.fc1 = nn.Linear(4, width)
+        self.fc2 = nn.Linear(width, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x.flatten(1))))
+
+
+def tiny_model(width=8):
+    return Tiny(width)
+
+
+def blobs(split, n=90, seed=0):
+    """Three Gaussian blobs in 4-D: a float (x, y) pair, as a python: data factory may return."""
+    g = torch.Generator().manual_seed(seed + (split == "test"))
+    y = torch.arange(n) % 3
+    centres = 4 * torch.eye(3, 4)
+    return centres[y] + torch.randn(n, 4, generator=g), y
+
+
+class Faulty(nn.Module):
+    """A model whose forward raises on one MPI rank after a number of calls: for fault tests."""
+
+    def __init__(self, rank, after):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+        self.calls, self.after = 0, after
+        self.fail = str(rank) in (os.environ.get("PMI_RANK"), os.environ.get("OMPI_COMM_WORLD_RANK"))
+
+    def forward(self, x):
+        self.calls += 1
+        if self.fail and self.calls > self.after:
+            raise RuntimeError("injected failure")
+        return self.fc(x.flatten(1))
+
+
+def faulty(rank=1, after=3):
+    return Faulty(rank, after)
+
+
+class Slow(nn.Module):
+    """A model with a fixed cost per forward (sleep): measures the protocol, not the CPU."""
+
+    def __init__(self, seconds=0.05):
+        super().__init__()
+        self.fc = nn.Linear(64, 10)
+        self.seconds = seconds
+
+    def forward(self, x):
+        import time
+        time.sleep(self.seconds)
+        return self.fc(x.flatten(1))
+
+
+def slow(seconds=0.05):
+    return Slow(seconds)
