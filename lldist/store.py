@@ -141,7 +141,7 @@ class SurfaceFile:
                 y = f.create_dataset("y", data=grid.y)
                 y.attrs["long_name"], y.attrs["units"] = "beta (step along direction y)", "1"
                 y.make_scale("y")
-            done = f.create_dataset("done", shape=grid.shape, dtype=bool, fillvalue=False)
+            done = f.create_dataset("done", data=np.zeros(grid.shape, dtype=bool))
             done.attrs["long_name"] = "cell has been computed"
             arrays = [done]
             for split in job.splits:
@@ -150,7 +150,7 @@ class SurfaceFile:
                 g.attrs["axes"] = np.array(["y", "x"] if grid.ndim == 2 else ["x"], dtype=h5py.string_dtype())
                 for name, long_name, units in (("loss", f"mean cross-entropy loss on the {split} split", "nat"),
                                                ("acc", f"accuracy on the {split} split", "1")):
-                    d = g.create_dataset(name, shape=grid.shape, dtype="f8", fillvalue=np.nan)
+                    d = g.create_dataset(name, data=np.full(grid.shape, np.nan))
                     d.attrs["long_name"], d.attrs["units"] = long_name, units
                     arrays.append(d)
             for d in arrays:  # (ny, nx): dim 0 is y, dim 1 is x
@@ -166,9 +166,14 @@ class SurfaceFile:
                     ga.create_dataset(name, data=t.cpu().numpy())
             for k, v in meta.get("directions_attrs", {}).items():
                 gd.attrs[k] = v
-            # one record per chunk; its cells are chunk_cells[offset:offset + ncells]
-            f.create_dataset("chunks", shape=(0,), maxshape=(None,), dtype=CHUNK_DTYPE, chunks=(256,))
-            f.create_dataset("chunk_cells", shape=(0,), maxshape=(None,), dtype="i8", chunks=(1024,))
+            # The work log: record i of chunks (i < nchunks) covers chunk_cells[offset:offset+ncells].
+            # Each cell is computed once, so ncells records and cells are enough for every run.
+            # Everything is allocated and written here, at creation: later writes only overwrite
+            # bytes in place and never change the file's structure, so a kill cannot corrupt it.
+            n = grid.ncells
+            f.create_dataset("chunks", data=np.zeros(n, dtype=CHUNK_DTYPE))
+            f.create_dataset("chunk_cells", data=np.zeros(n, dtype="i8"))
+            f.create_dataset("nchunks", data=np.int64(0))
         os.replace(tmp, path)
 
     # ------------------------------------------------------------------ reading
@@ -202,15 +207,25 @@ class SurfaceFile:
                 arr = d[()].reshape(-1)
                 arr[cells] = values[:, j, q]
                 d[()] = arr.reshape(self.shape)
+        n = int(self.f["nchunks"][()])
+        offset = int(self.f["chunks"][n - 1]["offset"] + self.f["chunks"][n - 1]["ncells"]) if n else 0
+        self.f["chunk_cells"][offset:offset + len(cells)] = cells
+        self.f["chunks"][n] = (self.run, offset, len(cells), rank, host.encode()[:64], device.encode()[:32],
+                               t_start, t_end)
+        # HDF5 may write buffered data to disk in any order: flush the values and the log
+        # first, then mark the cells done, so that "done" never reaches the disk before them.
+        self.f.flush()
         dm[cells] = True
         done[()] = dm.reshape(self.shape)
-        ch, cc = self.f["chunks"], self.f["chunk_cells"]
-        n, m = ch.shape[0], cc.shape[0]
-        cc.resize((m + len(cells),))
-        cc[m:] = cells
-        ch.resize((n + 1,))
-        ch[n] = (self.run, m, len(cells), rank, host.encode()[:64], device.encode()[:32], t_start, t_end)
+        self.f["nchunks"][()] = n + 1
         self.f.flush()
+
+    def chunk_log(self) -> tuple:
+        """(records, cells): the valid part of the per-chunk work log."""
+        n = int(self.f["nchunks"][()])
+        rec = self.f["chunks"][:n]
+        end = int(rec["offset"][-1] + rec["ncells"][-1]) if n else 0
+        return rec, self.f["chunk_cells"][:end]
 
     def close(self, finished: bool = True) -> None:
         if self.f.id.valid:

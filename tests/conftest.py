@@ -64,3 +64,50 @@ def write_job(path, **sections):
 def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+def process_tree(pid):
+    """pid and all its descendants (MPICH's hydra puts each rank in a session of its own, so
+    killing a process group is not enough to kill a whole run)."""
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(children.get(p, []))
+    return out
+
+
+def kill_tree(pid, sig):
+    import signal as _s
+    import time
+    pids = process_tree(pid)
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+    if sig == _s.SIGKILL:  # wait until every process is gone (and its file lock with it)
+        deadline = time.time() + 30
+        while time.time() < deadline and any(os.path.exists(f"/proc/{p}") and
+                                             open(f"/proc/{p}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+                                             for p in pids if os.path.exists(f"/proc/{p}")):
+            time.sleep(0.05)
+
+
+def chunk_log(path):
+    """(records, cells) of the file's per-chunk work log."""
+    from lldist.store import SurfaceFile
+    sf = SurfaceFile.open(path, "r")
+    try:
+        return sf.chunk_log()
+    finally:
+        sf.f.close()

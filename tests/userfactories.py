@@ -29,13 +29,15 @@ def blobs(split, n=90, seed=0):
 
 
 class Faulty(nn.Module):
-    """A model whose forward raises on one MPI rank after a number of calls: for fault tests."""
+    """Fails on the MPI rank named by LLDIST_TEST_FAIL_RANK after `after` forward calls, so a
+    re-run without the variable is the same job and resumes."""
 
-    def __init__(self, rank, after):
+    def __init__(self, after):
         super().__init__()
         self.fc = nn.Linear(64, 10)
         self.calls, self.after = 0, after
-        self.fail = str(rank) in (os.environ.get("PMI_RANK"), os.environ.get("OMPI_COMM_WORLD_RANK"))
+        rank = os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+        self.fail = os.environ.get("LLDIST_TEST_FAIL_RANK") == rank
 
     def forward(self, x):
         self.calls += 1
@@ -44,8 +46,8 @@ class Faulty(nn.Module):
         return self.fc(x.flatten(1))
 
 
-def faulty(rank=1, after=3):
-    return Faulty(rank, after)
+def faulty(after=3):
+    return Faulty(after)
 
 
 class Slow(nn.Module):
