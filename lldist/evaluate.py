@@ -32,6 +32,8 @@ class EvalOptions:
     channels_last: bool = False
     compile: bool = False
     bn: str = "eval"  # eval: running statistics; batch: each batch's statistics
+    cells_per_pass: Union[int, str] = 1  # >1: several cells in one torch.func.vmap pass; "auto": measure
+    prenormalize_bytes: int = 1 << 30  # keep a normalized float copy of the data when it fits
 
 
 def resolve_device(name: str) -> str:
@@ -67,8 +69,9 @@ class Evaluator:
         set_bn_mode(model, opts.bn)
         live = model.state_dict(keep_vars=True)
         # (target tensor in the model, theta, dx, dy) on the device; dy None on 1D grids
-        self.slots = []
+        self.slots, self.names = [], []
         for name, w in theta.items():
+            self.names.append(name)
             t = live[name].data
             dx = dirs["x"][name].to(self.device)
             dy = dirs["y"][name].to(self.device) if "y" in dirs else None
@@ -76,10 +79,25 @@ class Evaluator:
             moving = bool(dx.any()) or (dy is not None and bool(dy.any()))
             self.slots.append((t, w.to(self.device), dx, dy, moving))
             t.copy_(w)
+        self.eager = model
         self.model = torch.compile(model) if opts.compile else model
-        self.splits = {k: v.to(self.device) for k, v in splits.items()}
+        self.splits = {k: self._on_device(v) for k, v in splits.items()}
         self.dtype = torch.float32
         self.batch_size = opts.batch_size if opts.batch_size != "auto" else self.calibrate_batch()
+        self.cells_per_pass = 1
+        if opts.cells_per_pass == "auto":
+            self.cells_per_pass = self.calibrate_group()
+        elif opts.cells_per_pass > 1:
+            self.cells_per_pass = opts.cells_per_pass
+
+    def _on_device(self, ts: TensorSet) -> TensorSet:
+        """Data on the device; normalized once in float32 when that copy is small enough, else
+        kept compact (uint8) and normalized batch by batch. Same arithmetic either way."""
+        ts = ts.to(self.device)
+        if ts.x.numel() * 4 <= self.opts.prenormalize_bytes and (ts.scale != 1.0 or ts.mean is not None
+                                                                  or ts.x.dtype != torch.float32):
+            ts = TensorSet(ts.normalize(ts.x), ts.y, ts.num_classes)
+        return ts
 
     @torch.no_grad()
     def set_weights(self, a: float, b: float = 0.0) -> None:
@@ -119,8 +137,78 @@ class Evaluator:
 
     def evaluate_cells(self, coords: Sequence[tuple]) -> np.ndarray:
         """(ncells, nsplits, 2) float64 for a list of (alpha, beta)."""
-        return np.stack([self.evaluate(a, b) for a, b in coords]) if len(coords) else \
-            np.zeros((0, len(self.splits), 2))
+        if not len(coords):
+            return np.zeros((0, len(self.splits), 2))
+        if self.cells_per_pass == 1:
+            return np.stack([self.evaluate(a, b) for a, b in coords])
+        g = self.cells_per_pass
+        return np.concatenate([self.evaluate_group(coords[i:i + g]) for i in range(0, len(coords), g)])
+
+    @torch.inference_mode()
+    def evaluate_group(self, coords: Sequence[tuple]) -> np.ndarray:
+        """Several cells in one pass: torch.func.vmap over stacked weights (G, *shape), the data
+        shared. Pays for small dense models on a GPU (one big matmul instead of G small ones);
+        eval-mode BatchNorm only, buffers passed unbatched."""
+        from torch.func import functional_call, vmap
+        G = len(coords)
+        a = torch.tensor([c[0] for c in coords], dtype=torch.float32, device=self.device)
+        b = torch.tensor([c[1] for c in coords], dtype=torch.float32, device=self.device)
+        batched, fixed = {}, {}
+        for (name, (t, w, dx, dy, moving)) in zip(self.names, self.slots):
+            if not moving:
+                fixed[name] = t
+                continue
+            shape = (G,) + (1,) * w.dim()
+            p = w.unsqueeze(0) + a.view(shape) * dx.unsqueeze(0)
+            if dy is not None:
+                p = p + b.view(shape) * dy.unsqueeze(0)
+            batched[name] = p  # (G, *w.shape)
+
+        def f(params, xb):
+            return functional_call(self.eager, {**params, **fixed}, (xb,))
+        out = np.zeros((G, len(self.splits), 2))
+        for j, data in enumerate(self.splits.values()):
+            total = torch.zeros(G, dtype=torch.float64, device=self.device)
+            correct = torch.zeros(G, dtype=torch.int64, device=self.device)
+            for xb, yb in data.batches(self.batch_size, self.dtype):
+                with self._autocast():
+                    logits = vmap(f, in_dims=(0, None))(batched, xb)  # (G, B, C)
+                logits = logits.float()
+                B = yb.shape[0]
+                losses = F.cross_entropy(logits.reshape(G * B, -1), yb.repeat(G), reduction="none")
+                total += losses.view(G, B).sum(1).double()
+                correct += (logits.argmax(2) == yb.unsqueeze(0)).sum(1)
+            out[:, j, 0] = (total / len(data)).cpu().numpy()
+            out[:, j, 1] = (correct.double() / len(data)).cpu().numpy()
+        return out
+
+    def calibrate_group(self, candidates=(8, 32, 128), budget_s: float = 3.0) -> int:
+        """Cells per pass that evaluates fastest; 1 unless grouping is at least 10% faster."""
+        if self.opts.bn != "eval":
+            return 1
+        rng = np.random.RandomState(0)
+        coords = [tuple(c) for c in rng.uniform(-1, 1, size=(max(candidates), 2))]
+        def rate(g):
+            self.cells_per_pass = g
+            self.evaluate_cells(coords[:g])  # warm-up
+            if self.device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            self.evaluate_cells(coords[:g])
+            return g / (time.perf_counter() - t0)
+        best, best_rate = 1, rate(1)
+        deadline = time.perf_counter() + budget_s
+        for g in candidates:
+            if time.perf_counter() > deadline:
+                break
+            try:
+                r = rate(g)
+            except (torch.OutOfMemoryError, RuntimeError):  # memory, or an op vmap cannot batch
+                break
+            if r > 1.1 * best_rate and r > best_rate:
+                best, best_rate = g, r
+        self.cells_per_pass = best
+        return best
 
     def calibrate_batch(self, budget_s: float = 2.0) -> int:
         """The fastest batch size among powers of two, on the first split, within the memory."""

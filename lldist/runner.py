@@ -8,8 +8,9 @@ Protocol (rank 0 = coordinator, the only writer of the HDF5 file):
   0 -> worker   ("chunk", id, cells) | ("stop",)  one answer per chunk asked for
   worker -> 0   ("result", id, values, t0, t1)    also asks for one more chunk
   worker -> 0   ("error", id, traceback)          then waits to be aborted
-Rank 0 evaluates cells too, one at a time between polls of its mailbox, so a worker's
-request waits at most one cell of rank 0's work, while the worker computes its queued chunk.
+Rank 0 evaluates cells too, one at a time (or one vmapped group) between polls of its mailbox,
+so a worker's request waits at most one cell of rank 0's work, while the worker computes its
+queued chunk.
 Assignment is dynamic: a slow rank simply asks less often.
 """
 
@@ -125,13 +126,14 @@ class ChunkResult:
     t_end: float
 
 
-def coordinate(ctx: Context, chunks: list, evaluate_cell: Callable, out_shape: tuple,
+def coordinate(ctx: Context, chunks: list, evaluate_cells: Callable, group: int, out_shape: tuple,
                write: Callable[[ChunkResult], None], progress, device: str, hosts: dict,
                compute_on_rank0: bool = True,
                should_stop: Callable[[], bool] = lambda: False) -> None:
     """Hand `chunks` (arrays of flat cell indices) to the workers and to rank 0 itself; call
     `write` once per finished chunk. Raises RuntimeError with a worker's traceback on failure,
-    Stop when should_stop() became true (SIGTERM)."""
+    Stop when should_stop() became true (SIGTERM). Returns the coordinator's own cost:
+    {"messages": n, "seconds": time spent receiving, writing and answering worker messages}."""
     queue = deque(enumerate(chunks))
     handed = {}  # chunk id -> (rank, cells)
     finished = set()  # workers told to stop and holding nothing
@@ -171,26 +173,31 @@ def coordinate(ctx: Context, chunks: list, evaluate_cell: Callable, out_shape: t
                                f"--- traceback of rank {src} ---\n{text}")
 
     nworkers = ctx.size - 1
+    cost = {"messages": 0, "seconds": 0.0}
     while True:
         if should_stop():
             raise Stop()
         while comm is not None and comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG, status=status):
+            t = time.perf_counter()
             src = status.Get_source()
             handle(src, comm.recv(source=src, tag=TAG))
+            cost["messages"] += 1
+            cost["seconds"] += time.perf_counter() - t
         if local is None and queue and (compute_on_rank0 or nworkers == 0):
             cid, cells = queue.popleft()
             local = [cid, cells, 0, np.zeros((len(cells),) + out_shape), time.time()]
         if local is not None:
             cid, cells, pos, values, t0 = local
-            values[pos] = evaluate_cell(int(cells[pos]))
-            local[2] += 1
+            # a few cells at a time (one vmapped group), then back to the mailbox
+            values[pos:pos + group] = evaluate_cells(cells[pos:pos + group])
+            local[2] = min(len(cells), pos + group)
             if local[2] == len(cells):
                 write(ChunkResult(cells, values, 0, ctx.host, device, t0, time.time()))
                 progress.update(len(cells))
                 local = None
             continue
         if not queue and not handed and len(finished) == nworkers:
-            return
+            return cost
         # nothing to compute here: wait for a worker, polling so that SIGTERM is noticed
         # (a blocking Probe would not return on a signal) without spinning a core
         time.sleep(0.0005)

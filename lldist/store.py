@@ -80,6 +80,15 @@ class SurfaceFile:
         self.splits = json.loads(f.attrs["splits"])
         self.shape = f["done"].shape
         self.run = int(f.attrs.get("runs", 0))
+        self._mirror = None  # in-memory copies of the arrays: rank 0 is the only writer
+
+    def _arrays(self) -> dict:
+        if self._mirror is None:
+            names = ["done", "nchunks"] + [f"{s}/{q}" for s in self.splits for q in ("loss", "acc")]
+            self._mirror = {n: (self.f[n], self.f[n][()]) for n in names}
+            self._mirror["chunks"] = (self.f["chunks"], None)
+            self._mirror["chunk_cells"] = (self.f["chunk_cells"], None)
+        return self._mirror
 
     # ------------------------------------------------------------------ open / create
     @classmethod
@@ -197,27 +206,29 @@ class SurfaceFile:
         Values are written before the done mask, and both before the flush: a kill at any
         point leaves these cells either done with their values or not done."""
         cells = np.asarray(cells, dtype=np.int64)
-        done = self.f["done"]
-        dm = done[()].reshape(-1)
-        if dm[cells].any():
-            raise RuntimeError(f"cells {cells[dm[cells]].tolist()} were already done: a chunk was handed out twice")
+        m = self._arrays()
+        done_ds, done = m["done"]
+        flat = done.reshape(-1)
+        if flat[cells].any():
+            raise RuntimeError(f"cells {cells[flat[cells]].tolist()} were already done: a chunk was handed out twice")
         for j, split in enumerate(self.splits):
             for q, name in enumerate(("loss", "acc")):
-                d = self.f[split][name]
-                arr = d[()].reshape(-1)
-                arr[cells] = values[:, j, q]
-                d[()] = arr.reshape(self.shape)
-        n = int(self.f["nchunks"][()])
-        offset = int(self.f["chunks"][n - 1]["offset"] + self.f["chunks"][n - 1]["ncells"]) if n else 0
-        self.f["chunk_cells"][offset:offset + len(cells)] = cells
-        self.f["chunks"][n] = (self.run, offset, len(cells), rank, host.encode()[:64], device.encode()[:32],
-                               t_start, t_end)
+                d, arr = m[f"{split}/{name}"]
+                arr.reshape(-1)[cells] = values[:, j, q]
+                d[()] = arr
+        nds, n = m["nchunks"]
+        n = int(n)
+        rec = m["chunks"][0]
+        offset = int(rec[n - 1]["offset"] + rec[n - 1]["ncells"]) if n else 0
+        m["chunk_cells"][0][offset:offset + len(cells)] = cells
+        rec[n] = (self.run, offset, len(cells), rank, host.encode()[:64], device.encode()[:32], t_start, t_end)
         # HDF5 may write buffered data to disk in any order: flush the values and the log
         # first, then mark the cells done, so that "done" never reaches the disk before them.
         self.f.flush()
-        dm[cells] = True
-        done[()] = dm.reshape(self.shape)
-        self.f["nchunks"][()] = n + 1
+        flat[cells] = True
+        done_ds[()] = done
+        nds[()] = n + 1
+        m["nchunks"] = (nds, n + 1)
         self.f.flush()
 
     def chunk_log(self) -> tuple:

@@ -104,7 +104,8 @@ def plan(job: Job, overwrite: bool):
 
 def make_evaluator(job: Job, loaded: Loaded, dirs: dict, device: str) -> Evaluator:
     opts = EvalOptions(device=device, batch_size=job.eval.batch_size, precision=job.eval.precision,
-                       channels_last=job.eval.channels_last, compile=job.eval.compile, bn=job.eval.bn)
+                       channels_last=job.eval.channels_last, compile=job.eval.compile, bn=job.eval.bn,
+                       cells_per_pass=job.eval.cells_per_pass)
     return Evaluator(loaded.model, loaded.theta, dirs, loaded.splits, opts)
 
 
@@ -199,7 +200,8 @@ def coordinate(ctx, args, job, sf, grid, ev, device, hosts, stop_flag) -> int:
     chunks = split_chunks(pending, chunk)
     info = f"{grid.ncells} cells ({' x '.join(map(str, grid.shape))})"
     log(f"job {job.name} -> {job.output}: {info}, {len(pending)} to compute in {len(chunks)} chunks of "
-        f"{chunk}, {ctx.size} rank(s), batch {ev.batch_size}, splits {', '.join(job.splits)}")
+        f"{chunk}, {ctx.size} rank(s), batch {ev.batch_size}, {ev.cells_per_pass} cell(s) per pass, "
+        f"splits {', '.join(job.splits)}")
     if "cosine_xy" in sf.f["directions"].attrs:
         log(f"cosine(x, y) of the directions: {sf.f['directions'].attrs['cosine_xy']:+.4f}")
     if ctx.mpi:
@@ -211,7 +213,8 @@ def coordinate(ctx, args, job, sf, grid, ev, device, hosts, stop_flag) -> int:
         sf.write_chunk(r.cells, r.values, r.rank, r.host, r.device, r.t_start, r.t_end)
 
     try:
-        runner.coordinate(ctx, chunks, lambda k: ev.evaluate(*grid.coords(k)), (len(job.splits), 2),
+        cost = runner.coordinate(ctx, chunks, lambda cells: ev.evaluate_cells([grid.coords(k) for k in cells]),
+                                 ev.cells_per_pass, (len(job.splits), 2),
                           write, progress, device, hosts, should_stop=lambda: "stop" in stop_flag)
     except runner.Stop:
         progress.close()
@@ -230,9 +233,13 @@ def coordinate(ctx, args, job, sf, grid, ev, device, hosts, stop_flag) -> int:
               file=sys.stderr, flush=True)
         ctx.abort(1)
     progress.close()
-    sf.close()
     dt = time.perf_counter() - t0
-    log(f"done: {len(pending)} cells in {dt:.1f}s ({len(pending) / dt if dt > 0 else 0:.2f} cells/s) -> {job.output}")
+    if cost["messages"]:
+        ms = 1000 * cost["seconds"] / cost["messages"]
+        sf.f.attrs["coordinator_ms_per_message"] = ms
+        log(f"coordinator: {cost['messages']} worker messages, {ms:.2f} ms each (receive, write, answer)")
+    sf.close()
+    log(f"done: {len(pending)} cells in {dt:.3f}s ({len(pending) / dt if dt > 0 else 0:.2f} cells/s) -> {job.output}")
     return 0
 
 
