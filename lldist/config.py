@@ -31,6 +31,7 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 BN_MODES = ("eval", "batch")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ class EvalConfig:
     device: str = "auto"
     precision: str = "fp32"
     channels_last: bool = False
-    compile: bool = False
+    compile: Union[bool, str] = False  # true, or a torch.compile mode such as "reduce-overhead"
     bn: str = "eval"  # eval: running statistics; batch: statistics of each batch
     cells_per_pass: Union[int, str] = 1  # several cells in one vmapped pass, or "auto"
     chunk_size: Union[int, str] = "auto"  # cells per unit of work (and per HDF5 flush)
@@ -147,8 +148,15 @@ def load_job(path: str, overrides: list[str] = (), out: Optional[str] = None) ->
         raw["output"] = out
     if overrides or out is not None:
         text = text.rstrip("\n") + "\n# overrides: " + json.dumps({"set": list(overrides), "out": out}) + "\n"
-    job = _build(Job, raw, "", path)
-    job = dataclasses.replace(job, source=path, text=text)
+    return job_from_dict(raw, path, text)
+
+
+def job_from_dict(raw: dict, source: str, text: Optional[str] = None) -> Job:
+    """A validated Job from a mapping (a parsed job file, or a study's variant)."""
+    job = _build(Job, raw, "", source)
+    if text is None:
+        text = yaml.safe_dump(raw, sort_keys=False)
+    job = dataclasses.replace(job, source=source, text=text)
     validate(job)
     return job
 
@@ -284,6 +292,8 @@ def validate(job: Job) -> None:
         v = getattr(e, key)
         if not (v == "auto" or (isinstance(v, int) and v >= 1)):
             raise UserError(f"{p}: key 'eval.{key}' must be a positive integer or 'auto', got {v!r}")
+    if isinstance(e.compile, str) and e.compile not in COMPILE_MODES:
+        raise UserError(f"{p}: key 'eval.compile' is {e.compile!r}; allowed: true, false, {', '.join(COMPILE_MODES)}")
     if e.threads is not None and e.threads < 1:
         raise UserError(f"{p}: key 'eval.threads' must be at least 1, got {e.threads}")
     if job.train is not None:

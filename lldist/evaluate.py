@@ -30,7 +30,7 @@ class EvalOptions:
     batch_size: Union[int, str] = 256
     precision: str = "fp32"  # fp32 | tf32 | bf16
     channels_last: bool = False
-    compile: bool = False
+    compile: Union[bool, str] = False  # True or a torch.compile mode ("reduce-overhead": CUDA graphs)
     bn: str = "eval"  # eval: running statistics; batch: each batch's statistics
     cells_per_pass: Union[int, str] = 1  # >1: several cells in one torch.func.vmap pass; "auto": measure
     prenormalize_bytes: int = 1 << 30  # keep a normalized float copy of the data when it fits
@@ -80,7 +80,12 @@ class Evaluator:
             self.slots.append((t, w.to(self.device), dx, dy, moving))
             t.copy_(w)
         self.eager = model
-        self.model = torch.compile(model) if opts.compile else model
+        # compiled once; the weights are then changed in place, so their addresses stay fixed
+        # (what CUDA-graph modes require) and nothing recompiles between cells
+        if opts.compile:
+            self.model = torch.compile(model, mode=opts.compile if isinstance(opts.compile, str) else None)
+        else:
+            self.model = model
         self.splits = {k: self._on_device(v) for k, v in splits.items()}
         self.dtype = torch.float32
         self.batch_size = opts.batch_size if opts.batch_size != "auto" else self.calibrate_batch()

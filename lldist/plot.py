@@ -7,6 +7,8 @@
 filled contours (`*_contourf`), a heat map (`*_heat`) and a 3D surface (`*_3d`).
 1D surfaces: loss and accuracy against alpha on twin axes (`curve`), train and test together.
 Loss levels are geometric when the loss spans more than a factor 50 (`--linear` to refuse).
+`--compare a.h5 b.h5 ...`: the surfaces side by side on one colour scale, with the same contour
+levels and axes (2D), or overlaid (1D); panel titles say what differs between the jobs.
 Cells not yet computed and NaN/inf values are drawn as gaps. Files go next to the input
 (`<stem>_<split>_<quantity>_<kind>.<fmt>`) unless --out names a folder.
 """
@@ -115,6 +117,97 @@ def plot_2d(s: dict, args, outdir: str, stem: str) -> list:
     return written
 
 
+def job_labels(paths: list) -> list:
+    """A short title per file from what differs between their jobs, e.g. "cnn_skip, batch 64"."""
+    import yaml
+    from .store import SurfaceFile
+    flat = []
+    for p in paths:
+        sf = SurfaceFile.open(p, "r")
+        try:
+            raw = yaml.safe_load(sf.job_yaml()) or {}
+        finally:
+            sf.f.close()
+        out = {}
+
+        def walk(d, prefix=""):
+            for k, v in d.items():
+                if isinstance(v, dict):
+                    walk(v, f"{prefix}{k}.")
+                else:
+                    out[prefix + k] = v
+        walk(raw)
+        flat.append(out)
+    ignore = {"name", "output", "model.checkpoint", "directions.target"}
+    keys = sorted({k for f in flat for k in f} - ignore)
+    differ = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
+    if "model.name" in differ:  # the model's arguments follow the model: its name says enough
+        differ = [k for k in differ if not k.startswith("model.args.")]
+    first = ["model.name", "train.batch_size", "train.lr", "train.optimizer", "data.name"]
+    differ.sort(key=lambda k: (first.index(k) if k in first else len(first), k))
+    pretty = {"model.name": "{}", "train.batch_size": "batch {}", "train.lr": "lr {}", "train.optimizer": "{}",
+              "data.name": "{}", "model.args.batchnorm": "batchnorm {}"}
+    labels = []
+    for f, p in zip(flat, paths):
+        parts = [pretty.get(k, k.split(".")[-1] + " {}").format(f.get(k)) for k in differ[:4]]
+        labels.append(", ".join(parts) if parts else os.path.basename(os.path.dirname(os.path.abspath(p))) or p)
+    return labels
+
+
+def compare(paths: list, args, outdir: str) -> list:
+    """Side by side with ONE colour scale, the same levels and the same axes (2D), or overlaid
+    curves (1D). Returns [(path, figure)] before closing, for tests to inspect."""
+    surfaces = [read_surface(p) for p in paths]
+    labels = job_labels(paths)
+    dims = {s["y"] is None for s in surfaces}
+    if len(dims) > 1:
+        raise UserError("--compare needs surfaces of one kind: all 1D or all 2D")
+    splits = [sp for sp in surfaces[0]["splits"] if all(sp in s["splits"] for s in surfaces)]
+    if not splits:
+        raise UserError("--compare: the files share no split (train/test)")
+    written = []
+    for split in splits:
+        for q in ("loss", "acc"):
+            zs = [s["values"][(split, q)] for s in surfaces]
+            lev = _levels(np.concatenate([z.ravel() for z in zs]), args, q)
+            if lev is None:
+                continue
+            name = os.path.join(outdir, f"compare_{split}_{q}.{args.format}")
+            if surfaces[0]["y"] is None:
+                fig, ax = plt.subplots(figsize=(6.5, 4.2))
+                for s, z, lab in zip(surfaces, zs, labels):
+                    ax.plot(s["x"], np.ma.masked_invalid(100 * z if q == "acc" else z), label=lab)
+                ax.set_xlabel("alpha")
+                ax.set_ylabel(f"{split} {LABELS[q]}" + (" (%)" if q == "acc" else ""))
+                if q == "loss" and lev[0] > 0 and np.allclose(lev[1] / lev[0], lev[2] / lev[1]):
+                    ax.set_yscale("log")
+                ax.legend(fontsize=8)
+            else:
+                n = len(surfaces)
+                cols = min(n, 3)
+                rows = (n + cols - 1) // cols
+                fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), sharex=True, sharey=True,
+                                         squeeze=False)
+                geometric = q == "loss" and lev[0] > 0 and np.allclose(lev[1] / lev[0], lev[2] / lev[1])
+                norm = (matplotlib.colors.LogNorm if geometric else matplotlib.colors.Normalize)(lev[0], lev[-1])
+                cs = None
+                for ax, s, z, lab in zip(axes.flat, surfaces, zs, labels):
+                    X, Y = np.meshgrid(s["x"], s["y"])
+                    cs = ax.contourf(X, Y, _masked(z, lev), levels=lev, cmap="viridis", norm=norm)
+                    ax.contour(X, Y, _masked(z, lev), levels=lev[::3], colors="k", linewidths=0.4, norm=norm)
+                    ax.plot([0], [0], "r+", ms=7)
+                    ax.set_title(lab, fontsize=9)
+                for ax in axes.flat[n:]:
+                    ax.set_visible(False)
+                cb = fig.colorbar(cs, ax=axes.ravel().tolist(), label=f"{split} {LABELS[q]}")
+                ticks = lev[::max(1, len(lev) // 6)]
+                cb.set_ticks(ticks)
+                cb.set_ticklabels([f"{t:.3g}" for t in ticks])
+            fig.savefig(name, dpi=args.dpi, bbox_inches="tight")
+            written.append((name, fig))
+    return written
+
+
 def plot_1d(s: dict, args, outdir: str, stem: str) -> list:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax2 = ax.twinx()
@@ -152,9 +245,19 @@ def main(argv=None) -> int:
                     "more than a factor 50)")
     ap.add_argument("--linear", action="store_true", help="linear loss scale, always")
     ap.add_argument("--dpi", type=int, default=120)
+    ap.add_argument("--compare", action="store_true",
+                    help="one figure per quantity: the files side by side on one colour scale (1D: overlaid)")
     args = ap.parse_args(argv)
-    if args.levels < 2:
-        raise UserError(f"--levels must be at least 2, got {args.levels}")
+    if args.levels < 3:
+        raise UserError(f"--levels must be at least 3, got {args.levels}")
+    if args.compare:
+        outdir = args.out or os.path.dirname(os.path.abspath(args.files[0]))
+        os.makedirs(outdir, exist_ok=True)
+        figs = compare(args.files, args, outdir)
+        for _, fig in figs:
+            plt.close(fig)
+        print(f"lldist: wrote {len(figs)} comparison figures to {outdir}", flush=True)
+        return 0
     for path in args.files:
         s = read_surface(path)
         outdir = args.out or os.path.dirname(os.path.abspath(path))

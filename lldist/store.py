@@ -231,6 +231,30 @@ class SurfaceFile:
         m["nchunks"] = (nds, n + 1)
         self.f.flush()
 
+    def arrays(self, split: str) -> dict:
+        """x, y (None on 1D), loss, acc of one split, as numpy arrays."""
+        f = self.f
+        return {"x": f["x"][()], "y": f["y"][()] if "y" in f else None,
+                "loss": f[split]["loss"][()], "acc": f[split]["acc"][()]}
+
+    def checkpoint_meta(self) -> dict:
+        return json.loads(self.f.attrs.get("checkpoint_meta", "{}") or "{}")
+
+    def job_yaml(self) -> str:
+        return str(self.f.attrs.get("job_yaml", ""))
+
+    def write_metrics(self, split: str, scalars: dict, convex) -> None:
+        """/metrics/<split>: scalar metrics as attributes, the convexity map as a dataset."""
+        g = self.f.require_group("metrics").require_group(split)
+        for k, v in scalars.items():
+            g.attrs[k] = v
+        if convex is not None:
+            if "convex" in g:
+                del g["convex"]
+            d = g.create_dataset("convex", data=convex)
+            d.attrs["long_name"] = "central-difference Hessian of the loss is positive definite"
+        self.f.flush()
+
     def chunk_log(self) -> tuple:
         """(records, cells): the valid part of the per-chunk work log."""
         n = int(self.f["nchunks"][()])

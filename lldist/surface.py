@@ -132,13 +132,23 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     ctx = runner.launch()
     stop_flag = {}
+    if ctx.rank == 0:
+        runner.install_sigterm(stop_flag)
+    return run_job(ctx, lambda: load_job(args.job, args.set, args.out), args.overwrite,
+                   args.progress_every, stop_flag)
+
+
+def run_job(ctx: runner.Context, get_job, overwrite: bool = False, progress_every: float = 10.0,
+            stop_flag: dict = None) -> int:
+    """Compute one job's surface with every rank of `ctx` (collective: all ranks call it).
+    `get_job` is called on rank 0 only. Returns the exit status (0 when done)."""
+    stop_flag = {} if stop_flag is None else stop_flag
     job = loaded = sf = dirs = grid = None
     err = None
     if ctx.rank == 0:
-        runner.install_sigterm(stop_flag)
         try:
-            job = load_job(args.job, args.set, args.out)
-            loaded, sf, dirs, grid = plan(job, args.overwrite)
+            job = get_job()
+            loaded, sf, dirs, grid = plan(job, overwrite)
         except UserError as e:
             err = str(e)
     if ctx.mpi:
@@ -160,7 +170,7 @@ def main(argv=None) -> int:
             sf.close(finished=False)
             raise
         log(f"rank 0/1 on {ctx.host}: {device}")
-        return coordinate(ctx, args, job, sf, grid, ev, device, {0: (ctx.host, device)}, stop_flag)
+        return coordinate(ctx, progress_every, job, sf, grid, ev, device, {0: (ctx.host, device)}, stop_flag)
 
     # every rank: device, model, data, evaluator; failures are reported, not hung on
     status, device, ev = None, "?", None
@@ -191,10 +201,10 @@ def main(argv=None) -> int:
               file=sys.stderr, flush=True)
         ctx.comm.bcast("abort", root=0)
         ctx.abort(EXIT_USAGE)
-    return coordinate(ctx, args, job, sf, grid, ev, device, hosts, stop_flag)
+    return coordinate(ctx, progress_every, job, sf, grid, ev, device, hosts, stop_flag)
 
 
-def coordinate(ctx, args, job, sf, grid, ev, device, hosts, stop_flag) -> int:
+def coordinate(ctx, progress_every, job, sf, grid, ev, device, hosts, stop_flag) -> int:
     pending = sf.pending()
     chunk = job.eval.chunk_size if job.eval.chunk_size != "auto" else auto_chunk_size(len(pending), ctx.size)
     chunks = split_chunks(pending, chunk)
@@ -206,7 +216,7 @@ def coordinate(ctx, args, job, sf, grid, ev, device, hosts, stop_flag) -> int:
         log(f"cosine(x, y) of the directions: {sf.f['directions'].attrs['cosine_xy']:+.4f}")
     if ctx.mpi:
         ctx.comm.bcast("go", root=0)
-    progress = Progress(grid.ncells, grid.ncells - len(pending), every=args.progress_every)
+    progress = Progress(grid.ncells, grid.ncells - len(pending), every=progress_every)
     t0 = time.perf_counter()
 
     def write(r: runner.ChunkResult):

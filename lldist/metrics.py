@@ -1,0 +1,173 @@
+"""Landscape metrics: the literature's words ("wide basin", "more convex", "less chaotic") as
+numbers. Pure numpy; definitions in docs/METRICS.md.
+
+    python -m lldist.metrics runs/study/*/surface.h5 [--split test] [--no-store]
+
+Computed from a surface's loss array on its grid (the axis convention of grid.py: 2D arrays
+are (ny, nx)), stored in the file under /metrics (--no-store to only print).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+import numpy as np
+
+from .errors import UserError, run_cli
+
+RADII = (0.1, 0.25, 0.5, 1.0)
+EPSILONS = (0.1, 0.5, 1.0)
+
+
+def _centre_index(x: np.ndarray, y: Optional[np.ndarray]):
+    ix = int(np.argmin(np.abs(x)))
+    return (ix,) if y is None else (int(np.argmin(np.abs(y))), ix)
+
+
+def _quadratic_curvature(t: np.ndarray, f: np.ndarray, i0: int, half: int = 2) -> float:
+    """Second derivative at t[i0] of the least-squares parabola through the 2*half+1 points
+    around it (fewer at an edge): exact for a quadratic."""
+    lo, hi = max(0, i0 - half), min(len(t), i0 + half + 1)
+    tt, ff = t[lo:hi], f[lo:hi]
+    ok = np.isfinite(ff)
+    if ok.sum() < 3:
+        return float("nan")
+    a = np.polyfit(tt[ok] - t[i0], ff[ok], 2)[0]
+    return float(2 * a)
+
+
+def convexity_map(z: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """(ny, nx) bool: the central-difference Hessian of z is positive definite (interior
+    cells; the border is False). Non-uniform spacing is handled per axis."""
+    hx, hy = np.diff(x), np.diff(y)
+    out = np.zeros(z.shape, dtype=bool)
+    c = z[1:-1, 1:-1]
+    # second derivatives on a possibly non-uniform grid
+    hxl, hxr = hx[:-1][None, :], hx[1:][None, :]
+    hyl, hyr = hy[:-1][:, None], hy[1:][:, None]
+    zxx = 2 * (z[1:-1, 2:] * hxl - c * (hxl + hxr) + z[1:-1, :-2] * hxr) / (hxl * hxr * (hxl + hxr))
+    zyy = 2 * (z[2:, 1:-1] * hyl - c * (hyl + hyr) + z[:-2, 1:-1] * hyr) / (hyl * hyr * (hyl + hyr))
+    zxy = (z[2:, 2:] - z[2:, :-2] - z[:-2, 2:] + z[:-2, :-2]) / ((hxl + hxr) * (hyl + hyr))
+    with np.errstate(invalid="ignore"):
+        out[1:-1, 1:-1] = (zxx > 0) & (zxx * zyy - zxy ** 2 > 0)
+    return out
+
+
+def local_minima(z: np.ndarray) -> int:
+    """Strict local minima: finite cells lower than every finite neighbour (8 in 2D, 2 in 1D),
+    the border included (with its fewer neighbours)."""
+    zf = np.where(np.isfinite(z), z, np.inf)
+    pad = np.pad(zf, 1, constant_values=np.inf)
+    is_min = np.isfinite(zf)
+    if z.ndim == 1:
+        return int((is_min & (zf < pad[:-2]) & (zf < pad[2:])).sum())
+    ny, nx = z.shape
+    for dy in (-1, 0, 1):
+        for dx in (-1, 0, 1):
+            if dy == 0 and dx == 0:
+                continue
+            is_min &= zf < pad[1 + dy:1 + dy + ny, 1 + dx:1 + dx + nx]
+    return int(is_min.sum())
+
+
+def mean_abs_second_difference(z: np.ndarray) -> float:
+    """Mean |z[i+1] - 2 z[i] + z[i-1]| along each axis, in loss units (grid-step free: compare
+    surfaces on the same grid)."""
+    parts = [np.abs(np.diff(z, 2, axis=a)) for a in range(z.ndim) if z.shape[a] >= 3]
+    vals = np.concatenate([p[np.isfinite(p)].ravel() for p in parts]) if parts else np.array([])
+    return float(vals.mean()) if vals.size else float("nan")
+
+
+def compute(loss: np.ndarray, acc: np.ndarray, x: np.ndarray, y: Optional[np.ndarray] = None) -> tuple:
+    """(scalars, maps): scalar metrics as a flat dict, and the convexity map (2D) or None."""
+    c = _centre_index(x, y)
+    l0 = float(loss[c])
+    m = {"centre_loss": l0, "centre_acc": float(acc[c])}
+    if y is None:
+        r = np.abs(x)
+    else:
+        X, Y = np.meshgrid(x, y)  # (ny, nx)
+        r = np.hypot(X, Y)
+    rise = loss - l0
+    for rad in RADII:
+        inside = (r <= rad + 1e-12) & np.isfinite(rise)
+        m[f"mean_rise_r{rad:g}"] = float(rise[inside].mean()) if inside.any() else float("nan")
+    for eps in EPSILONS:
+        m[f"basin_eps{eps:g}"] = float((np.isfinite(loss) & (loss <= l0 + eps)).mean())
+    if y is None:
+        m["curvature_x"] = _quadratic_curvature(x, loss, c[0])
+        d2 = np.diff(loss, 2)
+        m["convex_fraction"] = float((d2 > 0).mean()) if d2.size else float("nan")
+        conv = None
+    else:
+        m["curvature_x"] = _quadratic_curvature(x, loss[c[0], :], c[1])
+        m["curvature_y"] = _quadratic_curvature(y, loss[:, c[1]], c[0])
+        conv = convexity_map(loss, x, y)
+        interior = conv[1:-1, 1:-1]
+        m["convex_fraction"] = float(interior.mean()) if interior.size else float("nan")
+    m["local_minima"] = local_minima(loss)
+    m["roughness"] = mean_abs_second_difference(loss)
+    return m, conv
+
+
+def from_file(path: str, split: Optional[str] = None, store: bool = True) -> dict:
+    """Metrics of one surface file (its first split unless `split`), plus the checkpoint's
+    train/test accuracy and generalization gap recorded at training time. Optionally stored."""
+    from .store import SurfaceFile
+    sf = SurfaceFile.open(path, "r+" if store else "r")
+    try:
+        split = split or sf.splits[0]
+        if split not in sf.splits:
+            raise UserError(f"{path}: no split {split!r} (has {', '.join(sf.splits)})")
+        if not sf.done().all():
+            raise UserError(f"{path}: the surface is not complete; finish it first (re-run the job)")
+        a = sf.arrays(split)
+        m, conv = compute(a["loss"], a["acc"], a["x"], a["y"])
+        meta = sf.checkpoint_meta()
+        for k in ("train_acc", "test_acc", "gap", "epoch"):
+            if k in meta:
+                m[f"trained_{k}"] = meta[k]
+        m["split"] = split
+        if store:
+            sf.write_metrics(split, m, conv)
+        return m
+    finally:
+        sf.close(finished=False)
+
+
+def table(rows: list, names: list) -> str:
+    """Markdown table of metrics, one row per surface."""
+    keys = ["centre_loss", "centre_acc", "trained_train_acc", "trained_test_acc", "trained_gap"] + \
+        [f"mean_rise_r{r:g}" for r in RADII] + [f"basin_eps{e:g}" for e in EPSILONS] + \
+        ["curvature_x", "curvature_y", "convex_fraction", "local_minima", "roughness"]
+    keys = [k for k in keys if any(k in r for r in rows)]
+    head = "| surface | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
+
+    def fmt(v):
+        if isinstance(v, (int, np.integer)):
+            return str(v)
+        if isinstance(v, float):
+            return f"{v:.4g}"
+        return "" if v is None else str(v)
+    return head + "".join(f"| {n} | " + " | ".join(fmt(r.get(k)) for k in keys) + " |\n" for n, r in zip(names, rows))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lldist.metrics", description=__doc__.split("\n")[0])
+    ap.add_argument("files", nargs="+")
+    ap.add_argument("--split", help="train or test (default: the file's first split)")
+    ap.add_argument("--no-store", action="store_true", help="print only; do not write /metrics into the files")
+    args = ap.parse_args(argv)
+    rows = [from_file(p, args.split, store=not args.no_store) for p in args.files]
+    print(table(rows, args.files))
+    return 0
+
+
+def cli() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

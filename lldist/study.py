@@ -1,0 +1,174 @@
+"""A study: several variants of one job (model x batch size, or any keys), trained, surfaced,
+measured and compared in one command.
+
+    python -m lldist.study jobs/study_digits.yaml            # everything; resumes what exists
+    mpirun -n 8 python -m lldist.study jobs/study_cifar10.yaml
+    python -m lldist.study jobs/study_digits.yaml --report-only
+
+A study file holds `name`, `out` (a folder), `base` (a job, as in a job file), `variants` (a
+list of {label, key.sub: value, ...} overrides) and `cross` (key: [values]: every variant is
+run at every combination). Each variant lives in `<out>/<label>_<cross values>/` (model.pt,
+per-epoch checkpoints, surface.h5, plots). The report: `<out>/report.html` (self-contained,
+figures embedded), `<out>/report.md` (the metrics table), `<out>/figures/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import copy
+import itertools
+import os
+import sys
+from dataclasses import dataclass
+
+import yaml
+
+from .config import apply_override, job_from_dict
+from .errors import UserError, run_cli
+
+SHORT = {"batch_size": "b", "lr": "lr", "epochs": "e", "seed": "s", "weight_decay": "wd", "optimizer": ""}
+
+
+@dataclass
+class Variant:
+    name: str
+    job: object  # config.Job
+
+
+def load_study(path: str) -> tuple:
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read study file: {e.strerror}")
+    except yaml.YAMLError as e:
+        raise UserError(f"{path}: malformed YAML: {getattr(e, 'problem', e)}")
+    if not isinstance(raw, dict):
+        raise UserError(f"{path}: a study file must be a mapping")
+    unknown = set(raw) - {"name", "out", "base", "variants", "cross"}
+    if unknown:
+        raise UserError(f"{path}: unknown key '{sorted(unknown)[0]}' (known: name, out, base, variants, cross)")
+    out = raw.get("out") or os.path.join("runs", raw.get("name", "study"))
+    base = raw.get("base") or {}
+    variants = raw.get("variants") or [{"label": "base"}]
+    cross = raw.get("cross") or {}
+    if not isinstance(variants, list) or not all(isinstance(v, dict) and "label" in v for v in variants):
+        raise UserError(f"{path}: 'variants' must be a list of mappings, each with a 'label'")
+    if not isinstance(cross, dict) or not all(isinstance(v, list) and v for v in cross.values()):
+        raise UserError(f"{path}: 'cross' must map keys to non-empty lists of values")
+    result = []
+    for v in variants:
+        for combo in itertools.product(*cross.values()) if cross else [()]:
+            sets = {k: val for k, val in v.items() if k != "label"}
+            sets.update(dict(zip(cross.keys(), combo)))
+            suffix = "_".join(f"{SHORT.get(k.split('.')[-1], k.split('.')[-1])}{val}"
+                              for k, val in zip(cross.keys(), combo))
+            name = f"{v['label']}_{suffix}" if suffix else str(v["label"])
+            job_raw = copy.deepcopy(base)
+            for k, val in sets.items():
+                apply_override(job_raw, f"{k}={yaml.safe_dump(val, default_flow_style=True).strip()}", path)
+            folder = os.path.join(out, name)
+            job_raw["name"] = name
+            job_raw["output"] = os.path.join(folder, "surface.h5")
+            job_raw.setdefault("model", {})
+            if job_raw.get("train") is not None:
+                job_raw["model"]["checkpoint"] = os.path.join(folder, "model.pt")
+            text = yaml.safe_dump(job_raw, sort_keys=False)
+            result.append(Variant(name, job_from_dict(job_raw, f"{path}#{name}", text)))
+    return raw.get("name", "study"), out, result
+
+
+def _img(path: str) -> str:
+    with open(path, "rb") as f:
+        return "data:image/png;base64," + base64.b64encode(f.read()).decode()
+
+
+def report(title: str, out: str, variants: list, log=print) -> tuple:
+    """Metrics, comparison figures, per-variant contours, HTML + Markdown. Rank 0 only."""
+    import matplotlib.pyplot as plt
+    from . import metrics, plot
+    figdir = os.path.join(out, "figures")
+    os.makedirs(figdir, exist_ok=True)
+    paths = [v.job.output for v in variants]
+    names = [v.name for v in variants]
+    splits = list(variants[0].job.splits)
+    tables = {}
+    for split in splits:
+        rows = [metrics.from_file(p, split) for p in paths]
+        tables[split] = metrics.table(rows, names)
+    args = argparse.Namespace(vmin=None, vmax=None, levels=30, log=False, linear=False, format="png", dpi=80)
+    figs = []
+    for path, fig in plot.compare(paths, args, figdir):
+        figs.append(path)
+        plt.close(fig)
+    md = [f"# {title}\n", "Landscape metrics (definitions: docs/METRICS.md), one row per variant.\n"]
+    for split, t in tables.items():
+        md.append(f"\n## {split} split\n\n{t}")
+    md.append("\nFigures: " + ", ".join(os.path.relpath(f, out) for f in figs) + "\n")
+    md_path = os.path.join(out, "report.md")
+    with open(md_path, "w") as f:
+        f.write("".join(md))
+    html = [f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title>",
+            "<style>body{font-family:sans-serif;max-width:1400px;margin:auto}table{border-collapse:collapse;"
+            "font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}"
+            "</style></head><body>", f"<h1>{title}</h1>"]
+    for split, t in tables.items():
+        html.append(f"<h2>Metrics, {split} split</h2>" + _md_table_to_html(t))
+    html.append("<h2>Side by side (one colour scale) and overlaid curves</h2>")
+    for f in figs:
+        html.append(f"<h3>{os.path.basename(f)}</h3><img src='{_img(f)}'>")
+    html.append("</body></html>")
+    html_path = os.path.join(out, "report.html")
+    with open(html_path, "w") as f:
+        f.write("\n".join(html))
+    log(f"report: {html_path}, {md_path}, {len(figs)} figures")
+    return html_path, md_path, figs
+
+
+def _md_table_to_html(t: str) -> str:
+    lines = [ln for ln in t.strip().splitlines() if ln.strip() and not set(ln) <= set("|-")]
+    cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
+    head = "".join(f"<th>{c}</th>" for c in cells[0])
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in cells[1:])
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def main(argv=None) -> int:
+    from . import runner
+    from .surface import log, run_job
+    ap = argparse.ArgumentParser(prog="python -m lldist.study", description=__doc__.split("\n")[0])
+    ap.add_argument("study", help="study file (YAML)")
+    ap.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (no report)")
+    ap.add_argument("--report-only", action="store_true", help="redraw the report from finished surfaces")
+    ap.add_argument("--progress-every", type=float, default=30.0)
+    args = ap.parse_args(argv)
+    ctx = runner.launch()
+    title, out, variants = load_study(args.study)
+    if args.only:
+        unknown = set(args.only) - {v.name for v in variants}
+        if unknown:
+            raise UserError(f"--only: no variant {sorted(unknown)[0]!r} (variants: {', '.join(v.name for v in variants)})")
+        variants = [v for v in variants if v.name in args.only]
+    stop = {}
+    if ctx.rank == 0:
+        runner.install_sigterm(stop)
+        log(f"study {title}: {len(variants)} variants -> {out}: {', '.join(v.name for v in variants)}")
+    if not args.report_only:
+        for v in variants:
+            if ctx.rank == 0:
+                log(f"--- variant {v.name}")
+            code = run_job(ctx, lambda v=v: v.job, False, args.progress_every, stop)
+            if code:
+                return code
+    if ctx.rank == 0 and not args.only:
+        report(title, out, variants, log=log)
+    return 0
+
+
+def cli() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,121 @@
+"""Landscape metrics on analytic surfaces, the shared colour scale of --compare, and a study
+end to end (train, surface, metrics, report; a second run reuses the surfaces)."""
+
+import argparse
+import os
+
+import h5py
+import matplotlib
+import numpy as np
+import pytest
+import yaml
+
+from conftest import run, write_job
+from lldist import metrics, plot
+
+
+def grid(n=21):
+    x = np.linspace(-1, 1, n)
+    y = np.linspace(-0.5, 0.5, n - 4)  # non-square, finer in y
+    X, Y = np.meshgrid(x, y)
+    return x, y, X, Y
+
+
+def test_paraboloid_curvature_convexity_roughness():
+    x, y, X, Y = grid()
+    p, q, c = 3.0, 0.5, 0.2
+    z = p * X ** 2 + q * Y ** 2 + c
+    m, conv = metrics.compute(z, np.ones_like(z), x, y)
+    assert m["centre_loss"] == pytest.approx(c)
+    assert m["curvature_x"] == pytest.approx(2 * p, rel=1e-9)
+    assert m["curvature_y"] == pytest.approx(2 * q, rel=1e-9)
+    assert m["convex_fraction"] == 1.0 and conv[1:-1, 1:-1].all() and not conv[0].any()
+    assert m["local_minima"] == 1
+    hx, hy = x[1] - x[0], y[1] - y[0]
+    # second differences are 2p hx^2 along x and 2q hy^2 along y, everywhere
+    nx_terms, ny_terms = (len(x) - 2) * len(y), len(x) * (len(y) - 2)
+    expect = (2 * p * hx ** 2 * nx_terms + 2 * q * hy ** 2 * ny_terms) / (nx_terms + ny_terms)
+    assert m["roughness"] == pytest.approx(expect, rel=1e-9)
+    # basin: cells within eps of the centre loss, counted directly
+    assert m["basin_eps0.1"] == pytest.approx(((z - c) <= 0.1 + 1e-12).mean())
+    assert 0 < m["mean_rise_r0.25"] < m["mean_rise_r0.5"] < m["mean_rise_r1"]
+    # within r = 0.1 only cells with |x| <= 0.1 and |y| <= 0.1: the rise is p x^2 + q y^2 there
+    r = np.hypot(X, Y) <= 0.1 + 1e-12
+    assert m["mean_rise_r0.1"] == pytest.approx((z - c)[r].mean())
+
+
+def test_saddle_is_not_convex_and_double_well_has_two_minima():
+    x, y, X, Y = grid()
+    m, _ = metrics.compute(X ** 2 - Y ** 2, np.ones_like(X), x, y)
+    assert m["convex_fraction"] == 0.0
+    z = (X ** 2 - 0.25) ** 2 + Y ** 2  # minima at (+-0.5, 0), both on the grid
+    m, _ = metrics.compute(z, np.ones_like(z), x, y)
+    assert m["local_minima"] == 2
+    wavy = X ** 2 + 0.05 * np.cos(12 * np.pi * X) * np.cos(12 * np.pi * Y)
+    m2, _ = metrics.compute(wavy, np.ones_like(z), x, y)
+    assert m2["local_minima"] > 2 and m2["roughness"] > m["roughness"]
+    # 1D: a parabola
+    m1, conv = metrics.compute(4 * x ** 2, np.ones_like(x), x)
+    assert conv is None and m1["curvature_x"] == pytest.approx(8.0) and m1["convex_fraction"] == 1.0
+
+
+def three_surfaces(workdir):
+    paths = []
+    for i, bs in enumerate([16, 64, 256]):
+        job = write_job(workdir / f"j{i}.yaml", output=f"s{i}.h5", model={"name": "mlp", "checkpoint": f"m{i}.pt",
+                                                                          "args": {"hidden": [16]}},
+                        train={"epochs": 2, "batch_size": bs}, grid={"x": [-1, 1, 5], "y": [-1, 1, 4]})
+        run(["lldist.surface", job], workdir)
+        paths.append(f"s{i}.h5")
+    return paths
+
+
+def test_compare_uses_one_colour_scale(workdir):
+    paths = three_surfaces(workdir)
+    args = argparse.Namespace(vmin=None, vmax=None, levels=20, log=False, linear=False, format="png", dpi=50)
+    figs = dict(plot.compare(paths, args, str(workdir)))
+    fig = figs[os.path.join(str(workdir), "compare_test_loss.png")]
+    sets = [c for ax in fig.axes for c in ax.collections if isinstance(c, matplotlib.contour.ContourSet)]
+    filled = [c for c in sets if c.filled]
+    assert len(filled) == 3
+    for c in filled[1:]:
+        np.testing.assert_array_equal(c.levels, filled[0].levels)
+        assert (c.norm.vmin, c.norm.vmax) == (filled[0].norm.vmin, filled[0].norm.vmax)
+    # the scale spans all three surfaces, not just the first
+    with h5py.File(paths[0]) as a, h5py.File(paths[2]) as b:
+        lo = min(a["test/loss"][()].min(), b["test/loss"][()].min())
+    assert filled[0].levels[0] == pytest.approx(lo)
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]
+    assert titles == ["batch 16", "batch 64", "batch 256"]
+    axes = [ax for ax in fig.axes if ax.get_title()]
+    assert len({ax.get_xlim() for ax in axes}) == 1 and len({ax.get_ylim() for ax in axes}) == 1
+    p = run(["lldist.plot", *paths, "--compare", "--out", "cmp"], workdir)
+    assert os.path.exists("cmp/compare_test_acc.png")
+
+
+def test_study_end_to_end_and_reuse(workdir):
+    study = {
+        "name": "tiny_study", "out": "study",
+        "base": {"data": {"name": "digits", "subset": 100}, "train": {"epochs": 2, "lr": 0.01},
+                 "grid": {"x": [-1, 1, 5], "y": [-1, 1, 5]}, "eval": {"split": "both", "threads": 1}},
+        "variants": [{"label": "mlp", "model.name": "mlp", "model.args": {"hidden": [16]}},
+                     {"label": "cnn", "model.name": "cnn", "model.args": {"width": 4, "stages": 2}}],
+        "cross": {"train.batch_size": [32, 256]},
+    }
+    with open("study.yaml", "w") as f:
+        yaml.safe_dump(study, f)
+    p = run(["lldist.study", "study.yaml"], workdir)
+    names = ["mlp_b32", "mlp_b256", "cnn_b32", "cnn_b256"]
+    for n in names:
+        assert os.path.exists(f"study/{n}/surface.h5") and os.path.exists(f"study/{n}/model_epoch2.pt")
+        with h5py.File(f"study/{n}/surface.h5") as f:
+            assert "curvature_x" in f["metrics/test"].attrs and f["metrics/test/convex"].shape == (5, 5)
+    md = open("study/report.md").read()
+    for n in names:
+        assert f"| {n} |" in md
+    html = open("study/report.html").read()
+    assert html.count("data:image/png;base64,") == 4 and "<table>" in html
+    before = os.path.getmtime("study/report.html")
+    q = run(["lldist.study", "study.yaml"], workdir)
+    assert q.stdout.count(" 0 to compute") == 4 and "training it first" not in q.stdout
+    assert os.path.getmtime("study/report.html") >= before
