@@ -14,4 +14,5 @@
 #SBATCH --output=%x-%j.out
 set -euo pipefail
 LLDIST_JOB=${LLDIST_JOB:-jobs/mobilenet_imagenet.yaml}
-exec bash "$(dirname "$0")/surface.sh" "$LLDIST_JOB" "$@"
+# sbatch runs a copy of this script from its spool folder: find surface.sh from the submit dir
+exec bash "${SLURM_SUBMIT_DIR:-$PWD}/slurm/surface.sh" "$LLDIST_JOB" "$@"
