@@ -65,3 +65,16 @@ def test_weights_return_to_theta():
     for a in np.linspace(-1, 1, 25):
         ev.evaluate(a, -a)
     np.testing.assert_array_equal(ev.evaluate(0.0, 0.0), first)
+
+
+def test_compiled_model_updates_in_place_without_recompiling():
+    """torch.compile once; weights change in place per cell, so no cell triggers a recompile."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    ref = reference("mlp", n=200)  # 200 = 3 batches of 64 + a ragged one of 8
+    got, ev = fast("mlp", n=200, batch_size=64, compile=True)
+    np.testing.assert_allclose(got[:, 0], ref[:, 0], rtol=1e-5)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    ev.evaluate_cells(COORDS * 4)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs <= 2  # full and ragged batch
