@@ -15,7 +15,7 @@ from lldist.config import load_job
 
 def slow_job(workdir):
     return write_job(workdir / "job.yaml", train=None,
-                     model={"name": "python:userfactories:slow", "checkpoint": None, "args": {"seconds": 0.03}},
+                     model={"name": "python:lldist.bench:fixed_cost", "checkpoint": None, "args": {"seconds": 0.03}},
                      grid={"x": [-1.0, 1.0, 40], "y": None}, eval={"chunk_size": 2, "batch_size": 1000})
 
 

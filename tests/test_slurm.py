@@ -74,7 +74,7 @@ def wait_gone(conf, jobid, timeout=120):
 
 def test_signalled_job_resumes_without_recomputing(slurm, workdir):
     job = write_job(workdir / "job.yaml", train=None,
-                    model={"name": "python:userfactories:slow", "checkpoint": None, "args": {"seconds": 0.1}},
+                    model={"name": "python:lldist.bench:fixed_cost", "checkpoint": None, "args": {"seconds": 0.1}},
                     grid={"x": [-1.0, 1.0, 60], "y": None}, eval={"chunk_size": 2, "batch_size": 1000})
     script = os.path.join(ROOT, "slurm", "surface.sh")
     jobid = sbatch(slurm, workdir, *CPU, "--time=10", "-o", "first.log", script, job, "--progress-every", "0")

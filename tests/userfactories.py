@@ -48,21 +48,3 @@ class Faulty(nn.Module):
 
 def faulty(after=3):
     return Faulty(after)
-
-
-class Slow(nn.Module):
-    """A model with a fixed cost per forward (sleep): measures the protocol, not the CPU."""
-
-    def __init__(self, seconds=0.05):
-        super().__init__()
-        self.fc = nn.Linear(64, 10)
-        self.seconds = seconds
-
-    def forward(self, x):
-        import time
-        time.sleep(self.seconds)
-        return self.fc(x.flatten(1))
-
-
-def slow(seconds=0.05):
-    return Slow(seconds)
