@@ -35,18 +35,9 @@ def read_surface(path: str) -> dict:
     from .store import SurfaceFile
     sf = SurfaceFile.open(path, "r")
     try:
-        f = sf.f
-        done = f["done"][()]
-        out = {"x": f["x"][()], "y": f["y"][()] if "y" in f else None, "done": done,
-               "splits": sf.splits, "name": str(f.attrs.get("job_name", "")), "values": {}}
-        for split in sf.splits:
-            for q in ("loss", "acc"):
-                a = f[split][q][()].astype(float)
-                a[~done] = np.nan
-                out["values"][(split, q)] = a
-        return out
+        return sf.read_all()
     finally:
-        sf.f.close()
+        sf.close(finished=False)
 
 
 def _levels(z: np.ndarray, args, q: str):
@@ -127,7 +118,7 @@ def job_labels(paths: list) -> list:
         try:
             raw = yaml.safe_load(sf.job_yaml()) or {}
         finally:
-            sf.f.close()
+            sf.close(finished=False)
         out = {}
 
         def walk(d, prefix=""):

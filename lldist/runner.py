@@ -209,6 +209,8 @@ def work(ctx: Context, evaluate_cells: Callable, prefetch: int = 2) -> None:
     """Ask for chunks, evaluate them, send results, until told to stop. An exception is sent
     to the coordinator with its traceback; then this rank waits to be aborted."""
     comm = ctx.comm
+    # SIGTERM keeps its default here: a worker dies at once (its unfinished chunk is simply
+    # computed again by the next run); only rank 0, which owns the file, closes it first.
     comm.send(("ready", prefetch), dest=0, tag=TAG)
     expect, queue, cid = prefetch, deque(), None
     try:

@@ -141,7 +141,7 @@ class SurfaceFile:
             a["ndim"], a["splits"] = grid.ndim, json.dumps(list(job.splits))
             a["runs"] = 0
             a["complete"] = False
-            for k, v in meta.items():
+            for k, v in meta.items():  # scalars as they are, structures as JSON text
                 a[k] = v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
             x = f.create_dataset("x", data=grid.x)
             x.attrs["long_name"], x.attrs["units"] = "alpha (step along direction x)", "1"
@@ -173,8 +173,9 @@ class SurfaceFile:
                 ga = gd.create_group(axis)
                 for name, t in direction.items():
                     ga.create_dataset(name, data=t.cpu().numpy())
-            for k, v in meta.get("directions_attrs", {}).items():
-                gd.attrs[k] = v
+            if "y" in dirs:
+                from .directions import cosine
+                gd.attrs["cosine_xy"] = cosine(dirs["x"], dirs["y"])
             # The work log: record i of chunks (i < nchunks) covers chunk_cells[offset:offset+ncells].
             # Each cell is computed once, so ncells records and cells are enough for every run.
             # Everything is allocated and written here, at creation: later writes only overwrite
@@ -242,6 +243,27 @@ class SurfaceFile:
 
     def job_yaml(self) -> str:
         return str(self.f.attrs.get("job_yaml", ""))
+
+    def attr(self, name: str, default=None, group: str = "/"):
+        return self.f[group].attrs.get(name, default)
+
+    def set_attr(self, name: str, value, group: str = "/") -> None:
+        self.f[group].attrs[name] = value
+        self.f.flush()
+
+    def read_all(self) -> dict:
+        """Everything a plot needs: x, y (None on 1D), done, splits, job name, and each
+        split's loss and acc with cells not done as NaN."""
+        f = self.f
+        done = f["done"][()]
+        out = {"x": f["x"][()], "y": f["y"][()] if "y" in f else None, "done": done,
+               "splits": self.splits, "name": str(f.attrs.get("job_name", "")), "values": {}}
+        for split in self.splits:
+            for q in ("loss", "acc"):
+                a = f[split][q][()].astype(float)
+                a[~done] = np.nan
+                out["values"][(split, q)] = a
+        return out
 
     def write_metrics(self, split: str, scalars: dict, convex) -> None:
         """/metrics/<split>: scalar metrics as attributes, the convexity map as a dataset."""

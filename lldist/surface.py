@@ -22,7 +22,7 @@ import torch
 
 from .config import Job, identity_hash, load_job, sha256_file
 from .data import load_split
-from .directions import cosine, make_directions, model_state
+from .directions import make_directions, model_state
 from .errors import UserError, run_cli, EXIT_USAGE
 from .evaluate import EvalOptions, Evaluator
 from .grid import Grid, auto_chunk_size, split_chunks
@@ -97,8 +97,6 @@ def plan(job: Job, overwrite: bool):
             "eval_samples": {k: len(v) for k, v in loaded.splits.items()}}
     sf = SurfaceFile.open_or_create(job.output, job, job_hash, grid, make_dirs, meta, overwrite)
     dirs = sf.read_directions()  # every evaluation, first run or resume, uses the stored copy
-    if "y" in dirs and "cosine_xy" not in sf.f["directions"].attrs:
-        sf.f["directions"].attrs["cosine_xy"] = cosine(dirs["x"], dirs["y"])
     return loaded, sf, dirs, grid
 
 
@@ -212,8 +210,9 @@ def coordinate(ctx, progress_every, job, sf, grid, ev, device, hosts, stop_flag)
     log(f"job {job.name} -> {job.output}: {info}, {len(pending)} to compute in {len(chunks)} chunks of "
         f"{chunk}, {ctx.size} rank(s), batch {ev.batch_size}, {ev.cells_per_pass} cell(s) per pass, "
         f"splits {', '.join(job.splits)}")
-    if "cosine_xy" in sf.f["directions"].attrs:
-        log(f"cosine(x, y) of the directions: {sf.f['directions'].attrs['cosine_xy']:+.4f}")
+    cos = sf.attr("cosine_xy", group="directions")
+    if cos is not None:
+        log(f"cosine(x, y) of the directions: {cos:+.4f}")
     if ctx.mpi:
         ctx.comm.bcast("go", root=0)
     progress = Progress(grid.ncells, grid.ncells - len(pending), every=progress_every)
@@ -246,7 +245,7 @@ def coordinate(ctx, progress_every, job, sf, grid, ev, device, hosts, stop_flag)
     dt = time.perf_counter() - t0
     if cost["messages"]:
         ms = 1000 * cost["seconds"] / cost["messages"]
-        sf.f.attrs["coordinator_ms_per_message"] = ms
+        sf.set_attr("coordinator_ms_per_message", ms)
         log(f"coordinator: {cost['messages']} worker messages, {ms:.2f} ms each (receive, write, answer)")
     sf.close()
     log(f"done: {len(pending)} cells in {dt:.3f}s ({len(pending) / dt if dt > 0 else 0:.2f} cells/s) -> {job.output}")

@@ -60,6 +60,10 @@ CONF
     exit 1
     ;;
 stop)
+    # end every job still running (a failed test may leave one), then the daemons
+    SLURM_CONF=$dir/slurm.conf scancel --full --signal=KILL --user="$(id -un)" 2>/dev/null || true
+    SLURM_CONF=$dir/slurm.conf scancel --user="$(id -un)" 2>/dev/null || true
+    sleep 1
     for p in slurmd slurmctld; do
         [ -f "$dir/$p.pid" ] && kill "$(cat "$dir/$p.pid")" 2>/dev/null || true
     done
