@@ -122,7 +122,7 @@ def ceiling(model, data, device, precision, channels_last, compile_, batch_sizes
             break
 
         @torch.inference_mode()
-        def run():
+        def run(bs=bs):
             with ctx():
                 for i in range(0, len(x), bs):
                     m(x[i:i + bs])

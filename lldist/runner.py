@@ -112,7 +112,11 @@ def pick_device(ctx: Context, requested: str) -> str:
 # ----------------------------------------------------------------------------- coordinator
 
 class Stop(Exception):
-    pass
+    """SIGTERM arrived: stop handing out work."""
+
+
+class RankFailed(RuntimeError):
+    """A worker's exception, with its rank, host, chunk and remote traceback in the message."""
 
 
 @dataclass
@@ -169,7 +173,7 @@ def coordinate(ctx: Context, chunks: list, evaluate_cells: Callable, group: int,
             _, cid, text = msg
             where = f"chunk {cid} (cells {handed[cid][1][0]}..{handed[cid][1][-1]})" if cid in handed else "setup"
             last = text.strip().splitlines()[-1] if text.strip() else "?"
-            raise RuntimeError(f"rank {src} on {hosts.get(src, ('?',))[0]} failed in {where}: {last}\n"
+            raise RankFailed(f"rank {src} on {hosts.get(src, ('?',))[0]} failed in {where}: {last}\n"
                                f"--- traceback of rank {src} ---\n{text}")
 
     nworkers = ctx.size - 1

@@ -20,7 +20,7 @@ import platform
 import socket
 import subprocess
 import time
-from typing import Callable, Optional
+from typing import Callable
 
 import h5py
 import numpy as np
@@ -220,6 +220,8 @@ class SurfaceFile:
         nds, n = m["nchunks"]
         n = int(n)
         rec = m["chunks"][0]
+        if n >= rec.shape[0]:  # cannot happen when every cell is computed once
+            raise RuntimeError(f"{self.path}: the work log is full ({n} records for {rec.shape[0]} cells)")
         offset = int(rec[n - 1]["offset"] + rec[n - 1]["ncells"]) if n else 0
         m["chunk_cells"][0][offset:offset + len(cells)] = cells
         rec[n] = (self.run, offset, len(cells), rank, host.encode()[:64], device.encode()[:32], t_start, t_end)

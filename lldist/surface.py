@@ -17,7 +17,6 @@ import time
 import traceback
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from .config import Job, identity_hash, load_job, sha256_file
@@ -100,10 +99,10 @@ def plan(job: Job, overwrite: bool):
     return loaded, sf, dirs, grid
 
 
-def make_evaluator(job: Job, loaded: Loaded, dirs: dict, device: str) -> Evaluator:
-    opts = EvalOptions(device=device, batch_size=job.eval.batch_size, precision=job.eval.precision,
+def make_evaluator(job: Job, loaded: Loaded, dirs: dict, device: str, batch_size, cells_per_pass) -> Evaluator:
+    opts = EvalOptions(device=device, batch_size=batch_size, precision=job.eval.precision,
                        channels_last=job.eval.channels_last, compile=job.eval.compile, bn=job.eval.bn,
-                       cells_per_pass=job.eval.cells_per_pass)
+                       cells_per_pass=cells_per_pass)
     return Evaluator(loaded.model, loaded.theta, dirs, loaded.splits, opts)
 
 
@@ -141,46 +140,52 @@ def run_job(ctx: runner.Context, get_job, overwrite: bool = False, progress_ever
     """Compute one job's surface with every rank of `ctx` (collective: all ranks call it).
     `get_job` is called on rank 0 only. Returns the exit status (0 when done)."""
     stop_flag = {} if stop_flag is None else stop_flag
-    job = loaded = sf = dirs = grid = None
-    err = None
+    job = loaded = sf = dirs = grid = ev = None
+    err, device, shape = None, "?", None
     if ctx.rank == 0:
         try:
             job = get_job()
             loaded, sf, dirs, grid = plan(job, overwrite)
+            set_threads(job, ctx)
+            device = runner.pick_device(ctx, job.eval.device)
+            # rank 0 fixes the batch size and cells per pass for every rank: the last float bits
+            # of a loss depend on them. "auto" is calibrated once and stored in the file, so a
+            # resume reuses it; a number in the job is the user's choice and always wins.
+            batch, group = job.eval.batch_size, job.eval.cells_per_pass
+            if batch == "auto" and sf.attr("eval_batch_size") is not None:
+                batch = int(sf.attr("eval_batch_size"))
+            if group == "auto" and sf.attr("eval_cells_per_pass") is not None:
+                group = int(sf.attr("eval_cells_per_pass"))
+            ev = make_evaluator(job, loaded, dirs, device, batch, group)
+            sf.set_attr("eval_batch_size", ev.batch_size)
+            sf.set_attr("eval_cells_per_pass", ev.cells_per_pass)
+            shape = (ev.batch_size, ev.cells_per_pass)
         except UserError as e:
             err = str(e)
+            if sf is not None:
+                sf.close(finished=False)
     if ctx.mpi:
         err = ctx.comm.bcast(err, root=0)
     if err is not None:
         if ctx.rank == 0:
             raise UserError(err)
         return EXIT_USAGE
-    if ctx.mpi:
-        job, dirs = ctx.comm.bcast((job, dirs) if ctx.rank == 0 else None, root=0)
-        grid = Grid(job.grid.x, job.grid.y)
-    set_threads(job, ctx)
-
-    if not ctx.mpi:  # one process: errors surface directly (UserError -> one line, exit 2)
-        try:
-            device = runner.pick_device(ctx, job.eval.device)
-            ev = make_evaluator(job, loaded, dirs, device)
-        except BaseException:
-            sf.close(finished=False)
-            raise
+    if not ctx.mpi:
         log(f"rank 0/1 on {ctx.host}: {device}")
         return coordinate(ctx, progress_every, job, sf, grid, ev, device, {0: (ctx.host, device)}, stop_flag)
 
-    # every rank: device, model, data, evaluator; failures are reported, not hung on
-    status, device, ev = None, "?", None
-    try:
-        device = runner.pick_device(ctx, job.eval.device)
-        if loaded is None:
-            loaded = load_model_and_data(job)
-        ev = make_evaluator(job, loaded, dirs, device)
-    except UserError as e:
-        status = str(e)
-    except Exception:
-        status = traceback.format_exc()
+    job, dirs, shape = ctx.comm.bcast((job, dirs, shape) if ctx.rank == 0 else None, root=0)
+    grid = Grid(job.grid.x, job.grid.y)
+    status = None
+    if ctx.rank != 0:  # every worker: device, model, data, evaluator; failures reported, not hung on
+        try:
+            set_threads(job, ctx)
+            device = runner.pick_device(ctx, job.eval.device)
+            ev = make_evaluator(job, load_model_and_data(job), dirs, device, *shape)
+        except UserError as e:
+            status = str(e)
+        except Exception:
+            status = traceback.format_exc()
     everyone = ctx.comm.gather((ctx.host, device, status), root=0)
     if ctx.rank != 0:
         # wait for the coordinator's verdict; it aborts the job if any rank failed
@@ -189,7 +194,6 @@ def run_job(ctx: runner.Context, get_job, overwrite: bool = False, progress_ever
         return 0
     hosts = {r: (h, d) for r, (h, d, _) in enumerate(everyone)}
     bad = [(r, s) for r, (_, _, s) in enumerate(everyone) if s]
-    # rank 0 from here on
     for r, (h, d) in hosts.items():
         log(f"rank {r}/{ctx.size} on {h}: {d}")
     if bad:
@@ -223,8 +227,8 @@ def coordinate(ctx, progress_every, job, sf, grid, ev, device, hosts, stop_flag)
 
     try:
         cost = runner.coordinate(ctx, chunks, lambda cells: ev.evaluate_cells([grid.coords(k) for k in cells]),
-                                 ev.cells_per_pass, (len(job.splits), 2),
-                          write, progress, device, hosts, should_stop=lambda: "stop" in stop_flag)
+                                 ev.cells_per_pass, (len(job.splits), 2), write, progress, device, hosts,
+                                 should_stop=lambda: "stop" in stop_flag)
     except runner.Stop:
         progress.close()
         done = int(sf.done().sum())
@@ -235,8 +239,7 @@ def coordinate(ctx, progress_every, job, sf, grid, ev, device, hosts, stop_flag)
     except Exception as e:
         progress.close()
         sf.close(finished=False)
-        text = str(e) if isinstance(e, RuntimeError) and str(e).startswith("rank ") else \
-            f"rank 0 ({ctx.host}) failed:\n{traceback.format_exc()}"
+        text = str(e) if isinstance(e, runner.RankFailed) else f"rank 0 ({ctx.host}) failed:\n{traceback.format_exc()}"
         print(f"lldist: error: {text.strip()}", file=sys.stderr)
         print(f"lldist: finished cells are saved in {job.output}; run the same command to resume",
               file=sys.stderr, flush=True)
@@ -250,7 +253,6 @@ def coordinate(ctx, progress_every, job, sf, grid, ev, device, hosts, stop_flag)
     sf.close()
     log(f"done: {len(pending)} cells in {dt:.3f}s ({len(pending) / dt if dt > 0 else 0:.2f} cells/s) -> {job.output}")
     return 0
-
 
 
 def cli() -> None:

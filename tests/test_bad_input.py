@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import run, write_job
-from lldist import plot, surface, train
+from lldist import plot, surface
 from lldist.config import ModelConfig
 from lldist.errors import run_cli
 from lldist.models import build_model

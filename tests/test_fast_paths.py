@@ -3,7 +3,6 @@ bf16 within its documented tolerance (2% on the loss, 2 points of accuracy)."""
 
 import numpy as np
 import pytest
-import torch
 
 from lldist.bench import make_case
 from lldist.evaluate import EvalOptions, Evaluator, evaluate_plain

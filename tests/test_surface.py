@@ -8,7 +8,6 @@ import sys
 
 import h5py
 import numpy as np
-import pytest
 import torch
 
 from conftest import chunk_log, env, run, write_job
@@ -87,7 +86,7 @@ def test_both_splits_and_1d(workdir):
         assert "y" not in f and "y" not in f["directions"]
         assert f["train/loss"].shape == (5,)
         assert (f["train/acc"][()] >= 0).all() and (f["train/acc"][()] <= 1).all()
-    p = run(["lldist.plot", "out.h5", "--format", "svg"], workdir)
+    run(["lldist.plot", "out.h5", "--format", "svg"], workdir)
     assert os.path.exists("out_curve.svg")
 
 
@@ -189,3 +188,22 @@ def test_nan_is_stored_not_recomputed(workdir):
     r = run(["lldist.surface", job], workdir)
     assert " 0 to compute" in r.stdout
     run(["lldist.plot", "out.h5"], workdir)
+
+
+def test_auto_batch_is_calibrated_once_and_reused(workdir):
+    job = write_job(workdir / "job.yaml", eval={"batch_size": "auto", "cells_per_pass": "auto", "threads": 1,
+                                                "chunk_size": 1},
+                    grid={"x": [-1.0, 1.0, 6], "y": None})
+    p = run(["lldist.surface", job], workdir)
+    with h5py.File("out.h5", "r+") as f:
+        batch, group = int(f.attrs["eval_batch_size"]), int(f.attrs["eval_cells_per_pass"])
+        assert batch >= 32 and group >= 1 and f"batch {batch}," in p.stdout
+        full = f["test/loss"][()]
+        f["done"][3:] = False  # as if killed after three cells (chunks of one cell here)
+        f["nchunks"][()] = 3
+    q = run(["lldist.surface", job], workdir)
+    assert "3 to compute" in q.stdout and f"batch {batch}, {group} cell(s)" in q.stdout
+    with h5py.File("out.h5", "r") as f:
+        np.testing.assert_array_equal(f["test/loss"][()], full)
+    r = run(["lldist.surface", job, "--set", "eval.batch_size=7", "--out", "b7.h5"], workdir)
+    assert "batch 7," in r.stdout  # a number in the job always wins
