@@ -47,6 +47,8 @@ CASES = [
     ("negative subset", {"data": {"subset": -5}}, "'data.subset'"),
     ("cifar without root", {"data": {"name": "cifar10"}}, "'data.root' is required"),
     ("wrong dataset root", {"data": {"name": "cifar10", "root": "no/such/dir"}}, "no cifar-10-batches-py/ folder"),
+    ("cifar download offline", {"data": {"name": "cifar10", "root": "dl", "download": True}},
+     "cannot download CIFAR-10"),
     ("imagefolder without val", {"train": None, "model": {"name": "mlp", "checkpoint": None},
                                  "data": {"name": "imagefolder", "root": "."}}, "no val or test/ folder"),
     ("python factory missing", {"model": {"name": "python:no_such_mod:make", "checkpoint": "model.pt"}},
