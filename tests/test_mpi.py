@@ -54,6 +54,13 @@ def test_ranks_bitwise_equal_to_one_process(cnn_job, workdir, ranks, chunk):
     assert sorted(multi["chunk_cells"].tolist()) == list(range(35))  # each cell exactly once
     assert set(chunks["rank"].tolist()) == set(range(ranks))  # every rank did work
     assert (chunks["ncells"] <= chunk).all() and (chunks["t_end"] >= chunks["t_start"]).all()
+    # each rank's share, as `python -m lldist.info` reports it from the work log
+    from lldist.info import rank_shares
+    shares = rank_shares(chunks)
+    assert sum(r["cells"] for r in shares) == 35 and {r["rank"] for r in shares} == set(range(ranks))
+    assert all(0 < r["busy_fraction"] <= 1.0 + 1e-9 for r in shares)
+    out = run(["lldist.info", "mpi.h5"], workdir).stdout
+    assert "35/35 cells done" in out and len([ln for ln in out.splitlines() if " cpu " in ln]) == ranks
 
 
 def test_grid_smaller_than_ranks_and_ragged_chunks(workdir):

@@ -1,0 +1,66 @@
+"""What a surface file holds: job, progress, provenance, and each rank's share of the work.
+
+    python -m lldist.info runs/quickstart/surface.h5
+
+Per rank (from the file's per-chunk work log): host, device, cells, chunks, busy seconds
+(sum of its chunks' durations), and its busy fraction of the run's wall time (first chunk
+start to last chunk end): a rank well below the others was waiting or slow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from .errors import run_cli
+
+
+def rank_shares(records: np.ndarray) -> list:
+    """One row per (run, rank): cells, chunks, busy seconds, busy fraction of that run's span."""
+    rows = []
+    for run in np.unique(records["run"]):
+        r = records[records["run"] == run]
+        span = float(r["t_end"].max() - r["t_start"].min()) or 1e-9
+        for rank in np.unique(r["rank"]):
+            mine = r[r["rank"] == rank]
+            busy = float((mine["t_end"] - mine["t_start"]).sum())
+            rows.append({"run": int(run), "rank": int(rank), "host": mine["host"][0].decode(),
+                         "device": mine["device"][0].decode(), "cells": int(mine["ncells"].sum()),
+                         "chunks": len(mine), "busy_s": busy, "busy_fraction": busy / span})
+    return rows
+
+
+def main(argv=None) -> int:
+    from .store import SurfaceFile
+    ap = argparse.ArgumentParser(prog="python -m lldist.info", description=__doc__.split("\n")[0])
+    ap.add_argument("file")
+    args = ap.parse_args(argv)
+    sf = SurfaceFile.open(args.file, "r")
+    try:
+        done = sf.done()
+        print(f"{args.file}: job {sf.attr('job_name')} ({sf.attr('job_source')}), hash {sf.attr('job_hash')[:12]}")
+        print(f"  grid {' x '.join(map(str, done.shape))}, splits {', '.join(sf.splits)}: "
+              f"{int(done.sum())}/{done.size} cells done, {sf.attr('runs')} run(s), complete={bool(done.all())}")
+        print(f"  lldist {sf.attr('lldist_version')}, torch {sf.attr('torch_version')}, git {sf.attr('git_revision')}, "
+              f"created {sf.attr('created')}, last finished {sf.attr('last_finished', '-')}")
+        print(f"  batch {sf.attr('eval_batch_size')}, cells per pass {sf.attr('eval_cells_per_pass')}, "
+              f"cosine(x, y) {sf.attr('cosine_xy', group='directions')}")
+        records, _ = sf.chunk_log()
+        if len(records):
+            print(f"  {'run':>3} {'rank':>4} {'host':<16} {'device':<8} {'cells':>6} {'chunks':>6} {'busy s':>8} {'busy':>6}")
+            for r in rank_shares(records):
+                print(f"  {r['run']:>3} {r['rank']:>4} {r['host']:<16} {r['device']:<8} {r['cells']:>6} "
+                      f"{r['chunks']:>6} {r['busy_s']:>8.2f} {100 * r['busy_fraction']:>5.0f}%")
+    finally:
+        sf.close(finished=False)
+    return 0
+
+
+def cli() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
