@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import run, write_job
+import sys
+
+from conftest import chunk_log, mpiexec, run, write_job
 from lldist import metrics, plot
 
 
@@ -93,8 +95,8 @@ def test_compare_uses_one_colour_scale(workdir):
     assert os.path.exists("cmp/compare_test_acc.png")
 
 
-def test_study_end_to_end_and_reuse(workdir):
-    study = {
+def tiny_study():
+    return {
         "name": "tiny_study", "out": "study",
         "base": {"data": {"name": "digits", "subset": 100}, "train": {"epochs": 2, "lr": 0.01},
                  "grid": {"x": [-1, 1, 5], "y": [-1, 1, 5]}, "eval": {"split": "both", "threads": 1}},
@@ -102,8 +104,11 @@ def test_study_end_to_end_and_reuse(workdir):
                      {"label": "cnn", "model.name": "cnn", "model.args": {"width": 4, "stages": 2}}],
         "cross": {"train.batch_size": [32, 256]},
     }
+
+
+def test_study_end_to_end_and_reuse(workdir):
     with open("study.yaml", "w") as f:
-        yaml.safe_dump(study, f)
+        yaml.safe_dump(tiny_study(), f)
     run(["lldist.study", "study.yaml"], workdir)
     names = ["mlp_b32", "mlp_b256", "cnn_b32", "cnn_b256"]
     for n in names:
@@ -119,3 +124,17 @@ def test_study_end_to_end_and_reuse(workdir):
     q = run(["lldist.study", "study.yaml"], workdir)
     assert q.stdout.count(" 0 to compute") == 4 and "training it first" not in q.stdout
     assert os.path.getmtime("study/report.html") >= before
+
+
+def test_study_under_mpi_uses_every_rank(workdir):
+    study = tiny_study()
+    study["variants"] = study["variants"][:1]
+    study["base"]["grid"] = {"x": [-1, 1, 9], "y": [-1, 1, 6]}
+    study["base"]["eval"]["chunk_size"] = 3
+    with open("study.yaml", "w") as f:
+        yaml.safe_dump(study, f)
+    run([mpiexec(), "-n", "3", sys.executable, "-m", "lldist.study", "study.yaml"], workdir)
+    for n in ("mlp_b32", "mlp_b256"):
+        records, cells = chunk_log(f"study/{n}/surface.h5")
+        assert sorted(cells.tolist()) == list(range(54)) and set(records["rank"].tolist()) == {0, 1, 2}
+    assert "| mlp_b256 |" in open("study/report.md").read()
