@@ -11,6 +11,8 @@ Throughput (default): per model and precision, on the same synthetic data and de
     and images/s, and its ratio to the ceiling;
   * naive: the classic per-cell loop (DataLoader with per-sample ToTensor/Normalize,
     load_state_dict per cell), and lldist's speedup over it.
+The ceiling and lldist are timed in alternation (median of 5 rounds), so machine drift
+affects both alike.
 Scaling: the MPI protocol alone, with a synthetic model of fixed cost per cell (it sleeps),
 run under mpiexec at 1, 2, 4, 8 ranks: speedup, parallel efficiency, coordinator cost.
 """
@@ -106,34 +108,51 @@ def make_case(name: str, n: int, seed: int = 0):
     return model, theta, dirs, data
 
 
-def ceiling(model, data, device, precision, channels_last, compile_, batch_sizes):
-    """Best images/s of a pure forward pass over preloaded normalized data; (rate, batch)."""
+def forward_pass(model, data, device, precision, channels_last, compile_, bs):
+    """A function doing one pure forward pass over preloaded, normalized data at batch `bs`."""
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     m = model.to(device, memory_format=fmt).eval()
     if compile_:
         m = torch.compile(m)
-    x = data.normalize(data.x.to(device)).contiguous(memory_format=fmt) if data.x.dim() == 4 else \
-        data.normalize(data.x.to(device))
-    ctx = (lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16)) if precision == "bf16" \
-        else (lambda: torch.autocast("cpu", enabled=False))
+    x = data.normalize(data.x.to(device))
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=fmt)
+    dev = torch.device(device).type
+
+    @torch.inference_mode()
+    def run():
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            for i in range(0, len(x), bs):
+                m(x[i:i + bs])
+    return run
+
+
+def ceiling(model, data, device, precision, channels_last, compile_, batch_sizes):
+    """Best images/s of a pure forward pass over the batch sizes; (rate, batch)."""
     best = (0.0, batch_sizes[0])
     for bs in batch_sizes:
-        if bs > len(x):
+        if bs > len(data):
             break
-
-        @torch.inference_mode()
-        def run(bs=bs):
-            with ctx():
-                for i in range(0, len(x), bs):
-                    m(x[i:i + bs])
         try:
-            t = timed(run, device)
+            t = timed(forward_pass(model, data, device, precision, channels_last, compile_, bs), device)
         except torch.OutOfMemoryError:
             break
-        rate = len(x) / t
-        if rate > best[0]:
-            best = (rate, bs)
+        if len(data) / t > best[0]:
+            best = (len(data) / t, bs)
     return best
+
+
+def interleaved(fns: dict, device, rounds: int = 5) -> dict:
+    """Median seconds per call of each function, timed in alternation (A B A B ...), so that a
+    drifting machine (frequency, neighbours) affects all of them alike."""
+    for f in fns.values():
+        f()
+    sync(device)
+    times = {k: [] for k in fns}
+    for _ in range(rounds):
+        for k, f in fns.items():
+            times[k].append(timed(f, device, repeat=1, min_time=0.2))
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def naive_loop(model, theta, dirs, data, device, cells=2, batch_size=128, workers=0):
@@ -170,23 +189,12 @@ def naive_loop(model, theta, dirs, data, device, cells=2, batch_size=128, worker
     return cells / (time.perf_counter() - t0)
 
 
-def lldist_rate(model, theta, dirs, data, device, precision, channels_last, compile_, batch, cells_per_pass):
+def evaluator(name, n, device, precision, channels_last, compile_, batch, cells_per_pass):
     from .evaluate import EvalOptions, Evaluator
+    model, theta, dirs, data = make_case(name, n)
     opts = EvalOptions(device=device, batch_size=batch, precision=precision, channels_last=channels_last,
                        compile=compile_, cells_per_pass=cells_per_pass)
-    ev = Evaluator(model, theta, dirs, {"test": data}, opts)
-    rng = np.random.RandomState(0)
-    coords = [tuple(c) for c in rng.uniform(-1, 1, size=(64, 2))]
-    group = ev.cells_per_pass
-    ev.evaluate_cells(coords[:group])  # warm-up (compile, cudnn autotune)
-    sync(device)
-    count, t0 = 0, time.perf_counter()
-    while True:
-        ev.evaluate_cells(coords[:group])
-        count += group
-        if time.perf_counter() - t0 > 1.0 and count >= 2:
-            break
-    return count / (time.perf_counter() - t0), ev
+    return Evaluator(model, theta, dirs, {"test": data}, opts)
 
 
 def throughput(args) -> list:
@@ -204,12 +212,20 @@ def throughput(args) -> list:
             model, theta, dirs, data = make_case(name, n)
             eager = ceiling(model, data, device, precision, cl, False, batch_sizes)
             comp = ceiling(model, data, device, precision, cl, True, batch_sizes) if args.compile else (0.0, 0)
-            ceil_rate, bs = max(eager, comp)
+            bs = max(eager, comp)[1]
             use_compile = comp[0] > eager[0]
             model, theta, dirs, data = make_case(name, n)
-            rate1, _ = lldist_rate(model, theta, dirs, data, device, precision, cl, use_compile, bs, 1)
-            model, theta, dirs, data = make_case(name, n)
-            rate, ev = lldist_rate(model, theta, dirs, data, device, precision, cl, use_compile, bs, "auto")
+            fwd = forward_pass(model, data, device, precision, cl, use_compile, bs)
+            ev = evaluator(name, n, device, precision, cl, use_compile, bs, "auto")
+            group = ev.cells_per_pass
+            coords = [tuple(c) for c in np.random.RandomState(0).uniform(-1, 1, size=(group, 2))]
+            fns = {"ceiling": fwd, "lldist": lambda ev=ev, coords=coords: ev.evaluate_cells(coords)}
+            if group > 1:  # the one-cell-at-a-time rate, for the vmap speedup
+                ev1 = evaluator(name, n, device, precision, cl, use_compile, bs, 1)
+                fns["one"] = lambda ev1=ev1, c=coords[:1]: ev1.evaluate_cells(c)
+            med = interleaved(fns, device)
+            ceil_rate, rate = n / med["ceiling"], group / med["lldist"]
+            rate1 = 1 / med["one"] if group > 1 else rate
             model, theta, dirs, data = make_case(name, n)
             naive = naive_loop(model, theta, dirs, data, device, cells=args.naive_cells,
                                workers=0 if device == "cpu" else 2)

@@ -52,6 +52,8 @@ class TensorSet:
 
     def normalize(self, xb: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         """(B, C, H, W) raw -> normalized `dtype` on xb's device."""
+        if xb.dtype == dtype and self.scale == 1.0 and self.mean is None:
+            return xb  # already normalized (a pre-normalized copy): no work, no copy
         xb = xb.to(dtype)
         if self.scale != 1.0:
             xb = xb * self.scale

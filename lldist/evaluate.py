@@ -121,18 +121,19 @@ class Evaluator:
     @torch.inference_mode()
     def loss_acc(self, data: TensorSet, batch_size: Optional[int] = None) -> tuple[float, float]:
         bs = batch_size or self.batch_size
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        correct = torch.zeros((), dtype=torch.int64, device=self.device)
         cl = self.opts.channels_last and data.x.dim() == 4
+        losses, corrects = [], []  # per batch: float32 sum of losses, int64 count of hits
         for xb, yb in data.batches(bs, self.dtype):
             if cl:
                 xb = xb.contiguous(memory_format=torch.channels_last)
             with self._autocast():
                 logits = self.model(xb)
             logits = logits.float()
-            total += F.cross_entropy(logits, yb, reduction="sum").double()
-            correct += (logits.argmax(1) == yb).sum()
+            losses.append(F.cross_entropy(logits, yb, reduction="sum"))
+            corrects.append((logits.argmax(1) == yb).sum())
         n = len(data)
+        total = torch.stack(losses).double().sum()  # batch sums accumulated in float64
+        correct = torch.stack(corrects).sum()
         return float(total) / n, float(correct) / n  # the one device sync per split
 
     def evaluate(self, a: float, b: float = 0.0) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Progress of a surface: cells done/total, cells/s, ETA.
+"""Progress of a surface: cells done/total, cells/s, ETA, peak memory.
 
 A tqdm bar on a terminal; plain lines every `every` seconds otherwise (Slurm logs, CI), so a
 log file shows progress without carriage-return noise.
@@ -6,8 +6,19 @@ log file shows progress without carriage-return noise.
 
 from __future__ import annotations
 
+import resource
 import sys
 import time
+
+
+def memory() -> str:
+    """Peak memory of this process (rank 0): host RSS, and the GPU's peak allocation if any."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux -> MiB
+    text = f"mem {rss:.0f} MiB"
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        text += f", gpu {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
+    return text
 
 
 def _fmt_s(s: float) -> str:
@@ -39,11 +50,12 @@ class Progress:
         eta = (self.total - self.done) / r if r > 0 else float("inf")
         pct = 100.0 * self.done / self.total if self.total else 100.0
         return (f"cells {self.done}/{self.total} ({pct:.0f}%)  {r:.2f} cells/s  "
-                f"elapsed {_fmt_s(time.perf_counter() - self.t0)}  ETA {_fmt_s(eta)}")
+                f"elapsed {_fmt_s(time.perf_counter() - self.t0)}  ETA {_fmt_s(eta)}  {memory()}")
 
     def update(self, n: int) -> None:
         self.done += n
         if self.bar is not None:
+            self.bar.set_postfix_str(memory(), refresh=False)
             self.bar.update(n)
             return
         now = time.perf_counter()
