@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -207,3 +208,31 @@ def test_auto_batch_is_calibrated_once_and_reused(workdir):
         np.testing.assert_array_equal(f["test/loss"][()], full)
     r = run(["lldist.surface", job, "--set", "eval.batch_size=7", "--out", "b7.h5"], workdir)
     assert "batch 7," in r.stdout  # a number in the job always wins
+
+
+def test_killed_again_and_again_still_exact(workdir):
+    """SIGKILL at three different moments (the first 2.5 s after start: during start-up, file
+    creation or the first cells), then a final run: the arrays equal an uninterrupted run's."""
+    job = write_job(workdir / "job.yaml", model={"name": "cnn", "checkpoint": "model.pt",
+                                                 "args": {"width": 8, "stages": 2}},
+                    data={"name": "digits", "subset": 200}, grid={"x": [-1.0, 1.0, 8], "y": [-1.0, 1.0, 6]},
+                    eval={"chunk_size": 1, "batch_size": 16, "threads": 1})
+    run(["lldist.train", job], workdir)
+    run(["lldist.surface", job, "--out", "full.h5"], workdir)
+    cmd = [sys.executable, "-m", "lldist.surface", job, "--progress-every", "0"]
+    for stop_at in (None, 10, 25):
+        p = subprocess.Popen(cmd, cwd=workdir, env=env(), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        if stop_at is None:
+            time.sleep(2.5)
+            p.send_signal(signal.SIGKILL)
+        else:
+            for line in p.stderr:
+                if line.startswith("cells ") and _progress_cells(line) >= stop_at:
+                    p.send_signal(signal.SIGKILL)
+                    break
+        p.wait()
+    run(["lldist.surface", job], workdir)
+    with h5py.File("out.h5", "r") as f, h5py.File("full.h5", "r") as g:
+        np.testing.assert_array_equal(f["test/loss"][()], g["test/loss"][()])
+        np.testing.assert_array_equal(f["test/acc"][()], g["test/acc"][()])
+    assert sorted(chunk_log("out.h5")[1].tolist()) == list(range(48))
