@@ -32,6 +32,25 @@ from .grid import Grid
 FORMAT = "lldist.surface"
 FORMAT_VERSION = 1
 
+# Root attributes that change after creation. They are all made at creation with a fixed type
+# and size (fixed-length strings, not variable-length ones that live in HDF5's global heap), and
+# later rewritten in place with Attribute.modify: no update ever allocates file space or grows
+# an object header, so a kill during one cannot leave the file's structure half-written.
+RUN_ATTRS = {"runs": 0, "last_started": "", "last_finished": "", "git_revision": "", "complete": False,
+             "eval_batch_size": 0, "eval_cells_per_pass": 0, "coordinator_ms_per_message": float("nan")}
+TEXT_WIDTH = 64
+
+
+def _fixed(value):
+    if isinstance(value, str):
+        return np.bytes_(value.encode()[:TEXT_WIDTH].ljust(TEXT_WIDTH))
+    if isinstance(value, (bool, np.bool_)):
+        return np.bool_(value)
+    if isinstance(value, (int, np.integer)):
+        return np.int64(value)
+    return np.float64(value)
+
+
 CHUNK_DTYPE = np.dtype([
     ("run", "i4"), ("offset", "i8"), ("ncells", "i4"), ("rank", "i4"),
     ("host", "S64"), ("device", "S32"), ("t_start", "f8"), ("t_end", "f8"),
@@ -108,10 +127,10 @@ class SurfaceFile:
         else:
             cls._create(path, job, job_hash, grid, make_dirs(), meta)
             sf = cls.open(path, "r+")
-        sf.f.attrs["runs"] = sf.run = sf.run + 1
-        sf.f.attrs["last_started"] = now_iso()
-        sf.f.attrs["git_revision"] = git_revision()
-        sf.f.flush()
+        sf.run += 1
+        sf.set_attr("runs", sf.run, flush=False)
+        sf.set_attr("last_started", now_iso(), flush=False)
+        sf.set_attr("git_revision", git_revision())
         return sf
 
     @classmethod
@@ -139,8 +158,8 @@ class SurfaceFile:
                 a[k] = str(v)  # torch's version is a str subclass h5py cannot store
             a["hostname"], a["created"] = socket.gethostname(), now_iso()
             a["ndim"], a["splits"] = grid.ndim, json.dumps(list(job.splits))
-            a["runs"] = 0
-            a["complete"] = False
+            for k, v in RUN_ATTRS.items():
+                a[k] = _fixed(v)
             for k, v in meta.items():  # scalars as they are, structures as JSON text
                 a[k] = v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
             x = f.create_dataset("x", data=grid.x)
@@ -247,11 +266,23 @@ class SurfaceFile:
         return str(self.f.attrs.get("job_yaml", ""))
 
     def attr(self, name: str, default=None, group: str = "/"):
-        return self.f[group].attrs.get(name, default)
+        """An attribute's value; run-level placeholders (0, NaN, "") read as `default`."""
+        v = self.f[group].attrs.get(name, default)
+        if isinstance(v, bytes):
+            v = v.decode(errors="replace").rstrip()
+        if group == "/" and name in RUN_ATTRS and name not in ("runs", "complete") and \
+                (v == "" or v == 0 or (isinstance(v, float) and v != v)):
+            return default
+        return v
 
-    def set_attr(self, name: str, value, group: str = "/") -> None:
-        self.f[group].attrs[name] = value
-        self.f.flush()
+    def set_attr(self, name: str, value, group: str = "/", flush: bool = True) -> None:
+        attrs = self.f[group].attrs
+        if group == "/" and name in RUN_ATTRS and name in attrs:
+            attrs.modify(name, _fixed(value))  # same type and size: rewritten in place
+        else:
+            attrs[name] = value
+        if flush:
+            self.f.flush()
 
     def read_all(self) -> dict:
         """Everything a plot needs: x, y (None on 1D), done, splits, job name, and each
@@ -289,6 +320,6 @@ class SurfaceFile:
     def close(self, finished: bool = True) -> None:
         if self.f.id.valid:
             if finished:
-                self.f.attrs["last_finished"] = now_iso()
-                self.f.attrs["complete"] = bool(self.done().all())
+                self.set_attr("last_finished", now_iso(), flush=False)
+                self.set_attr("complete", bool(self.done().all()), flush=False)
             self.f.close()

@@ -236,3 +236,19 @@ def test_killed_again_and_again_still_exact(workdir):
         np.testing.assert_array_equal(f["test/loss"][()], g["test/loss"][()])
         np.testing.assert_array_equal(f["test/acc"][()], g["test/acc"][()])
     assert sorted(chunk_log("out.h5")[1].tolist()) == list(range(48))
+
+
+def test_file_size_is_fixed_after_creation(workdir):
+    """Every later write is in place (datasets and run attributes alike): nothing is allocated,
+    so no write can leave the file's structure half-changed when killed."""
+    job = write_job(workdir / "job.yaml", grid={"x": [-1.0, 1.0, 9], "y": None}, eval={"chunk_size": 2})
+    run(["lldist.surface", job], workdir)
+    with h5py.File("out.h5", "r+") as f:  # as if no cell had been computed yet
+        f["done"][()] = False
+        f["nchunks"][()] = 0
+    size = os.path.getsize("out.h5")
+    run(["lldist.surface", job], workdir)  # computes all 9 cells again
+    run(["lldist.surface", job], workdir)  # nothing to do
+    assert os.path.getsize("out.h5") == size
+    with h5py.File("out.h5", "r") as f:
+        assert f.attrs["runs"] == 3 and bool(f.attrs["complete"]) and f["done"][()].all()
