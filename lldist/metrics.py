@@ -116,7 +116,7 @@ def from_file(path: str, split: Optional[str] = None, store: bool = True) -> dic
     """Metrics of one surface file (its first split unless `split`), plus the checkpoint's
     train/test accuracy and generalization gap recorded at training time. Optionally stored."""
     from .store import SurfaceFile
-    sf = SurfaceFile.open(path, "r+" if store else "r")
+    sf = SurfaceFile.open(path, "r")
     try:
         split = split or sf.splits[0]
         if split not in sf.splits:
@@ -130,11 +130,11 @@ def from_file(path: str, split: Optional[str] = None, store: bool = True) -> dic
             if k in meta:
                 m[f"trained_{k}"] = meta[k]
         m["split"] = split
-        if store:
-            sf.write_metrics(split, m, conv)
-        return m
     finally:
         sf.close(finished=False)
+    if store:
+        SurfaceFile.write_metrics(path, split, m, conv)
+    return m
 
 
 def table(rows: list, names: list) -> str:

@@ -298,17 +298,25 @@ class SurfaceFile:
                 out["values"][(split, q)] = a
         return out
 
-    def write_metrics(self, split: str, scalars: dict, convex) -> None:
-        """/metrics/<split>: scalar metrics as attributes, the convexity map as a dataset."""
-        g = self.f.require_group("metrics").require_group(split)
-        for k, v in scalars.items():
-            g.attrs[k] = v
-        if convex is not None:
+    @staticmethod
+    def write_metrics(path: str, split: str, scalars: dict, convex) -> None:
+        """/metrics/<split>: scalar metrics as attributes, the convexity map as a dataset.
+
+        Adding groups changes the file's structure, so the finished surface is copied, the copy
+        written and renamed over the original: a kill at any point leaves one whole file."""
+        import shutil
+        tmp = path + ".metrics"
+        shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            g = f.require_group("metrics").require_group(split)
+            for k, v in scalars.items():
+                g.attrs[k] = v
             if "convex" in g:
                 del g["convex"]
-            d = g.create_dataset("convex", data=convex)
-            d.attrs["long_name"] = "central-difference Hessian of the loss is positive definite"
-        self.f.flush()
+            if convex is not None:
+                d = g.create_dataset("convex", data=convex)
+                d.attrs["long_name"] = "central-difference Hessian of the loss is positive definite"
+        os.replace(tmp, path)
 
     def chunk_log(self) -> tuple:
         """(records, cells): the valid part of the per-chunk work log."""
