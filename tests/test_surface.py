@@ -132,21 +132,36 @@ def _progress_cells(line):
     return int(line.split()[1].split("/")[0])
 
 
-def test_sigkill_then_resume_gives_identical_arrays(workdir):
+def kill_after(cmd, workdir, cells):
+    """Start cmd, SIGKILL it once its progress lines reach `cells` (None: 2.5 s after start)."""
+    p = subprocess.Popen(cmd, cwd=workdir, env=env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    if cells is None:
+        time.sleep(2.5)
+        p.send_signal(signal.SIGKILL)
+    else:
+        for line in p.stderr:
+            if line.startswith("cells ") and _progress_cells(line) >= cells:
+                p.send_signal(signal.SIGKILL)
+                break
+    p.wait()
+    return p.returncode
+
+
+def killable_cnn_job(workdir, subset, grid, chunk):
+    """A CNN job, its checkpoint, an uninterrupted reference run (full.h5), and the command
+    line of a run that reports progress after every chunk."""
     job = write_job(workdir / "job.yaml", model={"name": "cnn", "checkpoint": "model.pt",
                                                  "args": {"width": 8, "stages": 2}},
-                    data={"name": "digits", "subset": 360}, grid={"x": [-1.0, 1.0, 9], "y": [-1.0, 1.0, 8]},
-                    eval={"chunk_size": 2, "batch_size": 16, "threads": 1})
+                    data={"name": "digits", "subset": subset}, grid=grid,
+                    eval={"chunk_size": chunk, "batch_size": 16, "threads": 1})
     run(["lldist.train", job], workdir)
     run(["lldist.surface", job, "--out", "full.h5"], workdir)
-    cmd = [sys.executable, "-m", "lldist.surface", job, "--progress-every", "0"]
-    p = subprocess.Popen(cmd, cwd=workdir, env=env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
-    for line in p.stderr:
-        if line.startswith("cells ") and _progress_cells(line) >= 36:
-            p.send_signal(signal.SIGKILL)
-            break
-    p.wait()
-    assert p.returncode == -signal.SIGKILL
+    return job, [sys.executable, "-m", "lldist.surface", job, "--progress-every", "0"]
+
+
+def test_sigkill_then_resume_gives_identical_arrays(workdir):
+    job, cmd = killable_cnn_job(workdir, 360, {"x": [-1.0, 1.0, 9], "y": [-1.0, 1.0, 8]}, 2)
+    assert kill_after(cmd, workdir, 36) == -signal.SIGKILL
     with h5py.File("out.h5", "r") as f:
         done_after_kill = int(f["done"][()].sum())
     assert 36 <= done_after_kill < 72
@@ -213,24 +228,9 @@ def test_auto_batch_is_calibrated_once_and_reused(workdir):
 def test_killed_again_and_again_still_exact(workdir):
     """SIGKILL at three different moments (the first 2.5 s after start: during start-up, file
     creation or the first cells), then a final run: the arrays equal an uninterrupted run's."""
-    job = write_job(workdir / "job.yaml", model={"name": "cnn", "checkpoint": "model.pt",
-                                                 "args": {"width": 8, "stages": 2}},
-                    data={"name": "digits", "subset": 200}, grid={"x": [-1.0, 1.0, 8], "y": [-1.0, 1.0, 6]},
-                    eval={"chunk_size": 1, "batch_size": 16, "threads": 1})
-    run(["lldist.train", job], workdir)
-    run(["lldist.surface", job, "--out", "full.h5"], workdir)
-    cmd = [sys.executable, "-m", "lldist.surface", job, "--progress-every", "0"]
+    job, cmd = killable_cnn_job(workdir, 200, {"x": [-1.0, 1.0, 8], "y": [-1.0, 1.0, 6]}, 1)
     for stop_at in (None, 10, 25):
-        p = subprocess.Popen(cmd, cwd=workdir, env=env(), stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        if stop_at is None:
-            time.sleep(2.5)
-            p.send_signal(signal.SIGKILL)
-        else:
-            for line in p.stderr:
-                if line.startswith("cells ") and _progress_cells(line) >= stop_at:
-                    p.send_signal(signal.SIGKILL)
-                    break
-        p.wait()
+        kill_after(cmd, workdir, stop_at)
     run(["lldist.surface", job], workdir)
     with h5py.File("out.h5", "r") as f, h5py.File("full.h5", "r") as g:
         np.testing.assert_array_equal(f["test/loss"][()], g["test/loss"][()])
