@@ -68,16 +68,15 @@ class Evaluator:
         model = model.to(self.device, memory_format=fmt)
         set_bn_mode(model, opts.bn)
         live = model.state_dict(keep_vars=True)
-        # (target tensor in the model, theta, dx, dy) on the device; dy None on 1D grids
-        self.slots, self.names = [], []
+        # (name, target tensor in the model, theta, dx, dy, moving) on the device; dy None on 1D grids
+        self.slots = []
         for name, w in theta.items():
-            self.names.append(name)
             t = live[name].data
             dx = dirs["x"][name].to(self.device)
             dy = dirs["y"][name].to(self.device) if "y" in dirs else None
             # entries with zero directions never change: skip them per cell
             moving = bool(dx.any()) or (dy is not None and bool(dy.any()))
-            self.slots.append((t, w.to(self.device), dx, dy, moving))
+            self.slots.append((name, t, w.to(self.device), dx, dy, moving))
             t.copy_(w)
         self.eager = model
         # compiled once; the weights are then changed in place, so their addresses stay fixed
@@ -106,7 +105,7 @@ class Evaluator:
 
     @torch.no_grad()
     def set_weights(self, a: float, b: float = 0.0) -> None:
-        for t, w, dx, dy, moving in self.slots:
+        for _, t, w, dx, dy, moving in self.slots:
             if not moving:
                 continue
             torch.add(w, dx, alpha=a, out=t)
@@ -160,7 +159,7 @@ class Evaluator:
         a = torch.tensor([c[0] for c in coords], dtype=torch.float32, device=self.device)
         b = torch.tensor([c[1] for c in coords], dtype=torch.float32, device=self.device)
         batched, fixed = {}, {}
-        for (name, (t, w, dx, dy, moving)) in zip(self.names, self.slots):
+        for name, t, w, dx, dy, moving in self.slots:
             if not moving:
                 fixed[name] = t
                 continue
@@ -211,7 +210,7 @@ class Evaluator:
                 r = rate(g)
             except (torch.OutOfMemoryError, RuntimeError):  # memory, or an op vmap cannot batch
                 break
-            if r > 1.1 * best_rate and r > best_rate:
+            if r > 1.1 * best_rate:
                 best, best_rate = g, r
         self.cells_per_pass = best
         return best

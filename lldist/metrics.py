@@ -123,8 +123,8 @@ def from_file(path: str, split: Optional[str] = None, store: bool = True) -> dic
             raise UserError(f"{path}: no split {split!r} (has {', '.join(sf.splits)})")
         if not sf.done().all():
             raise UserError(f"{path}: the surface is not complete; finish it first (re-run the job)")
-        a = sf.arrays(split)
-        m, conv = compute(a["loss"], a["acc"], a["x"], a["y"])
+        a = sf.read_all()  # complete, so no cell is masked
+        m, conv = compute(a["values"][(split, "loss")], a["values"][(split, "acc")], a["x"], a["y"])
         meta = sf.checkpoint_meta()
         for k in ("train_acc", "test_acc", "gap", "epoch"):
             if k in meta:

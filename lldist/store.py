@@ -223,8 +223,9 @@ class SurfaceFile:
                     t_start: float, t_end: float) -> None:
         """Store `values` (len(cells), nsplits, 2) for flat `cells`, mark them done, flush.
 
-        Values are written before the done mask, and both before the flush: a kill at any
-        point leaves these cells either done with their values or not done."""
+        Values and the work log are written and flushed first, then the done mask and the
+        record count, and flushed again: a kill at any point leaves these cells either done
+        with their values or not done."""
         cells = np.asarray(cells, dtype=np.int64)
         m = self._arrays()
         done_ds, done = m["done"]
@@ -253,12 +254,6 @@ class SurfaceFile:
         m["nchunks"] = (nds, n + 1)
         self.f.flush()
 
-    def arrays(self, split: str) -> dict:
-        """x, y (None on 1D), loss, acc of one split, as numpy arrays."""
-        f = self.f
-        return {"x": f["x"][()], "y": f["y"][()] if "y" in f else None,
-                "loss": f[split]["loss"][()], "acc": f[split]["acc"][()]}
-
     def checkpoint_meta(self) -> dict:
         return json.loads(self.f.attrs.get("checkpoint_meta", "{}") or "{}")
 
@@ -285,8 +280,8 @@ class SurfaceFile:
             self.f.flush()
 
     def read_all(self) -> dict:
-        """Everything a plot needs: x, y (None on 1D), done, splits, job name, and each
-        split's loss and acc with cells not done as NaN."""
+        """Everything a plot or the metrics need: x, y (None on 1D), done, splits, job name,
+        and each split's loss and acc with cells not done as NaN."""
         f = self.f
         done = f["done"][()]
         out = {"x": f["x"][()], "y": f["y"][()] if "y" in f else None, "done": done,
