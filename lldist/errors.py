@@ -1,7 +1,9 @@
-"""The one exception type that means "the user's input is wrong".
+"""The exceptions every entry point understands.
 
-Every entry point (`python -m lldist.surface`, `.train`, `.plot`, `.bench`)
-catches `UserError`, prints its message on one line and exits with status 2.
+`UserError` means "the user's input is wrong": every entry point (`python -m lldist.surface`,
+`.train`, `.plot`, ...) catches it, prints its message on one line and exits with status 2.
+`Stopped` means a signal (SIGTERM: a Slurm time limit, a preemption) asked the run to stop;
+what is finished is kept, and the exit status is 128 + the signal number.
 Anything else is a bug or a fault of the machine and keeps its traceback.
 """
 
@@ -14,8 +16,20 @@ class UserError(Exception):
     """Bad input: a job file, a checkpoint, a dataset root, an output path."""
 
 
-def fail(message: str) -> "NoReturn":  # noqa: F821 - typing only
-    raise UserError(message)
+class Stopped(Exception):
+    """A signal asked the run to stop; `signum` is its number."""
+
+    def __init__(self, signum: int, message: str = ""):
+        super().__init__(message or f"stopped by signal {signum}")
+        self.signum = int(signum)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
 
 
 def run_cli(main, argv=None) -> int:
@@ -23,9 +37,11 @@ def run_cli(main, argv=None) -> int:
     try:
         return main(argv) or 0
     except UserError as e:
-        msg = " ".join(str(e).split())  # one line, whatever the message held
-        print(f"lldist: error: {msg}", file=sys.stderr)
+        print(f"lldist: error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
+    except Stopped as e:
+        print(f"lldist: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         print("lldist: interrupted", file=sys.stderr)
         return 130

@@ -1,17 +1,42 @@
-"""Who computes which cells: the only module that imports mpi4py.
+"""Who computes which cells, and the whole conversation between processes: the only module
+that imports mpi4py.
+
+    ctx = runner.launch()
+    code = runner.run(ctx, prepare, build, should_stop)   # collective: every rank calls it
 
 One process (`python -m lldist.surface job.yaml`) or N under a launcher (`mpirun -n 8 ...`,
-`srun --mpi=pmix ...`): the same code path, chosen from the launch environment.
+`srun --mpi=pmix ...`): the same code path, chosen from the launch environment. The caller
+says *what* to compute (`prepare` on rank 0, `build` on the others); this module says who
+does it, and how a run starts, fails and ends.
 
-Protocol (rank 0 = coordinator, the only writer of the HDF5 file):
-  worker -> 0   ("ready", n)                      asks for n chunks (workers keep one queued ahead)
-  0 -> worker   ("chunk", id, cells) | ("stop",)  one answer per chunk asked for
-  worker -> 0   ("result", id, values, t0, t1)    also asks for one more chunk
-  worker -> 0   ("error", id, traceback)          then waits to be aborted
+The message sequence (rank 0 = coordinator, the only writer of the HDF5 file; CTRL and WORK
+are tags; every wait below polls with a short sleep, so a waiting rank uses no CPU):
+
+  start-up
+    0          plan = prepare()                   train if needed, open the file, rank 0's evaluator
+    0 -> w     CTRL ("payload",)                  or ("abort", code) when prepare failed or a
+                                                  signal came: every worker exits with `code`
+    all        bcast(plan.payload)                collective, entered only once it is ready
+    w          evaluator = build(payload)         each worker: device, model, data
+    w -> 0     CTRL ("built", host, device, err)  err: None, or the error text and its phase
+    0 -> w     CTRL ("go",) | ("abort", code)     abort when any rank failed to build
+  chunks
+    w -> 0     WORK ("ready", n)                  asks for n chunks (workers keep one queued ahead)
+    0 -> w     WORK ("chunk", id, cells) | ("stop",)   one answer per chunk asked for
+    w -> 0     WORK ("result", id, values, t0, t1)     also asks for one more chunk
+    w -> 0     WORK ("error", id, traceback)      then waits to be aborted
+  end
+    0          plan.close(outcome)                "done" | "stopped" | "failed": the file is closed
+    0          MPI_Abort(code) on "stopped"/"failed" (workers may be mid-chunk); on "done" every
+               worker has had its ("stop",) and returns 0
+
 Rank 0 evaluates cells too, one at a time (or one vmapped group) between polls of its mailbox,
 so a worker's request waits at most one cell of rank 0's work, while the worker computes its
-queued chunk.
-Assignment is dynamic: a slow rank simply asks less often.
+queued chunk. Assignment is dynamic: a slow rank simply asks less often.
+
+Every failure names its rank, host and phase ("prepare", "build", "chunk 12 (cells 36..38)",
+"write of chunk 12") and ends every rank with a non-zero status: 2 for bad input (one line),
+128 + signal for a signal, 1 for anything else (with the failing rank's traceback).
 """
 
 from __future__ import annotations
@@ -23,14 +48,16 @@ import sys
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass
-from typing import Callable, Optional
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .errors import UserError
+from .errors import EXIT_USAGE, Stopped, UserError, one_line
 
-TAG = 7
+WORK, CTRL = 7, 8
+POLL_S = 0.0002  # first sleep between mailbox polls; grows to POLL_MAX_S while nothing comes
+POLL_MAX_S = 0.05
 _LAUNCH_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE")
 
 
@@ -52,14 +79,22 @@ def expected_world_size() -> Optional[int]:
     return None
 
 
+def _affinity() -> set:
+    try:
+        return set(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not Linux
+        return set(range(os.cpu_count() or 1))
+
+
 @dataclass
 class Context:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
     local_size: int = 1
-    host: str = socket.gethostname()
+    host: str = field(default_factory=socket.gethostname)
     comm: object = None  # mpi4py communicator, None for a single process
+    cpus: int = 0  # CPU threads this rank may use (see cpu_share); 0: not measured
 
     @property
     def mpi(self) -> bool:
@@ -76,10 +111,19 @@ class Context:
         raise SystemExit(code)
 
 
+def cpu_share(masks: list, mine: set) -> int:
+    """Threads for one rank from the CPU masks of the node's ranks: ranks that share one mask
+    (no binding) split it; ranks bound to their own CPUs use theirs. The mask, not
+    os.cpu_count(): a taskset or a Slurm cgroup may allow fewer CPUs than the node has."""
+    if all(m == masks[0] for m in masks):
+        return max(1, len(mine) // len(masks))
+    return max(1, len(mine))
+
+
 def launch() -> Context:
     expected = expected_world_size()
     if expected is None:
-        return Context()
+        return Context(cpus=cpu_share([_affinity()], _affinity()))
     try:
         from mpi4py import MPI
     except ImportError as e:
@@ -92,31 +136,29 @@ def launch() -> Context:
                         "mpi4py was built against another MPI than the launcher's (use that MPI's mpiexec), "
                         "or srun lacks --mpi=pmix / --mpi=pmi2")
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    ctx = Context(comm.Get_rank(), comm.Get_size(), local.Get_rank(), local.Get_size(), MPI.Get_processor_name(), comm)
+    mine = _affinity()
+    masks = [set(m) for m in local.allgather(sorted(mine))]
+    ctx = Context(comm.Get_rank(), comm.Get_size(), local.Get_rank(), local.Get_size(), MPI.Get_processor_name(),
+                  comm, cpu_share(masks, mine))
     local.Free()
     return ctx
 
 
 def pick_device(ctx: Context, requested: str) -> str:
-    """cuda:<node-local rank mod visible GPUs>, or cpu."""
+    """cuda:<node-local rank mod visible GPUs>, or cpu: one GPU per rank of a node."""
     import torch
-    if requested == "cpu" or (requested == "auto" and not torch.cuda.is_available()):
+    from .evaluate import resolve_device
+    if resolve_device(requested) == "cpu":
         return "cpu"
-    if not torch.cuda.is_available():
-        raise UserError("eval.device is cuda, but torch sees no CUDA device")
     dev = f"cuda:{ctx.local_rank % torch.cuda.device_count()}"
     torch.cuda.set_device(dev)
     return dev
 
 
-# ----------------------------------------------------------------------------- coordinator
-
-class Stop(Exception):
-    """SIGTERM arrived: stop handing out work."""
-
+# ----------------------------------------------------------------------------- records
 
 class RankFailed(RuntimeError):
-    """A worker's exception, with its rank, host, chunk and remote traceback in the message."""
+    """A rank's exception, with its rank, host, phase and traceback in the message."""
 
 
 @dataclass
@@ -130,15 +172,178 @@ class ChunkResult:
     t_end: float
 
 
-def coordinate(ctx: Context, chunks: list, evaluate_cells: Callable, group: int, out_shape: tuple,
-               write: Callable[[ChunkResult], None], progress, device: str, hosts: dict,
-               compute_on_rank0: bool = True,
-               should_stop: Callable[[], bool] = lambda: False) -> None:
-    """Hand `chunks` (arrays of flat cell indices) to the workers and to rank 0 itself; call
-    `write` once per finished chunk. Raises RuntimeError with a worker's traceback on failure,
-    Stop when should_stop() became true (SIGTERM). Returns the coordinator's own cost:
-    {"messages": n, "seconds": time spent receiving, writing and answering worker messages}."""
-    queue = deque(enumerate(chunks))
+@dataclass
+class Plan:
+    """What rank 0's `prepare` returns: everything the conversation needs from the caller."""
+    payload: Any  # broadcast to every worker, which calls build(payload)
+    chunks: list  # arrays of flat cell indices to compute
+    evaluate: Callable[[np.ndarray], np.ndarray]  # rank 0's own: cells -> values (n, ...)
+    group: int  # cells rank 0 evaluates between polls of its mailbox
+    device: str
+    write: Callable[[ChunkResult], None]  # one finished chunk, on rank 0
+    start: Callable[[dict], Any]  # every rank is up: {rank: (host, device)} -> a progress object
+    close: Callable[[str, Optional[dict]], None]  # ("done" | "stopped" | "failed", coordinator cost)
+
+
+@dataclass
+class Built:
+    """What a worker's `build` returns."""
+    evaluate: Callable[[np.ndarray], np.ndarray]
+    device: str
+
+
+def _where(host: str, rank: int) -> str:
+    return f"rank {rank} on {host}"
+
+
+def _failure(rank: int, host: str, phase: str, exc: BaseException) -> tuple:
+    """(exit code, one-line message, traceback text or '') for an exception in `phase`."""
+    if isinstance(exc, UserError):
+        return EXIT_USAGE, f"{_where(host, rank)}, {phase}: {one_line(exc)}", ""
+    tb = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+    return 1, f"{_where(host, rank)} failed in {phase}: {type(exc).__name__}: {one_line(exc)}", tb
+
+
+def _report(message: str, tb: str = "") -> None:
+    print(f"lldist: error: {message}", file=sys.stderr)
+    if tb:
+        print(tb.rstrip(), file=sys.stderr)
+    sys.stderr.flush()
+
+
+def _wait(comm, source: int, tag: int, status=None, should_stop: Callable[[], bool] = lambda: False,
+          longest: float = POLL_MAX_S):
+    """Receive the next message from `source` (or any, with MPI.ANY_SOURCE), sleeping between
+    polls (at most `longest` seconds): a blocking receive spins a core in most MPIs and never
+    returns on a signal. Returns None if should_stop() became true first."""
+    nap = min(POLL_S, longest)
+    while not comm.Iprobe(source=source, tag=tag, status=status):
+        if should_stop():
+            return None
+        time.sleep(nap)
+        nap = min(longest, nap * 1.5)
+    src = status.Get_source() if status is not None else source
+    return comm.recv(source=src, tag=tag)
+
+
+# ----------------------------------------------------------------------------- the whole run
+
+def run(ctx: Context, prepare: Callable[[], Plan], build: Callable[[Any], Built],
+        should_stop: Callable[[], Optional[int]] = lambda: None) -> int:
+    """One distributed computation; returns the exit status (0 when every chunk is done).
+
+    Collective: every rank calls it. `prepare` runs on rank 0 only; `build(payload)` on every
+    other rank. `should_stop()` returns a signal number once one asked rank 0 to stop.
+    Failures do not return on a run of several ranks: MPI_Abort ends every rank."""
+    if ctx.rank != 0:
+        return _worker(ctx, build)
+    try:
+        plan = prepare()
+    except Exception as e:
+        code, message, tb = (e.exit_code, one_line(e), "") if isinstance(e, Stopped) else \
+            _failure(0, ctx.host, "prepare", e)
+        for w in range(1, ctx.size):
+            ctx.comm.send(("abort", code), dest=w, tag=CTRL)
+        if isinstance(e, (UserError, Stopped)) and not ctx.mpi:
+            raise  # the command line prints it as it does any other
+        if isinstance(e, Stopped):
+            print(f"lldist: {message}", file=sys.stderr, flush=True)
+        else:
+            _report(message if code != EXIT_USAGE else one_line(e), tb)
+        return code
+
+    hosts = {0: (ctx.host, plan.device)}
+    if ctx.mpi:
+        status = _start_workers(ctx, plan, hosts, should_stop)
+        if status:
+            return status
+    progress = plan.start(hosts)
+    try:
+        cost = _coordinate(ctx, plan, progress, hosts, should_stop)
+    except Stopped as e:
+        _close(progress, plan, "stopped")
+        print(f"lldist: {e}", file=sys.stderr, flush=True)
+        ctx.abort(e.exit_code)
+    except BaseException as e:
+        _close(progress, plan, "failed")
+        if isinstance(e, RankFailed):
+            _report(str(e))
+        else:
+            _report(*_failure(0, ctx.host, getattr(e, "lldist_phase", "the coordinator"), e)[1:])
+        print("lldist: finished cells are saved; run the same command to resume", file=sys.stderr, flush=True)
+        ctx.abort(1)
+    _close(progress, plan, "done", cost)
+    return 0
+
+
+def _close(progress, plan: Plan, outcome: str, cost: Optional[dict] = None) -> None:
+    progress.close()
+    plan.close(outcome, cost)
+
+
+def _start_workers(ctx: Context, plan: Plan, hosts: dict, should_stop) -> int:
+    """Payload out, statuses in, go or abort. Returns 0 to go on, else the exit status."""
+    from mpi4py import MPI
+    comm = ctx.comm
+    for w in range(1, ctx.size):
+        comm.send(("payload",), dest=w, tag=CTRL)
+    comm.bcast(plan.payload, root=0)
+    status, failed = MPI.Status(), []
+    for _ in range(1, ctx.size):
+        msg = _wait(comm, MPI.ANY_SOURCE, CTRL, status, lambda: should_stop() is not None)
+        if msg is None:  # a signal while the workers build
+            signum = should_stop()
+            for w in range(1, ctx.size):
+                comm.send(("abort", 128 + signum), dest=w, tag=CTRL)
+            plan.close("stopped", None)
+            print(f"lldist: stopped by signal {signum} while the ranks started; nothing computed",
+                  file=sys.stderr, flush=True)
+            return 128 + signum
+        _, host, device, err = msg
+        hosts[status.Get_source()] = (host, device)
+        if err is not None:
+            failed.append(err)
+    if failed:
+        code = EXIT_USAGE if all(c == EXIT_USAGE for c, _, _ in failed) else 1
+        for w in range(1, ctx.size):
+            comm.send(("abort", code), dest=w, tag=CTRL)
+        plan.close("failed", None)
+        for _, message, tb in failed[:1]:  # the first is enough; the others are usually the same
+            _report(message, tb)
+        if len(failed) > 1:
+            print(f"lldist: ({len(failed) - 1} more rank(s) failed to start)", file=sys.stderr, flush=True)
+        return code
+    for w in range(1, ctx.size):
+        comm.send(("go",), dest=w, tag=CTRL)
+    return 0
+
+
+def _worker(ctx: Context, build: Callable[[Any], Built]) -> int:
+    comm = ctx.comm
+    msg = _wait(comm, 0, CTRL)
+    if msg[0] == "abort":
+        return msg[1]
+    payload = comm.bcast(None, root=0)
+    built, err = None, None
+    try:
+        built = build(payload)
+    except Exception as e:
+        err = _failure(ctx.rank, ctx.host, "build", e)
+    comm.send(("built", ctx.host, built.device if built else "?", err), dest=0, tag=CTRL)
+    msg = _wait(comm, 0, CTRL, longest=0.001)  # "go" follows the last rank's status closely
+    if msg[0] == "abort":
+        return msg[1]
+    _work(ctx, built.evaluate)
+    return 0
+
+
+# ----------------------------------------------------------------------------- chunks
+
+def _coordinate(ctx: Context, plan: Plan, progress, hosts: dict, should_stop) -> dict:
+    """Hand the plan's chunks to the workers and to rank 0 itself; write each finished chunk.
+    Raises RankFailed with a worker's traceback, Stopped on a signal. Returns the
+    coordinator's own cost: {"messages": n, "seconds": time receiving, writing, answering}."""
+    queue = deque(enumerate(plan.chunks))
     handed = {}  # chunk id -> (rank, cells)
     finished = set()  # workers told to stop and holding nothing
     local = None  # [id, cells, position, values, t_start]
@@ -152,11 +357,19 @@ def coordinate(ctx: Context, chunks: list, evaluate_cells: Callable, group: int,
         if queue:
             cid, cells = queue.popleft()
             handed[cid] = (dest, cells)
-            comm.send(("chunk", cid, cells), dest=dest, tag=TAG)
+            comm.send(("chunk", cid, cells), dest=dest, tag=WORK)
         else:
-            comm.send(("stop",), dest=dest, tag=TAG)
+            comm.send(("stop",), dest=dest, tag=WORK)
             if not any(r == dest for r, _ in handed.values()):
                 finished.add(dest)
+
+    def write(cid, result):
+        try:
+            plan.write(result)
+        except BaseException as e:
+            e.lldist_phase = f"write of chunk {cid}"
+            raise
+        progress.update(len(result.cells))
 
     def handle(src, msg):
         kind = msg[0]
@@ -166,62 +379,70 @@ def coordinate(ctx: Context, chunks: list, evaluate_cells: Callable, group: int,
         elif kind == "result":
             _, cid, values, t0, t1 = msg
             rank, cells = handed.pop(cid)
-            write(ChunkResult(cells, values, rank, hosts[rank][0], hosts[rank][1], t0, t1))
-            progress.update(len(cells))
+            write(cid, ChunkResult(cells, values, rank, hosts[rank][0], hosts[rank][1], t0, t1))
             answer(src)
         elif kind == "error":
             _, cid, text = msg
-            where = f"chunk {cid} (cells {handed[cid][1][0]}..{handed[cid][1][-1]})" if cid in handed else "setup"
+            phase = f"chunk {cid} (cells {handed[cid][1][0]}..{handed[cid][1][-1]})" if cid in handed else "a chunk"
             last = text.strip().splitlines()[-1] if text.strip() else "?"
-            raise RankFailed(f"rank {src} on {hosts.get(src, ('?',))[0]} failed in {where}: {last}\n"
-                               f"--- traceback of rank {src} ---\n{text}")
+            raise RankFailed(f"{_where(hosts.get(src, ('?',))[0], src)} failed in {phase}: {last}\n"
+                             f"--- traceback of rank {src} ---\n{text.rstrip()}")
 
     nworkers = ctx.size - 1
     cost = {"messages": 0, "seconds": 0.0}
+    nap = POLL_S
     while True:
-        if should_stop():
-            raise Stop()
-        while comm is not None and comm.Iprobe(source=MPI.ANY_SOURCE, tag=TAG, status=status):
+        signum = should_stop()
+        if signum is not None:
+            raise Stopped(signum, f"stopped by signal {signum}: finished cells are saved; "
+                                  "run the same command to resume")
+        while comm is not None and comm.Iprobe(source=MPI.ANY_SOURCE, tag=WORK, status=status):
             t = time.perf_counter()
             src = status.Get_source()
-            handle(src, comm.recv(source=src, tag=TAG))
+            handle(src, comm.recv(source=src, tag=WORK))
             cost["messages"] += 1
             cost["seconds"] += time.perf_counter() - t
-        if local is None and queue and (compute_on_rank0 or nworkers == 0):
+            nap = POLL_S
+        if local is None and queue:
             cid, cells = queue.popleft()
-            local = [cid, cells, 0, np.zeros((len(cells),) + out_shape), time.time()]
+            local = [cid, cells, 0, None, time.time()]
         if local is not None:
             cid, cells, pos, values, t0 = local
             # a few cells at a time (one vmapped group), then back to the mailbox
-            values[pos:pos + group] = evaluate_cells(cells[pos:pos + group])
-            local[2] = min(len(cells), pos + group)
+            try:
+                part = plan.evaluate(cells[pos:pos + plan.group])
+            except BaseException as e:
+                e.lldist_phase = f"chunk {cid} (cells {cells[0]}..{cells[-1]})"
+                raise
+            if values is None:
+                values = local[3] = np.zeros((len(cells),) + part.shape[1:])
+            values[pos:pos + len(part)] = part
+            local[2] = min(len(cells), pos + plan.group)
             if local[2] == len(cells):
-                write(ChunkResult(cells, values, 0, ctx.host, device, t0, time.time()))
-                progress.update(len(cells))
+                write(cid, ChunkResult(cells, values, 0, ctx.host, plan.device, t0, time.time()))
                 local = None
             continue
         if not queue and not handed and len(finished) == nworkers:
             return cost
         # nothing to compute here: wait for a worker, polling so that SIGTERM is noticed
         # (a blocking Probe would not return on a signal) without spinning a core
-        time.sleep(0.0005)
+        time.sleep(nap)
+        nap = min(0.001, nap * 1.5)
 
 
-# ----------------------------------------------------------------------------- worker
-
-def work(ctx: Context, evaluate_cells: Callable, prefetch: int = 2) -> None:
+def _work(ctx: Context, evaluate: Callable, prefetch: int = 2) -> None:
     """Ask for chunks, evaluate them, send results, until told to stop. An exception is sent
     to the coordinator with its traceback; then this rank waits to be aborted."""
     comm = ctx.comm
     # SIGTERM keeps its default here: a worker dies at once (its unfinished chunk is simply
     # computed again by the next run); only rank 0, which owns the file, closes it first.
-    comm.send(("ready", prefetch), dest=0, tag=TAG)
+    comm.send(("ready", prefetch), dest=0, tag=WORK)
     expect, queue, cid = prefetch, deque(), None
     try:
         while True:
-            # take every answer already here; block only when there is nothing to do
-            while expect > 0 and (not queue or comm.Iprobe(source=0, tag=TAG)):
-                msg = comm.recv(source=0, tag=TAG)
+            # take every answer already here; wait only when there is nothing to do
+            while expect > 0 and (not queue or comm.Iprobe(source=0, tag=WORK)):
+                msg = _wait(comm, 0, WORK, longest=0.001)  # a chunk's latency: keep it short
                 expect -= 1
                 if msg[0] == "chunk":
                     queue.append((msg[1], msg[2]))
@@ -229,18 +450,22 @@ def work(ctx: Context, evaluate_cells: Callable, prefetch: int = 2) -> None:
                 return
             cid, cells = queue.popleft()
             t0 = time.time()
-            values = evaluate_cells(cells)
-            comm.send(("result", cid, values, t0, time.time()), dest=0, tag=TAG)
+            values = evaluate(cells)
+            comm.send(("result", cid, values, t0, time.time()), dest=0, tag=WORK)
             expect += 1
     except Exception:
-        comm.send(("error", cid, traceback.format_exc()), dest=0, tag=TAG)
+        comm.send(("error", cid, traceback.format_exc()), dest=0, tag=WORK)
         while True:  # the coordinator aborts the whole job
             time.sleep(1)
 
 
-def install_sigterm(flag: dict) -> None:
-    """SIGTERM (Slurm time limit, preemption) sets a flag; the coordinator stops handing out
-    work, closes the file (every finished chunk is already flushed) and exits."""
+def install_sigterm() -> Callable[[], Optional[int]]:
+    """SIGTERM (Slurm time limit, preemption) is remembered; returns `should_stop`, which
+    gives the signal's number once it came. The coordinator then stops handing out work,
+    closes the file (every finished chunk is already flushed) and exits 128 + 15."""
+    flag = {}
+
     def handler(signum, frame):
         flag["stop"] = signum
     signal.signal(signal.SIGTERM, handler)
+    return lambda: flag.get("stop")

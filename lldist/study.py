@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import yaml
 
-from .config import apply_override, job_from_dict
+from .config import apply_override, job_from_dict, load_yaml, read_text
 from .errors import UserError, run_cli
 
 SHORT = {"batch_size": "b", "lr": "lr", "epochs": "e", "seed": "s", "weight_decay": "wd", "optimizer": ""}
@@ -37,13 +37,7 @@ class Variant:
 
 
 def load_study(path: str) -> tuple:
-    try:
-        with open(path) as f:
-            raw = yaml.safe_load(f)
-    except OSError as e:
-        raise UserError(f"{path}: cannot read study file: {e.strerror}")
-    except yaml.YAMLError as e:
-        raise UserError(f"{path}: malformed YAML: {getattr(e, 'problem', e)}")
+    raw = load_yaml(read_text(path, "study file"), path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a study file must be a mapping")
     unknown = set(raw) - {"name", "out", "base", "variants", "cross"}
@@ -51,12 +45,19 @@ def load_study(path: str) -> tuple:
         raise UserError(f"{path}: unknown key '{sorted(unknown)[0]}' (known: name, out, base, variants, cross)")
     out = raw.get("out") or os.path.join("runs", raw.get("name", "study"))
     base = raw.get("base") or {}
+    if not isinstance(base, dict):
+        raise UserError(f"{path}: 'base' must be a mapping of job keys, got {type(base).__name__}")
     variants = raw.get("variants") or [{"label": "base"}]
     cross = raw.get("cross") or {}
     if not isinstance(variants, list) or not all(isinstance(v, dict) and "label" in v for v in variants):
         raise UserError(f"{path}: 'variants' must be a list of mappings, each with a 'label'")
     if not isinstance(cross, dict) or not all(isinstance(v, list) and v for v in cross.values()):
         raise UserError(f"{path}: 'cross' must map keys to non-empty lists of values")
+    labels = [str(v["label"]) for v in variants]
+    twice = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if twice:
+        raise UserError(f"{path}: variant label {twice[0]!r} is used more than once (each variant gets a "
+                        "folder named after its label)")
     result = []
     for v in variants:
         for combo in itertools.product(*cross.values()) if cross else [()]:
@@ -95,7 +96,7 @@ def report(title: str, out: str, variants: list, log=print) -> tuple:
     splits = list(variants[0].job.splits)
     tables = {}
     for split in splits:
-        rows = [metrics.from_file(p, split) for p in paths]
+        rows = [metrics.from_file(p, split, store=True) for p in paths]
         tables[split] = metrics.table(rows, names)
     args = argparse.Namespace(vmin=None, vmax=None, levels=30, log=False, linear=False, format="png", dpi=80)
     figs = []
@@ -150,15 +151,15 @@ def main(argv=None) -> int:
         if unknown:
             raise UserError(f"--only: no variant {sorted(unknown)[0]!r} (variants: {', '.join(v.name for v in variants)})")
         variants = [v for v in variants if v.name in args.only]
-    stop = {}
+    should_stop = lambda: None  # noqa: E731
     if ctx.rank == 0:
-        runner.install_sigterm(stop)
+        should_stop = runner.install_sigterm()
         log(f"study {title}: {len(variants)} variants -> {out}: {', '.join(v.name for v in variants)}")
     if not args.report_only:
         for v in variants:
             if ctx.rank == 0:
                 log(f"--- variant {v.name}")
-            code = run_job(ctx, lambda v=v: v.job, False, args.progress_every, stop)
+            code = run_job(ctx, lambda v=v: v.job, False, args.progress_every, should_stop)
             if code:
                 return code
     if ctx.rank == 0 and not args.only:

@@ -16,13 +16,15 @@ import os
 import sys
 import time
 
+from typing import Callable, Optional
+
 import torch
 import torch.nn.functional as F
 
 from .config import Job, load_job
 from .data import load_split
-from .errors import run_cli
-from .evaluate import resolve_device
+from .errors import Stopped, run_cli
+from .evaluate import plain_loss_acc, resolve_device
 from .models import build_model, save_checkpoint
 
 
@@ -31,20 +33,17 @@ def epoch_path(checkpoint: str, epoch: int) -> str:
     return f"{stem}_epoch{epoch}{ext or '.pt'}"
 
 
-@torch.no_grad()
-def _measure(model, data, device, batch_size=512):
+def _measure(model, data, device):
     model.eval()
-    total, correct = 0.0, 0
-    for xb, yb in data.batches(batch_size):
-        xb, yb = xb.to(device), yb.to(device)
-        logits = model(xb)
-        total += float(F.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(1) == yb).sum())
-    return total / len(data), correct / len(data)
+    return plain_loss_acc(model, data, batch_size=512, device=device)
 
 
-def train(job: Job, log=print) -> dict:
-    """Train per job.train; write checkpoints; return the final metadata."""
+def train(job: Job, log=print, should_stop: Callable[[], Optional[int]] = lambda: None) -> dict:
+    """Train per job.train; write checkpoints; return the final metadata.
+
+    `should_stop()` is asked after every batch; once it returns a signal number, training
+    ends by raising Stopped, keeping the epoch checkpoints written so far (under a Slurm time
+    limit the job must be gone within the grace period, not at the end of training)."""
     t = job.train
     device = resolve_device(t.device)
     train_set = load_split(job.data, "train", subset=False)
@@ -73,6 +72,12 @@ def train(job: Job, log=print) -> dict:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            signum = should_stop()
+            if signum is not None:
+                kept = f"the checkpoints of epochs 1..{epoch - 1} are kept" if epoch > 1 \
+                    else "no epoch was finished"
+                raise Stopped(signum, f"stopped by signal {signum} while training epoch {epoch} ({kept}); "
+                                      "run the same command to train again")
         tr_loss, tr_acc = _measure(model, train_set, device)
         te_loss, te_acc = _measure(model, test_set, device)
         meta = {"epoch": epoch, "train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss,
@@ -95,7 +100,8 @@ def main(argv=None) -> int:
     if job.train is None:
         from .errors import UserError
         raise UserError(f"{args.job}: the job has no 'train:' section")
-    train(job, log=lambda s: print(s, flush=True))
+    from .runner import install_sigterm
+    train(job, log=lambda s: print(s, flush=True), should_stop=install_sigterm())
     return 0
 
 
