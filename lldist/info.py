@@ -33,12 +33,11 @@ def rank_shares(records: np.ndarray) -> list:
 
 
 def main(argv=None) -> int:
-    from .store import SurfaceFile
+    from .store import SurfaceReader
     ap = argparse.ArgumentParser(prog="python -m lldist.info", description=__doc__.split("\n")[0])
     ap.add_argument("file")
     args = ap.parse_args(argv)
-    sf = SurfaceFile.open(args.file, "r")
-    try:
+    with SurfaceReader(args.file) as sf:
         done = sf.done()
         print(f"{args.file}: job {sf.attr('job_name')} ({sf.attr('job_source')}), hash {sf.attr('job_hash')[:12]}")
         print(f"  grid {' x '.join(map(str, done.shape))}, splits {', '.join(sf.splits)}: "
@@ -53,8 +52,6 @@ def main(argv=None) -> int:
             for r in rank_shares(records):
                 print(f"  {r['run']:>3} {r['rank']:>4} {r['host']:<16} {r['device']:<8} {r['cells']:>6} "
                       f"{r['chunks']:>6} {r['busy_s']:>8.2f} {100 * r['busy_fraction']:>5.0f}%")
-    finally:
-        sf.close(finished=False)
     return 0
 
 

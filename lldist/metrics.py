@@ -112,29 +112,33 @@ def compute(loss: np.ndarray, acc: np.ndarray, x: np.ndarray, y: Optional[np.nda
     return m, conv
 
 
-def from_file(path: str, split: Optional[str] = None, store: bool = True) -> dict:
+def from_file(path: str, split: Optional[str] = None, store: bool = False) -> dict:
     """Metrics of one surface file (its first split unless `split`), plus the checkpoint's
-    train/test accuracy and generalization gap recorded at training time. Optionally stored."""
-    from .store import SurfaceFile
-    sf = SurfaceFile.open(path, "r")
-    try:
+    train/test accuracy and generalization gap recorded at training time. `store=True` also
+    writes them into the file (/metrics/<split>)."""
+    m, conv = _compute_file(path, split)
+    if store:
+        from .store import write_metrics
+        write_metrics(path, m["split"], m, conv)
+    return m
+
+
+def _compute_file(path: str, split: Optional[str]) -> tuple:
+    from .store import SurfaceReader
+    with SurfaceReader(path) as sf:
         split = split or sf.splits[0]
         if split not in sf.splits:
             raise UserError(f"{path}: no split {split!r} (has {', '.join(sf.splits)})")
         if not sf.done().all():
             raise UserError(f"{path}: the surface is not complete; finish it first (re-run the job)")
         a = sf.read_all()  # complete, so no cell is masked
-        m, conv = compute(a["values"][(split, "loss")], a["values"][(split, "acc")], a["x"], a["y"])
         meta = sf.checkpoint_meta()
-        for k in ("train_acc", "test_acc", "gap", "epoch"):
-            if k in meta:
-                m[f"trained_{k}"] = meta[k]
-        m["split"] = split
-    finally:
-        sf.close(finished=False)
-    if store:
-        SurfaceFile.write_metrics(path, split, m, conv)
-    return m
+    m, conv = compute(a["values"][(split, "loss")], a["values"][(split, "acc")], a["x"], a["y"])
+    for k in ("train_acc", "test_acc", "gap", "epoch"):
+        if k in meta:
+            m[f"trained_{k}"] = meta[k]
+    m["split"] = split
+    return m, conv
 
 
 def table(rows: list, names: list) -> str:
@@ -158,10 +162,15 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m lldist.metrics", description=__doc__.split("\n")[0])
     ap.add_argument("files", nargs="+")
     ap.add_argument("--split", help="train or test (default: the file's first split)")
-    ap.add_argument("--no-store", action="store_true", help="print only; do not write /metrics into the files")
+    ap.add_argument("--store", action="store_true", help="also write /metrics/<split> into each file "
+                    "(after every file was read: a bad file leaves all of them unchanged)")
     args = ap.parse_args(argv)
-    rows = [from_file(p, args.split, store=not args.no_store) for p in args.files]
-    print(table(rows, args.files))
+    computed = [_compute_file(p, args.split) for p in args.files]  # all checked before any is written
+    if args.store:
+        from .store import write_metrics
+        for p, (m, conv) in zip(args.files, computed):
+            write_metrics(p, m["split"], m, conv)
+    print(table([m for m, _ in computed], args.files))
     return 0
 
 

@@ -1,15 +1,19 @@
 """The results file: the only module that imports h5py. Layout in docs/FORMAT.md.
 
-    sf = SurfaceFile.open_or_create("out.h5", job, job_hash, grid, make_dirs, meta)
-    sf.write_chunk(cells, values, record)   # values (n, nsplits, 2); flushed at once
-    sf.close()
+    lock = Lock("out.h5")                                  # one run per output, from the start
+    with SurfaceWriter.create_or_resume("out.h5", job, hashes, grid, make_dirs, meta) as sf:
+        sf.write_chunk(cells, values, rank, host, device, t0, t1)   # values (n, nsplits, 2)
+        sf.finish()
+    with SurfaceReader("out.h5") as sf:                     # plots, metrics, info: never writes
+        s = sf.read_all()
 
 The file is the checkpoint of a run: an explicit `done` mask says which cells hold results
 (no sentinel values; a NaN loss is a legitimate result), each chunk is written and flushed
 once, and re-opening a file made by the same job resumes it. A file made by another job is
-refused. New files are written under a temporary name and renamed, so a run killed while
-creating one leaves nothing half-made under the real name. No SWMR: SWMR files cannot be
-reopened for writing after a crash.
+refused. New files (also with --overwrite) are written under a temporary name and renamed
+over the old one only when complete, so a run killed or failing while creating one leaves
+the old file, or nothing, under the real name. No SWMR: SWMR files cannot be reopened for
+writing after a crash.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from .errors import UserError
 from .grid import Grid
 
 FORMAT = "lldist.surface"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: directions from their own random stream; /directions/target
 
 # Root attributes that change after creation. They are all made at creation with a fixed type
 # and size (fixed-length strings, not variable-length ones that live in HDF5's global heap), and
@@ -93,120 +97,159 @@ def check_writable(path: str) -> None:
         raise UserError(f"output {path} is a folder, not a file")
 
 
-class SurfaceFile:
-    def __init__(self, path: str, f: h5py.File):
-        self.path, self.f = path, f
-        self.splits = json.loads(f.attrs["splits"])
-        self.shape = f["done"].shape
-        self.run = int(f.attrs.get("runs", 0))
-        self._mirror = None  # in-memory copies of the arrays: rank 0 is the only writer
+def _layout(f: h5py.File, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: dict) -> None:
+    """Everything a new file holds, allocated and written in full (see write_chunk)."""
+    a = f.attrs
+    a["format"], a["format_version"] = FORMAT, FORMAT_VERSION
+    a["job_name"], a["job_source"], a["job_yaml"] = job.name, job.source, job.text
+    a["job_hash"], a["job_config_hash"] = hashes["job"], hashes["config"]
+    for k, v in versions().items():
+        a[k] = str(v)  # torch's version is a str subclass h5py cannot store
+    a["hostname"], a["created"] = socket.gethostname(), now_iso()
+    a["ndim"], a["splits"] = grid.ndim, json.dumps(list(job.splits))
+    for k, v in RUN_ATTRS.items():
+        a[k] = _fixed(v)
+    for k, v in meta.items():  # scalars as they are, structures as JSON text
+        a[k] = v if isinstance(v, (str, int, float, bool)) else json.dumps(v, default=str)
+    x = f.create_dataset("x", data=grid.x)
+    x.attrs["long_name"], x.attrs["units"] = "alpha (step along direction x)", "1"
+    x.make_scale("x")
+    if grid.ndim == 2:
+        y = f.create_dataset("y", data=grid.y)
+        y.attrs["long_name"], y.attrs["units"] = "beta (step along direction y)", "1"
+        y.make_scale("y")
+    done = f.create_dataset("done", data=np.zeros(grid.shape, dtype=bool))
+    done.attrs["long_name"] = "cell has been computed"
+    arrays = [done]
+    for split in job.splits:
+        g = f.create_group(split)
+        g.attrs["signal"] = "loss"  # NXdata-style hints for generic HDF5 viewers
+        g.attrs["axes"] = np.array(["y", "x"] if grid.ndim == 2 else ["x"], dtype=h5py.string_dtype())
+        for name, long_name, units in (("loss", f"mean cross-entropy loss on the {split} split", "nat"),
+                                       ("acc", f"accuracy on the {split} split", "1")):
+            d = g.create_dataset(name, data=np.full(grid.shape, np.nan))
+            d.attrs["long_name"], d.attrs["units"] = long_name, units
+            arrays.append(d)
+    for d in arrays:  # (ny, nx): dim 0 is y, dim 1 is x
+        d.dims[d.ndim - 1].attach_scale(f["x"])
+        d.dims[d.ndim - 1].label = "x"
+        if grid.ndim == 2:
+            d.dims[0].attach_scale(f["y"])
+            d.dims[0].label = "y"
+    gd = f.create_group("directions")
+    for axis, direction in dirs.items():
+        ga = gd.create_group(axis)
+        for name, t in direction.items():
+            ga.create_dataset(name, data=t.cpu().numpy())
+    from .directions import cosine, describe
+    for k, v in describe(job.directions, dirs).items():  # what was done to make them
+        gd.attrs[k] = v
+    if "y" in dirs:
+        gd.attrs["cosine_xy"] = cosine(dirs["x"], dirs["y"])
+    # The work log: record i of chunks (i < nchunks) covers chunk_cells[offset:offset+ncells].
+    # Each cell is computed once, so ncells records and cells are enough for every run.
+    # Everything is allocated and written here, at creation: later writes only overwrite
+    # bytes in place and never change the file's structure, so a kill cannot corrupt it.
+    n = grid.ncells
+    f.create_dataset("chunks", data=np.zeros(n, dtype=CHUNK_DTYPE))
+    f.create_dataset("chunk_cells", data=np.zeros(n, dtype="i8"))
+    f.create_dataset("nchunks", data=np.int64(0))
 
-    def _arrays(self) -> dict:
-        if self._mirror is None:
-            names = ["done", "nchunks"] + [f"{s}/{q}" for s in self.splits for q in ("loss", "acc")]
-            self._mirror = {n: (self.f[n], self.f[n][()]) for n in names}
-            self._mirror["chunks"] = (self.f["chunks"], None)
-            self._mirror["chunk_cells"] = (self.f["chunk_cells"], None)
-        return self._mirror
 
-    # ------------------------------------------------------------------ open / create
-    @classmethod
-    def open_or_create(cls, path: str, job: Job, job_hash: str, grid: Grid,
-                       make_dirs: Callable[[], dict], meta: dict, overwrite: bool = False) -> "SurfaceFile":
-        check_writable(path)
-        if os.path.exists(path) and overwrite:
-            os.remove(path)
-        if os.path.exists(path):
-            sf = cls.open(path, "r+")
-            theirs = sf.f.attrs.get("job_hash", "")
-            if theirs != job_hash:
-                made = sf.f.attrs.get("job_source", "?")
-                sf.f.close()
-                raise UserError(f"output {path} was made by a different job ({made}, hash {theirs[:12]}; "
-                                f"this job's is {job_hash[:12]}); use --out for a new file or --overwrite to replace it")
-        else:
-            cls._create(path, job, job_hash, grid, make_dirs(), meta)
-            sf = cls.open(path, "r+")
-        sf.run += 1
-        sf.set_attr("runs", sf.run, flush=False)
-        sf.set_attr("last_started", now_iso(), flush=False)
-        sf.set_attr("git_revision", git_revision())
-        return sf
+class Lock:
+    """One run per output file: an exclusive flock on `<output>.lock`, held by rank 0 from before
+    training to the end. A second run on the same output is refused at once; the lock goes
+    with the process, so a killed run never leaves a stale one."""
 
-    @classmethod
-    def open(cls, path: str, mode: str = "r") -> "SurfaceFile":
+    def __init__(self, path: str):
+        import fcntl
+        self.path = path + ".lock"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                holder = ""
+                try:
+                    with open(self.path) as f:
+                        holder = f.read().strip()
+                except OSError:
+                    pass
+                raise UserError(f"output {path} is being written by another run ({holder or 'running'}); "
+                                "wait for it to end, or use --out for another file")
+            # the holder before us may have removed the file between our open and our lock:
+            # the lock is ours only if the path still names the file we locked
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.fd = fd
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}\n".encode())
+
+    def release(self) -> None:
+        if self.fd is not None:
+            try:
+                os.remove(self.path)  # before unlocking: a waiting run re-checks the path
+            except OSError:
+                pass
+            os.close(self.fd)
+            self.fd = None
+
+
+def free_bytes(folder: str) -> int:
+    import shutil
+    return shutil.disk_usage(folder).free
+
+
+def estimate_bytes(ncells: int, nsplits: int, direction_values: int) -> int:
+    """What a new file takes on disk: every dataset is allocated at creation."""
+    per_cell = 1 + nsplits * 2 * 8 + 8 + CHUNK_DTYPE.itemsize  # done, loss+acc, chunk_cells, log
+    return ncells * per_cell + direction_values * 4 + (1 << 20)
+
+
+class SurfaceReader:
+    """A surface file opened read-only; closing it never writes.
+
+        with SurfaceReader("out.h5") as sf:
+            s = sf.read_all()     # x, y, done, per-split loss/acc with NaN where not done
+    """
+
+    mode = "r"
+
+    def __init__(self, path: str):
+        self.path = path
         try:
-            f = h5py.File(path, mode)
+            self.f = h5py.File(path, self.mode)
         except FileNotFoundError:
             raise UserError(f"{path} does not exist")
         except OSError as e:
             raise UserError(f"{path} cannot be opened as HDF5 (corrupt, locked by a running job, or not "
                             f"an HDF5 file): {str(e).splitlines()[0][:160]}")
-        if f.attrs.get("format") != FORMAT:
-            f.close()
+        if self.f.attrs.get("format") != FORMAT:
+            self.f.close()
             raise UserError(f"{path} is an HDF5 file but not an lldist surface (no format={FORMAT} attribute)")
-        return cls(path, f)
+        self.splits = json.loads(self.f.attrs["splits"])
+        self.shape = self.f["done"].shape
+        self.version = int(self.f.attrs.get("format_version", 0))
 
-    @staticmethod
-    def _create(path: str, job: Job, job_hash: str, grid: Grid, dirs: dict, meta: dict) -> None:
-        tmp = path + ".creating"
-        with h5py.File(tmp, "w") as f:
-            a = f.attrs
-            a["format"], a["format_version"] = FORMAT, FORMAT_VERSION
-            a["job_name"], a["job_source"], a["job_yaml"], a["job_hash"] = job.name, job.source, job.text, job_hash
-            for k, v in versions().items():
-                a[k] = str(v)  # torch's version is a str subclass h5py cannot store
-            a["hostname"], a["created"] = socket.gethostname(), now_iso()
-            a["ndim"], a["splits"] = grid.ndim, json.dumps(list(job.splits))
-            for k, v in RUN_ATTRS.items():
-                a[k] = _fixed(v)
-            for k, v in meta.items():  # scalars as they are, structures as JSON text
-                a[k] = v if isinstance(v, (str, int, float, bool)) else json.dumps(v)
-            x = f.create_dataset("x", data=grid.x)
-            x.attrs["long_name"], x.attrs["units"] = "alpha (step along direction x)", "1"
-            x.make_scale("x")
-            if grid.ndim == 2:
-                y = f.create_dataset("y", data=grid.y)
-                y.attrs["long_name"], y.attrs["units"] = "beta (step along direction y)", "1"
-                y.make_scale("y")
-            done = f.create_dataset("done", data=np.zeros(grid.shape, dtype=bool))
-            done.attrs["long_name"] = "cell has been computed"
-            arrays = [done]
-            for split in job.splits:
-                g = f.create_group(split)
-                g.attrs["signal"] = "loss"  # NXdata-style hints for generic HDF5 viewers
-                g.attrs["axes"] = np.array(["y", "x"] if grid.ndim == 2 else ["x"], dtype=h5py.string_dtype())
-                for name, long_name, units in (("loss", f"mean cross-entropy loss on the {split} split", "nat"),
-                                               ("acc", f"accuracy on the {split} split", "1")):
-                    d = g.create_dataset(name, data=np.full(grid.shape, np.nan))
-                    d.attrs["long_name"], d.attrs["units"] = long_name, units
-                    arrays.append(d)
-            for d in arrays:  # (ny, nx): dim 0 is y, dim 1 is x
-                d.dims[d.ndim - 1].attach_scale(f["x"])
-                d.dims[d.ndim - 1].label = "x"
-                if grid.ndim == 2:
-                    d.dims[0].attach_scale(f["y"])
-                    d.dims[0].label = "y"
-            gd = f.create_group("directions")
-            for axis, direction in dirs.items():
-                ga = gd.create_group(axis)
-                for name, t in direction.items():
-                    ga.create_dataset(name, data=t.cpu().numpy())
-            if "y" in dirs:
-                from .directions import cosine
-                gd.attrs["cosine_xy"] = cosine(dirs["x"], dirs["y"])
-            # The work log: record i of chunks (i < nchunks) covers chunk_cells[offset:offset+ncells].
-            # Each cell is computed once, so ncells records and cells are enough for every run.
-            # Everything is allocated and written here, at creation: later writes only overwrite
-            # bytes in place and never change the file's structure, so a kill cannot corrupt it.
-            n = grid.ncells
-            f.create_dataset("chunks", data=np.zeros(n, dtype=CHUNK_DTYPE))
-            f.create_dataset("chunk_cells", data=np.zeros(n, dtype="i8"))
-            f.create_dataset("nchunks", data=np.int64(0))
-        os.replace(tmp, path)
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        if self.f.id.valid:
+            self.f.close()
 
     # ------------------------------------------------------------------ reading
     def read_directions(self) -> dict:
+        """{"x": {name: tensor}, "y": ..., and "target": theta' on interpolation jobs}."""
         import torch
         return {axis: {name: torch.from_numpy(ds[()]) for name, ds in g.items()}
                 for axis, g in self.f["directions"].items()}
@@ -217,6 +260,137 @@ class SurfaceFile:
     def pending(self) -> np.ndarray:
         """Flat indices (row-major, see grid.py) of cells not yet done."""
         return np.flatnonzero(~self.done().reshape(-1))
+
+    def checkpoint_meta(self) -> dict:
+        return json.loads(self.f.attrs.get("checkpoint_meta", "{}") or "{}")
+
+    def job_yaml(self) -> str:
+        return str(self.f.attrs.get("job_yaml", ""))
+
+    def attr(self, name: str, default=None, group: str = "/"):
+        """An attribute's value; run-level placeholders (0, NaN, "") read as `default`."""
+        v = self.f[group].attrs.get(name, default)
+        if isinstance(v, bytes):
+            v = v.decode(errors="replace").rstrip()
+        if group == "/" and name in RUN_ATTRS and name not in ("runs", "complete") and \
+                (v == "" or v == 0 or (isinstance(v, float) and v != v)):
+            return default
+        return v
+
+    def read_all(self) -> dict:
+        """Everything a plot or the metrics need: x, y (None on 1D), done, splits, job name,
+        and each split's loss and acc with cells not done as NaN."""
+        f = self.f
+        done = f["done"][()]
+        out = {"x": f["x"][()], "y": f["y"][()] if "y" in f else None, "done": done,
+               "splits": self.splits, "name": str(f.attrs.get("job_name", "")), "values": {}}
+        for split in self.splits:
+            for q in ("loss", "acc"):
+                a = f[split][q][()].astype(float)
+                a[~done] = np.nan
+                out["values"][(split, q)] = a
+        return out
+
+    def chunk_log(self) -> tuple:
+        """(records, cells): the valid part of the per-chunk work log."""
+        n = int(self.f["nchunks"][()])
+        rec = self.f["chunks"][:n]
+        end = int(rec["offset"][-1] + rec["ncells"][-1]) if n else 0
+        return rec, self.f["chunk_cells"][:end]
+
+
+def check_resumable(path: str, config_hash: str, overwrite: bool) -> None:
+    """Before any work (training included): refuse an output that this job may not write.
+
+    Anything that is not an lldist surface is never touched, --overwrite or not (it may be the
+    job's own checkpoint or job file given as --out). Without --overwrite, a surface made by
+    another job configuration, or by an older format, is refused too. Opened read-only, so a
+    refused run leaves the file exactly as it was, modification time included."""
+    check_writable(path)
+    if not os.path.exists(path):
+        return
+    try:
+        with SurfaceReader(path) as sf:
+            theirs, version = sf.attr("job_config_hash", ""), sf.version
+            made = sf.attr("job_source", "?")
+    except UserError as e:
+        raise UserError(f"{e}; refusing to replace a file that is not an lldist surface")
+    if overwrite:
+        return
+    if version != FORMAT_VERSION:
+        raise UserError(f"output {path} has format version {version}, this lldist writes {FORMAT_VERSION} "
+                        "(random directions now come from a stream of their own, so its cells cannot be "
+                        "mixed with new ones); use --out for a new file or --overwrite to replace it")
+    if theirs and theirs != config_hash:
+        raise UserError(f"output {path} was made by a different job ({made}); use --out for a new file "
+                        "or --overwrite to replace it")
+
+
+class SurfaceWriter(SurfaceReader):
+    """Rank 0's handle on the file it computes into (the only writer).
+
+        with SurfaceWriter.create_or_resume("out.h5", job, hashes, grid, make_dirs, meta) as sf:
+            sf.write_chunk(cells, values, rank, host, device, t0, t1)   # values (n, nsplits, 2)
+            sf.finish()
+    """
+
+    mode = "r+"
+
+    def __init__(self, path: str):
+        super().__init__(path)
+        self.run = int(self.f.attrs.get("runs", 0))
+        self._mirror = None  # in-memory copies of the arrays: rank 0 is the only writer
+
+    def _arrays(self) -> dict:
+        if self._mirror is None:
+            names = ["done", "nchunks"] + [f"{s}/{q}" for s in self.splits for q in ("loss", "acc")]
+            self._mirror = {n: (self.f[n], self.f[n][()]) for n in names}
+            self._mirror["chunks"] = (self.f["chunks"], None)
+            self._mirror["chunk_cells"] = (self.f["chunk_cells"], None)
+        return self._mirror
+
+    @classmethod
+    def create_or_resume(cls, path: str, job: Job, hashes: dict, grid: Grid,
+                         make_dirs: Callable[[], dict], meta: dict, overwrite: bool = False) -> "SurfaceWriter":
+        """Resume the file this job made, or make a new one. A new file (also with --overwrite)
+        is written beside the old under a temporary name and renamed over it only once it is
+        complete: a run that fails before then leaves the old file as it was."""
+        check_resumable(path, hashes["config"], overwrite)
+        if os.path.exists(path) and not overwrite:
+            with SurfaceReader(path) as sf:
+                theirs, made = sf.attr("job_hash", ""), sf.attr("job_source", "?")
+            if theirs != hashes["job"]:
+                raise UserError(f"output {path} was made by a different job ({made}, hash {theirs[:12]}; "
+                                f"this job's is {hashes['job'][:12]}: another checkpoint, target or data); "
+                                "use --out for a new file or --overwrite to replace it")
+        else:
+            cls._create(path, job, hashes, grid, make_dirs(), meta)
+        sf = cls(path)
+        sf.run += 1
+        sf.set_attr("runs", sf.run, flush=False)
+        sf.set_attr("last_started", now_iso(), flush=False)
+        sf.set_attr("git_revision", git_revision())
+        return sf
+
+    @staticmethod
+    def _create(path: str, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: dict) -> None:
+        folder = os.path.dirname(os.path.abspath(path))
+        need = estimate_bytes(grid.ncells, len(job.splits), sum(t.numel() for d in dirs.values() for t in d.values()))
+        free = free_bytes(folder)
+        if need > free:
+            raise UserError(f"output {path}: the file needs about {need / 1e9:.2f} GB and {folder} has "
+                            f"{free / 1e9:.2f} GB free")
+        tmp = path + ".creating"
+        try:
+            with h5py.File(tmp, "w") as f:
+                _layout(f, job, hashes, grid, dirs, meta)
+        except (OSError, ValueError) as e:  # a full or read-only disk, a quota
+            try:
+                os.remove(tmp)
+            except OSError:
+                pass
+            raise UserError(f"output {path}: cannot create the file ({str(e).splitlines()[0][:160]})")
+        os.replace(tmp, path)
 
     # ------------------------------------------------------------------ writing
     def write_chunk(self, cells: np.ndarray, values: np.ndarray, rank: int, host: str, device: str,
@@ -254,22 +428,6 @@ class SurfaceFile:
         m["nchunks"] = (nds, n + 1)
         self.f.flush()
 
-    def checkpoint_meta(self) -> dict:
-        return json.loads(self.f.attrs.get("checkpoint_meta", "{}") or "{}")
-
-    def job_yaml(self) -> str:
-        return str(self.f.attrs.get("job_yaml", ""))
-
-    def attr(self, name: str, default=None, group: str = "/"):
-        """An attribute's value; run-level placeholders (0, NaN, "") read as `default`."""
-        v = self.f[group].attrs.get(name, default)
-        if isinstance(v, bytes):
-            v = v.decode(errors="replace").rstrip()
-        if group == "/" and name in RUN_ATTRS and name not in ("runs", "complete") and \
-                (v == "" or v == 0 or (isinstance(v, float) and v != v)):
-            return default
-        return v
-
     def set_attr(self, name: str, value, group: str = "/", flush: bool = True) -> None:
         attrs = self.f[group].attrs
         if group == "/" and name in RUN_ATTRS and name in attrs:
@@ -279,28 +437,23 @@ class SurfaceFile:
         if flush:
             self.f.flush()
 
-    def read_all(self) -> dict:
-        """Everything a plot or the metrics need: x, y (None on 1D), done, splits, job name,
-        and each split's loss and acc with cells not done as NaN."""
-        f = self.f
-        done = f["done"][()]
-        out = {"x": f["x"][()], "y": f["y"][()] if "y" in f else None, "done": done,
-               "splits": self.splits, "name": str(f.attrs.get("job_name", "")), "values": {}}
-        for split in self.splits:
-            for q in ("loss", "acc"):
-                a = f[split][q][()].astype(float)
-                a[~done] = np.nan
-                out["values"][(split, q)] = a
-        return out
+    def finish(self) -> None:
+        """The run ended normally: record when, and whether the grid is complete; close."""
+        if self.f.id.valid:
+            self.set_attr("last_finished", now_iso(), flush=False)
+            self.set_attr("complete", bool(self.done().all()), flush=False)
+            self.close()
 
-    @staticmethod
-    def write_metrics(path: str, split: str, scalars: dict, convex) -> None:
-        """/metrics/<split>: scalar metrics as attributes, the convexity map as a dataset.
 
-        Adding groups changes the file's structure, so the finished surface is copied, the copy
-        written and renamed over the original: a kill at any point leaves one whole file."""
-        import shutil
-        tmp = path + ".metrics"
+def write_metrics(path: str, split: str, scalars: dict, convex) -> None:
+    """/metrics/<split>: scalar metrics as attributes, the convexity map as a dataset.
+
+    Adding groups changes the file's structure, so the finished surface is copied, the copy
+    written and renamed over the original: a kill (or a full disk) at any point leaves one
+    whole file."""
+    import shutil
+    tmp = path + ".metrics"
+    try:
         shutil.copyfile(path, tmp)
         with h5py.File(tmp, "r+") as f:
             g = f.require_group("metrics").require_group(split)
@@ -312,17 +465,10 @@ class SurfaceFile:
                 d = g.create_dataset("convex", data=convex)
                 d.attrs["long_name"] = "central-difference Hessian of the loss is positive definite"
         os.replace(tmp, path)
-
-    def chunk_log(self) -> tuple:
-        """(records, cells): the valid part of the per-chunk work log."""
-        n = int(self.f["nchunks"][()])
-        rec = self.f["chunks"][:n]
-        end = int(rec["offset"][-1] + rec["ncells"][-1]) if n else 0
-        return rec, self.f["chunk_cells"][:end]
-
-    def close(self, finished: bool = True) -> None:
-        if self.f.id.valid:
-            if finished:
-                self.set_attr("last_finished", now_iso(), flush=False)
-                self.set_attr("complete", bool(self.done().all()), flush=False)
-            self.f.close()
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        why = e.strerror or str(e).splitlines()[0][:160]
+        raise UserError(f"{path}: cannot store the metrics in it ({why}); the file is unchanged")
