@@ -13,7 +13,9 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -32,6 +34,61 @@ OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 BN_MODES = ("eval", "batch")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# Every dataset of a surface is allocated when the file is made (about 160 bytes a cell with
+# its work log): 2**27 cells is a 11585 x 11585 grid and a ~21 GB file.
+MAX_CELLS = 2 ** 27
+
+
+# ----------------------------------------------------------------------------- YAML
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with two fixes for job files:
+    * numbers like 5e-4 are floats (YAML 1.2; PyYAML follows YAML 1.1, which wants 5.0e-4
+      and reads the README's own notation as a string);
+    * a key given twice is an error (PyYAML keeps the last silently: a second `grid:` turned
+      a 2D job into a 1D one)."""
+
+
+def _mapping_without_duplicates(loader, node, deep=False):
+    loader.flatten_mapping(node)
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        try:
+            duplicate = key in seen
+        except TypeError:  # an unhashable key: let PyYAML say so
+            break
+        if duplicate:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str, path: str, what: str = "job file"):
+    """Parse YAML text; a malformed file is a UserError naming the file and the line."""
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}" if where is not None else ""
+        raise UserError(f"{path}: malformed YAML{line}: {getattr(e, 'problem', None) or e}")
+
+
+def read_text(path: str, what: str = "job file") -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"{path}: cannot read {what}: {e.strerror}")
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: the {what} is not UTF-8 text (byte {e.start}: {e.reason})")
 
 
 @dataclass(frozen=True)
@@ -99,7 +156,8 @@ class EvalConfig:
     bn: str = "eval"  # eval: running statistics; batch: statistics of each batch
     cells_per_pass: Union[int, str] = 1  # several cells in one vmapped pass, or "auto"
     chunk_size: Union[int, str] = "auto"  # cells per unit of work (and per HDF5 flush)
-    threads: Optional[int] = None  # torch CPU threads per process
+    threads: Optional[int] = None  # torch CPU threads per process (default: OMP_NUM_THREADS, else
+    #                                 the CPUs this process may use, shared by the node's ranks)
 
 
 @dataclass(frozen=True)
@@ -127,17 +185,8 @@ class Job:
 # ----------------------------------------------------------------------------- loading
 
 def load_job(path: str, overrides: list[str] = (), out: Optional[str] = None) -> Job:
-    try:
-        with open(path) as f:
-            text = f.read()
-    except OSError as e:
-        raise UserError(f"{path}: cannot read job file: {e.strerror}")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        where = getattr(e, "problem_mark", None)
-        line = f" at line {where.line + 1}" if where is not None else ""
-        raise UserError(f"{path}: malformed YAML{line}: {getattr(e, 'problem', e)}")
+    text = read_text(path)
+    raw = load_yaml(text, path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -167,7 +216,7 @@ def apply_override(raw: dict, item: str, path: str) -> None:
         raise UserError(f"--set {item!r}: expected key.sub=value")
     key, value = item.split("=", 1)
     try:
-        parsed = yaml.safe_load(value)
+        parsed = yaml.load(value, Loader=_Loader)
     except yaml.YAMLError:
         raise UserError(f"--set {key}: cannot parse value {value!r}")
     node = raw
@@ -278,8 +327,14 @@ def validate(job: Job) -> None:
             continue
         if ax.num < 1:
             raise UserError(f"{p}: key '{key}': num must be at least 1 (empty grid), got {ax.num}")
-        if not ax.min < ax.max:
+        if not (math.isfinite(ax.min) and math.isfinite(ax.max)):
+            raise UserError(f"{p}: key '{key}': min and max must be finite numbers, got [{ax.min}, {ax.max}]")
+        if not (ax.min < ax.max or (ax.num == 1 and ax.min == ax.max)):
             raise UserError(f"{p}: key '{key}': min must be below max, got [{ax.min}, {ax.max}]")
+    ncells = g.x.num * (g.y.num if g.y is not None else 1)
+    if ncells > MAX_CELLS:
+        raise UserError(f"{p}: key 'grid': {ncells:,} cells is more than lldist stores in one file "
+                        f"({MAX_CELLS:,}, e.g. 11585 x 11585)")
     _choice(dr.norm, NORMS, "directions.norm", p)
     _choice(dr.ignore, IGNORES, "directions.ignore", p)
     if dr.target and not os.path.exists(dr.target) and job.train is None:
@@ -294,6 +349,15 @@ def validate(job: Job) -> None:
             raise UserError(f"{p}: key 'eval.{key}' must be a positive integer or 'auto', got {v!r}")
     if isinstance(e.compile, str) and e.compile not in COMPILE_MODES:
         raise UserError(f"{p}: key 'eval.compile' is {e.compile!r}; allowed: true, false, {', '.join(COMPILE_MODES)}")
+    if e.bn == "batch":
+        # batch statistics make every number depend on the batch size: it must be fixed (and
+        # is then part of the job's identity), and vmapped cells run BatchNorm in eval mode
+        if e.batch_size == "auto":
+            raise UserError(f"{p}: key 'eval.batch_size' must be a number with eval.bn: batch "
+                            "(batch statistics depend on it; 'auto' would make them machine-dependent)")
+        if e.cells_per_pass != 1:
+            raise UserError(f"{p}: key 'eval.cells_per_pass' must be 1 with eval.bn: batch "
+                            "(several cells per pass run BatchNorm with running statistics only)")
     if e.threads is not None and e.threads < 1:
         raise UserError(f"{p}: key 'eval.threads' must be at least 1, got {e.threads}")
     if job.train is not None:
@@ -315,22 +379,29 @@ def as_dict(obj) -> dict:
     return d
 
 
-def identity_hash(job: Job, file_hashes: dict) -> str:
+def identity_hash(job: Job, file_hashes: Optional[dict] = None) -> str:
     """Hash of everything that determines the numbers in the output file.
 
     Not included: where the output goes, batch and chunk sizes, device, threads, compile and
     channels_last (they change speed, not results beyond float round-off). The precision and
-    the BatchNorm mode are included: they change the numbers. `file_hashes` holds the sha256
-    of the checkpoint and target files, so a retrained checkpoint is a different job.
+    the BatchNorm mode are included: they change the numbers; so is the batch size under
+    `bn: batch`, where each batch's statistics depend on it. `file_hashes` holds fingerprints
+    of the checkpoint, the target and the data files, so a retrained checkpoint or other
+    images make a different job; None gives the configuration's hash alone, which is known
+    before training (to refuse a wrong output before spending the time).
     """
+    ev = {"split": job.eval.split, "precision": job.eval.precision, "bn": job.eval.bn}
+    if job.eval.bn == "batch":
+        ev["batch_size"] = job.eval.batch_size
     ident = {
         "model": {k: v for k, v in as_dict(job.model).items() if k != "checkpoint"},
         "data": {k: v for k, v in as_dict(job.data).items() if k not in ("root", "download")},
         "directions": {k: v for k, v in as_dict(job.directions).items() if k != "target"},
         "grid": as_dict(job.grid),
-        "eval": {"split": job.eval.split, "precision": job.eval.precision, "bn": job.eval.bn},
-        "files": file_hashes,
+        "eval": ev,
     }
+    if file_hashes is not None:
+        ident["files"] = file_hashes
     blob = json.dumps(ident, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()
 

@@ -118,10 +118,28 @@ def _torchvision_model(name: str, num_classes: int, pretrained: Optional[str], a
                         f"offline, put the file {os.path.basename(weights.url)} into {hub}")
 
 
+def _check_builtin_args(name: str, args: dict) -> None:
+    """Sizes of the built-in models must be positive integers: torch accepts some bad ones
+    (a layer of width 0) and fails much later, or deep inside, on others (hidden: [-1])."""
+    def positive_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+    if name == "mlp" and "hidden" in args:
+        h = args["hidden"]
+        if not isinstance(h, (list, tuple)) or not all(positive_int(v) for v in h):
+            raise UserError(f"model mlp: model.args.hidden must be a list of positive integers, got {h!r}")
+    if name in ("cnn", "cnn_skip"):
+        for key in ("width", "stages", "blocks"):
+            if key in args and not positive_int(args[key]):
+                raise UserError(f"model {name}: model.args.{key} must be a positive integer, got {args[key]!r}")
+        if "batchnorm" in args and not isinstance(args["batchnorm"], bool):
+            raise UserError(f"model {name}: model.args.batchnorm must be true or false, got {args['batchnorm']!r}")
+
+
 def build_model(cfg: ModelConfig, in_shape: tuple, num_classes: int) -> nn.Module:
     """A fresh model for data of shape `in_shape` (C, H, W) and `num_classes` classes, seeded."""
     torch.manual_seed(cfg.seed)
     name, args = cfg.name, dict(cfg.args)
+    _check_builtin_args(name, args)
     try:
         if name == "mlp":
             n = 1
@@ -138,6 +156,10 @@ def build_model(cfg: ModelConfig, in_shape: tuple, num_classes: int) -> nn.Modul
             model = _import_factory(name, "model")(**args)
     except TypeError as e:
         raise UserError(f"model {name}: bad model.args {args}: {e}")
+    except (ValueError, RuntimeError) as e:
+        if name.startswith("python:"):
+            raise  # the user's own factory failed: its traceback is what they need
+        raise UserError(f"model {name}: cannot build it with model.args {args}: {str(e).splitlines()[0][:200]}")
     if not isinstance(model, nn.Module):
         raise UserError(f"model {name}: the factory returned {type(model).__name__}, not a torch.nn.Module")
     if cfg.pretrained and name in ("mlp", "cnn", "cnn_skip"):
@@ -155,7 +177,7 @@ def load_checkpoint(model: nn.Module, path: str) -> dict:
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     meta = {}
     if isinstance(obj, dict) and "state_dict" in obj:
-        meta = obj.get("meta", {}) or {}
+        meta = plain_meta(obj.get("meta", {}) or {})
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"checkpoint {path} holds no state dict of tensors")
@@ -165,6 +187,22 @@ def load_checkpoint(model: nn.Module, path: str) -> dict:
         first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:3]
         raise UserError(f"checkpoint {path} does not fit model {type(model).__name__}: {' '.join(first)[:300]}")
     return meta
+
+
+def plain_meta(meta) -> dict:
+    """A checkpoint's metadata as plain JSON values: tensors become numbers or lists, anything
+    else odd becomes its text; a non-mapping is kept under "meta". Only stored, never trusted."""
+    def plain(v):
+        if isinstance(v, (str, int, float, bool)) or v is None:
+            return v
+        if isinstance(v, torch.Tensor):
+            return v.item() if v.numel() == 1 else v.tolist()
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return str(v)
+    return plain(meta) if isinstance(meta, dict) else {"meta": plain(meta)}
 
 
 def save_checkpoint(model: nn.Module, path: str, meta: dict) -> None:

@@ -31,13 +31,20 @@ LABELS = {"loss": "loss", "acc": "accuracy"}
 
 
 def read_surface(path: str) -> dict:
-    """Arrays of an lldist file, with cells not done (and non-finite values) as NaN."""
-    from .store import SurfaceFile
-    sf = SurfaceFile.open(path, "r")
-    try:
-        return sf.read_all()
-    finally:
-        sf.close(finished=False)
+    """Arrays of an lldist file, with cells not done as NaN. A 2D grid of one row or one
+    column has no area to contour: it is returned as the curve along its other axis."""
+    from .store import SurfaceReader
+    with SurfaceReader(path) as sf:
+        s = sf.read_all()
+    s["xlabel"] = "alpha (direction x)"
+    if s["y"] is not None and 1 in s["done"].shape:
+        along_x = len(s["x"]) > 1 or len(s["y"]) == 1
+        s["values"] = {k: v.reshape(-1) for k, v in s["values"].items()}
+        s["done"] = s["done"].reshape(-1)
+        if not along_x:
+            s["x"], s["xlabel"] = s["y"], "beta (direction y)"
+        s["y"] = None
+    return s
 
 
 def _levels(z: np.ndarray, args, q: str):
@@ -110,15 +117,15 @@ def plot_2d(s: dict, args, outdir: str, stem: str) -> list:
 
 def job_labels(paths: list) -> list:
     """A short title per file from what differs between their jobs, e.g. "cnn_skip, batch 64"."""
-    import yaml
-    from .store import SurfaceFile
+    from .config import load_yaml
+    from .store import SurfaceReader
     flat = []
     for p in paths:
-        sf = SurfaceFile.open(p, "r")
-        try:
-            raw = yaml.safe_load(sf.job_yaml()) or {}
-        finally:
-            sf.close(finished=False)
+        with SurfaceReader(p) as sf:
+            try:
+                raw = load_yaml(sf.job_yaml(), p) or {}
+            except UserError:  # an unreadable job text only costs the panel its title
+                raw = {}
         out = {}
 
         def walk(d, prefix=""):
@@ -167,8 +174,9 @@ def compare(paths: list, args, outdir: str) -> list:
             if surfaces[0]["y"] is None:
                 fig, ax = plt.subplots(figsize=(6.5, 4.2))
                 for s, z, lab in zip(surfaces, zs, labels):
-                    ax.plot(s["x"], np.ma.masked_invalid(100 * z if q == "acc" else z), label=lab)
-                ax.set_xlabel("alpha")
+                    ax.plot(s["x"], np.ma.masked_invalid(100 * z if q == "acc" else z), label=lab,
+                            marker="o" if len(s["x"]) == 1 else None)
+                ax.set_xlabel(surfaces[0]["xlabel"])
                 ax.set_ylabel(f"{split} {LABELS[q]}" + (" (%)" if q == "acc" else ""))
                 if q == "loss" and lev[0] > 0 and np.allclose(lev[1] / lev[0], lev[2] / lev[1]):
                     ax.set_yscale("log")
@@ -206,9 +214,10 @@ def plot_1d(s: dict, args, outdir: str, stem: str) -> list:
     for split in s["splits"]:
         loss = np.ma.masked_invalid(s["values"][(split, "loss")])
         acc = np.ma.masked_invalid(s["values"][(split, "acc")])
-        ax.plot(s["x"], loss, "b" + styles[split], label=f"{split} loss")
-        ax2.plot(s["x"], 100 * acc, "r" + styles[split], label=f"{split} accuracy")
-    ax.set_xlabel("alpha")
+        marker = "o" if len(s["x"]) == 1 else ""  # a single cell is a point, not a line
+        ax.plot(s["x"], loss, "b" + marker + styles[split], label=f"{split} loss")
+        ax2.plot(s["x"], 100 * acc, "r" + marker + styles[split], label=f"{split} accuracy")
+    ax.set_xlabel(s["xlabel"])
     ax.set_ylabel("loss", color="b")
     ax2.set_ylabel("accuracy (%)", color="r")
     if args.log:
@@ -222,6 +231,19 @@ def plot_1d(s: dict, args, outdir: str, stem: str) -> list:
     fig.savefig(path, dpi=args.dpi, bbox_inches="tight")
     plt.close(fig)
     return [path]
+
+
+def check_args(args) -> None:
+    if args.levels < 3:
+        raise UserError(f"--levels must be at least 3, got {args.levels}")
+    for name in ("vmin", "vmax"):
+        v = getattr(args, name)
+        if v is not None and not np.isfinite(v):
+            raise UserError(f"--{name} must be a finite number, got {v}")
+    if args.vmin is not None and args.vmax is not None and not args.vmin < args.vmax:
+        raise UserError(f"--vmin ({args.vmin}) must be below --vmax ({args.vmax})")
+    if not 1 <= args.dpi <= 2400:
+        raise UserError(f"--dpi must be between 1 and 2400, got {args.dpi}")
 
 
 def main(argv=None) -> int:
@@ -239,8 +261,7 @@ def main(argv=None) -> int:
     ap.add_argument("--compare", action="store_true",
                     help="one figure per quantity: the files side by side on one colour scale (1D: overlaid)")
     args = ap.parse_args(argv)
-    if args.levels < 3:
-        raise UserError(f"--levels must be at least 3, got {args.levels}")
+    check_args(args)
     if args.compare:
         outdir = args.out or os.path.dirname(os.path.abspath(args.files[0]))
         os.makedirs(outdir, exist_ok=True)
