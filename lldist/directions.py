@@ -21,6 +21,7 @@ No MPI, no HDF5 here: pure tensor code.
 
 from __future__ import annotations
 
+import hashlib
 from typing import Optional
 
 import torch
@@ -78,24 +79,49 @@ def random_direction(theta: dict, kinds: dict, norm: str, ignore: str, gen: torc
 
 
 def target_direction(theta: dict, theta_target: dict) -> dict:
-    """theta' - theta over every float entry (buffers included), so alpha = 1 lands on theta'."""
+    """theta' - theta over every float entry (buffers included). Stored for plots and cosines;
+    the evaluator interpolates with torch.lerp from theta and theta' themselves, so that
+    alpha = 0 is theta and alpha = 1 is theta' exactly (theta + 1*(theta' - theta) is not:
+    float32 rounding leaves about 10% of the entries off by up to hundreds of ulp)."""
     return {n: (theta_target[n].to(w.dtype) - w) for n, w in theta.items()}
+
+
+STREAM_TAG = "lldist.directions"
+
+
+def stream_seed(seed: int) -> int:
+    """The seed of the directions' own random stream. Models are initialised with
+    torch.manual_seed(model.seed); drawing directions from a generator seeded with the same
+    small integer would repeat the draws that initialised the weights (cosine with the initial
+    weights about -0.35 instead of ~0.01), so the directions' seed is hashed with a tag first."""
+    digest = hashlib.sha256(f"{STREAM_TAG}:{int(seed)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def make_directions(theta: dict, kinds: dict, cfg: DirectionsConfig, ndim: int,
                     theta_target: Optional[dict] = None) -> dict:
-    """{"x": dir} or {"x": dir, "y": dir}. With a target, x is theta' - theta and y (2D) random.
+    """{"x": dir} or {"x": dir, "y": dir}; with a target also {"target": theta'}: x is then
+    theta' - theta and y (2D) random.
 
     The generator draws x first, then y: a 1D job and a 2D job with the same seed share x."""
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(stream_seed(cfg.seed))
     dirs = {}
     if theta_target is not None:
         dirs["x"] = target_direction(theta, theta_target)
+        dirs["target"] = {n: theta_target[n].to(w.dtype).clone() for n, w in theta.items()}
     else:
         dirs["x"] = random_direction(theta, kinds, cfg.norm, cfg.ignore, gen)
     if ndim == 2:
         dirs["y"] = random_direction(theta, kinds, cfg.norm, cfg.ignore, gen)
     return dirs
+
+
+def describe(cfg: DirectionsConfig, dirs: dict) -> dict:
+    """What was done to make the directions, for the file's /directions attributes."""
+    return {"x_kind": "target" if "target" in dirs else "random",
+            "y_kind": "random" if "y" in dirs else "",
+            "norm": cfg.norm, "ignore": cfg.ignore, "seed": cfg.seed,
+            "stream": f"torch.Generator seeded with sha256('{STREAM_TAG}:<seed>')[:8]"}
 
 
 def cosine(a: dict, b: dict) -> float:

@@ -1,6 +1,6 @@
 """Loss and accuracy of a model at theta + a*dx + b*dy. No MPI, no HDF5.
 
-    ev = Evaluator(model, theta, dirs, {"test": testset}, EvalOptions(device="cpu"))
+    ev = Evaluator(model, theta, dirs, {"test": testset}, EvalConfig(batch_size=512), device="cpu")
     out = ev.evaluate_cells([(0.0, 0.0), (0.1, -0.2)])   # (2, nsplits, 2): [loss, acc]
 
 The model is built once; each cell overwrites its floating-point state in place from theta
@@ -13,33 +13,26 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F
 
+from .config import BN_MODES, EvalConfig
 from .data import TensorSet
 
 
-@dataclass(frozen=True)
-class EvalOptions:
-    device: str = "cpu"
-    batch_size: Union[int, str] = 256
-    precision: str = "fp32"  # fp32 | tf32 | bf16
-    channels_last: bool = False
-    compile: Union[bool, str] = False  # True or a torch.compile mode ("reduce-overhead": CUDA graphs)
-    bn: str = "eval"  # eval: running statistics; batch: each batch's statistics
-    cells_per_pass: Union[int, str] = 1  # >1: several cells in one torch.func.vmap pass; "auto": measure
-    prenormalize_bytes: int = 1 << 30  # keep a normalized float copy of the data when it fits
+AUTOCAST = {"fp32": None, "tf32": None, "bf16": torch.bfloat16}  # precision -> autocast dtype
+TF32 = {"fp32": False, "tf32": True, "bf16": False}  # precision -> TF32 matmuls and convolutions
 
 
 def resolve_device(name: str) -> str:
+    """"auto" -> cuda when torch sees a GPU, else cpu; "cuda" without one is a UserError."""
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
+    if name.startswith("cuda") and not torch.cuda.is_available():
         from .errors import UserError
         raise UserError("eval.device is cuda, but torch sees no CUDA device")
     return name
@@ -53,83 +46,114 @@ def set_bn_mode(model: nn.Module, bn: str) -> None:
                 m.train()
 
 
+class Slot(NamedTuple):
+    """One floating-point state entry the evaluator moves. Shapes are those of the entry."""
+    name: str
+    live: torch.Tensor  # the model's own tensor, overwritten in place per cell
+    theta: torch.Tensor  # theta*
+    dx: torch.Tensor
+    dy: Optional[torch.Tensor]  # None on 1D grids
+    end: Optional[torch.Tensor]  # theta' on interpolation jobs: x moves by torch.lerp
+    moving: bool  # False: zero directions, never changes
+
+
 class Evaluator:
     def __init__(self, model: nn.Module, theta: dict, dirs: dict, splits: dict,
-                 opts: EvalOptions):
-        self.opts = opts
-        self.device = torch.device(opts.device)
-        if opts.precision == "tf32":
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        elif self.device.type == "cuda":
-            torch.backends.cuda.matmul.allow_tf32 = False
-            torch.backends.cudnn.allow_tf32 = False
-        fmt = torch.channels_last if opts.channels_last else torch.contiguous_format
+                 cfg: EvalConfig = EvalConfig(), device: Optional[str] = None,
+                 prenormalize_bytes: int = 1 << 30):
+        if cfg.precision not in AUTOCAST:
+            raise ValueError(f"precision {cfg.precision!r}; allowed: {', '.join(AUTOCAST)}")
+        if cfg.bn not in BN_MODES:
+            raise ValueError(f"bn {cfg.bn!r}; allowed: {', '.join(BN_MODES)}")
+        if cfg.bn == "batch" and cfg.cells_per_pass not in (1, "auto"):
+            raise ValueError("bn='batch' needs cells_per_pass=1 (vmap runs BatchNorm in eval mode only)")
+        self.cfg = cfg
+        self.prenormalize_bytes = prenormalize_bytes
+        self.device = torch.device(device or resolve_device(cfg.device))
+        self.autocast_dtype = AUTOCAST[cfg.precision]
+        fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
         model = model.to(self.device, memory_format=fmt)
-        set_bn_mode(model, opts.bn)
+        set_bn_mode(model, cfg.bn)
         live = model.state_dict(keep_vars=True)
-        # (name, target tensor in the model, theta, dx, dy, moving) on the device; dy None on 1D grids
+        end_state = dirs.get("target")
         self.slots = []
         for name, w in theta.items():
             t = live[name].data
             dx = dirs["x"][name].to(self.device)
             dy = dirs["y"][name].to(self.device) if "y" in dirs else None
+            end = end_state[name].to(self.device) if end_state is not None else None
             # entries with zero directions never change: skip them per cell
             moving = bool(dx.any()) or (dy is not None and bool(dy.any()))
-            self.slots.append((name, t, w.to(self.device), dx, dy, moving))
+            self.slots.append(Slot(name, t, w.to(self.device), dx, dy, end, moving))
             t.copy_(w)
         self.eager = model
         # compiled once; the weights are then changed in place, so their addresses stay fixed
         # (what CUDA-graph modes require) and nothing recompiles between cells
-        if opts.compile:
-            self.model = torch.compile(model, mode=opts.compile if isinstance(opts.compile, str) else None)
+        if cfg.compile:
+            self.model = torch.compile(model, mode=cfg.compile if isinstance(cfg.compile, str) else None)
         else:
             self.model = model
         self.splits = {k: self._on_device(v) for k, v in splits.items()}
         self.dtype = torch.float32
-        self.batch_size = opts.batch_size if opts.batch_size != "auto" else self.calibrate_batch()
+        self.batch_size = cfg.batch_size if cfg.batch_size != "auto" else self.calibrate_batch()
         self.cells_per_pass = 1
-        if opts.cells_per_pass == "auto":
+        if cfg.cells_per_pass == "auto":
             self.cells_per_pass = self.calibrate_group()
-        elif opts.cells_per_pass > 1:
-            self.cells_per_pass = opts.cells_per_pass
+        elif cfg.cells_per_pass > 1:
+            self.cells_per_pass = cfg.cells_per_pass
 
     def _on_device(self, ts: TensorSet) -> TensorSet:
         """Data on the device; normalized once in float32 when that copy is small enough, else
         kept compact (uint8) and normalized batch by batch. Same arithmetic either way."""
         ts = ts.to(self.device)
-        if ts.x.numel() * 4 <= self.opts.prenormalize_bytes and (ts.scale != 1.0 or ts.mean is not None
+        if ts.x.numel() * 4 <= self.prenormalize_bytes and (ts.scale != 1.0 or ts.mean is not None
                                                                   or ts.x.dtype != torch.float32):
             ts = TensorSet(ts.normalize(ts.x), ts.y, ts.num_classes)
         return ts
 
     @torch.no_grad()
     def set_weights(self, a: float, b: float = 0.0) -> None:
-        for _, t, w, dx, dy, moving in self.slots:
-            if not moving:
+        for s in self.slots:
+            if not s.moving:
                 continue
-            torch.add(w, dx, alpha=a, out=t)
-            if dy is not None:
-                t.add_(dy, alpha=b)
+            if s.end is not None:  # (1 - a) theta + a theta': exact at a = 0 and at a = 1
+                torch.lerp(s.theta, s.end, a, out=s.live)
+            else:
+                torch.add(s.theta, s.dx, alpha=a, out=s.live)
+            if s.dy is not None:
+                s.live.add_(s.dy, alpha=b)
 
-    def _autocast(self):
-        if self.opts.precision == "bf16":
-            return torch.autocast(self.device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _precision(self):
+        """Autocast, and the TF32 switches set for this evaluation and restored after it
+        (they are process-wide: setting them once in the constructor would change every
+        other computation in the process)."""
+        cuda = self.device.type == "cuda"
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = TF32[self.cfg.precision]
+        try:
+            if self.autocast_dtype is None:
+                yield
+            else:
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype):
+                    yield
+        finally:
+            if cuda:
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
     @torch.inference_mode()
     def loss_acc(self, data: TensorSet, batch_size: Optional[int] = None) -> tuple[float, float]:
         bs = batch_size or self.batch_size
-        cl = self.opts.channels_last and data.x.dim() == 4
+        cl = self.cfg.channels_last and data.x.dim() == 4
         losses, corrects = [], []  # per batch: float32 sum of losses, int64 count of hits
-        for xb, yb in data.batches(bs, self.dtype):
-            if cl:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with self._autocast():
-                logits = self.model(xb)
-            logits = logits.float()
-            losses.append(F.cross_entropy(logits, yb, reduction="sum"))
-            corrects.append((logits.argmax(1) == yb).sum())
+        with self._precision():
+            for xb, yb in data.batches(bs, self.dtype):
+                if cl:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+                logits = self.model(xb).float()
+                losses.append(F.cross_entropy(logits, yb, reduction="sum"))
+                corrects.append((logits.argmax(1) == yb).sum())
         n = len(data)
         total = torch.stack(losses).double().sum()  # batch sums accumulated in float64
         correct = torch.stack(corrects).sum()
@@ -159,15 +183,18 @@ class Evaluator:
         a = torch.tensor([c[0] for c in coords], dtype=torch.float32, device=self.device)
         b = torch.tensor([c[1] for c in coords], dtype=torch.float32, device=self.device)
         batched, fixed = {}, {}
-        for name, t, w, dx, dy, moving in self.slots:
-            if not moving:
-                fixed[name] = t
+        for s in self.slots:
+            if not s.moving:
+                fixed[s.name] = s.live
                 continue
-            shape = (G,) + (1,) * w.dim()
-            p = w.unsqueeze(0) + a.view(shape) * dx.unsqueeze(0)
-            if dy is not None:
-                p = p + b.view(shape) * dy.unsqueeze(0)
-            batched[name] = p  # (G, *w.shape)
+            shape = (G,) + (1,) * s.theta.dim()
+            if s.end is not None:
+                p = torch.lerp(s.theta.unsqueeze(0), s.end.unsqueeze(0), a.view(shape))
+            else:
+                p = s.theta.unsqueeze(0) + a.view(shape) * s.dx.unsqueeze(0)
+            if s.dy is not None:
+                p = p + b.view(shape) * s.dy.unsqueeze(0)
+            batched[s.name] = p  # (G, *theta.shape)
 
         def f(params, xb):
             return functional_call(self.eager, {**params, **fixed}, (xb,))
@@ -176,7 +203,7 @@ class Evaluator:
             total = torch.zeros(G, dtype=torch.float64, device=self.device)
             correct = torch.zeros(G, dtype=torch.int64, device=self.device)
             for xb, yb in data.batches(self.batch_size, self.dtype):
-                with self._autocast():
+                with self._precision():
                     logits = vmap(f, in_dims=(0, None))(batched, xb)  # (G, B, C)
                 logits = logits.float()
                 B = yb.shape[0]
@@ -189,7 +216,7 @@ class Evaluator:
 
     def calibrate_group(self, candidates=(8, 32, 128), budget_s: float = 3.0) -> int:
         """Cells per pass that evaluates fastest; 1 unless grouping is at least 10% faster."""
-        if self.opts.bn != "eval":
+        if self.cfg.bn != "eval":
             return 1
         rng = np.random.RandomState(0)
         coords = [tuple(c) for c in rng.uniform(-1, 1, size=(max(candidates), 2))]
@@ -238,12 +265,11 @@ class Evaluator:
 
 
 @torch.inference_mode()
-def evaluate_plain(model: nn.Module, state: dict, data: TensorSet, batch_size: int = 128,
+def plain_loss_acc(model: nn.Module, data: TensorSet, batch_size: int = 128,
                    device: str = "cpu") -> tuple[float, float]:
-    """The plain reference: load the state dict, loop over batches, no tricks. Used by tests
-    and by the benchmark's naive baseline."""
-    model.load_state_dict(state, strict=False)
-    model.to(device).eval()
+    """Mean loss and accuracy the plain way: one batch at a time, a float per batch, no
+    tricks. Training reports with it; tests and the benchmark's naive baseline compare the
+    evaluator against it."""
     total, correct = 0.0, 0
     for i in range(0, len(data), batch_size):
         xb = data.normalize(data.x[i:i + batch_size]).to(device)
@@ -252,3 +278,11 @@ def evaluate_plain(model: nn.Module, state: dict, data: TensorSet, batch_size: i
         total += float(F.cross_entropy(logits, yb, reduction="sum"))
         correct += int((logits.argmax(1) == yb).sum())
     return total / len(data), correct / len(data)
+
+
+def evaluate_plain(model: nn.Module, state: dict, data: TensorSet, batch_size: int = 128,
+                   device: str = "cpu") -> tuple[float, float]:
+    """The plain reference at a given state: load the state dict, then plain_loss_acc."""
+    model.load_state_dict(state, strict=False)
+    model.to(device).eval()
+    return plain_loss_acc(model, data, batch_size, device)
