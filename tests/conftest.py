@@ -105,9 +105,6 @@ def kill_tree(pid, sig):
 
 def chunk_log(path):
     """(records, cells) of the file's per-chunk work log."""
-    from lldist.store import SurfaceFile
-    sf = SurfaceFile.open(path, "r")
-    try:
+    from lldist.store import SurfaceReader
+    with SurfaceReader(path) as sf:
         return sf.chunk_log()
-    finally:
-        sf.f.close()

@@ -2,6 +2,7 @@
 
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -56,6 +57,19 @@ CASES = [
     ("bad model args", {"model": {"name": "mlp", "checkpoint": "model.pt", "args": {"depth": 3}}}, "bad model.args"),
     ("unwritable output", {"output": "afile/out.h5"}, "cannot create folder"),
     ("cuda without gpu", {"eval": {"device": "cuda"}}, "no CUDA device"),
+    ("infinite bounds", {"grid": {"x": [float("-inf"), float("inf"), 5]}}, "must be finite numbers"),
+    ("nan bound", {"grid": {"y": [float("nan"), 1.0, 5]}}, "must be finite numbers"),
+    ("grid too large", {"grid": {"x": [-1, 1, 100000], "y": [-1, 1, 100000]}}, "more than lldist stores"),
+    ("cnn width 0", {"model": {"name": "cnn", "checkpoint": "model.pt", "args": {"width": 0}}},
+     "model.args.width must be a positive integer"),
+    ("mlp hidden -1", {"model": {"name": "mlp", "checkpoint": "model.pt", "args": {"hidden": [-1]}}},
+     "model.args.hidden must be a list of positive integers"),
+    ("bn batch with auto batch", {"eval": {"bn": "batch", "batch_size": "auto"}},
+     "'eval.batch_size' must be a number with eval.bn: batch"),
+    ("bn batch with vmapped cells", {"eval": {"bn": "batch", "cells_per_pass": 4}},
+     "'eval.cells_per_pass' must be 1 with eval.bn: batch"),
+    ("not utf-8", "name: caf\xe9\n", "not UTF-8"),
+    ("duplicate key", "name: a\nname: b\n", "duplicate key 'name'"),
 ]
 
 
@@ -63,7 +77,9 @@ CASES = [
 def test_bad_job(workdir, capsys, name, spec, expect):
     open("afile", "w").close()
     if isinstance(spec, str):
-        job = raw(workdir / "job.yaml", spec)
+        job = str(workdir / "job.yaml")
+        with open(job, "wb") as f:
+            f.write(spec.encode("latin-1"))
     else:
         job = write_job(workdir / "job.yaml", **spec)
     fails(capsys, surface.main, [job], expect)
@@ -132,3 +148,75 @@ def test_pretrained_offline_is_a_clear_error(workdir, capsys, monkeypatch):
     job = write_job(workdir / "job.yaml", train=None,
                     model={"name": "mobilenet_v2", "checkpoint": None, "pretrained": "IMAGENET9K"})
     fails(capsys, surface.main, [job], "not a weights name")
+
+
+def test_full_disk_is_one_line_and_creates_nothing(workdir, capsys, monkeypatch):
+    from lldist import store
+    monkeypatch.setattr(store, "free_bytes", lambda folder: 4096)
+    job = write_job(workdir / "job.yaml", grid={"x": [-1, 1, 3], "y": None})
+    fails(capsys, surface.main, [job], "GB free")
+    assert not os.path.exists("out.h5") and not os.path.exists("out.h5.creating")
+    assert not os.path.exists("out.h5.lock")
+
+
+def test_odd_checkpoint_metadata_is_stored_as_text(workdir):
+    import json
+    import h5py
+    m = build_model(ModelConfig(name="mlp", args={"hidden": [16]}), (1, 8, 8), 10)
+    for i, meta in enumerate(({"epoch": torch.tensor(3), "w": torch.ones(2), "nested": [1, {"a": (2, 3)}]}, "a note")):
+        torch.save({"state_dict": m.state_dict(), "meta": meta}, f"odd{i}.pt")
+        job = write_job(workdir / "job.yaml", train=None, output=f"o{i}.h5",
+                        model={"name": "mlp", "checkpoint": f"odd{i}.pt", "args": {"hidden": [16]}},
+                        grid={"x": [-1, 1, 3], "y": None})
+        run(["lldist.surface", job], workdir)
+        with h5py.File(f"o{i}.h5", "r") as f:
+            stored = json.loads(f.attrs["checkpoint_meta"])
+        assert stored == ({"epoch": 3, "w": [1.0, 1.0], "nested": [1, {"a": [2, 3]}]} if i == 0 else {"meta": "a note"})
+
+
+def test_bad_study_files(workdir, capsys):
+    from lldist import study
+    raw(workdir / "s1.yaml", "name: s\nbase: [1, 2]\n")
+    fails(capsys, study.main, ["s1.yaml"], "'base' must be a mapping")
+    raw(workdir / "s2.yaml", "name: s\nbase: {model: {name: mlp}}\nvariants: [{label: a}, {label: a}]\n")
+    fails(capsys, study.main, ["s2.yaml"], "variant label 'a' is used more than once")
+
+
+def test_bad_plot_options(workdir, capsys):
+    job = write_job(workdir / "job.yaml", grid={"x": [-1, 1, 3], "y": [-1, 1, 3]})
+    run(["lldist.surface", job], workdir)
+    fails(capsys, plot.main, ["out.h5", "--vmin", "nan"], "--vmin must be a finite number")
+    fails(capsys, plot.main, ["out.h5", "--dpi", "0"], "--dpi must be between")
+    fails(capsys, plot.main, ["out.h5", "--vmin", "5", "--vmax", "1"], "must be below --vmax")
+
+
+def test_metrics_store_failure_is_one_line_and_keeps_the_file(workdir, capsys, monkeypatch):
+    from lldist import metrics
+    job = write_job(workdir / "job.yaml", grid={"x": [-1, 1, 5], "y": None})
+    run(["lldist.surface", job], workdir)
+    with open("out.h5", "rb") as f:
+        before = f.read()
+
+    def full(src, dst):
+        raise OSError(28, "No space left on device")
+    real = os.replace
+    monkeypatch.setattr(os, "replace", full)
+    fails(capsys, metrics.main, ["out.h5", "--store"], "No space left on device")
+    monkeypatch.setattr(os, "replace", real)
+    with open("out.h5", "rb") as f:
+        assert f.read() == before
+    assert not os.path.exists("out.h5.metrics")
+
+
+@pytest.mark.parametrize("grid,curve", [({"x": [-1, 1, 5], "y": [0, 0, 1]}, "alpha"),
+                                        ({"x": [0.5, 0.5, 1], "y": [-1, 1, 4]}, "beta"),
+                                        ({"x": [0, 0, 1], "y": [0, 0, 1]}, "alpha")])
+def test_one_row_or_column_grid_plots_as_a_curve(workdir, grid, curve):
+    job = write_job(workdir / "job.yaml", grid=grid)
+    run(["lldist.surface", job], workdir)
+    p = run(["lldist.plot", "out.h5"], workdir)
+    assert "wrote 1 figures" in p.stdout and os.path.exists("out_curve.png")
+    s = plot.read_surface("out.h5")
+    assert s["y"] is None and s["xlabel"].startswith(curve)
+    n = max(grid["x"][2], grid["y"][2])
+    assert s["values"][("test", "loss")].shape == (n,) and np.isfinite(s["values"][("test", "loss")]).all()

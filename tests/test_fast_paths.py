@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from lldist.bench import make_case
-from lldist.evaluate import EvalOptions, Evaluator, evaluate_plain
+from lldist.config import EvalConfig
+from lldist.evaluate import Evaluator, evaluate_plain
 
 COORDS = [(0.0, 0.0), (0.2, -0.1), (-0.4, 0.3), (0.05, 0.6), (-0.3, -0.3)]
 
@@ -19,9 +20,10 @@ def reference(name, n=256):
     return np.array(out)  # (cells, 2)
 
 
-def fast(name, n=256, **opts):
+def fast(name, n=256, prenormalize_bytes=1 << 30, **opts):
     model, theta, dirs, data = make_case(name, n)
-    ev = Evaluator(model, theta, dirs, {"test": data}, EvalOptions(**opts))
+    ev = Evaluator(model, theta, dirs, {"test": data}, EvalConfig(**opts), device="cpu",
+                   prenormalize_bytes=prenormalize_bytes)
     return ev.evaluate_cells(COORDS)[:, 0, :], ev
 
 
@@ -42,10 +44,18 @@ def test_fp32_paths_match_reference(name, opts):
         assert ev.cells_per_pass == 3
 
 
-def test_cells_per_pass_auto_never_slower_and_correct():
+def test_cells_per_pass_auto_is_used_and_correct():
     got, ev = fast("mlp", cells_per_pass="auto", batch_size=256)
-    assert ev.cells_per_pass in (1, 8, 32, 128)
     np.testing.assert_allclose(got[:, 0], reference("mlp")[:, 0], rtol=1e-5)
+    calls = []
+    real = ev.evaluate_group
+    ev.evaluate_group = lambda coords: calls.append(len(coords)) or real(coords)
+    ev.evaluate_cells(COORDS * 30)  # 150 cells
+    # the calibrated choice is what runs: groups of exactly that size (the last may be short)
+    if ev.cells_per_pass == 1:
+        assert calls == []
+    else:
+        assert calls[0] == ev.cells_per_pass and sum(calls) == 150
 
 
 def test_bf16_within_tolerance():
@@ -59,7 +69,7 @@ def test_bf16_within_tolerance():
 def test_weights_return_to_theta():
     """In-place updates do not drift: after many cells, the centre gives the same numbers."""
     model, theta, dirs, data = make_case("cnn", 128)
-    ev = Evaluator(model, theta, dirs, {"test": data}, EvalOptions(batch_size=64))
+    ev = Evaluator(model, theta, dirs, {"test": data}, EvalConfig(batch_size=64), device="cpu")
     first = ev.evaluate(0.0, 0.0)
     for a in np.linspace(-1, 1, 25):
         ev.evaluate(a, -a)

@@ -42,7 +42,7 @@ def cnn_job(workdir):
     return job
 
 
-@pytest.mark.parametrize("ranks,chunk", [(3, 1), (3, 4), (2, 3)])
+@pytest.mark.parametrize("ranks,chunk", [(1, 2), (3, 1), (3, 4), (2, 3)])
 def test_ranks_bitwise_equal_to_one_process(cnn_job, workdir, ranks, chunk):
     p = mpirun(ranks, cnn_job, workdir, "--out", "mpi.h5", "--set", f"eval.chunk_size={chunk}")
     for r in range(ranks):
@@ -63,6 +63,7 @@ def test_ranks_bitwise_equal_to_one_process(cnn_job, workdir, ranks, chunk):
     assert "35/35 cells done" in out and len([ln for ln in out.splitlines() if " cpu " in ln]) == ranks
 
 
+@pytest.mark.slow
 def test_grid_smaller_than_ranks_and_ragged_chunks(workdir):
     job = write_job(workdir / "job.yaml", grid={"x": [-1, 1, 2], "y": None}, eval={"chunk_size": 5})
     run(["lldist.train", job], workdir)
@@ -100,6 +101,7 @@ def test_sigkill_whole_run_then_resume(cnn_job, workdir):
     assert sorted(final["chunk_cells"].tolist()) == list(range(35))
 
 
+@pytest.mark.slow
 def test_failure_on_one_rank_aborts_cleanly_and_resumes(workdir):
     job = write_job(workdir / "job.yaml", train=None,
                     model={"name": "python:userfactories:faulty", "checkpoint": None, "args": {"after": 4}},

@@ -15,7 +15,7 @@ from lldist.config import load_job
 
 def slow_job(workdir):
     return write_job(workdir / "job.yaml", train=None,
-                     model={"name": "python:lldist.bench:fixed_cost", "checkpoint": None, "args": {"seconds": 0.03}},
+                     model={"name": "python:lldist.synthetic:fixed_cost", "checkpoint": None, "args": {"seconds": 0.03}},
                      grid={"x": [-1.0, 1.0, 40], "y": None}, eval={"chunk_size": 2, "batch_size": 1000})
 
 
@@ -47,6 +47,7 @@ def test_sigterm_single_process_flushes_and_resumes(workdir):
     assert sorted(cells.tolist()) == list(range(40))
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_then_resume(workdir):
     job = slow_job(workdir)
     cmd = [mpiexec(), "-n", "3", sys.executable, "-m", "lldist.surface", job, "--progress-every", "0"]

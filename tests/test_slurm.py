@@ -23,8 +23,8 @@ from conftest import ROOT, chunk_log, env, run, write_job
 CLUSTER = os.path.join(ROOT, "tests", "slurm", "cluster.sh")
 CPU = ["--gpus-per-task=0", "--ntasks-per-node=3", "--cpus-per-task=1"]  # the test node has no GPUs
 
-pytestmark = pytest.mark.skipif(not (shutil.which("slurmctld") and shutil.which("sbatch") and os.geteuid() == 0),
-                                reason="needs root and Debian's slurmctld/slurmd/munge (see .ci/run)")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not (shutil.which("slurmctld") and shutil.which("sbatch") and os.geteuid() == 0),
+                                reason="needs root and Debian's slurmctld/slurmd/munge (see .ci/run)")]
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +80,7 @@ def wait_gone(conf, jobid, timeout=120):
 
 def test_signalled_job_resumes_without_recomputing(slurm, workdir):
     job = write_job(workdir / "job.yaml", train=None,
-                    model={"name": "python:lldist.bench:fixed_cost", "checkpoint": None, "args": {"seconds": 0.1}},
+                    model={"name": "python:lldist.synthetic:fixed_cost", "checkpoint": None, "args": {"seconds": 0.1}},
                     grid={"x": [-1.0, 1.0, 60], "y": None}, eval={"chunk_size": 2, "batch_size": 1000})
     script = os.path.join(ROOT, "slurm", "surface.sh")
     jobid = sbatch(slurm, workdir, *CPU, "--time=10", "-o", "first.log", script, job, "--progress-every", "0")

@@ -72,6 +72,7 @@ def three_surfaces(workdir):
     return paths
 
 
+@pytest.mark.slow
 def test_compare_uses_one_colour_scale(workdir):
     paths = three_surfaces(workdir)
     args = argparse.Namespace(vmin=None, vmax=None, levels=20, log=False, linear=False, format="png", dpi=50)
@@ -106,6 +107,7 @@ def tiny_study():
     }
 
 
+@pytest.mark.slow
 def test_study_end_to_end_and_reuse(workdir):
     with open("study.yaml", "w") as f:
         yaml.safe_dump(tiny_study(), f)
@@ -120,10 +122,10 @@ def test_study_end_to_end_and_reuse(workdir):
         assert f"| {n} |" in md
     html = open("study/report.html").read()
     assert html.count("data:image/png;base64,") == 4 and "<table>" in html
-    before = os.path.getmtime("study/report.html")
+    os.utime("study/report.html", (0, 0))  # so that a rewrite shows, however fast
     q = run(["lldist.study", "study.yaml"], workdir)
     assert q.stdout.count(" 0 to compute") == 4 and "training it first" not in q.stdout
-    assert os.path.getmtime("study/report.html") >= before
+    assert os.path.getmtime("study/report.html") > 0  # the report was drawn again
 
 
 def test_study_under_mpi_uses_every_rank(workdir):

@@ -48,3 +48,25 @@ class Faulty(nn.Module):
 
 def faulty(after=3):
     return Faulty(after)
+
+
+def _rank():
+    return os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
+
+
+def raising(on_rank=None):
+    """A factory that raises (a bug in the user's code, not bad input) on every rank, or on
+    `on_rank` only."""
+    if on_rank is None or str(on_rank) == _rank():
+        raise ValueError(f"factory bug on rank {_rank()}")
+    return Faulty(10 ** 9)
+
+
+def slow_on_rank0(seconds=3.0):
+    """Rank 0 takes `seconds` to build its model (as if training): the other ranks wait."""
+    if _rank() == "0":
+        import sys
+        import time
+        print("slow factory: sleeping", file=sys.stderr, flush=True)
+        time.sleep(seconds)
+    return Faulty(10 ** 9)
