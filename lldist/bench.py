@@ -3,6 +3,7 @@
     python -m lldist.bench [--device cpu|cuda] [--models mlp cnn ...] [--precision fp32 bf16]
                            [--compile] [--json PATH] [--markdown PATH]
     python -m lldist.bench scaling [--ranks 1 2 4 8] [--cost 0.05] [--cells 320] [--chunk 2]
+    PYTHONPATH=. python -m lldist.bench gpu [--out DIR] [--budget 400]   # on a CUDA machine
 
 Throughput (default): per model and precision, on the same synthetic data and device,
   * ceiling: a pure forward pass over preloaded, normalized images at the best batch size
@@ -13,6 +14,9 @@ Throughput (default): per model and precision, on the same synthetic data and de
     load_state_dict per cell), and lldist's speedup over it.
 The ceiling and lldist are timed in alternation (median of 5 rounds), so machine drift
 affects both alike.
+GPU: the `gpu`-marked tests, then every fast path (fp32/bf16, channels-last, compile) of the
+MLP, the skip CNN and MobileNetV2 at 32 and 224 against its ceiling and the naive loop, the
+vmapped MLP, `batch_size: auto` and peak memory, and the 51x51 projection; JSON + Markdown.
 Scaling: the MPI protocol alone, with a synthetic model of fixed cost per cell (it sleeps),
 run under mpiexec at 1, 2, 4, 8 ranks: speedup, parallel efficiency, coordinator cost.
 """
@@ -23,7 +27,6 @@ import argparse
 import ctypes
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -32,7 +35,6 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
 
 from .errors import UserError, run_cli
@@ -56,9 +58,12 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def timed(fn, device, repeat=3, min_time=0.3):
-    """Median seconds of fn() over `repeat` runs, each long enough to time."""
-    fn()
+def timed(fn, device, repeat=3, min_time=0.3, warmup=1):
+    """Median seconds of fn() over `repeat` runs, each long enough to time. The warm-up calls
+    (compilation, CUDA-graph capture, cudnn autotuning) are outside the clock, and the GPU
+    is synchronised before every reading of it."""
+    for _ in range(warmup):
+        fn()
     sync(device)
     times = []
     for _ in range(repeat):
@@ -146,7 +151,8 @@ def interleaved(fns: dict, device, rounds: int = 5) -> dict:
     """Median seconds per call of each function, timed in alternation (A B A B ...), so that a
     drifting machine (frequency, neighbours) affects all of them alike."""
     for f in fns.values():
-        f()
+        for _ in range(3):  # compile, CUDA-graph capture (reduce-overhead records on call 2-3)
+            f()
     sync(device)
     times = {k: [] for k in fns}
     for _ in range(rounds):
@@ -190,11 +196,12 @@ def naive_loop(model, theta, dirs, data, device, cells=2, batch_size=128, worker
 
 
 def evaluator(name, n, device, precision, channels_last, compile_, batch, cells_per_pass):
-    from .evaluate import EvalOptions, Evaluator
+    from .config import EvalConfig
+    from .evaluate import Evaluator
     model, theta, dirs, data = make_case(name, n)
-    opts = EvalOptions(device=device, batch_size=batch, precision=precision, channels_last=channels_last,
-                       compile=compile_, cells_per_pass=cells_per_pass)
-    return Evaluator(model, theta, dirs, {"test": data}, opts)
+    cfg = EvalConfig(batch_size=batch, precision=precision, channels_last=channels_last,
+                     compile=compile_, cells_per_pass=cells_per_pass)
+    return Evaluator(model, theta, dirs, {"test": data}, cfg, device=device)
 
 
 def throughput(args) -> list:
@@ -254,24 +261,6 @@ def markdown(rows: list) -> str:
 
 # ----------------------------------------------------------------------------- scaling
 
-class FixedCost(nn.Module):
-    """A model whose forward sleeps `seconds`: the cost per cell is fixed and uses no CPU, so a
-    2-core machine can host 8 ranks and the protocol, not the arithmetic, is measured."""
-
-    def __init__(self, seconds: float = 0.05):
-        super().__init__()
-        self.fc = nn.Linear(64, 10)
-        self.seconds = seconds
-
-    def forward(self, x):
-        time.sleep(self.seconds)
-        return self.fc(x.flatten(1))
-
-
-def fixed_cost(seconds: float = 0.05) -> nn.Module:
-    return FixedCost(seconds)
-
-
 def find_mpiexec() -> str:
     here = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     found = here if os.path.exists(here) else shutil.which("mpiexec") or shutil.which("mpirun")
@@ -280,13 +269,23 @@ def find_mpiexec() -> str:
     return found
 
 
+def run_time(path: str) -> tuple:
+    """(seconds from the first chunk's start to the last one's end, coordinator ms per worker
+    message), as the file records them."""
+    from .store import SurfaceReader
+    with SurfaceReader(path) as sf:
+        records, _ = sf.chunk_log()
+        ms = sf.attr("coordinator_ms_per_message", 0.0)
+    return float(records["t_end"].max() - records["t_start"].min()), float(ms)
+
+
 def scaling(args) -> list:
     import yaml
     mpiexec = find_mpiexec()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         job = {"name": "scaling", "output": "s.h5",
-               "model": {"name": "python:lldist.bench:fixed_cost", "args": {"seconds": args.cost}},
+               "model": {"name": "python:lldist.synthetic:fixed_cost", "args": {"seconds": args.cost}},
                "data": {"name": "digits", "subset": 64},
                "grid": {"x": [-1.0, 1.0, args.cells]},
                "eval": {"batch_size": 64, "chunk_size": args.chunk, "threads": 1}}
@@ -303,9 +302,7 @@ def scaling(args) -> list:
             p = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=1800)
             if p.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
-            secs = float(re.search(r"done: \d+ cells in ([\d.]+)s", p.stdout).group(1))
-            m = re.search(r"coordinator: (\d+) worker messages, ([\d.]+) ms", p.stdout)
-            ms = float(m.group(2)) if m else 0.0
+            secs, ms = run_time(out)
             base = base or secs
             ideal = args.cells * args.cost
             row = {"ranks": n, "cells": args.cells, "cost_s": args.cost, "chunk": args.chunk, "seconds": secs,
@@ -323,15 +320,208 @@ def scaling_markdown(rows: list) -> str:
                           f"{r['coordinator_ms_per_message']:.2f} |\n" for r in rows)
 
 
+# ----------------------------------------------------------------------------- gpu
+
+GPU_MODELS = ("mlp", "cnn_skip", "mobilenet_v2_32", "mobilenet_v2_224")
+
+
+def gpu_images(name: str) -> int:
+    return 2048 if name.endswith("224") else 8192  # multiples of every batch tried: no ragged batch
+
+
+def gpu_batches(name: str) -> list:
+    return [128, 256, 512] if name.endswith("224") else [1024, 2048, 4096, 8192]
+
+
+def gpu_configs() -> list:
+    """(model, precision, channels_last, compile), the ones the targets name first, so that a
+    run cut short by its time budget still measures them."""
+    first = [("mobilenet_v2_32", "bf16", True, True), ("mobilenet_v2_32", "fp32", False, False),
+             ("mlp", "fp32", False, False), ("mobilenet_v2_224", "bf16", True, False),
+             ("mobilenet_v2_224", "fp32", False, False)]
+    rest = []
+    for name in GPU_MODELS:
+        conv = name != "mlp"
+        for precision in ("fp32", "bf16"):
+            for cl, comp in ([(False, False), (True, False), (True, True)] if conv else [(False, False), (False, True)]):
+                rest.append((name, precision, cl, comp))
+    return first + [c for c in rest if c not in first]
+
+
+def measure(name: str, precision: str, cl: bool, comp, device: str = "cuda", images: int = None,
+            batches: list = None) -> dict:
+    """One configuration: the pure forward ceiling and lldist's landscape rate, timed in
+    alternation on the same module. Eager: the ceiling is the best batch of a plain eager
+    model. Compiled: lldist's own compiled module at the eager best batch serves as the ceiling
+    too (one compilation, the same graph), and nothing else is compiled."""
+    n = images or gpu_images(name)
+    batches = [b for b in (batches or gpu_batches(name)) if b <= n] or [n]
+    model, theta, dirs, data = make_case(name, n)
+    rate, bs = ceiling(model, data, device, precision, cl, False, batches)
+    ev = evaluator(name, n, device, precision, cl, comp, bs, 1)
+    x = ev.splits["test"].x
+    if cl and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    @torch.inference_mode()
+    def pure():
+        with ev._precision():
+            for i in range(0, n, bs):
+                ev.model(x[i:i + bs])
+    fns = {"ceiling": pure, "lldist": lambda: ev.evaluate_cells([(0.1, -0.2)])}
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    med = interleaved(fns, device)
+    return {"model": name, "precision": precision, "channels_last": cl, "compile": comp or False, "images": n,
+            "batch": bs, "ceiling_img_s": n / med["ceiling"], "eager_sweep_img_s": rate,
+            "lldist_img_s": n / med["lldist"], "lldist_cells_s": 1 / med["lldist"],
+            "vs_ceiling": med["ceiling"] / med["lldist"],
+            "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2 ** 20 if device == "cuda" else 0.0}
+
+
+def run_gpu_tests(out: str) -> dict:
+    """tests/test_gpu.py: by pytest where it is installed, else function by function."""
+    import importlib.util
+    import io
+    import traceback
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.path.join(root, "tests", "test_gpu.py")
+    log_path = os.path.join(out, "gpu_tests.log")
+    if importlib.util.find_spec("pytest") is not None:
+        p = subprocess.run([sys.executable, "-m", "pytest", "-v", "-m", "gpu", path], cwd=root,
+                           capture_output=True, text=True, timeout=300)
+        with open(log_path, "w") as f:
+            f.write(p.stdout + p.stderr)
+        tail = (p.stdout.strip().splitlines() or ["?"])[-1]
+        return {"runner": "pytest", "returncode": p.returncode, "summary": tail, "log": log_path}
+    spec = importlib.util.spec_from_file_location("test_gpu", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    buf, passed, failed = io.StringIO(), 0, 0
+    for fname in sorted(k for k in vars(mod) if k.startswith("test_")):
+        t0 = time.perf_counter()
+        try:
+            getattr(mod, fname)()
+            passed += 1
+            buf.write(f"PASSED {fname} ({time.perf_counter() - t0:.1f}s)\n")
+        except Exception:
+            failed += 1
+            buf.write(f"FAILED {fname} ({time.perf_counter() - t0:.1f}s)\n{traceback.format_exc()}\n")
+    buf.write(f"{passed} passed, {failed} failed\n")
+    with open(log_path, "w") as f:
+        f.write(buf.getvalue())
+    return {"runner": "functions (no pytest)", "returncode": int(failed > 0), "summary": f"{passed} passed, {failed} failed",
+            "log": log_path}
+
+
+def gpu_report(args) -> dict:
+    """Everything the GPU issue asks for, in one run within `args.budget` seconds."""
+    if not torch.cuda.is_available():
+        raise UserError("lldist.bench gpu needs a CUDA GPU (torch sees none)")
+    torch.backends.cudnn.benchmark = True
+    t_end = time.perf_counter() + args.budget
+    os.makedirs(args.out, exist_ok=True)
+    rep = {"mode": "gpu", "card": torch.cuda.get_device_name(), "torch": torch.__version__,
+           "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d %H:%M %Z"), "rows": [], "skipped": [],
+           "naive": {}, "batch_auto": {}}
+    t0 = time.perf_counter()
+    rep["tests"] = {} if args.skip_tests else run_gpu_tests(args.out)
+    rep["tests"]["seconds"] = time.perf_counter() - t0
+    print(f"gpu tests: {rep['tests'].get('summary', 'skipped')}", flush=True)
+    for name in GPU_MODELS:  # the reference code's loop, fp32, 2 DataLoader workers
+        model, theta, dirs, data = make_case(name, gpu_images(name))
+        rep["naive"][name] = naive_loop(model, theta, dirs, data, "cuda", cells=1, workers=2)
+        print(f"naive {name}: {rep['naive'][name]:.3f} cells/s", flush=True)
+    for cfg in gpu_configs():
+        if time.perf_counter() > t_end:
+            rep["skipped"].append(cfg)
+            continue
+        try:
+            row = measure(*cfg)
+        except Exception as e:  # one configuration failing (memory, a compiler error) is a result too
+            rep["skipped"].append(list(cfg) + [f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"])
+            continue
+        row["speedup_vs_naive"] = row["lldist_cells_s"] / rep["naive"][row["model"]]
+        rep["rows"].append(row)
+        print(f"{row['model']:17s} {row['precision']} cl={row['channels_last']!s:5} compile={row['compile']!s:5} "
+              f"batch {row['batch']:5d}: ceiling {row['ceiling_img_s']:12,.0f} img/s, lldist "
+              f"{row['lldist_img_s']:12,.0f} ({row['vs_ceiling']:.2f}), {row['speedup_vs_naive']:.1f}x naive, "
+              f"{row['peak_gpu_mib']:.0f} MiB", flush=True)
+    # vmapped cells for the MLP: cells/s at 128 per pass against one at a time
+    if time.perf_counter() < t_end:
+        n = gpu_images("mlp")
+        coords = [tuple(c) for c in np.random.RandomState(0).uniform(-1, 1, size=(128, 2))]
+        ev128 = evaluator("mlp", n, "cuda", "fp32", False, False, 4096, 128)
+        ev1 = evaluator("mlp", n, "cuda", "fp32", False, False, 4096, 1)
+        med = interleaved({"g": lambda: ev128.evaluate_cells(coords), "one": lambda: ev1.evaluate_cells(coords[:8])},
+                          "cuda")
+        rep["vmap_mlp"] = {"cells_s_128": 128 / med["g"], "cells_s_1": 8 / med["one"],
+                           "speedup": (128 / med["g"]) / (8 / med["one"])}
+        print(f"mlp vmap: {rep['vmap_mlp']['speedup']:.1f}x", flush=True)
+    for name in GPU_MODELS:  # what batch_size: auto picks, and the memory it takes
+        if time.perf_counter() > t_end:
+            break
+        torch.cuda.reset_peak_memory_stats()
+        ev = evaluator(name, gpu_images(name), "cuda", "fp32", False, False, "auto", 1)
+        ev.evaluate_cells([(0.1, 0.1)])
+        rep["batch_auto"][name] = {"batch": ev.batch_size, "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2 ** 20}
+    best224 = max((r["lldist_img_s"] for r in rep["rows"] if r["model"] == "mobilenet_v2_224"), default=0.0)
+    if best224:
+        one = 2601 * 5000 / best224
+        rep["projection_51x51_mobilenet224_5000img"] = {"img_s": best224, "one_card_s": one, "eight_cards_s": one / 8}
+    rep["seconds"] = time.perf_counter() - t0
+    with open(os.path.join(args.out, "bench_gpu.json"), "w") as f:
+        json.dump(rep, f, indent=1, default=str)
+    with open(os.path.join(args.out, "bench_gpu.md"), "w") as f:
+        f.write(gpu_markdown(rep))
+    print(gpu_markdown(rep), flush=True)
+    return rep
+
+
+def gpu_markdown(rep: dict) -> str:
+    lines = [f"# GPU benchmark: {rep['card']}, torch {rep['torch']} (CUDA {rep['cuda']}), {rep['date']}\n",
+             f"GPU tests: {rep['tests'].get('summary', 'not run')} ({rep['tests'].get('runner', '')})\n",
+             "| model | precision | channels-last | compile | batch | ceiling img/s | lldist img/s | vs ceiling "
+             "| vs naive | peak GPU MiB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rep["rows"]:
+        lines.append(f"| {r['model']} | {r['precision']} | {r['channels_last']} | {r['compile']} | {r['batch']} | "
+                     f"{r['ceiling_img_s']:,.0f} | {r['lldist_img_s']:,.0f} | {r['vs_ceiling']:.2f} | "
+                     f"{r['speedup_vs_naive']:.1f}x | {r['peak_gpu_mib']:.0f} |")
+    lines.append("\nNaive per-cell loop (fp32, DataLoader with per-sample transforms, 2 workers), cells/s: " +
+                 ", ".join(f"{k} {v:.3f}" for k, v in rep["naive"].items()))
+    if "vmap_mlp" in rep:
+        v = rep["vmap_mlp"]
+        lines.append(f"\nMLP, vmapped cells: {v['cells_s_128']:.0f} cells/s at 128 per pass, {v['cells_s_1']:.0f} one "
+                     f"at a time: {v['speedup']:.1f}x")
+    if rep["batch_auto"]:
+        lines.append("\n`batch_size: auto` (fp32): " + ", ".join(
+            f"{k} {v['batch']} ({v['peak_gpu_mib']:.0f} MiB)" for k, v in rep["batch_auto"].items()))
+    p = rep.get("projection_51x51_mobilenet224_5000img")
+    if p:
+        lines.append(f"\n51x51 MobileNetV2 at 224x224 on 5,000 images, at {p['img_s']:,.0f} img/s: "
+                     f"{p['one_card_s'] / 3600:.2f} h on one card, {p['eight_cards_s'] / 60:.1f} min on 8")
+    if rep["skipped"]:
+        lines.append("\nNot measured (time budget or error): " + "; ".join(map(str, rep["skipped"])))
+    return "\n".join(lines) + "\n"
+
+
 # ----------------------------------------------------------------------------- CLI
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    mode = "scaling" if argv[:1] == ["scaling"] else "throughput"
-    if mode == "scaling":
+    mode = argv[0] if argv[:1] in (["scaling"], ["gpu"]) else "throughput"
+    if mode != "throughput":
         argv = argv[1:]
-    ap = argparse.ArgumentParser(prog=f"python -m lldist.bench{' scaling' if mode == 'scaling' else ''}",
+    ap = argparse.ArgumentParser(prog=f"python -m lldist.bench{'' if mode == 'throughput' else ' ' + mode}",
                                  description=__doc__.split("\n")[0])
+    if mode == "gpu":
+        ap.add_argument("--out", default="bench_gpu", help="folder for bench_gpu.json, bench_gpu.md, gpu_tests.log")
+        ap.add_argument("--budget", type=float, default=400.0, help="seconds for everything (tests included)")
+        ap.add_argument("--skip-tests", action="store_true")
+        args = ap.parse_args(argv)
+        tune_malloc()
+        gpu_report(args)
+        return 0
     ap.add_argument("--json", help="write the rows as JSON here")
     ap.add_argument("--markdown", help="write the table as Markdown here")
     if mode == "scaling":
@@ -347,7 +537,7 @@ def main(argv=None) -> int:
         ap.add_argument("--channels-last", action="store_true")
         ap.add_argument("--images", type=int, help="images per cell (default: by model and device)")
         ap.add_argument("--naive-cells", type=int, default=2)
-        ap.add_argument("--threads", type=int, default=os.cpu_count())
+        ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     args = ap.parse_args(argv)
     tune_malloc()
     if mode == "scaling":
