@@ -33,6 +33,7 @@ PRECISIONS = ("fp32", "tf32", "bf16")
 OPTIMIZERS = ("adam", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 BN_MODES = ("eval", "batch")
+LOSSES = ("cross_entropy", "mse", "lm")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Every dataset of a surface is allocated when the file is made (about 160 bytes a cell with
 # its work log): 2**27 cells is a 11585 x 11585 grid and a ~21 GB file.
@@ -156,6 +157,8 @@ class EvalConfig:
     bn: str = "eval"  # eval: running statistics; batch: statistics of each batch
     cells_per_pass: Union[int, str] = 1  # several cells in one vmapped pass, or "auto"
     chunk_size: Union[int, str] = "auto"  # cells per unit of work (and per HDF5 flush)
+    loss: str = "cross_entropy"  # cross_entropy | mse | lm (next-token) | python:<module>:<function>
+    metrics: Optional[dict] = None  # name -> python:<module>:<function>; None: the loss's own (acc, perplexity)
     threads: Optional[int] = None  # torch CPU threads per process (default: OMP_NUM_THREADS, else
     #                                 the CPUs this process may use, shared by the node's ranks)
 
@@ -305,7 +308,7 @@ def validate(job: Job) -> None:
     p = job.source
     m, d, g, e, dr = job.model, job.data, job.grid, job.eval, job.directions
     if not (m.name in BUILTIN_MODELS or m.name.startswith("torchvision:")
-            or (m.name.startswith("python:") and m.name.count(":") == 2)):
+            or (m.name.startswith("python:") and m.name.count(":") == 2) or m.name.startswith("object:")):
         raise UserError(f"{p}: key 'model.name' is {m.name!r}; allowed: {', '.join(BUILTIN_MODELS)}, "
                         "torchvision:<name>, python:<module>:<factory>")
     if m.checkpoint and m.pretrained:
@@ -315,7 +318,8 @@ def validate(job: Job) -> None:
                         "(and the job has no 'train:' section to make it)")
     if job.train is not None and not m.checkpoint:
         raise UserError(f"{p}: a job with 'train:' needs 'model.checkpoint' to say where the model goes")
-    if not (d.name in BUILTIN_DATA or (d.name.startswith("python:") and d.name.count(":") == 2)):
+    if not (d.name in BUILTIN_DATA or (d.name.startswith("python:") and d.name.count(":") == 2)
+            or d.name.startswith("object:")):
         raise UserError(f"{p}: key 'data.name' is {d.name!r}; allowed: {', '.join(BUILTIN_DATA)}, "
                         "python:<module>:<factory>")
     if d.name in ("cifar10", "imagefolder") and not d.root:
@@ -358,6 +362,16 @@ def validate(job: Job) -> None:
         if e.cells_per_pass != 1:
             raise UserError(f"{p}: key 'eval.cells_per_pass' must be 1 with eval.bn: batch "
                             "(several cells per pass run BatchNorm with running statistics only)")
+    if not (e.loss in LOSSES or (e.loss.startswith("python:") and e.loss.count(":") == 2)):
+        raise UserError(f"{p}: key 'eval.loss' is {e.loss!r}; allowed: {', '.join(LOSSES)}, python:<module>:<function>")
+    for k, v in (e.metrics or {}).items():
+        if not (isinstance(k, str) and k.isidentifier() and k != "loss"):
+            raise UserError(f"{p}: key 'eval.metrics': {k!r} is not a usable name (an identifier other than 'loss')")
+        if not (isinstance(v, str) and v.startswith("python:") and v.count(":") == 2):
+            raise UserError(f"{p}: key 'eval.metrics.{k}' must be python:<module>:<function>, got {v!r}")
+    if (e.loss != "cross_entropy" or e.metrics) and e.cells_per_pass != 1:
+        raise UserError(f"{p}: key 'eval.cells_per_pass' must be 1 with another loss or metrics than the "
+                        "default (several cells per pass know cross-entropy and accuracy only)")
     if e.threads is not None and e.threads < 1:
         raise UserError(f"{p}: key 'eval.threads' must be at least 1, got {e.threads}")
     if job.train is not None:
@@ -391,6 +405,8 @@ def identity_hash(job: Job, file_hashes: Optional[dict] = None) -> str:
     before training (to refuse a wrong output before spending the time).
     """
     ev = {"split": job.eval.split, "precision": job.eval.precision, "bn": job.eval.bn}
+    if job.eval.loss != "cross_entropy" or job.eval.metrics:  # (absent: files made before they existed)
+        ev.update(loss=job.eval.loss, metrics=job.eval.metrics)
     if job.eval.bn == "batch":
         ev["batch_size"] = job.eval.batch_size
     ident = {

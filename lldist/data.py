@@ -68,6 +68,31 @@ class TensorSet:
             yield self.normalize(self.x[i:i + batch_size], dtype), self.y[i:i + batch_size]
 
 
+class BatchList:
+    """Batches as the caller made them (tuples or dicts of tensors, HuggingFace style), kept as
+    they come: their size is the caller's. `len()` counts examples (the first dimension)."""
+
+    def __init__(self, batches: list):
+        self.batches_ = batches
+
+    @staticmethod
+    def _tensors(b):
+        return list(b.values()) if isinstance(b, dict) else list(b)
+
+    def __len__(self) -> int:
+        return sum(self._tensors(b)[0].shape[0] for b in self.batches_)
+
+    def to(self, device) -> "BatchList":
+        def move(b):
+            if isinstance(b, dict):
+                return {k: v.to(device) for k, v in b.items()}
+            return tuple(t.to(device) for t in b)
+        return BatchList([move(b) for b in self.batches_])
+
+    def batches(self, batch_size=None, dtype=None) -> Iterator:
+        return iter(self.batches_)
+
+
 def _subset_indices(n: int, cfg: DataConfig) -> Optional[np.ndarray]:
     if cfg.subset is None or cfg.subset >= n:
         return None

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from .config import BN_MODES, EvalConfig
 from .data import TensorSet
+from .tasks import Task
 
 
 AUTOCAST = {"fp32": None, "tf32": None, "bf16": torch.bfloat16}  # precision -> autocast dtype
@@ -60,13 +61,20 @@ class Slot(NamedTuple):
 class Evaluator:
     def __init__(self, model: nn.Module, theta: dict, dirs: dict, splits: dict,
                  cfg: EvalConfig = EvalConfig(), device: Optional[str] = None,
-                 prenormalize_bytes: int = 1 << 30):
+                 prenormalize_bytes: int = 1 << 30, task: Optional[Task] = None):
         if cfg.precision not in AUTOCAST:
             raise ValueError(f"precision {cfg.precision!r}; allowed: {', '.join(AUTOCAST)}")
         if cfg.bn not in BN_MODES:
             raise ValueError(f"bn {cfg.bn!r}; allowed: {', '.join(BN_MODES)}")
         if cfg.bn == "batch" and cfg.cells_per_pass not in (1, "auto"):
             raise ValueError("bn='batch' needs cells_per_pass=1 (vmap runs BatchNorm in eval mode only)")
+        self.task = task or Task()
+        # the fast paths (vmapped cells, batch calibration) know (x, y) tensors and cross-entropy
+        self.plain = self.task.classification and all(isinstance(d, TensorSet) for d in splits.values())
+        if not self.plain and cfg.cells_per_pass not in (1, "auto"):
+            raise ValueError("cells_per_pass > 1 needs the default cross-entropy task on (x, y) tensors")
+        if cfg.batch_size == "auto" and not all(isinstance(d, TensorSet) for d in splits.values()):
+            raise ValueError("batch_size='auto' needs (x, y) tensors: batches given as they come keep their size")
         self.cfg = cfg
         self.prenormalize_bytes = prenormalize_bytes
         self.device = torch.device(device or resolve_device(cfg.device))
@@ -102,10 +110,12 @@ class Evaluator:
         elif cfg.cells_per_pass > 1:
             self.cells_per_pass = cfg.cells_per_pass
 
-    def _on_device(self, ts: TensorSet) -> TensorSet:
+    def _on_device(self, ts):
         """Data on the device; normalized once in float32 when that copy is small enough, else
         kept compact (uint8) and normalized batch by batch. Same arithmetic either way."""
         ts = ts.to(self.device)
+        if not isinstance(ts, TensorSet):
+            return ts  # the caller's batches, as they are
         if ts.x.numel() * 4 <= self.prenormalize_bytes and (ts.scale != 1.0 or ts.mean is not None
                                                                   or ts.x.dtype != torch.float32):
             ts = TensorSet(ts.normalize(ts.x), ts.y, ts.num_classes)
@@ -159,15 +169,30 @@ class Evaluator:
         correct = torch.stack(corrects).sum()
         return float(total) / n, float(correct) / n  # the one device sync per split
 
+    @torch.inference_mode()
+    def quantities(self, data) -> list:
+        """The task's quantities on one split, in task.names order: per batch the float32 sums
+        of values and weights, accumulated in float64, one device sync per split."""
+        if self.plain:
+            return list(self.loss_acc(data))
+        sums = []
+        with self._precision():
+            for batch in data.batches(self.batch_size, self.dtype):
+                if self.cfg.channels_last and isinstance(batch, tuple) and batch[0].dim() == 4:
+                    batch = (batch[0].contiguous(memory_format=torch.channels_last),) + tuple(batch[1:])
+                sums.append(self.task.sums(self.task.forward(self.model, batch), batch))
+        return self.task.means(torch.stack(sums).double().sum(0))
+
     def evaluate(self, a: float, b: float = 0.0) -> np.ndarray:
-        """(nsplits, 2) float64: [loss, accuracy] per split at theta + a*dx + b*dy."""
+        """(nsplits, nquantities) float64: the task's quantities ([loss, accuracy] by default)
+        per split at theta + a*dx + b*dy."""
         self.set_weights(a, b)
-        return np.array([self.loss_acc(d) for d in self.splits.values()], dtype=np.float64)
+        return np.array([self.quantities(d) for d in self.splits.values()], dtype=np.float64)
 
     def evaluate_cells(self, coords: Sequence[tuple]) -> np.ndarray:
-        """(ncells, nsplits, 2) float64 for a list of (alpha, beta)."""
+        """(ncells, nsplits, nquantities) float64 for a list of (alpha, beta)."""
         if not len(coords):
-            return np.zeros((0, len(self.splits), 2))
+            return np.zeros((0, len(self.splits), len(self.task.names)))
         if self.cells_per_pass == 1:
             return np.stack([self.evaluate(a, b) for a, b in coords])
         g = self.cells_per_pass
@@ -216,7 +241,7 @@ class Evaluator:
 
     def calibrate_group(self, candidates=(8, 32, 128), budget_s: float = 3.0) -> int:
         """Cells per pass that evaluates fastest; 1 unless grouping is at least 10% faster."""
-        if self.cfg.bn != "eval":
+        if self.cfg.bn != "eval" or not self.plain:
             return 1
         rng = np.random.RandomState(0)
         coords = [tuple(c) for c in rng.uniform(-1, 1, size=(max(candidates), 2))]
@@ -249,10 +274,11 @@ class Evaluator:
         bs, deadline = 32, time.perf_counter() + budget_s
         while bs <= max(32, len(data)) and time.perf_counter() < deadline:
             sub = TensorSet(data.x[:bs * 2], data.y[:bs * 2], data.num_classes, data.scale, data.mean, data.std)
+            self.batch_size = bs
             try:
-                self.loss_acc(sub, bs)  # warm-up (cudnn autotune, compile)
+                self.quantities(sub)  # warm-up (cudnn autotune, compile)
                 t0 = time.perf_counter()
-                self.loss_acc(sub, bs)
+                self.quantities(sub)
                 rate = len(sub) / (time.perf_counter() - t0)
             except torch.OutOfMemoryError:
                 break

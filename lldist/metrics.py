@@ -133,7 +133,9 @@ def _compute_file(path: str, split: Optional[str]) -> tuple:
             raise UserError(f"{path}: the surface is not complete; finish it first (re-run the job)")
         a = sf.read_all()  # complete, so no cell is masked
         meta = sf.checkpoint_meta()
-    m, conv = compute(a["values"][(split, "loss")], a["values"][(split, "acc")], a["x"], a["y"])
+    loss = a["values"][(split, "loss")]
+    acc = a["values"].get((split, "acc"), np.full_like(loss, np.nan))  # a task without accuracy
+    m, conv = compute(loss, acc, a["x"], a["y"])
     for k in ("train_acc", "test_acc", "gap", "epoch"):
         if k in meta:
             m[f"trained_{k}"] = meta[k]

@@ -53,7 +53,7 @@ def _levels(z: np.ndarray, args, q: str):
         return None
     lo = args.vmin if args.vmin is not None else finite.min()
     hi = args.vmax if args.vmax is not None else finite.max()
-    if q == "acc":
+    if q != "loss":  # --vmin/--vmax are loss values
         lo, hi = (finite.min(), finite.max())
     if hi <= lo:
         hi = lo + 1e-12
@@ -70,49 +70,80 @@ def _masked(z, lev):
     return z
 
 
+def _label(q: str) -> str:
+    return LABELS.get(q, q)
+
+
+def figure_2d(s: dict, split: str, q: str, kind: str, args) -> "matplotlib.figure.Figure":
+    """One 2D figure: kind is contour, contourf, heat or 3d. None when nothing is finite."""
+    z = s["values"][(split, q)]
+    lev = _levels(z, args, q)
+    if lev is None:
+        return None
+    X, Y = np.meshgrid(s["x"], s["y"])  # (ny, nx), the file's own layout
+    zm = _masked(z, lev)
+    geometric = q == "loss" and lev[0] > 0 and np.allclose(lev[1] / lev[0], lev[2] / lev[1])
+    norm = matplotlib.colors.LogNorm(lev[0], lev[-1]) if geometric else None
+    fig = plt.figure(figsize=(5.5, 4.5))
+    if kind == "3d":
+        ax = fig.add_subplot(projection="3d")
+        zz = np.where(np.isfinite(z), z, np.nan)
+        zz = np.where((zz >= lev[0]) & (zz <= lev[-1]), zz, np.nan)
+        ax.plot_surface(X, Y, zz, cmap="viridis", linewidth=0, antialiased=True, vmin=lev[0], vmax=lev[-1])
+        ax.set_zlabel(_label(q))
+    else:
+        ax = fig.add_subplot()
+        if kind == "contour":
+            cs = ax.contour(X, Y, zm, levels=lev, cmap="viridis", norm=norm)
+            ax.clabel(cs, inline=True, fontsize=7, fmt="%.3g")
+        elif kind == "contourf":
+            cs = ax.contourf(X, Y, zm, levels=lev, cmap="viridis", norm=norm)
+            fig.colorbar(cs, ax=ax, label=_label(q))
+        elif kind == "heat":
+            im = ax.imshow(zm, origin="lower", aspect="auto", cmap="viridis", norm=norm,
+                           extent=(s["x"][0], s["x"][-1], s["y"][0], s["y"][-1]),
+                           vmin=None if norm else lev[0], vmax=None if norm else lev[-1])
+            fig.colorbar(im, ax=ax, label=_label(q))
+        else:
+            plt.close(fig)
+            raise ValueError(f"kind {kind!r}: allowed contour, contourf, heat, 3d")
+        ax.plot([0], [0], "r+", ms=8)  # theta*
+    ax.set_xlabel("alpha (direction x)")
+    ax.set_ylabel("beta (direction y)")
+    ax.set_title(f"{s['name']}: {split} {_label(q)}", fontsize=9)
+    return fig
+
+
 def plot_2d(s: dict, args, outdir: str, stem: str) -> list:
     written = []
-    X, Y = np.meshgrid(s["x"], s["y"])  # (ny, nx), the file's own layout
-    for (split, q), z in s["values"].items():
-        lev = _levels(z, args, q)
-        if lev is None:
-            continue
-        zm = _masked(z, lev)
-        title = f"{s['name']}: {split} {LABELS[q]}"
-        geometric = q == "loss" and lev[0] > 0 and np.allclose(lev[1] / lev[0], lev[2] / lev[1])
-        norm = matplotlib.colors.LogNorm(lev[0], lev[-1]) if geometric else None
+    for (split, q) in s["values"]:
         for kind in ("contour", "contourf", "heat", "3d"):
-            fig = plt.figure(figsize=(5.5, 4.5))
-            if kind == "3d":
-                ax = fig.add_subplot(projection="3d")
-                zz = np.where(np.isfinite(z), z, np.nan)
-                if lev is not None:
-                    zz = np.where((zz >= lev[0]) & (zz <= lev[-1]), zz, np.nan)
-                ax.plot_surface(X, Y, zz, cmap="viridis", linewidth=0, antialiased=True,
-                                vmin=lev[0], vmax=lev[-1])
-                ax.set_zlabel(LABELS[q])
-            else:
-                ax = fig.add_subplot()
-                if kind == "contour":
-                    cs = ax.contour(X, Y, zm, levels=lev, cmap="viridis", norm=norm)
-                    ax.clabel(cs, inline=True, fontsize=7, fmt="%.3g")
-                elif kind == "contourf":
-                    cs = ax.contourf(X, Y, zm, levels=lev, cmap="viridis", norm=norm)
-                    fig.colorbar(cs, ax=ax, label=LABELS[q])
-                else:
-                    im = ax.imshow(zm, origin="lower", aspect="auto", cmap="viridis", norm=norm,
-                                   extent=(s["x"][0], s["x"][-1], s["y"][0], s["y"][-1]),
-                                   vmin=None if norm else lev[0], vmax=None if norm else lev[-1])
-                    fig.colorbar(im, ax=ax, label=LABELS[q])
-                ax.plot([0], [0], "r+", ms=8)  # theta*
-            ax.set_xlabel("alpha (direction x)")
-            ax.set_ylabel("beta (direction y)")
-            ax.set_title(title, fontsize=9)
+            fig = figure_2d(s, split, q, kind, args)
+            if fig is None:
+                break
             path = os.path.join(outdir, f"{stem}_{split}_{q}_{kind}.{args.format}")
             fig.savefig(path, dpi=args.dpi, bbox_inches="tight")
             plt.close(fig)
             written.append(path)
     return written
+
+
+def default_args(**kw) -> argparse.Namespace:
+    """The command line's defaults, for figures drawn from Python."""
+    a = dict(vmin=None, vmax=None, levels=30, log=False, linear=False, format="png", dpi=120)
+    a.update(kw)
+    return argparse.Namespace(**a)
+
+
+def figure(s: dict, split: str, q: str = "loss", kind: str = "contour", **kw):
+    """A figure of one quantity of a surface read by read_surface (lldist.Landscape.plot):
+    a 2D kind, or the 1D curve of all quantities."""
+    args = default_args(**kw)
+    if (split, q) not in s["values"]:
+        raise ValueError(f"no {split}/{q} in this surface (has {', '.join('/'.join(k) for k in s['values'])})")
+    if s["y"] is None:
+        return figure_1d(s, args)
+    return figure_2d(s, split, q, kind, args)
 
 
 def job_labels(paths: list) -> list:
@@ -165,7 +196,7 @@ def compare(paths: list, args, outdir: str) -> list:
         raise UserError("--compare: the files share no split (train/test)")
     written = []
     for split in splits:
-        for q in ("loss", "acc"):
+        for q in [q for q in surfaces[0]["quantities"] if all(q in t["quantities"] for t in surfaces)]:
             zs = [s["values"][(split, q)] for s in surfaces]
             lev = _levels(np.concatenate([z.ravel() for z in zs]), args, q)
             if lev is None:
@@ -177,7 +208,7 @@ def compare(paths: list, args, outdir: str) -> list:
                     ax.plot(s["x"], np.ma.masked_invalid(100 * z if q == "acc" else z), label=lab,
                             marker="o" if len(s["x"]) == 1 else None)
                 ax.set_xlabel(surfaces[0]["xlabel"])
-                ax.set_ylabel(f"{split} {LABELS[q]}" + (" (%)" if q == "acc" else ""))
+                ax.set_ylabel(f"{split} {_label(q)}" + (" (%)" if q == "acc" else ""))
                 if q == "loss" and lev[0] > 0 and np.allclose(lev[1] / lev[0], lev[2] / lev[1]):
                     ax.set_yscale("log")
                 ax.legend(fontsize=8)
@@ -198,7 +229,7 @@ def compare(paths: list, args, outdir: str) -> list:
                     ax.set_title(lab, fontsize=9)
                 for ax in axes.flat[n:]:
                     ax.set_visible(False)
-                cb = fig.colorbar(cs, ax=axes.ravel().tolist(), label=f"{split} {LABELS[q]}")
+                cb = fig.colorbar(cs, ax=axes.ravel().tolist(), label=f"{split} {_label(q)}")
                 ticks = lev[::max(1, len(lev) // 6)]
                 cb.set_ticks(ticks)
                 cb.set_ticklabels([f"{t:.3g}" for t in ticks])
@@ -207,26 +238,38 @@ def compare(paths: list, args, outdir: str) -> list:
     return written
 
 
-def plot_1d(s: dict, args, outdir: str, stem: str) -> list:
+def figure_1d(s: dict, args):
+    """Loss on the left axis, the second quantity (accuracy in %, or e.g. a custom metric) on
+    the right; train solid, test dashed."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax2 = ax.twinx()
+    others = [q for q in s["quantities"] if q != "loss"]
+    right = "acc" if "acc" in others else (others[0] if others else None)
+    ax2 = ax.twinx() if right else None
     styles = {"train": "-", "test": "--"}
     for split in s["splits"]:
-        loss = np.ma.masked_invalid(s["values"][(split, "loss")])
-        acc = np.ma.masked_invalid(s["values"][(split, "acc")])
         marker = "o" if len(s["x"]) == 1 else ""  # a single cell is a point, not a line
+        loss = np.ma.masked_invalid(s["values"][(split, "loss")])
         ax.plot(s["x"], loss, "b" + marker + styles[split], label=f"{split} loss")
-        ax2.plot(s["x"], 100 * acc, "r" + marker + styles[split], label=f"{split} accuracy")
+        if right:
+            v = np.ma.masked_invalid(s["values"][(split, right)])
+            ax2.plot(s["x"], 100 * v if right == "acc" else v, "r" + marker + styles[split],
+                     label=f"{split} {_label(right)}")
     ax.set_xlabel(s["xlabel"])
     ax.set_ylabel("loss", color="b")
-    ax2.set_ylabel("accuracy (%)", color="r")
+    if right:
+        ax2.set_ylabel("accuracy (%)" if right == "acc" else _label(right), color="r")
     if args.log:
         ax.set_yscale("log")
     if args.vmin is not None or args.vmax is not None:
         ax.set_ylim(args.vmin, args.vmax)
-    lines = ax.get_lines() + ax2.get_lines()
+    lines = ax.get_lines() + (ax2.get_lines() if right else [])
     ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper center")
     ax.set_title(s["name"], fontsize=9)
+    return fig
+
+
+def plot_1d(s: dict, args, outdir: str, stem: str) -> list:
+    fig = figure_1d(s, args)
     path = os.path.join(outdir, f"{stem}_curve.{args.format}")
     fig.savefig(path, dpi=args.dpi, bbox_inches="tight")
     plt.close(fig)

@@ -2,7 +2,7 @@
 
     lock = Lock("out.h5")                                  # one run per output, from the start
     with SurfaceWriter.create_or_resume("out.h5", job, hashes, grid, make_dirs, meta) as sf:
-        sf.write_chunk(cells, values, rank, host, device, t0, t1)   # values (n, nsplits, 2)
+        sf.write_chunk(cells, values, rank, host, device, t0, t1)   # values (n, nsplits, nquantities)
         sf.finish()
     with SurfaceReader("out.h5") as sf:                     # plots, metrics, info: never writes
         s = sf.read_all()
@@ -97,9 +97,15 @@ def check_writable(path: str) -> None:
         raise UserError(f"output {path} is a folder, not a file")
 
 
-def _layout(f: h5py.File, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: dict) -> None:
-    """Everything a new file holds, allocated and written in full (see write_chunk)."""
+DEFAULT_QUANTITIES = {"loss": "mean cross-entropy loss on the {split} split", "acc": "accuracy on the {split} split"}
+UNITS = {"acc": "1", "perplexity": "1"}
+
+
+def _layout(f: h5py.File, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: dict, quantities: dict) -> None:
+    """Everything a new file holds, allocated and written in full (see write_chunk).
+    `quantities`: name -> long name with a {split} field, loss first."""
     a = f.attrs
+    a["quantities"] = json.dumps(list(quantities))
     a["format"], a["format_version"] = FORMAT, FORMAT_VERSION
     a["job_name"], a["job_source"], a["job_yaml"] = job.name, job.source, job.text
     a["job_hash"], a["job_config_hash"] = hashes["job"], hashes["config"]
@@ -125,10 +131,11 @@ def _layout(f: h5py.File, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: 
         g = f.create_group(split)
         g.attrs["signal"] = "loss"  # NXdata-style hints for generic HDF5 viewers
         g.attrs["axes"] = np.array(["y", "x"] if grid.ndim == 2 else ["x"], dtype=h5py.string_dtype())
-        for name, long_name, units in (("loss", f"mean cross-entropy loss on the {split} split", "nat"),
-                                       ("acc", f"accuracy on the {split} split", "1")):
+        for name, long_name in quantities.items():
             d = g.create_dataset(name, data=np.full(grid.shape, np.nan))
-            d.attrs["long_name"], d.attrs["units"] = long_name, units
+            d.attrs["long_name"] = long_name.format(split=split)
+            if name in UNITS or (name == "loss" and "cross-entropy" in long_name):
+                d.attrs["units"] = UNITS.get(name, "nat")
             arrays.append(d)
     for d in arrays:  # (ny, nx): dim 0 is y, dim 1 is x
         d.dims[d.ndim - 1].attach_scale(f["x"])
@@ -206,9 +213,9 @@ def free_bytes(folder: str) -> int:
     return shutil.disk_usage(folder).free
 
 
-def estimate_bytes(ncells: int, nsplits: int, direction_values: int) -> int:
+def estimate_bytes(ncells: int, values_per_cell: int, direction_values: int) -> int:
     """What a new file takes on disk: every dataset is allocated at creation."""
-    per_cell = 1 + nsplits * 2 * 8 + 8 + CHUNK_DTYPE.itemsize  # done, loss+acc, chunk_cells, log
+    per_cell = 1 + values_per_cell * 8 + 8 + CHUNK_DTYPE.itemsize  # done, values, chunk_cells, log
     return ncells * per_cell + direction_values * 4 + (1 << 20)
 
 
@@ -236,6 +243,7 @@ class SurfaceReader:
         self.splits = json.loads(self.f.attrs["splits"])
         self.shape = self.f["done"].shape
         self.version = int(self.f.attrs.get("format_version", 0))
+        self.quantities = json.loads(self.f.attrs.get("quantities", '["loss", "acc"]'))
 
     def __enter__(self):
         return self
@@ -283,9 +291,10 @@ class SurfaceReader:
         f = self.f
         done = f["done"][()]
         out = {"x": f["x"][()], "y": f["y"][()] if "y" in f else None, "done": done,
-               "splits": self.splits, "name": str(f.attrs.get("job_name", "")), "values": {}}
+               "splits": self.splits, "quantities": self.quantities,
+               "name": str(f.attrs.get("job_name", "")), "values": {}}
         for split in self.splits:
-            for q in ("loss", "acc"):
+            for q in self.quantities:
                 a = f[split][q][()].astype(float)
                 a[~done] = np.nan
                 out["values"][(split, q)] = a
@@ -330,7 +339,7 @@ class SurfaceWriter(SurfaceReader):
     """Rank 0's handle on the file it computes into (the only writer).
 
         with SurfaceWriter.create_or_resume("out.h5", job, hashes, grid, make_dirs, meta) as sf:
-            sf.write_chunk(cells, values, rank, host, device, t0, t1)   # values (n, nsplits, 2)
+            sf.write_chunk(cells, values, rank, host, device, t0, t1)   # values (n, nsplits, nquantities)
             sf.finish()
     """
 
@@ -343,15 +352,15 @@ class SurfaceWriter(SurfaceReader):
 
     def _arrays(self) -> dict:
         if self._mirror is None:
-            names = ["done", "nchunks"] + [f"{s}/{q}" for s in self.splits for q in ("loss", "acc")]
+            names = ["done", "nchunks"] + [f"{s}/{q}" for s in self.splits for q in self.quantities]
             self._mirror = {n: (self.f[n], self.f[n][()]) for n in names}
             self._mirror["chunks"] = (self.f["chunks"], None)
             self._mirror["chunk_cells"] = (self.f["chunk_cells"], None)
         return self._mirror
 
     @classmethod
-    def create_or_resume(cls, path: str, job: Job, hashes: dict, grid: Grid,
-                         make_dirs: Callable[[], dict], meta: dict, overwrite: bool = False) -> "SurfaceWriter":
+    def create_or_resume(cls, path: str, job: Job, hashes: dict, grid: Grid, make_dirs: Callable[[], dict],
+                         meta: dict, overwrite: bool = False, quantities: dict = None) -> "SurfaceWriter":
         """Resume the file this job made, or make a new one. A new file (also with --overwrite)
         is written beside the old under a temporary name and renamed over it only once it is
         complete: a run that fails before then leaves the old file as it was."""
@@ -364,7 +373,7 @@ class SurfaceWriter(SurfaceReader):
                                 f"this job's is {hashes['job'][:12]}: another checkpoint, target or data); "
                                 "use --out for a new file or --overwrite to replace it")
         else:
-            cls._create(path, job, hashes, grid, make_dirs(), meta)
+            cls._create(path, job, hashes, grid, make_dirs(), meta, quantities or DEFAULT_QUANTITIES)
         sf = cls(path)
         sf.run += 1
         sf.set_attr("runs", sf.run, flush=False)
@@ -373,9 +382,9 @@ class SurfaceWriter(SurfaceReader):
         return sf
 
     @staticmethod
-    def _create(path: str, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: dict) -> None:
+    def _create(path: str, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: dict, quantities: dict) -> None:
         folder = os.path.dirname(os.path.abspath(path))
-        need = estimate_bytes(grid.ncells, len(job.splits), sum(t.numel() for d in dirs.values() for t in d.values()))
+        need = estimate_bytes(grid.ncells, len(job.splits) * len(quantities), sum(t.numel() for d in dirs.values() for t in d.values()))
         free = free_bytes(folder)
         if need > free:
             raise UserError(f"output {path}: the file needs about {need / 1e9:.2f} GB and {folder} has "
@@ -383,7 +392,7 @@ class SurfaceWriter(SurfaceReader):
         tmp = path + ".creating"
         try:
             with h5py.File(tmp, "w") as f:
-                _layout(f, job, hashes, grid, dirs, meta)
+                _layout(f, job, hashes, grid, dirs, meta, quantities)
         except (OSError, ValueError) as e:  # a full or read-only disk, a quota
             try:
                 os.remove(tmp)
@@ -395,7 +404,7 @@ class SurfaceWriter(SurfaceReader):
     # ------------------------------------------------------------------ writing
     def write_chunk(self, cells: np.ndarray, values: np.ndarray, rank: int, host: str, device: str,
                     t_start: float, t_end: float) -> None:
-        """Store `values` (len(cells), nsplits, 2) for flat `cells`, mark them done, flush.
+        """Store `values` (len(cells), nsplits, nquantities) for flat `cells`, mark them done, flush.
 
         Values and the work log are written and flushed first, then the done mask and the
         record count, and flushed again: a kill at any point leaves these cells either done
@@ -407,7 +416,7 @@ class SurfaceWriter(SurfaceReader):
         if flat[cells].any():
             raise RuntimeError(f"cells {cells[flat[cells]].tolist()} were already done: a chunk was handed out twice")
         for j, split in enumerate(self.splits):
-            for q, name in enumerate(("loss", "acc")):
+            for q, name in enumerate(self.quantities):
                 d, arr = m[f"{split}/{name}"]
                 arr.reshape(-1)[cells] = values[:, j, q]
                 d[()] = arr

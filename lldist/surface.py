@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
@@ -27,6 +28,7 @@ from .evaluate import Evaluator
 from .grid import Grid, auto_chunk_size, split_chunks
 from .models import build_model, load_checkpoint
 from .progress import Progress
+from .tasks import Task, task_from_config
 from .store import Lock, SurfaceWriter, check_resumable, check_writable
 from . import runner
 
@@ -46,6 +48,8 @@ class Loaded:
 
 def load_model_and_data(job: Job) -> Loaded:
     """Everything each rank loads once: evaluation data, model at theta*."""
+    if job.model.name.startswith("object:") or job.data.name.startswith("object:"):
+        raise UserError(f"{job.source}: object: models and data are given from Python (lldist.landscape)")
     splits = {s: load_split(job.data, s) for s in job.splits}
     first = next(iter(splits.values()))
     model = build_model(job.model, first.in_shape, first.num_classes)
@@ -85,9 +89,13 @@ def fingerprints(job: Job) -> dict:
     return files
 
 
-def make_evaluator(job: Job, loaded: Loaded, dirs: dict, device: str, batch_size, cells_per_pass) -> Evaluator:
+def make_evaluator(job: Job, loaded: Loaded, dirs: dict, device: str, batch_size, cells_per_pass,
+                   task: Task) -> Evaluator:
     cfg = dataclasses.replace(job.eval, batch_size=batch_size, cells_per_pass=cells_per_pass)
-    return Evaluator(loaded.model, loaded.theta, dirs, loaded.splits, cfg, device=device)
+    try:
+        return Evaluator(loaded.model, loaded.theta, dirs, loaded.splits, cfg, device=device, task=task)
+    except ValueError as e:  # options the data or task cannot take
+        raise UserError(f"{job.source}: {e}")
 
 
 def set_threads(job: Job, ctx: runner.Context) -> int:
@@ -104,7 +112,24 @@ def cells_function(ev: Evaluator, grid: Grid):
     return lambda cells: ev.evaluate_cells([grid.coords(k) for k in cells])
 
 
-def plan(ctx: runner.Context, job: Job, overwrite: bool, progress_every: float, should_stop) -> runner.Plan:
+@dataclass
+class Source:
+    """Where a run's model, data and task come from: the job file (the defaults), or objects
+    given from Python (lldist.landscape), with the fingerprints that stand for them."""
+    loader: Callable[[Job], Loaded] = None  # job -> Loaded; None: load_model_and_data
+    task: Optional[Task] = None  # None: the job's eval.loss and eval.metrics
+    files: Optional[dict] = None  # extra identity entries (fingerprints of objects)
+    target: Optional[dict] = None  # theta' as a state, instead of directions.target's file
+
+    def load(self, job: Job) -> Loaded:
+        return (self.loader or load_model_and_data)(job)
+
+    def make_task(self, job: Job) -> Task:
+        return self.task or task_from_config(job.eval)
+
+
+def plan(ctx: runner.Context, job: Job, overwrite: bool, progress_every: float, should_stop,
+         source: Source = Source()) -> runner.Plan:
     """Rank 0: lock the output, check it, train if needed, open or create the file, build
     rank 0's evaluator; say what the ranks compute and how results are stored."""
     check_writable(job.output)
@@ -117,19 +142,26 @@ def plan(ctx: runner.Context, job: Job, overwrite: bool, progress_every: float, 
         ensure_checkpoint(job, should_stop)
         if job.directions.target and not os.path.exists(job.directions.target):
             raise UserError(f"{job.source}: key 'directions.target': {job.directions.target} does not exist")
-        loaded = load_model_and_data(job)
-        hashes = {"job": identity_hash(job, fingerprints(job)), "config": identity_hash(job)}
+        loaded = source.load(job)
+        task = source.make_task(job)
+        hashes = {"job": identity_hash(job, {**fingerprints(job), **(source.files or {})}),
+                  "config": identity_hash(job)}
         grid = Grid(job.grid.x, job.grid.y)
 
         def make_dirs():
-            tgt = target_state(job, loaded) if job.directions.target else None
+            tgt = source.target if source.target is not None else \
+                (target_state(job, loaded) if job.directions.target else None)
             return make_directions(loaded.theta, loaded.kinds, job.directions, job.ndim, tgt)
 
         meta = {"checkpoint_meta": loaded.meta, "checkpoint_sha256": sha256_file(job.model.checkpoint)
                 if job.model.checkpoint else "",
                 "num_parameters": sum(p.numel() for p in loaded.model.parameters()),
                 "eval_samples": {k: len(v) for k, v in loaded.splits.items()}}
-        sf = SurfaceWriter.create_or_resume(job.output, job, hashes, grid, make_dirs, meta, overwrite)
+        sf = SurfaceWriter.create_or_resume(job.output, job, hashes, grid, make_dirs, meta, overwrite,
+                                            {q: task.long_name(q, "{split}") for q in task.names})
+        if sf.quantities != list(task.names):
+            raise UserError(f"output {job.output} holds {', '.join(sf.quantities)}, this job computes "
+                            f"{', '.join(task.names)}; use --out for a new file or --overwrite to replace it")
         dirs = sf.read_directions()  # every evaluation, first run or resume, uses the stored copy
         device = runner.pick_device(ctx, job.eval.device)
         # rank 0 fixes the batch size and cells per pass for every rank: the last float bits
@@ -140,7 +172,7 @@ def plan(ctx: runner.Context, job: Job, overwrite: bool, progress_every: float, 
             batch = int(sf.attr("eval_batch_size"))
         if group == "auto" and sf.attr("eval_cells_per_pass") is not None:
             group = int(sf.attr("eval_cells_per_pass"))
-        ev = make_evaluator(job, loaded, dirs, device, batch, group)
+        ev = make_evaluator(job, loaded, dirs, device, batch, group, task)
         sf.set_attr("eval_batch_size", ev.batch_size)
         sf.set_attr("eval_cells_per_pass", ev.cells_per_pass)
     except BaseException:
@@ -218,18 +250,19 @@ def main(argv=None) -> int:
 
 
 def run_job(ctx: runner.Context, get_job, overwrite: bool = False, progress_every: float = 10.0,
-            should_stop=lambda: None) -> int:
+            should_stop=lambda: None, source: Source = Source()) -> int:
     """Compute one job's surface with every rank of `ctx` (collective: all ranks call it).
-    `get_job` is called on rank 0 only. Returns the exit status (0 when done)."""
+    `get_job` is called on rank 0 only; `source` (every rank's own) says where model, data and
+    task come from when they are not the job file's. Returns the exit status (0 when done)."""
 
     def prepare() -> runner.Plan:
-        return plan(ctx, get_job(), overwrite, progress_every, should_stop)
+        return plan(ctx, get_job(), overwrite, progress_every, should_stop, source)
 
     def build(payload) -> runner.Built:
         job, dirs, (batch, group) = payload
         set_threads(job, ctx)
         device = runner.pick_device(ctx, job.eval.device)
-        ev = make_evaluator(job, load_model_and_data(job), dirs, device, batch, group)
+        ev = make_evaluator(job, source.load(job), dirs, device, batch, group, source.make_task(job))
         return runner.Built(cells_function(ev, Grid(job.grid.x, job.grid.y)), device)
 
     return runner.run(ctx, prepare, build, should_stop)

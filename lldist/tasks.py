@@ -1,0 +1,190 @@
+"""What a batch means: how the model is called, the loss and the metrics. No MPI, no HDF5.
+
+    task = make_task("cross_entropy")                    # quantities ("loss", "acc")
+    task = make_task("lm")                               # ("loss", "acc", "perplexity"): next-token
+    task = make_task(my_loss, {"top5": my_metric})       # callables (outputs, batch) -> (B,) values
+
+A batch is what the data yields: an `(x, y, ...)` tuple (the model is called on x, the target
+is y) or a dict of tensors, HuggingFace style (the model is called with every key but
+`labels`/`label`; the target is `labels` or `label`). The model's output may be a tensor, an
+object with `.logits` (HuggingFace) or a tuple whose first element is the logits.
+
+Every quantity is a weighted mean over the split: per batch the task returns, for each
+quantity, the float32 sum of its per-example values and of their weights (1 per example; the
+number of real tokens for `lm`), accumulated in float64 across batches. Derived quantities
+(perplexity = exp(loss)) are computed from the means.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .config import LOSSES, EvalConfig
+IGNORE_INDEX = -100  # the labels lm ignores, as in torch and HuggingFace
+
+
+def model_inputs(batch):
+    """What the model is called with: x of a tuple, or the dict without its labels."""
+    if isinstance(batch, dict):
+        return (), {k: v for k, v in batch.items() if k not in ("labels", "label")}
+    return (batch[0],), {}
+
+
+def target(batch):
+    if isinstance(batch, dict):
+        for k in ("labels", "label"):
+            if k in batch:
+                return batch[k]
+        return batch.get("input_ids")  # a language model predicts its own input
+    return batch[1]
+
+
+def logits_of(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise TypeError(f"the model returned {type(out).__name__}: lldist needs a tensor, an object with .logits "
+                    "or a tuple whose first element is the output")
+
+
+def _ce(logits, batch):
+    y = target(batch)
+    return F.cross_entropy(logits.float(), y, reduction="none"), None
+
+
+def _acc(logits, batch):
+    return (logits.argmax(-1) == target(batch)).float(), None
+
+
+def _mse(out, batch):
+    y = target(batch).to(out.dtype)
+    d = (out.float() - y.float()).pow(2)
+    return d.flatten(1).mean(1) if d.dim() > 1 else d, None
+
+
+def _lm_tokens(logits, batch):
+    """Next-token targets and the mask of real tokens: (logits[:, :-1], targets, mask)."""
+    ids = batch["labels"] if isinstance(batch, dict) and "labels" in batch else \
+        (batch["input_ids"] if isinstance(batch, dict) else target(batch))
+    pred, tgt = logits[:, :-1], ids[:, 1:]
+    mask = tgt != IGNORE_INDEX
+    if isinstance(batch, dict) and "attention_mask" in batch:
+        mask = mask & batch["attention_mask"][:, 1:].bool()
+    return pred, tgt, mask
+
+
+def _lm(logits, batch):
+    pred, tgt, mask = _lm_tokens(logits, batch)
+    tok = F.cross_entropy(pred.float().reshape(-1, pred.shape[-1]), tgt.clamp_min(0).reshape(-1),
+                          reduction="none").view(tgt.shape)
+    return (tok * mask).sum(1), mask.sum(1).float()  # per sequence: summed token loss, token count
+
+
+def _lm_acc(logits, batch):
+    pred, tgt, mask = _lm_tokens(logits, batch)
+    return ((pred.argmax(-1) == tgt) & mask).sum(1).float(), mask.sum(1).float()
+
+
+BUILTIN_LOSSES = {"cross_entropy": _ce, "mse": _mse, "lm": _lm}
+DEFAULT_METRICS = {"cross_entropy": {"acc": _acc}, "mse": {}, "lm": {"acc": _lm_acc}}
+DERIVED = {"lm": {"perplexity": lambda means: math.exp(means["loss"]) if means["loss"] < 700 else math.inf}}
+
+
+def _per_example(fn: Callable) -> Callable:
+    """A user's callable (outputs, batch) -> (B,) values, or a (values, weights) pair."""
+    def wrapped(out, batch):
+        r = fn(out, batch)
+        if isinstance(r, tuple):
+            return r[0], r[1]
+        return r, None
+    wrapped.__name__ = getattr(fn, "__name__", "metric")
+    return wrapped
+
+
+class Task:
+    """How outputs become numbers. `names`: the stored quantities, loss first."""
+
+    def __init__(self, loss="cross_entropy", metrics: Optional[dict] = None):
+        if isinstance(loss, str):
+            if loss not in BUILTIN_LOSSES:
+                raise ValueError(f"loss {loss!r}: allowed {', '.join(LOSSES)} or a callable (outputs, batch) -> "
+                                 "per-example losses")
+            self.loss_name, self._loss = loss, BUILTIN_LOSSES[loss]
+            default = DEFAULT_METRICS[loss]
+            self.derived = DERIVED.get(loss, {})
+        elif callable(loss):
+            self.loss_name = f"{getattr(loss, '__module__', '?')}.{getattr(loss, '__qualname__', '?')}"
+            self._loss, default, self.derived = _per_example(loss), {}, {}
+        else:
+            raise TypeError(f"loss must be a name or a callable, got {type(loss).__name__}")
+        if metrics is None:
+            metrics = default
+        if not isinstance(metrics, dict):
+            raise TypeError(f"metrics must be a dict of name -> callable, got {type(metrics).__name__}")
+        self._metrics = {}
+        for name, fn in metrics.items():
+            if not isinstance(name, str) or not name.isidentifier() or name == "loss":
+                raise ValueError(f"metrics: {name!r} is not a usable name (an identifier other than 'loss')")
+            if not callable(fn):
+                raise TypeError(f"metrics[{name!r}] must be callable, got {type(fn).__name__}")
+            self._metrics[name] = fn if fn in default.values() else _per_example(fn)
+        self.summed = ("loss",) + tuple(self._metrics)
+        self.names = self.summed + tuple(self.derived)
+        # the plain image-classification task: the evaluator's vmapped path knows it
+        self.classification = self.loss_name == "cross_entropy" and set(self._metrics) <= {"acc"} and \
+            all(f is _acc for f in self._metrics.values())
+
+    @property
+    def identity(self) -> str:
+        """What the numbers depend on, for the job's identity (callables by their names)."""
+        names = {n: f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', getattr(f, '__name__', '?'))}"
+                 for n, f in self._metrics.items()}
+        return f"{self.loss_name} {sorted(names.items())} {sorted(self.derived)}"
+
+    def long_name(self, q: str, split: str) -> str:
+        if q == "loss":
+            what = {"cross_entropy": "cross-entropy loss", "mse": "squared error", "lm": "next-token loss"}
+            return f"mean {what.get(self.loss_name, 'loss (' + self.loss_name + ')')} on the {split} split"
+        return f"{q} on the {split} split"
+
+    def forward(self, model, batch):
+        args, kwargs = model_inputs(batch)
+        return logits_of(model(*args, **kwargs))
+
+    def sums(self, out, batch) -> torch.Tensor:
+        """(2 * len(summed),) float32 on the device: [sum of values, sum of weights] per quantity."""
+        parts = []
+        for fn in (self._loss, *self._metrics.values()):
+            v, w = fn(out, batch)
+            v = v.float()
+            parts += [v.sum(), w.sum() if w is not None else torch.tensor(float(v.numel()), device=v.device)]
+        return torch.stack(parts)
+
+    def means(self, total: torch.Tensor) -> list:
+        """Per quantity of `names`, from the float64 totals of sums() over a split."""
+        t = total.tolist()
+        means = {n: (t[2 * i] / t[2 * i + 1] if t[2 * i + 1] else math.nan) for i, n in enumerate(self.summed)}
+        means.update({n: f(means) for n, f in self.derived.items()})
+        return [means[n] for n in self.names]
+
+
+def make_task(loss="cross_entropy", metrics=None) -> Task:
+    return loss if isinstance(loss, Task) else Task(loss, metrics)
+
+
+def task_from_config(cfg: EvalConfig) -> Task:
+    """The job file's eval.loss and eval.metrics, python: references imported."""
+    from .models import _import_factory
+    loss = _import_factory(cfg.loss, "eval.loss") if cfg.loss.startswith("python:") else cfg.loss
+    metrics = None
+    if cfg.metrics:  # added to the loss's own metrics (accuracy, perplexity)
+        metrics = dict(DEFAULT_METRICS.get(cfg.loss, {}))
+        metrics.update({k: _import_factory(v, f"eval.metrics.{k}") for k, v in cfg.metrics.items()})
+    return Task(loss, metrics)
