@@ -4,7 +4,23 @@
     python -m lldist.surface job.yaml     # compute the surface into one HDF5 file (MPI-aware)
     python -m lldist.plot out.h5          # contours, heat maps, 3D surfaces, 1D curves
 
+    import lldist                         # from Python, any model, data and loss
+    ls = lldist.landscape(model, data, x=(-1, 1, 51), y=(-1, 1, 51))
+    ls.loss, ls.acc, ls.plot(); lldist.open("out.h5")
+
 See README.md for the job-file reference and docs/FORMAT.md for the output file.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+
+def landscape(model, data, **kwargs):
+    """lldist.api.landscape: a loss landscape of any model, from Python (see lldist/api.py)."""
+    from .api import landscape as _landscape
+    return _landscape(model, data, **kwargs)
+
+
+def open(path):  # noqa: A001 - lldist.open(path), beside the builtin it shadows only here
+    """lldist.api.open: the landscape stored in an lldist file, complete or not."""
+    from .api import open as _open
+    return _open(path)

@@ -34,10 +34,12 @@ class Progress:
         self.stream = stream or sys.stderr
         self.every = every
         self.t0 = self.last = time.perf_counter()
-        tty = self.stream.isatty() if tty is None else tty
+        notebook = "ipykernel" in sys.modules and stream is None
+        tty = (self.stream.isatty() or notebook) if tty is None else tty
         self.bar = None
         if tty:
-            from tqdm import tqdm
+            # a terminal's bar, or a notebook's widget (tqdm.auto picks); log files get lines
+            from tqdm.auto import tqdm
             self.bar = tqdm(total=total, initial=done, unit="cell", file=self.stream, smoothing=0.1,
                             dynamic_ncols=True)
 

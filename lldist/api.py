@@ -1,0 +1,229 @@
+"""lldist from Python: any model, any data, any loss, in a notebook or under MPI.
+
+    import lldist
+    ls = lldist.landscape(model, data, x=(-1, 1, 51), y=(-1, 1, 51))   # filter-normalized, biasbn ignored
+    ls.loss, ls.acc            # (ny, nx) numpy arrays of the first split; ls["test/loss"] etc.
+    ls.x, ls.y, ls.done
+    fig = ls.plot()            # the contour figure (matplotlib Figure)
+    ls2 = lldist.open("out.h5")
+
+`data`: a DataLoader, a Dataset of (x, y) samples, an `(x, y)` pair of tensors, or an iterable
+of batches (tuples or dicts of tensors, HuggingFace style). An (x, y) pair or a Dataset is
+evaluated in batches of `batch_size`; batches given by a DataLoader or an iterable are kept
+as they come. Everything is moved to the device once. The computation is the pipeline's own:
+the same evaluator, file, resume and MPI coordinator (`mpirun -n 8 python my_script.py`:
+rank 0 returns the landscape, the other ranks None after their share).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import tempfile
+from typing import Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .config import LOSSES, Axis, DirectionsConfig, EvalConfig, GridConfig, job_from_dict
+from .data import BatchList, TensorSet
+from .errors import UserError
+from .tasks import make_task
+
+EVAL_KEYS = {f.name for f in dataclasses.fields(EvalConfig)}
+DIRECTION_KEYS = {f.name for f in dataclasses.fields(DirectionsConfig)} - {"target"}
+
+
+def _axis(value, name) -> Optional[Axis]:
+    if value is None:
+        return None
+    if not (isinstance(value, (tuple, list)) and len(value) == 3):
+        raise ValueError(f"{name} must be (min, max, num), got {value!r}")
+    lo, hi, num = value
+    if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 1:
+        raise ValueError(f"{name}: num must be a positive integer, got {num!r}")
+    return Axis(float(lo), float(hi), int(num))
+
+
+def as_data(data, batch_size: int = 256):
+    """The caller's data as a TensorSet (an (x, y) pair) or a BatchList (anything else)."""
+    if isinstance(data, TensorSet):
+        return data
+    if isinstance(data, (tuple, list)) and len(data) == 2 and all(isinstance(t, torch.Tensor) for t in data):
+        x, y = data
+        if len(x) != len(y):
+            raise ValueError(f"data: x has {len(x)} samples and y {len(y)}")
+        y = y if y.dtype != torch.int32 else y.long()
+        return TensorSet(x if x.dtype == torch.uint8 else x.float(), y,
+                         int(y.max()) + 1 if y.dtype == torch.int64 and len(y) else 0)
+    if isinstance(data, torch.utils.data.Dataset) and not isinstance(data, torch.utils.data.IterableDataset):
+        data = torch.utils.data.DataLoader(data, batch_size=batch_size)
+    try:
+        batches = list(data)
+    except TypeError:
+        raise TypeError(f"data must be a DataLoader, a Dataset, an (x, y) pair of tensors or an iterable of "
+                        f"batches, got {type(data).__name__}")
+    if not batches:
+        raise ValueError("data is empty")
+    for b in batches:
+        if not isinstance(b, (tuple, list, dict)) or not all(isinstance(t, torch.Tensor) for t in
+                                                             (b.values() if isinstance(b, dict) else b)):
+            raise TypeError(f"data: a batch must be a tuple or a dict of tensors, got {type(b).__name__}")
+    return BatchList([dict(b) if isinstance(b, dict) else tuple(b) for b in batches])
+
+
+def fingerprint(obj) -> str:
+    """sha256 of a state dict's tensors or of a data set's tensors: part of the job's identity,
+    so a file is resumed only by the same weights and the same data."""
+    h = hashlib.sha256()
+    if isinstance(obj, dict):
+        items = sorted(obj.items())
+    elif isinstance(obj, TensorSet):
+        items = [("x", obj.x), ("y", obj.y)]
+    else:
+        items = [(str(i), t) for i, b in enumerate(obj.batches_) for t in
+                 (b.values() if isinstance(b, dict) else b)]
+    for name, t in items:
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def landscape(model: nn.Module, data, *, x=(-1.0, 1.0, 51), y=(-1.0, 1.0, 51), split: str = "test",
+              loss="cross_entropy", metrics=None, target: Optional[nn.Module] = None, out: Optional[str] = None,
+              resume: bool = True, name: str = "landscape", directions: Optional[dict] = None,
+              progress_every: float = 10.0, **eval_options):
+    """Compute a landscape of `model` around its current weights; see the module docstring.
+
+    Keyword arguments carry what a job file says, with its names: `directions={"seed": 0,
+    "norm": "filter", "ignore": "biasbn"}`, and every `eval` key (`batch_size`, `device`,
+    `precision`, `channels_last`, `compile`, `bn`, `cells_per_pass`, `chunk_size`, `threads`).
+    `target`: a model with the same state keys: the x direction interpolates to its weights.
+    `out`: the HDF5 file (default: a new temporary file); an existing file of the same job is
+    resumed (`resume=False` replaces it)."""
+    from . import runner, surface
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if target is not None and not isinstance(target, nn.Module):
+        raise TypeError(f"target must be a torch.nn.Module, got {type(target).__name__}")
+    unknown = set(eval_options) - EVAL_KEYS
+    if unknown:
+        raise TypeError(f"landscape() got an unexpected keyword argument {sorted(unknown)[0]!r} "
+                        f"(eval options: {', '.join(sorted(EVAL_KEYS - {'split'}))})")
+    directions = dict(directions or {})
+    if set(directions) - DIRECTION_KEYS:
+        raise ValueError(f"directions: unknown key {sorted(set(directions) - DIRECTION_KEYS)[0]!r} "
+                         f"(known: {', '.join(sorted(DIRECTION_KEYS))})")
+    if split not in ("test", "train"):
+        raise ValueError(f"split must be 'test' or 'train' (the name the values are stored under), got {split!r}")
+    task = make_task(loss, metrics)
+    grid = GridConfig(_axis(x, "x"), _axis(y, "y"))
+    ctx = runner.launch()
+    if out is None:
+        if ctx.mpi:
+            raise ValueError("out: under MPI give the file's path (every rank must name the same file)")
+        out = os.path.join(tempfile.mkdtemp(prefix="lldist-"), "surface.h5")
+    if not isinstance(out, (str, os.PathLike)):
+        raise TypeError(f"out must be a path, got {type(out).__name__}")
+    out = os.fspath(out)
+    bs = eval_options.get("batch_size", 256)
+    ts = as_data(data, bs if isinstance(bs, int) and not isinstance(bs, bool) else 256)
+    files = {"model_state": fingerprint(model.state_dict()), "data": fingerprint(ts), "task": task.identity}
+    theta_target = None
+    if target is not None:
+        files["target"] = fingerprint(target.state_dict())
+        theta_target = _state(target)[0]
+        missing = set(_state(model)[0]) - set(theta_target)
+        if missing:
+            raise ValueError(f"target: its state has no {sorted(missing)[0]!r} (it must be the same architecture)")
+    try:
+        job = job_from_dict({
+            "name": name, "output": out,
+            "model": {"name": f"object:{type(model).__name__}"},
+            "data": {"name": f"object:{type(data).__name__}"},
+            "directions": directions, "grid": _grid_dict(grid),
+            "eval": {**eval_options, "split": split,
+                     "loss": task.loss_name if task.loss_name in LOSSES else "cross_entropy"},
+        }, "<landscape()>")
+    except UserError as e:  # the job file's message, for a Python caller: it names the argument
+        raise ValueError(str(e).replace("<landscape()>: ", "").replace("key 'eval.", "argument '")
+                         .replace("key 'grid.", "argument '").replace("key '", "argument '")) from None
+
+    def load(job):
+        theta, kinds = _state(model)
+        return surface.Loaded(model, theta, kinds, {split: ts}, {})
+    source = surface.Source(loader=load, task=task, files=files, target=theta_target)
+    # the evaluator moves the model's weights in place: the caller gets theta* back afterwards
+    saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    was_training, device = model.training, next(iter(saved.values())).device if saved else None
+    try:
+        code = surface.run_job(ctx, lambda: job, overwrite=not resume, progress_every=progress_every,
+                               source=source)
+    except UserError as e:
+        raise ValueError(str(e)) from None
+    finally:
+        if device is not None:
+            model.to(device)
+        model.load_state_dict(saved)
+        model.train(was_training)
+    if code:
+        raise RuntimeError(f"lldist: the landscape ended with status {code}")
+    return open(out) if ctx.rank == 0 else None
+
+
+def _grid_dict(grid: GridConfig) -> dict:
+    d = {"x": [grid.x.min, grid.x.max, grid.x.num]}
+    if grid.y is not None:
+        d["y"] = [grid.y.min, grid.y.max, grid.y.num]
+    return d
+
+
+def _state(model):
+    from .directions import model_state
+    return model_state(model)
+
+
+class Landscape:
+    """A surface file's arrays, read once; cells not done are NaN. `ls["test/loss"]`."""
+
+    def __init__(self, path: str):
+        from .store import SurfaceReader
+        with SurfaceReader(path) as sf:
+            s = sf.read_all()
+        self.path, self.x, self.y, self.done = path, s["x"], s["y"], s["done"]
+        self.splits, self.name, self.quantities = s["splits"], s["name"], s["quantities"]
+        self._values = {f"{sp}/{q}": v for (sp, q), v in s["values"].items()}
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._values:
+            raise KeyError(f"{key!r}: this landscape has {', '.join(self._values)}")
+        return self._values[key]
+
+    def __getattr__(self, q: str) -> np.ndarray:  # ls.loss, ls.acc, ls.perplexity: the first split's
+        if q.startswith("_") or q not in self.__dict__.get("quantities", ()):
+            raise AttributeError(q)
+        return self._values[f"{self.splits[0]}/{q}"]
+
+    @property
+    def fraction_done(self) -> float:
+        return float(self.done.mean())
+
+    def plot(self, quantity: str = "loss", split: Optional[str] = None, kind: str = "contour"):
+        """The figure `python -m lldist.plot` draws (contour, contourf, heat, 3d; a curve on 1D)."""
+        from . import plot
+        return plot.figure(plot.read_surface(self.path), split or self.splits[0], quantity, kind)
+
+    def __repr__(self) -> str:
+        shape = " x ".join(map(str, self.done.shape))
+        return (f"<Landscape {self.name!r} {shape}, {int(self.done.sum())}/{self.done.size} cells done, "
+                f"{', '.join(self._values)}: {self.path}>")
+
+
+def open(path: str) -> Landscape:  # noqa: A001 - lldist.open, as the issue names it
+    """Any lldist file, complete or not; needs no model and no data."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(path)
+    return Landscape(path)
