@@ -30,7 +30,7 @@ NORMS = ("filter", "layer", "weight", "none")
 IGNORES = ("biasbn", "none")
 SPLITS = ("train", "test", "both")
 PRECISIONS = ("fp32", "tf32", "bf16")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 BN_MODES = ("eval", "batch")
 LOSSES = ("cross_entropy", "mse", "lm")
@@ -121,6 +121,7 @@ class TrainConfig:
     epochs: int = 10
     weight_decay: float = 0.0
     momentum: float = 0.9  # sgd only
+    warmup_steps: int = 0  # learning rate rises linearly over these first steps (transformers)
     seed: int = 0
     device: str = "auto"
 
@@ -308,9 +309,10 @@ def validate(job: Job) -> None:
     p = job.source
     m, d, g, e, dr = job.model, job.data, job.grid, job.eval, job.directions
     if not (m.name in BUILTIN_MODELS or m.name.startswith("torchvision:")
-            or (m.name.startswith("python:") and m.name.count(":") == 2) or m.name.startswith("object:")):
+            or (m.name.startswith("python:") and m.name.count(":") == 2)
+            or m.name.startswith(("object:", "hf:"))):
         raise UserError(f"{p}: key 'model.name' is {m.name!r}; allowed: {', '.join(BUILTIN_MODELS)}, "
-                        "torchvision:<name>, python:<module>:<factory>")
+                        "torchvision:<name>, hf:<name or folder>, python:<module>:<factory>")
     if m.checkpoint and m.pretrained:
         raise UserError(f"{p}: keys 'model.checkpoint' and 'model.pretrained' exclude each other")
     if m.checkpoint and not os.path.exists(m.checkpoint) and job.train is None:
@@ -319,7 +321,7 @@ def validate(job: Job) -> None:
     if job.train is not None and not m.checkpoint:
         raise UserError(f"{p}: a job with 'train:' needs 'model.checkpoint' to say where the model goes")
     if not (d.name in BUILTIN_DATA or (d.name.startswith("python:") and d.name.count(":") == 2)
-            or d.name.startswith("object:")):
+            or d.name.startswith(("object:", "hf:"))):
         raise UserError(f"{p}: key 'data.name' is {d.name!r}; allowed: {', '.join(BUILTIN_DATA)}, "
                         "python:<module>:<factory>")
     if d.name in ("cifar10", "imagefolder") and not d.root:

@@ -67,6 +67,41 @@ class TensorSet:
         for i in range(0, len(self), batch_size):
             yield self.normalize(self.x[i:i + batch_size], dtype), self.y[i:i + batch_size]
 
+    def select(self, idx: torch.Tensor) -> "TensorSet":
+        return replace(self, x=self.x[idx], y=self.y[idx])
+
+    def take(self, idx: torch.Tensor) -> tuple:
+        """One training batch: (normalized x, y)."""
+        return self.normalize(self.x[idx]), self.y[idx]
+
+
+@dataclass(frozen=True)
+class DictSet:
+    """Tokenized text: equal-length tensors by name (input_ids, attention_mask, labels...),
+    sliced into HuggingFace-style dict batches on the device."""
+    tensors: dict  # name -> (N, ...) tensor
+    num_classes: int = 0
+
+    def __len__(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    @property
+    def in_shape(self) -> tuple:
+        return tuple(self.tensors["input_ids"].shape[1:])
+
+    def to(self, device) -> "DictSet":
+        return replace(self, tensors={k: v.to(device) for k, v in self.tensors.items()})
+
+    def batches(self, batch_size: int, dtype=None) -> Iterator[dict]:
+        for i in range(0, len(self), batch_size):
+            yield {k: v[i:i + batch_size] for k, v in self.tensors.items()}
+
+    def select(self, idx: torch.Tensor) -> "DictSet":
+        return replace(self, tensors={k: v[idx] for k, v in self.tensors.items()})
+
+    def take(self, idx: torch.Tensor) -> dict:
+        return {k: v[idx] for k, v in self.tensors.items()}
+
 
 class BatchList:
     """Batches as the caller made them (tuples or dicts of tensors, HuggingFace style), kept as
@@ -228,11 +263,19 @@ def data_fingerprint(cfg: DataConfig, splits) -> str:
             with open(path, "rb") as f:
                 h.update(f.read())
         return h.hexdigest()
+    if cfg.name.startswith("hf:") and cfg.root and os.path.isdir(cfg.root):  # local text files
+        for d, _, fs in sorted(os.walk(cfg.root)):
+            for name in sorted(fs):
+                with open(os.path.join(d, name), "rb") as f:
+                    h.update(name.encode() + f.read())
+        return h.hexdigest()
     return ""
 
 
-def load_split(cfg: DataConfig, split: str, subset: bool = True) -> TensorSet:
-    """The `split` ("train" or "test") of the dataset, as a CPU TensorSet.
+def load_split(cfg: DataConfig, split: str, subset: bool = True, model_name: str = ""):
+    """The `split` ("train" or "test") of the dataset, on the CPU: a TensorSet of images, or a
+    DictSet of tokenized text (`hf:` data; its tokenizer comes from `data.args.tokenizer` or
+    the `hf:` model folder `model_name`).
 
     With subset=True, `data.subset` samples are drawn with `data.subset_seed` (for evaluation);
     training passes subset=False and gets the whole split."""
@@ -243,13 +286,15 @@ def load_split(cfg: DataConfig, split: str, subset: bool = True) -> TensorSet:
     elif cfg.name == "imagefolder":
         ts = _imagefolder(cfg, split, subset)
         subset = False
+    elif cfg.name.startswith("hf:"):
+        from . import hf
+        ts = hf.load_text(cfg, split, model_name)
     else:
         ts = _python(cfg, split)
     if subset:
         idx = _subset_indices(len(ts), cfg)
         if idx is not None:
-            t = torch.from_numpy(idx)
-            ts = replace(ts, x=ts.x[t], y=ts.y[t])
+            ts = ts.select(torch.from_numpy(idx))
     if len(ts) == 0:
         raise UserError(f"data {cfg.name}: the {split} split is empty")
     return ts

@@ -35,10 +35,13 @@ EPS = 1e-10  # guards zero-norm directions; a zero filter of theta gives a zero 
 def model_state(model: nn.Module) -> tuple[dict, dict]:
     """(theta, kinds): detached CPU copies of the float state, and each entry's kind."""
     params = {n for n, _ in model.named_parameters()}
-    theta, kinds = {}, {}
+    theta, kinds, seen = {}, {}, set()
     for name, t in model.state_dict().items():
         if not t.is_floating_point():
             continue  # e.g. BatchNorm's num_batches_tracked
+        if t.numel() and t.data_ptr() in seen:
+            continue  # a tied weight (a language model's output layer = its embedding): moved once
+        seen.add(t.data_ptr())
         theta[name] = t.detach().to("cpu", copy=True)
         if name in params:
             kinds[name] = "weight" if t.dim() > 1 else "vector"

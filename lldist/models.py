@@ -150,6 +150,9 @@ def build_model(cfg: ModelConfig, in_shape: tuple, num_classes: int) -> nn.Modul
             model = CNN(in_shape[0], num_classes, skip=(name == "cnn_skip"), **args)
         elif name == "mobilenet_v2":
             model = _torchvision_model("mobilenet_v2", num_classes, cfg.pretrained, args)
+        elif name.startswith("hf:"):
+            from . import hf
+            model = hf.build_model(name.split(":", 1)[1], cfg.seed)
         elif name.startswith("torchvision:"):
             model = _torchvision_model(name.split(":", 1)[1], num_classes, cfg.pretrained, args)
         else:
@@ -168,7 +171,16 @@ def build_model(cfg: ModelConfig, in_shape: tuple, num_classes: int) -> nn.Modul
 
 
 def load_checkpoint(model: nn.Module, path: str) -> dict:
-    """Load a state dict saved by lldist.train (or a plain state dict). Returns its metadata."""
+    """Load a state dict saved by lldist.train (or a plain state dict, or a HuggingFace checkpoint
+    folder). Returns its metadata."""
+    if os.path.isdir(path):
+        from . import hf
+        state = hf.folder_state(model, path)
+        missing = set(model.state_dict()) - set(state)
+        if missing:
+            raise UserError(f"checkpoint {path} does not fit model {type(model).__name__}: no {sorted(missing)[0]}")
+        model.load_state_dict(state, strict=False)
+        return {"checkpoint_folder": os.path.abspath(path)}
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:

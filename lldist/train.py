@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from .config import Job, load_job
-from .data import load_split
+from .data import TensorSet, load_split
 from .errors import Stopped, run_cli
 from .evaluate import plain_loss_acc, resolve_device
 from .models import build_model, save_checkpoint
+from .tasks import task_from_config
 
 
 def epoch_path(checkpoint: str, epoch: int) -> str:
@@ -33,9 +34,34 @@ def epoch_path(checkpoint: str, epoch: int) -> str:
     return f"{stem}_epoch{epoch}{ext or '.pt'}"
 
 
-def _measure(model, data, device):
+@torch.no_grad()
+def _measure(model, data, device, task):
+    """(loss, accuracy or NaN) at the end of an epoch, the plain way."""
     model.eval()
-    return plain_loss_acc(model, data, batch_size=512, device=device)
+    if isinstance(data, TensorSet) and task.classification:
+        return plain_loss_acc(model, data, batch_size=512, device=device)
+    total = None
+    for batch in data.to(device).batches(128):
+        sums = task.sums(task.forward(model, batch), batch).double()
+        total = sums if total is None else total + sums
+    means = dict(zip(task.names, task.means(total)))
+    return means["loss"], means.get("acc", float("nan"))
+
+
+def _loss(model, batch, task):
+    """The training loss of one batch: the task's weighted mean (per token for lm)."""
+    if isinstance(batch, tuple) and task.classification:
+        return F.cross_entropy(model(batch[0]), batch[1])  # as lldist has always trained classifiers
+    sums = task.sums(task.forward(model, batch), batch)
+    return sums[0] / sums[1]
+
+
+def _optimizer(t, model):
+    if t.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
 
 def train(job: Job, log=print, should_stop: Callable[[], Optional[int]] = lambda: None) -> dict:
@@ -46,15 +72,15 @@ def train(job: Job, log=print, should_stop: Callable[[], Optional[int]] = lambda
     limit the job must be gone within the grace period, not at the end of training)."""
     t = job.train
     device = resolve_device(t.device)
-    train_set = load_split(job.data, "train", subset=False)
-    test_set = load_split(job.data, "test", subset=False)
+    train_set = load_split(job.data, "train", subset=False, model_name=job.model.name)
+    test_set = load_split(job.data, "test", subset=False, model_name=job.model.name)
     model = build_model(job.model, train_set.in_shape, train_set.num_classes).to(device)
-    if t.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    else:
-        opt = torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    task = task_from_config(job.eval)
+    opt = _optimizer(t, model)
+    # linear warm-up over the first warmup_steps steps, then the constant rate
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / t.warmup_steps)) \
+        if t.warmup_steps else None
     gen = torch.Generator().manual_seed(t.seed)
-    x_all, y_all = train_set.x, train_set.y
     log(f"train: {job.model.name} on {job.data.name} ({len(train_set)} train / {len(test_set)} test), "
         f"{t.optimizer} lr={t.lr} batch={t.batch_size} epochs={t.epochs} on {device}")
     meta = {}
@@ -66,20 +92,23 @@ def train(job: Job, log=print, should_stop: Callable[[], Optional[int]] = lambda
             idx = order[i:i + t.batch_size]
             if len(idx) < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
                 continue  # BatchNorm cannot train on a batch of one
-            xb = train_set.normalize(x_all[idx]).to(device)
-            yb = y_all[idx].to(device)
-            loss = F.cross_entropy(model(xb), yb)
+            batch = train_set.take(idx)
+            batch = {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else \
+                tuple(v.to(device) for v in batch)
+            loss = _loss(model, batch, task)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             signum = should_stop()
             if signum is not None:
                 kept = f"the checkpoints of epochs 1..{epoch - 1} are kept" if epoch > 1 \
                     else "no epoch was finished"
                 raise Stopped(signum, f"stopped by signal {signum} while training epoch {epoch} ({kept}); "
                                       "run the same command to train again")
-        tr_loss, tr_acc = _measure(model, train_set, device)
-        te_loss, te_acc = _measure(model, test_set, device)
+        tr_loss, tr_acc = _measure(model, train_set, device, task)
+        te_loss, te_acc = _measure(model, test_set, device, task)
         meta = {"epoch": epoch, "train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss,
                 "test_acc": te_acc, "gap": tr_acc - te_acc, "train_config": dataclasses.asdict(t),
                 "model": job.model.name, "data": job.data.name}

@@ -1,0 +1,147 @@
+"""HuggingFace models and data sets: the only module that imports transformers and datasets
+(an optional extra: pip install 'lldist[hf]').
+
+    model: {name: "hf:bert-base-uncased"}          # or a local folder: hf:jobs/models/tiny_bert
+    data:  {name: "hf:glue", args: {config: sst2, text: sentence, label: label, max_length: 128}}
+    data:  {name: "hf:csv", root: jobs/data/pydoc_topics, args: {max_length: 48}}   # local files
+
+Models: AutoModelForCausalLM when the config's architectures name a causal LM (...LMHeadModel,
+...ForCausalLM), else AutoModelForSequenceClassification. A folder with weights (or a hub
+name) is loaded with from_pretrained; a folder with only config.json is built from the config,
+seeded by model.seed (what lldist.train then trains). Data: `hf:csv`, `hf:json`, `hf:parquet`
+with `<root>/{train,test}.<ext>` files; a folder written by `Dataset.save_to_disk` /
+`DatasetDict.save_to_disk`; or a hub data set (`load_dataset(name, args.config)`, online or
+from the local cache). Texts are tokenized once, padded to `max_length` with attention masks,
+by the tokenizer in `data.args.tokenizer` or the `hf:` model folder.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .config import DataConfig
+from .errors import UserError
+
+DATA_FILE_BUILDERS = {"csv": "csv", "json": "json", "parquet": "parquet"}
+
+
+def require():
+    try:
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise UserError(f"hf: models and data need the HuggingFace libraries ({e.name or e}): "
+                        "pip install 'lldist[hf]'")
+    return transformers
+
+
+def _config(path: str):
+    transformers = require()
+    try:
+        return transformers.AutoConfig.from_pretrained(path)
+    except Exception as e:  # OSError offline or not found, ValueError for a foreign folder
+        raise UserError(f"model hf:{path}: cannot read its config ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]}); offline, give a local folder")
+
+
+def is_causal(config) -> bool:
+    return any(a.endswith("LMHeadModel") or "ForCausalLM" in a for a in (config.architectures or []))
+
+
+def _has_weights(path: str) -> bool:
+    return any(os.path.exists(os.path.join(path, f)) for f in
+               ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"))
+
+
+def build_model(path: str, seed: int) -> torch.nn.Module:
+    """The config says the number of labels (num_labels), as HuggingFace configs do."""
+    transformers = require()
+    config = _config(path)
+    auto = transformers.AutoModelForCausalLM if is_causal(config) else transformers.AutoModelForSequenceClassification
+    try:
+        if os.path.isdir(path) and not _has_weights(path):
+            torch.manual_seed(seed)
+            return auto.from_config(config)
+        return auto.from_pretrained(path)
+    except Exception as e:
+        raise UserError(f"model hf:{path}: cannot build it ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+
+def folder_state(model: torch.nn.Module, path: str) -> dict:
+    """The state dict of a HuggingFace checkpoint folder (model.checkpoint given as a folder)."""
+    transformers = require()
+    auto = transformers.AutoModelForCausalLM if is_causal(_config(path)) else \
+        transformers.AutoModelForSequenceClassification
+    try:
+        return auto.from_pretrained(path).state_dict()
+    except Exception as e:
+        raise UserError(f"checkpoint {path}: cannot load this HuggingFace folder ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:200]})")
+
+
+def _dataset_split(cfg: DataConfig, split: str):
+    try:
+        import datasets
+    except ImportError as e:
+        raise UserError(f"hf: data needs the HuggingFace datasets library ({e}): pip install 'lldist[hf]'")
+    name = cfg.name.split(":", 1)[1]
+    names = [split] if split == "train" else \
+        ([cfg.args["test_split"]] if cfg.args.get("test_split") else ["test", "validation"])
+    try:
+        if name in DATA_FILE_BUILDERS:
+            if not cfg.root:
+                raise UserError(f"data hf:{name}: data.root must name the folder of train/test files")
+            ext = name if name != "json" else "jsonl"
+            files = {n: os.path.join(cfg.root, f"{n}.{e}") for n in ("train", "test", "validation")
+                     for e in (name, ext) if os.path.exists(os.path.join(cfg.root, f"{n}.{e}"))}
+            if not files:
+                raise UserError(f"data hf:{name}: no train/test .{name} files in {cfg.root}")
+            dd = datasets.load_dataset(DATA_FILE_BUILDERS[name], data_files=files)
+        elif os.path.isdir(cfg.root or name):
+            dd = datasets.load_from_disk(cfg.root or name)
+        else:
+            dd = datasets.load_dataset(name, cfg.args.get("config"))
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"data hf:{name}: cannot load it ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    if isinstance(dd, datasets.Dataset):
+        return dd
+    for n in names:
+        if n in dd:
+            return dd[n]
+    raise UserError(f"data hf:{name}: no {' or '.join(names)} split (has {', '.join(dd)})")
+
+
+def load_text(cfg: DataConfig, split: str, model_name: str = ""):
+    """A DictSet of input_ids, attention_mask (and labels when the set has a label column)."""
+    from .data import DictSet
+    transformers = require()
+    args = {"text": "text", "label": "label", "max_length": 64, **cfg.args}
+    unknown = set(args) - {"text", "label", "max_length", "tokenizer", "config", "test_split"}
+    if unknown:
+        raise UserError(f"data {cfg.name}: unknown data.args key {sorted(unknown)[0]!r} "
+                        "(known: text, label, max_length, tokenizer, config, test_split)")
+    tok_path = args.get("tokenizer") or (model_name.split(":", 1)[1] if model_name.startswith("hf:") else None)
+    if not tok_path:
+        raise UserError(f"data {cfg.name}: no tokenizer: set data.args.tokenizer or use an hf: model")
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(tok_path)
+    except Exception as e:
+        raise UserError(f"data {cfg.name}: cannot load the tokenizer of {tok_path} ({type(e).__name__})")
+    ds = _dataset_split(cfg, split)
+    if args["text"] not in ds.column_names:
+        raise UserError(f"data {cfg.name}: no text column {args['text']!r} (columns: {', '.join(ds.column_names)}); "
+                        "set data.args.text")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    enc = tok(list(ds[args["text"]]), padding="max_length", truncation=True, max_length=int(args["max_length"]),
+              return_tensors="pt")
+    tensors = {k: v for k, v in enc.items()}
+    num_classes = 0
+    if args["label"] and args["label"] in ds.column_names:
+        labels = torch.as_tensor(ds[args["label"]], dtype=torch.int64)
+        tensors["labels"] = labels
+        num_classes = int(labels.max()) + 1 if len(labels) else 0
+    return DictSet(tensors, num_classes)
