@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib.util
 import json
 import os
 import shutil
@@ -204,6 +205,69 @@ def evaluator(name, n, device, precision, channels_last, compile_, batch, cells_
     return Evaluator(model, theta, dirs, {"test": data}, cfg, device=device)
 
 
+def text_case(n: int, seq: int = 128, seed: int = 0):
+    """A small BERT-style classifier (2 layers, width 128) on random token ids of length `seq`:
+    (model, theta, dirs, data as a DictSet with labels)."""
+    import transformers
+    from .config import DirectionsConfig
+    from .data import DictSet
+    from .directions import make_directions, model_state
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=2000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=256, max_position_embeddings=seq, num_labels=2)
+    model = transformers.AutoModelForSequenceClassification.from_config(cfg)
+    g = torch.Generator().manual_seed(seed)
+    data = DictSet({"input_ids": torch.randint(4, 2000, (n, seq), generator=g),
+                    "attention_mask": torch.ones(n, seq, dtype=torch.int64),
+                    "labels": torch.randint(0, 2, (n,), generator=g)}, 2)
+    theta, kinds = model_state(model)
+    return model, theta, make_directions(theta, kinds, DirectionsConfig(seed=1), 2), data
+
+
+def text_row(device: str, n: int, batch_sizes: list, naive_cells: int = 2) -> dict:
+    """The text-model row: lldist on a BERT-style classifier at sequence length 128 against a
+    pure forward over the same batches (the ceiling) and a naive per-cell loop (a DataLoader
+    collating dict examples, load_state_dict per cell)."""
+    from .config import EvalConfig
+    from .evaluate import Evaluator
+    from .tasks import Task
+    model, theta, dirs, data = text_case(n)
+    model = model.to(device).eval()
+    dev_data = data.to(device)
+
+    def forward(bs):
+        @torch.inference_mode()
+        def run():
+            for b in dev_data.batches(bs):
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        return run
+    rates = {bs: n / timed(forward(bs), device) for bs in batch_sizes if bs <= n}
+    bs = max(rates, key=rates.get)
+    ev = Evaluator(model, theta, dirs, {"test": data}, EvalConfig(batch_size=bs), device=device, task=Task())
+    med = interleaved({"ceiling": forward(bs), "lldist": lambda: ev.evaluate_cells([(0.1, -0.2)])}, device)
+    examples = [{k: v[i] for k, v in data.tensors.items()} for i in range(n)]
+    loader = torch.utils.data.DataLoader(examples, batch_size=32)
+
+    def one_cell(a=0.1, b=-0.2):
+        model.load_state_dict({k: theta[k] + a * dirs["x"][k] + b * dirs["y"][k] for k in theta}, strict=False)
+        with torch.no_grad():
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                F.cross_entropy(out, batch["labels"], reduction="sum").item()
+    one_cell()
+    t0 = time.perf_counter()
+    for _ in range(naive_cells):
+        one_cell()
+    naive = naive_cells / (time.perf_counter() - t0)
+    rate = 1 / med["lldist"]
+    return {"model": "bert_128", "precision": "fp32", "device": device, "images": n, "batch": bs,
+            "ceiling_img_s": n / med["ceiling"], "ceiling_eager_img_s": rates[bs], "ceiling_compiled_img_s": 0.0,
+            "compiled": False, "cells_per_pass": 1, "lldist_cells_s": rate, "lldist_img_s": rate * n,
+            "one_cell_at_a_time_cells_s": rate, "vs_ceiling": med["ceiling"] / med["lldist"],
+            "naive_cells_s": naive, "speedup_vs_naive": rate / naive}
+
+
 def throughput(args) -> list:
     device = args.device
     if device == "cuda":
@@ -213,6 +277,14 @@ def throughput(args) -> list:
     batch_sizes = [32, 64, 128, 256, 512] if device == "cpu" else [256, 512, 1024, 2048, 5000, 10000]
     rows = []
     for name in args.models:
+        if name == "bert_128":
+            row = text_row(device, 256 if device == "cpu" else 4096, [16, 32, 64, 128] if device == "cpu"
+                           else [128, 256, 512, 1024])
+            rows.append(row)
+            print(f"{name:18s} fp32  ceiling {row['ceiling_img_s']:12,.0f} seq/s  lldist {row['lldist_cells_s']:9.2f} "
+                  f"cells/s ({row['vs_ceiling']:.2f} of ceiling)  naive {row['naive_cells_s']:8.2f} cells/s "
+                  f"-> {row['speedup_vs_naive']:.2f}x", flush=True)
+            continue
         n = args.images or sizes(name, device)
         for precision in args.precision:
             cl = args.channels_last and MODELS[name][2][1] > 1
@@ -531,7 +603,8 @@ def main(argv=None) -> int:
         ap.add_argument("--chunk", type=int, default=2)
     else:
         ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-        ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+        text = ["bert_128"] if importlib.util.find_spec("transformers") else []  # with lldist[hf]
+        ap.add_argument("--models", nargs="+", default=list(MODELS) + text, choices=list(MODELS) + ["bert_128"])
         ap.add_argument("--precision", nargs="+", default=None, choices=("fp32", "bf16"))
         ap.add_argument("--compile", action="store_true", help="also measure torch.compile")
         ap.add_argument("--channels-last", action="store_true")

@@ -108,3 +108,15 @@ def chunk_log(path):
     from lldist.store import SurfaceReader
     with SurfaceReader(path) as sf:
         return sf.chunk_log()
+
+
+def model_and_data(job, checkpoint):
+    """The job's model with `checkpoint` loaded, and its test split, built the plain way."""
+    from lldist.config import load_job
+    from lldist.data import load_split
+    from lldist.models import build_model, load_checkpoint
+    cfg = load_job(job)
+    data = load_split(cfg.data, "test")
+    model = build_model(cfg.model, data.in_shape, data.num_classes)
+    load_checkpoint(model, checkpoint)
+    return model, data

@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 
 import lldist
-from conftest import ROOT, mpiexec, run, write_job
-from lldist.config import DataConfig, load_job
+from conftest import ROOT, model_and_data, mpiexec, run, write_job
+from lldist.config import DataConfig
 from lldist.data import load_split
-from lldist.models import build_model, load_checkpoint
 from lldist.store import SurfaceReader
 
 
@@ -40,10 +39,7 @@ def test_api_equals_cli_bit_for_bit(workdir):
     job = write_job(workdir / "job.yaml")
     run(["lldist.train", job], workdir)
     run(["lldist.surface", job], workdir)
-    cfg = load_job(job)
-    data = load_split(cfg.data, "test")
-    model = build_model(cfg.model, data.in_shape, data.num_classes)
-    load_checkpoint(model, "model.pt")
+    model, data = model_and_data(job, "model.pt")
     ls = lldist.landscape(model, (data.normalize(data.x), data.y), x=(-1.0, 1.0, 7), y=(-0.5, 0.5, 5),
                           directions={"seed": 3, "norm": "filter", "ignore": "biasbn"}, batch_size=50, threads=1,
                           out="api.h5")

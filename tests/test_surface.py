@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import chunk_log, env, run, write_job
+from conftest import chunk_log, env, model_and_data, run, write_job
 from lldist.config import load_job
 from lldist.data import load_split
 from lldist.evaluate import evaluate_plain
@@ -118,10 +118,7 @@ def test_interpolation_moves_batchnorm_statistics(workdir):
                     directions={"target": "model_epoch1.pt"}, grid={"x": [0.0, 1.0, 2], "y": None})
     run(["lldist.train", job], workdir)
     run(["lldist.surface", job], workdir)
-    cfg = load_job(job)
-    data = load_split(cfg.data, "test")
-    m = build_model(cfg.model, data.in_shape, data.num_classes)
-    load_checkpoint(m, "model_epoch1.pt")
+    m, data = model_and_data(job, "model_epoch1.pt")
     ref = evaluate_plain(m, m.state_dict(), data)
     with h5py.File("out.h5", "r") as f:
         np.testing.assert_allclose(f["test/loss"][1], ref[0], rtol=1e-5)

@@ -1,0 +1,153 @@
+"""Text models through HuggingFace (the optional lldist[hf] extra): a BERT-style classifier and
+a GPT-style causal LM built from the configs in jobs/models, on the shipped docstring data,
+against plain loops over the same batches; directions per row; the error without the extra."""
+
+import math
+import os
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import ROOT, run, write_job
+
+transformers = pytest.importorskip("transformers", reason="pip install 'lldist[hf]'")
+
+from lldist.config import DirectionsConfig, load_job  # noqa: E402
+from lldist.directions import make_directions, model_state  # noqa: E402
+from lldist.store import SurfaceReader  # noqa: E402
+
+BERT = os.path.join(ROOT, "jobs", "models", "tiny_bert")
+GPT = os.path.join(ROOT, "jobs", "models", "tiny_gpt")
+DATA = os.path.join(ROOT, "jobs", "data", "pydoc_topics")
+
+
+def text_job(path, model, loss="cross_entropy", label="label", train=None, checkpoint=None):
+    return write_job(path, model={"name": f"hf:{model}", "checkpoint": checkpoint, "seed": 1},
+                     data={"name": "hf:csv", "root": DATA, "subset": 40,
+                           "args": {"text": "text", "label": label, "max_length": 24}},
+                     train=train, grid={"x": [-1.0, 1.0, 3], "y": [-1.0, 1.0, 2]},
+                     eval={"batch_size": 16, "loss": loss, "threads": 1})
+
+
+def plain_batches(job):
+    """The same 40 test sentences, tokenized by hand with the model folder's tokenizer."""
+    import csv
+    cfg = load_job(job)
+    tok = transformers.AutoTokenizer.from_pretrained(cfg.model.name[3:])
+    with open(os.path.join(DATA, "test.csv")) as f:
+        rows = list(csv.DictReader(f))
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(rows), generator=g)[:40].sort().values.tolist()
+    rows = [rows[i] for i in idx]
+    enc = tok([r["text"] for r in rows], padding="max_length", truncation=True, max_length=24, return_tensors="pt")
+    return enc, torch.tensor([int(r["label"]) for r in rows])
+
+
+def at(model, path, a, b):
+    """The model at theta + a dx + b dy, theta being the model's state at its first call."""
+    with SurfaceReader(path) as sf:
+        dirs = sf.read_directions()
+    if not hasattr(model, "theta_"):
+        model.theta_ = {k: v.clone() for k, v in model_state(model)[0].items()}
+    theta = model.theta_
+    state = {k: theta[k] + a * dirs["x"][k] + b * dirs["y"][k] for k in theta}
+    model.load_state_dict(state, strict=False)
+    return model.eval()
+
+
+def test_sequence_classifier_matches_a_plain_loop(workdir):
+    job = text_job(workdir / "job.yaml", BERT)
+    run(["lldist.surface", job], workdir)
+    enc, labels = plain_batches(job)
+    torch.manual_seed(1)
+    model = transformers.AutoModelForSequenceClassification.from_config(transformers.AutoConfig.from_pretrained(BERT))
+    with h5py.File("out.h5", "r") as f:
+        loss, acc, x, y = f["test/loss"][()], f["test/acc"][()], f["x"][()], f["y"][()]
+    for iy, b in enumerate(y):
+        for ix, a in enumerate(x):
+            m = at(model, "out.h5", a, b)
+            with torch.no_grad():
+                logits = torch.cat([m(**{k: v[i:i + 16] for k, v in enc.items()}).logits for i in range(0, 40, 16)])
+            assert math.isclose(loss[iy, ix], float(F.cross_entropy(logits, labels)), rel_tol=1e-5)
+            assert acc[iy, ix] == int((logits.argmax(1) == labels).sum()) / 40
+
+
+def test_causal_lm_matches_a_plain_loop(workdir):
+    job = text_job(workdir / "job.yaml", GPT, loss="lm", label=None)
+    run(["lldist.surface", job], workdir)
+    enc, _ = plain_batches(job)
+    torch.manual_seed(1)
+    model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(GPT))
+    with h5py.File("out.h5", "r") as f:
+        assert json_list(f.attrs["quantities"]) == ["loss", "acc", "perplexity"]
+        loss, acc, ppl = f["test/loss"][()], f["test/acc"][()], f["test/perplexity"][()]
+    m = at(model, "out.h5", 1.0, 1.0)  # the last cell: x[-1], y[-1]
+    with torch.no_grad():
+        logits = torch.cat([m(input_ids=enc["input_ids"][i:i + 16],
+                              attention_mask=enc["attention_mask"][i:i + 16]).logits for i in range(0, 40, 16)])
+    mask = enc["attention_mask"][:, 1:].bool()
+    tok = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), enc["input_ids"][:, 1:].reshape(-1),
+                          reduction="none").view(mask.shape)
+    want = float(tok[mask].mean())
+    assert math.isclose(loss[-1, -1], want, rel_tol=1e-5)
+    hits = (logits[:, :-1].argmax(-1) == enc["input_ids"][:, 1:])[mask]
+    assert acc[-1, -1] == int(hits.sum()) / int(mask.sum())
+    assert math.isclose(ppl[-1, -1], math.exp(want), rel_tol=1e-5)
+
+
+def json_list(text):
+    import json
+    return json.loads(text)
+
+
+def test_directions_for_transformers_are_per_row():
+    """Filter normalization on a transformer: each row of a Linear weight (an output unit) and
+    of an Embedding (a token) has the norm of the same row of theta; LayerNorm weights and
+    biases get zero under ignore: biasbn; the tied output layer of a causal LM is moved once."""
+    torch.manual_seed(0)
+    bert = transformers.AutoModelForSequenceClassification.from_config(transformers.AutoConfig.from_pretrained(BERT))
+    theta, kinds = model_state(bert)
+    d = make_directions(theta, kinds, DirectionsConfig(seed=0), 1)["x"]
+    modules = dict(bert.named_modules())
+    checked = {"linear": 0, "embedding": 0, "layernorm": 0}
+    for name, w in theta.items():
+        owner = modules[name.rsplit(".", 1)[0]]
+        if isinstance(owner, (torch.nn.Linear, torch.nn.Embedding)) and name.endswith("weight"):
+            np.testing.assert_allclose(d[name].norm(dim=1), w.norm(dim=1), rtol=1e-4, atol=1e-6)
+            checked["linear" if isinstance(owner, torch.nn.Linear) else "embedding"] += 1
+        elif isinstance(owner, torch.nn.LayerNorm) or name.endswith("bias"):
+            assert not d[name].any()
+            checked["layernorm"] += isinstance(owner, torch.nn.LayerNorm)
+    assert checked["linear"] >= 10 and checked["embedding"] == 3 and checked["layernorm"] >= 5
+    gpt = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(GPT))
+    names = set(model_state(gpt)[0])
+    assert ("lm_head.weight" in names) != ("transformer.wte.weight" in names)  # tied: one entry
+
+
+def test_train_a_text_model_and_a_huggingface_checkpoint_folder(workdir):
+    job = text_job(workdir / "job.yaml", BERT, checkpoint="model.pt",
+                   train={"optimizer": "adamw", "lr": 3e-3, "warmup_steps": 5, "epochs": 2, "batch_size": 64})
+    out = run(["lldist.train", job], workdir).stdout
+    losses = [float(line.split("train loss")[1].split()[0]) for line in out.splitlines() if "train loss" in line]
+    assert len(losses) == 2 and losses[1] < losses[0] and os.path.exists("model_epoch2.pt")
+    # the same weights as a HuggingFace folder are the same model
+    from lldist.config import ModelConfig
+    from lldist.models import build_model, load_checkpoint
+    m = build_model(ModelConfig(name=f"hf:{BERT}", seed=1), (24,), 4)
+    load_checkpoint(m, "model.pt")
+    m.save_pretrained("hf_folder")
+    m2 = build_model(ModelConfig(name=f"hf:{BERT}", seed=5), (24,), 4)
+    load_checkpoint(m2, "hf_folder")
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, m2.state_dict()[k])
+
+
+def test_without_the_extra_the_error_names_it(workdir):
+    job = text_job(workdir / "job.yaml", BERT)
+    code = "import sys; sys.modules['transformers'] = None; from lldist.surface import cli; cli()"
+    p = run([sys.executable, "-c", code, job], workdir, check=False)
+    assert p.returncode == 2 and "pip install 'lldist[hf]'" in p.stderr and p.stderr.count("\n") == 1
