@@ -348,15 +348,33 @@ class SurfaceWriter(SurfaceReader):
     def __init__(self, path: str):
         super().__init__(path)
         self.run = int(self.f.attrs.get("runs", 0))
-        self._mirror = None  # in-memory copies of the arrays: rank 0 is the only writer
+        self._done, self._nchunks = None, 0  # read at the first write (see _done_mirror)
 
-    def _arrays(self) -> dict:
-        if self._mirror is None:
-            names = ["done", "nchunks"] + [f"{s}/{q}" for s in self.splits for q in self.quantities]
-            self._mirror = {n: (self.f[n], self.f[n][()]) for n in names}
-            self._mirror["chunks"] = (self.f["chunks"], None)
-            self._mirror["chunk_cells"] = (self.f["chunk_cells"], None)
-        return self._mirror
+    def _done_mirror(self) -> np.ndarray:
+        """The done mask in memory (1 byte a cell: 1 MB at 1001 x 1001), read once: rank 0
+        is the only writer, so it is never stale; it catches a chunk handed out twice."""
+        if self._done is None:
+            self._done = self.f["done"][()]
+            self._nchunks = int(self.f["nchunks"][()])
+            last = self.f["chunks"][self._nchunks - 1] if self._nchunks else None
+            self._cells_logged = int(last["offset"] + last["ncells"]) if self._nchunks else 0
+            # dataset handles looked up once: an h5py lookup by path costs as much as a small write
+            self._ds = {n: self.f[n] for n in ("done", "nchunks", "chunks", "chunk_cells")}
+            self._ds.update({(sp, q): self.f[sp][q] for sp in self.splits for q in self.quantities})
+        return self._done
+
+    def _runs(self, cells: np.ndarray) -> list:
+        """(dataset selection, positions in `cells`) for each run of consecutive cells along
+        a row: chunks are runs of pending cells in row-major order, so a chunk is one or two
+        hyperslabs, and a write costs what the chunk holds, not what the grid holds."""
+        nx = self.shape[-1]
+        iy, ix = np.divmod(cells, nx)
+        breaks = np.flatnonzero((np.diff(iy) != 0) | (np.diff(ix) != 1)) + 1
+        out = []
+        for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(cells)]):
+            cols = slice(int(ix[lo]), int(ix[hi - 1]) + 1)
+            out.append(((cols,) if len(self.shape) == 1 else (int(iy[lo]), cols), slice(int(lo), int(hi))))
+        return out
 
     @classmethod
     def create_or_resume(cls, path: str, job: Job, hashes: dict, grid: Grid, make_dirs: Callable[[], dict],
@@ -409,32 +427,34 @@ class SurfaceWriter(SurfaceReader):
         Values and the work log are written and flushed first, then the done mask and the
         record count, and flushed again: a kill at any point leaves these cells either done
         with their values or not done."""
-        cells = np.asarray(cells, dtype=np.int64)
-        m = self._arrays()
-        done_ds, done = m["done"]
-        flat = done.reshape(-1)
+        order = np.argsort(cells, kind="stable")  # hyperslabs want increasing indices
+        cells, values = np.asarray(cells, dtype=np.int64)[order], np.asarray(values)[order]
+        flat = self._done_mirror().reshape(-1)
         if flat[cells].any():
             raise RuntimeError(f"cells {cells[flat[cells]].tolist()} were already done: a chunk was handed out twice")
+        runs = self._runs(cells)
         for j, split in enumerate(self.splits):
             for q, name in enumerate(self.quantities):
-                d, arr = m[f"{split}/{name}"]
-                arr.reshape(-1)[cells] = values[:, j, q]
-                d[()] = arr
-        nds, n = m["nchunks"]
-        n = int(n)
-        rec = m["chunks"][0]
-        if n >= rec.shape[0]:  # cannot happen when every cell is computed once
-            raise RuntimeError(f"{self.path}: the work log is full ({n} records for {rec.shape[0]} cells)")
-        offset = int(rec[n - 1]["offset"] + rec[n - 1]["ncells"]) if n else 0
-        m["chunk_cells"][0][offset:offset + len(cells)] = cells
-        rec[n] = (self.run, offset, len(cells), rank, host.encode()[:64], device.encode()[:32], t_start, t_end)
+                d = self._ds[(split, name)]
+                for sel, pos in runs:
+                    d[sel] = values[pos, j, q]
+        n = self._nchunks
+        log = self._ds["chunks"]
+        if n >= log.shape[0]:  # cannot happen when every cell is computed once
+            raise RuntimeError(f"{self.path}: the work log is full ({n} records for {log.shape[0]} cells)")
+        offset = self._cells_logged
+        self._ds["chunk_cells"][offset:offset + len(cells)] = cells
+        log[n] = np.array((self.run, offset, len(cells), rank, host.encode()[:64], device.encode()[:32],
+                           t_start, t_end), dtype=CHUNK_DTYPE)
         # HDF5 may write buffered data to disk in any order: flush the values and the log
         # first, then mark the cells done, so that "done" never reaches the disk before them.
         self.f.flush()
+        done = self._ds["done"]
+        for sel, _ in runs:
+            done[sel] = True
         flat[cells] = True
-        done_ds[()] = done
-        nds[()] = n + 1
-        m["nchunks"] = (nds, n + 1)
+        self._ds["nchunks"][()] = n + 1
+        self._nchunks, self._cells_logged = n + 1, offset + len(cells)
         self.f.flush()
 
     def set_attr(self, name: str, value, group: str = "/", flush: bool = True) -> None:
