@@ -257,8 +257,9 @@ def run(ctx: Context, prepare: Callable[[], Plan], build: Callable[[Any], Built]
         status = _start_workers(ctx, plan, hosts, should_stop)
         if status:
             return status
-    progress = plan.start(hosts)
+    progress = None
     try:
+        progress = plan.start(hosts)
         cost = _coordinate(ctx, plan, progress, hosts, should_stop)
     except Stopped as e:
         _close(progress, plan, "stopped")
@@ -277,7 +278,8 @@ def run(ctx: Context, prepare: Callable[[], Plan], build: Callable[[Any], Built]
 
 
 def _close(progress, plan: Plan, outcome: str, cost: Optional[dict] = None) -> None:
-    progress.close()
+    if progress is not None:
+        progress.close()
     plan.close(outcome, cost)
 
 
