@@ -120,3 +120,20 @@ def model_and_data(job, checkpoint):
     model = build_model(cfg.model, data.in_shape, data.num_classes)
     load_checkpoint(model, checkpoint)
     return model, data
+
+
+def done_after_kill(path, timeout=10.0):
+    """Cells done in a file whose writer was just SIGKILLed. HDF5 locks the file with flock;
+    the kernel releases it once the last descriptor of the dead process is closed, which can
+    trail the process's disappearance from /proc by a moment, so a refused open is retried."""
+    import time
+    import h5py
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with h5py.File(path, "r") as f:
+                return int(f["done"][()].sum())
+        except BlockingIOError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)

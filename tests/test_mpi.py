@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import chunk_log, env, kill_tree, mpiexec, run, write_job
+from conftest import chunk_log, done_after_kill, env, kill_tree, mpiexec, run, write_job
 
 CNN = {"name": "cnn", "checkpoint": "model.pt", "args": {"width": 8, "stages": 2}}
 
@@ -90,8 +90,7 @@ def test_sigkill_whole_run_then_resume(cnn_job, workdir):
             break
     p.wait()
     assert killed_at, "the run finished before it could be killed"
-    with h5py.File("out.h5", "r") as f:
-        done = int(f["done"][()].sum())
+    done = done_after_kill("out.h5")
     assert 12 <= done < 35
     q = mpirun(3, cnn_job, workdir, *same)
     assert f"{35 - done} to compute" in q.stdout

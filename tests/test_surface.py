@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import chunk_log, env, model_and_data, run, write_job
+from conftest import chunk_log, done_after_kill as done_killed, env, model_and_data, run, write_job
 from lldist.config import load_job
 from lldist.data import load_split
 from lldist.evaluate import evaluate_plain
@@ -156,8 +156,7 @@ def killable_cnn_job(workdir, subset, grid, chunk):
 def test_sigkill_then_resume_gives_identical_arrays(workdir):
     job, cmd = killable_cnn_job(workdir, 360, {"x": [-1.0, 1.0, 9], "y": [-1.0, 1.0, 8]}, 2)
     assert kill_after(cmd, workdir, 36) == -signal.SIGKILL
-    with h5py.File("out.h5", "r") as f:
-        done_after_kill = int(f["done"][()].sum())
+    done_after_kill = done_killed("out.h5")
     assert 36 <= done_after_kill < 72
     q = run(["lldist.surface", job], workdir)
     assert f"{72 - done_after_kill} to compute" in q.stdout
