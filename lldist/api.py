@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import LOSSES, Axis, DirectionsConfig, EvalConfig, GridConfig, job_from_dict
+from .config import LOSSES, DirectionsConfig, EvalConfig, job_from_dict
 from .data import BatchList, TensorSet
 from .errors import UserError
 from .tasks import make_task
@@ -36,15 +36,14 @@ EVAL_KEYS = {f.name for f in dataclasses.fields(EvalConfig)}
 DIRECTION_KEYS = {f.name for f in dataclasses.fields(DirectionsConfig)} - {"target"}
 
 
-def _axis(value, name) -> Optional[Axis]:
-    if value is None:
-        return None
+def _axis(value, name) -> list:
+    """(min, max, num) as the job file's [min, max, num]; the argument's own name in errors."""
     if not (isinstance(value, (tuple, list)) and len(value) == 3):
         raise ValueError(f"{name} must be (min, max, num), got {value!r}")
     lo, hi, num = value
     if isinstance(num, bool) or not isinstance(num, (int, np.integer)) or num < 1:
         raise ValueError(f"{name}: num must be a positive integer, got {num!r}")
-    return Axis(float(lo), float(hi), int(num))
+    return [float(lo), float(hi), int(num)]
 
 
 def as_data(data, batch_size: int = 256):
@@ -120,7 +119,7 @@ def landscape(model: nn.Module, data, *, x=(-1.0, 1.0, 51), y=(-1.0, 1.0, 51), s
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train' (the name the values are stored under), got {split!r}")
     task = make_task(loss, metrics)
-    grid = GridConfig(_axis(x, "x"), _axis(y, "y"))
+    grid = {"x": _axis(x, "x")} if y is None else {"x": _axis(x, "x"), "y": _axis(y, "y")}
     ctx = runner.launch()
     if out is None:
         if ctx.mpi:
@@ -144,7 +143,7 @@ def landscape(model: nn.Module, data, *, x=(-1.0, 1.0, 51), y=(-1.0, 1.0, 51), s
             "name": name, "output": out,
             "model": {"name": f"object:{type(model).__name__}"},
             "data": {"name": f"object:{type(data).__name__}"},
-            "directions": directions, "grid": _grid_dict(grid),
+            "directions": directions, "grid": grid,
             "eval": {**eval_options, "split": split,
                      "loss": task.loss_name if task.loss_name in LOSSES else "cross_entropy"},
         }, "<landscape()>")
@@ -172,13 +171,6 @@ def landscape(model: nn.Module, data, *, x=(-1.0, 1.0, 51), y=(-1.0, 1.0, 51), s
     if code:
         raise RuntimeError(f"lldist: the landscape ended with status {code}")
     return open(out) if ctx.rank == 0 else None
-
-
-def _grid_dict(grid: GridConfig) -> dict:
-    d = {"x": [grid.x.min, grid.x.max, grid.x.num]}
-    if grid.y is not None:
-        d["y"] = [grid.y.min, grid.y.max, grid.y.num]
-    return d
 
 
 def _state(model):

@@ -184,8 +184,7 @@ def plan(ctx: runner.Context, job: Job, overwrite: bool, progress_every: float, 
     pending = sf.pending()
     chunk = job.eval.chunk_size if job.eval.chunk_size != "auto" else auto_chunk_size(len(pending), ctx.size)
     chunks = split_chunks(pending, chunk)
-    progress = []
-    t0 = []
+    started = {}  # the clock starts once every rank is up
 
     def start(hosts: dict) -> Progress:
         for r, (h, d) in sorted(hosts.items()):
@@ -197,9 +196,8 @@ def plan(ctx: runner.Context, job: Job, overwrite: bool, progress_every: float, 
         cos = sf.attr("cosine_xy", group="directions")
         if cos is not None:
             log(f"cosine(x, y) of the directions: {cos:+.4f}")
-        progress.append(Progress(grid.ncells, grid.ncells - len(pending), every=progress_every))
-        t0.append(time.perf_counter())
-        return progress[0]
+        started["t"] = time.perf_counter()
+        return Progress(grid.ncells, grid.ncells - len(pending), every=progress_every)
 
     def write(r: runner.ChunkResult) -> None:
         sf.write_chunk(r.cells, r.values, r.rank, r.host, r.device, r.t_start, r.t_end)
@@ -207,7 +205,7 @@ def plan(ctx: runner.Context, job: Job, overwrite: bool, progress_every: float, 
     def close(outcome: str, cost) -> None:
         try:
             if outcome == "done":
-                dt = time.perf_counter() - t0[0]
+                dt = time.perf_counter() - started["t"]
                 if cost and cost["messages"]:
                     ms = 1000 * cost["seconds"] / cost["messages"]
                     sf.set_attr("coordinator_ms_per_message", ms)
