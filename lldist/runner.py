@@ -58,6 +58,7 @@ from .errors import EXIT_USAGE, Stopped, UserError, one_line
 WORK, CTRL = 7, 8
 POLL_S = 0.0002  # first sleep between mailbox polls; grows to POLL_MAX_S while nothing comes
 POLL_MAX_S = 0.05
+ABORT_GRACE_S = 0.5  # see Context.abort
 _LAUNCH_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE")
 
 
@@ -106,6 +107,10 @@ class Context:
         sys.stdout.flush()
         sys.stderr.flush()
         if self.comm is not None and self.size > 1:
+            # MPI_Abort tears the launcher's forwarding pipes down at once: output already
+            # flushed but not yet read by the proxy (MPICH's hydra) is lost. A moment to let it
+            # through costs nothing on a path that ends the job.
+            time.sleep(ABORT_GRACE_S)
             self.comm.Abort(code)
             os._exit(code)
         raise SystemExit(code)
@@ -266,11 +271,12 @@ def run(ctx: Context, prepare: Callable[[], Plan], build: Callable[[Any], Built]
         print(f"lldist: {e}", file=sys.stderr, flush=True)
         ctx.abort(e.exit_code)
     except BaseException as e:
-        _close(progress, plan, "failed")
+        # the error first: closing the file can take a while, and the error is what matters
         if isinstance(e, RankFailed):
             _report(str(e))
         else:
             _report(*_failure(0, ctx.host, getattr(e, "lldist_phase", "the coordinator"), e)[1:])
+        _close(progress, plan, "failed")
         print("lldist: finished cells are saved; run the same command to resume", file=sys.stderr, flush=True)
         ctx.abort(1)
     _close(progress, plan, "done", cost)
