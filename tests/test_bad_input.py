@@ -159,6 +159,7 @@ def test_full_disk_is_one_line_and_creates_nothing(workdir, capsys, monkeypatch)
     assert not os.path.exists("out.h5.lock")
 
 
+@pytest.mark.slow
 def test_odd_checkpoint_metadata_is_stored_as_text(workdir):
     import json
     import h5py

@@ -76,6 +76,7 @@ def test_weights_return_to_theta():
     np.testing.assert_array_equal(ev.evaluate(0.0, 0.0), first)
 
 
+@pytest.mark.slow
 def test_compiled_model_updates_in_place_without_recompiling():
     """torch.compile once; weights change in place per cell, so no cell triggers a recompile."""
     import torch._dynamo

@@ -128,6 +128,7 @@ def test_study_end_to_end_and_reuse(workdir):
     assert os.path.getmtime("study/report.html") > 0  # the report was drawn again
 
 
+@pytest.mark.slow
 def test_study_under_mpi_uses_every_rank(workdir):
     study = tiny_study()
     study["variants"] = study["variants"][:1]
