@@ -179,7 +179,10 @@ def _state(model):
 
 
 class Landscape:
-    """A surface file's arrays, read once; cells not done are NaN. `ls["test/loss"]`."""
+    """A surface file's arrays, read once; cells not done are NaN. `ls["test/loss"]`.
+
+    On an adaptive grid (grid.adaptive) the cells not computed are interpolated instead:
+    `ls.interpolated` marks them (None on a full grid), `ls.fraction_done` is the share computed."""
 
     def __init__(self, path: str):
         from .store import SurfaceReader
@@ -188,6 +191,7 @@ class Landscape:
         self.path, self.x, self.y, self.done = path, s["x"], s["y"], s["done"]
         self.splits, self.name, self.quantities = s["splits"], s["name"], s["quantities"]
         self._values = {f"{sp}/{q}": v for (sp, q), v in s["values"].items()}
+        self.interpolated, self.adaptive = s["interpolated"], s["adaptive"]
 
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._values:
@@ -209,7 +213,7 @@ class Landscape:
         return plot.figure(plot.read_surface(self.path), split or self.splits[0], quantity, kind)
 
     def __repr__(self) -> str:
-        shape = " x ".join(map(str, self.done.shape))
+        shape = " x ".join(map(str, self.done.shape)) + (" adaptive" if self.adaptive else "")
         return (f"<Landscape {self.name!r} {shape}, {int(self.done.sum())}/{self.done.size} cells done, "
                 f"{', '.join(self._values)}: {self.path}>")
 

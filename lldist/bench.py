@@ -3,6 +3,7 @@
     python -m lldist.bench [--device cpu|cuda] [--models mlp cnn ...] [--precision fp32 bf16]
                            [--compile] [--json PATH] [--markdown PATH]
     python -m lldist.bench scaling [--ranks 1 2 4 8] [--cost 0.05] [--cells 320] [--chunk 2]
+    python -m lldist.bench coordinator [--grids 51 501 1001] [--ranks 8 64]   # see coordbench.py
     PYTHONPATH=. python -m lldist.bench gpu [--out DIR] [--budget 400]   # on a CUDA machine
 
 Throughput (default): per model and precision, on the same synthetic data and device,
@@ -581,7 +582,7 @@ def gpu_markdown(rep: dict) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    mode = argv[0] if argv[:1] in (["scaling"], ["gpu"]) else "throughput"
+    mode = argv[0] if argv[:1] in (["scaling"], ["gpu"], ["coordinator"]) else "throughput"
     if mode != "throughput":
         argv = argv[1:]
     ap = argparse.ArgumentParser(prog=f"python -m lldist.bench{'' if mode == 'throughput' else ' ' + mode}",
@@ -596,7 +597,12 @@ def main(argv=None) -> int:
         return 0
     ap.add_argument("--json", help="write the rows as JSON here")
     ap.add_argument("--markdown", help="write the table as Markdown here")
-    if mode == "scaling":
+    if mode == "coordinator":
+        ap.add_argument("--grids", type=int, nargs="+", default=[51, 501, 1001])
+        ap.add_argument("--ranks", type=int, nargs="+", default=[8, 64])
+        ap.add_argument("--chunk", type=int, default=32)
+        ap.add_argument("--results", type=int, default=3000, help="chunk results per grid")
+    elif mode == "scaling":
         ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8])
         ap.add_argument("--cost", type=float, default=0.05, help="seconds per cell")
         ap.add_argument("--cells", type=int, default=320)
@@ -613,7 +619,11 @@ def main(argv=None) -> int:
         ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     args = ap.parse_args(argv)
     tune_malloc()
-    if mode == "scaling":
+    if mode == "coordinator":
+        from . import coordbench
+        rows = coordbench.coordinator(args)
+        md = coordbench.markdown(rows)
+    elif mode == "scaling":
         rows, md = scaling(args), None
         md = scaling_markdown(rows)
     else:

@@ -142,9 +142,18 @@ class Axis:
 
 
 @dataclass(frozen=True)
+class AdaptiveConfig:
+    """Compute a coarse lattice, then only the cells the contour picture needs (schedule.py)."""
+    coarse: int = 4  # the lattice: every coarse-th cell along each axis, and the last
+    tolerance: float = 0.05  # interpolation error allowed, in contour-level spacings
+    levels: int = 30  # contour levels the picture is judged at (lldist.plot's default)
+
+
+@dataclass(frozen=True)
 class GridConfig:
     x: Axis = Axis(-1.0, 1.0, 21)
     y: Optional[Axis] = None
+    adaptive: Optional[AdaptiveConfig] = None  # a mapping ({} for the defaults); None: every cell
 
 
 @dataclass(frozen=True)
@@ -341,6 +350,17 @@ def validate(job: Job) -> None:
     if ncells > MAX_CELLS:
         raise UserError(f"{p}: key 'grid': {ncells:,} cells is more than lldist stores in one file "
                         f"({MAX_CELLS:,}, e.g. 11585 x 11585)")
+    if g.adaptive is not None:
+        a = g.adaptive
+        if a.coarse < 2:
+            raise UserError(f"{p}: key 'grid.adaptive.coarse' must be at least 2, got {a.coarse}")
+        if not (a.tolerance > 0 and math.isfinite(a.tolerance)):
+            raise UserError(f"{p}: key 'grid.adaptive.tolerance' must be a positive number, got {a.tolerance}")
+        if a.levels < 3:
+            raise UserError(f"{p}: key 'grid.adaptive.levels' must be at least 3, got {a.levels}")
+        if max(g.x.num, g.y.num if g.y is not None else 0) <= a.coarse:
+            raise UserError(f"{p}: key 'grid.adaptive': a grid of {g.x.num} points is no larger than its "
+                            f"coarse lattice (every {a.coarse}th point); compute it in full")
     _choice(dr.norm, NORMS, "directions.norm", p)
     _choice(dr.ignore, IGNORES, "directions.ignore", p)
     if dr.target and not os.path.exists(dr.target) and job.train is None:
@@ -415,7 +435,8 @@ def identity_hash(job: Job, file_hashes: Optional[dict] = None) -> str:
         "model": {k: v for k, v in as_dict(job.model).items() if k != "checkpoint"},
         "data": {k: v for k, v in as_dict(job.data).items() if k not in ("root", "download")},
         "directions": {k: v for k, v in as_dict(job.directions).items() if k != "target"},
-        "grid": as_dict(job.grid),
+        # (absent when not adaptive: the hash of jobs written before it existed is unchanged)
+        "grid": {k: v for k, v in as_dict(job.grid).items() if k != "adaptive" or v is not None},
         "eval": ev,
     }
     if file_hashes is not None:

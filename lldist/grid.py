@@ -1,4 +1,4 @@
-"""Grid coordinates, cell numbering and chunks of pending cells. No torch, MPI or HDF5.
+"""Grid coordinates, cell numbering and the chunk size. No torch, MPI or HDF5.
 
 The axis convention, stated once for the whole project:
   * 1D grids: arrays have shape (nx,), cell k sits at x[k].
@@ -40,12 +40,6 @@ class Grid:
             return float(self.x[k]), 0.0
         iy, ix = divmod(int(k), len(self.x))
         return float(self.x[ix]), float(self.y[iy])
-
-
-def split_chunks(pending: np.ndarray, size: int) -> list[np.ndarray]:
-    """Consecutive runs of `size` pending cell indices (the last may be shorter)."""
-    pending = np.asarray(pending, dtype=np.int64)
-    return [pending[i:i + size] for i in range(0, len(pending), size)]
 
 
 def auto_chunk_size(npending: int, nworkers: int) -> int:

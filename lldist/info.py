@@ -41,7 +41,13 @@ def main(argv=None) -> int:
         done = sf.done()
         print(f"{args.file}: job {sf.attr('job_name')} ({sf.attr('job_source')}), hash {sf.attr('job_hash')[:12]}")
         print(f"  grid {' x '.join(map(str, done.shape))}, splits {', '.join(sf.splits)}: "
-              f"{int(done.sum())}/{done.size} cells done, {sf.attr('runs')} run(s), complete={bool(done.all())}")
+              f"{int(done.sum())}/{done.size} cells done, {sf.attr('runs')} run(s), "
+              f"complete={bool(sf.attr('complete')) if sf.adaptive else bool(done.all())}")
+        if sf.adaptive:
+            a = sf.adaptive
+            print(f"  adaptive grid (lattice every {a['coarse']}th cell, tolerance {a['tolerance']:g} of "
+                  f"{a['levels']} contour levels' spacing): {100 * done.mean():.1f}% of the cells computed, "
+                  "the rest interpolated when read")
         print(f"  lldist {sf.attr('lldist_version')}, torch {sf.attr('torch_version')}, git {sf.attr('git_revision')}, "
               f"created {sf.attr('created')}, last finished {sf.attr('last_finished', '-')}")
         print(f"  batch {sf.attr('eval_batch_size')}, cells per pass {sf.attr('eval_cells_per_pass')}, "

@@ -110,7 +110,13 @@ def figure_2d(s: dict, split: str, q: str, kind: str, args) -> "matplotlib.figur
         ax.plot([0], [0], "r+", ms=8)  # theta*
     ax.set_xlabel("alpha (direction x)")
     ax.set_ylabel("beta (direction y)")
-    ax.set_title(f"{s['name']}: {split} {_label(q)}", fontsize=9)
+    title = f"{s['name']}: {split} {_label(q)}"
+    if s.get("interpolated") is not None:  # an adaptive grid: say how much is computed
+        title += f"\nadaptive: {100 * s['done'].mean():.0f}% of cells computed, the rest interpolated"
+        if kind in ("contour", "contourf", "heat"):
+            iy, ix = np.nonzero(s["done"])
+            ax.plot(s["x"][ix], s["y"][iy], ",", color="k", alpha=0.25)  # where the surface was computed
+    ax.set_title(title, fontsize=9)
     return fig
 
 

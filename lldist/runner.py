@@ -22,7 +22,10 @@ are tags; every wait below polls with a short sleep, so a waiting rank uses no C
     0 -> w     CTRL ("go",) | ("abort", code)     abort when any rank failed to build
   chunks
     w -> 0     WORK ("ready", n)                  asks for n chunks (workers keep one queued ahead)
-    0 -> w     WORK ("chunk", id, cells) | ("stop",)   one answer per chunk asked for
+    0 -> w     WORK ("chunk", id, cells) | ("stop",)   one answer per chunk asked for; an
+                                                  answer may wait (an adaptive schedule's next
+                                                  cells depend on results still out); "stop"
+                                                  once the schedule will never give more
     w -> 0     WORK ("result", id, values, t0, t1)     also asks for one more chunk
     w -> 0     WORK ("error", id, traceback)      then waits to be aborted
   end
@@ -30,9 +33,12 @@ are tags; every wait below polls with a short sleep, so a waiting rank uses no C
     0          MPI_Abort(code) on "stopped"/"failed" (workers may be mid-chunk); on "done" every
                worker has had its ("stop",) and returns 0
 
-Rank 0 evaluates cells too, one at a time (or one vmapped group) between polls of its mailbox,
-so a worker's request waits at most one cell of rank 0's work, while the worker computes its
-queued chunk. Assignment is dynamic: a slow rank simply asks less often.
+Rank 0 evaluates cells too (in runs of up to RANK0_COMPUTES_UP_TO ranks), one at a time (or
+one vmapped group) between polls of its mailbox, so a worker's request waits at most one cell
+of rank 0's work, while the worker computes its queued chunk. Assignment is dynamic: a slow
+rank simply asks less often. Rank 0 writes each result as it comes (values in place, a few
+hyperslabs) and commits the done marks in groups (store.COMMIT_S), so its cost per message
+does not grow with the grid.
 
 Every failure names its rank, host and phase ("prepare", "build", "chunk 12 (cells 36..38)",
 "write of chunk 12") and ends every rank with a non-zero status: 2 for bad input (one line),
@@ -59,6 +65,9 @@ WORK, CTRL = 7, 8
 POLL_S = 0.0002  # first sleep between mailbox polls; grows to POLL_MAX_S while nothing comes
 POLL_MAX_S = 0.05
 ABORT_GRACE_S = 0.5  # see Context.abort
+# Rank 0 computes cells too in runs of up to this many ranks (1/16 of the work or more); in
+# larger runs it only coordinates: answering hundreds of ranks quickly matters more.
+RANK0_COMPUTES_UP_TO = 16
 _LAUNCH_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE")
 
 
@@ -181,13 +190,15 @@ class ChunkResult:
 class Plan:
     """What rank 0's `prepare` returns: everything the conversation needs from the caller."""
     payload: Any  # broadcast to every worker, which calls build(payload)
-    chunks: list  # arrays of flat cell indices to compute
+    schedule: Any  # take() -> cells or None (none now), exhausted: none ever again (schedule.py)
     evaluate: Callable[[np.ndarray], np.ndarray]  # rank 0's own: cells -> values (n, ...)
     group: int  # cells rank 0 evaluates between polls of its mailbox
     device: str
-    write: Callable[[ChunkResult], None]  # one finished chunk, on rank 0
+    write: Callable[[ChunkResult], int]  # one finished chunk, on rank 0 -> cells now saved
+    tick: Callable[[], int]  # called between messages -> cells saved since (a due group commit)
     start: Callable[[dict], Any]  # every rank is up: {rank: (host, device)} -> a progress object
     close: Callable[[str, Optional[dict]], None]  # ("done" | "stopped" | "failed", coordinator cost)
+    rank0_computes: bool = True  # False: rank 0 only coordinates (ignored for a single process)
 
 
 @dataclass
@@ -348,12 +359,15 @@ def _worker(ctx: Context, build: Callable[[Any], Built]) -> int:
 # ----------------------------------------------------------------------------- chunks
 
 def _coordinate(ctx: Context, plan: Plan, progress, hosts: dict, should_stop) -> dict:
-    """Hand the plan's chunks to the workers and to rank 0 itself; write each finished chunk.
-    Raises RankFailed with a worker's traceback, Stopped on a signal. Returns the
-    coordinator's own cost: {"messages": n, "seconds": time receiving, writing, answering}."""
-    queue = deque(enumerate(plan.chunks))
+    """Hand the schedule's chunks to the workers and to rank 0 itself; write each finished
+    chunk. Raises RankFailed with a worker's traceback, Stopped on a signal. Returns the
+    coordinator's own cost: {"messages": n, "seconds": time receiving, writing, answering,
+    "results": result messages, "service": seconds of each, "wall": seconds in all}."""
+    sched = plan.schedule
     handed = {}  # chunk id -> (rank, cells)
-    finished = set()  # workers told to stop and holding nothing
+    owed = {w: 0 for w in range(1, ctx.size)}  # answers each worker waits for
+    asked = set()  # workers whose first request came: each must hear "stop" before the end
+    next_id = [0]
     local = None  # [id, cells, position, values, t_start]
     comm = ctx.comm
     status = None
@@ -361,34 +375,48 @@ def _coordinate(ctx: Context, plan: Plan, progress, hosts: dict, should_stop) ->
         from mpi4py import MPI
         status = MPI.Status()
 
-    def answer(dest):
-        if queue:
-            cid, cells = queue.popleft()
-            handed[cid] = (dest, cells)
-            comm.send(("chunk", cid, cells), dest=dest, tag=WORK)
-        else:
-            comm.send(("stop",), dest=dest, tag=WORK)
-            if not any(r == dest for r, _ in handed.values()):
-                finished.add(dest)
+    def take():
+        cells = sched.take()
+        if cells is None:
+            return None, None
+        next_id[0] += 1
+        return next_id[0] - 1, cells
+
+    def answer():
+        """Every answer owed that can be given now: a chunk, or "stop" once none will come."""
+        for dest in owed:
+            while owed[dest]:
+                cid, cells = take()
+                if cells is not None:
+                    handed[cid] = (dest, cells)
+                    comm.send(("chunk", cid, cells), dest=dest, tag=WORK)
+                elif sched.exhausted:
+                    comm.send(("stop",), dest=dest, tag=WORK)
+                else:
+                    return  # the schedule waits for results still out
+                owed[dest] -= 1
+
+    def saved(n):
+        if n:
+            progress.update(n)
 
     def write(cid, result):
         try:
-            plan.write(result)
+            saved(plan.write(result))
         except BaseException as e:
             e.lldist_phase = f"write of chunk {cid}"
             raise
-        progress.update(len(result.cells))
 
     def handle(src, msg):
         kind = msg[0]
         if kind == "ready":
-            for _ in range(msg[1]):
-                answer(src)
+            owed[src] += msg[1]
+            asked.add(src)
         elif kind == "result":
             _, cid, values, t0, t1 = msg
             rank, cells = handed.pop(cid)
             write(cid, ChunkResult(cells, values, rank, hosts[rank][0], hosts[rank][1], t0, t1))
-            answer(src)
+            owed[src] += 1
         elif kind == "error":
             _, cid, text = msg
             phase = f"chunk {cid} (cells {handed[cid][1][0]}..{handed[cid][1][-1]})" if cid in handed else "a chunk"
@@ -396,24 +424,35 @@ def _coordinate(ctx: Context, plan: Plan, progress, hosts: dict, should_stop) ->
             raise RankFailed(f"{_where(hosts.get(src, ('?',))[0], src)} failed in {phase}: {last}\n"
                              f"--- traceback of rank {src} ---\n{text.rstrip()}")
 
-    nworkers = ctx.size - 1
-    cost = {"messages": 0, "seconds": 0.0}
+    cost = {"messages": 0, "seconds": 0.0, "results": 0, "service": []}
+    t_begin = time.perf_counter()
     nap = POLL_S
     while True:
         signum = should_stop()
         if signum is not None:
             raise Stopped(signum, f"stopped by signal {signum}: finished cells are saved; "
                                   "run the same command to resume")
+        got = False
         while comm is not None and comm.Iprobe(source=MPI.ANY_SOURCE, tag=WORK, status=status):
             t = time.perf_counter()
             src = status.Get_source()
-            handle(src, comm.recv(source=src, tag=WORK))
+            msg = comm.recv(source=src, tag=WORK)
+            handle(src, msg)
+            answer()
+            dt = time.perf_counter() - t
             cost["messages"] += 1
-            cost["seconds"] += time.perf_counter() - t
-            nap = POLL_S
-        if local is None and queue:
-            cid, cells = queue.popleft()
-            local = [cid, cells, 0, None, time.time()]
+            cost["seconds"] += dt
+            if msg[0] == "result":
+                cost["results"] += 1
+                cost["service"].append(dt)
+            nap, got = POLL_S, True
+        saved(plan.tick())
+        if local is None and (plan.rank0_computes or comm is None):
+            cid, cells = take()
+            if cells is not None:
+                local = [cid, cells, 0, None, time.time()]
+                if comm is not None:
+                    answer()  # an adaptive schedule may have more now
         if local is not None:
             cid, cells, pos, values, t0 = local
             # a few cells at a time (one vmapped group), then back to the mailbox
@@ -429,9 +468,16 @@ def _coordinate(ctx: Context, plan: Plan, progress, hosts: dict, should_stop) ->
             if local[2] == len(cells):
                 write(cid, ChunkResult(cells, values, 0, ctx.host, plan.device, t0, time.time()))
                 local = None
+                if comm is not None:
+                    answer()
             continue
-        if not queue and not handed and len(finished) == nworkers:
+        if comm is not None and sched.exhausted:
+            answer()  # the last result may have ended the schedule: stop whoever waits
+        if sched.exhausted and not handed and not any(owed.values()) and len(asked) == len(owed):
+            cost["wall"] = time.perf_counter() - t_begin
             return cost
+        if got:
+            continue
         # nothing to compute here: wait for a worker, polling so that SIGTERM is noticed
         # (a blocking Probe would not return on a signal) without spinning a core
         time.sleep(nap)

@@ -3,13 +3,15 @@
     lock = Lock("out.h5")                                  # one run per output, from the start
     with SurfaceWriter.create_or_resume("out.h5", job, hashes, grid, make_dirs, meta) as sf:
         sf.write_chunk(cells, values, rank, host, device, t0, t1)   # values (n, nsplits, nquantities)
+        sf.commit_due()                                      # between messages
         sf.finish()
     with SurfaceReader("out.h5") as sf:                     # plots, metrics, info: never writes
         s = sf.read_all()
 
 The file is the checkpoint of a run: an explicit `done` mask says which cells hold results
-(no sentinel values; a NaN loss is a legitimate result), each chunk is written and flushed
-once, and re-opening a file made by the same job resumes it. A file made by another job is
+(no sentinel values; a NaN loss is a legitimate result), finished chunks are committed in
+groups (at least once a second, see COMMIT_S), and re-opening a file made by the same job
+resumes it. A file made by another job is
 refused. New files (also with --overwrite) are written under a temporary name and renamed
 over the old one only when complete, so a run killed or failing while creating one leaves
 the old file, or nothing, under the real name. No SWMR: SWMR files cannot be reopened for
@@ -24,7 +26,7 @@ import platform
 import socket
 import subprocess
 import time
-from typing import Callable
+from typing import Callable, Optional
 
 import h5py
 import numpy as np
@@ -34,7 +36,8 @@ from .errors import UserError
 from .grid import Grid
 
 FORMAT = "lldist.surface"
-FORMAT_VERSION = 2  # 2: directions from their own random stream; /directions/target
+FORMAT_VERSION = 3  # 2: directions from their own random stream; /directions/target
+#                    3: the work log's cells as /cell_chunk (4 bytes a cell), a bounded /chunks
 
 # Root attributes that change after creation. They are all made at creation with a fixed type
 # and size (fixed-length strings, not variable-length ones that live in HDF5's global heap), and
@@ -56,9 +59,36 @@ def _fixed(value):
 
 
 CHUNK_DTYPE = np.dtype([
-    ("run", "i4"), ("offset", "i8"), ("ncells", "i4"), ("rank", "i4"),
+    ("run", "i4"), ("ncells", "i4"), ("rank", "i4"),
     ("host", "S64"), ("device", "S32"), ("t_start", "f8"), ("t_end", "f8"),
 ])
+# /cell_chunk of a cell computed after the work log filled up (see _log_capacity)
+LOG_FULL = -2
+
+# Group commit: the done marks of finished chunks reach the file at most this often (or every
+# COMMIT_CHUNKS chunks), not after every chunk. Values are written at once; a SIGKILL loses at
+# most this much finished work (recomputed by the next run); SIGTERM and errors lose nothing.
+COMMIT_S = 1.0
+COMMIT_CHUNKS = 256
+
+
+def _log_capacity(ncells: int) -> int:
+    """Records the work log can hold. Chunks of one cell each need one record a cell; a run of
+    chunks of 16 or more, resumed now and then, needs far fewer. Past this bound the cells are
+    still stored and marked done; only their record is missing (cell_chunk = LOG_FULL)."""
+    return min(ncells, 4096 + ncells // 16)
+
+
+def _allocate(f: h5py.File, name: str, shape: tuple, dtype, fill):
+    """A dataset whose whole storage is allocated and filled now, inside HDF5 and never as an
+    array in this process's memory (a 10001 x 10001 grid would need 800 MB per quantity):
+    later writes overwrite bytes in place and never change the file's structure."""
+    dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+    dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+    dcpl.set_fill_time(h5py.h5d.FILL_TIME_ALLOC)
+    dtype = np.dtype(dtype)
+    dcpl.set_fill_value(np.array(fill, dtype=dtype))
+    return f.create_dataset(name, shape=shape, dtype=dtype, dcpl=dcpl)
 
 
 def now_iso() -> str:
@@ -124,7 +154,7 @@ def _layout(f: h5py.File, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: 
         y = f.create_dataset("y", data=grid.y)
         y.attrs["long_name"], y.attrs["units"] = "beta (step along direction y)", "1"
         y.make_scale("y")
-    done = f.create_dataset("done", data=np.zeros(grid.shape, dtype=bool))
+    done = _allocate(f, "done", grid.shape, bool, False)
     done.attrs["long_name"] = "cell has been computed"
     arrays = [done]
     for split in job.splits:
@@ -132,7 +162,7 @@ def _layout(f: h5py.File, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: 
         g.attrs["signal"] = "loss"  # NXdata-style hints for generic HDF5 viewers
         g.attrs["axes"] = np.array(["y", "x"] if grid.ndim == 2 else ["x"], dtype=h5py.string_dtype())
         for name, long_name in quantities.items():
-            d = g.create_dataset(name, data=np.full(grid.shape, np.nan))
+            d = _allocate(g, name, grid.shape, "f8", np.nan)
             d.attrs["long_name"] = long_name.format(split=split)
             if name in UNITS or (name == "loss" and "cross-entropy" in long_name):
                 d.attrs["units"] = UNITS.get(name, "nat")
@@ -153,13 +183,13 @@ def _layout(f: h5py.File, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: 
         gd.attrs[k] = v
     if "y" in dirs:
         gd.attrs["cosine_xy"] = cosine(dirs["x"], dirs["y"])
-    # The work log: record i of chunks (i < nchunks) covers chunk_cells[offset:offset+ncells].
-    # Each cell is computed once, so ncells records and cells are enough for every run.
-    # Everything is allocated and written here, at creation: later writes only overwrite
-    # bytes in place and never change the file's structure, so a kill cannot corrupt it.
-    n = grid.ncells
-    f.create_dataset("chunks", data=np.zeros(n, dtype=CHUNK_DTYPE))
-    f.create_dataset("chunk_cells", data=np.zeros(n, dtype="i8"))
+    # The work log: records[i] (i < nchunks) is chunk i; cell_chunk[cell] is the record of
+    # the chunk that computed the cell (-1: not computed). Everything is allocated here, at
+    # creation: later writes only overwrite bytes in place and never change the file's
+    # structure, so a kill cannot corrupt it.
+    _allocate(f, "chunks", (_log_capacity(grid.ncells),), CHUNK_DTYPE, np.zeros((), CHUNK_DTYPE))
+    cc = _allocate(f, "cell_chunk", grid.shape, "i4", -1)
+    cc.attrs["long_name"] = f"record in /chunks of the chunk that computed the cell (-1: none; {LOG_FULL}: log full)"
     f.create_dataset("nchunks", data=np.int64(0))
 
 
@@ -215,7 +245,7 @@ def free_bytes(folder: str) -> int:
 
 def estimate_bytes(ncells: int, values_per_cell: int, direction_values: int) -> int:
     """What a new file takes on disk: every dataset is allocated at creation."""
-    per_cell = 1 + values_per_cell * 8 + 8 + CHUNK_DTYPE.itemsize  # done, values, chunk_cells, log
+    per_cell = 1 + values_per_cell * 8 + 4 + CHUNK_DTYPE.itemsize / 16  # done, values, cell_chunk, log
     return ncells * per_cell + direction_values * 4 + (1 << 20)
 
 
@@ -265,10 +295,6 @@ class SurfaceReader:
     def done(self) -> np.ndarray:
         return self.f["done"][()]
 
-    def pending(self) -> np.ndarray:
-        """Flat indices (row-major, see grid.py) of cells not yet done."""
-        return np.flatnonzero(~self.done().reshape(-1))
-
     def checkpoint_meta(self) -> dict:
         return json.loads(self.f.attrs.get("checkpoint_meta", "{}") or "{}")
 
@@ -285,27 +311,47 @@ class SurfaceReader:
             return default
         return v
 
-    def read_all(self) -> dict:
+    @property
+    def adaptive(self) -> Optional[dict]:
+        """The job's grid.adaptive settings, or None for a full grid."""
+        text = self.f.attrs.get("grid_adaptive", "")
+        return json.loads(text) if text else None
+
+    def read_all(self, reconstruct: bool = True) -> dict:
         """Everything a plot or the metrics need: x, y (None on 1D), done, splits, job name,
-        and each split's loss and acc with cells not done as NaN."""
+        and each split's quantities with cells not done as NaN. On an adaptive grid the cells
+        not computed are interpolated instead (schedule.reconstruct; `reconstruct=False`
+        leaves them NaN), and "interpolated" marks them."""
         f = self.f
         done = f["done"][()]
         out = {"x": f["x"][()], "y": f["y"][()] if "y" in f else None, "done": done,
                "splits": self.splits, "quantities": self.quantities,
-               "name": str(f.attrs.get("job_name", "")), "values": {}}
+               "name": str(f.attrs.get("job_name", "")), "values": {}, "interpolated": None,
+               "adaptive": self.adaptive}
         for split in self.splits:
             for q in self.quantities:
                 a = f[split][q][()].astype(float)
                 a[~done] = np.nan
+                if self.adaptive and reconstruct:
+                    from .schedule import reconstruct as fill
+                    a = fill(a, done, int(self.adaptive["coarse"]))
                 out["values"][(split, q)] = a
+        if self.adaptive and reconstruct:
+            out["interpolated"] = ~done & np.isfinite(out["values"][(self.splits[0], self.quantities[0])])
         return out
 
     def chunk_log(self) -> tuple:
-        """(records, cells): the valid part of the per-chunk work log."""
+        """(records, cells): the valid part of the per-chunk work log, and the computed cells
+        in the order of their records (chunk by chunk)."""
         n = int(self.f["nchunks"][()])
         rec = self.f["chunks"][:n]
-        end = int(rec["offset"][-1] + rec["ncells"][-1]) if n else 0
-        return rec, self.f["chunk_cells"][:end]
+        if "chunk_cells" in self.f:  # format 2
+            end = int(rec["offset"][-1] + rec["ncells"][-1]) if n else 0
+            return rec, self.f["chunk_cells"][:end]
+        owner = self.f["cell_chunk"][()].reshape(-1)
+        owner[~self.f["done"][()].reshape(-1)] = -1  # a killed run's record may outlive its marks
+        cells = np.flatnonzero((owner >= 0) & (owner < n))
+        return rec, cells[np.argsort(owner[cells], kind="stable")]
 
 
 def check_resumable(path: str, config_hash: str, overwrite: bool) -> None:
@@ -327,9 +373,10 @@ def check_resumable(path: str, config_hash: str, overwrite: bool) -> None:
     if overwrite:
         return
     if version != FORMAT_VERSION:
+        why = ("random directions now come from a stream of their own, so its cells cannot be mixed "
+               "with new ones") if version < 2 else "its work log has the older layout"
         raise UserError(f"output {path} has format version {version}, this lldist writes {FORMAT_VERSION} "
-                        "(random directions now come from a stream of their own, so its cells cannot be "
-                        "mixed with new ones); use --out for a new file or --overwrite to replace it")
+                        f"({why}); use --out for a new file or --overwrite to replace it")
     if theirs and theirs != config_hash:
         raise UserError(f"output {path} was made by a different job ({made}); use --out for a new file "
                         "or --overwrite to replace it")
@@ -340,6 +387,7 @@ class SurfaceWriter(SurfaceReader):
 
         with SurfaceWriter.create_or_resume("out.h5", job, hashes, grid, make_dirs, meta) as sf:
             sf.write_chunk(cells, values, rank, host, device, t0, t1)   # values (n, nsplits, nquantities)
+            sf.commit_due()   # now and then: the group commit (see COMMIT_S)
             sf.finish()
     """
 
@@ -348,25 +396,26 @@ class SurfaceWriter(SurfaceReader):
     def __init__(self, path: str):
         super().__init__(path)
         self.run = int(self.f.attrs.get("runs", 0))
-        self._done, self._nchunks = None, 0  # read at the first write (see _done_mirror)
+        self._done = None  # read at the first write (see _done_mirror)
+        self._uncommitted, self._uncommitted_cells = [], 0
+        self._last_commit = time.monotonic()
 
     def _done_mirror(self) -> np.ndarray:
-        """The done mask in memory (1 byte a cell: 1 MB at 1001 x 1001), read once: rank 0
-        is the only writer, so it is never stale; it catches a chunk handed out twice."""
+        """Which cells hold values (1 byte a cell: 1 MB at 1001 x 1001), read once: rank 0 is
+        the only writer, so it is never stale; it catches a chunk handed out twice. It runs
+        ahead of the file's done mask by the chunks not yet committed."""
         if self._done is None:
             self._done = self.f["done"][()]
             self._nchunks = int(self.f["nchunks"][()])
-            last = self.f["chunks"][self._nchunks - 1] if self._nchunks else None
-            self._cells_logged = int(last["offset"] + last["ncells"]) if self._nchunks else 0
             # dataset handles looked up once: an h5py lookup by path costs as much as a small write
-            self._ds = {n: self.f[n] for n in ("done", "nchunks", "chunks", "chunk_cells")}
+            self._ds = {n: self.f[n] for n in ("done", "nchunks", "chunks", "cell_chunk")}
             self._ds.update({(sp, q): self.f[sp][q] for sp in self.splits for q in self.quantities})
         return self._done
 
     def _runs(self, cells: np.ndarray) -> list:
         """(dataset selection, positions in `cells`) for each run of consecutive cells along
-        a row: chunks are runs of pending cells in row-major order, so a chunk is one or two
-        hyperslabs, and a write costs what the chunk holds, not what the grid holds."""
+        a row: a sweep's chunks are runs of pending cells in row-major order, so a chunk is one
+        or two hyperslabs, and a write costs what the chunk holds, not what the grid holds."""
         nx = self.shape[-1]
         iy, ix = np.divmod(cells, nx)
         breaks = np.flatnonzero((np.diff(iy) != 0) | (np.diff(ix) != 1)) + 1
@@ -421,41 +470,78 @@ class SurfaceWriter(SurfaceReader):
 
     # ------------------------------------------------------------------ writing
     def write_chunk(self, cells: np.ndarray, values: np.ndarray, rank: int, host: str, device: str,
-                    t_start: float, t_end: float) -> None:
-        """Store `values` (len(cells), nsplits, nquantities) for flat `cells`, mark them done, flush.
-
-        Values and the work log are written and flushed first, then the done mask and the
-        record count, and flushed again: a kill at any point leaves these cells either done
-        with their values or not done."""
-        order = np.argsort(cells, kind="stable")  # hyperslabs want increasing indices
-        cells, values = np.asarray(cells, dtype=np.int64)[order], np.asarray(values)[order]
+                    t_start: float, t_end: float) -> int:
+        """Take `values` (len(cells), nsplits, nquantities) for flat `cells`, and their work-log
+        record. Nothing reaches the file until the commit (see commit), which is due every
+        COMMIT_S seconds or COMMIT_CHUNKS chunks: returns how many cells this call committed."""
+        cells = np.asarray(cells, dtype=np.int64)
         flat = self._done_mirror().reshape(-1)
         if flat[cells].any():
             raise RuntimeError(f"cells {cells[flat[cells]].tolist()} were already done: a chunk was handed out twice")
+        flat[cells] = True
+        record = (self.run, len(cells), rank, host.encode()[:64], device.encode()[:32], t_start, t_end)
+        self._uncommitted.append((cells, np.asarray(values, dtype=float), record))
+        self._uncommitted_cells += len(cells)
+        if len(self._uncommitted) >= COMMIT_CHUNKS:
+            return self.commit()
+        return self.commit_due()
+
+    def commit_due(self) -> int:
+        """Commit if COMMIT_S passed since the last commit; returns the cells committed."""
+        if self._uncommitted and time.monotonic() - self._last_commit >= COMMIT_S:
+            return self.commit()
+        return 0
+
+    def commit(self) -> int:
+        """Write every chunk taken since the last commit and make it count: values, records and
+        cell owners first, flushed; then the done marks and the record count, flushed again.
+        HDF5 may write buffered data to disk in any order: the first flush keeps "done" from
+        ever reaching the disk before the values it vouches for. Chunks next to each other (a
+        sweep's are) merge into one hyperslab per row, so a commit costs a few writes, and a
+        message only the time to take it. Returns the cells committed."""
+        self._last_commit = time.monotonic()
+        if not self._uncommitted:
+            return 0
+        log = self._ds["chunks"]
+        first = self._nchunks
+        nrec = max(0, min(len(self._uncommitted), log.shape[0] - first))  # past the log's capacity: LOG_FULL
+        if nrec:
+            log[first:first + nrec] = np.array([r for _, _, r in self._uncommitted[:nrec]], dtype=CHUNK_DTYPE)
+        owners = np.concatenate([np.full(len(c), first + i if i < nrec else LOG_FULL, dtype=np.int32)
+                                 for i, (c, _, _) in enumerate(self._uncommitted)])
+        cells = np.concatenate([c for c, _, _ in self._uncommitted])
+        values = np.concatenate([v for _, v, _ in self._uncommitted])
+        order = np.argsort(cells, kind="stable")  # hyperslabs want increasing indices
+        cells, values, owners = cells[order], values[order], owners[order]
         runs = self._runs(cells)
         for j, split in enumerate(self.splits):
             for q, name in enumerate(self.quantities):
                 d = self._ds[(split, name)]
                 for sel, pos in runs:
                     d[sel] = values[pos, j, q]
-        n = self._nchunks
-        log = self._ds["chunks"]
-        if n >= log.shape[0]:  # cannot happen when every cell is computed once
-            raise RuntimeError(f"{self.path}: the work log is full ({n} records for {log.shape[0]} cells)")
-        offset = self._cells_logged
-        self._ds["chunk_cells"][offset:offset + len(cells)] = cells
-        log[n] = np.array((self.run, offset, len(cells), rank, host.encode()[:64], device.encode()[:32],
-                           t_start, t_end), dtype=CHUNK_DTYPE)
-        # HDF5 may write buffered data to disk in any order: flush the values and the log
-        # first, then mark the cells done, so that "done" never reaches the disk before them.
+        owner = self._ds["cell_chunk"]
+        for sel, pos in runs:
+            owner[sel] = owners[pos]
         self.f.flush()
         done = self._ds["done"]
         for sel, _ in runs:
             done[sel] = True
-        flat[cells] = True
-        self._ds["nchunks"][()] = n + 1
-        self._nchunks, self._cells_logged = n + 1, offset + len(cells)
+        self._nchunks = first + nrec
+        self._ds["nchunks"][()] = self._nchunks
         self.f.flush()
+        n = self._uncommitted_cells
+        self._uncommitted, self._uncommitted_cells = [], 0
+        return n
+
+    def close(self) -> None:
+        """Commit what was taken (a stop or a failure elsewhere leaves finished chunks valid),
+        then close. A failing commit (a full disk) loses only the uncommitted chunks."""
+        if self.f.id.valid and self._uncommitted:
+            try:
+                self.commit()
+            except Exception:
+                pass
+        super().close()
 
     def set_attr(self, name: str, value, group: str = "/", flush: bool = True) -> None:
         attrs = self.f[group].attrs
@@ -466,11 +552,13 @@ class SurfaceWriter(SurfaceReader):
         if flush:
             self.f.flush()
 
-    def finish(self) -> None:
-        """The run ended normally: record when, and whether the grid is complete; close."""
+    def finish(self, complete: Optional[bool] = None) -> None:
+        """The run ended normally: record when, and whether the grid is complete (every cell
+        done, or `complete` where the caller knows better: an adaptive grid); close."""
         if self.f.id.valid:
+            self.commit()
             self.set_attr("last_finished", now_iso(), flush=False)
-            self.set_attr("complete", bool(self.done().all()), flush=False)
+            self.set_attr("complete", bool(self.done().all()) if complete is None else complete, flush=False)
             self.close()
 
 

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
+import numpy as np
 import torch
 
 from .config import Job, identity_hash, load_job, sha256_file
@@ -25,7 +26,8 @@ from .data import data_fingerprint, load_split
 from .directions import make_directions, model_state
 from .errors import UserError, run_cli
 from .evaluate import Evaluator
-from .grid import Grid, auto_chunk_size, split_chunks
+from .grid import Grid, auto_chunk_size
+from .schedule import Adaptive, Sweep
 from .models import build_model, load_checkpoint
 from .progress import Progress
 from .tasks import Task, task_from_config
@@ -157,6 +159,8 @@ def plan(ctx: runner.Context, job: Job, overwrite: bool, progress_every: float, 
                 if job.model.checkpoint else "",
                 "num_parameters": sum(p.numel() for p in loaded.model.parameters()),
                 "eval_samples": {k: len(v) for k, v in loaded.splits.items()}}
+        if job.grid.adaptive is not None:  # how to read the file back (store.SurfaceReader.adaptive)
+            meta["grid_adaptive"] = dataclasses.asdict(job.grid.adaptive)
         sf = SurfaceWriter.create_or_resume(job.output, job, hashes, grid, make_dirs, meta, overwrite,
                                             {q: task.long_name(q, "{split}") for q in task.names})
         if sf.quantities != list(task.names):
@@ -181,26 +185,40 @@ def plan(ctx: runner.Context, job: Job, overwrite: bool, progress_every: float, 
         lock.release()
         raise
 
-    pending = sf.pending()
-    chunk = job.eval.chunk_size if job.eval.chunk_size != "auto" else auto_chunk_size(len(pending), ctx.size)
-    chunks = split_chunks(pending, chunk)
+    done = sf.done()
+    npending = int(done.size - np.count_nonzero(done))
+    chunk = job.eval.chunk_size if job.eval.chunk_size != "auto" else auto_chunk_size(npending, ctx.size)
+    ad = job.grid.adaptive
+    if ad is None:
+        schedule = Sweep(done, chunk)
+    else:
+        # the deciding quantity: the first split's loss (NaN where not computed)
+        known = np.where(done, sf.f[job.splits[0]]["loss"][()], np.nan)
+        schedule = Adaptive(grid.shape, done, known, chunk, ad.coarse, ad.tolerance, ad.levels)
+    del done
     started = {}  # the clock starts once every rank is up
 
     def start(hosts: dict) -> Progress:
         for r, (h, d) in sorted(hosts.items()):
             log(f"rank {r}/{ctx.size} on {h}: {d}")
         log(f"job {job.name} -> {job.output}: {grid.ncells} cells ({' x '.join(map(str, grid.shape))}), "
-            f"{len(pending)} to compute in {len(chunks)} chunks of {chunk}, {ctx.size} rank(s), "
+            f"{npending if ad is None else 'at most ' + str(npending)} to compute "
+            f"({schedule.describe()}), {ctx.size} rank(s), "
             f"batch {ev.batch_size}, {ev.cells_per_pass} cell(s) per pass, {threads} thread(s) on rank 0, "
             f"splits {', '.join(job.splits)}")
         cos = sf.attr("cosine_xy", group="directions")
         if cos is not None:
             log(f"cosine(x, y) of the directions: {cos:+.4f}")
         started["t"] = time.perf_counter()
-        return Progress(grid.ncells, grid.ncells - len(pending), every=progress_every)
+        return Progress(grid.ncells, grid.ncells - npending, every=progress_every)
 
-    def write(r: runner.ChunkResult) -> None:
-        sf.write_chunk(r.cells, r.values, r.rank, r.host, r.device, r.t_start, r.t_end)
+    def write(r: runner.ChunkResult) -> int:
+        saved = sf.write_chunk(r.cells, r.values, r.rank, r.host, r.device, r.t_start, r.t_end)
+        schedule.returned(np.asarray(r.cells), np.asarray(r.values)[:, 0, 0])  # first split's loss
+        computed[0] += len(r.cells)
+        return saved
+
+    computed = [0]
 
     def close(outcome: str, cost) -> None:
         try:
@@ -210,20 +228,25 @@ def plan(ctx: runner.Context, job: Job, overwrite: bool, progress_every: float, 
                     ms = 1000 * cost["seconds"] / cost["messages"]
                     sf.set_attr("coordinator_ms_per_message", ms)
                     log(f"coordinator: {cost['messages']} worker messages, {ms:.2f} ms each (receive, write, answer)")
-                sf.finish()
-                log(f"done: {len(pending)} cells in {dt:.3f}s ({len(pending) / dt if dt > 0 else 0:.2f} cells/s) "
-                    f"-> {job.output}")
+                if ad is not None:
+                    n = int(np.count_nonzero(sf._done_mirror()))
+                    log(f"adaptive: {n}/{grid.ncells} cells computed ({100 * n / grid.ncells:.1f}%), "
+                        "the rest interpolated")
+                sf.finish(complete=True if ad is not None else None)
+                n = computed[0]
+                log(f"done: {n} cells in {dt:.3f}s ({n / dt if dt > 0 else 0:.2f} cells/s) -> {job.output}")
             else:
                 if sf.f.id.valid:
+                    sf.commit()
                     print(f"lldist: {int(sf.done().sum())}/{grid.ncells} cells done and saved in {job.output}",
                           file=sys.stderr, flush=True)
                 sf.close()
         finally:
             lock.release()
 
-    return runner.Plan(payload=(job, dirs, (ev.batch_size, ev.cells_per_pass)), chunks=chunks,
+    return runner.Plan(payload=(job, dirs, (ev.batch_size, ev.cells_per_pass)), schedule=schedule,
                        evaluate=cells_function(ev, grid), group=ev.cells_per_pass, device=device,
-                       write=write, start=start, close=close)
+                       write=write, tick=sf.commit_due, start=start, close=close)
 
 
 def parse_args(argv):

@@ -202,18 +202,23 @@ def test_batch_size_is_part_of_the_identity_under_batch_statistics(workdir):
     assert " 0 to compute" in run(["lldist.surface", job2, "--set", "eval.batch_size=64"], workdir).stdout
 
 
+@pytest.mark.slow
 def test_files_of_the_old_direction_stream_are_not_resumed(workdir):
     job = write_job(workdir / "job.yaml", grid={"x": [-1.0, 1.0, 3], "y": None})
     run(["lldist.surface", job], workdir)
+    from lldist.store import FORMAT_VERSION
     with h5py.File("out.h5", "r+") as f:
-        f.attrs["format_version"] = 1
         f["done"][1:] = False
-    p = run(["lldist.surface", job], workdir, check=False)
-    assert p.returncode == 2 and "format version 1" in p.stderr and "--overwrite" in p.stderr
+    for old, why in ((1, "stream of their own"), (2, "work log")):
+        with h5py.File("out.h5", "r+") as f:
+            f.attrs["format_version"] = old
+        p = run(["lldist.surface", job], workdir, check=False)
+        assert p.returncode == 2 and f"format version {old}" in p.stderr and why in p.stderr
+        assert "--overwrite" in p.stderr
     run(["lldist.plot", "out.h5"], workdir)  # still readable
     run(["lldist.surface", job, "--overwrite"], workdir)
     with h5py.File("out.h5", "r") as f:
-        assert f.attrs["format_version"] == 2 and f["done"][()].all()
+        assert f.attrs["format_version"] == FORMAT_VERSION and f["done"][()].all()
 
 
 def test_refused_run_leaves_the_file_untouched(workdir):
