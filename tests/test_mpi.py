@@ -84,7 +84,9 @@ def test_grid_smaller_than_ranks_and_ragged_chunks(workdir):
 
 @pytest.mark.slow
 def test_sigkill_whole_run_then_resume(cnn_job, workdir):
-    same = ["--set", "eval.chunk_size=1", "--set", "eval.batch_size=8"]  # slower cells: time to kill
+    # slower cells and more of them: the first commit (after a second) comes well before the end
+    same = ["--set", "eval.chunk_size=1", "--set", "eval.batch_size=8", "--set", "grid.x=[-1,1,15]"]
+    n = 75
     cmd = [mpiexec(), "-n", "3", sys.executable, "-m", "lldist.surface", cnn_job, "--progress-every", "0", *same]
     p = subprocess.Popen(cmd, cwd=workdir, env=env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                          text=True)
@@ -97,19 +99,20 @@ def test_sigkill_whole_run_then_resume(cnn_job, workdir):
     p.wait()
     assert killed_at, "the run finished before it could be killed"
     done = done_after_kill("out.h5")
-    assert 12 <= done < 35
+    assert 12 <= done < n
     q = mpirun(3, cnn_job, workdir, *same)
-    assert f"{35 - done} to compute" in q.stdout
+    assert f"{n - done} to compute" in q.stdout
     final, chunks = arrays("out.h5")
     run(["lldist.surface", cnn_job, "--out", "single8.h5", *same], workdir)
     assert_same(arrays("single8.h5")[0], final)
-    assert sorted(final["chunk_cells"].tolist()) == list(range(35))
+    assert sorted(final["chunk_cells"].tolist()) == list(range(n))
 
 
 @pytest.mark.slow
 def test_failure_on_one_rank_aborts_cleanly_and_resumes(workdir):
     job = write_job(workdir / "job.yaml", train=None,
-                    model={"name": "python:userfactories:faulty", "checkpoint": None, "args": {"after": 4}},
+                    model={"name": "python:userfactories:faulty", "checkpoint": None,
+                           "args": {"after": 4, "pause": 0.02}},  # rank 0 cannot do it all alone
                     eval={"chunk_size": 2, "batch_size": 1000})
     p = mpirun(3, job, workdir, check=False, LLDIST_TEST_FAIL_RANK=1)
     assert p.returncode != 0

@@ -13,10 +13,12 @@ from conftest import ROOT, chunk_log, env, mpiexec, run, write_job
 from lldist.config import load_job
 
 
-def slow_job(workdir):
+def slow_job(workdir, cells=80, seconds=0.03):
+    """A run of a few seconds: finished chunks are committed (and counted in the progress
+    lines) once a second, so a signal must be able to land after the first commit."""
     return write_job(workdir / "job.yaml", train=None,
-                     model={"name": "python:lldist.synthetic:fixed_cost", "checkpoint": None, "args": {"seconds": 0.03}},
-                     grid={"x": [-1.0, 1.0, 40], "y": None}, eval={"chunk_size": 2, "batch_size": 1000})
+                     model={"name": "python:lldist.synthetic:fixed_cost", "checkpoint": None, "args": {"seconds": seconds}},
+                     grid={"x": [-1.0, 1.0, cells], "y": None}, eval={"chunk_size": 2, "batch_size": 1000})
 
 
 def start_and_signal(cmd, workdir, after_cells, sig=signal.SIGTERM):
@@ -40,25 +42,25 @@ def test_sigterm_single_process_flushes_and_resumes(workdir):
     with h5py.File("out.h5", "r") as f:
         done = int(f["done"][()].sum())
         assert not f.attrs["complete"]
-    assert 6 <= done < 40
+    assert 6 <= done < 80
     p = run(["lldist.surface", job], workdir)
-    assert f"{40 - done} to compute" in p.stdout
+    assert f"{80 - done} to compute" in p.stdout
     records, cells = chunk_log("out.h5")
-    assert sorted(cells.tolist()) == list(range(40))
+    assert sorted(cells.tolist()) == list(range(80))
 
 
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_then_resume(workdir):
-    job = slow_job(workdir)
+    job = slow_job(workdir, cells=150, seconds=0.05)  # about 2.5 s over three ranks
     cmd = [mpiexec(), "-n", "3", sys.executable, "-m", "lldist.surface", job, "--progress-every", "0"]
     code, err = start_and_signal(cmd, workdir, 8)
     assert code != 0
     with h5py.File("out.h5", "r") as f:
         done = int(f["done"][()].sum())
-    assert 8 <= done < 40
+    assert 8 <= done < 150
     run([mpiexec(), "-n", "3", sys.executable, "-m", "lldist.surface", job], workdir)
     records, cells = chunk_log("out.h5")
-    assert sorted(cells.tolist()) == list(range(40))  # nothing computed twice
+    assert sorted(cells.tolist()) == list(range(150))  # nothing computed twice
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "jobs", "*.yaml"))))

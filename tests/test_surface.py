@@ -147,28 +147,30 @@ def killable_cnn_job(workdir, subset, grid, chunk):
     job = write_job(workdir / "job.yaml", model={"name": "cnn", "checkpoint": "model.pt",
                                                  "args": {"width": 8, "stages": 2}},
                     data={"name": "digits", "subset": subset}, grid=grid,
-                    eval={"chunk_size": chunk, "batch_size": 16, "threads": 1})
+                    eval={"chunk_size": chunk, "batch_size": 4, "threads": 1})  # slow cells: time to kill
     run(["lldist.train", job], workdir)
     run(["lldist.surface", job, "--out", "full.h5"], workdir)
     return job, [sys.executable, "-m", "lldist.surface", job, "--progress-every", "0"]
 
 
 def test_sigkill_then_resume_gives_identical_arrays(workdir):
-    job, cmd = killable_cnn_job(workdir, 360, {"x": [-1.0, 1.0, 9], "y": [-1.0, 1.0, 8]}, 2)
+    # a run of a few seconds: progress counts committed cells (a commit a second), and the
+    # kill must land after one commit and before the end
+    job, cmd = killable_cnn_job(workdir, 360, {"x": [-1.0, 1.0, 12], "y": [-1.0, 1.0, 10]}, 2)
     assert kill_after(cmd, workdir, 36) == -signal.SIGKILL
     done_after_kill = done_killed("out.h5")
-    assert 36 <= done_after_kill < 72
+    assert 36 <= done_after_kill < 120
     q = run(["lldist.surface", job], workdir)
-    assert f"{72 - done_after_kill} to compute" in q.stdout
+    assert f"{120 - done_after_kill} to compute" in q.stdout
     with h5py.File("out.h5", "r") as f, h5py.File("full.h5", "r") as g:
         np.testing.assert_array_equal(f["test/loss"][()], g["test/loss"][()])
         np.testing.assert_array_equal(f["test/acc"][()], g["test/acc"][()])
         assert f.attrs["runs"] == 2
     records, cells = chunk_log("out.h5")
-    assert sorted(cells.tolist()) == list(range(72))  # every cell computed exactly once
+    assert sorted(cells.tolist()) == list(range(120))  # every cell computed exactly once
     runs = records["run"]
     assert set(runs.tolist()) == {1, 2}
-    assert int(records["ncells"][runs == 2].sum()) == 72 - done_after_kill
+    assert int(records["ncells"][runs == 2].sum()) == 120 - done_after_kill
     # a third run has nothing to do
     r = run(["lldist.surface", job], workdir)
     assert " 0 to compute" in r.stdout
@@ -229,14 +231,14 @@ def test_auto_batch_is_calibrated_once_and_reused(workdir):
 def test_killed_again_and_again_still_exact(workdir):
     """SIGKILL at three different moments (the first at the run's first line: start-up, the
     file made, no cell yet), then a final run: the arrays equal an uninterrupted run's."""
-    job, cmd = killable_cnn_job(workdir, 200, {"x": [-1.0, 1.0, 8], "y": [-1.0, 1.0, 6]}, 1)
+    job, cmd = killable_cnn_job(workdir, 200, {"x": [-1.0, 1.0, 12], "y": [-1.0, 1.0, 10]}, 1)
     for stop_at in (None, 10, 25):
         kill_after(cmd, workdir, stop_at)
     run(["lldist.surface", job], workdir)
     with h5py.File("out.h5", "r") as f, h5py.File("full.h5", "r") as g:
         np.testing.assert_array_equal(f["test/loss"][()], g["test/loss"][()])
         np.testing.assert_array_equal(f["test/acc"][()], g["test/acc"][()])
-    assert sorted(chunk_log("out.h5")[1].tolist()) == list(range(48))
+    assert sorted(chunk_log("out.h5")[1].tolist()) == list(range(120))
 
 
 @pytest.mark.slow

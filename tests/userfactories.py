@@ -1,6 +1,7 @@
 """User factories for `python:<module>:<factory>` models and data, used by the tests."""
 
 import os
+import time
 
 import torch
 from torch import nn
@@ -32,22 +33,23 @@ class Faulty(nn.Module):
     """Fails on the MPI rank named by LLDIST_TEST_FAIL_RANK after `after` forward calls, so a
     re-run without the variable is the same job and resumes."""
 
-    def __init__(self, after):
+    def __init__(self, after, pause=0.0):
         super().__init__()
         self.fc = nn.Linear(64, 10)
-        self.calls, self.after = 0, after
+        self.calls, self.after, self.pause = 0, after, pause
         rank = os.environ.get("PMI_RANK", os.environ.get("OMPI_COMM_WORLD_RANK", "0"))
         self.fail = os.environ.get("LLDIST_TEST_FAIL_RANK") == rank
 
     def forward(self, x):
         self.calls += 1
+        time.sleep(self.pause)
         if self.fail and self.calls > self.after:
             raise RuntimeError("injected failure")
         return self.fc(x.flatten(1))
 
 
-def faulty(after=3):
-    return Faulty(after)
+def faulty(after=3, pause=0.0):
+    return Faulty(after, pause)
 
 
 def _rank():
