@@ -137,11 +137,12 @@ def coordinator(args) -> list:
 
 
 def markdown(rows: list) -> str:
-    head = ("| grid | ranks | results | service ms (median) | service ms (p99) | results/s | "
-            "rank 0 MiB before file | rank 0 peak MiB |\n|---|---|---|---|---|---|---|---|\n")
+    head = ("| grid | ranks | results | service ms (median) | (mean) | (p99) | results/s | "
+            "rank 0 MiB before file | rank 0 peak MiB |\n|---|---|---|---|---|---|---|---|---|\n")
     return head + "".join(
-        f"| {r['grid']} x {r['grid']} | {r['ranks']} | {r['results']} | {r['ms_median']:.3f} | {r['ms_p99']:.3f} | "
-        f"{r['results_per_s']:.0f} | {r['rss_before_mib']:.0f} | {r['rss_peak_mib']:.0f} |\n" for r in rows)
+        f"| {r['grid']} x {r['grid']} | {r['ranks']} | {r['results']} | {r['ms_median']:.3f} | {r['ms_mean']:.3f} | "
+        f"{r['ms_p99']:.3f} | {r['results_per_s']:.0f} | {r['rss_before_mib']:.0f} | {r['rss_peak_mib']:.0f} |\n"
+        for r in rows)
 
 
 if __name__ == "__main__":
