@@ -33,3 +33,15 @@ def test_shell_scripts(script):
     if tool("shellcheck"):
         p = subprocess.run([tool("shellcheck"), script], capture_output=True, text=True)
         assert p.returncode == 0, p.stdout
+
+
+def test_one_place_states_the_torch_version():
+    """setup.cfg caps torch and torchvision; the image installs exactly those (docker/pins.py)
+    and the README's set-up command names the same."""
+    sys.path.insert(0, os.path.join(ROOT, "docker"))
+    from pins import pin
+    torch, vision = pin("torch", os.path.join(ROOT, "setup.cfg")), pin("torchvision", os.path.join(ROOT, "setup.cfg"))
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert f"torch=={torch} torchvision=={vision}" in readme
+    assert "pins.py torch" in open(os.path.join(ROOT, "docker", "Dockerfile")).read()
+    assert f"torch=={torch} torchvision=={vision}" in open(os.path.join(ROOT, ".ci", "run")).read()
