@@ -30,7 +30,7 @@ from torch import nn
 from .config import LOSSES, DirectionsConfig, EvalConfig, job_from_dict
 from .data import BatchList, TensorSet
 from .errors import UserError
-from .tasks import make_task
+from .tasks import Task, make_task
 
 EVAL_KEYS = {f.name for f in dataclasses.fields(EvalConfig)}
 DIRECTION_KEYS = {f.name for f in dataclasses.fields(DirectionsConfig)} - {"target"}
@@ -119,6 +119,8 @@ def landscape(model: nn.Module, data, *, x=(-1.0, 1.0, 51), y=(-1.0, 1.0, 51), s
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train' (the name the values are stored under), got {split!r}")
     task = make_task(loss, metrics)
+    if eval_options.get("curvature") and not task.curvature:
+        task = Task(loss, metrics, curvature=True) if not isinstance(loss, Task) else task
     grid = {"x": _axis(x, "x")} if y is None else {"x": _axis(x, "x"), "y": _axis(y, "y")}
     ctx = runner.launch()
     if out is None:

@@ -4,6 +4,7 @@
                            [--compile] [--json PATH] [--markdown PATH]
     python -m lldist.bench scaling [--ranks 1 2 4 8] [--cost 0.05] [--cells 320] [--chunk 2]
     python -m lldist.bench coordinator [--grids 51 501 1001] [--ranks 8 64]   # see coordbench.py
+    python -m lldist.bench curvature [--models mlp cnn_skip]   # a curvature cell against a loss cell
     PYTHONPATH=. python -m lldist.bench gpu [--out DIR] [--budget 400]   # on a CUDA machine
 
 Throughput (default): per model and precision, on the same synthetic data and device,
@@ -204,6 +205,44 @@ def evaluator(name, n, device, precision, channels_last, compile_, batch, cells_
     cfg = EvalConfig(batch_size=batch, precision=precision, channels_last=channels_last,
                      compile=compile_, cells_per_pass=cells_per_pass)
     return Evaluator(model, theta, dirs, {"test": data}, cfg, device=device)
+
+
+def curvature_rows(args) -> list:
+    """The cost of a cell with eval.curvature (lambda_max, lambda_min by Lanczos on
+    `curvature_batches` batches) against a loss-and-accuracy cell, same model, data and device."""
+    from .config import EvalConfig
+    from .evaluate import Evaluator
+    from .tasks import Task
+    rows = []
+    for name in args.models:
+        n = args.images
+        model, theta, dirs, data = make_case(name, n)
+        base = EvalConfig(batch_size=args.batch, curvature_batches=args.curvature_batches)
+        plain = Evaluator(model, theta, dirs, {"test": data}, base, device=args.device)
+        t_plain = timed(lambda: plain.evaluate(0.1, -0.2), plain.device, repeat=3)
+        model, theta, dirs, data = make_case(name, n)
+        curv = Evaluator(model, theta, dirs, {"test": data}, base, device=args.device, task=Task(curvature=True))
+        curv.evaluate(0.1, -0.2)  # the batches are set up once per split
+        c = next(iter(curv._curvature.values()))
+        before = c.matvecs
+        t_curv = timed(lambda: curv.evaluate(0.1, -0.2), curv.device, repeat=1, min_time=0.0, warmup=0)
+        products = c.matvecs - before
+        row = {"model": name, "images_per_cell": n, "curvature_batches": args.curvature_batches,
+               "batch_size": args.batch, "loss_cell_s": t_plain, "curvature_cell_s": t_curv,
+               "ratio": t_curv / t_plain, "hessian_vector_products": products,
+               "parameters": sum(p.numel() for p in model.parameters())}
+        rows.append(row)
+        print(f"{name}: loss cell {t_plain:.3f} s, curvature cell {t_curv:.2f} s ({row['ratio']:.0f}x; "
+              f"{products} Hessian-vector products on {args.curvature_batches} x {args.batch} images)", flush=True)
+    return rows
+
+
+def curvature_markdown(rows: list) -> str:
+    head = ("| model | parameters | images per cell | loss cell s | curvature cell s | ratio | HVPs per cell | "
+            "Hessian taken on |\n|---|---|---|---|---|---|---|---|\n")
+    return head + "".join(f"| {r['model']} | {r['parameters']:,} | {r['images_per_cell']} | {r['loss_cell_s']:.3f} | "
+                          f"{r['curvature_cell_s']:.2f} | {r['ratio']:.0f}x | {r['hessian_vector_products']} | "
+                          f"{r['curvature_batches']} x {r['batch_size']} images |\n" for r in rows)
 
 
 def text_case(n: int, seq: int = 128, seed: int = 0):
@@ -582,7 +621,7 @@ def gpu_markdown(rep: dict) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    mode = argv[0] if argv[:1] in (["scaling"], ["gpu"], ["coordinator"]) else "throughput"
+    mode = argv[0] if argv[:1] in (["scaling"], ["gpu"], ["coordinator"], ["curvature"]) else "throughput"
     if mode != "throughput":
         argv = argv[1:]
     ap = argparse.ArgumentParser(prog=f"python -m lldist.bench{'' if mode == 'throughput' else ' ' + mode}",
@@ -597,7 +636,13 @@ def main(argv=None) -> int:
         return 0
     ap.add_argument("--json", help="write the rows as JSON here")
     ap.add_argument("--markdown", help="write the table as Markdown here")
-    if mode == "coordinator":
+    if mode == "curvature":
+        ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+        ap.add_argument("--models", nargs="+", default=["mlp", "cnn_skip"], choices=list(MODELS))
+        ap.add_argument("--images", type=int, default=2000, help="images per loss cell")
+        ap.add_argument("--batch", type=int, default=250)
+        ap.add_argument("--curvature-batches", type=int, default=2)
+    elif mode == "coordinator":
         ap.add_argument("--grids", type=int, nargs="+", default=[51, 501, 1001])
         ap.add_argument("--ranks", type=int, nargs="+", default=[8, 64])
         ap.add_argument("--chunk", type=int, default=32)
@@ -619,7 +664,10 @@ def main(argv=None) -> int:
         ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     args = ap.parse_args(argv)
     tune_malloc()
-    if mode == "coordinator":
+    if mode == "curvature":
+        rows = curvature_rows(args)
+        md = curvature_markdown(rows)
+    elif mode == "coordinator":
         from . import coordbench
         rows = coordbench.coordinator(args)
         md = coordbench.markdown(rows)

@@ -28,6 +28,7 @@ BUILTIN_MODELS = ("mlp", "cnn", "cnn_skip", "mobilenet_v2")
 BUILTIN_DATA = ("digits", "cifar10", "imagefolder")
 NORMS = ("filter", "layer", "weight", "none")
 IGNORES = ("biasbn", "none")
+DIRECTION_KINDS = ("random", "target", "pca", "hessian", "file")
 SPLITS = ("train", "test", "both")
 PRECISIONS = ("fp32", "tf32", "bf16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
@@ -128,10 +129,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DirectionsConfig:
+    kind: str = "random"  # random | target | pca | hessian | file (directions.py)
     seed: int = 0
-    norm: str = "filter"
+    norm: str = "filter"  # random directions only
     ignore: str = "biasbn"  # biasbn: 1-D parameters (biases, BatchNorm) get a zero direction
     target: Optional[str] = None  # checkpoint theta': x direction = theta' - theta (interpolation)
+    checkpoints: Optional[str] = None  # pca: a glob of the trajectory's checkpoints (default <stem>_epoch*.pt)
+    file: Optional[str] = None  # file: an lldist file whose directions this job uses
+    batches: int = 4  # hessian: batches of eval.batch_size of the first split the Hessian is taken on
 
 
 @dataclass(frozen=True)
@@ -169,6 +174,8 @@ class EvalConfig:
     chunk_size: Union[int, str] = "auto"  # cells per unit of work (and per HDF5 flush)
     loss: str = "cross_entropy"  # cross_entropy | mse | lm (next-token) | python:<module>:<function>
     metrics: Optional[dict] = None  # name -> python:<module>:<function>; None: the loss's own (acc, perplexity)
+    curvature: bool = False  # per cell: lambda_max, lambda_min, |lambda_min/lambda_max| of the Hessian
+    curvature_batches: int = 2  # batches (of batch_size) the per-cell Hessian is taken on
     threads: Optional[int] = None  # torch CPU threads per process (default: OMP_NUM_THREADS, else
     #                                 the CPUs this process may use, shared by the node's ranks)
 
@@ -361,6 +368,18 @@ def validate(job: Job) -> None:
         if max(g.x.num, g.y.num if g.y is not None else 0) <= a.coarse:
             raise UserError(f"{p}: key 'grid.adaptive': a grid of {g.x.num} points is no larger than its "
                             f"coarse lattice (every {a.coarse}th point); compute it in full")
+    _choice(dr.kind, DIRECTION_KINDS, "directions.kind", p)
+    if dr.target and dr.kind not in ("random", "target"):
+        raise UserError(f"{p}: key 'directions.target' is for kind: target, not {dr.kind}")
+    if dr.kind == "target" and not dr.target:
+        raise UserError(f"{p}: key 'directions.target' is required with directions.kind: target")
+    if dr.kind == "file" and not dr.file:
+        raise UserError(f"{p}: key 'directions.file' is required with directions.kind: file")
+    if dr.kind == "file" and not os.path.exists(dr.file):
+        raise UserError(f"{p}: key 'directions.file': {dr.file} does not exist")
+    if dr.kind == "hessian" and (dr.batches < 1 or e.batch_size == "auto"):
+        raise UserError(f"{p}: directions.kind: hessian needs directions.batches >= 1 and a number for "
+                        "eval.batch_size (the Hessian is taken on those batches)")
     _choice(dr.norm, NORMS, "directions.norm", p)
     _choice(dr.ignore, IGNORES, "directions.ignore", p)
     if dr.target and not os.path.exists(dr.target) and job.train is None:
@@ -394,6 +413,10 @@ def validate(job: Job) -> None:
     if (e.loss != "cross_entropy" or e.metrics) and e.cells_per_pass != 1:
         raise UserError(f"{p}: key 'eval.cells_per_pass' must be 1 with another loss or metrics than the "
                         "default (several cells per pass know cross-entropy and accuracy only)")
+    if e.curvature and (e.batch_size == "auto" or e.cells_per_pass != 1 or e.bn != "eval"
+                        or e.curvature_batches < 1):
+        raise UserError(f"{p}: key 'eval.curvature' needs a number for eval.batch_size, eval.cells_per_pass: 1, "
+                        "eval.bn: eval and eval.curvature_batches >= 1 (the Hessian is taken on fixed batches)")
     if e.threads is not None and e.threads < 1:
         raise UserError(f"{p}: key 'eval.threads' must be at least 1, got {e.threads}")
     if job.train is not None:
@@ -431,10 +454,18 @@ def identity_hash(job: Job, file_hashes: Optional[dict] = None) -> str:
         ev.update(loss=job.eval.loss, metrics=job.eval.metrics)
     if job.eval.bn == "batch":
         ev["batch_size"] = job.eval.batch_size
+    if job.eval.curvature:  # the Hessian's batches: their size and number fix the numbers
+        ev.update(curvature=True, batch_size=job.eval.batch_size, curvature_batches=job.eval.curvature_batches)
+    dr = {k: v for k, v in as_dict(job.directions).items() if k != "target"}
+    for k, default in (("kind", "random"), ("checkpoints", None), ("file", None), ("batches", 4)):
+        if dr.get(k) == default:  # (absent at their defaults: older jobs keep their hash)
+            dr.pop(k)
+    if job.directions.kind == "target":
+        dr.pop("kind", None)  # the same job as one that names only a target
     ident = {
         "model": {k: v for k, v in as_dict(job.model).items() if k != "checkpoint"},
         "data": {k: v for k, v in as_dict(job.data).items() if k not in ("root", "download")},
-        "directions": {k: v for k, v in as_dict(job.directions).items() if k != "target"},
+        "directions": dr,
         # (absent when not adaptive: the hash of jobs written before it existed is unchanged)
         "grid": {k: v for k, v in as_dict(job.grid).items() if k != "adaptive" or v is not None},
         "eval": ev,

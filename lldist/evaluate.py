@@ -75,7 +75,10 @@ class Evaluator:
             raise ValueError("cells_per_pass > 1 needs the default cross-entropy task on (x, y) tensors")
         if cfg.batch_size == "auto" and not all(isinstance(d, TensorSet) for d in splits.values()):
             raise ValueError("batch_size='auto' needs (x, y) tensors: batches given as they come keep their size")
+        if self.task.curvature and cfg.cells_per_pass not in (1, "auto"):
+            raise ValueError("curvature needs cells_per_pass=1 (the Hessian is taken cell by cell)")
         self.cfg = cfg
+        self._curvature = {}  # split -> hessian.Curvature on its fixed batches
         self.prenormalize_bytes = prenormalize_bytes
         self.device = torch.device(device or resolve_device(cfg.device))
         self.autocast_dtype = AUTOCAST[cfg.precision]
@@ -105,7 +108,7 @@ class Evaluator:
         self.dtype = torch.float32
         self.batch_size = cfg.batch_size if cfg.batch_size != "auto" else self.calibrate_batch()
         self.cells_per_pass = 1
-        if cfg.cells_per_pass == "auto":
+        if cfg.cells_per_pass == "auto" and not self.task.curvature:
             self.cells_per_pass = self.calibrate_group()
         elif cfg.cells_per_pass > 1:
             self.cells_per_pass = cfg.cells_per_pass
@@ -187,7 +190,27 @@ class Evaluator:
         """(nsplits, nquantities) float64: the task's quantities ([loss, accuracy] by default)
         per split at theta + a*dx + b*dy."""
         self.set_weights(a, b)
-        return np.array([self.quantities(d) for d in self.splits.values()], dtype=np.float64)
+        rows = []
+        for name, d in self.splits.items():
+            q = self.quantities(d)
+            if self.task.curvature:
+                q = list(q) + self.curvature(name, d)
+            rows.append(q)
+        return np.array(rows, dtype=np.float64)
+
+    def curvature(self, name: str, data) -> list:
+        """[lambda_max, lambda_min, |lambda_min / lambda_max|] of the loss Hessian at the current
+        weights, on the split's first eval.curvature_batches batches (hessian.py)."""
+        from .hessian import Curvature
+        if name not in self._curvature:
+            n = self.cfg.curvature_batches
+            batches = [b for _, b in zip(range(n), data.batches(self.batch_size, self.dtype))]
+            self._curvature[name] = Curvature(self.eager, batches, self.task)
+        c = self._curvature[name]
+        with torch.enable_grad():
+            c.at(dict(self.eager.named_parameters()))
+            hi, lo = c.extremes()
+        return [hi, lo, abs(lo / hi) if hi != 0 else float("nan")]
 
     def evaluate_cells(self, coords: Sequence[tuple]) -> np.ndarray:
         """(ncells, nsplits, nquantities) float64 for a list of (alpha, beta)."""

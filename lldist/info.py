@@ -52,6 +52,16 @@ def main(argv=None) -> int:
               f"created {sf.attr('created')}, last finished {sf.attr('last_finished', '-')}")
         print(f"  batch {sf.attr('eval_batch_size')}, cells per pass {sf.attr('eval_cells_per_pass')}, "
               f"cosine(x, y) {sf.attr('cosine_xy', group='directions')}")
+        for split, g in (sf.f["curvature"].items() if "curvature" in sf.f else ()):
+            a = g.attrs
+            print(f"  curvature at theta* ({split}, {a['batches']} batches of {a['batch_size']}): lambda_max "
+                  f"{a['lambda_max']:.6g}, lambda_min {a['lambda_min']:.6g}, trace {a['trace']:.6g} +- "
+                  f"{a['trace_stderr']:.2g}, top {a['top_eigenvalues']}")
+        kind = sf.attr("kind", group="directions")
+        if kind in ("pca", "hessian", "file"):
+            extra = {k: sf.attr(k, group="directions") for k in ("explained_variance_ratio", "hessian_eigenvalues",
+                                                                  "source_file")}
+            print(f"  directions: {kind} " + ", ".join(f"{k} {v}" for k, v in extra.items() if v is not None))
         records, _ = sf.chunk_log()
         if len(records):
             print(f"  {'run':>3} {'rank':>4} {'host':<16} {'device':<8} {'cells':>6} {'chunks':>6} {'busy s':>8} {'busy':>6}")

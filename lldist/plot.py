@@ -110,6 +110,10 @@ def figure_2d(s: dict, split: str, q: str, kind: str, args) -> "matplotlib.figur
         ax.plot([0], [0], "r+", ms=8)  # theta*
     ax.set_xlabel("alpha (direction x)")
     ax.set_ylabel("beta (direction y)")
+    t = s.get("trajectory")
+    if t is not None and kind in ("contour", "contourf", "heat"):  # pca: the path training took
+        ax.plot(t[:, 0], t[:, 1], "-o", color="tab:red", ms=3, lw=1, label="training trajectory")
+        ax.plot([t[0, 0]], [t[0, 1]], "s", color="tab:red", ms=5)
     title = f"{s['name']}: {split} {_label(q)}"
     if s.get("interpolated") is not None:  # an adaptive grid: say how much is computed
         title += f"\nadaptive: {100 * s['done'].mean():.0f}% of cells computed, the rest interpolated"

@@ -115,6 +115,19 @@ def versions() -> dict:
             "h5py_version": h5py.__version__, "python_version": platform.python_version()}
 
 
+def directions_digest(path: str) -> str:
+    """sha256 of a surface file's directions (their names and bytes): a file that gains cells
+    keeps its digest, one made with other directions does not."""
+    import hashlib
+    h = hashlib.sha256()
+    with SurfaceReader(path) as sf:
+        for axis, g in sorted(sf.f["directions"].items()):
+            for name, ds in sorted(g.items()):
+                h.update(f"{axis}/{name}".encode())
+                h.update(np.ascontiguousarray(ds[()]).tobytes())
+    return h.hexdigest()
+
+
 def check_writable(path: str) -> None:
     d = os.path.dirname(os.path.abspath(path))
     try:
@@ -173,7 +186,15 @@ def _layout(f: h5py.File, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: 
         if grid.ndim == 2:
             d.dims[0].attach_scale(f["y"])
             d.dims[0].label = "y"
+    dirs = dict(dirs)
+    info, trajectory = dirs.pop("_info", {}), dirs.pop("_trajectory", None)
     gd = f.create_group("directions")
+    for k, v in info.items():  # what made them: PCA's explained variance, Hessian eigenvalues
+        gd.attrs[k] = json.dumps(v) if isinstance(v, (list, dict)) else v
+    if trajectory is not None:  # pca: the checkpoints' coordinates in the plane of x and y
+        t = f.create_dataset("trajectory", data=np.asarray(trajectory, dtype="f8"))
+        t.attrs["long_name"] = "coordinates (alpha, beta) of the training checkpoints in the PCA plane"
+        t.attrs["checkpoints"] = json.dumps(info.get("checkpoints", []))
     for axis, direction in dirs.items():
         ga = gd.create_group(axis)
         for name, t in direction.items():
@@ -338,6 +359,7 @@ class SurfaceReader:
                 out["values"][(split, q)] = a
         if self.adaptive and reconstruct:
             out["interpolated"] = ~done & np.isfinite(out["values"][(self.splits[0], self.quantities[0])])
+        out["trajectory"] = f["trajectory"][()] if "trajectory" in f else None  # pca: (m, 2)
         return out
 
     def chunk_log(self) -> tuple:
@@ -451,7 +473,7 @@ class SurfaceWriter(SurfaceReader):
     @staticmethod
     def _create(path: str, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: dict, quantities: dict) -> None:
         folder = os.path.dirname(os.path.abspath(path))
-        need = estimate_bytes(grid.ncells, len(job.splits) * len(quantities), sum(t.numel() for d in dirs.values() for t in d.values()))
+        need = estimate_bytes(grid.ncells, len(job.splits) * len(quantities), sum(t.numel() for k, d in dirs.items() if not k.startswith("_") for t in d.values()))
         free = free_bytes(folder)
         if need > free:
             raise UserError(f"output {path}: the file needs about {need / 1e9:.2f} GB and {folder} has "
@@ -560,6 +582,32 @@ class SurfaceWriter(SurfaceReader):
             self.set_attr("last_finished", now_iso(), flush=False)
             self.set_attr("complete", bool(self.done().all()) if complete is None else complete, flush=False)
             self.close()
+
+
+def write_curvature(path: str, result: dict) -> None:
+    """/curvature/<split>: the Hessian at theta* (lldist.hessian) as attributes, written like
+    write_metrics (a copy renamed over the original)."""
+    split = result["split"]
+    scalars = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in result.items() if k != "split"}
+    _rewrite(path, lambda f: f.require_group("curvature").require_group(split).attrs.update(scalars),
+             "the curvature")
+
+
+def _rewrite(path: str, change: Callable, what: str) -> None:
+    import shutil
+    tmp = path + ".metrics"
+    try:
+        shutil.copyfile(path, tmp)
+        with h5py.File(tmp, "r+") as f:
+            change(f)
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        why = e.strerror or str(e).splitlines()[0][:160]
+        raise UserError(f"{path}: cannot store {what} in it ({why}); the file is unchanged")
 
 
 def write_metrics(path: str, split: str, scalars: dict, convex) -> None:

@@ -78,17 +78,96 @@ def target_state(job: Job, loaded: Loaded) -> dict:
     return model_state(other)[0]
 
 
+def trajectory_files(job: Job) -> list:
+    """pca: the trajectory's checkpoints, in training order, the final one excluded."""
+    import glob
+    import re
+    pattern = job.directions.checkpoints
+    if pattern is None:
+        if not job.model.checkpoint:
+            raise UserError(f"{job.source}: directions.kind: pca needs directions.checkpoints or a model.checkpoint "
+                            "whose <stem>_epoch<N>.pt series is the trajectory")
+        pattern = os.path.splitext(job.model.checkpoint)[0] + "_epoch*.pt"
+    final = os.path.abspath(job.model.checkpoint) if job.model.checkpoint else None
+
+    def order(path):
+        nums = re.findall(r"\d+", os.path.basename(path))
+        return (int(nums[-1]) if nums else -1, path)
+    files = sorted((f for f in glob.glob(pattern) if os.path.abspath(f) != final), key=order)
+    if len(files) < 2:
+        raise UserError(f"{job.source}: directions.kind: pca found {len(files)} checkpoint(s) matching {pattern}; "
+                        "it needs at least 2 besides the final one")
+    return files
+
+
 def fingerprints(job: Job) -> dict:
-    """What the job reads from files, for its identity: checkpoint, target and data."""
+    """What the job reads from files, for its identity: checkpoint, target, trajectory,
+    directions of another file, and data."""
     files = {}
     if job.model.checkpoint:
         files["checkpoint"] = sha256_file(job.model.checkpoint)
     if job.directions.target:
         files["target"] = sha256_file(job.directions.target)
+    if job.directions.kind == "pca":
+        files["trajectory"] = [sha256_file(f) for f in trajectory_files(job)]
+    if job.directions.kind == "file":
+        from .store import directions_digest
+        files["directions_file"] = directions_digest(job.directions.file)
     data = data_fingerprint(job.data, job.splits)
     if data:
         files["data"] = data
     return files
+
+
+def special_directions(job: Job, loaded: Loaded, task: Task, log=lambda m: None) -> dict:
+    """pca, hessian and file directions, with what the file keeps beside them ("_info":
+    attributes of /directions, "_trajectory": the checkpoints' coordinates)."""
+    kind, ndim = job.directions.kind, job.ndim
+    if kind == "file":
+        from .store import SurfaceReader
+        with SurfaceReader(job.directions.file) as sf:
+            theirs = sf.read_directions()
+        for axis in ("x", "y")[:ndim]:
+            if axis not in theirs:
+                raise UserError(f"{job.source}: directions.file {job.directions.file} has no {axis} direction")
+            if set(theirs[axis]) != set(loaded.theta) or any(theirs[axis][n].shape != w.shape for n, w in loaded.theta.items()):
+                raise UserError(f"{job.source}: directions.file {job.directions.file} was made for another model "
+                                "(its directions' entries or shapes differ from this model's state)")
+        return {axis: {n: theirs[axis][n].to(w.dtype) for n, w in loaded.theta.items()} for axis in ("x", "y")[:ndim]}
+    if kind == "pca":
+        from .directions import pca_directions
+        files = trajectory_files(job)
+        first = next(iter(loaded.splits.values()))
+        states = []
+        for f in files:
+            m = build_model(job.model, first.in_shape, first.num_classes)
+            load_checkpoint(m, f)
+            states.append(model_state(m)[0])
+        try:
+            dirs, info, coords = pca_directions(loaded.theta, loaded.kinds, states, job.directions.ignore)
+        except ValueError as e:
+            raise UserError(f"{job.source}: directions.kind: pca: {e}")
+        log(f"pca of {len(files)} checkpoints: explained variance {info['explained_variance_ratio'][0]:.3f}, "
+            f"{info['explained_variance_ratio'][1]:.3f}")
+        info["checkpoints"] = [os.path.basename(f) for f in files]
+        lo, hi = coords.min(0).values.tolist(), coords.max(0).values.tolist()
+        log(f"trajectory of {len(files)} checkpoints spans alpha [{lo[0]:.3g}, {hi[0]:.3g}], beta [{lo[1]:.3g}, "
+            f"{hi[1]:.3g}] (the final checkpoint is at 0, 0): the grid should cover it")
+        dirs = {a: dirs[a] for a in ("x", "y")[:ndim]}
+        dirs["_info"], dirs["_trajectory"] = info, coords
+        return dirs
+    # hessian: the top eigenvectors at theta*
+    from .hessian import Curvature
+    first = next(iter(loaded.splits.values()))
+    batches = [b for _, b in zip(range(job.directions.batches), first.batches(job.eval.batch_size))]
+    curv = Curvature(loaded.model, batches, task)
+    vals, vecs = curv.eigs(k=ndim, which="LA")
+    log(f"hessian directions: top eigenvalues {', '.join(f'{v:.5g}' for v in vals)} "
+        f"({curv.matvecs} Hessian-vector products on {len(batches)} batches)")
+    dirs = {axis: curv.as_state(vecs[:, i], loaded.theta) for i, axis in enumerate(("x", "y")[:ndim])}
+    dirs["_info"] = {"hessian_eigenvalues": [float(v) for v in vals], "hessian_batches": len(batches),
+                     "hessian_batch_size": job.eval.batch_size}
+    return dirs
 
 
 def make_evaluator(job: Job, loaded: Loaded, dirs: dict, device: str, batch_size, cells_per_pass,
@@ -151,9 +230,12 @@ def plan(ctx: runner.Context, job: Job, overwrite: bool, progress_every: float, 
         grid = Grid(job.grid.x, job.grid.y)
 
         def make_dirs():
-            tgt = source.target if source.target is not None else \
-                (target_state(job, loaded) if job.directions.target else None)
-            return make_directions(loaded.theta, loaded.kinds, job.directions, job.ndim, tgt)
+            kind = job.directions.kind
+            if kind in ("random", "target"):
+                tgt = source.target if source.target is not None else \
+                    (target_state(job, loaded) if job.directions.target else None)
+                return make_directions(loaded.theta, loaded.kinds, job.directions, job.ndim, tgt)
+            return special_directions(job, loaded, task, log)
 
         meta = {"checkpoint_meta": loaded.meta, "checkpoint_sha256": sha256_file(job.model.checkpoint)
                 if job.model.checkpoint else "",

@@ -92,6 +92,13 @@ def _lm_acc(logits, batch):
     return ((pred.argmax(-1) == tgt) & mask).sum(1).float(), mask.sum(1).float()
 
 
+CURVATURE_NAMES = {
+    "lambda_max": "largest eigenvalue of the loss Hessian on the {split} split",
+    "lambda_min": "smallest eigenvalue of the loss Hessian on the {split} split",
+    "eig_ratio": "|lambda_min / lambda_max| of the loss Hessian on the {split} split (Li et al.'s convexity measure)",
+}
+CURVATURE = tuple(CURVATURE_NAMES)
+
 BUILTIN_LOSSES = {"cross_entropy": _ce, "mse": _mse, "lm": _lm}
 DEFAULT_METRICS = {"cross_entropy": {"acc": _acc}, "mse": {}, "lm": {"acc": _lm_acc}}
 DERIVED = {"lm": {"perplexity": lambda means: math.exp(means["loss"]) if means["loss"] < 700 else math.inf}}
@@ -111,7 +118,7 @@ def _per_example(fn: Callable) -> Callable:
 class Task:
     """How outputs become numbers. `names`: the stored quantities, loss first."""
 
-    def __init__(self, loss="cross_entropy", metrics: Optional[dict] = None):
+    def __init__(self, loss="cross_entropy", metrics: Optional[dict] = None, curvature: bool = False):
         if isinstance(loss, str):
             if loss not in BUILTIN_LOSSES:
                 raise ValueError(f"loss {loss!r}: allowed {', '.join(LOSSES)} or a callable (outputs, batch) -> "
@@ -136,7 +143,9 @@ class Task:
                 raise TypeError(f"metrics[{name!r}] must be callable, got {type(fn).__name__}")
             self._metrics[name] = fn if fn in default.values() else _per_example(fn)
         self.summed = ("loss",) + tuple(self._metrics)
-        self.names = self.summed + tuple(self.derived)
+        # per-cell curvature (eval.curvature): computed by the evaluator, not from batch sums
+        self.curvature = CURVATURE if curvature else ()
+        self.names = self.summed + tuple(self.derived) + self.curvature
         # the plain image-classification task: the evaluator's vmapped path knows it
         self.classification = self.loss_name == "cross_entropy" and set(self._metrics) <= {"acc"} and \
             all(f is _acc for f in self._metrics.values())
@@ -146,13 +155,22 @@ class Task:
         """What the numbers depend on, for the job's identity (callables by their names)."""
         names = {n: f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', getattr(f, '__name__', '?'))}"
                  for n, f in self._metrics.items()}
-        return f"{self.loss_name} {sorted(names.items())} {sorted(self.derived)}"
+        return f"{self.loss_name} {sorted(names.items())} {sorted(self.derived)}" + (" curvature" if self.curvature else "")
 
     def long_name(self, q: str, split: str) -> str:
         if q == "loss":
             what = {"cross_entropy": "cross-entropy loss", "mse": "squared error", "lm": "next-token loss"}
             return f"mean {what.get(self.loss_name, 'loss (' + self.loss_name + ')')} on the {split} split"
+        if q in CURVATURE_NAMES:
+            return CURVATURE_NAMES[q].format(split=split)
         return f"{q} on the {split} split"
+
+    def loss_terms(self, out, batch) -> tuple:
+        """(sum of the per-example losses, sum of their weights), differentiable: the loss
+        whose Hessian the curvature quantities are of."""
+        v, w = self._loss(logits_of(out), batch)
+        v = v.float()
+        return v.sum(), (w.sum() if w is not None else torch.tensor(float(v.numel()), device=v.device))
 
     def forward(self, model, batch):
         args, kwargs = model_inputs(batch)
@@ -168,11 +186,11 @@ class Task:
         return torch.stack(parts)
 
     def means(self, total: torch.Tensor) -> list:
-        """Per quantity of `names`, from the float64 totals of sums() over a split."""
+        """Per quantity of `names` (curvature excepted), from the float64 totals of sums()."""
         t = total.tolist()
         means = {n: (t[2 * i] / t[2 * i + 1] if t[2 * i + 1] else math.nan) for i, n in enumerate(self.summed)}
         means.update({n: f(means) for n, f in self.derived.items()})
-        return [means[n] for n in self.names]
+        return [means[n] for n in self.names if n not in self.curvature]
 
 
 def make_task(loss="cross_entropy", metrics=None) -> Task:
@@ -187,4 +205,4 @@ def task_from_config(cfg: EvalConfig) -> Task:
     if cfg.metrics:  # added to the loss's own metrics (accuracy, perplexity)
         metrics = dict(DEFAULT_METRICS.get(cfg.loss, {}))
         metrics.update({k: _import_factory(v, f"eval.metrics.{k}") for k, v in cfg.metrics.items()})
-    return Task(loss, metrics)
+    return Task(loss, metrics, curvature=cfg.curvature)
