@@ -60,6 +60,7 @@ def test_adaptive_run_computes_what_the_schedule_asks_and_equals_the_full_grid_t
     assert np.array_equal(read("ad.h5")[0], done)
 
 
+@pytest.mark.slow
 def test_adaptive_under_mpi_equals_one_process(workdir):
     job = write_job(workdir / "job.yaml", grid={"x": [-1.0, 1.0, 25], "y": [-1.0, 1.0, 25], "adaptive": ADAPTIVE},
                     eval={"chunk_size": 4})

@@ -177,6 +177,7 @@ with open(sys.argv[1] + "." + os.environ.get("PMI_RANK", "0") + ".ret", "w") as 
 '''
 
 
+@pytest.mark.slow
 def test_a_script_under_mpi_equals_one_process(workdir):
     with open("script.py", "w") as f:
         f.write(SCRIPT)

@@ -153,6 +153,7 @@ def test_per_cell_curvature_matches_the_full_hessian_at_each_cell(workdir):
             assert ratio[iy, ix] == pytest.approx(abs(ev[0] / ev[-1]), rel=1e-2, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_per_cell_curvature_under_mpi_equals_one_process_and_resumes(workdir):
     job = tiny_job(workdir, grid={"x": [-1.0, 1.0, 4], "y": [-1.0, 1.0, 3]})
     curv = ["--set", "eval.curvature=true", "--set", "eval.chunk_size=1"]

@@ -135,6 +135,7 @@ def test_sigterm_while_training_stops_within_seconds(workdir):
 
 # ----------------------------------------------------------------------------- results never lost, never mixed
 
+@pytest.mark.slow
 def test_overwrite_keeps_the_old_file_until_the_new_one_exists(workdir):
     job = write_job(workdir / "job.yaml", grid={"x": [-1.0, 1.0, 3], "y": None})
     run(["lldist.surface", job], workdir)
