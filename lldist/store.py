@@ -594,6 +594,7 @@ def write_curvature(path: str, result: dict) -> None:
 
 
 def _rewrite(path: str, change: Callable, what: str) -> None:
+    """Change a finished file through a copy renamed over it (see write_metrics)."""
     import shutil
     tmp = path + ".metrics"
     try:
@@ -616,24 +617,13 @@ def write_metrics(path: str, split: str, scalars: dict, convex) -> None:
     Adding groups changes the file's structure, so the finished surface is copied, the copy
     written and renamed over the original: a kill (or a full disk) at any point leaves one
     whole file."""
-    import shutil
-    tmp = path + ".metrics"
-    try:
-        shutil.copyfile(path, tmp)
-        with h5py.File(tmp, "r+") as f:
-            g = f.require_group("metrics").require_group(split)
-            for k, v in scalars.items():
-                g.attrs[k] = v
-            if "convex" in g:
-                del g["convex"]
-            if convex is not None:
-                d = g.create_dataset("convex", data=convex)
-                d.attrs["long_name"] = "central-difference Hessian of the loss is positive definite"
-        os.replace(tmp, path)
-    except OSError as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        why = e.strerror or str(e).splitlines()[0][:160]
-        raise UserError(f"{path}: cannot store the metrics in it ({why}); the file is unchanged")
+    def change(f):
+        g = f.require_group("metrics").require_group(split)
+        for k, v in scalars.items():
+            g.attrs[k] = v
+        if "convex" in g:
+            del g["convex"]
+        if convex is not None:
+            d = g.create_dataset("convex", data=convex)
+            d.attrs["long_name"] = "central-difference Hessian of the loss is positive definite"
+    _rewrite(path, change, "the metrics")
