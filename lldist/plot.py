@@ -311,6 +311,9 @@ def main(argv=None) -> int:
                     "more than a factor 50)")
     ap.add_argument("--linear", action="store_true", help="linear loss scale, always")
     ap.add_argument("--dpi", type=int, default=120)
+    ap.add_argument("--vtk", action="store_true", help="also write <file>.vts for ParaView (z: the loss)")
+    ap.add_argument("--html", action="store_true",
+                    help="also write an interactive 3D surface per split and quantity as HTML (lldist[html])")
     ap.add_argument("--compare", action="store_true",
                     help="one figure per quantity: the files side by side on one colour scale (1D: overlaid)")
     args = ap.parse_args(argv)
@@ -335,6 +338,16 @@ def main(argv=None) -> int:
             raise UserError(f"{path}: no cell is computed yet")
         written = plot_2d(s, args, outdir, stem) if s["y"] is not None else plot_1d(s, args, outdir, stem)
         print(f"lldist: {path}: wrote {len(written)} figures to {outdir}", flush=True)
+        from . import export
+        log = bool(args.log)
+        if args.vtk:
+            out = export.write_vts(s, os.path.join(outdir, stem + ".vts"), log=log)
+            print(f"lldist: {path}: wrote {out} (ParaView)", flush=True)
+        if args.html:
+            for (split, q) in s["values"]:
+                out = export.write_html(s, os.path.join(outdir, f"{stem}_{split}_{q}.html"), split, q,
+                                        log=log and q == "loss")
+            print(f"lldist: {path}: wrote {len(s['values'])} interactive HTML surfaces to {outdir}", flush=True)
     return 0
 
 
