@@ -83,11 +83,16 @@ def test_grid_smaller_than_ranks_and_ragged_chunks(workdir):
 
 
 @pytest.mark.slow
-def test_sigkill_whole_run_then_resume(cnn_job, workdir):
-    # slower cells and more of them: the first commit (after a second) comes well before the end
-    same = ["--set", "eval.chunk_size=1", "--set", "eval.batch_size=8", "--set", "grid.x=[-1,1,15]"]
-    n = 75
-    cmd = [mpiexec(), "-n", "3", sys.executable, "-m", "lldist.surface", cnn_job, "--progress-every", "0", *same]
+def test_sigkill_whole_run_then_resume(workdir):
+    # A model of fixed cost per cell (it sleeps 10 ms a batch, 4 batches a cell), so that the
+    # run lasts about two seconds on any machine: the first commit (after a second) lands well
+    # before the end, and the kill after it.
+    job = write_job(workdir / "job.yaml", train=None,
+                    model={"name": "python:lldist.synthetic:fixed_cost", "checkpoint": None, "args": {"seconds": 0.01}},
+                    data={"name": "digits", "subset": 200}, grid={"x": [-1.0, 1.0, 15], "y": [-1.0, 1.0, 10]},
+                    eval={"chunk_size": 1, "batch_size": 50})
+    n = 150
+    cmd = [mpiexec(), "-n", "3", sys.executable, "-m", "lldist.surface", job, "--progress-every", "0"]
     p = subprocess.Popen(cmd, cwd=workdir, env=env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                          text=True)
     killed_at = None
@@ -100,12 +105,13 @@ def test_sigkill_whole_run_then_resume(cnn_job, workdir):
     assert killed_at, "the run finished before it could be killed"
     done = done_after_kill("out.h5")
     assert 12 <= done < n
-    q = mpirun(3, cnn_job, workdir, *same)
+    q = mpirun(3, job, workdir)
     assert f"{n - done} to compute" in q.stdout
     final, chunks = arrays("out.h5")
-    run(["lldist.surface", cnn_job, "--out", "single8.h5", *same], workdir)
-    assert_same(arrays("single8.h5")[0], final)
+    run(["lldist.surface", job, "--out", "single.h5"], workdir)
+    assert_same(arrays("single.h5")[0], final)
     assert sorted(final["chunk_cells"].tolist()) == list(range(n))
+    assert set(chunks["run"].tolist()) == {1, 2}
 
 
 @pytest.mark.slow
