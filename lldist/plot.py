@@ -85,29 +85,39 @@ def figure_2d(s: dict, split: str, q: str, kind: str, args) -> "matplotlib.figur
     geometric = q == "loss" and lev[0] > 0 and np.allclose(lev[1] / lev[0], lev[2] / lev[1])
     norm = matplotlib.colors.LogNorm(lev[0], lev[-1]) if geometric else None
     fig = plt.figure(figsize=(5.5, 4.5))
+    # colour-bar ticks: a handful of the levels, as plain numbers (a log scale's default
+    # formatter writes "1.36419x10^1" at every level)
+    ticks = dict(ticks=lev[::max(1, len(lev) // 6)], format=matplotlib.ticker.FormatStrFormatter("%.3g"))
     if kind == "3d":
         ax = fig.add_subplot(projection="3d")
-        zz = np.where(np.isfinite(z), z, np.nan)
-        zz = np.where((zz >= lev[0]) & (zz <= lev[-1]), zz, np.nan)
-        ax.plot_surface(X, Y, zz, cmap="viridis", linewidth=0, antialiased=True, vmin=lev[0], vmax=lev[-1])
-        ax.set_zlabel(_label(q))
+        # clipped to the levels, not cut: values beyond them lie flat on the range's edge, so
+        # the surface has no jagged holes; with a log scale the height is log10 of the loss
+        zz = np.where(np.isfinite(z), np.clip(z, lev[0], lev[-1]), np.nan)
+        if geometric:
+            zz = np.log10(zz)
+        ax.plot_surface(X, Y, zz, cmap="viridis", linewidth=0, antialiased=True,
+                        vmin=np.nanmin(zz) if np.isfinite(zz).any() else None)
+        ax.set_zlabel(("log10 " if geometric else "") + _label(q))
     else:
         ax = fig.add_subplot()
         if kind == "contour":
             cs = ax.contour(X, Y, zm, levels=lev, cmap="viridis", norm=norm)
-            ax.clabel(cs, inline=True, fontsize=7, fmt="%.3g")
+            # every third level labelled: near theta* the levels crowd and labels pile up
+            ax.clabel(cs, cs.levels[::3], inline=True, fontsize=7, fmt="%.3g")
         elif kind == "contourf":
             cs = ax.contourf(X, Y, zm, levels=lev, cmap="viridis", norm=norm)
-            fig.colorbar(cs, ax=ax, label=_label(q))
+            fig.colorbar(cs, ax=ax, label=_label(q), **ticks)
         elif kind == "heat":
             im = ax.imshow(zm, origin="lower", aspect="auto", cmap="viridis", norm=norm,
                            extent=(s["x"][0], s["x"][-1], s["y"][0], s["y"][-1]),
                            vmin=None if norm else lev[0], vmax=None if norm else lev[-1])
-            fig.colorbar(im, ax=ax, label=_label(q))
+            fig.colorbar(im, ax=ax, label=_label(q), **ticks)
         else:
             plt.close(fig)
             raise ValueError(f"kind {kind!r}: allowed contour, contourf, heat, 3d")
         ax.plot([0], [0], "r+", ms=8)  # theta*
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(6))  # no colliding tick labels
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(6))
     ax.set_xlabel("alpha (direction x)")
     ax.set_ylabel("beta (direction y)")
     t = s.get("trajectory")
@@ -140,7 +150,7 @@ def plot_2d(s: dict, args, outdir: str, stem: str) -> list:
 
 def default_args(**kw) -> argparse.Namespace:
     """The command line's defaults, for figures drawn from Python."""
-    a = dict(vmin=None, vmax=None, levels=30, log=False, linear=False, format="png", dpi=120)
+    a = dict(vmin=None, vmax=None, levels=30, log=False, linear=False, format="png", dpi=300)
     a.update(kw)
     return argparse.Namespace(**a)
 
@@ -273,8 +283,10 @@ def figure_1d(s: dict, args):
     if args.vmin is not None or args.vmax is not None:
         ax.set_ylim(args.vmin, args.vmax)
     lines = ax.get_lines() + (ax2.get_lines() if right else [])
-    ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper center")
-    ax.set_title(s["name"], fontsize=9)
+    # the legend above the axes: inside, it sat on the curves
+    ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="lower center",
+              bbox_to_anchor=(0.5, 1.0), ncol=min(4, len(lines)), frameon=False)
+    ax.set_title(s["name"], fontsize=9, pad=24)
     return fig
 
 
@@ -310,7 +322,7 @@ def main(argv=None) -> int:
     ap.add_argument("--log", action="store_true", help="logarithmic loss scale (default when the loss spans "
                     "more than a factor 50)")
     ap.add_argument("--linear", action="store_true", help="linear loss scale, always")
-    ap.add_argument("--dpi", type=int, default=120)
+    ap.add_argument("--dpi", type=int, default=300, help="PNG resolution (pdf and svg are vector)")
     ap.add_argument("--vtk", action="store_true", help="also write <file>.vts for ParaView (z: the loss)")
     ap.add_argument("--html", action="store_true",
                     help="also write an interactive 3D surface per split and quantity as HTML (lldist[html])")
