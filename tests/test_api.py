@@ -245,6 +245,7 @@ def test_job_file_loss_and_metrics(workdir):
     run(["lldist.plot", "out.h5"], workdir)
 
 
+@pytest.mark.slow
 def test_the_walkthrough_runs(workdir):
     p = run([sys.executable, os.path.join(ROOT, "docs", "walkthrough.py"), str(workdir)], workdir, timeout=600)
     assert "compared 2 landscapes" in p.stdout

@@ -90,6 +90,7 @@ def _rank_pids(launcher_pid, ranks):
     return out
 
 
+@pytest.mark.slow
 def test_waiting_ranks_do_not_spin(workdir):
     """While rank 0 prepares (trains, builds), the other ranks sleep instead of polling at
     100% CPU: measured from /proc over 1.5 s of rank 0's 4 s set-up."""

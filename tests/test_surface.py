@@ -188,6 +188,7 @@ def test_other_job_refused_and_overwrite(workdir):
         assert "directions.seed=4" in f.attrs["job_yaml"]
 
 
+@pytest.mark.slow
 def test_nan_is_stored_not_recomputed(workdir):
     """A huge step overflows the loss to inf/NaN: stored as is, marked done, plotted as a gap."""
     job = write_job(workdir / "job.yaml", directions={"norm": "none"}, grid={"x": [-1e30, 1e30, 3], "y": None})
