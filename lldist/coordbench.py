@@ -84,7 +84,7 @@ def rank_side(n: int, chunk: int, results: int, out: str, report: str) -> int:
         import torch  # noqa: F401 - loaded before the baseline, as in a real run
         before = _rss_mib()
         sf = new_file(out, n)
-        sched = Limited(Sweep(sf.done(), chunk), results)
+        sched = Limited(Sweep(sf.taken(), chunk), results)
         created = _rss_mib()
 
         def write(r):

@@ -201,10 +201,9 @@ class Evaluator:
     def curvature(self, name: str, data) -> list:
         """[lambda_max, lambda_min, |lambda_min / lambda_max|] of the loss Hessian at the current
         weights, on the split's first eval.curvature_batches batches (hessian.py)."""
-        from .hessian import Curvature
+        from .hessian import Curvature, first_batches
         if name not in self._curvature:
-            n = self.cfg.curvature_batches
-            batches = [b for _, b in zip(range(n), data.batches(self.batch_size, self.dtype))]
+            batches = first_batches(data, self.batch_size, self.cfg.curvature_batches, self.dtype)
             self._curvature[name] = Curvature(self.eager, batches, self.task)
         c = self._curvature[name]
         with torch.enable_grad():

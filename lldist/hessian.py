@@ -20,12 +20,19 @@ accumulated batch by batch, so memory is one batch's double backward.
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from .tasks import Task, model_inputs
+
+
+def first_batches(data, batch_size: int, n: int, dtype=torch.float32) -> list:
+    """The first n batches of a split: the fixed sample every Hessian of a run is taken on."""
+    return list(itertools.islice(data.batches(batch_size, dtype), n))
 
 
 class Curvature:
@@ -132,7 +139,7 @@ def at_optimum(job, top: int = 5, samples: int = 64, batches: int = 4, log=print
     loaded = src.load(job)
     split, data = next(iter(loaded.splits.items()))
     bs = job.eval.batch_size if job.eval.batch_size != "auto" else 256
-    chosen = [b for _, b in zip(range(batches), data.batches(bs))]
+    chosen = first_batches(data, bs, batches)
     curv = Curvature(loaded.model, chosen, src.make_task(job))
     t = time.perf_counter()
     vals, _ = curv.eigs(k=min(top, curv.n - 1), which="LA")

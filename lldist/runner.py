@@ -68,6 +68,7 @@ ABORT_GRACE_S = 0.5  # see Context.abort
 # Rank 0 computes cells too in runs of up to this many ranks (1/16 of the work or more); in
 # larger runs it only coordinates: answering hundreds of ranks quickly matters more.
 RANK0_COMPUTES_UP_TO = 16
+SERVICE_SAMPLES = 100_000  # per-result service times the coordinator keeps for its cost report
 _LAUNCH_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE")
 
 
@@ -362,10 +363,12 @@ def _coordinate(ctx: Context, plan: Plan, progress, hosts: dict, should_stop) ->
     """Hand the schedule's chunks to the workers and to rank 0 itself; write each finished
     chunk. Raises RankFailed with a worker's traceback, Stopped on a signal. Returns the
     coordinator's own cost: {"messages": n, "seconds": time receiving, writing, answering,
-    "results": result messages, "service": seconds of each, "wall": seconds in all}."""
+    "results": result messages, "service": seconds of each (the first SERVICE_SAMPLES),
+    "wall": seconds in all}."""
     sched = plan.schedule
     handed = {}  # chunk id -> (rank, cells)
     owed = {w: 0 for w in range(1, ctx.size)}  # answers each worker waits for
+    waiting = {}  # the workers with answers owed, in the order they asked (a dict as an ordered set)
     asked = set()  # workers whose first request came: each must hear "stop" before the end
     next_id = [0]
     local = None  # [id, cells, position, values, t_start]
@@ -382,9 +385,14 @@ def _coordinate(ctx: Context, plan: Plan, progress, hosts: dict, should_stop) ->
         next_id[0] += 1
         return next_id[0] - 1, cells
 
+    def owe(dest, n):
+        owed[dest] += n
+        waiting[dest] = None
+
     def answer():
-        """Every answer owed that can be given now: a chunk, or "stop" once none will come."""
-        for dest in owed:
+        """Every answer owed that can be given now: a chunk, or "stop" once none will come.
+        Only the workers that wait are visited: a message's cost must not grow with the ranks."""
+        for dest in list(waiting):
             while owed[dest]:
                 cid, cells = take()
                 if cells is not None:
@@ -395,6 +403,7 @@ def _coordinate(ctx: Context, plan: Plan, progress, hosts: dict, should_stop) ->
                 else:
                     return  # the schedule waits for results still out
                 owed[dest] -= 1
+            del waiting[dest]
 
     def saved(n):
         if n:
@@ -410,13 +419,13 @@ def _coordinate(ctx: Context, plan: Plan, progress, hosts: dict, should_stop) ->
     def handle(src, msg):
         kind = msg[0]
         if kind == "ready":
-            owed[src] += msg[1]
+            owe(src, msg[1])
             asked.add(src)
         elif kind == "result":
             _, cid, values, t0, t1 = msg
             rank, cells = handed.pop(cid)
             write(cid, ChunkResult(cells, values, rank, hosts[rank][0], hosts[rank][1], t0, t1))
-            owed[src] += 1
+            owe(src, 1)
         elif kind == "error":
             _, cid, text = msg
             phase = f"chunk {cid} (cells {handed[cid][1][0]}..{handed[cid][1][-1]})" if cid in handed else "a chunk"
@@ -444,7 +453,8 @@ def _coordinate(ctx: Context, plan: Plan, progress, hosts: dict, should_stop) ->
             cost["seconds"] += dt
             if msg[0] == "result":
                 cost["results"] += 1
-                cost["service"].append(dt)
+                if len(cost["service"]) < SERVICE_SAMPLES:  # bounded: a 10001^2 grid has millions
+                    cost["service"].append(dt)
             nap, got = POLL_S, True
         saved(plan.tick())
         if local is None and (plan.rank0_computes or comm is None):
@@ -471,9 +481,9 @@ def _coordinate(ctx: Context, plan: Plan, progress, hosts: dict, should_stop) ->
                 if comm is not None:
                     answer()
             continue
-        if comm is not None and sched.exhausted:
+        if comm is not None and sched.exhausted and waiting:
             answer()  # the last result may have ended the schedule: stop whoever waits
-        if sched.exhausted and not handed and not any(owed.values()) and len(asked) == len(owed):
+        if sched.exhausted and not handed and not waiting and len(asked) == len(owed):
             cost["wall"] = time.perf_counter() - t_begin
             return cost
         if got:

@@ -316,6 +316,10 @@ class SurfaceReader:
     def done(self) -> np.ndarray:
         return self.f["done"][()]
 
+    def array(self, split: str, q: str) -> np.ndarray:
+        """One quantity of one split as stored (cells not done hold NaN)."""
+        return self.f[split][q][()]
+
     def checkpoint_meta(self) -> dict:
         return json.loads(self.f.attrs.get("checkpoint_meta", "{}") or "{}")
 
@@ -418,14 +422,15 @@ class SurfaceWriter(SurfaceReader):
     def __init__(self, path: str):
         super().__init__(path)
         self.run = int(self.f.attrs.get("runs", 0))
-        self._done = None  # read at the first write (see _done_mirror)
+        self._done = None  # read once, at the first need (see taken)
         self._uncommitted, self._uncommitted_cells = [], 0
         self._last_commit = time.monotonic()
 
-    def _done_mirror(self) -> np.ndarray:
-        """Which cells hold values (1 byte a cell: 1 MB at 1001 x 1001), read once: rank 0 is
-        the only writer, so it is never stale; it catches a chunk handed out twice. It runs
-        ahead of the file's done mask by the chunks not yet committed."""
+    def taken(self) -> np.ndarray:
+        """Which cells hold values: the file's done mask plus the chunks taken and not yet
+        committed (1 byte a cell: 1 MB at 1001 x 1001). Read once and kept: rank 0 is the only
+        writer, so it is never stale; the schedule reads it ahead of its cursor, and it catches
+        a chunk handed out twice."""
         if self._done is None:
             self._done = self.f["done"][()]
             self._nchunks = int(self.f["nchunks"][()])
@@ -497,7 +502,7 @@ class SurfaceWriter(SurfaceReader):
         record. Nothing reaches the file until the commit (see commit), which is due every
         COMMIT_S seconds or COMMIT_CHUNKS chunks: returns how many cells this call committed."""
         cells = np.asarray(cells, dtype=np.int64)
-        flat = self._done_mirror().reshape(-1)
+        flat = self.taken().reshape(-1)
         if flat[cells].any():
             raise RuntimeError(f"cells {cells[flat[cells]].tolist()} were already done: a chunk was handed out twice")
         flat[cells] = True
@@ -580,7 +585,7 @@ class SurfaceWriter(SurfaceReader):
         if self.f.id.valid:
             self.commit()
             self.set_attr("last_finished", now_iso(), flush=False)
-            self.set_attr("complete", bool(self.done().all()) if complete is None else complete, flush=False)
+            self.set_attr("complete", bool(self.taken().all()) if complete is None else complete, flush=False)
             self.close()
 
 

@@ -71,10 +71,12 @@ def ensure_checkpoint(job: Job, should_stop=lambda: None) -> None:
         train(job, log=log, should_stop=should_stop)
 
 
-def target_state(job: Job, loaded: Loaded) -> dict:
+def checkpoint_state(job: Job, loaded: Loaded, path: str) -> dict:
+    """The float state of the job's model with another checkpoint loaded (a target, a
+    trajectory's epoch)."""
     first = next(iter(loaded.splits.values()))
     other = build_model(job.model, first.in_shape, first.num_classes)
-    load_checkpoint(other, job.directions.target)
+    load_checkpoint(other, path)
     return model_state(other)[0]
 
 
@@ -137,12 +139,7 @@ def special_directions(job: Job, loaded: Loaded, task: Task, log=lambda m: None)
     if kind == "pca":
         from .directions import pca_directions
         files = trajectory_files(job)
-        first = next(iter(loaded.splits.values()))
-        states = []
-        for f in files:
-            m = build_model(job.model, first.in_shape, first.num_classes)
-            load_checkpoint(m, f)
-            states.append(model_state(m)[0])
+        states = [checkpoint_state(job, loaded, f) for f in files]
         try:
             dirs, info, coords = pca_directions(loaded.theta, loaded.kinds, states, job.directions.ignore)
         except ValueError as e:
@@ -157,9 +154,9 @@ def special_directions(job: Job, loaded: Loaded, task: Task, log=lambda m: None)
         dirs["_info"], dirs["_trajectory"] = info, coords
         return dirs
     # hessian: the top eigenvectors at theta*
-    from .hessian import Curvature
+    from .hessian import Curvature, first_batches
     first = next(iter(loaded.splits.values()))
-    batches = [b for _, b in zip(range(job.directions.batches), first.batches(job.eval.batch_size))]
+    batches = first_batches(first, job.eval.batch_size, job.directions.batches)
     curv = Curvature(loaded.model, batches, task)
     vals, vecs = curv.eigs(k=ndim, which="LA")
     log(f"hessian directions: top eigenvalues {', '.join(f'{v:.5g}' for v in vals)} "
@@ -233,7 +230,7 @@ def plan(ctx: runner.Context, job: Job, overwrite: bool, progress_every: float, 
             kind = job.directions.kind
             if kind in ("random", "target"):
                 tgt = source.target if source.target is not None else \
-                    (target_state(job, loaded) if job.directions.target else None)
+                    (checkpoint_state(job, loaded, job.directions.target) if job.directions.target else None)
                 return make_directions(loaded.theta, loaded.kinds, job.directions, job.ndim, tgt)
             return special_directions(job, loaded, task, log)
 
@@ -267,7 +264,7 @@ def plan(ctx: runner.Context, job: Job, overwrite: bool, progress_every: float, 
         lock.release()
         raise
 
-    done = sf.done()
+    done = sf.taken()  # the writer's own mask, shared with the schedule: read from the file once
     npending = int(done.size - np.count_nonzero(done))
     chunk = job.eval.chunk_size if job.eval.chunk_size != "auto" else auto_chunk_size(npending, ctx.size)
     ad = job.grid.adaptive
@@ -275,7 +272,7 @@ def plan(ctx: runner.Context, job: Job, overwrite: bool, progress_every: float, 
         schedule = Sweep(done, chunk)
     else:
         # the deciding quantity: the first split's loss (NaN where not computed)
-        known = np.where(done, sf.f[job.splits[0]]["loss"][()], np.nan)
+        known = np.where(done, sf.array(job.splits[0], "loss"), np.nan)
         schedule = Adaptive(grid.shape, done, known, chunk, ad.coarse, ad.tolerance, ad.levels)
     del done
     started = {}  # the clock starts once every rank is up
@@ -311,7 +308,7 @@ def plan(ctx: runner.Context, job: Job, overwrite: bool, progress_every: float, 
                     sf.set_attr("coordinator_ms_per_message", ms)
                     log(f"coordinator: {cost['messages']} worker messages, {ms:.2f} ms each (receive, write, answer)")
                 if ad is not None:
-                    n = int(np.count_nonzero(sf._done_mirror()))
+                    n = int(np.count_nonzero(sf.taken()))
                     log(f"adaptive: {n}/{grid.ncells} cells computed ({100 * n / grid.ncells:.1f}%), "
                         "the rest interpolated")
                 sf.finish(complete=True if ad is not None else None)

@@ -104,6 +104,13 @@ DEFAULT_METRICS = {"cross_entropy": {"acc": _acc}, "mse": {}, "lm": {"acc": _lm_
 DERIVED = {"lm": {"perplexity": lambda means: math.exp(means["loss"]) if means["loss"] < 700 else math.inf}}
 
 
+def _sum_and_weight(fn: Callable, out, batch) -> tuple:
+    """(float32 sum of fn's per-example values, sum of their weights: 1 each unless fn gives them)."""
+    v, w = fn(out, batch)
+    v = v.float()
+    return v.sum(), (w.sum() if w is not None else torch.tensor(float(v.numel()), device=v.device))
+
+
 def _per_example(fn: Callable) -> Callable:
     """A user's callable (outputs, batch) -> (B,) values, or a (values, weights) pair."""
     def wrapped(out, batch):
@@ -168,9 +175,7 @@ class Task:
     def loss_terms(self, out, batch) -> tuple:
         """(sum of the per-example losses, sum of their weights), differentiable: the loss
         whose Hessian the curvature quantities are of."""
-        v, w = self._loss(logits_of(out), batch)
-        v = v.float()
-        return v.sum(), (w.sum() if w is not None else torch.tensor(float(v.numel()), device=v.device))
+        return _sum_and_weight(self._loss, logits_of(out), batch)
 
     def forward(self, model, batch):
         args, kwargs = model_inputs(batch)
@@ -180,9 +185,7 @@ class Task:
         """(2 * len(summed),) float32 on the device: [sum of values, sum of weights] per quantity."""
         parts = []
         for fn in (self._loss, *self._metrics.values()):
-            v, w = fn(out, batch)
-            v = v.float()
-            parts += [v.sum(), w.sum() if w is not None else torch.tensor(float(v.numel()), device=v.device)]
+            parts += _sum_and_weight(fn, out, batch)
         return torch.stack(parts)
 
     def means(self, total: torch.Tensor) -> list:
