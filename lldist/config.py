@@ -220,6 +220,20 @@ def load_job(path: str, overrides: list[str] = (), out: Optional[str] = None) ->
     return job_from_dict(raw, path, text)
 
 
+def effective_raw(text: str, source: str) -> dict:
+    """The job mapping a stored job text stands for: the file's YAML with the `--set`/`--out`
+    overrides its last line records applied again (load_job's own order)."""
+    raw = load_yaml(text, source) or {}
+    last = [ln for ln in text.splitlines() if ln.startswith("# overrides: ")]
+    if last and isinstance(raw, dict):
+        rec = json.loads(last[-1][len("# overrides: "):])
+        for item in rec.get("set", []):
+            apply_override(raw, item, source)
+        if rec.get("out") is not None:
+            raw["output"] = rec["out"]
+    return raw
+
+
 def job_from_dict(raw: dict, source: str, text: Optional[str] = None) -> Job:
     """A validated Job from a mapping (a parsed job file, or a study's variant)."""
     job = _build(Job, raw, "", source)

@@ -4,6 +4,7 @@
     curv.at(params)                                 # any weights (default: the model's own)
     lam, vecs = curv.eigs(k=2, which="LA")          # top eigenpairs (scipy's Lanczos, eigsh)
     curv.trace(samples=64)                          # Hutchinson's estimator
+    nodes, weights = curv.density(runs=4, steps=80)  # stochastic Lanczos quadrature
 
 H v comes from double backward through `torch.func.functional_call` (the model's parameters
 only; buffers, e.g. BatchNorm's running statistics, stay as the model holds them, in eval
@@ -12,7 +13,11 @@ mode). The eigen-solve is scipy's ARPACK Lanczos (`scipy.sparse.linalg.eigsh` on
 power iteration (which converges slowly when the top eigenvalues are close and cannot find
 the smallest algebraic eigenvalue without a shift). scipy comes with scikit-learn, already a
 dependency. Only the products are written here, because no library computes them for an
-arbitrary torch model.
+arbitrary torch model; and the Lanczos recurrence of the spectral density, because it needs
+the tridiagonal matrix itself (its eigenvectors' first components are the quadrature weights),
+which eigsh keeps to itself. That Lanczos keeps every basis vector and re-orthogonalizes
+against all of them (steps x parameters floats: 80 x 2.2M for MobileNetV2 is 0.7 GB), the
+price of nodes that do not repeat as ghost eigenvalues.
 
 The loss is the task's weighted mean over the given batches (the evaluation's own definition),
 accumulated batch by batch, so memory is one batch's double backward.
@@ -121,40 +126,126 @@ class Curvature:
         est = np.array(est)
         return float(est.mean()), float(est.std(ddof=1) / np.sqrt(len(est))) if len(est) > 1 else float("nan")
 
+    def density(self, runs: int = 4, steps: int = 80, seed: int = 0) -> tuple:
+        """The eigenvalue density by stochastic Lanczos quadrature (Ubaru, Chen and Saad 2017;
+        Ghorbani et al. 2019): for each of `runs` Gaussian start vectors v, `steps` Lanczos steps
+        give a tridiagonal T whose eigenvalues (nodes) and squared first eigenvector components
+        (weights, summing to 1) form the Gauss quadrature of v'f(H)v/v'v, exact for polynomials
+        f of degree < 2 steps. Averaged over v it estimates (1/n) sum_i f(lambda_i): the density
+        is sum over runs and nodes of weight/runs at each node, smoothed for a picture by
+        `smoothed_density`. Returns (nodes, weights), each (runs, steps) float64; a run that
+        exhausts its Krylov space early pads with weight 0."""
+        g = torch.Generator().manual_seed(seed)
+        device = self.point[self.names[0]].device
+        steps = min(steps, self.n)
+        nodes, weights = np.zeros((runs, steps)), np.zeros((runs, steps))
+        for r in range(runs):
+            v0 = torch.randn(self.n, generator=g, dtype=torch.float64).to(self.dtype).to(device)
+            t_nodes, t_weights = lanczos_quadrature(self.hvp, v0, steps)
+            nodes[r, :len(t_nodes)], weights[r, :len(t_nodes)] = t_nodes, t_weights
+        return nodes, weights
+
     def as_state(self, vec: np.ndarray, theta: dict) -> dict:
         """A flat parameter vector as a direction over the float state: zero on buffers."""
         parts = dict(zip(self.names, self._split(torch.as_tensor(vec, dtype=torch.float64))))
         return {n: (parts[n].to(w.dtype).cpu().clone() if n in parts else torch.zeros_like(w)) for n, w in theta.items()}
 
 
+def lanczos_quadrature(matvec, v0: torch.Tensor, steps: int) -> tuple:
+    """Gauss quadrature of the spectral measure of a symmetric operator at v0: (nodes, weights),
+    the eigenvalues of the Lanczos tridiagonal T and the squares of its eigenvectors' first
+    components. Full re-orthogonalization (twice, classical Gram-Schmidt) keeps the basis
+    orthogonal in float32; the recurrence stops early when the Krylov space is exhausted."""
+    from scipy.linalg import eigh_tridiagonal
+    v = v0 / torch.linalg.vector_norm(v0)
+    basis = [v]
+    alpha, beta = [], []
+    for j in range(steps):
+        w = matvec(v)
+        a = float(torch.dot(w, v))
+        alpha.append(a)
+        if j == steps - 1:
+            break
+        V = torch.stack(basis)
+        w = w - a * v - (beta[-1] * basis[-2] if beta else 0)
+        for _ in range(2):
+            w = w - V.T @ (V @ w)
+        b = float(torch.linalg.vector_norm(w))
+        if b <= 1e-6 * max(abs(x) for x in alpha) or not np.isfinite(b):
+            break  # an invariant subspace: T is exact
+        beta.append(b)
+        v = w / b
+        basis.append(v)
+    vals, vecs = eigh_tridiagonal(np.array(alpha), np.array(beta[:len(alpha) - 1]))
+    return vals, vecs[0] ** 2
+
+
+def smoothed_density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray = None, sigma: float = None,
+                     points: int = 1000) -> tuple:
+    """(grid, density): the quadrature's Dirac masses, averaged over runs, as a sum of Gaussians
+    of width sigma (default 1% of the nodes' range), integrating to 1 over the real line."""
+    w = weights / weights.shape[0]
+    lo, hi = float(nodes[weights > 0].min()), float(nodes[weights > 0].max())
+    sigma = sigma or 0.01 * max(hi - lo, 1e-12)
+    if grid is None:
+        grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, points)
+    d = np.zeros_like(grid, dtype=np.float64)
+    for t, m in zip(nodes.ravel(), w.ravel()):
+        if m > 0:
+            d += m * np.exp(-0.5 * ((grid - t) / sigma) ** 2)
+    return grid, d / (sigma * np.sqrt(2 * np.pi))
+
+
+def density_summary(nodes: np.ndarray, weights: np.ndarray) -> str:
+    """One line: the runs and steps, the range, and how the mass splits between the bulk near
+    zero (|lambda| within 1% of the largest |lambda|), the outliers above it and the clearly
+    negative eigenvalues below it: the shape Ghorbani et al. (2019) describe."""
+    w = weights / weights.shape[0]
+    lo, hi = float(nodes[weights > 0].min()), float(nodes[weights > 0].max())
+    eps = 0.01 * max(abs(lo), abs(hi))
+    part = lambda m: 100 * float(w[m].sum())  # noqa: E731
+    return (f"{nodes.shape[0]} runs x {nodes.shape[1]} Lanczos steps; eigenvalues in [{lo:.4g}, {hi:.4g}]; "
+            f"mass {part(np.abs(nodes) <= eps):.1f}% in the bulk (|lambda| <= {eps:.3g}), {part(nodes > eps):.2f}% "
+            f"above it, {part(nodes < -eps):.2f}% below it")
+
+
 # ----------------------------------------------------------------------------- command line
 
-def at_optimum(job, top: int = 5, samples: int = 64, batches: int = 4, log=print) -> dict:
-    """Curvature at theta* of a job's model on its first split: the `top` largest eigenvalues,
-    the smallest, and Hutchinson's trace. Runs where the job's data and checkpoint are."""
+def at_optimum(job, top: int = 5, samples: int = 64, batches: int = 4, log=print, split: str = None,
+               density_runs: int = 0, density_steps: int = 80) -> dict:
+    """Curvature at theta* of a job's model on one split (default its first): the `top` largest
+    eigenvalues, the smallest, Hutchinson's trace and, with density_runs > 0, the spectral
+    density's quadrature. Runs where the job's data and checkpoint are."""
+    from .errors import UserError
     from .surface import Source, ensure_checkpoint
     import time
     ensure_checkpoint(job)
     src = Source()
     loaded = src.load(job)
-    split, data = next(iter(loaded.splits.items()))
+    split = split or next(iter(loaded.splits))
+    if split not in loaded.splits:
+        raise UserError(f"--split {split}: the job evaluates {', '.join(loaded.splits)}")
+    data = loaded.splits[split]
     bs = job.eval.batch_size if job.eval.batch_size != "auto" else 256
     chosen = first_batches(data, bs, batches)
     curv = Curvature(loaded.model, chosen, src.make_task(job))
     t = time.perf_counter()
     vals, _ = curv.eigs(k=min(top, curv.n - 1), which="LA")
     lo = float(curv.eigs(1, "SA")[0][0])
-    tr, err = curv.trace(samples)
+    tr, err = curv.trace(samples) if samples > 0 else (float("nan"), float("nan"))
     out = {"split": split, "batches": len(chosen), "batch_size": bs, "loss": curv.loss(),
            "top_eigenvalues": [float(v) for v in vals], "lambda_max": float(vals[0]), "lambda_min": lo,
            "eig_ratio": abs(lo / float(vals[0])) if vals[0] else float("nan"),
-           "trace": tr, "trace_stderr": err, "trace_samples": samples,
-           "hessian_vector_products": curv.matvecs, "seconds": time.perf_counter() - t,
-           "num_parameters": curv.n}
+           "trace": tr, "trace_stderr": err, "trace_samples": samples}
+    if density_runs > 0:
+        nodes, weights = curv.density(density_runs, density_steps)
+        out.update(density_nodes=nodes, density_weights=weights)
+    out.update(hessian_vector_products=curv.matvecs, seconds=time.perf_counter() - t, num_parameters=curv.n)
     log(f"lldist: curvature at theta* on {split} ({len(chosen)} batches of {bs}, loss {out['loss']:.6g}): "
         f"top eigenvalues {', '.join(f'{v:.6g}' for v in out['top_eigenvalues'])}; lambda_min {lo:.6g}; "
-        f"trace {tr:.6g} +- {err:.2g} ({samples} Hutchinson samples); {curv.matvecs} Hessian-vector products "
-        f"in {out['seconds']:.1f} s")
+        f"trace {tr:.6g} +- {err:.2g} ({samples} Hutchinson samples)"
+        + (f"; spectral density from {density_runs} x {nodes.shape[1]} Lanczos steps" if density_runs > 0 else "")
+        + f"; {curv.matvecs} Hessian-vector products in {out['seconds']:.1f} s")
     return out
 
 
@@ -162,6 +253,7 @@ def main(argv=None) -> int:
     import argparse
     import os
     from .config import load_job
+    from .errors import UserError
     ap = argparse.ArgumentParser(prog="python -m lldist.hessian",
                                  description="Hessian eigenvalues and trace of a job's model at theta*")
     ap.add_argument("job")
@@ -169,10 +261,21 @@ def main(argv=None) -> int:
     ap.add_argument("--top", type=int, default=5, help="largest eigenvalues to compute")
     ap.add_argument("--trace-samples", type=int, default=64)
     ap.add_argument("--batches", type=int, default=4, help="batches of eval.batch_size the Hessian is taken on")
+    ap.add_argument("--split", help="train or test (default: the job's first split)")
+    ap.add_argument("--density", action="store_true",
+                    help="also the eigenvalue spectral density (stochastic Lanczos quadrature)")
+    ap.add_argument("--density-runs", type=int, default=4, help="start vectors of the density")
+    ap.add_argument("--density-steps", type=int, default=80, help="Lanczos steps per start vector")
     ap.add_argument("--out", help="surface file to store the numbers in (default: the job's output, if it exists)")
     args = ap.parse_args(argv)
     job = load_job(args.job, args.set)
-    res = at_optimum(job, args.top, args.trace_samples, args.batches)
+    for name in ("top", "batches", "density_runs", "density_steps"):
+        if getattr(args, name) < 1:
+            raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if args.trace_samples < 0:
+        raise UserError(f"--trace-samples {args.trace_samples}: must be 0 (no trace) or more")
+    res = at_optimum(job, args.top, args.trace_samples, args.batches, split=args.split,
+                     density_runs=args.density_runs if args.density else 0, density_steps=args.density_steps)
     path = args.out or job.output
     if os.path.exists(path):
         from .store import write_curvature

@@ -52,11 +52,13 @@ def main(argv=None) -> int:
               f"created {sf.attr('created')}, last finished {sf.attr('last_finished', '-')}")
         print(f"  batch {sf.attr('eval_batch_size')}, cells per pass {sf.attr('eval_cells_per_pass')}, "
               f"cosine(x, y) {sf.attr('cosine_xy', group='directions')}")
-        for split, g in (sf.f["curvature"].items() if "curvature" in sf.f else ()):
-            a = g.attrs
+        for split, a in sf.curvature().items():
             print(f"  curvature at theta* ({split}, {a['batches']} batches of {a['batch_size']}): lambda_max "
                   f"{a['lambda_max']:.6g}, lambda_min {a['lambda_min']:.6g}, trace {a['trace']:.6g} +- "
-                  f"{a['trace_stderr']:.2g}, top {a['top_eigenvalues']}")
+                  f"{a['trace_stderr']:.2g}, top {', '.join(f'{v:.4g}' for v in a['top_eigenvalues'])}")
+            if "density_nodes" in a:
+                from .hessian import density_summary
+                print("  spectral density: " + density_summary(a["density_nodes"], a["density_weights"]))
         kind = sf.attr("kind", group="directions")
         if kind in ("pca", "hessian", "file"):
             extra = {k: sf.attr(k, group="directions") for k in ("explained_variance_ratio", "hessian_eigenvalues",

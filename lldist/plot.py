@@ -6,9 +6,13 @@
 2D surfaces: for loss and accuracy of each split, contour lines with labels (`*_contour`),
 filled contours (`*_contourf`), a heat map (`*_heat`) and a 3D surface (`*_3d`).
 1D surfaces: loss and accuracy against alpha on twin axes (`curve`), train and test together.
-Loss levels are geometric when the loss spans more than a factor 50 (`--linear` to refuse).
+Loss (and lambda_max) levels are geometric when they span more than a factor 50 (`--linear`
+to refuse). Own figures: `*_curvature` (eval.curvature: lambda_max, lambda_min, their ratio
+per cell, loss contours over them), `*_trajectory` (directions.kind pca: the training path
+numbered by epoch), `*_density` (lldist.hessian --density: the eigenvalue spectrum at theta*).
 `--compare a.h5 b.h5 ...`: the surfaces side by side on one colour scale, with the same contour
-levels and axes (2D), or overlaid (1D); panel titles say what differs between the jobs.
+levels and axes (2D), or overlaid (1D), and the curvature maps in a grid (a row per file, one
+scale per column); panel titles say what differs between the jobs.
 Cells not yet computed and NaN/inf values are drawn as gaps. Files go next to the input
 (`<stem>_<split>_<quantity>_<kind>.<fmt>`) unless --out names a folder.
 """
@@ -16,6 +20,7 @@ Cells not yet computed and NaN/inf values are drawn as gaps. Files go next to th
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -27,7 +32,9 @@ import numpy as np  # noqa: E402
 
 from .errors import UserError, run_cli  # noqa: E402
 
-LABELS = {"loss": "loss", "acc": "accuracy"}
+LABELS = {"loss": "loss", "acc": "accuracy", "lambda_max": "λmax (Hessian)", "lambda_min": "λmin (Hessian)",
+          "eig_ratio": "|λmin/λmax|"}
+GEOMETRIC = ("loss", "lambda_max")  # positive quantities that span decades across a plane
 
 
 def read_surface(path: str) -> dict:
@@ -57,10 +64,14 @@ def _levels(z: np.ndarray, args, q: str):
         lo, hi = (finite.min(), finite.max())
     if hi <= lo:
         hi = lo + 1e-12
-    if q == "loss" and lo > 0 and (args.log or (not args.linear and hi / lo > 50)):
+    if q in GEOMETRIC and lo > 0 and ((args.log and q == "loss") or (not args.linear and hi / lo > 50)):
         # losses around a minimum span decades: geometric levels resolve the basin
         return np.geomspace(lo, hi, args.levels)
     return np.linspace(lo, hi, args.levels)
+
+
+def _geometric(q: str, lev) -> bool:
+    return q in GEOMETRIC and lev[0] > 0 and bool(np.allclose(lev[1] / lev[0], lev[2] / lev[1]))
 
 
 def _masked(z, lev):
@@ -82,7 +93,7 @@ def figure_2d(s: dict, split: str, q: str, kind: str, args) -> "matplotlib.figur
         return None
     X, Y = np.meshgrid(s["x"], s["y"])  # (ny, nx), the file's own layout
     zm = _masked(z, lev)
-    geometric = q == "loss" and lev[0] > 0 and np.allclose(lev[1] / lev[0], lev[2] / lev[1])
+    geometric = _geometric(q, lev)
     norm = matplotlib.colors.LogNorm(lev[0], lev[-1]) if geometric else None
     fig = plt.figure(figsize=(5.5, 4.5))
     # colour-bar ticks: a handful of the levels, as plain numbers (a log scale's default
@@ -145,7 +156,126 @@ def plot_2d(s: dict, args, outdir: str, stem: str) -> list:
             fig.savefig(path, dpi=args.dpi, bbox_inches="tight")
             plt.close(fig)
             written.append(path)
+    for split in s["splits"]:
+        for what, make in (("curvature", figure_curvature), ("trajectory", figure_trajectory)):
+            fig = make(s, split, args)
+            if fig is not None:
+                written.append(_save(fig, os.path.join(outdir, f"{stem}_{split}_{what}.{args.format}"), args))
     return written
+
+
+def _save(fig, path: str, args) -> str:
+    fig.savefig(path, dpi=args.dpi, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _loss_contours(ax, s: dict, split: str, args, colors="w") -> None:
+    """Thin loss contours over another quantity's map: where the basin is."""
+    z = s["values"].get((split, "loss"))
+    lev = _levels(z, args, "loss") if z is not None else None
+    if lev is not None:
+        X, Y = np.meshgrid(s["x"], s["y"])
+        ax.contour(X, Y, _masked(z, lev), levels=lev[::3], colors=colors, linewidths=0.5, alpha=0.8,
+                   norm=matplotlib.colors.LogNorm(lev[0], lev[-1]) if _geometric("loss", lev) else None)
+
+
+def curvature_panels(fig, axes, maps: list, args, colorbars: bool = True):
+    """Draw per-cell curvature maps. `maps` is [(s, split, q)] one per axis: lambda_max on log
+    levels when it spans decades, lambda_min on a diverging scale centred at 0 (negative:
+    directions of descent), |lambda_min/lambda_max| from 0 (convex) up; loss contours over them."""
+    images = []
+    for ax, (s, split, q, lev) in zip(axes, maps):
+        z = s["values"][(split, q)]
+        X, Y = np.meshgrid(s["x"], s["y"])
+        if q == "lambda_min":
+            # white at 0, blue below, red above, symmetric-log: lambda_min spans decades too
+            lim = max(abs(lev[0]), abs(lev[-1]), 1e-12)
+            norm = matplotlib.colors.SymLogNorm(1e-2 * lim, vmin=-lim, vmax=lim)
+            im = ax.pcolormesh(X, Y, np.ma.masked_invalid(z), cmap="RdBu_r", norm=norm, shading="nearest")
+        else:
+            norm = matplotlib.colors.LogNorm(lev[0], lev[-1]) if _geometric(q, lev) else \
+                matplotlib.colors.Normalize(lev[0], lev[-1])
+            im = ax.pcolormesh(X, Y, np.ma.masked_invalid(z), cmap="magma" if q == "eig_ratio" else "viridis",
+                               norm=norm, shading="nearest")
+        _loss_contours(ax, s, split, args)
+        ax.plot([0], [0], "c+", ms=8)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
+        if colorbars:  # unlabelled: the panel's title names the quantity
+            fig.colorbar(im, ax=ax, format=matplotlib.ticker.FormatStrFormatter("%.3g"))
+        images.append(im)
+    return images
+
+
+def figure_curvature(s: dict, split: str, args):
+    """The reference code's convexity map and its parts: lambda_max, lambda_min and their
+    ratio per cell (eval.curvature), side by side, with the loss contours. None without them."""
+    qs = [q for q in ("lambda_max", "lambda_min", "eig_ratio") if (split, q) in s["values"]]
+    levs = [_levels(s["values"][(split, q)], args, q) for q in qs]
+    if not qs or any(lev is None for lev in levs):
+        return None
+    fig, axes = plt.subplots(1, len(qs), figsize=(4.6 * len(qs), 3.9), squeeze=False, layout="constrained")
+    curvature_panels(fig, axes[0], [(s, split, q, lev) for q, lev in zip(qs, levs)], args)
+    for ax, q in zip(axes[0], qs):
+        ax.set_title(_label(q), fontsize=9)
+        ax.set_xlabel("alpha (direction x)")
+    axes[0][0].set_ylabel("beta (direction y)")
+    fig.suptitle(f"{s['name']}: {split} Hessian per cell (white: loss contours)", fontsize=10)
+    return fig
+
+
+def figure_trajectory(s: dict, split: str, args):
+    """directions.kind pca: the loss on the plane of the trajectory's top two principal
+    directions, the checkpoints' path on it numbered by epoch, the variance each axis explains."""
+    t = s.get("trajectory")
+    z = s["values"].get((split, "loss"))
+    if t is None or z is None:
+        return None
+    lev = _levels(z, args, "loss")
+    if lev is None:
+        return None
+    fig, ax = plt.subplots(figsize=(5.8, 4.6))
+    X, Y = np.meshgrid(s["x"], s["y"])
+    norm = matplotlib.colors.LogNorm(lev[0], lev[-1]) if _geometric("loss", lev) else None
+    cs = ax.contour(X, Y, _masked(z, lev), levels=lev, cmap="viridis", norm=norm, linewidths=0.8)
+    ax.clabel(cs, cs.levels[::4], inline=True, fontsize=6, fmt="%.3g")
+    ax.plot(t[:, 0], t[:, 1], "-o", color="tab:red", ms=3.5, lw=1.2, label="training trajectory")
+    step = max(1, len(t) // 8)  # at most about eight numbers on the path
+    for i in list(range(0, len(t), step)) + ([len(t) - 1] if (len(t) - 1) % step else []):
+        ax.annotate(str(i + 1), t[i], textcoords="offset points", xytext=(4, 4), fontsize=7, color="tab:red")
+    ax.plot([0], [0], "k*", ms=9, label="θ* (final weights)")
+    ev = s.get("explained_variance_ratio")
+    ev = json.loads(ev) if isinstance(ev, str) else ev
+    names = [f"{n} ({100 * float(v):.1f}% of the variance)" for n, v in zip(("PC1", "PC2"), ev)] if ev is not None \
+        else ["PC1", "PC2"]
+    ax.set_xlabel(names[0])
+    ax.set_ylabel(names[1])
+    ax.set_aspect("equal", adjustable="datalim")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
+    ax.set_title(f"{s['name']}: {split} loss and the training trajectory (numbers: epochs)", fontsize=9)
+    return fig
+
+
+def figure_density(c: dict, name: str, split: str):
+    """The Hessian's eigenvalue density at theta* (stochastic Lanczos quadrature), log scale,
+    with the top eigenvalues marked. None without a density."""
+    if "density_nodes" not in c:
+        return None
+    from .hessian import smoothed_density
+    grid, d = smoothed_density(c["density_nodes"], c["density_weights"])
+    fig, ax = plt.subplots(figsize=(5.8, 3.6))
+    ax.semilogy(grid, np.maximum(d, 1e-12), lw=1.2)
+    for i, v in enumerate(c.get("top_eigenvalues", [])):
+        ax.axvline(v, color="tab:red", lw=0.6, ls=":", label="top eigenvalues (eigsh)" if i == 0 else None)
+    ax.set_ylim(max(1e-8, d.max() * 1e-8), d.max() * 3)
+    ax.set_xlabel("Hessian eigenvalue")
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7)
+    runs, steps = c["density_nodes"].shape
+    ax.set_title(f"{name}: {split} Hessian spectrum at θ* ({runs} runs x {steps} Lanczos steps, "
+                 f"{c.get('batches')} batches)", fontsize=9)
+    return fig
 
 
 def default_args(**kw) -> argparse.Namespace:
@@ -168,14 +298,14 @@ def figure(s: dict, split: str, q: str = "loss", kind: str = "contour", **kw):
 
 def job_labels(paths: list) -> list:
     """A short title per file from what differs between their jobs, e.g. "cnn_skip, batch 64"."""
-    from .config import load_yaml
+    from .config import effective_raw
     from .store import SurfaceReader
     flat = []
     for p in paths:
         with SurfaceReader(p) as sf:
             try:
-                raw = load_yaml(sf.job_yaml(), p) or {}
-            except UserError:  # an unreadable job text only costs the panel its title
+                raw = effective_raw(sf.job_yaml(), p)  # the file's text and its --set overrides
+            except (UserError, ValueError):  # an unreadable job text only costs the panel its title
                 raw = {}
         out = {}
 
@@ -193,7 +323,9 @@ def job_labels(paths: list) -> list:
     if "model.name" in differ:  # the model's arguments follow the model: its name says enough
         differ = [k for k in differ if not k.startswith("model.args.")]
     first = ["model.name", "train.batch_size", "train.lr", "train.optimizer", "data.name"]
-    differ.sort(key=lambda k: (first.index(k) if k in first else len(first), k))
+    # what makes the model first (name, training, data), then the rest (grid, evaluation)
+    differ.sort(key=lambda k: (first.index(k) if k in first else len(first),
+                               not k.startswith(("model.", "train.", "data.")), k))
     pretty = {"model.name": "{}", "train.batch_size": "batch {}", "train.lr": "lr {}", "train.optimizer": "{}",
               "data.name": "{}", "model.args.batchnorm": "batchnorm {}"}
     labels = []
@@ -229,7 +361,7 @@ def compare(paths: list, args, outdir: str) -> list:
                             marker="o" if len(s["x"]) == 1 else None)
                 ax.set_xlabel(surfaces[0]["xlabel"])
                 ax.set_ylabel(f"{split} {_label(q)}" + (" (%)" if q == "acc" else ""))
-                if q == "loss" and lev[0] > 0 and np.allclose(lev[1] / lev[0], lev[2] / lev[1]):
+                if _geometric(q, lev):
                     ax.set_yscale("log")
                 ax.legend(fontsize=8)
             else:
@@ -238,7 +370,7 @@ def compare(paths: list, args, outdir: str) -> list:
                 rows = (n + cols - 1) // cols
                 fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), sharex=True, sharey=True,
                                          squeeze=False)
-                geometric = q == "loss" and lev[0] > 0 and np.allclose(lev[1] / lev[0], lev[2] / lev[1])
+                geometric = _geometric(q, lev)
                 norm = (matplotlib.colors.LogNorm if geometric else matplotlib.colors.Normalize)(lev[0], lev[-1])
                 cs = None
                 for ax, s, z, lab in zip(axes.flat, surfaces, zs, labels):
@@ -255,7 +387,38 @@ def compare(paths: list, args, outdir: str) -> list:
                 cb.set_ticklabels([f"{t:.3g}" for t in ticks])
             fig.savefig(name, dpi=args.dpi, bbox_inches="tight")
             written.append((name, fig))
+        if surfaces[0]["y"] is not None:
+            fig = compare_curvature(surfaces, labels, split, args)
+            if fig is not None:
+                name = os.path.join(outdir, f"compare_{split}_curvature.{args.format}")
+                fig.savefig(name, dpi=args.dpi, bbox_inches="tight")
+                written.append((name, fig))
     return written
+
+
+def compare_curvature(surfaces: list, labels: list, split: str, args):
+    """The curvature maps of several surfaces: a row per surface, a column per quantity
+    (lambda_max, lambda_min, |lambda_min/lambda_max|), each column on ONE colour scale."""
+    qs = [q for q in ("lambda_max", "lambda_min", "eig_ratio") if all((split, q) in t["values"] for t in surfaces)]
+    if not qs:
+        return None
+    levs = [_levels(np.concatenate([t["values"][(split, q)].ravel() for t in surfaces]), args, q) for q in qs]
+    if any(lev is None for lev in levs):
+        return None
+    n = len(surfaces)
+    fig, axes = plt.subplots(n, len(qs), figsize=(4.0 * len(qs), 3.3 * n + 0.9), squeeze=False,
+                             sharex=True, sharey=True, layout="constrained")
+    for row, (t, lab) in enumerate(zip(surfaces, labels)):
+        ims = curvature_panels(fig, axes[row], [(t, split, q, lev) for q, lev in zip(qs, levs)], args,
+                               colorbars=False)
+        axes[row][0].set_ylabel(f"{lab}\nbeta", fontsize=8)
+    for col, (q, im) in enumerate(zip(qs, ims)):
+        axes[0][col].set_title(_label(q), fontsize=9)
+        axes[-1][col].set_xlabel("alpha")
+        fig.colorbar(im, ax=axes[:, col].tolist(), orientation="horizontal", shrink=0.9,
+                     format=matplotlib.ticker.FormatStrFormatter("%.3g"))
+    fig.suptitle(f"{split}: Hessian per cell, one colour scale per column (white: loss contours)", fontsize=10)
+    return fig
 
 
 def figure_1d(s: dict, args):
@@ -349,6 +512,10 @@ def main(argv=None) -> int:
         if not s["done"].any():
             raise UserError(f"{path}: no cell is computed yet")
         written = plot_2d(s, args, outdir, stem) if s["y"] is not None else plot_1d(s, args, outdir, stem)
+        for split, c in s["curvature"].items():
+            fig = figure_density(c, s["name"], split)
+            if fig is not None:
+                written.append(_save(fig, os.path.join(outdir, f"{stem}_{split}_density.{args.format}"), args))
         print(f"lldist: {path}: wrote {len(written)} figures to {outdir}", flush=True)
         from . import export
         log = bool(args.log)

@@ -364,6 +364,18 @@ class SurfaceReader:
         if self.adaptive and reconstruct:
             out["interpolated"] = ~done & np.isfinite(out["values"][(self.splits[0], self.quantities[0])])
         out["trajectory"] = f["trajectory"][()] if "trajectory" in f else None  # pca: (m, 2)
+        out["explained_variance_ratio"] = self.attr("explained_variance_ratio", group="directions")
+        out["curvature"] = self.curvature()
+        return out
+
+    def curvature(self) -> dict:
+        """{split: {...}}: the Hessian at theta* (lldist.hessian), lists decoded, the spectral
+        density's nodes and weights as arrays where computed."""
+        out = {}
+        for split, g in (self.f["curvature"].items() if "curvature" in self.f else ()):
+            d = {k: (json.loads(v) if k == "top_eigenvalues" else v) for k, v in g.attrs.items()}
+            d.update({k: g[k][()] for k in g})
+            out[split] = d
         return out
 
     def chunk_log(self) -> tuple:
@@ -590,12 +602,23 @@ class SurfaceWriter(SurfaceReader):
 
 
 def write_curvature(path: str, result: dict) -> None:
-    """/curvature/<split>: the Hessian at theta* (lldist.hessian) as attributes, written like
-    write_metrics (a copy renamed over the original)."""
+    """/curvature/<split>: the Hessian at theta* (lldist.hessian): scalars and lists as
+    attributes, arrays (the spectral density's nodes and weights) as datasets; written like
+    write_metrics (a copy renamed over the original). A later computation replaces an earlier."""
     split = result["split"]
-    scalars = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in result.items() if k != "split"}
-    _rewrite(path, lambda f: f.require_group("curvature").require_group(split).attrs.update(scalars),
-             "the curvature")
+    arrays = {k: v for k, v in result.items() if isinstance(v, np.ndarray)}
+    scalars = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in result.items()
+               if k != "split" and k not in arrays}
+
+    def change(f):
+        g = f.require_group("curvature")
+        if split in g:
+            del g[split]
+        g = g.create_group(split)
+        g.attrs.update(scalars)
+        for k, v in arrays.items():
+            g.create_dataset(k, data=v)
+    _rewrite(path, change, "the curvature")
 
 
 def _rewrite(path: str, change: Callable, what: str) -> None:

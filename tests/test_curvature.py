@@ -129,7 +129,13 @@ def test_direction_kinds_in_files(workdir):
                 np.testing.assert_array_equal(a["directions"][axis][n][()], b["directions"][axis][n][()])
     out = run(["lldist.info", "pca.h5"], workdir).stdout
     assert "explained_variance_ratio" in out
-    run(["lldist.plot", "pca.h5"], workdir)
+    run(["lldist.plot", "pca.h5", "--dpi", "50"], workdir)
+    assert (workdir / "pca_test_trajectory.png").exists()
+    from lldist import plot
+    fig = plot.figure_trajectory(plot.read_surface(str(workdir / "pca.h5")), "test", plot.default_args())
+    path_line = [ln for ln in fig.axes[0].lines if ln.get_label() == "training trajectory"][0]
+    np.testing.assert_allclose(np.column_stack(path_line.get_data()), t)  # the stored coordinates, drawn
+    assert fig.axes[0].get_xlabel().startswith("PC1 (")
 
 
 def test_per_cell_curvature_matches_the_full_hessian_at_each_cell(workdir):
@@ -151,6 +157,24 @@ def test_per_cell_curvature_matches_the_full_hessian_at_each_cell(workdir):
             assert lmax[iy, ix] == pytest.approx(ev[-1], rel=1e-3)
             assert lmin[iy, ix] == pytest.approx(ev[0], rel=1e-2, abs=1e-4)
             assert ratio[iy, ix] == pytest.approx(abs(ev[0] / ev[-1]), rel=1e-2, abs=1e-4)
+    # the maps get their own figure, and --compare puts two files' maps on one scale per column
+    import shutil
+    from lldist import plot
+    run(["lldist.plot", "out.h5", "--dpi", "50"], workdir)
+    assert (workdir / "out_test_curvature.png").exists()
+    shutil.copyfile(workdir / "out.h5", workdir / "twice.h5")
+    with h5py.File(workdir / "twice.h5", "r+") as f:
+        f["test/lambda_max"][()] = 2 * lmax
+    figs = dict(plot.compare([str(workdir / "out.h5"), str(workdir / "twice.h5")], plot.default_args(dpi=50),
+                             str(workdir)))
+    fig = figs[str(workdir / "compare_test_curvature.png")]
+    meshes = [ax.collections[0] for ax in fig.axes[:6]]  # the panels (colour bars follow): file, then quantity
+    assert len(meshes) == 6
+    for col in range(3):
+        top, bottom = meshes[col].norm, meshes[3 + col].norm
+        assert (top.vmin, top.vmax) == (bottom.vmin, bottom.vmax)  # one scale per column
+    assert meshes[0].norm.vmin == pytest.approx(lmax.min()) and meshes[0].norm.vmax == pytest.approx(2 * lmax.max())
+    np.testing.assert_allclose(np.ma.getdata(meshes[3].get_array()).reshape(lmax.shape), 2 * lmax)
 
 
 @pytest.mark.slow
@@ -190,3 +214,58 @@ def test_agrees_with_pyhessian():
     ours, err = c.trace(samples=2000, seed=3)
     exact = np.trace(full_hessian(m, [(x, y)]))
     assert abs(ours - exact) < 4 * err and abs(their_trace - exact) < 4 * err * 1.5
+
+
+def test_spectral_density_is_the_gauss_quadrature_of_the_full_hessian():
+    """Stochastic Lanczos quadrature, against the full Hessian: each run's nodes and weights
+    integrate v'H^k v / v'v exactly for k < 2 steps (Gauss quadrature), with `steps` = n the
+    nodes are the whole spectrum, and the density averaged over runs has the trace's mean."""
+    from lldist.hessian import lanczos_quadrature, smoothed_density
+    m, batches = small_model_and_batches(3)
+    H = full_hessian(m, batches)
+    ev = np.linalg.eigvalsh(H)
+    c = Curvature(m, batches, Task())
+    v0 = torch.from_numpy(np.random.default_rng(5).standard_normal(c.n)).float()
+    v = v0.double().numpy() / np.linalg.norm(v0.double().numpy())
+    steps = 6
+    nodes, weights = lanczos_quadrature(c.hvp, v0, steps)
+    assert len(nodes) == steps and weights.sum() == pytest.approx(1.0, abs=1e-9)
+    Hk_v = v.copy()
+    for k in range(2 * steps):
+        exact = float(v @ Hk_v)  # v' H^k v
+        scale = max(abs(ev).max() ** k, 1e-12)
+        assert float((weights * nodes ** k).sum()) == pytest.approx(exact, abs=2e-4 * scale), k
+        Hk_v = H @ Hk_v
+    # every step: the Krylov space is the whole space, the nodes the eigenvalues (distinct ones;
+    # a zero eigenvalue of multiplicity > 1, from the tanh layer's symmetries, appears once)
+    nodes, weights = c.density(runs=2, steps=c.n, seed=1)
+    for r in range(2):
+        found = nodes[r][weights[r] > 1e-8]
+        assert found.max() == pytest.approx(ev[-1], rel=1e-4) and found.min() == pytest.approx(ev[0], rel=1e-3, abs=1e-5)
+        assert np.all(np.min(np.abs(found[:, None] - ev[None, :]), axis=1) < 1e-3 * abs(ev).max())
+    # E[v'Hv/v'v] = tr(H)/n: the first moment, over 200 runs of 3 steps, within 4 standard errors
+    nodes, weights = c.density(runs=200, steps=3, seed=2)
+    per_run = (nodes * weights).sum(axis=1)
+    assert abs(per_run.mean() - np.trace(H) / c.n) < 4 * per_run.std(ddof=1) / np.sqrt(200)
+    grid, d = smoothed_density(nodes, weights)
+    assert np.trapezoid(d, grid) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_hessian_command_stores_the_density_and_info_prints_it(workdir):
+    job = tiny_job(workdir)
+    run(["lldist.surface", job, "--set", "grid.x=[-1,1,3]", "--set", "grid.y=[-1,1,3]", "--out", "s.h5"], workdir)
+    run(["lldist.hessian", job, "--top", "2", "--batches", "1", "--trace-samples", "8", "--density",
+         "--density-runs", "2", "--density-steps", "12", "--out", "s.h5"], workdir)
+    with h5py.File("s.h5", "r") as f:
+        g = f["curvature"]["test"]
+        assert g["density_nodes"].shape == (2, 12) and g["density_weights"][()].sum(axis=1) == pytest.approx([1, 1])
+        # the quadrature's largest node is a Ritz value: at most lambda_max, and close to it
+        assert g["density_nodes"][()].max() <= g.attrs["lambda_max"] * (1 + 1e-3)
+        assert g["density_nodes"][()].max() >= 0.8 * g.attrs["lambda_max"]
+    out = run(["lldist.info", "s.h5"], workdir).stdout
+    assert "spectral density: 2 runs x 12 Lanczos steps" in out
+    out = run(["lldist.plot", "s.h5"], workdir).stdout
+    import os
+    assert os.path.exists(workdir / "s_test_density.png")
+    bad = run(["lldist.hessian", job, "--density-steps", "0", "--out", "s.h5"], workdir, check=False)
+    assert bad.returncode == 2 and "--density-steps 0" in bad.stderr
