@@ -241,7 +241,7 @@ def at_optimum(job, top: int = 5, samples: int = 64, batches: int = 4, log=print
         nodes, weights = curv.density(density_runs, density_steps)
         out.update(density_nodes=nodes, density_weights=weights)
     out.update(hessian_vector_products=curv.matvecs, seconds=time.perf_counter() - t, num_parameters=curv.n)
-    log(f"lldist: curvature at theta* on {split} ({len(chosen)} batches of {bs}, loss {out['loss']:.6g}): "
+    log(f"curvature at theta* on {split} ({len(chosen)} batches of {bs}, loss {out['loss']:.6g}): "
         f"top eigenvalues {', '.join(f'{v:.6g}' for v in out['top_eigenvalues'])}; lambda_min {lo:.6g}; "
         f"trace {tr:.6g} +- {err:.2g} ({samples} Hutchinson samples)"
         + (f"; spectral density from {density_runs} x {nodes.shape[1]} Lanczos steps" if density_runs > 0 else "")
@@ -274,7 +274,8 @@ def main(argv=None) -> int:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.trace_samples < 0:
         raise UserError(f"--trace-samples {args.trace_samples}: must be 0 (no trace) or more")
-    res = at_optimum(job, args.top, args.trace_samples, args.batches, split=args.split,
+    res = at_optimum(job, args.top, args.trace_samples, args.batches, log=lambda m: print("lldist: " + m, flush=True),
+                     split=args.split,
                      density_runs=args.density_runs if args.density else 0, density_steps=args.density_steps)
     path = args.out or job.output
     if os.path.exists(path):

@@ -19,6 +19,8 @@ from .errors import UserError, run_cli
 
 RADII = (0.1, 0.25, 0.5, 1.0)
 EPSILONS = (0.1, 0.5, 1.0)
+# |lambda_min/lambda_max| below this counts as locally convex: the blue of Li et al.'s maps
+CONVEX_RATIO = 0.1
 
 
 def _centre_index(x: np.ndarray, y: Optional[np.ndarray]):
@@ -112,6 +114,23 @@ def compute(loss: np.ndarray, acc: np.ndarray, x: np.ndarray, y: Optional[np.nda
     return m, conv
 
 
+def hessian_metrics(curvature: dict, split: str, ratio: Optional[np.ndarray], x, y) -> dict:
+    """The Hessian's numbers: at theta* (lldist.hessian, this split's if measured, else the
+    other's, named by `hessian_split`) and, with eval.curvature maps, the ratio at the centre
+    and the fraction of cells with |lambda_min/lambda_max| < CONVEX_RATIO."""
+    m = {}
+    c = curvature.get(split) or next(iter(curvature.values()), None)
+    if c is not None:
+        m.update(hessian_lambda_max=float(c["lambda_max"]), hessian_lambda_min=float(c["lambda_min"]),
+                 hessian_trace=float(c["trace"]), hessian_trace_stderr=float(c["trace_stderr"]),
+                 hessian_split=next(k for k, v in curvature.items() if v is c))
+    if ratio is not None:
+        ok = np.isfinite(ratio)
+        m["eig_ratio_centre"] = float(ratio[_centre_index(x, y)])
+        m["hessian_convex_fraction"] = float((ratio[ok] < CONVEX_RATIO).mean()) if ok.any() else float("nan")
+    return m
+
+
 def from_file(path: str, split: Optional[str] = None, store: bool = False) -> dict:
     """Metrics of one surface file (its first split unless `split`), plus the checkpoint's
     train/test accuracy and generalization gap recorded at training time. `store=True` also
@@ -136,6 +155,7 @@ def _compute_file(path: str, split: Optional[str]) -> tuple:
     loss = a["values"][(split, "loss")]
     acc = a["values"].get((split, "acc"), np.full_like(loss, np.nan))  # a task without accuracy
     m, conv = compute(loss, acc, a["x"], a["y"])
+    m.update(hessian_metrics(a["curvature"], split, a["values"].get((split, "eig_ratio")), a["x"], a["y"]))
     for k in ("train_acc", "test_acc", "gap", "epoch"):
         if k in meta:
             m[f"trained_{k}"] = meta[k]
@@ -147,7 +167,8 @@ def table(rows: list, names: list) -> str:
     """Markdown table of metrics, one row per surface."""
     keys = ["centre_loss", "centre_acc", "trained_train_acc", "trained_test_acc", "trained_gap"] + \
         [f"mean_rise_r{r:g}" for r in RADII] + [f"basin_eps{e:g}" for e in EPSILONS] + \
-        ["curvature_x", "curvature_y", "convex_fraction", "local_minima", "roughness"]
+        ["curvature_x", "curvature_y", "convex_fraction", "local_minima", "roughness",
+         "hessian_lambda_max", "hessian_trace", "hessian_lambda_min", "eig_ratio_centre", "hessian_convex_fraction"]
     keys = [k for k in keys if any(k in r for r in rows)]
     head = "| surface | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
 

@@ -6,10 +6,12 @@ measured and compared in one command.
     python -m lldist.study jobs/study_digits.yaml --report-only
 
 A study file holds `name`, `out` (a folder), `base` (a job, as in a job file), `variants` (a
-list of {label, key.sub: value, ...} overrides) and `cross` (key: [values]: every variant is
-run at every combination). Each variant lives in `<out>/<label>_<cross values>/` (model.pt,
-per-epoch checkpoints, surface.h5, plots). The report: `<out>/report.html` (self-contained,
-figures embedded), `<out>/report.md` (the metrics table), `<out>/figures/`.
+list of {label, key.sub: value, ...} overrides), `cross` (key: [values]: every variant is
+run at every combination) and `curvature` (the Hessian at each variant's theta*: {split,
+batches, top, trace_samples}, defaults below; `false` for none). Each variant lives in
+`<out>/<label>_<cross values>/` (model.pt, per-epoch checkpoints, surface.h5, plots). The
+report: `<out>/report.html` (self-contained, figures embedded), `<out>/report.md` (the metrics
+table and, with curvature, the sharpness comparison), `<out>/figures/`.
 """
 
 from __future__ import annotations
@@ -28,21 +30,27 @@ from .config import apply_override, job_from_dict, load_yaml, read_text
 from .errors import UserError, run_cli
 
 SHORT = {"batch_size": "b", "lr": "lr", "epochs": "e", "seed": "s", "weight_decay": "wd", "optimizer": ""}
+# The Hessian at theta*, by default on the training loss (sharpness is a property of the minimum
+# training found: Keskar et al. 2017), on a fixed sample of batches of eval.batch_size.
+CURVATURE = {"split": "train", "batches": 2, "top": 2, "trace_samples": 32}
 
 
 @dataclass
 class Variant:
     name: str
     job: object  # config.Job
+    label: str = ""
+    cross: tuple = ()  # ((key, value), ...): where this variant sits in the study's cross
 
 
 def load_study(path: str) -> tuple:
     raw = load_yaml(read_text(path, "study file"), path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a study file must be a mapping")
-    unknown = set(raw) - {"name", "out", "base", "variants", "cross"}
+    unknown = set(raw) - {"name", "out", "base", "variants", "cross", "curvature"}
     if unknown:
-        raise UserError(f"{path}: unknown key '{sorted(unknown)[0]}' (known: name, out, base, variants, cross)")
+        raise UserError(f"{path}: unknown key '{sorted(unknown)[0]}' (known: name, out, base, variants, cross, "
+                        "curvature)")
     out = raw.get("out") or os.path.join("runs", raw.get("name", "study"))
     base = raw.get("base") or {}
     if not isinstance(base, dict):
@@ -76,8 +84,44 @@ def load_study(path: str) -> tuple:
             if job_raw.get("train") is not None:
                 job_raw["model"]["checkpoint"] = os.path.join(folder, "model.pt")
             text = yaml.safe_dump(job_raw, sort_keys=False)
-            result.append(Variant(name, job_from_dict(job_raw, f"{path}#{name}", text)))
-    return raw.get("name", "study"), out, result
+            result.append(Variant(name, job_from_dict(job_raw, f"{path}#{name}", text), str(v["label"]),
+                                  tuple(zip(cross.keys(), combo))))
+    return raw.get("name", "study"), out, result, _curvature_settings(raw.get("curvature", True), path)
+
+
+def _curvature_settings(value, path: str):
+    """The study's `curvature` key: None (false), or the settings with defaults filled in."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return dict(CURVATURE)
+    if not isinstance(value, dict) or set(value) - set(CURVATURE):
+        raise UserError(f"{path}: 'curvature' must be false or a mapping of {', '.join(CURVATURE)}")
+    out = {**CURVATURE, **value}
+    if out["split"] not in ("train", "test"):
+        raise UserError(f"{path}: curvature.split must be train or test, got {out['split']!r}")
+    for k in ("batches", "top", "trace_samples"):
+        if not isinstance(out[k], int) or isinstance(out[k], bool) or out[k] < 1:
+            raise UserError(f"{path}: curvature.{k} must be a whole number >= 1, got {out[k]!r}")
+    return out
+
+
+def curvature_at_optimum(v: Variant, settings: dict, log=print) -> None:
+    """The Hessian at the variant's theta* (lldist.hessian.at_optimum), stored in its surface
+    file; skipped when the file holds it with the same settings (a study resumes)."""
+    from . import hessian
+    from .store import SurfaceReader, write_curvature
+    with SurfaceReader(v.job.output) as sf:
+        have = sf.curvature()
+    splits = [sp for sp in ("train", "test") if sp in v.job.splits]
+    split = settings["split"] if settings["split"] in splits else splits[0]
+    old = have.get(split, {})
+    if old.get("batches") == settings["batches"] and old.get("trace_samples") == settings["trace_samples"] and \
+            len(old.get("top_eigenvalues", [])) >= settings["top"]:
+        return
+    res = hessian.at_optimum(v.job, settings["top"], settings["trace_samples"], settings["batches"], log=log,
+                             split=split)
+    write_curvature(v.job.output, res)
 
 
 def _img(path: str) -> str:
@@ -104,6 +148,9 @@ def report(title: str, out: str, variants: list, log=print) -> tuple:
         figs.append(path)
         plt.close(fig)
     md = [f"# {title}\n", "Landscape metrics (definitions: docs/METRICS.md), one row per variant.\n"]
+    sharp = sharpness(variants, [metrics.from_file(p, splits[0]) for p in paths])
+    if sharp:
+        md.append("\n## Sharpness: the Hessian at theta*\n\n" + "\n".join(sharp) + "\n")
     for split, t in tables.items():
         md.append(f"\n## {split} split\n\n{t}")
     md.append("\nFigures: " + ", ".join(os.path.relpath(f, out) for f in figs) + "\n")
@@ -114,6 +161,11 @@ def report(title: str, out: str, variants: list, log=print) -> tuple:
             "<style>body{font-family:sans-serif;max-width:1400px;margin:auto}table{border-collapse:collapse;"
             "font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}img{max-width:100%}"
             "</style></head><body>", f"<h1>{title}</h1>"]
+    if sharp:
+        import re
+        bold = lambda t: re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t.replace("`", ""))  # noqa: E731
+        html.append(f"<h2>Sharpness: the Hessian at theta*</h2><p>{bold(sharp[0])}</p><ul>" +
+                    "".join(f"<li>{bold(ln[2:])}</li>" for ln in sharp[1:]) + "</ul>")
     for split, t in tables.items():
         html.append(f"<h2>Metrics, {split} split</h2>" + _md_table_to_html(t))
     html.append("<h2>Side by side (one colour scale) and overlaid curves</h2>")
@@ -125,6 +177,59 @@ def report(title: str, out: str, variants: list, log=print) -> tuple:
         f.write("\n".join(html))
     log(f"report: {html_path}, {md_path}, {len(figs)} figures")
     return html_path, md_path, figs
+
+
+def _where(v: Variant) -> str:
+    """A variant's cross values in words: "batch_size 512"."""
+    return ", ".join(f"{k.split('.')[-1]} {val}" for k, val in v.cross) or v.name
+
+
+def _ranks(v) -> "np.ndarray":
+    import numpy as np
+    return np.argsort(np.argsort(v)).astype(float)
+
+
+def sharpness(variants: list, rows: list) -> list:
+    """Markdown lines that answer "is the minimum sharper at batch 512?" per label (variants
+    that differ only in the cross values), with lambda_max and the trace, and whether
+    sharpness goes with the generalization gap over all variants (Spearman's rank correlation;
+    with a handful of variants a pointer, not a test)."""
+    import numpy as np
+    have = [(v, r) for v, r in zip(variants, rows) if "hessian_lambda_max" in r]
+    if not have:
+        return []
+    split = have[0][1]["hessian_split"]
+    out = [f"λmax and the trace (Hutchinson, ± one standard error) of the {split} loss's Hessian at each "
+           "variant's final weights (`python -m lldist.hessian`; docs/CURVATURE.md). Higher is sharper."]
+    by_label = {}
+    for v, r in have:
+        by_label.setdefault(v.label, []).append((v, r))
+    for label, group in by_label.items():
+        if len(group) < 2:
+            continue
+        parts = [f"{_where(v)}: λmax {r['hessian_lambda_max']:.4g}, "
+                 f"trace {r['hessian_trace']:.4g} ± {r['hessian_trace_stderr']:.2g}" for v, r in group]
+        lo = min(group, key=lambda g: g[1]["hessian_lambda_max"])
+        hi = max(group, key=lambda g: g[1]["hessian_lambda_max"])
+        t_hi, t_lo = hi[1]["hessian_trace"], lo[1]["hessian_trace"]
+        err = 2 * np.hypot(hi[1]["hessian_trace_stderr"], lo[1]["hessian_trace_stderr"])
+        where = _where(hi[0])
+        ratio = hi[1]["hessian_lambda_max"] / lo[1]["hessian_lambda_max"] if lo[1]["hessian_lambda_max"] > 0 else \
+            float("nan")
+        verdict = (f"sharper at {where} by both measures (λmax {ratio:.2g}x, trace beyond two standard errors)"
+                   if t_hi - t_lo > err else
+                   f"sharper at {where} by λmax ({ratio:.2g}x); the traces do not differ beyond two standard errors"
+                   if t_hi >= t_lo else
+                   f"λmax is larger at {where} ({ratio:.2g}x) but the trace is smaller: mixed")
+        out.append(f"* **{label}**: " + "; ".join(parts) + f". **{verdict}.**")
+    gaps = [(r["hessian_lambda_max"], r["hessian_trace"], r["trained_gap"]) for _, r in have if "trained_gap" in r]
+    if len(gaps) >= 4:
+        a = np.array(gaps, dtype=float)
+        rho = [float(np.corrcoef(_ranks(a[:, i]), _ranks(a[:, 2]))[0, 1]) for i in (0, 1)]
+        out.append(f"* Over all {len(a)} variants, Spearman's rank correlation with the generalization gap "
+                   f"(train − test accuracy at training time): λmax {rho[0]:+.2f}, trace {rho[1]:+.2f} "
+                   f"(+1: the sharper, the larger the gap; with {len(a)} points, only |ρ| near 1 means much).")
+    return out
 
 
 def _md_table_to_html(t: str) -> str:
@@ -145,7 +250,7 @@ def main(argv=None) -> int:
     ap.add_argument("--progress-every", type=float, default=30.0)
     args = ap.parse_args(argv)
     ctx = runner.launch()
-    title, out, variants = load_study(args.study)
+    title, out, variants, curvature = load_study(args.study)
     if args.only:
         unknown = set(args.only) - {v.name for v in variants}
         if unknown:
@@ -162,7 +267,12 @@ def main(argv=None) -> int:
             code = run_job(ctx, lambda v=v: v.job, False, args.progress_every, should_stop)
             if code:
                 return code
+            if curvature and ctx.rank == 0:  # the one writer of the file; a few seconds a variant
+                curvature_at_optimum(v, curvature, log=log)
     if ctx.rank == 0 and not args.only:
+        if curvature:  # --report-only on a study run before curvature existed: fill it in
+            for v in variants:
+                curvature_at_optimum(v, curvature, log=log)
         report(title, out, variants, log=log)
     return 0
 

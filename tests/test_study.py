@@ -120,11 +120,27 @@ def test_study_end_to_end_and_reuse(workdir):
     md = open("study/report.md").read()
     for n in names:
         assert f"| {n} |" in md
-    html = open("study/report.html").read()
+    # the Hessian at each theta*, on the train split, in the files and in the report's table
+    lam = {}
+    for n in names:
+        with h5py.File(f"study/{n}/surface.h5") as f:
+            a = f["curvature/train"].attrs
+            assert a["batches"] == 2 and a["trace_samples"] == 32 and a["lambda_max"] > 0
+            lam[n] = float(a["lambda_max"])
+    head = [ln for ln in md.splitlines() if ln.startswith("| surface |")][0].split("|")
+    col = [c.strip() for c in head].index("hessian_lambda_max")
+    for n in names:
+        row = [ln for ln in md.splitlines() if ln.startswith(f"| {n} |")][0].split("|")
+        assert float(row[col]) == pytest.approx(lam[n], rel=1e-3)
+    assert "## Sharpness: the Hessian at theta*" in md
+    for label in ("mlp", "cnn"):
+        sharper = max((32, 256), key=lambda b: lam[f"{label}_b{b}"])
+        assert f"sharper at batch_size {sharper}" in md.split(f"**{label}**")[1].split("\n")[0]
     assert html.count("data:image/png;base64,") == 4 and "<table>" in html
     os.utime("study/report.html", (0, 0))  # so that a rewrite shows, however fast
     q = run(["lldist.study", "study.yaml"], workdir)
     assert q.stdout.count(" 0 to compute") == 4 and "training it first" not in q.stdout
+    assert "curvature at theta*" not in q.stdout  # stored with the same settings: not recomputed
     assert os.path.getmtime("study/report.html") > 0  # the report was drawn again
 
 
@@ -141,3 +157,25 @@ def test_study_under_mpi_uses_every_rank(workdir):
         records, cells = chunk_log(f"study/{n}/surface.h5")
         assert sorted(cells.tolist()) == list(range(54)) and set(records["rank"].tolist()) == {0, 1, 2}
     assert "| mlp_b256 |" in open("study/report.md").read()
+
+
+def test_sharpness_section_reads_the_numbers_right():
+    """The report's answer to "is batch 512 sharper?", from rows of known numbers, and the
+    rank correlation against scipy's."""
+    from scipy.stats import spearmanr
+    from lldist.study import Variant, sharpness
+    vs, rows = [], []
+    numbers = {("a", 64): (10.0, 100.0, 1.0, 0.01), ("a", 512): (30.0, 200.0, 1.0, 0.05),   # sharper, both
+               ("b", 64): (50.0, 300.0, 40.0, 0.02), ("b", 512): (60.0, 320.0, 40.0, 0.03),  # traces too close
+               ("c", 64): (9.0, 90.0, 1.0, 0.04), ("c", 512): (8.0, 150.0, 1.0, 0.00)}     # mixed
+    for (label, b), (lmax, tr, err, gap) in numbers.items():
+        vs.append(Variant(f"{label}_b{b}", None, label, (("train.batch_size", b),)))
+        rows.append({"hessian_lambda_max": lmax, "hessian_trace": tr, "hessian_trace_stderr": err,
+                     "hessian_split": "train", "trained_gap": gap})
+    text = sharpness(vs, rows)
+    line = {ln.split("**")[1]: ln for ln in text[1:4]}
+    assert "sharper at batch_size 512 by both measures (λmax 3x" in line["a"]
+    assert "sharper at batch_size 512 by λmax (1.2x); the traces do not differ" in line["b"]
+    assert "λmax is larger at batch_size 64 (1.1x) but the trace is smaller: mixed" in line["c"]
+    lam, tr, gap = (np.array([v[i] for v in numbers.values()]) for i in (0, 1, 3))
+    assert f"λmax {spearmanr(lam, gap)[0]:+.2f}, trace {spearmanr(tr, gap)[0]:+.2f}" in text[4]
