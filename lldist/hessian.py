@@ -233,7 +233,7 @@ def at_optimum(job, top: int = 5, samples: int = 64, batches: int = 4, log=print
     vals, _ = curv.eigs(k=min(top, curv.n - 1), which="LA")
     lo = float(curv.eigs(1, "SA")[0][0])
     tr, err = curv.trace(samples) if samples > 0 else (float("nan"), float("nan"))
-    out = {"split": split, "batches": len(chosen), "batch_size": bs, "loss": curv.loss(),
+    out = {"split": split, "batches": len(chosen), "batches_requested": batches, "batch_size": bs, "loss": curv.loss(),
            "top_eigenvalues": [float(v) for v in vals], "lambda_max": float(vals[0]), "lambda_min": lo,
            "eig_ratio": abs(lo / float(vals[0])) if vals[0] else float("nan"),
            "trace": tr, "trace_stderr": err, "trace_samples": samples}

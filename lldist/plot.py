@@ -203,9 +203,22 @@ def curvature_panels(fig, axes, maps: list, args, colorbars: bool = True):
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
         ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
         if colorbars:  # unlabelled: the panel's title names the quantity
-            fig.colorbar(im, ax=ax, format=matplotlib.ticker.FormatStrFormatter("%.3g"))
+            _colorbar(fig, im, ax=ax)
         images.append(im)
     return images
+
+
+def _colorbar(fig, im, **kw):
+    """A colour bar with plain-number ticks; on a symmetric-log scale only 0 and the powers of
+    ten clear of the linear band around it (else "-10", "0" and "10" print on top of each other)."""
+    cb = fig.colorbar(im, format=matplotlib.ticker.FormatStrFormatter("%.3g"), **kw)
+    norm = im.norm
+    if isinstance(norm, matplotlib.colors.SymLogNorm):
+        lim, band = norm.vmax, norm.linthresh
+        powers = [10.0 ** k for k in range(int(np.floor(np.log10(2 * band))), int(np.ceil(np.log10(lim))) + 1)
+                  if 2 * band <= 10.0 ** k <= lim]
+        cb.set_ticks(sorted([-p for p in powers] + [0.0] + powers))
+    return cb
 
 
 def figure_curvature(s: dict, split: str, args):
@@ -415,8 +428,7 @@ def compare_curvature(surfaces: list, labels: list, split: str, args):
     for col, (q, im) in enumerate(zip(qs, ims)):
         axes[0][col].set_title(_label(q), fontsize=9)
         axes[-1][col].set_xlabel("alpha")
-        fig.colorbar(im, ax=axes[:, col].tolist(), orientation="horizontal", shrink=0.9,
-                     format=matplotlib.ticker.FormatStrFormatter("%.3g"))
+        _colorbar(fig, im, ax=axes[:, col].tolist(), orientation="horizontal", shrink=0.9)
     fig.suptitle(f"{split}: Hessian per cell, one colour scale per column (white: loss contours)", fontsize=10)
     return fig
 

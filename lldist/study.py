@@ -116,7 +116,8 @@ def curvature_at_optimum(v: Variant, settings: dict, log=print) -> None:
     splits = [sp for sp in ("train", "test") if sp in v.job.splits]
     split = settings["split"] if settings["split"] in splits else splits[0]
     old = have.get(split, {})
-    if old.get("batches") == settings["batches"] and old.get("trace_samples") == settings["trace_samples"] and \
+    # a small split may hold fewer batches than asked: compare what was asked
+    if old.get("batches_requested") == settings["batches"] and old.get("trace_samples") == settings["trace_samples"] and \
             len(old.get("top_eigenvalues", [])) >= settings["top"]:
         return
     res = hessian.at_optimum(v.job, settings["top"], settings["trace_samples"], settings["batches"], log=log,

@@ -269,3 +269,30 @@ def test_hessian_command_stores_the_density_and_info_prints_it(workdir):
     assert os.path.exists(workdir / "s_test_density.png")
     bad = run(["lldist.hessian", job, "--density-steps", "0", "--out", "s.h5"], workdir, check=False)
     assert bad.returncode == 2 and "--density-steps 0" in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["pca", "hessian"])
+def test_direction_kinds_under_mpi_equal_one_process_and_resume(workdir, kind):
+    """Directions made by rank 0 from checkpoints (pca) or the Hessian (hessian): three ranks
+    give the same directions, trajectory and surface as one process, bit for bit, and a run
+    cut short resumes to the same arrays."""
+    job = tiny_job(workdir, grid={"x": [-1.0, 1.0, 5], "y": [-1.0, 1.0, 4]})
+    sets = ["--set", f"directions.kind={kind}", "--set", "directions.batches=2", "--set", "eval.chunk_size=2"]
+    run(["lldist.surface", job, *sets, "--out", "one.h5"], workdir)
+    run([mpiexec(), "-n", "3", sys.executable, "-m", "lldist.surface", job, *sets, "--out", "three.h5"], workdir)
+    with h5py.File("one.h5", "r") as a, h5py.File("three.h5", "r") as b:
+        for axis in ("x", "y"):
+            for n in a["directions"][axis]:
+                np.testing.assert_array_equal(a["directions"][axis][n][()], b["directions"][axis][n][()])
+        np.testing.assert_array_equal(a["test/loss"][()], b["test/loss"][()])
+        assert ("trajectory" in a) == (kind == "pca")
+        if kind == "pca":
+            np.testing.assert_array_equal(a["trajectory"][()], b["trajectory"][()])
+        full = a["test/loss"][()]
+    with h5py.File("three.h5", "r+") as f:  # as if killed after seven cells
+        f["done"][()] = np.arange(20).reshape(4, 5) < 7
+    r = run([mpiexec(), "-n", "3", sys.executable, "-m", "lldist.surface", job, *sets, "--out", "three.h5"], workdir)
+    assert "13 to compute" in r.stdout
+    with h5py.File("three.h5", "r") as f:
+        np.testing.assert_array_equal(f["test/loss"][()], full)

@@ -125,7 +125,8 @@ def test_study_end_to_end_and_reuse(workdir):
     for n in names:
         with h5py.File(f"study/{n}/surface.h5") as f:
             a = f["curvature/train"].attrs
-            assert a["batches"] == 2 and a["trace_samples"] == 32 and a["lambda_max"] > 0
+            assert a["batches_requested"] == 2 and 1 <= a["batches"] <= 2 and a["trace_samples"] == 32
+            assert a["lambda_max"] > 0
             lam[n] = float(a["lambda_max"])
     head = [ln for ln in md.splitlines() if ln.startswith("| surface |")][0].split("|")
     col = [c.strip() for c in head].index("hessian_lambda_max")
@@ -135,8 +136,10 @@ def test_study_end_to_end_and_reuse(workdir):
     assert "## Sharpness: the Hessian at theta*" in md
     for label in ("mlp", "cnn"):
         sharper = max((32, 256), key=lambda b: lam[f"{label}_b{b}"])
-        assert f"sharper at batch_size {sharper}" in md.split(f"**{label}**")[1].split("\n")[0]
-    assert html.count("data:image/png;base64,") == 4 and "<table>" in html
+        verdict = md.split(f"**{label}**")[1].split("\n")[0]
+        assert f"sharper at batch_size {sharper}" in verdict or f"λmax is larger at batch_size {sharper}" in verdict
+    html = open("study/report.html").read()
+    assert html.count("data:image/png;base64,") == 4 and "<table>" in html and "Sharpness" in html
     os.utime("study/report.html", (0, 0))  # so that a rewrite shows, however fast
     q = run(["lldist.study", "study.yaml"], workdir)
     assert q.stdout.count(" 0 to compute") == 4 and "training it first" not in q.stdout
