@@ -8,7 +8,10 @@
     ls = lldist.landscape(model, data, x=(-1, 1, 51), y=(-1, 1, 51))
     ls.loss, ls.acc, ls.plot(); lldist.open("out.h5")
 
-See README.md for the job-file reference and docs/FORMAT.md for the output file.
+The commands and the notebook API live at the top of the package; the machinery below them in
+directions/, evaluation/ (no MPI, no HDF5), workloads/ (models, data), store/ (the only h5py
+user) and transport/ (the only mpi4py user): README.md's Layout. See README.md for the
+job-file reference and docs/FORMAT.md for the output file.
 """
 
 __version__ = "0.2.0"

@@ -28,9 +28,9 @@ import torch
 from torch import nn
 
 from .config import LOSSES, DirectionsConfig, EvalConfig, job_from_dict
-from .data import BatchList, TensorSet
 from .errors import UserError
-from .tasks import Task, make_task
+from .evaluation.tasks import Task, make_task
+from .workloads.data import BatchList, TensorSet
 
 EVAL_KEYS = {f.name for f in dataclasses.fields(EvalConfig)}
 DIRECTION_KEYS = {f.name for f in dataclasses.fields(DirectionsConfig)} - {"target"}
@@ -103,7 +103,8 @@ def landscape(model: nn.Module, data, *, x=(-1.0, 1.0, 51), y=(-1.0, 1.0, 51), s
     `target`: a model with the same state keys: the x direction interpolates to its weights.
     `out`: the HDF5 file (default: a new temporary file); an existing file of the same job is
     resumed (`resume=False` replaces it)."""
-    from . import runner, surface
+    from . import surface
+    from .transport import runner
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if target is not None and not isinstance(target, nn.Module):

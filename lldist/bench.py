@@ -3,7 +3,7 @@
     python -m lldist.bench [--device cpu|cuda] [--models mlp cnn ...] [--precision fp32 bf16]
                            [--compile] [--json PATH] [--markdown PATH]
     python -m lldist.bench scaling [--ranks 1 2 4 8] [--cost 0.05] [--cells 320] [--chunk 2]
-    python -m lldist.bench coordinator [--grids 51 501 1001] [--ranks 8 64]   # see coordbench.py
+    python -m lldist.bench coordinator [--grids 51 501 1001] [--ranks 8 64]   # see transport/coordbench.py
     python -m lldist.bench curvature [--models mlp cnn_skip]   # a curvature cell against a loss cell
     PYTHONPATH=. python -m lldist.bench gpu [--out DIR] [--budget 400]   # on a CUDA machine
 
@@ -41,7 +41,6 @@ import torch
 import torch.nn.functional as F
 
 from .errors import UserError, run_cli
-
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -102,9 +101,9 @@ def sizes(name: str, device: str) -> int:
 
 def make_case(name: str, n: int, seed: int = 0):
     from .config import DirectionsConfig, ModelConfig
-    from .data import CIFAR_MEAN, CIFAR_STD, TensorSet
     from .directions import make_directions, model_state
-    from .models import build_model
+    from .workloads.data import CIFAR_MEAN, CIFAR_STD, TensorSet
+    from .workloads.models import build_model
     mname, margs, shape = MODELS[name]
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
@@ -200,7 +199,7 @@ def naive_loop(model, theta, dirs, data, device, cells=2, batch_size=128, worker
 
 def evaluator(name, n, device, precision, channels_last, compile_, batch, cells_per_pass):
     from .config import EvalConfig
-    from .evaluate import Evaluator
+    from .evaluation.evaluator import Evaluator
     model, theta, dirs, data = make_case(name, n)
     cfg = EvalConfig(batch_size=batch, precision=precision, channels_last=channels_last,
                      compile=compile_, cells_per_pass=cells_per_pass)
@@ -211,8 +210,8 @@ def curvature_rows(args) -> list:
     """The cost of a cell with eval.curvature (lambda_max, lambda_min by Lanczos on
     `curvature_batches` batches) against a loss-and-accuracy cell, same model, data and device."""
     from .config import EvalConfig
-    from .evaluate import Evaluator
-    from .tasks import Task
+    from .evaluation.evaluator import Evaluator
+    from .evaluation.tasks import Task
     rows = []
     for name in args.models:
         n = args.images
@@ -249,9 +248,10 @@ def text_case(n: int, seq: int = 128, seed: int = 0):
     """A small BERT-style classifier (2 layers, width 128) on random token ids of length `seq`:
     (model, theta, dirs, data as a DictSet with labels)."""
     import transformers
+
     from .config import DirectionsConfig
-    from .data import DictSet
     from .directions import make_directions, model_state
+    from .workloads.data import DictSet
     torch.manual_seed(seed)
     cfg = transformers.BertConfig(vocab_size=2000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
                                   intermediate_size=256, max_position_embeddings=seq, num_labels=2)
@@ -269,8 +269,8 @@ def text_row(device: str, n: int, batch_sizes: list, naive_cells: int = 2) -> di
     pure forward over the same batches (the ceiling) and a naive per-cell loop (a DataLoader
     collating dict examples, load_state_dict per cell)."""
     from .config import EvalConfig
-    from .evaluate import Evaluator
-    from .tasks import Task
+    from .evaluation.evaluator import Evaluator
+    from .evaluation.tasks import Task
     model, theta, dirs, data = text_case(n)
     model = model.to(device).eval()
     dev_data = data.to(device)
@@ -397,7 +397,7 @@ def scaling(args) -> list:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         job = {"name": "scaling", "output": "s.h5",
-               "model": {"name": "python:lldist.synthetic:fixed_cost", "args": {"seconds": args.cost}},
+               "model": {"name": "python:lldist.workloads.synthetic:fixed_cost", "args": {"seconds": args.cost}},
                "data": {"name": "digits", "subset": 64},
                "grid": {"x": [-1.0, 1.0, args.cells]},
                "eval": {"batch_size": 64, "chunk_size": args.chunk, "threads": 1}}
@@ -668,7 +668,7 @@ def main(argv=None) -> int:
         rows = curvature_rows(args)
         md = curvature_markdown(rows)
     elif mode == "coordinator":
-        from . import coordbench
+        from .transport import coordbench
         rows = coordbench.coordinator(args)
         md = coordbench.markdown(rows)
     elif mode == "scaling":

@@ -129,7 +129,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DirectionsConfig:
-    kind: str = "random"  # random | target | pca | hessian | file (directions.py)
+    kind: str = "random"  # random | target | pca | hessian | file (lldist/directions)
     seed: int = 0
     norm: str = "filter"  # random directions only
     ignore: str = "biasbn"  # biasbn: 1-D parameters (biases, BatchNorm) get a zero direction
@@ -148,7 +148,7 @@ class Axis:
 
 @dataclass(frozen=True)
 class AdaptiveConfig:
-    """Compute a coarse lattice, then only the cells the contour picture needs (schedule.py)."""
+    """Compute a coarse lattice, then only the cells the contour picture needs (transport/schedule.py)."""
     coarse: int = 4  # the lattice: every coarse-th cell along each axis, and the last
     tolerance: float = 0.05  # interpolation error allowed, in contour-level spacings
     levels: int = 30  # contour levels the picture is judged at (lldist.plot's default)

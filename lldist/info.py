@@ -57,7 +57,7 @@ def main(argv=None) -> int:
                   f"{a['lambda_max']:.6g}, lambda_min {a['lambda_min']:.6g}, trace {a['trace']:.6g} +- "
                   f"{a['trace_stderr']:.2g}, top {', '.join(f'{v:.4g}' for v in a['top_eigenvalues'])}")
             if "density_nodes" in a:
-                from .hessian import density_summary
+                from .evaluation.curvature import density_summary
                 print("  spectral density: " + density_summary(a["density_nodes"], a["density_weights"]))
         kind = sf.attr("kind", group="directions")
         if kind in ("pca", "hessian", "file"):

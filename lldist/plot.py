@@ -275,7 +275,7 @@ def figure_density(c: dict, name: str, split: str):
     with the top eigenvalues marked. None without a density."""
     if "density_nodes" not in c:
         return None
-    from .hessian import smoothed_density
+    from .evaluation.curvature import smoothed_density
     grid, d = smoothed_density(c["density_nodes"], c["density_weights"])
     fig, ax = plt.subplots(figsize=(5.8, 3.6))
     ax.semilogy(grid, np.maximum(d, 1e-12), lw=1.2)
@@ -529,7 +529,7 @@ def main(argv=None) -> int:
             if fig is not None:
                 written.append(_save(fig, os.path.join(outdir, f"{stem}_{split}_density.{args.format}"), args))
         print(f"lldist: {path}: wrote {len(written)} figures to {outdir}", flush=True)
-        from . import export
+        from .store import export
         log = bool(args.log)
         if args.vtk:
             out = export.write_vts(s, os.path.join(outdir, stem + ".vts"), log=log)

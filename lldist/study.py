@@ -133,6 +133,7 @@ def _img(path: str) -> str:
 def report(title: str, out: str, variants: list, log=print) -> tuple:
     """Metrics, comparison figures, per-variant contours, HTML + Markdown. Rank 0 only."""
     import matplotlib.pyplot as plt
+
     from . import metrics, plot
     figdir = os.path.join(out, "figures")
     os.makedirs(figdir, exist_ok=True)
@@ -185,7 +186,7 @@ def _where(v: Variant) -> str:
     return ", ".join(f"{k.split('.')[-1]} {val}" for k, val in v.cross) or v.name
 
 
-def _ranks(v) -> "np.ndarray":
+def _ranks(v):
     import numpy as np
     return np.argsort(np.argsort(v)).astype(float)
 
@@ -242,8 +243,8 @@ def _md_table_to_html(t: str) -> str:
 
 
 def main(argv=None) -> int:
-    from . import runner
     from .surface import log, run_job
+    from .transport import runner
     ap = argparse.ArgumentParser(prog="python -m lldist.study", description=__doc__.split("\n")[0])
     ap.add_argument("study", help="study file (YAML)")
     ap.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (no report)")

@@ -22,17 +22,17 @@ import numpy as np
 import torch
 
 from .config import Job, identity_hash, load_job, sha256_file
-from .data import data_fingerprint, load_split
 from .directions import make_directions, model_state
 from .errors import UserError, run_cli
-from .evaluate import Evaluator
+from .evaluation.evaluator import Evaluator
+from .evaluation.tasks import Task, task_from_config
 from .grid import Grid, auto_chunk_size
-from .schedule import Adaptive, Sweep
-from .models import build_model, load_checkpoint
-from .progress import Progress
-from .tasks import Task, task_from_config
 from .store import Lock, SurfaceWriter, check_resumable, check_writable
-from . import runner
+from .transport import runner
+from .transport.progress import Progress
+from .transport.schedule import Adaptive, Sweep
+from .workloads.data import data_fingerprint, load_split
+from .workloads.models import build_model, load_checkpoint
 
 
 def log(msg: str) -> None:
@@ -154,7 +154,7 @@ def special_directions(job: Job, loaded: Loaded, task: Task, log=lambda m: None)
         dirs["_info"], dirs["_trajectory"] = info, coords
         return dirs
     # hessian: the top eigenvectors at theta*
-    from .hessian import Curvature, first_batches
+    from .evaluation.curvature import Curvature, first_batches
     first = next(iter(loaded.splits.values()))
     batches = first_batches(first, job.eval.batch_size, job.directions.batches)
     curv = Curvature(loaded.model, batches, task)

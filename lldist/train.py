@@ -15,18 +15,17 @@ import dataclasses
 import os
 import sys
 import time
-
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 
 from .config import Job, load_job
-from .data import TensorSet, load_split
 from .errors import Stopped, run_cli
-from .evaluate import plain_loss_acc, resolve_device
-from .models import build_model, save_checkpoint
-from .tasks import task_from_config
+from .evaluation.evaluator import plain_loss_acc, resolve_device
+from .evaluation.tasks import task_from_config
+from .workloads.data import TensorSet, load_split
+from .workloads.models import build_model, save_checkpoint
 
 
 def epoch_path(checkpoint: str, epoch: int) -> str:
@@ -129,7 +128,7 @@ def main(argv=None) -> int:
     if job.train is None:
         from .errors import UserError
         raise UserError(f"{args.job}: the job has no 'train:' section")
-    from .runner import install_sigterm
+    from .transport.runner import install_sigterm
     train(job, log=lambda s: print(s, flush=True), should_stop=install_sigterm())
     return 0
 

@@ -113,8 +113,8 @@ def chunk_log(path):
 def model_and_data(job, checkpoint):
     """The job's model with `checkpoint` loaded, and its test split, built the plain way."""
     from lldist.config import load_job
-    from lldist.data import load_split
-    from lldist.models import build_model, load_checkpoint
+    from lldist.workloads.data import load_split
+    from lldist.workloads.models import build_model, load_checkpoint
     cfg = load_job(job)
     data = load_split(cfg.data, "test")
     model = build_model(cfg.model, data.in_shape, data.num_classes)
@@ -127,6 +127,7 @@ def done_after_kill(path, timeout=10.0):
     the kernel releases it once the last descriptor of the dead process is closed, which can
     trail the process's disappearance from /proc by a moment, so a refused open is retried."""
     import time
+
     import h5py
     deadline = time.time() + timeout
     while True:

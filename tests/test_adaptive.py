@@ -8,7 +8,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-
 from conftest import done_after_kill, env, mpiexec, run, write_job
 
 # loose, so that the small grids of a test compute only part of their cells (the shipped
@@ -79,7 +78,7 @@ def test_adaptive_under_mpi_equals_one_process(workdir):
 def test_adaptive_run_killed_then_resumed_gives_the_same_cells_and_values(workdir):
     """A slow model (fixed cost per cell) so the kill lands mid-refinement."""
     job = write_job(workdir / "job.yaml", train=None,
-                    model={"name": "python:lldist.synthetic:fixed_cost", "checkpoint": None, "args": {"seconds": 0.01}},
+                    model={"name": "python:lldist.workloads.synthetic:fixed_cost", "checkpoint": None, "args": {"seconds": 0.01}},
                     grid={"x": [-2.0, 2.0, 41], "y": [-2.0, 2.0, 41], "adaptive": ADAPTIVE},
                     directions={"norm": "none"}, eval={"chunk_size": 8, "batch_size": 120})
     run(["lldist.surface", job, "--out", "whole.h5"], workdir)

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import ROOT, model_and_data, mpiexec, run, write_job
 
 import lldist
-from conftest import ROOT, model_and_data, mpiexec, run, write_job
 from lldist.config import DataConfig
-from lldist.data import load_split
 from lldist.store import SurfaceReader
+from lldist.workloads.data import load_split
 
 
 def digits(n=120):
@@ -165,7 +165,7 @@ def test_regression_with_mse(workdir):
 SCRIPT = '''
 import sys, torch, lldist
 from lldist.config import DataConfig
-from lldist.data import load_split
+from lldist.workloads.data import load_split
 ts = load_split(DataConfig(subset=100), "test")
 torch.manual_seed(0)
 model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 16), torch.nn.ReLU(), torch.nn.Linear(16, 10))

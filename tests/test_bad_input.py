@@ -5,12 +5,12 @@ import os
 import numpy as np
 import pytest
 import torch
-
 from conftest import run, write_job
+
 from lldist import plot, surface
 from lldist.config import ModelConfig
 from lldist.errors import run_cli
-from lldist.models import build_model
+from lldist.workloads.models import build_model
 
 
 def fails(capsys, main, argv, expect):
@@ -151,7 +151,7 @@ def test_pretrained_offline_is_a_clear_error(workdir, capsys, monkeypatch):
 
 
 def test_full_disk_is_one_line_and_creates_nothing(workdir, capsys, monkeypatch):
-    from lldist import store
+    from lldist.store import hdf5 as store
     monkeypatch.setattr(store, "free_bytes", lambda folder: 4096)
     job = write_job(workdir / "job.yaml", grid={"x": [-1, 1, 3], "y": None})
     fails(capsys, surface.main, [job], "GB free")
@@ -162,6 +162,7 @@ def test_full_disk_is_one_line_and_creates_nothing(workdir, capsys, monkeypatch)
 @pytest.mark.slow
 def test_odd_checkpoint_metadata_is_stored_as_text(workdir):
     import json
+
     import h5py
     m = build_model(ModelConfig(name="mlp", args={"hidden": [16]}), (1, 8, 8), 10)
     for i, meta in enumerate(({"epoch": torch.tensor(3), "w": torch.ones(2), "nested": [1, {"a": (2, 3)}]}, "a note")):

@@ -8,12 +8,12 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import mpiexec, run, write_job
 from torch import nn
 
-from conftest import mpiexec, run, write_job
 from lldist.directions import pca_directions
-from lldist.hessian import Curvature
-from lldist.tasks import Task
+from lldist.evaluation.curvature import Curvature
+from lldist.evaluation.tasks import Task
 
 
 def full_hessian(model, batches, params=None):
@@ -159,6 +159,7 @@ def test_per_cell_curvature_matches_the_full_hessian_at_each_cell(workdir):
             assert ratio[iy, ix] == pytest.approx(abs(ev[0] / ev[-1]), rel=1e-2, abs=1e-4)
     # the maps get their own figure, and --compare puts two files' maps on one scale per column
     import shutil
+
     from lldist import plot
     run(["lldist.plot", "out.h5", "--dpi", "50"], workdir)
     assert (workdir / "out_test_curvature.png").exists()
@@ -220,7 +221,7 @@ def test_spectral_density_is_the_gauss_quadrature_of_the_full_hessian():
     """Stochastic Lanczos quadrature, against the full Hessian: each run's nodes and weights
     integrate v'H^k v / v'v exactly for k < 2 steps (Gauss quadrature), with `steps` = n the
     nodes are the whole spectrum, and the density averaged over runs has the trace's mean."""
-    from lldist.hessian import lanczos_quadrature, smoothed_density
+    from lldist.evaluation.curvature import lanczos_quadrature, smoothed_density
     m, batches = small_model_and_batches(3)
     H = full_hessian(m, batches)
     ev = np.linalg.eigvalsh(H)

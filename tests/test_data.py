@@ -8,11 +8,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import run, write_job
 from PIL import Image
 
-from conftest import run, write_job
 from lldist.config import DataConfig
-from lldist.data import CIFAR_MEAN, load_split
+from lldist.workloads.data import CIFAR_MEAN, load_split
 
 
 def write_cifar(root, n_train=6, n_test=10, seed=0):
@@ -97,7 +97,7 @@ def test_python_factories(workdir):
 
 def test_torchvision_model_by_name():
     from lldist.config import ModelConfig
-    from lldist.models import build_model
+    from lldist.workloads.models import build_model
     m = build_model(ModelConfig(name="torchvision:resnet18"), (3, 32, 32), 7)
     assert m.fc.out_features == 7
     m = build_model(ModelConfig(name="mobilenet_v2"), (3, 32, 32), 10)

@@ -5,7 +5,7 @@ import torch
 
 from lldist.config import DirectionsConfig, ModelConfig
 from lldist.directions import cosine, make_directions, model_state
-from lldist.models import build_model
+from lldist.workloads.models import build_model
 
 
 @pytest.fixture

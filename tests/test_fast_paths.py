@@ -6,7 +6,7 @@ import pytest
 
 from lldist.bench import make_case
 from lldist.config import EvalConfig
-from lldist.evaluate import Evaluator, evaluate_plain
+from lldist.evaluation.evaluator import Evaluator, evaluate_plain
 
 COORDS = [(0.0, 0.0), (0.2, -0.1), (-0.4, 0.3), (0.05, 0.6), (-0.3, -0.3)]
 

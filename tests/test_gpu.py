@@ -42,7 +42,7 @@ def _case(name, n):
 
 def reference(name, n):
     """The plain loop (load_state_dict per cell, fp32, no TF32) on the GPU: (cells, 2)."""
-    from lldist.evaluate import evaluate_plain
+    from lldist.evaluation.evaluator import evaluate_plain
     model, theta, dirs, data = _case(name, n)
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -58,7 +58,7 @@ def reference(name, n):
 
 def fast(name, n, **cfg):
     from lldist.config import EvalConfig
-    from lldist.evaluate import Evaluator
+    from lldist.evaluation.evaluator import Evaluator
     model, theta, dirs, data = _case(name, n)
     ev = Evaluator(model, theta, dirs, {"test": data}, EvalConfig(**cfg), device="cuda")
     return ev.evaluate_cells(COORDS)[:, 0, :], ev

@@ -21,7 +21,6 @@ import time
 import h5py
 import numpy as np
 import pytest
-
 from conftest import ROOT, run
 
 pytestmark = pytest.mark.slow

@@ -5,11 +5,9 @@ import glob
 import os
 import shutil
 import subprocess
-
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 

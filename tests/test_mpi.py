@@ -10,7 +10,6 @@ import sys
 import h5py
 import numpy as np
 import pytest
-
 from conftest import chunk_log, done_after_kill, env, kill_tree, mpiexec, run, write_job
 
 CNN = {"name": "cnn", "checkpoint": "model.pt", "args": {"width": 8, "stages": 2}}
@@ -88,7 +87,7 @@ def test_sigkill_whole_run_then_resume(workdir):
     # run lasts about two seconds on any machine: the first commit (after a second) lands well
     # before the end, and the kill after it.
     job = write_job(workdir / "job.yaml", train=None,
-                    model={"name": "python:lldist.synthetic:fixed_cost", "checkpoint": None, "args": {"seconds": 0.01}},
+                    model={"name": "python:lldist.workloads.synthetic:fixed_cost", "checkpoint": None, "args": {"seconds": 0.01}},
                     data={"name": "digits", "subset": 200}, grid={"x": [-1.0, 1.0, 15], "y": [-1.0, 1.0, 10]},
                     eval={"chunk_size": 1, "batch_size": 50})
     n = 150

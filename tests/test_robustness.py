@@ -12,13 +12,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
-
 from conftest import env, mpiexec, run, write_job
-from lldist import runner
+
+from lldist.transport import runner
 from lldist.config import DirectionsConfig, EvalConfig, ModelConfig, load_job
 from lldist.directions import cosine, make_directions, model_state
-from lldist.evaluate import Evaluator, evaluate_plain
-from lldist.models import build_model
+from lldist.evaluation.evaluator import Evaluator, evaluate_plain
+from lldist.workloads.models import build_model
 
 
 def mpirun(n, job, workdir, *extra, timeout=120, **envs):
@@ -160,7 +160,7 @@ def test_overwrite_keeps_the_old_file_until_the_new_one_exists(workdir):
 
 def test_two_runs_on_one_new_output_exactly_one_runs(workdir):
     job = write_job(workdir / "job.yaml", train=None,
-                    model={"name": "python:lldist.synthetic:fixed_cost", "checkpoint": None, "args": {"seconds": 0.05}},
+                    model={"name": "python:lldist.workloads.synthetic:fixed_cost", "checkpoint": None, "args": {"seconds": 0.05}},
                     grid={"x": [-1.0, 1.0, 30], "y": None})
     cmd = [sys.executable, "-m", "lldist.surface", job]
     procs = [subprocess.Popen(cmd, cwd=workdir, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -270,8 +270,8 @@ def test_interpolation_lands_on_both_checkpoints_exactly():
     theta, kinds = model_state(a)
     theta_b = model_state(b)[0]
     dirs = make_directions(theta, kinds, DirectionsConfig(seed=0), 2, theta_b)
-    from lldist.data import load_split
     from lldist.config import DataConfig
+    from lldist.workloads.data import load_split
     data = load_split(DataConfig(subset=50), "test")
     ev = Evaluator(a, theta, dirs, {"test": data}, EvalConfig(batch_size=25), device="cpu")
     live = ev.eager.state_dict()

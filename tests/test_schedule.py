@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from lldist.plot import _levels, default_args
-from lldist.schedule import Adaptive, Box, Sweep, lattice, reconstruct
+from lldist.transport.schedule import Adaptive, Box, Sweep, lattice, reconstruct
 
 
 def drain(s, values, rng=None, batch=1):

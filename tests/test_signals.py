@@ -8,8 +8,8 @@ import sys
 
 import h5py
 import pytest
-
 from conftest import ROOT, chunk_log, env, mpiexec, run, write_job
+
 from lldist.config import load_job
 
 
@@ -17,7 +17,7 @@ def slow_job(workdir, cells=80, seconds=0.03):
     """A run of a few seconds: finished chunks are committed (and counted in the progress
     lines) once a second, so a signal must be able to land after the first commit."""
     return write_job(workdir / "job.yaml", train=None,
-                     model={"name": "python:lldist.synthetic:fixed_cost", "checkpoint": None, "args": {"seconds": seconds}},
+                     model={"name": "python:lldist.workloads.synthetic:fixed_cost", "checkpoint": None, "args": {"seconds": seconds}},
                      grid={"x": [-1.0, 1.0, cells], "y": None}, eval={"chunk_size": 2, "batch_size": 1000})
 
 

@@ -17,7 +17,6 @@ import time
 import h5py
 import numpy as np
 import pytest
-
 from conftest import ROOT, chunk_log, env, run, write_job
 
 CLUSTER = os.path.join(ROOT, "tests", "slurm", "cluster.sh")
@@ -80,7 +79,7 @@ def wait_gone(conf, jobid, timeout=120):
 
 def test_signalled_job_resumes_without_recomputing(slurm, workdir):
     job = write_job(workdir / "job.yaml", train=None,
-                    model={"name": "python:lldist.synthetic:fixed_cost", "checkpoint": None, "args": {"seconds": 0.1}},
+                    model={"name": "python:lldist.workloads.synthetic:fixed_cost", "checkpoint": None, "args": {"seconds": 0.1}},
                     grid={"x": [-1.0, 1.0, 60], "y": None}, eval={"chunk_size": 2, "batch_size": 1000})
     script = os.path.join(ROOT, "slurm", "surface.sh")
     jobid = sbatch(slurm, workdir, *CPU, "--time=10", "-o", "first.log", script, job, "--progress-every", "0")

@@ -6,10 +6,10 @@ import sys
 
 import h5py
 import numpy as np
-
 from conftest import env
-from lldist import store
-from lldist.coordbench import new_file
+
+from lldist.store import hdf5 as store  # its module globals, for monkeypatch
+from lldist.transport.coordbench import new_file
 
 
 def values_for(cells):
@@ -44,8 +44,8 @@ def test_commits_come_every_k_chunks_and_make_the_cells_done(tmp_path, monkeypat
 KILLED = """
 import os, sys, numpy as np
 sys.path.insert(0, {tests!r})
-from lldist import store
-from lldist.coordbench import new_file
+from lldist.store import hdf5 as store  # its module globals, for monkeypatch
+from lldist.transport.coordbench import new_file
 from test_store_scale import values_for
 store.COMMIT_S = 3600.0
 sf = new_file({path!r}, 7)
@@ -83,7 +83,7 @@ def test_a_kill_between_commits_loses_only_the_uncommitted_chunks(tmp_path):
 MEMORY = """
 import resource, sys
 import torch  # as rank 0 has it
-from lldist.coordbench import new_file
+from lldist.transport.coordbench import new_file
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 sf = new_file(sys.argv[1], 2001)
 sf.finish()

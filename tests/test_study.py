@@ -3,16 +3,15 @@ end to end (train, surface, metrics, report; a second run reuses the surfaces)."
 
 import argparse
 import os
+import sys
 
 import h5py
 import matplotlib
 import numpy as np
 import pytest
 import yaml
-
-import sys
-
 from conftest import chunk_log, mpiexec, run, write_job
+
 from lldist import metrics, plot
 
 
@@ -166,6 +165,7 @@ def test_sharpness_section_reads_the_numbers_right():
     """The report's answer to "is batch 512 sharper?", from rows of known numbers, and the
     rank correlation against scipy's."""
     from scipy.stats import spearmanr
+
     from lldist.study import Variant, sharpness
     vs, rows = [], []
     numbers = {("a", 64): (10.0, 100.0, 1.0, 0.01), ("a", 512): (30.0, 200.0, 1.0, 0.05),   # sharper, both

@@ -10,12 +10,13 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import chunk_log, env, model_and_data, run, write_job
+from conftest import done_after_kill as done_killed
 
-from conftest import chunk_log, done_after_kill as done_killed, env, model_and_data, run, write_job
 from lldist.config import load_job
-from lldist.data import load_split
-from lldist.evaluate import evaluate_plain
-from lldist.models import build_model, load_checkpoint
+from lldist.evaluation.evaluator import evaluate_plain
+from lldist.workloads.data import load_split
+from lldist.workloads.models import build_model, load_checkpoint
 
 
 def reference(job_path, h5path):

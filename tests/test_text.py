@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
 from conftest import ROOT, run, write_job
 
 transformers = pytest.importorskip("transformers", reason="pip install 'lldist[hf]'")
@@ -136,7 +135,7 @@ def test_train_a_text_model_and_a_huggingface_checkpoint_folder(workdir):
     assert len(losses) == 2 and losses[1] < losses[0] and os.path.exists("model_epoch2.pt")
     # the same weights as a HuggingFace folder are the same model
     from lldist.config import ModelConfig
-    from lldist.models import build_model, load_checkpoint
+    from lldist.workloads.models import build_model, load_checkpoint
     m = build_model(ModelConfig(name=f"hf:{BERT}", seed=1), (24,), 4)
     load_checkpoint(m, "model.pt")
     m.save_pretrained("hf_folder")

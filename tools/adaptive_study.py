@@ -17,8 +17,8 @@ import sys
 import numpy as np
 
 from lldist.plot import _levels, default_args
-from lldist.schedule import Adaptive, reconstruct
 from lldist.store import SurfaceReader
+from lldist.transport.schedule import Adaptive, reconstruct
 
 
 def replay(loss: np.ndarray, coarse: int, tolerance: float, levels: int = 30, chunk: int = 32) -> np.ndarray:

@@ -1,6 +1,6 @@
 """Model registry, checkpoints and pretrained weights.
 
-    from lldist.models import build_model, load_checkpoint
+    from lldist.workloads.models import build_model, load_checkpoint
     model = build_model(job.model, in_shape=(3, 32, 32), num_classes=10)
 
 Built-in models: `mlp` (the "linear layer model"), `cnn` (plain conv stack), `cnn_skip`
@@ -19,8 +19,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import ModelConfig
-from .errors import UserError
+from ..config import ModelConfig
+from ..errors import UserError
 
 
 class MLP(nn.Module):

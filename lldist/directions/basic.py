@@ -27,7 +27,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .config import DirectionsConfig
+from ..config import DirectionsConfig
 
 EPS = 1e-10  # guards zero-norm directions; a zero filter of theta gives a zero direction
 
@@ -117,42 +117,6 @@ def make_directions(theta: dict, kinds: dict, cfg: DirectionsConfig, ndim: int,
     if ndim == 2:
         dirs["y"] = random_direction(theta, kinds, cfg.norm, cfg.ignore, gen)
     return dirs
-
-
-def pca_directions(theta: dict, kinds: dict, trajectory: list, ignore: str = "biasbn") -> tuple:
-    """The top two principal directions of a training trajectory (Li et al., section 7).
-
-    `trajectory`: the float states theta_1..theta_m of the checkpoints along training; theta is
-    the final one. The differences D_i = theta_i - theta over the parameters (BatchNorm
-    statistics and, with ignore: biasbn, 1-D parameters excluded, as for random directions)
-    are never stacked into a (parameters x m) matrix: their Gram matrix G = D D^T (m x m, float64)
-    is built by accumulating entry by entry, and its eigenvectors u_k give the principal
-    directions d_k = D^T u_k / |D^T u_k| (unit vectors). Returns (dirs {"x", "y"}, info) with
-    the explained variance ratios and the trajectory's coordinates c_ik = D_i . d_k."""
-    names = [n for n, k in kinds.items() if k == "weight" or (k == "vector" and ignore != "biasbn")]
-    m = len(trajectory)
-    if m < 2:
-        raise ValueError(f"pca needs at least 2 checkpoints besides the final one, got {m}")
-    gram = torch.zeros(m, m, dtype=torch.float64)
-    for n in names:
-        d = torch.stack([t[n].double().reshape(-1) - theta[n].double().reshape(-1) for t in trajectory])
-        gram += d @ d.T
-    evals, evecs = torch.linalg.eigh(gram)  # ascending
-    evals, evecs = evals.flip(0), evecs.flip(1)
-    total = float(evals.clamp_min(0).sum())
-    dirs, coords = {}, torch.zeros(m, 2, dtype=torch.float64)
-    for axis, k in (("x", 0), ("y", 1)):
-        u = evecs[:, k]
-        vec = {n: sum(float(u[i]) * (trajectory[i][n].double() - theta[n].double()) for i in range(m)) for n in names}
-        norm = sum(float(v.pow(2).sum()) for v in vec.values()) ** 0.5
-        if not norm > 0:
-            raise ValueError("the checkpoints do not move: the trajectory has no principal direction")
-        dirs[axis] = {n: (vec[n] / norm).to(w.dtype) if n in vec else torch.zeros_like(w) for n, w in theta.items()}
-        for i in range(m):  # the projections, directly: (theta_i - theta) . d_k
-            coords[i, k] = sum(float(((trajectory[i][n].double() - theta[n].double()) * (vec[n] / norm)).sum())
-                               for n in names)
-    info = {"explained_variance_ratio": [float(evals[0]) / total, float(evals[1]) / total] if total > 0 else [0.0, 0.0]}
-    return dirs, info, coords
 
 
 def describe(cfg: DirectionsConfig, dirs: dict) -> dict:

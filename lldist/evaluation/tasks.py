@@ -23,7 +23,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .config import LOSSES, EvalConfig
+from ..config import LOSSES, EvalConfig
+
 IGNORE_INDEX = -100  # the labels lm ignores, as in torch and HuggingFace
 
 
@@ -202,7 +203,7 @@ def make_task(loss="cross_entropy", metrics=None) -> Task:
 
 def task_from_config(cfg: EvalConfig) -> Task:
     """The job file's eval.loss and eval.metrics, python: references imported."""
-    from .models import _import_factory
+    from ..workloads.models import _import_factory
     loss = _import_factory(cfg.loss, "eval.loss") if cfg.loss.startswith("python:") else cfg.loss
     metrics = None
     if cfg.metrics:  # added to the loss's own metrics (accuracy, perplexity)

@@ -63,7 +63,7 @@ def write_html(s: dict, path: str, split: str, q: str = "loss", log: bool = Fals
     try:
         import plotly.graph_objects as go
     except ImportError:
-        from .errors import UserError
+        from ..errors import UserError
         raise UserError("--html needs plotly: pip install 'lldist[html]'")
     z = np.asarray(s["values"][(split, q)], dtype=float)
     if log:

@@ -1,6 +1,6 @@
 """Synthetic models for the benchmark and the tests: known cost, no arithmetic to speak of.
 
-    model: {name: "python:lldist.synthetic:fixed_cost", args: {seconds: 0.05}}
+    model: {name: "python:lldist.workloads.synthetic:fixed_cost", args: {seconds: 0.05}}
 """
 
 from __future__ import annotations

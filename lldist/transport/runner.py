@@ -59,7 +59,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 
-from .errors import EXIT_USAGE, Stopped, UserError, one_line
+from ..errors import EXIT_USAGE, Stopped, UserError, one_line
 
 WORK, CTRL = 7, 8
 POLL_S = 0.0002  # first sleep between mailbox polls; grows to POLL_MAX_S while nothing comes
@@ -162,7 +162,8 @@ def launch() -> Context:
 def pick_device(ctx: Context, requested: str) -> str:
     """cuda:<node-local rank mod visible GPUs>, or cpu: one GPU per rank of a node."""
     import torch
-    from .evaluate import resolve_device
+
+    from ..evaluation.evaluator import resolve_device
     if resolve_device(requested) == "cpu":
         return "cpu"
     dev = f"cuda:{ctx.local_rank % torch.cuda.device_count()}"

@@ -1,6 +1,6 @@
 """Datasets -> compact tensors that live on the evaluation device.
 
-    from lldist.data import load_split
+    from lldist.workloads.data import load_split
     test = load_split(job.data, "test").to("cuda")
     for xb, yb in test.batches(512): ...
 
@@ -24,8 +24,8 @@ from typing import Iterator, Optional
 import numpy as np
 import torch
 
-from .config import DataConfig
-from .errors import UserError
+from ..config import DataConfig
+from ..errors import UserError
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)

@@ -31,9 +31,9 @@ from typing import Callable, Optional
 import h5py
 import numpy as np
 
-from .config import Job
-from .errors import UserError
-from .grid import Grid
+from ..config import Job
+from ..errors import UserError
+from ..grid import Grid
 
 FORMAT = "lldist.surface"
 FORMAT_VERSION = 3  # 2: directions from their own random stream; /directions/target
@@ -110,7 +110,8 @@ def git_revision() -> str:
 
 def versions() -> dict:
     import torch
-    from . import __version__
+
+    from .. import __version__
     return {"lldist_version": __version__, "torch_version": torch.__version__, "numpy_version": np.__version__,
             "h5py_version": h5py.__version__, "python_version": platform.python_version()}
 
@@ -199,7 +200,7 @@ def _layout(f: h5py.File, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: 
         ga = gd.create_group(axis)
         for name, t in direction.items():
             ga.create_dataset(name, data=t.cpu().numpy())
-    from .directions import cosine, describe
+    from ..directions import cosine, describe
     for k, v in describe(job.directions, dirs).items():  # what was done to make them
         gd.attrs[k] = v
     if "y" in dirs:
@@ -358,7 +359,7 @@ class SurfaceReader:
                 a = f[split][q][()].astype(float)
                 a[~done] = np.nan
                 if self.adaptive and reconstruct:
-                    from .schedule import reconstruct as fill
+                    from ..transport.schedule import reconstruct as fill
                     a = fill(a, done, int(self.adaptive["coarse"]))
                 out["values"][(split, q)] = a
         if self.adaptive and reconstruct:

@@ -17,13 +17,12 @@ from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
-from .config import BN_MODES, EvalConfig
-from .data import TensorSet
+from ..config import BN_MODES, EvalConfig
+from ..workloads.data import TensorSet
 from .tasks import Task
-
 
 AUTOCAST = {"fp32": None, "tf32": None, "bf16": torch.bfloat16}  # precision -> autocast dtype
 TF32 = {"fp32": False, "tf32": True, "bf16": False}  # precision -> TF32 matmuls and convolutions
@@ -34,7 +33,7 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        from .errors import UserError
+        from ..errors import UserError
         raise UserError("eval.device is cuda, but torch sees no CUDA device")
     return name
 
@@ -200,8 +199,8 @@ class Evaluator:
 
     def curvature(self, name: str, data) -> list:
         """[lambda_max, lambda_min, |lambda_min / lambda_max|] of the loss Hessian at the current
-        weights, on the split's first eval.curvature_batches batches (hessian.py)."""
-        from .hessian import Curvature, first_batches
+        weights, on the split's first eval.curvature_batches batches (curvature.py)."""
+        from .curvature import Curvature, first_batches
         if name not in self._curvature:
             batches = first_batches(data, self.batch_size, self.cfg.curvature_batches, self.dtype)
             self._curvature[name] = Curvature(self.eager, batches, self.task)

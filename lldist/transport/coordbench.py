@@ -63,9 +63,10 @@ def new_file(path: str, n: int, ndim: int = 2):
     """A SurfaceWriter on a new n (x n) grid of a model-free job: the coordinator's file
     without a model (this benchmark, the store's tests)."""
     import torch
-    from .config import job_from_dict
-    from .grid import Grid
-    from .store import SurfaceWriter
+
+    from ..config import job_from_dict
+    from ..grid import Grid
+    from ..store import SurfaceWriter
     grid = {"x": [-1, 1, n], "y": [-1, 1, n] if ndim == 2 else None}
     job = job_from_dict({"name": f"coordinator_{n}", "output": path, "grid": grid,
                          "model": {"name": "mlp", "checkpoint": None}}, "coordbench")
@@ -75,13 +76,14 @@ def new_file(path: str, n: int, ndim: int = 2):
 
 
 def rank_side(n: int, chunk: int, results: int, out: str, report: str) -> int:
-    """Every rank of `mpiexec -n R python -m lldist.coordbench ...` calls this."""
+    """Every rank of `mpiexec -n R python -m lldist.transport.coordbench ...` calls this."""
     from . import runner
     ctx = runner.launch()
 
     def prepare() -> runner.Plan:
-        from .schedule import Sweep
         import torch  # noqa: F401 - loaded before the baseline, as in a real run
+
+        from .schedule import Sweep
         before = _rss_mib()
         sf = new_file(out, n)
         sched = Limited(Sweep(sf.taken(), chunk), results)
@@ -110,7 +112,7 @@ def rank_side(n: int, chunk: int, results: int, out: str, report: str) -> int:
 
 
 def coordinator(args) -> list:
-    from .bench import find_mpiexec
+    from ..bench import find_mpiexec
     mpiexec = find_mpiexec()
     rows = []
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -120,7 +122,7 @@ def coordinator(args) -> list:
         for ranks in args.ranks:
             for n in args.grids:
                 out, report = os.path.join(tmp, f"c{n}.h5"), os.path.join(tmp, f"c{n}_{ranks}.json")
-                cmd = [mpiexec, "-n", str(ranks), sys.executable, "-m", "lldist.coordbench", str(n),
+                cmd = [mpiexec, "-n", str(ranks), sys.executable, "-m", "lldist.transport.coordbench", str(n),
                        str(args.chunk), str(args.results), out, report]
                 p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
                 if p.returncode != 0:

@@ -21,8 +21,8 @@ import os
 
 import torch
 
-from .config import DataConfig
-from .errors import UserError
+from ..config import DataConfig
+from ..errors import UserError
 
 DATA_FILE_BUILDERS = {"csv": "csv", "json": "json", "parquet": "parquet"}
 
