@@ -4,7 +4,8 @@
                            [--compile] [--json PATH] [--markdown PATH]
     python -m lldist.bench scaling [--ranks 1 2 4 8] [--cost 0.05] [--cells 320] [--chunk 2]
     python -m lldist.bench coordinator [--grids 51 501 1001] [--ranks 8 64]   # see transport/coordbench.py
-    python -m lldist.bench curvature [--models mlp cnn_skip]   # a curvature cell against a loss cell
+    python -m lldist.bench curvature [--models mlp cnn_skip] [--ranks 1 2]   # a curvature cell against a
+                                                                # loss cell, and a curvature map over ranks
     PYTHONPATH=. python -m lldist.bench gpu [--out DIR] [--budget 400]   # on a CUDA machine
 
 Throughput (default): per model and precision, on the same synthetic data and device,
@@ -236,7 +237,35 @@ def curvature_rows(args) -> list:
     return rows
 
 
+def curvature_scaling(args) -> list:
+    """A real curvature map (eval.curvature on the quickstart's CNN, untrained weights, one
+    batch of the digits test split per cell) through mpiexec at each rank count: the Hessian's
+    cells spread over ranks like any other. One thread a rank: on this bench's cores each rank
+    owns one, as each owns a GPU on a cluster."""
+    n = args.map_cells
+    job = {"name": "curvature_scaling", "output": "s.h5",
+           "model": {"name": "cnn", "args": {"width": 8, "stages": 2, "blocks": 1, "batchnorm": True}},
+           "data": {"name": "digits"},
+           "grid": {"x": [-1.0, 1.0, n], "y": [-1.0, 1.0, n]},
+           "eval": {"split": "test", "batch_size": 120, "chunk_size": 1, "threads": 1,
+                    "curvature": True, "curvature_batches": 1}}
+    rows = rank_sweep(job, args.ranks, "curvature map: ")
+    for r in rows:
+        r.update(kind="curvature_map", cells=n * n)
+    return rows
+
+
 def curvature_markdown(rows: list) -> str:
+    maps = [r for r in rows if r.get("kind") == "curvature_map"]
+    rows = [r for r in rows if r.get("kind") != "curvature_map"]
+    md = curvature_cost_markdown(rows)
+    if maps:
+        md += (f"\nA curvature map of {maps[0]['cells']} cells (quickstart CNN, 1 x 120 test images a cell) over "
+               "ranks:\n\n" + scaling_markdown(maps))
+    return md
+
+
+def curvature_cost_markdown(rows: list) -> str:
     head = ("| model | parameters | images per cell | loss cell s | curvature cell s | ratio | HVPs per cell | "
             "Hessian taken on |\n|---|---|---|---|---|---|---|---|\n")
     return head + "".join(f"| {r['model']} | {r['parameters']:,} | {r['images_per_cell']} | {r['loss_cell_s']:.3f} | "
@@ -391,24 +420,21 @@ def run_time(path: str) -> tuple:
     return float(records["t_end"].max() - records["t_start"].min()), float(ms)
 
 
-def scaling(args) -> list:
+def rank_sweep(job: dict, ranks: list, label: str = "") -> list:
+    """Run one job under `mpiexec -n R` for each R, each into a fresh file: rows of ranks,
+    seconds (first chunk's start to last chunk's end, as the file records them), speedup and
+    parallel efficiency against the first R, and the coordinator's ms per worker message."""
     import yaml
     mpiexec = find_mpiexec()
-    rows = []
+    rows, base = [], None
     with tempfile.TemporaryDirectory() as tmp:
-        job = {"name": "scaling", "output": "s.h5",
-               "model": {"name": "python:lldist.workloads.synthetic:fixed_cost", "args": {"seconds": args.cost}},
-               "data": {"name": "digits", "subset": 64},
-               "grid": {"x": [-1.0, 1.0, args.cells]},
-               "eval": {"batch_size": 64, "chunk_size": args.chunk, "threads": 1}}
         path = os.path.join(tmp, "job.yaml")
         with open(path, "w") as f:
             yaml.safe_dump(job, f)
         env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
         if os.getuid() == 0:
             env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-        base = None
-        for n in args.ranks:
+        for n in ranks:
             out = os.path.join(tmp, f"s{n}.h5")
             cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "lldist.surface", path, "--out", out]
             p = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=1800)
@@ -416,13 +442,23 @@ def scaling(args) -> list:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
             secs, ms = run_time(out)
             base = base or secs
-            ideal = args.cells * args.cost
-            row = {"ranks": n, "cells": args.cells, "cost_s": args.cost, "chunk": args.chunk, "seconds": secs,
-                   "speedup": base / secs, "efficiency": base / (n * secs), "ideal_one_rank_s": ideal,
+            row = {"ranks": n, "seconds": secs, "speedup": base / secs, "efficiency": base * ranks[0] / (n * secs),
                    "coordinator_ms_per_message": ms}
             rows.append(row)
-            print(f"{n:3d} ranks: {secs:7.2f}s  speedup {row['speedup']:5.2f}  efficiency {row['efficiency']:.3f}  "
-                  f"coordinator {ms:.2f} ms/message", flush=True)
+            print(f"{label}{n:3d} ranks: {secs:7.2f}s  speedup {row['speedup']:5.2f}  efficiency "
+                  f"{row['efficiency']:.3f}  coordinator {ms:.2f} ms/message", flush=True)
+    return rows
+
+
+def scaling(args) -> list:
+    job = {"name": "scaling", "output": "s.h5",
+           "model": {"name": "python:lldist.workloads.synthetic:fixed_cost", "args": {"seconds": args.cost}},
+           "data": {"name": "digits", "subset": 64},
+           "grid": {"x": [-1.0, 1.0, args.cells]},
+           "eval": {"batch_size": 64, "chunk_size": args.chunk, "threads": 1}}
+    rows = rank_sweep(job, args.ranks)
+    for r in rows:
+        r.update(cells=args.cells, cost_s=args.cost, chunk=args.chunk, ideal_one_rank_s=args.cells * args.cost)
     return rows
 
 
@@ -642,6 +678,9 @@ def main(argv=None) -> int:
         ap.add_argument("--images", type=int, default=2000, help="images per loss cell")
         ap.add_argument("--batch", type=int, default=250)
         ap.add_argument("--curvature-batches", type=int, default=2)
+        ap.add_argument("--ranks", type=int, nargs="*", default=[1, 2],
+                        help="also a curvature map under mpiexec at these rank counts (none: skip)")
+        ap.add_argument("--map-cells", type=int, default=5, help="the map's cells per axis")
     elif mode == "coordinator":
         ap.add_argument("--grids", type=int, nargs="+", default=[51, 501, 1001])
         ap.add_argument("--ranks", type=int, nargs="+", default=[8, 64])
@@ -665,7 +704,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     tune_malloc()
     if mode == "curvature":
-        rows = curvature_rows(args)
+        rows = curvature_rows(args) + (curvature_scaling(args) if args.ranks else [])
         md = curvature_markdown(rows)
     elif mode == "coordinator":
         from .transport import coordbench

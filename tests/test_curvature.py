@@ -252,6 +252,7 @@ def test_spectral_density_is_the_gauss_quadrature_of_the_full_hessian():
     assert np.trapezoid(d, grid) == pytest.approx(1.0, abs=1e-3)
 
 
+@pytest.mark.slow
 def test_hessian_command_stores_the_density_and_info_prints_it(workdir):
     job = tiny_job(workdir)
     run(["lldist.surface", job, "--set", "grid.x=[-1,1,3]", "--set", "grid.y=[-1,1,3]", "--out", "s.h5"], workdir)
