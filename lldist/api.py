@@ -182,7 +182,8 @@ def _state(model):
 
 
 class Landscape:
-    """A surface file's arrays, read once; cells not done are NaN. `ls["test/loss"]`.
+    """A surface file's arrays, read once; cells not done are NaN. `ls["test/loss"]`,
+    `ls.curvature["train"]["lambda_max"]`, `ls.trajectory`.
 
     On an adaptive grid (grid.adaptive) the cells not computed are interpolated instead:
     `ls.interpolated` marks them (None on a full grid), `ls.fraction_done` is the share computed."""
@@ -195,6 +196,9 @@ class Landscape:
         self.splits, self.name, self.quantities = s["splits"], s["name"], s["quantities"]
         self._values = {f"{sp}/{q}": v for (sp, q), v in s["values"].items()}
         self.interpolated, self.adaptive = s["interpolated"], s["adaptive"]
+        # the Hessian at theta* by split (lldist.hessian: lambda_max, trace, density_nodes, ...),
+        # and the checkpoints' (m, 2) coordinates on a PCA plane; {} and None when absent
+        self.curvature, self.trajectory = s["curvature"], s["trajectory"]
 
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._values:

@@ -131,6 +131,8 @@ def test_direction_kinds_in_files(workdir):
     assert "explained_variance_ratio" in out
     run(["lldist.plot", "pca.h5", "--dpi", "50"], workdir)
     assert (workdir / "pca_test_trajectory.png").exists()
+    import lldist
+    np.testing.assert_array_equal(lldist.open(str(workdir / "pca.h5")).trajectory, t)
     from lldist import plot
     fig = plot.figure_trajectory(plot.read_surface(str(workdir / "pca.h5")), "test", plot.default_args())
     path_line = [ln for ln in fig.axes[0].lines if ln.get_label() == "training trajectory"][0]
@@ -266,6 +268,10 @@ def test_hessian_command_stores_the_density_and_info_prints_it(workdir):
         assert g["density_nodes"][()].max() >= 0.8 * g.attrs["lambda_max"]
     out = run(["lldist.info", "s.h5"], workdir).stdout
     assert "spectral density: 2 runs x 12 Lanczos steps" in out
+    import lldist
+    ls = lldist.open(str(workdir / "s.h5"))  # the notebook's view of the same numbers
+    assert ls.curvature["test"]["density_nodes"].shape == (2, 12) and ls.trajectory is None
+    assert ls.curvature["test"]["top_eigenvalues"][0] == pytest.approx(ls.curvature["test"]["lambda_max"])
     out = run(["lldist.plot", "s.h5"], workdir).stdout
     import os
     assert os.path.exists(workdir / "s_test_density.png")
