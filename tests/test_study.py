@@ -150,14 +150,15 @@ def test_study_end_to_end_and_reuse(workdir):
 def test_study_under_mpi_uses_every_rank(workdir):
     study = tiny_study()
     study["variants"] = study["variants"][:1]
-    study["base"]["grid"] = {"x": [-1, 1, 9], "y": [-1, 1, 6]}
+    # 600 cells of a tiny MLP: enough work that a rank slow to start still gets chunks
+    study["base"]["grid"] = {"x": [-1, 1, 30], "y": [-1, 1, 20]}
     study["base"]["eval"]["chunk_size"] = 3
     with open("study.yaml", "w") as f:
         yaml.safe_dump(study, f)
     run([mpiexec(), "-n", "3", sys.executable, "-m", "lldist.study", "study.yaml"], workdir)
     for n in ("mlp_b32", "mlp_b256"):
         records, cells = chunk_log(f"study/{n}/surface.h5")
-        assert sorted(cells.tolist()) == list(range(54)) and set(records["rank"].tolist()) == {0, 1, 2}
+        assert sorted(cells.tolist()) == list(range(600)) and set(records["rank"].tolist()) == {0, 1, 2}
     assert "| mlp_b256 |" in open("study/report.md").read()
 
 
