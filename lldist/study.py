@@ -186,11 +186,6 @@ def _where(v: Variant) -> str:
     return ", ".join(f"{k.split('.')[-1]} {val}" for k, val in v.cross) or v.name
 
 
-def _ranks(v):
-    import numpy as np
-    return np.argsort(np.argsort(v)).astype(float)
-
-
 def sharpness(variants: list, rows: list) -> list:
     """Markdown lines that answer "is the minimum sharper at batch 512?" per label (variants
     that differ only in the cross values), with lambda_max and the trace, and whether
@@ -226,8 +221,9 @@ def sharpness(variants: list, rows: list) -> list:
         out.append(f"* **{label}**: " + "; ".join(parts) + f". **{verdict}.**")
     gaps = [(r["hessian_lambda_max"], r["hessian_trace"], r["trained_gap"]) for _, r in have if "trained_gap" in r]
     if len(gaps) >= 4:
+        from scipy.stats import spearmanr  # scipy comes with scikit-learn
         a = np.array(gaps, dtype=float)
-        rho = [float(np.corrcoef(_ranks(a[:, i]), _ranks(a[:, 2]))[0, 1]) for i in (0, 1)]
+        rho = [float(spearmanr(a[:, i], a[:, 2])[0]) for i in (0, 1)]
         out.append(f"* Over all {len(a)} variants, Spearman's rank correlation with the generalization gap "
                    f"(train − test accuracy at training time): λmax {rho[0]:+.2f}, trace {rho[1]:+.2f} "
                    f"(+1: the sharper, the larger the gap; with {len(a)} points, only |ρ| near 1 means much).")
@@ -272,7 +268,7 @@ def main(argv=None) -> int:
             if curvature and ctx.rank == 0:  # the one writer of the file; a few seconds a variant
                 curvature_at_optimum(v, curvature, log=log)
     if ctx.rank == 0 and not args.only:
-        if curvature:  # --report-only on a study run before curvature existed: fill it in
+        if curvature and args.report_only:  # a study run before curvature existed: fill it in
             for v in variants:
                 curvature_at_optimum(v, curvature, log=log)
         report(title, out, variants, log=log)

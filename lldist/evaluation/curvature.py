@@ -101,8 +101,8 @@ class Curvature:
         return out.double().cpu().numpy()
 
     def eigs(self, k: int = 1, which: str = "LA", tol: float = 1e-4, seed: int = 0, maxiter: int = None):
-        """k eigenpairs: which="LA" the largest, "SA" the smallest (algebraic). Returns
-        (eigenvalues descending for LA / ascending for SA, eigenvectors as (n, k) float64 columns
+        """k eigenpairs: which="LA" the largest, "SA" the smallest (algebraic), "BE" from both
+        ends. Returns (eigenvalues descending for LA / ascending otherwise, eigenvectors as (n, k) float64 columns
         of unit norm). The start vector is seeded, so results repeat exactly."""
         from scipy.sparse.linalg import LinearOperator, eigsh
         op = LinearOperator((self.n, self.n), matvec=self.matvec, dtype=np.float64)
@@ -119,11 +119,7 @@ class Curvature:
         same eigenvalues to six digits."""
         if self.n < 4:  # BE with k=2 needs room for its Krylov space
             return float(self.eigs(1, "LA", tol, seed)[0][0]), float(self.eigs(1, "SA", tol, seed)[0][0])
-        from scipy.sparse.linalg import LinearOperator, eigsh
-        op = LinearOperator((self.n, self.n), matvec=self.matvec, dtype=np.float64)
-        v0 = np.random.default_rng(seed).standard_normal(self.n)
-        vals = eigsh(op, k=2, which="BE", tol=tol, v0=v0, ncv=min(self.n, 20), maxiter=50 * self.n,
-                     return_eigenvectors=False)
+        vals, _ = self.eigs(2, "BE", tol, seed)
         return float(vals.max()), float(vals.min())
 
     def trace(self, samples: int = 64, seed: int = 0) -> tuple:
