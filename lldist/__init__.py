@@ -14,7 +14,7 @@ user) and transport/ (the only mpi4py user): README.md's Layout. See README.md f
 job-file reference and docs/FORMAT.md for the output file.
 """
 
-__version__ = "0.2.0"
+from .version import __version__  # noqa: F401
 
 
 def landscape(model, data, **kwargs):

@@ -18,7 +18,6 @@ rank 0 returns the landscape, the other ranks None after their share).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import tempfile
 from typing import Optional
@@ -27,10 +26,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import identity
 from .config import LOSSES, DirectionsConfig, EvalConfig, job_from_dict
 from .errors import UserError
 from .evaluation.tasks import Task, make_task
-from .workloads.data import BatchList, TensorSet
+from .workloads.tensors import BatchList, TensorSet
 
 EVAL_KEYS = {f.name for f in dataclasses.fields(EvalConfig)}
 DIRECTION_KEYS = {f.name for f in dataclasses.fields(DirectionsConfig)} - {"target"}
@@ -73,24 +73,6 @@ def as_data(data, batch_size: int = 256):
     return BatchList([dict(b) if isinstance(b, dict) else tuple(b) for b in batches])
 
 
-def fingerprint(obj) -> str:
-    """sha256 of a state dict's tensors or of a data set's tensors: part of the job's identity,
-    so a file is resumed only by the same weights and the same data."""
-    h = hashlib.sha256()
-    if isinstance(obj, dict):
-        items = sorted(obj.items())
-    elif isinstance(obj, TensorSet):
-        items = [("x", obj.x), ("y", obj.y)]
-    else:
-        items = [(str(i), t) for i, b in enumerate(obj.batches_) for t in
-                 (b.values() if isinstance(b, dict) else b)]
-    for name, t in items:
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
 def landscape(model: nn.Module, data, *, x=(-1.0, 1.0, 51), y=(-1.0, 1.0, 51), split: str = "test",
               loss="cross_entropy", metrics=None, target: Optional[nn.Module] = None, out: Optional[str] = None,
               resume: bool = True, name: str = "landscape", directions: Optional[dict] = None,
@@ -103,7 +85,8 @@ def landscape(model: nn.Module, data, *, x=(-1.0, 1.0, 51), y=(-1.0, 1.0, 51), s
     `target`: a model with the same state keys: the x direction interpolates to its weights.
     `out`: the HDF5 file (default: a new temporary file); an existing file of the same job is
     resumed (`resume=False` replaces it)."""
-    from . import surface
+    from .loading import Loaded, Source
+    from .run import RunOptions, run_surface
     from .transport import runner
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -133,10 +116,11 @@ def landscape(model: nn.Module, data, *, x=(-1.0, 1.0, 51), y=(-1.0, 1.0, 51), s
     out = os.fspath(out)
     bs = eval_options.get("batch_size", 256)
     ts = as_data(data, bs if isinstance(bs, int) and not isinstance(bs, bool) else 256)
-    files = {"model_state": fingerprint(model.state_dict()), "data": fingerprint(ts), "task": task.identity}
+    files = {"model_state": identity.tensors(model.state_dict()), "data": identity.tensors(ts),
+             "task": identity.task(task)}
     theta_target = None
     if target is not None:
-        files["target"] = fingerprint(target.state_dict())
+        files["target"] = identity.tensors(target.state_dict())
         theta_target = _state(target)[0]
         missing = set(_state(model)[0]) - set(theta_target)
         if missing:
@@ -156,14 +140,13 @@ def landscape(model: nn.Module, data, *, x=(-1.0, 1.0, 51), y=(-1.0, 1.0, 51), s
 
     def load(job):
         theta, kinds = _state(model)
-        return surface.Loaded(model, theta, kinds, {split: ts}, {})
-    source = surface.Source(loader=load, task=task, files=files, target=theta_target)
+        return Loaded(model, theta, kinds, {split: ts}, {})
+    source = Source(loader=load, task=task, files=files, target=theta_target)
     # the evaluator moves the model's weights in place: the caller gets theta* back afterwards
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
     was_training, device = model.training, next(iter(saved.values())).device if saved else None
     try:
-        code = surface.run_job(ctx, lambda: job, overwrite=not resume, progress_every=progress_every,
-                               source=source)
+        code = run_surface(ctx, lambda: job, RunOptions(overwrite=not resume, progress_every=progress_every), source)
     except UserError as e:
         raise ValueError(str(e)) from None
     finally:
@@ -192,6 +175,7 @@ class Landscape:
         from .store import SurfaceReader
         with SurfaceReader(path) as sf:
             s = sf.read_all()
+        self._read = s  # what plot() draws: the file is read once
         self.path, self.x, self.y, self.done = path, s["x"], s["y"], s["done"]
         self.splits, self.name, self.quantities = s["splits"], s["name"], s["quantities"]
         self._values = {f"{sp}/{q}": v for (sp, q), v in s["values"].items()}
@@ -216,8 +200,8 @@ class Landscape:
 
     def plot(self, quantity: str = "loss", split: Optional[str] = None, kind: str = "contour"):
         """The figure `python -m lldist.plot` draws (contour, contourf, heat, 3d; a curve on 1D)."""
-        from . import plot
-        return plot.figure(plot.read_surface(self.path), split or self.splits[0], quantity, kind)
+        from . import figures
+        return figures.figure(figures.drawable(self._read), split or self.splits[0], quantity, kind)
 
     def __repr__(self) -> str:
         shape = " x ".join(map(str, self.done.shape)) + (" adaptive" if self.adaptive else "")

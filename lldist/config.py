@@ -2,7 +2,7 @@
 
     python -m lldist.surface jobs/quickstart.yaml --set grid.x=[-1,1,11] --out /tmp/q.h5
 
-Every key is declared below with its type and default; docs/JOBS.md documents them.
+Every key is declared below with its type and default; README.md's "Job files" documents them.
 Unknown keys, wrong types and impossible values are rejected with one line that
 names the file and the key (nanoGPT's configurator does the same, without exec).
 Relative paths in a job file are relative to the current directory.
@@ -148,7 +148,7 @@ class Axis:
 
 @dataclass(frozen=True)
 class AdaptiveConfig:
-    """Compute a coarse lattice, then only the cells the contour picture needs (transport/schedule.py)."""
+    """Compute a coarse lattice, then only the cells the contour picture needs (lldist/schedule.py)."""
     coarse: int = 4  # the lattice: every coarse-th cell along each axis, and the last
     tolerance: float = 0.05  # interpolation error allowed, in contour-level spacings
     levels: int = 30  # contour levels the picture is judged at (lldist.plot's default)
@@ -275,14 +275,13 @@ def _coerce(value: Any, t, key: str, path: str):
         real = [a for a in args if a is not type(None)]
         if len(real) == 1:  # Optional[X]: X's own, more precise, message
             return _coerce(value, real[0], key, path)
-        errors = []
         for a in args:
             if a is type(None):
                 continue
             try:
                 return _coerce(value, a, key, path)
-            except UserError as e:
-                errors.append(e)
+            except UserError:
+                pass  # the next type may take it; the message below names them all
         wanted = " or ".join(_typename(a) for a in args if a is not type(None))
         raise UserError(f"{path}: key '{key}' must be {wanted}, got {value!r}")
     if t is Axis:

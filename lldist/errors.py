@@ -4,10 +4,12 @@
 `.train`, `.plot`, ...) catches it, prints its message on one line and exits with status 2.
 `Stopped` means a signal (SIGTERM: a Slurm time limit, a preemption) asked the run to stop;
 what is finished is kept, and the exit status is 128 + the signal number.
-Anything else is a bug or a fault of the machine and keeps its traceback.
+Anything else is a bug (lldist's or the user's code's) or a fault of the machine: the command
+line prints its traceback, then one line naming where it happened, and exits with status 1.
 """
 
 import sys
+import traceback
 
 EXIT_USAGE = 2
 
@@ -45,3 +47,8 @@ def run_cli(main, argv=None) -> int:
     except KeyboardInterrupt:
         print("lldist: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        traceback.print_exc()
+        where = getattr(e, "lldist_failure", "failed")  # "rank 0 on host failed in chunk 3 (cells 9..11)"
+        print(f"lldist: error: {where}: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
+        return 1

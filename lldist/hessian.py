@@ -1,53 +1,14 @@
 """The Hessian at theta*, alone: `python -m lldist.hessian job.yaml [--top 5] [--density]`.
 
 Loads the job's model and data (training it first if the checkpoint is missing), takes the
-first `--batches` batches of one split, and computes with `evaluation.curvature` the largest
+first `--batches` batches of one split, and computes (lldist/optimum.py) the largest
 eigenvalues, the smallest, Hutchinson's trace and, with `--density`, the spectral density;
 prints them and stores them under /curvature/<split> of the job's output file if it exists.
 """
 
 from __future__ import annotations
 
-from .evaluation.curvature import Curvature, first_batches
-
-
-def at_optimum(job, top: int = 5, samples: int = 64, batches: int = 4, log=print, split: str = None,
-               density_runs: int = 0, density_steps: int = 80) -> dict:
-    """Curvature at theta* of a job's model on one split (default its first): the `top` largest
-    eigenvalues, the smallest, Hutchinson's trace and, with density_runs > 0, the spectral
-    density's quadrature. Runs where the job's data and checkpoint are."""
-    import time
-
-    from .errors import UserError
-    from .surface import Source, ensure_checkpoint
-    ensure_checkpoint(job)
-    src = Source()
-    loaded = src.load(job)
-    split = split or next(iter(loaded.splits))
-    if split not in loaded.splits:
-        raise UserError(f"--split {split}: the job evaluates {', '.join(loaded.splits)}")
-    data = loaded.splits[split]
-    bs = job.eval.batch_size if job.eval.batch_size != "auto" else 256
-    chosen = first_batches(data, bs, batches)
-    curv = Curvature(loaded.model, chosen, src.make_task(job))
-    t = time.perf_counter()
-    vals, _ = curv.eigs(k=min(top, curv.n - 1), which="LA")
-    lo = float(curv.eigs(1, "SA")[0][0])
-    tr, err = curv.trace(samples) if samples > 0 else (float("nan"), float("nan"))
-    out = {"split": split, "batches": len(chosen), "batches_requested": batches, "batch_size": bs, "loss": curv.loss(),
-           "top_eigenvalues": [float(v) for v in vals], "lambda_max": float(vals[0]), "lambda_min": lo,
-           "eig_ratio": abs(lo / float(vals[0])) if vals[0] else float("nan"),
-           "trace": tr, "trace_stderr": err, "trace_samples": samples}
-    if density_runs > 0:
-        nodes, weights = curv.density(density_runs, density_steps)
-        out.update(density_nodes=nodes, density_weights=weights)
-    out.update(hessian_vector_products=curv.matvecs, seconds=time.perf_counter() - t, num_parameters=curv.n)
-    log(f"curvature at theta* on {split} ({len(chosen)} batches of {bs}, loss {out['loss']:.6g}): "
-        f"top eigenvalues {', '.join(f'{v:.6g}' for v in out['top_eigenvalues'])}; lambda_min {lo:.6g}; "
-        f"trace {tr:.6g} +- {err:.2g} ({samples} Hutchinson samples)"
-        + (f"; spectral density from {density_runs} x {nodes.shape[1]} Lanczos steps" if density_runs > 0 else "")
-        + f"; {curv.matvecs} Hessian-vector products in {out['seconds']:.1f} s")
-    return out
+from .optimum import at_optimum
 
 
 def main(argv=None) -> int:

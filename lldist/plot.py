@@ -1,477 +1,27 @@
-"""Plot surfaces offline: the only module that imports matplotlib (headless, Agg).
+"""Plot surfaces offline.
 
     python -m lldist.plot runs/quickstart/surface.h5 [--out DIR] [--format png|pdf|svg]
-                          [--vmin V --vmax V --levels N --log]
+                          [--vmin V --vmax V --levels N --log | --linear] [--vtk] [--html]
+    python -m lldist.plot a.h5 b.h5 ... --compare [--out DIR]
 
-2D surfaces: for loss and accuracy of each split, contour lines with labels (`*_contour`),
-filled contours (`*_contourf`), a heat map (`*_heat`) and a 3D surface (`*_3d`).
-1D surfaces: loss and accuracy against alpha on twin axes (`curve`), train and test together.
-Loss (and lambda_max) levels are geometric when they span more than a factor 50 (`--linear`
-to refuse). Own figures: `*_curvature` (eval.curvature: lambda_max, lambda_min, their ratio
-per cell, loss contours over them), `*_trajectory` (directions.kind pca: the training path
-numbered by epoch), `*_density` (lldist.hessian --density: the eigenvalue spectrum at theta*).
-`--compare a.h5 b.h5 ...`: the surfaces side by side on one colour scale, with the same contour
-levels and axes (2D), or overlaid (1D), and the curvature maps in a grid (a row per file, one
-scale per column); panel titles say what differs between the jobs.
-Cells not yet computed and NaN/inf values are drawn as gaps. Files go next to the input
-(`<stem>_<split>_<quantity>_<kind>.<fmt>`) unless --out names a folder.
+Every figure of each file (lldist/figures.py says which), written next to the input
+(`<stem>_<split>_<quantity>_<kind>.<fmt>`) unless --out names a folder. `--compare`: the
+surfaces side by side on one colour scale, with the same contour levels and axes (2D), or
+overlaid (1D), and the curvature maps in a grid; panel titles say what differs between the
+jobs. `--vtk` also writes `<stem>.vts` for ParaView, `--html` an interactive 3D surface per
+quantity (lldist[html]).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import os
 import sys
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .errors import UserError, run_cli  # noqa: E402
-
-LABELS = {"loss": "loss", "acc": "accuracy", "lambda_max": "λmax (Hessian)", "lambda_min": "λmin (Hessian)",
-          "eig_ratio": "|λmin/λmax|"}
-GEOMETRIC = ("loss", "lambda_max")  # positive quantities that span decades across a plane
-
-
-def read_surface(path: str) -> dict:
-    """Arrays of an lldist file, with cells not done as NaN. A 2D grid of one row or one
-    column has no area to contour: it is returned as the curve along its other axis."""
-    from .store import SurfaceReader
-    with SurfaceReader(path) as sf:
-        s = sf.read_all()
-    s["xlabel"] = "alpha (direction x)"
-    if s["y"] is not None and 1 in s["done"].shape:
-        along_x = len(s["x"]) > 1 or len(s["y"]) == 1
-        s["values"] = {k: v.reshape(-1) for k, v in s["values"].items()}
-        s["done"] = s["done"].reshape(-1)
-        if not along_x:
-            s["x"], s["xlabel"] = s["y"], "beta (direction y)"
-        s["y"] = None
-    return s
-
-
-def _levels(z: np.ndarray, args, q: str):
-    finite = z[np.isfinite(z)]
-    if finite.size == 0:
-        return None
-    lo = args.vmin if args.vmin is not None else finite.min()
-    hi = args.vmax if args.vmax is not None else finite.max()
-    if q != "loss":  # --vmin/--vmax are loss values
-        lo, hi = (finite.min(), finite.max())
-    if hi <= lo:
-        hi = lo + 1e-12
-    if q in GEOMETRIC and lo > 0 and ((args.log and q == "loss") or (not args.linear and hi / lo > 50)):
-        # losses around a minimum span decades: geometric levels resolve the basin
-        return np.geomspace(lo, hi, args.levels)
-    return np.linspace(lo, hi, args.levels)
-
-
-def _geometric(q: str, lev) -> bool:
-    return q in GEOMETRIC and lev[0] > 0 and bool(np.allclose(lev[1] / lev[0], lev[2] / lev[1]))
-
-
-def _masked(z, lev):
-    z = np.ma.masked_invalid(z)
-    if lev is not None:  # values beyond vmax/vmin are gaps, not saturated colour
-        z = np.ma.masked_where((z < lev[0]) | (z > lev[-1]), z)
-    return z
-
-
-def _label(q: str) -> str:
-    return LABELS.get(q, q)
-
-
-def figure_2d(s: dict, split: str, q: str, kind: str, args) -> "matplotlib.figure.Figure":
-    """One 2D figure: kind is contour, contourf, heat or 3d. None when nothing is finite."""
-    z = s["values"][(split, q)]
-    lev = _levels(z, args, q)
-    if lev is None:
-        return None
-    X, Y = np.meshgrid(s["x"], s["y"])  # (ny, nx), the file's own layout
-    zm = _masked(z, lev)
-    geometric = _geometric(q, lev)
-    norm = matplotlib.colors.LogNorm(lev[0], lev[-1]) if geometric else None
-    fig = plt.figure(figsize=(5.5, 4.5))
-    # colour-bar ticks: a handful of the levels, as plain numbers (a log scale's default
-    # formatter writes "1.36419x10^1" at every level)
-    ticks = dict(ticks=lev[::max(1, len(lev) // 6)], format=matplotlib.ticker.FormatStrFormatter("%.3g"))
-    if kind == "3d":
-        ax = fig.add_subplot(projection="3d")
-        # clipped to the levels, not cut: values beyond them lie flat on the range's edge, so
-        # the surface has no jagged holes; with a log scale the height is log10 of the loss
-        zz = np.where(np.isfinite(z), np.clip(z, lev[0], lev[-1]), np.nan)
-        if geometric:
-            zz = np.log10(zz)
-        ax.plot_surface(X, Y, zz, cmap="viridis", linewidth=0, antialiased=True,
-                        vmin=np.nanmin(zz) if np.isfinite(zz).any() else None)
-        ax.set_zlabel(("log10 " if geometric else "") + _label(q))
-    else:
-        ax = fig.add_subplot()
-        if kind == "contour":
-            cs = ax.contour(X, Y, zm, levels=lev, cmap="viridis", norm=norm)
-            # every third level labelled: near theta* the levels crowd and labels pile up
-            ax.clabel(cs, cs.levels[::3], inline=True, fontsize=7, fmt="%.3g")
-        elif kind == "contourf":
-            cs = ax.contourf(X, Y, zm, levels=lev, cmap="viridis", norm=norm)
-            fig.colorbar(cs, ax=ax, label=_label(q), **ticks)
-        elif kind == "heat":
-            im = ax.imshow(zm, origin="lower", aspect="auto", cmap="viridis", norm=norm,
-                           extent=(s["x"][0], s["x"][-1], s["y"][0], s["y"][-1]),
-                           vmin=None if norm else lev[0], vmax=None if norm else lev[-1])
-            fig.colorbar(im, ax=ax, label=_label(q), **ticks)
-        else:
-            plt.close(fig)
-            raise ValueError(f"kind {kind!r}: allowed contour, contourf, heat, 3d")
-        ax.plot([0], [0], "r+", ms=8)  # theta*
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(6))  # no colliding tick labels
-        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(6))
-    ax.set_xlabel("alpha (direction x)")
-    ax.set_ylabel("beta (direction y)")
-    t = s.get("trajectory")
-    if t is not None and kind in ("contour", "contourf", "heat"):  # pca: the path training took
-        ax.plot(t[:, 0], t[:, 1], "-o", color="tab:red", ms=3, lw=1, label="training trajectory")
-        ax.plot([t[0, 0]], [t[0, 1]], "s", color="tab:red", ms=5)
-    title = f"{s['name']}: {split} {_label(q)}"
-    if s.get("interpolated") is not None:  # an adaptive grid: say how much is computed
-        title += f"\nadaptive: {100 * s['done'].mean():.0f}% of cells computed, the rest interpolated"
-        if kind in ("contour", "contourf", "heat"):
-            iy, ix = np.nonzero(s["done"])
-            ax.plot(s["x"][ix], s["y"][iy], ",", color="k", alpha=0.25)  # where the surface was computed
-    ax.set_title(title, fontsize=9)
-    return fig
-
-
-def plot_2d(s: dict, args, outdir: str, stem: str) -> list:
-    written = []
-    for (split, q) in s["values"]:
-        for kind in ("contour", "contourf", "heat", "3d"):
-            fig = figure_2d(s, split, q, kind, args)
-            if fig is None:
-                break
-            path = os.path.join(outdir, f"{stem}_{split}_{q}_{kind}.{args.format}")
-            fig.savefig(path, dpi=args.dpi, bbox_inches="tight")
-            plt.close(fig)
-            written.append(path)
-    for split in s["splits"]:
-        for what, make in (("curvature", figure_curvature), ("trajectory", figure_trajectory)):
-            fig = make(s, split, args)
-            if fig is not None:
-                written.append(_save(fig, os.path.join(outdir, f"{stem}_{split}_{what}.{args.format}"), args))
-    return written
-
-
-def _save(fig, path: str, args) -> str:
-    fig.savefig(path, dpi=args.dpi, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def _loss_contours(ax, s: dict, split: str, args, colors="w") -> None:
-    """Thin loss contours over another quantity's map: where the basin is."""
-    z = s["values"].get((split, "loss"))
-    lev = _levels(z, args, "loss") if z is not None else None
-    if lev is not None:
-        X, Y = np.meshgrid(s["x"], s["y"])
-        ax.contour(X, Y, _masked(z, lev), levels=lev[::3], colors=colors, linewidths=0.5, alpha=0.8,
-                   norm=matplotlib.colors.LogNorm(lev[0], lev[-1]) if _geometric("loss", lev) else None)
-
-
-def curvature_panels(fig, axes, maps: list, args, colorbars: bool = True):
-    """Draw per-cell curvature maps. `maps` is [(s, split, q)] one per axis: lambda_max on log
-    levels when it spans decades, lambda_min on a diverging scale centred at 0 (negative:
-    directions of descent), |lambda_min/lambda_max| from 0 (convex) up; loss contours over them."""
-    images = []
-    for ax, (s, split, q, lev) in zip(axes, maps):
-        z = s["values"][(split, q)]
-        X, Y = np.meshgrid(s["x"], s["y"])
-        if q == "lambda_min":
-            # white at 0, blue below, red above, symmetric-log: lambda_min spans decades too
-            lim = max(abs(lev[0]), abs(lev[-1]), 1e-12)
-            norm = matplotlib.colors.SymLogNorm(1e-2 * lim, vmin=-lim, vmax=lim)
-            im = ax.pcolormesh(X, Y, np.ma.masked_invalid(z), cmap="RdBu_r", norm=norm, shading="nearest")
-        else:
-            norm = matplotlib.colors.LogNorm(lev[0], lev[-1]) if _geometric(q, lev) else \
-                matplotlib.colors.Normalize(lev[0], lev[-1])
-            im = ax.pcolormesh(X, Y, np.ma.masked_invalid(z), cmap="magma" if q == "eig_ratio" else "viridis",
-                               norm=norm, shading="nearest")
-        _loss_contours(ax, s, split, args)
-        ax.plot([0], [0], "c+", ms=8)
-        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
-        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
-        if colorbars:  # unlabelled: the panel's title names the quantity
-            _colorbar(fig, im, ax=ax)
-        images.append(im)
-    return images
-
-
-def _colorbar(fig, im, **kw):
-    """A colour bar with plain-number ticks; on a symmetric-log scale only 0 and the powers of
-    ten clear of the linear band around it (else "-10", "0" and "10" print on top of each other)."""
-    cb = fig.colorbar(im, format=matplotlib.ticker.FormatStrFormatter("%.3g"), **kw)
-    norm = im.norm
-    if isinstance(norm, matplotlib.colors.SymLogNorm):
-        lim, band = norm.vmax, norm.linthresh
-        powers = [10.0 ** k for k in range(int(np.floor(np.log10(2 * band))), int(np.ceil(np.log10(lim))) + 1)
-                  if 2 * band <= 10.0 ** k <= lim]
-        cb.set_ticks(sorted([-p for p in powers] + [0.0] + powers))
-    return cb
-
-
-def figure_curvature(s: dict, split: str, args):
-    """The reference code's convexity map and its parts: lambda_max, lambda_min and their
-    ratio per cell (eval.curvature), side by side, with the loss contours. None without them."""
-    qs = [q for q in ("lambda_max", "lambda_min", "eig_ratio") if (split, q) in s["values"]]
-    levs = [_levels(s["values"][(split, q)], args, q) for q in qs]
-    if not qs or any(lev is None for lev in levs):
-        return None
-    fig, axes = plt.subplots(1, len(qs), figsize=(4.6 * len(qs), 3.9), squeeze=False, layout="constrained")
-    curvature_panels(fig, axes[0], [(s, split, q, lev) for q, lev in zip(qs, levs)], args)
-    for ax, q in zip(axes[0], qs):
-        ax.set_title(_label(q), fontsize=9)
-        ax.set_xlabel("alpha (direction x)")
-    axes[0][0].set_ylabel("beta (direction y)")
-    fig.suptitle(f"{s['name']}: {split} Hessian per cell (white: loss contours)", fontsize=10)
-    return fig
-
-
-def figure_trajectory(s: dict, split: str, args):
-    """directions.kind pca: the loss on the plane of the trajectory's top two principal
-    directions, the checkpoints' path on it numbered by epoch, the variance each axis explains."""
-    t = s.get("trajectory")
-    z = s["values"].get((split, "loss"))
-    if t is None or z is None:
-        return None
-    lev = _levels(z, args, "loss")
-    if lev is None:
-        return None
-    fig, ax = plt.subplots(figsize=(5.8, 4.6))
-    X, Y = np.meshgrid(s["x"], s["y"])
-    norm = matplotlib.colors.LogNorm(lev[0], lev[-1]) if _geometric("loss", lev) else None
-    cs = ax.contour(X, Y, _masked(z, lev), levels=lev, cmap="viridis", norm=norm, linewidths=0.8)
-    ax.clabel(cs, cs.levels[::4], inline=True, fontsize=6, fmt="%.3g")
-    ax.plot(t[:, 0], t[:, 1], "-o", color="tab:red", ms=3.5, lw=1.2, label="training trajectory")
-    step = max(1, len(t) // 8)  # at most about eight numbers on the path
-    for i in list(range(0, len(t), step)) + ([len(t) - 1] if (len(t) - 1) % step else []):
-        ax.annotate(str(i + 1), t[i], textcoords="offset points", xytext=(4, 4), fontsize=7, color="tab:red")
-    ax.plot([0], [0], "k*", ms=9, label="θ* (final weights)")
-    ev = s.get("explained_variance_ratio")
-    ev = json.loads(ev) if isinstance(ev, str) else ev
-    names = [f"{n} ({100 * float(v):.1f}% of the variance)" for n, v in zip(("PC1", "PC2"), ev)] if ev is not None \
-        else ["PC1", "PC2"]
-    ax.set_xlabel(names[0])
-    ax.set_ylabel(names[1])
-    ax.set_aspect("equal", adjustable="datalim")
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
-    ax.set_title(f"{s['name']}: {split} loss and the training trajectory (numbers: epochs)", fontsize=9)
-    return fig
-
-
-def figure_density(c: dict, name: str, split: str):
-    """The Hessian's eigenvalue density at theta* (stochastic Lanczos quadrature), log scale,
-    with the top eigenvalues marked. None without a density."""
-    if "density_nodes" not in c:
-        return None
-    from .evaluation.curvature import smoothed_density
-    grid, d = smoothed_density(c["density_nodes"], c["density_weights"])
-    fig, ax = plt.subplots(figsize=(5.8, 3.6))
-    ax.semilogy(grid, np.maximum(d, 1e-12), lw=1.2)
-    for i, v in enumerate(c.get("top_eigenvalues", [])):
-        ax.axvline(v, color="tab:red", lw=0.6, ls=":", label="top eigenvalues (eigsh)" if i == 0 else None)
-    ax.set_ylim(max(1e-8, d.max() * 1e-8), d.max() * 3)
-    ax.set_xlabel("Hessian eigenvalue")
-    ax.set_ylabel("density")
-    ax.legend(fontsize=7)
-    runs, steps = c["density_nodes"].shape
-    ax.set_title(f"{name}: {split} Hessian spectrum at θ* ({runs} runs x {steps} Lanczos steps, "
-                 f"{c.get('batches')} batches)", fontsize=9)
-    return fig
-
-
-def default_args(**kw) -> argparse.Namespace:
-    """The command line's defaults, for figures drawn from Python."""
-    a = dict(vmin=None, vmax=None, levels=30, log=False, linear=False, format="png", dpi=300)
-    a.update(kw)
-    return argparse.Namespace(**a)
-
-
-def figure(s: dict, split: str, q: str = "loss", kind: str = "contour", **kw):
-    """A figure of one quantity of a surface read by read_surface (lldist.Landscape.plot):
-    a 2D kind, or the 1D curve of all quantities."""
-    args = default_args(**kw)
-    if (split, q) not in s["values"]:
-        raise ValueError(f"no {split}/{q} in this surface (has {', '.join('/'.join(k) for k in s['values'])})")
-    if s["y"] is None:
-        return figure_1d(s, args)
-    return figure_2d(s, split, q, kind, args)
-
-
-def job_labels(paths: list) -> list:
-    """A short title per file from what differs between their jobs, e.g. "cnn_skip, batch 64"."""
-    from .config import effective_raw
-    from .store import SurfaceReader
-    flat = []
-    for p in paths:
-        with SurfaceReader(p) as sf:
-            try:
-                raw = effective_raw(sf.job_yaml(), p)  # the file's text and its --set overrides
-            except (UserError, ValueError):  # an unreadable job text only costs the panel its title
-                raw = {}
-        out = {}
-
-        def walk(d, prefix=""):
-            for k, v in d.items():
-                if isinstance(v, dict):
-                    walk(v, f"{prefix}{k}.")
-                else:
-                    out[prefix + k] = v
-        walk(raw)
-        flat.append(out)
-    ignore = {"name", "output", "model.checkpoint", "directions.target"}
-    keys = sorted({k for f in flat for k in f} - ignore)
-    differ = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]
-    if "model.name" in differ:  # the model's arguments follow the model: its name says enough
-        differ = [k for k in differ if not k.startswith("model.args.")]
-    first = ["model.name", "train.batch_size", "train.lr", "train.optimizer", "data.name"]
-    # what makes the model first (name, training, data), then the rest (grid, evaluation)
-    differ.sort(key=lambda k: (first.index(k) if k in first else len(first),
-                               not k.startswith(("model.", "train.", "data.")), k))
-    pretty = {"model.name": "{}", "train.batch_size": "batch {}", "train.lr": "lr {}", "train.optimizer": "{}",
-              "data.name": "{}", "model.args.batchnorm": "batchnorm {}"}
-    labels = []
-    for f, p in zip(flat, paths):
-        parts = [pretty.get(k, k.split(".")[-1] + " {}").format(f.get(k)) for k in differ[:4]]
-        labels.append(", ".join(parts) if parts else os.path.basename(os.path.dirname(os.path.abspath(p))) or p)
-    return labels
-
-
-def compare(paths: list, args, outdir: str) -> list:
-    """Side by side with ONE colour scale, the same levels and the same axes (2D), or overlaid
-    curves (1D). Returns [(path, figure)] before closing, for tests to inspect."""
-    surfaces = [read_surface(p) for p in paths]
-    labels = job_labels(paths)
-    dims = {s["y"] is None for s in surfaces}
-    if len(dims) > 1:
-        raise UserError("--compare needs surfaces of one kind: all 1D or all 2D")
-    splits = [sp for sp in surfaces[0]["splits"] if all(sp in s["splits"] for s in surfaces)]
-    if not splits:
-        raise UserError("--compare: the files share no split (train/test)")
-    written = []
-    for split in splits:
-        for q in [q for q in surfaces[0]["quantities"] if all(q in t["quantities"] for t in surfaces)]:
-            zs = [s["values"][(split, q)] for s in surfaces]
-            lev = _levels(np.concatenate([z.ravel() for z in zs]), args, q)
-            if lev is None:
-                continue
-            name = os.path.join(outdir, f"compare_{split}_{q}.{args.format}")
-            if surfaces[0]["y"] is None:
-                fig, ax = plt.subplots(figsize=(6.5, 4.2))
-                for s, z, lab in zip(surfaces, zs, labels):
-                    ax.plot(s["x"], np.ma.masked_invalid(100 * z if q == "acc" else z), label=lab,
-                            marker="o" if len(s["x"]) == 1 else None)
-                ax.set_xlabel(surfaces[0]["xlabel"])
-                ax.set_ylabel(f"{split} {_label(q)}" + (" (%)" if q == "acc" else ""))
-                if _geometric(q, lev):
-                    ax.set_yscale("log")
-                ax.legend(fontsize=8)
-            else:
-                n = len(surfaces)
-                cols = min(n, 3)
-                rows = (n + cols - 1) // cols
-                fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), sharex=True, sharey=True,
-                                         squeeze=False)
-                geometric = _geometric(q, lev)
-                norm = (matplotlib.colors.LogNorm if geometric else matplotlib.colors.Normalize)(lev[0], lev[-1])
-                cs = None
-                for ax, s, z, lab in zip(axes.flat, surfaces, zs, labels):
-                    X, Y = np.meshgrid(s["x"], s["y"])
-                    cs = ax.contourf(X, Y, _masked(z, lev), levels=lev, cmap="viridis", norm=norm)
-                    ax.contour(X, Y, _masked(z, lev), levels=lev[::3], colors="k", linewidths=0.4, norm=norm)
-                    ax.plot([0], [0], "r+", ms=7)
-                    ax.set_title(lab, fontsize=9)
-                for ax in axes.flat[n:]:
-                    ax.set_visible(False)
-                cb = fig.colorbar(cs, ax=axes.ravel().tolist(), label=f"{split} {_label(q)}")
-                ticks = lev[::max(1, len(lev) // 6)]
-                cb.set_ticks(ticks)
-                cb.set_ticklabels([f"{t:.3g}" for t in ticks])
-            fig.savefig(name, dpi=args.dpi, bbox_inches="tight")
-            written.append((name, fig))
-        if surfaces[0]["y"] is not None:
-            fig = compare_curvature(surfaces, labels, split, args)
-            if fig is not None:
-                name = os.path.join(outdir, f"compare_{split}_curvature.{args.format}")
-                fig.savefig(name, dpi=args.dpi, bbox_inches="tight")
-                written.append((name, fig))
-    return written
-
-
-def compare_curvature(surfaces: list, labels: list, split: str, args):
-    """The curvature maps of several surfaces: a row per surface, a column per quantity
-    (lambda_max, lambda_min, |lambda_min/lambda_max|), each column on ONE colour scale."""
-    qs = [q for q in ("lambda_max", "lambda_min", "eig_ratio") if all((split, q) in t["values"] for t in surfaces)]
-    if not qs:
-        return None
-    levs = [_levels(np.concatenate([t["values"][(split, q)].ravel() for t in surfaces]), args, q) for q in qs]
-    if any(lev is None for lev in levs):
-        return None
-    n = len(surfaces)
-    fig, axes = plt.subplots(n, len(qs), figsize=(4.0 * len(qs), 3.3 * n + 0.9), squeeze=False,
-                             sharex=True, sharey=True, layout="constrained")
-    for row, (t, lab) in enumerate(zip(surfaces, labels)):
-        ims = curvature_panels(fig, axes[row], [(t, split, q, lev) for q, lev in zip(qs, levs)], args,
-                               colorbars=False)
-        axes[row][0].set_ylabel(f"{lab}\nbeta", fontsize=8)
-    for col, (q, im) in enumerate(zip(qs, ims)):
-        axes[0][col].set_title(_label(q), fontsize=9)
-        axes[-1][col].set_xlabel("alpha")
-        _colorbar(fig, im, ax=axes[:, col].tolist(), orientation="horizontal", shrink=0.9)
-    fig.suptitle(f"{split}: Hessian per cell, one colour scale per column (white: loss contours)", fontsize=10)
-    return fig
-
-
-def figure_1d(s: dict, args):
-    """Loss on the left axis, the second quantity (accuracy in %, or e.g. a custom metric) on
-    the right; train solid, test dashed."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    others = [q for q in s["quantities"] if q != "loss"]
-    right = "acc" if "acc" in others else (others[0] if others else None)
-    ax2 = ax.twinx() if right else None
-    styles = {"train": "-", "test": "--"}
-    for split in s["splits"]:
-        marker = "o" if len(s["x"]) == 1 else ""  # a single cell is a point, not a line
-        loss = np.ma.masked_invalid(s["values"][(split, "loss")])
-        ax.plot(s["x"], loss, "b" + marker + styles[split], label=f"{split} loss")
-        if right:
-            v = np.ma.masked_invalid(s["values"][(split, right)])
-            ax2.plot(s["x"], 100 * v if right == "acc" else v, "r" + marker + styles[split],
-                     label=f"{split} {_label(right)}")
-    ax.set_xlabel(s["xlabel"])
-    ax.set_ylabel("loss", color="b")
-    if right:
-        ax2.set_ylabel("accuracy (%)" if right == "acc" else _label(right), color="r")
-    if args.log:
-        ax.set_yscale("log")
-    if args.vmin is not None or args.vmax is not None:
-        ax.set_ylim(args.vmin, args.vmax)
-    lines = ax.get_lines() + (ax2.get_lines() if right else [])
-    # the legend above the axes: inside, it sat on the curves
-    ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="lower center",
-              bbox_to_anchor=(0.5, 1.0), ncol=min(4, len(lines)), frameon=False)
-    ax.set_title(s["name"], fontsize=9, pad=24)
-    return fig
-
-
-def plot_1d(s: dict, args, outdir: str, stem: str) -> list:
-    fig = figure_1d(s, args)
-    path = os.path.join(outdir, f"{stem}_curve.{args.format}")
-    fig.savefig(path, dpi=args.dpi, bbox_inches="tight")
-    plt.close(fig)
-    return [path]
-
+from .errors import UserError, run_cli
 
 def check_args(args) -> None:
     if args.levels < 3:
@@ -486,18 +36,27 @@ def check_args(args) -> None:
         raise UserError(f"--dpi must be between 1 and 2400, got {args.dpi}")
 
 
+def options(args):
+    from .figures import PlotOptions
+    return PlotOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PlotOptions)})
+
+
 def main(argv=None) -> int:
+    import matplotlib
+    matplotlib.use("Agg")  # files only: the command line never needs a window
+    from . import figures
+    d = figures.PlotOptions()
     ap = argparse.ArgumentParser(prog="python -m lldist.plot", description=__doc__.split("\n")[0])
     ap.add_argument("files", nargs="+", help="lldist surface files (.h5)")
     ap.add_argument("--out", help="output folder (default: next to each file)")
-    ap.add_argument("--format", default="png", choices=("png", "pdf", "svg"))
-    ap.add_argument("--vmin", type=float, help="lowest loss shown")
-    ap.add_argument("--vmax", type=float, help="highest loss shown (above: gaps)")
-    ap.add_argument("--levels", type=int, default=30, help="number of contour levels")
-    ap.add_argument("--log", action="store_true", help="logarithmic loss scale (default when the loss spans "
-                    "more than a factor 50)")
-    ap.add_argument("--linear", action="store_true", help="linear loss scale, always")
-    ap.add_argument("--dpi", type=int, default=300, help="PNG resolution (pdf and svg are vector)")
+    ap.add_argument("--format", default=d.format, choices=("png", "pdf", "svg"), help="figure file format")
+    ap.add_argument("--vmin", type=float, default=d.vmin, help="lowest loss shown")
+    ap.add_argument("--vmax", type=float, default=d.vmax, help="highest loss shown (above: gaps)")
+    ap.add_argument("--levels", type=int, default=d.levels, help="number of contour levels")
+    ap.add_argument("--log", action="store_true", default=d.log,
+                    help="logarithmic loss scale (the default when the loss spans more than a factor 50)")
+    ap.add_argument("--linear", action="store_true", default=d.linear, help="linear loss scale, always")
+    ap.add_argument("--dpi", type=int, default=d.dpi, help="PNG resolution (pdf and svg are vector)")
     ap.add_argument("--vtk", action="store_true", help="also write <file>.vts for ParaView (z: the loss)")
     ap.add_argument("--html", action="store_true",
                     help="also write an interactive 3D surface per split and quantity as HTML (lldist[html])")
@@ -505,16 +64,17 @@ def main(argv=None) -> int:
                     help="one figure per quantity: the files side by side on one colour scale (1D: overlaid)")
     args = ap.parse_args(argv)
     check_args(args)
+    opts = options(args)
     if args.compare:
         outdir = args.out or os.path.dirname(os.path.abspath(args.files[0]))
         os.makedirs(outdir, exist_ok=True)
-        figs = compare(args.files, args, outdir)
+        figs = figures.compare(args.files, opts, outdir)
         for _, fig in figs:
-            plt.close(fig)
+            figures.plt.close(fig)
         print(f"lldist: wrote {len(figs)} comparison figures to {outdir}", flush=True)
         return 0
     for path in args.files:
-        s = read_surface(path)
+        s = figures.read_surface(path)
         outdir = args.out or os.path.dirname(os.path.abspath(path))
         try:
             os.makedirs(outdir, exist_ok=True)
@@ -523,24 +83,18 @@ def main(argv=None) -> int:
         stem = os.path.splitext(os.path.basename(path))[0]
         if not s["done"].any():
             raise UserError(f"{path}: no cell is computed yet")
-        written = plot_2d(s, args, outdir, stem) if s["y"] is not None else plot_1d(s, args, outdir, stem)
-        for split, c in s["curvature"].items():
-            fig = figure_density(c, s["name"], split)
-            if fig is not None:
-                written.append(_save(fig, os.path.join(outdir, f"{stem}_{split}_density.{args.format}"), args))
+        written = figures.write_all(s, opts, outdir, stem)
         print(f"lldist: {path}: wrote {len(written)} figures to {outdir}", flush=True)
         from .store import export
-        log = bool(args.log)
         if args.vtk:
-            out = export.write_vts(s, os.path.join(outdir, stem + ".vts"), log=log)
+            out = export.write_vts(s, os.path.join(outdir, stem + ".vts"), log=opts.log)
             print(f"lldist: {path}: wrote {out} (ParaView)", flush=True)
         if args.html:
             for (split, q) in s["values"]:
-                out = export.write_html(s, os.path.join(outdir, f"{stem}_{split}_{q}.html"), split, q,
-                                        log=log and q == "loss")
+                export.write_html(s, os.path.join(outdir, f"{stem}_{split}_{q}.html"), split, q,
+                                  log=opts.log and q == "loss")
             print(f"lldist: {path}: wrote {len(s['values'])} interactive HTML surfaces to {outdir}", flush=True)
     return 0
-
 
 
 def cli() -> None:
@@ -548,4 +102,4 @@ def cli() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    cli()

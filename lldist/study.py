@@ -109,7 +109,7 @@ def _curvature_settings(value, path: str):
 def curvature_at_optimum(v: Variant, settings: dict, log=print) -> None:
     """The Hessian at the variant's theta* (lldist.hessian.at_optimum), stored in its surface
     file; skipped when the file holds it with the same settings (a study resumes)."""
-    from . import hessian
+    from .optimum import at_optimum
     from .store import SurfaceReader, write_curvature
     with SurfaceReader(v.job.output) as sf:
         have = sf.curvature()
@@ -120,7 +120,7 @@ def curvature_at_optimum(v: Variant, settings: dict, log=print) -> None:
     if old.get("batches_requested") == settings["batches"] and old.get("trace_samples") == settings["trace_samples"] and \
             len(old.get("top_eigenvalues", [])) >= settings["top"]:
         return
-    res = hessian.at_optimum(v.job, settings["top"], settings["trace_samples"], settings["batches"], log=log,
+    res = at_optimum(v.job, settings["top"], settings["trace_samples"], settings["batches"], log=log,
                              split=split)
     write_curvature(v.job.output, res)
 
@@ -132,9 +132,7 @@ def _img(path: str) -> str:
 
 def report(title: str, out: str, variants: list, log=print) -> tuple:
     """Metrics, comparison figures, per-variant contours, HTML + Markdown. Rank 0 only."""
-    import matplotlib.pyplot as plt
-
-    from . import metrics, plot
+    from . import figures, metrics
     figdir = os.path.join(out, "figures")
     os.makedirs(figdir, exist_ok=True)
     paths = [v.job.output for v in variants]
@@ -144,11 +142,10 @@ def report(title: str, out: str, variants: list, log=print) -> tuple:
     for split in splits:
         rows = [metrics.from_file(p, split, store=True) for p in paths]
         tables[split] = metrics.table(rows, names)
-    args = argparse.Namespace(vmin=None, vmax=None, levels=30, log=False, linear=False, format="png", dpi=80)
     figs = []
-    for path, fig in plot.compare(paths, args, figdir):
+    for path, fig in figures.compare(paths, figures.PlotOptions(dpi=80), figdir):
         figs.append(path)
-        plt.close(fig)
+        figures.plt.close(fig)
     md = [f"# {title}\n", "Landscape metrics (definitions: docs/METRICS.md), one row per variant.\n"]
     sharp = sharpness(variants, [metrics.from_file(p, splits[0]) for p in paths])
     if sharp:
@@ -239,7 +236,9 @@ def _md_table_to_html(t: str) -> str:
 
 
 def main(argv=None) -> int:
-    from .surface import log, run_job
+    import matplotlib
+    matplotlib.use("Agg")  # the report's figures are files
+    from .run import RunOptions, log, run_surface
     from .transport import runner
     ap = argparse.ArgumentParser(prog="python -m lldist.study", description=__doc__.split("\n")[0])
     ap.add_argument("study", help="study file (YAML)")
@@ -262,7 +261,8 @@ def main(argv=None) -> int:
         for v in variants:
             if ctx.rank == 0:
                 log(f"--- variant {v.name}")
-            code = run_job(ctx, lambda v=v: v.job, False, args.progress_every, should_stop)
+            code = run_surface(ctx, lambda v=v: v.job, RunOptions(progress_every=args.progress_every),
+                               should_stop=should_stop)
             if code:
                 return code
             if curvature and ctx.rank == 0:  # the one writer of the file; a few seconds a variant

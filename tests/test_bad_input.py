@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import run, write_job
 
-from lldist import plot, surface
+from lldist import figures, plot, surface
 from lldist.config import ModelConfig
 from lldist.errors import run_cli
 from lldist.workloads.models import build_model
@@ -218,7 +218,7 @@ def test_one_row_or_column_grid_plots_as_a_curve(workdir, grid, curve):
     run(["lldist.surface", job], workdir)
     p = run(["lldist.plot", "out.h5"], workdir)
     assert "wrote 1 figures" in p.stdout and os.path.exists("out_curve.png")
-    s = plot.read_surface("out.h5")
+    s = figures.read_surface("out.h5")
     assert s["y"] is None and s["xlabel"].startswith(curve)
     n = max(grid["x"][2], grid["y"][2])
     assert s["values"][("test", "loss")].shape == (n,) and np.isfinite(s["values"][("test", "loss")]).all()

@@ -133,8 +133,8 @@ def test_direction_kinds_in_files(workdir):
     assert (workdir / "pca_test_trajectory.png").exists()
     import lldist
     np.testing.assert_array_equal(lldist.open(str(workdir / "pca.h5")).trajectory, t)
-    from lldist import plot
-    fig = plot.figure_trajectory(plot.read_surface(str(workdir / "pca.h5")), "test", plot.default_args())
+    from lldist import figures
+    fig = figures.figure_trajectory(figures.read_surface(str(workdir / "pca.h5")), "test", figures.PlotOptions())
     path_line = [ln for ln in fig.axes[0].lines if ln.get_label() == "training trajectory"][0]
     np.testing.assert_allclose(np.column_stack(path_line.get_data()), t)  # the stored coordinates, drawn
     assert fig.axes[0].get_xlabel().startswith("PC1 (")
@@ -162,13 +162,13 @@ def test_per_cell_curvature_matches_the_full_hessian_at_each_cell(workdir):
     # the maps get their own figure, and --compare puts two files' maps on one scale per column
     import shutil
 
-    from lldist import plot
+    from lldist import figures
     run(["lldist.plot", "out.h5", "--dpi", "50"], workdir)
     assert (workdir / "out_test_curvature.png").exists()
     shutil.copyfile(workdir / "out.h5", workdir / "twice.h5")
     with h5py.File(workdir / "twice.h5", "r+") as f:
         f["test/lambda_max"][()] = 2 * lmax
-    figs = dict(plot.compare([str(workdir / "out.h5"), str(workdir / "twice.h5")], plot.default_args(dpi=50),
+    figs = dict(figures.compare([str(workdir / "out.h5"), str(workdir / "twice.h5")], figures.PlotOptions(dpi=50),
                              str(workdir)))
     fig = figs[str(workdir / "compare_test_curvature.png")]
     meshes = [ax.collections[0] for ax in fig.axes[:6]]  # the panels (colour bars follow): file, then quantity

@@ -4,7 +4,7 @@ bf16 within its documented tolerance (2% on the loss, 2 points of accuracy)."""
 import numpy as np
 import pytest
 
-from lldist.bench import make_case
+from lldist.bench.common import make_case
 from lldist.config import EvalConfig
 from lldist.evaluation.evaluator import Evaluator, evaluate_plain
 

@@ -36,7 +36,7 @@ TOL = {"fp32": 1e-5, "compiled": 1e-4, "tf32": 1e-2, "bf16": 2e-2}
 
 
 def _case(name, n):
-    from lldist.bench import make_case
+    from lldist.bench.common import make_case
     return make_case(name, n)
 
 
@@ -104,7 +104,8 @@ def test_channels_last():
 @needs_cuda
 def test_batch_auto():
     ev = _path("batch-auto")
-    assert ev.batch_size >= 32
+    # the choice is the fastest batch the calibration measured, among several it tried
+    assert len(ev.batch_rates) >= 3 and ev.batch_size == max(ev.batch_rates, key=ev.batch_rates.get)
 
 
 @gpu

@@ -4,8 +4,8 @@ choice of cells against surfaces whose full grid is known."""
 import numpy as np
 import pytest
 
-from lldist.plot import _levels, default_args
-from lldist.transport.schedule import Adaptive, Box, Sweep, lattice, reconstruct
+from lldist.figures import PlotOptions, _levels
+from lldist.schedule import Adaptive, Box, Sweep, lattice, reconstruct
 
 
 def drain(s, values, rng=None, batch=1):
@@ -66,7 +66,7 @@ def bowl(n, rough=0.0, seed=0):
 
 
 def level_mismatch(full, approx, levels=30):
-    lev = _levels(full, default_args(levels=levels), "loss")
+    lev = _levels(full, PlotOptions(levels=levels), "loss")
     return np.mean(np.digitize(full, lev) != np.digitize(approx, lev))
 
 

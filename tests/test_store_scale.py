@@ -8,8 +8,9 @@ import h5py
 import numpy as np
 from conftest import env
 
+from lldist.bench.coordinator import new_file
 from lldist.store import hdf5 as store  # its module globals, for monkeypatch
-from lldist.transport.coordbench import new_file
+from lldist.transport.runner import ChunkResult
 
 
 def values_for(cells):
@@ -18,13 +19,18 @@ def values_for(cells):
     return np.stack([c * 0.5 + 1, -c], axis=1)[:, None, :]
 
 
+def result(cells):
+    """A chunk's record as a rank makes it (rank 1 on host h, cpu, from t=0 to t=1)."""
+    return ChunkResult(0, np.asarray(cells), values_for(cells), 1, "h", "cpu", 0.0, 1.0)
+
+
 def test_commits_come_every_k_chunks_and_make_the_cells_done(tmp_path, monkeypatch):
     monkeypatch.setattr(store, "COMMIT_CHUNKS", 3)
     monkeypatch.setattr(store, "COMMIT_S", 3600.0)
     path = str(tmp_path / "s.h5")
     sf = new_file(path, 9)
     chunks = [np.arange(i, i + 5) for i in range(0, 40, 5)]  # 8 chunks, across rows
-    got = [sf.write_chunk(c, values_for(c), 1, "h", "cpu", 0.0, 1.0) for c in chunks]
+    got = [sf.write_chunk(result(c)) for c in chunks]
     assert got == [0, 0, 15, 0, 0, 15, 0, 0]
     f = sf.f  # the file as HDF5 holds it: chunks not committed are not in it at all
     done = f["done"][()].reshape(-1)
@@ -44,14 +50,14 @@ def test_commits_come_every_k_chunks_and_make_the_cells_done(tmp_path, monkeypat
 KILLED = """
 import os, sys, numpy as np
 sys.path.insert(0, {tests!r})
+from lldist.bench.coordinator import new_file
 from lldist.store import hdf5 as store  # its module globals, for monkeypatch
-from lldist.transport.coordbench import new_file
-from test_store_scale import values_for
+from test_store_scale import result
 store.COMMIT_S = 3600.0
 sf = new_file({path!r}, 7)
 order = np.random.default_rng(0).permutation(49)
 for i in range(0, 35, 7):  # five chunks of scattered cells
-    sf.write_chunk(order[i:i + 7], values_for(order[i:i + 7]), 1, "h", "cpu", 0.0, 1.0)
+    sf.write_chunk(result(order[i:i + 7]))
     if i == 14:
         sf.commit()
 os._exit(9)  # killed: nothing after the commit of the first three chunks reaches the file
@@ -73,7 +79,7 @@ def test_a_kill_between_commits_loses_only_the_uncommitted_chunks(tmp_path):
     # the next run finishes the grid from there
     sf = store.SurfaceWriter(path)
     rest = np.flatnonzero(~done)
-    sf.write_chunk(rest, values_for(rest), 2, "h", "cpu", 0.0, 1.0)
+    sf.write_chunk(ChunkResult(0, rest, values_for(rest), 2, "h", "cpu", 0.0, 1.0))
     sf.finish()
     with store.SurfaceReader(path) as r:
         assert r.done().all() and bool(r.attr("complete"))
@@ -83,7 +89,7 @@ def test_a_kill_between_commits_loses_only_the_uncommitted_chunks(tmp_path):
 MEMORY = """
 import resource, sys
 import torch  # as rank 0 has it
-from lldist.transport.coordbench import new_file
+from lldist.bench.coordinator import new_file
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 sf = new_file(sys.argv[1], 2001)
 sf.finish()

@@ -1,7 +1,6 @@
 """Landscape metrics on analytic surfaces, the shared colour scale of --compare, and a study
 end to end (train, surface, metrics, report; a second run reuses the surfaces)."""
 
-import argparse
 import os
 import sys
 
@@ -12,7 +11,7 @@ import pytest
 import yaml
 from conftest import chunk_log, mpiexec, run, write_job
 
-from lldist import metrics, plot
+from lldist import figures, metrics
 
 
 def grid(n=21):
@@ -74,8 +73,8 @@ def three_surfaces(workdir):
 @pytest.mark.slow
 def test_compare_uses_one_colour_scale(workdir):
     paths = three_surfaces(workdir)
-    args = argparse.Namespace(vmin=None, vmax=None, levels=20, log=False, linear=False, format="png", dpi=50)
-    figs = dict(plot.compare(paths, args, str(workdir)))
+    args = figures.PlotOptions(levels=20, dpi=50)
+    figs = dict(figures.compare(paths, args, str(workdir)))
     fig = figs[os.path.join(str(workdir), "compare_test_loss.png")]
     sets = [c for ax in fig.axes for c in ax.collections if isinstance(c, matplotlib.contour.ContourSet)]
     filled = [c for c in sets if c.filled]

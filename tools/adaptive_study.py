@@ -16,9 +16,9 @@ import sys
 
 import numpy as np
 
-from lldist.plot import _levels, default_args
+from lldist.figures import PlotOptions, _levels
 from lldist.store import SurfaceReader
-from lldist.transport.schedule import Adaptive, reconstruct
+from lldist.schedule import Adaptive, reconstruct
 
 
 def replay(loss: np.ndarray, coarse: int, tolerance: float, levels: int = 30, chunk: int = 32) -> np.ndarray:
@@ -37,7 +37,7 @@ def replay(loss: np.ndarray, coarse: int, tolerance: float, levels: int = 30, ch
 
 
 def compare(full: np.ndarray, approx: np.ndarray, levels: int = 30) -> dict:
-    lev = _levels(full, default_args(levels=levels), "loss")
+    lev = _levels(full, PlotOptions(levels=levels), "loss")
     ok = np.isfinite(full)
     a, b = np.digitize(full[ok], lev), np.digitize(np.nan_to_num(approx[ok], nan=np.inf), lev)
     err = np.abs(approx[ok] - full[ok])
@@ -61,7 +61,7 @@ def picture(full_path: str, adaptive_path: str, png: str, levels: int = 30) -> d
     name, a = read(adaptive_path)
     split = f["splits"][0]
     full, rec, done = f["values"][(split, "loss")], a["values"][(split, "loss")], a["done"]
-    lev = _levels(full, default_args(levels=levels), "loss")
+    lev = _levels(full, PlotOptions(levels=levels), "loss")
     norm = matplotlib.colors.LogNorm(lev[0], lev[-1]) if lev[0] > 0 and lev[-1] / lev[0] > 50 else None
     c = compare(full, rec, levels)
     fig, ax = plt.subplots(1, 3, figsize=(13, 4.2), constrained_layout=True)

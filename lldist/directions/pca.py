@@ -2,7 +2,8 @@
 section 7), and each checkpoint's coordinates on it. Pure tensor code, no MPI, no HDF5.
 
     from lldist.directions import pca_directions
-    dirs, info, coords = pca_directions(theta, kinds, [theta_1, ..., theta_m])   # coords: (m, 2)
+    dirs, info, coords = pca_directions(theta, kinds, [theta_1, ..., theta_m])
+    # dirs {"x", "y"}: unit vectors; info: explained variance ratios; coords: (m, 2)
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ def pca_directions(theta: dict, kinds: dict, trajectory: list, ignore: str = "bi
     statistics and, with ignore: biasbn, 1-D parameters excluded, as for random directions)
     are never stacked into a (parameters x m) matrix: their Gram matrix G = D D^T (m x m, float64)
     is built by accumulating entry by entry, and its eigenvectors u_k give the principal
-    directions d_k = D^T u_k / |D^T u_k| (unit vectors). Returns (dirs {"x", "y"}, info) with
-    the explained variance ratios and the trajectory's coordinates c_ik = D_i . d_k."""
+    directions d_k = D^T u_k / |D^T u_k| (unit vectors). Returns (dirs {"x", "y"}, info with the
+    explained variance ratios, coords: the trajectory's (m, 2) coordinates c_ik = D_i . d_k)."""
     names = [n for n, k in kinds.items() if k == "weight" or (k == "vector" and ignore != "biasbn")]
     m = len(trajectory)
     if m < 2:

@@ -38,6 +38,16 @@ def resolve_device(name: str) -> str:
     return name
 
 
+def device_for_rank(local_rank: int, requested: str) -> str:
+    """The device of one rank: cuda:<node-local rank mod visible GPUs> (one GPU per rank of a
+    node), or cpu."""
+    if resolve_device(requested) == "cpu":
+        return "cpu"
+    dev = f"cuda:{local_rank % torch.cuda.device_count()}"
+    torch.cuda.set_device(dev)
+    return dev
+
+
 def set_bn_mode(model: nn.Module, bn: str) -> None:
     model.eval()
     if bn == "batch":  # batch statistics; running stats still update but are reset every cell
@@ -77,7 +87,7 @@ class Evaluator:
         if self.task.curvature and cfg.cells_per_pass not in (1, "auto"):
             raise ValueError("curvature needs cells_per_pass=1 (the Hessian is taken cell by cell)")
         self.cfg = cfg
-        self._curvature = {}  # split -> hessian.Curvature on its fixed batches
+        self._curvature = {}  # split -> curvature.Curvature on its fixed batches
         self.prenormalize_bytes = prenormalize_bytes
         self.device = torch.device(device or resolve_device(cfg.device))
         self.autocast_dtype = AUTOCAST[cfg.precision]
@@ -291,6 +301,7 @@ class Evaluator:
     def calibrate_batch(self, budget_s: float = 2.0) -> int:
         """The fastest batch size among powers of two, on the first split, within the memory."""
         data = next(iter(self.splits.values()))
+        self.batch_rates = {}  # batch size -> examples/s, what the choice was made from
         best, best_rate = 64, 0.0
         bs, deadline = 32, time.perf_counter() + budget_s
         while bs <= max(32, len(data)) and time.perf_counter() < deadline:
@@ -303,6 +314,7 @@ class Evaluator:
                 rate = len(sub) / (time.perf_counter() - t0)
             except torch.OutOfMemoryError:
                 break
+            self.batch_rates[bs] = rate
             if rate > best_rate:
                 best, best_rate = bs, rate
             if len(sub) < bs * 2:

@@ -105,6 +105,12 @@ DEFAULT_METRICS = {"cross_entropy": {"acc": _acc}, "mse": {}, "lm": {"acc": _lm_
 DERIVED = {"lm": {"perplexity": lambda means: math.exp(means["loss"]) if means["loss"] < 700 else math.inf}}
 
 
+def qualified_name(fn) -> str:
+    """module.qualname of a callable (its class's for a callable object)."""
+    target = fn if hasattr(fn, "__qualname__") else type(fn)
+    return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', '?')}"
+
+
 def _sum_and_weight(fn: Callable, out, batch) -> tuple:
     """(float32 sum of fn's per-example values, sum of their weights: 1 each unless fn gives them)."""
     v, w = fn(out, batch)
@@ -135,7 +141,7 @@ class Task:
             default = DEFAULT_METRICS[loss]
             self.derived = DERIVED.get(loss, {})
         elif callable(loss):
-            self.loss_name = f"{getattr(loss, '__module__', '?')}.{getattr(loss, '__qualname__', '?')}"
+            self.loss_name = qualified_name(loss)
             self._loss, default, self.derived = _per_example(loss), {}, {}
         else:
             raise TypeError(f"loss must be a name or a callable, got {type(loss).__name__}")
@@ -144,12 +150,19 @@ class Task:
         if not isinstance(metrics, dict):
             raise TypeError(f"metrics must be a dict of name -> callable, got {type(metrics).__name__}")
         self._metrics = {}
+        # the user's own code, which the job's identity hashes (lldist.identity.task)
+        self.user_loss = loss if callable(loss) else None
+        self.user_metrics = {}
         for name, fn in metrics.items():
             if not isinstance(name, str) or not name.isidentifier() or name == "loss":
                 raise ValueError(f"metrics: {name!r} is not a usable name (an identifier other than 'loss')")
             if not callable(fn):
                 raise TypeError(f"metrics[{name!r}] must be callable, got {type(fn).__name__}")
-            self._metrics[name] = fn if fn in default.values() else _per_example(fn)
+            if fn in default.values():
+                self._metrics[name] = fn
+            else:
+                self._metrics[name] = _per_example(fn)
+                self.user_metrics[name] = fn
         self.summed = ("loss",) + tuple(self._metrics)
         # per-cell curvature (eval.curvature): computed by the evaluator, not from batch sums
         self.curvature = CURVATURE if curvature else ()
@@ -159,11 +172,12 @@ class Task:
             all(f is _acc for f in self._metrics.values())
 
     @property
-    def identity(self) -> str:
-        """What the numbers depend on, for the job's identity (callables by their names)."""
-        names = {n: f"{getattr(f, '__module__', '?')}.{getattr(f, '__qualname__', getattr(f, '__name__', '?'))}"
-                 for n, f in self._metrics.items()}
-        return f"{self.loss_name} {sorted(names.items())} {sorted(self.derived)}" + (" curvature" if self.curvature else "")
+    def metric_names(self) -> tuple:
+        return tuple(self._metrics)
+
+    @property
+    def has_user_code(self) -> bool:
+        return self.user_loss is not None or bool(self.user_metrics)
 
     def long_name(self, q: str, split: str) -> str:
         if q == "loss":
@@ -203,10 +217,10 @@ def make_task(loss="cross_entropy", metrics=None) -> Task:
 
 def task_from_config(cfg: EvalConfig) -> Task:
     """The job file's eval.loss and eval.metrics, python: references imported."""
-    from ..workloads.models import _import_factory
-    loss = _import_factory(cfg.loss, "eval.loss") if cfg.loss.startswith("python:") else cfg.loss
+    from ..workloads.factory import import_object
+    loss = import_object(cfg.loss, "eval.loss") if cfg.loss.startswith("python:") else cfg.loss
     metrics = None
     if cfg.metrics:  # added to the loss's own metrics (accuracy, perplexity)
         metrics = dict(DEFAULT_METRICS.get(cfg.loss, {}))
-        metrics.update({k: _import_factory(v, f"eval.metrics.{k}") for k, v in cfg.metrics.items()})
+        metrics.update({k: import_object(v, f"eval.metrics.{k}") for k, v in cfg.metrics.items()})
     return Task(loss, metrics, curvature=cfg.curvature)

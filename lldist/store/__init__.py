@@ -12,11 +12,10 @@ and interactive HTML surfaces, from arrays already read. The layout: docs/FORMAT
 from .hdf5 import (  # noqa: F401
                    FORMAT_VERSION,
                    Lock,
+                   Output,
                    SurfaceReader,
                    SurfaceWriter,
-                   check_resumable,
                    check_writable,
-                   directions_digest,
                    write_curvature,
                    write_metrics,
 )

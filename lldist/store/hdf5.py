@@ -1,10 +1,12 @@
 """The results file: the only module that imports h5py. Layout in docs/FORMAT.md.
 
-    lock = Lock("out.h5")                                  # one run per output, from the start
-    with SurfaceWriter.create_or_resume("out.h5", job, hashes, grid, make_dirs, meta) as sf:
-        sf.write_chunk(cells, values, rank, host, device, t0, t1)   # values (n, nsplits, nquantities)
-        sf.commit_due()                                      # between messages
+    out = Output("out.h5")                  # checked, locked and read once: one run per output
+    out.refuse_foreign(config_hash, overwrite)                # before any training
+    with out.open(job, hashes, grid, make_dirs, meta, overwrite, quantities) as sf:
+        sf.write_chunk(result)              # a finished chunk (transport's ChunkResult record)
+        sf.commit_due()                     # between messages: the group commit
         sf.finish()
+    out.release()
     with SurfaceReader("out.h5") as sf:                     # plots, metrics, info: never writes
         s = sf.read_all()
 
@@ -65,9 +67,9 @@ CHUNK_DTYPE = np.dtype([
 # /cell_chunk of a cell computed after the work log filled up (see _log_capacity)
 LOG_FULL = -2
 
-# Group commit: the done marks of finished chunks reach the file at most this often (or every
-# COMMIT_CHUNKS chunks), not after every chunk. Values are written at once; a SIGKILL loses at
-# most this much finished work (recomputed by the next run); SIGTERM and errors lose nothing.
+# Group commit: finished chunks are kept in memory and written (values, then their done marks)
+# at most this often, or every COMMIT_CHUNKS chunks, not one by one. A SIGKILL loses at most
+# this much finished work (recomputed by the next run); SIGTERM and errors commit first.
 COMMIT_S = 1.0
 COMMIT_CHUNKS = 256
 
@@ -111,22 +113,9 @@ def git_revision() -> str:
 def versions() -> dict:
     import torch
 
-    from .. import __version__
+    from ..version import __version__
     return {"lldist_version": __version__, "torch_version": torch.__version__, "numpy_version": np.__version__,
             "h5py_version": h5py.__version__, "python_version": platform.python_version()}
-
-
-def directions_digest(path: str) -> str:
-    """sha256 of a surface file's directions (their names and bytes): a file that gains cells
-    keeps its digest, one made with other directions does not."""
-    import hashlib
-    h = hashlib.sha256()
-    with SurfaceReader(path) as sf:
-        for axis, g in sorted(sf.f["directions"].items()):
-            for name, ds in sorted(g.items()):
-                h.update(f"{axis}/{name}".encode())
-                h.update(np.ascontiguousarray(ds[()]).tobytes())
-    return h.hexdigest()
 
 
 def check_writable(path: str) -> None:
@@ -224,7 +213,10 @@ class Lock:
         import fcntl
         self.path = path + ".lock"
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise UserError(f"output {path}: cannot create its lock file {self.path} ({e.strerror})")
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError:
@@ -247,8 +239,13 @@ class Lock:
                 break
             os.close(fd)
         self.fd = fd
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}\n".encode())
+        # who holds it, for the refusal message; on a full disk the lock holds without it (the
+        # flock is the lock, not the text), so a half-done surface still resumes there
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {now_iso()}\n".encode())
+        except OSError:
+            pass
 
     def release(self) -> None:
         if self.fd is not None:
@@ -359,7 +356,7 @@ class SurfaceReader:
                 a = f[split][q][()].astype(float)
                 a[~done] = np.nan
                 if self.adaptive and reconstruct:
-                    from ..transport.schedule import reconstruct as fill
+                    from ..schedule import reconstruct as fill
                     a = fill(a, done, int(self.adaptive["coarse"]))
                 out["values"][(split, q)] = a
         if self.adaptive and reconstruct:
@@ -393,40 +390,85 @@ class SurfaceReader:
         return rec, cells[np.argsort(owner[cells], kind="stable")]
 
 
-def check_resumable(path: str, config_hash: str, overwrite: bool) -> None:
-    """Before any work (training included): refuse an output that this job may not write.
+class Output:
+    """The output file of a run, handled once: the path checked, the lock taken, and what the
+    path already holds read once, read-only (a refused run leaves it exactly as it was,
+    modification time included).
 
-    Anything that is not an lldist surface is never touched, --overwrite or not (it may be the
-    job's own checkpoint or job file given as --out). Without --overwrite, a surface made by
-    another job configuration, or by an older format, is refused too. Opened read-only, so a
-    refused run leaves the file exactly as it was, modification time included."""
-    check_writable(path)
-    if not os.path.exists(path):
-        return
-    try:
-        with SurfaceReader(path) as sf:
-            theirs, version = sf.attr("job_config_hash", ""), sf.version
-            made = sf.attr("job_source", "?")
-    except UserError as e:
-        raise UserError(f"{e}; refusing to replace a file that is not an lldist surface")
-    if overwrite:
-        return
-    if version != FORMAT_VERSION:
-        why = ("random directions now come from a stream of their own, so its cells cannot be mixed "
-               "with new ones") if version < 2 else "its work log has the older layout"
-        raise UserError(f"output {path} has format version {version}, this lldist writes {FORMAT_VERSION} "
-                        f"({why}); use --out for a new file or --overwrite to replace it")
-    if theirs and theirs != config_hash:
-        raise UserError(f"output {path} was made by a different job ({made}); use --out for a new file "
-                        "or --overwrite to replace it")
+        out = Output(path)                          # UserError: not writable, a folder, locked
+        out.refuse_foreign(config_hash, overwrite)  # before any work (training included)
+        sf = out.open(job, hashes, grid, make_dirs, meta, overwrite, quantities)   # the writer
+        out.release()                               # when the run ends, however it ends
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        check_writable(path)
+        self.lock = Lock(path)
+        try:
+            self.existing = self._read_existing()
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _read_existing(self) -> Optional[dict]:
+        """What identifies the surface at the path: None for no file; {"foreign": why} for a
+        file that is not an lldist surface."""
+        if not os.path.exists(self.path):
+            return None
+        try:
+            with SurfaceReader(self.path) as sf:
+                return {"config": sf.attr("job_config_hash", ""), "job": sf.attr("job_hash", ""),
+                        "version": sf.version, "source": sf.attr("job_source", "?")}
+        except UserError as e:
+            return {"foreign": str(e)}
+
+    def refuse_foreign(self, config_hash: str, overwrite: bool) -> None:
+        """Refuse an output this job may not write. Anything that is not an lldist surface is
+        never touched, --overwrite or not (it may be the job's own checkpoint or job file given
+        as --out). Without --overwrite, a surface made by another job configuration, or by an
+        older format, is refused too."""
+        e = self.existing
+        if e is None:
+            return
+        if "foreign" in e:
+            raise UserError(f"{e['foreign']}; refusing to replace a file that is not an lldist surface")
+        if overwrite:
+            return
+        if e["version"] != FORMAT_VERSION:
+            why = ("random directions now come from a stream of their own, so its cells cannot be mixed "
+                   "with new ones") if e["version"] < 2 else "its work log has the older layout"
+            raise UserError(f"output {self.path} has format version {e['version']}, this lldist writes "
+                            f"{FORMAT_VERSION} ({why}); use --out for a new file or --overwrite to replace it")
+        if e["config"] and e["config"] != config_hash:
+            raise UserError(f"output {self.path} was made by a different job ({e['source']}); use --out for a "
+                            "new file or --overwrite to replace it")
+
+    def open(self, job: Job, hashes: dict, grid: Grid, make_dirs: Callable[[], dict], meta: dict,
+             overwrite: bool = False, quantities: Optional[dict] = None) -> "SurfaceWriter":
+        """Resume the file this job made, or make a new one. A new file (also with --overwrite)
+        is written beside the old under a temporary name and renamed over it only once it is
+        complete: a run that fails before then leaves the old file as it was."""
+        self.refuse_foreign(hashes["config"], overwrite)
+        e = self.existing
+        if e is not None and not overwrite:
+            if e["job"] != hashes["job"]:
+                raise UserError(f"output {self.path} was made by a different job ({e['source']}, hash "
+                                f"{e['job'][:12]}; this job's is {hashes['job'][:12]}: another checkpoint, target, "
+                                "data or loss); use --out for a new file or --overwrite to replace it")
+            return SurfaceWriter.begin(self.path)
+        return SurfaceWriter.create(self.path, job, hashes, grid, make_dirs(), meta, quantities or DEFAULT_QUANTITIES)
+
+    def release(self) -> None:
+        self.lock.release()
 
 
 class SurfaceWriter(SurfaceReader):
     """Rank 0's handle on the file it computes into (the only writer).
 
-        with SurfaceWriter.create_or_resume("out.h5", job, hashes, grid, make_dirs, meta) as sf:
-            sf.write_chunk(cells, values, rank, host, device, t0, t1)   # values (n, nsplits, nquantities)
-            sf.commit_due()   # now and then: the group commit (see COMMIT_S)
+        with Output("out.h5").open(job, hashes, grid, make_dirs, meta) as sf:   # or SurfaceWriter.create
+            sf.write_chunk(result)   # a ChunkResult: cells, values (n, nsplits, nquantities), who, when
+            sf.commit_due()          # now and then: the group commit (see COMMIT_S)
             sf.finish()
     """
 
@@ -466,27 +508,21 @@ class SurfaceWriter(SurfaceReader):
         return out
 
     @classmethod
-    def create_or_resume(cls, path: str, job: Job, hashes: dict, grid: Grid, make_dirs: Callable[[], dict],
-                         meta: dict, overwrite: bool = False, quantities: dict = None) -> "SurfaceWriter":
-        """Resume the file this job made, or make a new one. A new file (also with --overwrite)
-        is written beside the old under a temporary name and renamed over it only once it is
-        complete: a run that fails before then leaves the old file as it was."""
-        check_resumable(path, hashes["config"], overwrite)
-        if os.path.exists(path) and not overwrite:
-            with SurfaceReader(path) as sf:
-                theirs, made = sf.attr("job_hash", ""), sf.attr("job_source", "?")
-            if theirs != hashes["job"]:
-                raise UserError(f"output {path} was made by a different job ({made}, hash {theirs[:12]}; "
-                                f"this job's is {hashes['job'][:12]}: another checkpoint, target or data); "
-                                "use --out for a new file or --overwrite to replace it")
-        else:
-            cls._create(path, job, hashes, grid, make_dirs(), meta, quantities or DEFAULT_QUANTITIES)
+    def begin(cls, path: str) -> "SurfaceWriter":
+        """Open a surface for writing, as a new run of it."""
         sf = cls(path)
         sf.run += 1
         sf.set_attr("runs", sf.run, flush=False)
         sf.set_attr("last_started", now_iso(), flush=False)
         sf.set_attr("git_revision", git_revision())
         return sf
+
+    @classmethod
+    def create(cls, path: str, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: dict,
+               quantities: dict = None) -> "SurfaceWriter":
+        """A new file (replacing what the path held only once it is complete), opened by begin."""
+        cls._create(path, job, hashes, grid, dirs, meta, quantities or DEFAULT_QUANTITIES)
+        return cls.begin(path)
 
     @staticmethod
     def _create(path: str, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: dict, quantities: dict) -> None:
@@ -509,18 +545,19 @@ class SurfaceWriter(SurfaceReader):
         os.replace(tmp, path)
 
     # ------------------------------------------------------------------ writing
-    def write_chunk(self, cells: np.ndarray, values: np.ndarray, rank: int, host: str, device: str,
-                    t_start: float, t_end: float) -> int:
-        """Take `values` (len(cells), nsplits, nquantities) for flat `cells`, and their work-log
-        record. Nothing reaches the file until the commit (see commit), which is due every
-        COMMIT_S seconds or COMMIT_CHUNKS chunks: returns how many cells this call committed."""
-        cells = np.asarray(cells, dtype=np.int64)
+    def write_chunk(self, r) -> int:
+        """Take a finished chunk: `r` is the record the computing rank made (transport's
+        ChunkResult: cells, values (len(cells), nsplits, nquantities), rank, host, device,
+        t_start, t_end), kept as it is until the commit. Nothing reaches the file before the
+        commit (see commit), which is due every COMMIT_S seconds or COMMIT_CHUNKS chunks:
+        returns how many cells this call committed."""
+        cells = np.asarray(r.cells, dtype=np.int64)
         flat = self.taken().reshape(-1)
         if flat[cells].any():
             raise RuntimeError(f"cells {cells[flat[cells]].tolist()} were already done: a chunk was handed out twice")
         flat[cells] = True
-        record = (self.run, len(cells), rank, host.encode()[:64], device.encode()[:32], t_start, t_end)
-        self._uncommitted.append((cells, np.asarray(values, dtype=float), record))
+        record = (self.run, len(cells), r.rank, r.host.encode()[:64], r.device.encode()[:32], r.t_start, r.t_end)
+        self._uncommitted.append((cells, np.asarray(r.values, dtype=float), record))
         self._uncommitted_cells += len(cells)
         if len(self._uncommitted) >= COMMIT_CHUNKS:
             return self.commit()

@@ -1,24 +1,26 @@
 """Who computes which cells, and the whole conversation between processes: the only module
-that imports mpi4py.
+that imports mpi4py. It imports nothing else of lldist but `errors`.
 
     ctx = runner.launch()
-    code = runner.run(ctx, prepare, build, should_stop)   # collective: every rank calls it
+    code = runner.run(ctx, room, should_stop)   # collective: every rank calls it
 
 One process (`python -m lldist.surface job.yaml`) or N under a launcher (`mpirun -n 8 ...`,
-`srun --mpi=pmix ...`): the same code path, chosen from the launch environment. The caller
-says *what* to compute (`prepare` on rank 0, `build` on the others); this module says who
-does it, and how a run starts, fails and ends.
+`srun --mpi=pmix ...`): the same code path, chosen from the launch environment. The caller's
+`room` (lldist.run.SurfaceRun) says *what* to compute; this module says who does it, and how a
+run starts, fails and ends. What a room offers (see `Room`): `prepare()` on rank 0, `build()`
+on the others, `evaluate(cells)` anywhere, and on rank 0 `schedule`, `take_result`, `tick`,
+`start` and `close`.
 
 The message sequence (rank 0 = coordinator, the only writer of the HDF5 file; CTRL and WORK
 are tags; every wait below polls with a short sleep, so a waiting rank uses no CPU):
 
   start-up
-    0          plan = prepare()                   train if needed, open the file, rank 0's evaluator
+    0          payload = room.prepare()           train if needed, open the file, rank 0's evaluator
     0 -> w     CTRL ("payload",)                  or ("abort", code) when prepare failed or a
                                                   signal came: every worker exits with `code`
-    all        bcast(plan.payload)                collective, entered only once it is ready
-    w          evaluator = build(payload)         each worker: device, model, data
-    w -> 0     CTRL ("built", host, device, err)  err: None, or the error text and its phase
+    all        bcast(payload)                     collective, entered only once it is ready
+    w          device = room.build(payload)       each worker: device, model, data
+    w -> 0     CTRL ("built", host, device, err)  err: None, or (code, message, traceback)
     0 -> w     CTRL ("go",) | ("abort", code)     abort when any rank failed to build
   chunks
     w -> 0     WORK ("ready", n)                  asks for n chunks (workers keep one queued ahead)
@@ -26,23 +28,37 @@ are tags; every wait below polls with a short sleep, so a waiting rank uses no C
                                                   answer may wait (an adaptive schedule's next
                                                   cells depend on results still out); "stop"
                                                   once the schedule will never give more
-    w -> 0     WORK ("result", id, values, t0, t1)     also asks for one more chunk
+    w -> 0     WORK ("result", ChunkResult)       the one record of a chunk, from here to the
+                                                  work log; also asks for one more chunk
     w -> 0     WORK ("error", id, traceback)      then waits to be aborted
   end
-    0          plan.close(outcome)                "done" | "stopped" | "failed": the file is closed
+    0          room.close(outcome, cost)          "done" | "stopped" | "failed": the file is closed
     0          MPI_Abort(code) on "stopped"/"failed" (workers may be mid-chunk); on "done" every
                worker has had its ("stop",) and returns 0
 
-Rank 0 evaluates cells too (in runs of up to RANK0_COMPUTES_UP_TO ranks), one at a time (or
-one vmapped group) between polls of its mailbox, so a worker's request waits at most one cell
-of rank 0's work, while the worker computes its queued chunk. Assignment is dynamic: a slow
-rank simply asks less often. Rank 0 writes each result as it comes (values in place, a few
-hyperslabs) and commits the done marks in groups (store.COMMIT_S), so its cost per message
-does not grow with the grid.
+Rank 0 evaluates cells too (in runs of up to RANK0_COMPUTES_UP_TO ranks), one vmapped group at
+a time between polls of its mailbox, so a worker's request waits at most one group of rank 0's
+cells while the worker computes its queued chunk. Assignment is dynamic: a slow rank simply
+asks less often. Rank 0 hands each result to the room, which keeps it and commits results to
+the file in groups (at least once a second), so its cost per message does not grow with the grid.
 
-Every failure names its rank, host and phase ("prepare", "build", "chunk 12 (cells 36..38)",
-"write of chunk 12") and ends every rank with a non-zero status: 2 for bad input (one line),
-128 + signal for a signal, 1 for anything else (with the failing rank's traceback).
+Failures, and how every rank ends (the exit status is the run's):
+
+  | where                          | what is reported                         | status        |
+  |--------------------------------|------------------------------------------|---------------|
+  | rank 0, prepare                | one line (bad input) or the traceback     | 2, or 1       |
+  | a worker, build                | the first failing rank's, "N more"        | 2, or 1       |
+  | a worker, chunk k              | rank, host, "chunk k (cells a..b)", its   | 1             |
+  |                                | traceback                                 |               |
+  | rank 0, its own chunk or write | rank 0, the phase, the traceback          | 1             |
+  | SIGTERM to rank 0              | "stopped by signal 15", cells saved       | 143           |
+  | Ctrl-C (SIGINT)                | "interrupted", cells saved                | 130           |
+
+With several ranks every failure ends every rank (MPI_Abort) within seconds. In a single
+process nothing is turned into an exit status here: the exception itself propagates, the
+user's own with a note naming the phase and cells (Python 3.11+), after the room has closed the
+file. The command line (errors.run_cli) turns it into one line and a status; the notebook API
+gets the exception.
 """
 
 from __future__ import annotations
@@ -55,13 +71,14 @@ import time
 import traceback
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, NamedTuple, Optional, Protocol
 
 import numpy as np
 
 from ..errors import EXIT_USAGE, Stopped, UserError, one_line
 
 WORK, CTRL = 7, 8
+ANY = -1  # Link.probe: a message from any rank
 POLL_S = 0.0002  # first sleep between mailbox polls; grows to POLL_MAX_S while nothing comes
 POLL_MAX_S = 0.05
 ABORT_GRACE_S = 0.5  # see Context.abort
@@ -70,7 +87,82 @@ ABORT_GRACE_S = 0.5  # see Context.abort
 RANK0_COMPUTES_UP_TO = 16
 SERVICE_SAMPLES = 100_000  # per-result service times the coordinator keeps for its cost report
 _LAUNCH_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_RANK", "PMI_RANK", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_SIZE")
+SIGINT_EXIT = 128 + signal.SIGINT
 
+
+# ----------------------------------------------------------------------------- records
+
+class ChunkResult(NamedTuple):
+    """A finished chunk: made by the rank that computed it, sent as is, handed to the room,
+    stored as the chunk's record of the work log. `values`: (len(cells), ...) float64."""
+    chunk: int
+    cells: np.ndarray
+    values: np.ndarray
+    rank: int
+    host: str
+    device: str
+    t_start: float
+    t_end: float
+
+
+class Room(Protocol):
+    """What the runner asks of a computation (lldist.run.SurfaceRun is the one in use)."""
+    schedule: Any  # take() -> cells or None (none now); exhausted: none ever again (lldist.schedule)
+    cells_per_pass: int  # cells rank 0 evaluates between polls of its mailbox
+    device: str
+    rank0_computes: bool  # False: rank 0 only coordinates (ignored for a single process)
+
+    def prepare(self) -> Any: ...  # rank 0: the payload every worker's build() gets
+
+    def build(self, payload: Any) -> str: ...  # a worker: ready to evaluate; returns its device
+
+    def evaluate(self, cells: np.ndarray) -> np.ndarray: ...  # cells -> values (n, ...)
+
+    def take_result(self, result: ChunkResult) -> int: ...  # rank 0: keep it -> cells now saved
+
+    def tick(self) -> int: ...  # rank 0, between messages -> cells saved since (a due commit)
+
+    def start(self, hosts: dict) -> Any: ...  # every rank is up: {rank: (host, device)} -> progress
+
+    def close(self, outcome: str, cost: Optional[dict]) -> None: ...  # "done" | "stopped" | "failed"
+
+
+class RankFailed(RuntimeError):
+    """A worker's exception, with its rank, host, phase and traceback in the message."""
+
+
+# ----------------------------------------------------------------------------- the link
+
+class MpiLink:
+    """What the runner needs of a communicator, over mpi4py's COMM_WORLD: probe, receive, send,
+    broadcast, abort. The tests drive the runner through an in-process fake with these five."""
+
+    def __init__(self, comm):
+        from mpi4py import MPI
+        self.comm = comm
+        self._status = MPI.Status()
+        self._any = MPI.ANY_SOURCE
+
+    def probe(self, source: int, tag: int) -> Optional[int]:
+        """The rank a message with `tag` waits from (`source`, or ANY), or None: never blocks."""
+        if self.comm.Iprobe(source=self._any if source == ANY else source, tag=tag, status=self._status):
+            return self._status.Get_source()
+        return None
+
+    def recv(self, source: int, tag: int):
+        return self.comm.recv(source=source, tag=tag)
+
+    def send(self, obj, dest: int, tag: int) -> None:
+        self.comm.send(obj, dest=dest, tag=tag)
+
+    def bcast(self, obj, root: int = 0):
+        return self.comm.bcast(obj, root=root)
+
+    def abort(self, code: int) -> None:
+        self.comm.Abort(code)
+
+
+# ----------------------------------------------------------------------------- launch
 
 def expected_world_size() -> Optional[int]:
     """How many processes the launcher says it started, or None when there is no launcher.
@@ -104,26 +196,24 @@ class Context:
     local_rank: int = 0
     local_size: int = 1
     host: str = field(default_factory=socket.gethostname)
-    comm: object = None  # mpi4py communicator, None for a single process
+    link: Any = None  # MpiLink (or the tests' fake); None for a single process without MPI
     cpus: int = 0  # CPU threads this rank may use (see cpu_share); 0: not measured
 
     @property
     def mpi(self) -> bool:
-        return self.comm is not None
+        return self.link is not None
 
     def abort(self, code: int) -> None:
-        """End the whole job with `code`: MPI_Abort kills every rank (a plain exit would leave
-        the others blocked in a receive); a single process just exits."""
+        """End the whole job with `code` (several ranks): MPI_Abort kills every rank (a plain
+        exit would leave the others blocked in a receive)."""
         sys.stdout.flush()
         sys.stderr.flush()
-        if self.comm is not None and self.size > 1:
-            # MPI_Abort tears the launcher's forwarding pipes down at once: output already
-            # flushed but not yet read by the proxy (MPICH's hydra) is lost. A moment to let it
-            # through costs nothing on a path that ends the job.
-            time.sleep(ABORT_GRACE_S)
-            self.comm.Abort(code)
-            os._exit(code)
-        raise SystemExit(code)
+        # MPI_Abort tears the launcher's forwarding pipes down at once: output already
+        # flushed but not yet read by the proxy (MPICH's hydra) is lost. A moment to let it
+        # through costs nothing on a path that ends the job.
+        time.sleep(ABORT_GRACE_S)
+        self.link.abort(code)
+        os._exit(code)
 
 
 def cpu_share(masks: list, mine: set) -> int:
@@ -154,61 +244,12 @@ def launch() -> Context:
     mine = _affinity()
     masks = [set(m) for m in local.allgather(sorted(mine))]
     ctx = Context(comm.Get_rank(), comm.Get_size(), local.Get_rank(), local.Get_size(), MPI.Get_processor_name(),
-                  comm, cpu_share(masks, mine))
+                  MpiLink(comm), cpu_share(masks, mine))
     local.Free()
     return ctx
 
 
-def pick_device(ctx: Context, requested: str) -> str:
-    """cuda:<node-local rank mod visible GPUs>, or cpu: one GPU per rank of a node."""
-    import torch
-
-    from ..evaluation.evaluator import resolve_device
-    if resolve_device(requested) == "cpu":
-        return "cpu"
-    dev = f"cuda:{ctx.local_rank % torch.cuda.device_count()}"
-    torch.cuda.set_device(dev)
-    return dev
-
-
-# ----------------------------------------------------------------------------- records
-
-class RankFailed(RuntimeError):
-    """A rank's exception, with its rank, host, phase and traceback in the message."""
-
-
-@dataclass
-class ChunkResult:
-    cells: np.ndarray
-    values: np.ndarray
-    rank: int
-    host: str
-    device: str
-    t_start: float
-    t_end: float
-
-
-@dataclass
-class Plan:
-    """What rank 0's `prepare` returns: everything the conversation needs from the caller."""
-    payload: Any  # broadcast to every worker, which calls build(payload)
-    schedule: Any  # take() -> cells or None (none now), exhausted: none ever again (schedule.py)
-    evaluate: Callable[[np.ndarray], np.ndarray]  # rank 0's own: cells -> values (n, ...)
-    group: int  # cells rank 0 evaluates between polls of its mailbox
-    device: str
-    write: Callable[[ChunkResult], int]  # one finished chunk, on rank 0 -> cells now saved
-    tick: Callable[[], int]  # called between messages -> cells saved since (a due group commit)
-    start: Callable[[dict], Any]  # every rank is up: {rank: (host, device)} -> a progress object
-    close: Callable[[str, Optional[dict]], None]  # ("done" | "stopped" | "failed", coordinator cost)
-    rank0_computes: bool = True  # False: rank 0 only coordinates (ignored for a single process)
-
-
-@dataclass
-class Built:
-    """What a worker's `build` returns."""
-    evaluate: Callable[[np.ndarray], np.ndarray]
-    device: str
-
+# ----------------------------------------------------------------------------- failures
 
 def _where(host: str, rank: int) -> str:
     return f"rank {rank} on {host}"
@@ -229,212 +270,289 @@ def _report(message: str, tb: str = "") -> None:
     sys.stderr.flush()
 
 
-def _wait(comm, source: int, tag: int, status=None, should_stop: Callable[[], bool] = lambda: False,
-          longest: float = POLL_MAX_S):
-    """Receive the next message from `source` (or any, with MPI.ANY_SOURCE), sleeping between
-    polls (at most `longest` seconds): a blocking receive spins a core in most MPIs and never
-    returns on a signal. Returns None if should_stop() became true first."""
+def _note(exc: BaseException, ctx: "Context", phase: str) -> None:
+    """Name the rank and phase on the user's own exception, which goes on as it is: as a PEP 678
+    note (shown under its traceback) and as `lldist_failure`, the line errors.run_cli prints."""
+    if isinstance(exc, (UserError, Stopped, KeyboardInterrupt)):
+        return
+    exc.lldist_failure = f"{_where(ctx.host, ctx.rank)} failed in {phase}"
+    if hasattr(exc, "add_note"):
+        exc.add_note(f"lldist: {exc.lldist_failure}")
+
+
+def _wait(link, source: int, tag: int, should_stop=lambda: False, longest: float = POLL_MAX_S):
+    """(source, message) of the next message from `source` (or ANY), sleeping between polls (at
+    most `longest` seconds): a blocking receive spins a core in most MPIs and never returns on a
+    signal. Returns (None, None) if should_stop() became true first."""
     nap = min(POLL_S, longest)
-    while not comm.Iprobe(source=source, tag=tag, status=status):
+    while True:
+        src = link.probe(source, tag)
+        if src is not None:
+            return src, link.recv(src, tag)
         if should_stop():
-            return None
+            return None, None
         time.sleep(nap)
         nap = min(longest, nap * 1.5)
-    src = status.Get_source() if status is not None else source
-    return comm.recv(source=src, tag=tag)
 
 
 # ----------------------------------------------------------------------------- the whole run
 
-def run(ctx: Context, prepare: Callable[[], Plan], build: Callable[[Any], Built],
-        should_stop: Callable[[], Optional[int]] = lambda: None) -> int:
+def run(ctx: Context, room: Room, should_stop=lambda: None) -> int:
     """One distributed computation; returns the exit status (0 when every chunk is done).
 
-    Collective: every rank calls it. `prepare` runs on rank 0 only; `build(payload)` on every
-    other rank. `should_stop()` returns a signal number once one asked rank 0 to stop.
-    Failures do not return on a run of several ranks: MPI_Abort ends every rank."""
+    Collective: every rank calls it. `room.prepare()` runs on rank 0 only; `room.build(payload)`
+    on every other rank. `should_stop()` returns a signal number once one asked rank 0 to stop.
+    In a single process failures raise (see the module docstring); with several ranks they do
+    not return: MPI_Abort ends every rank."""
     if ctx.rank != 0:
-        return _worker(ctx, build)
+        return _worker(ctx, room)
+    alone = ctx.size == 1
     try:
-        plan = prepare()
-    except Exception as e:
+        payload = room.prepare()
+    except BaseException as e:
+        if alone:  # no one to abort: the exception is the caller's (see the module docstring)
+            _note(e, ctx, "prepare")
+            raise
+        if isinstance(e, KeyboardInterrupt):
+            e = Stopped(signal.SIGINT, "interrupted while preparing; nothing was computed")
         code, message, tb = (e.exit_code, one_line(e), "") if isinstance(e, Stopped) else \
             _failure(0, ctx.host, "prepare", e)
         for w in range(1, ctx.size):
-            ctx.comm.send(("abort", code), dest=w, tag=CTRL)
-        if isinstance(e, (UserError, Stopped)) and not ctx.mpi:
-            raise  # the command line prints it as it does any other
+            ctx.link.send(("abort", code), w, CTRL)
         if isinstance(e, Stopped):
             print(f"lldist: {message}", file=sys.stderr, flush=True)
         else:
-            _report(message if code != EXIT_USAGE else one_line(e), tb)
+            _report(one_line(e) if code == EXIT_USAGE else message, tb)
         return code
 
-    hosts = {0: (ctx.host, plan.device)}
-    if ctx.mpi:
-        status = _start_workers(ctx, plan, hosts, should_stop)
+    hosts = {0: (ctx.host, room.device)}
+    if not alone:
+        status = _start_workers(ctx, room, payload, hosts, should_stop)
         if status:
             return status
     progress = None
     try:
-        progress = plan.start(hosts)
-        cost = _coordinate(ctx, plan, progress, hosts, should_stop)
-    except Stopped as e:
-        _close(progress, plan, "stopped")
+        progress = room.start(hosts)
+        cost = _coordinate(ctx, room, progress, hosts, should_stop)
+    except (Stopped, KeyboardInterrupt) as e:
+        _close(progress, room, "stopped")
+        if alone:
+            raise  # Ctrl-C stays a KeyboardInterrupt: a notebook's own, the command line's 130
+        if isinstance(e, KeyboardInterrupt):
+            e = Stopped(signal.SIGINT, "interrupted: finished cells are saved; run the same command to resume")
         print(f"lldist: {e}", file=sys.stderr, flush=True)
         ctx.abort(e.exit_code)
     except BaseException as e:
+        phase = getattr(e, "lldist_phase", "the coordinator")
+        if alone:
+            _close(progress, room, "failed")
+            _note(e, ctx, phase)
+            raise
         # the error first: closing the file can take a while, and the error is what matters
-        if isinstance(e, RankFailed):
-            _report(str(e))
-        else:
-            _report(*_failure(0, ctx.host, getattr(e, "lldist_phase", "the coordinator"), e)[1:])
-        _close(progress, plan, "failed")
+        _report(str(e)) if isinstance(e, RankFailed) else _report(*_failure(0, ctx.host, phase, e)[1:])
+        _close(progress, room, "failed")
         print("lldist: finished cells are saved; run the same command to resume", file=sys.stderr, flush=True)
         ctx.abort(1)
-    _close(progress, plan, "done", cost)
+    _close(progress, room, "done", cost)
     return 0
 
 
-def _close(progress, plan: Plan, outcome: str, cost: Optional[dict] = None) -> None:
+def _close(progress, room: Room, outcome: str, cost: Optional[dict] = None) -> None:
     if progress is not None:
         progress.close()
-    plan.close(outcome, cost)
+    room.close(outcome, cost)
 
 
-def _start_workers(ctx: Context, plan: Plan, hosts: dict, should_stop) -> int:
+def _start_workers(ctx: Context, room: Room, payload, hosts: dict, should_stop) -> int:
     """Payload out, statuses in, go or abort. Returns 0 to go on, else the exit status."""
-    from mpi4py import MPI
-    comm = ctx.comm
+    link = ctx.link
     for w in range(1, ctx.size):
-        comm.send(("payload",), dest=w, tag=CTRL)
-    comm.bcast(plan.payload, root=0)
-    status, failed = MPI.Status(), []
+        link.send(("payload",), w, CTRL)
+    link.bcast(payload, 0)
+    failed = []
     for _ in range(1, ctx.size):
-        msg = _wait(comm, MPI.ANY_SOURCE, CTRL, status, lambda: should_stop() is not None)
+        src, msg = _wait(link, ANY, CTRL, lambda: should_stop() is not None)
         if msg is None:  # a signal while the workers build
             signum = should_stop()
             for w in range(1, ctx.size):
-                comm.send(("abort", 128 + signum), dest=w, tag=CTRL)
-            plan.close("stopped", None)
+                link.send(("abort", 128 + signum), w, CTRL)
+            room.close("stopped", None)
             print(f"lldist: stopped by signal {signum} while the ranks started; nothing computed",
                   file=sys.stderr, flush=True)
             return 128 + signum
         _, host, device, err = msg
-        hosts[status.Get_source()] = (host, device)
+        hosts[src] = (host, device)
         if err is not None:
             failed.append(err)
     if failed:
         code = EXIT_USAGE if all(c == EXIT_USAGE for c, _, _ in failed) else 1
         for w in range(1, ctx.size):
-            comm.send(("abort", code), dest=w, tag=CTRL)
-        plan.close("failed", None)
+            link.send(("abort", code), w, CTRL)
+        room.close("failed", None)
         for _, message, tb in failed[:1]:  # the first is enough; the others are usually the same
             _report(message, tb)
         if len(failed) > 1:
             print(f"lldist: ({len(failed) - 1} more rank(s) failed to start)", file=sys.stderr, flush=True)
         return code
     for w in range(1, ctx.size):
-        comm.send(("go",), dest=w, tag=CTRL)
+        link.send(("go",), w, CTRL)
     return 0
 
 
-def _worker(ctx: Context, build: Callable[[Any], Built]) -> int:
-    comm = ctx.comm
-    msg = _wait(comm, 0, CTRL)
+def _worker(ctx: Context, room: Room) -> int:
+    link = ctx.link
+    _, msg = _wait(link, 0, CTRL)
     if msg[0] == "abort":
         return msg[1]
-    payload = comm.bcast(None, root=0)
-    built, err = None, None
+    payload = link.bcast(None, 0)
+    device, err = None, None
     try:
-        built = build(payload)
+        device = room.build(payload)
     except Exception as e:
         err = _failure(ctx.rank, ctx.host, "build", e)
-    comm.send(("built", ctx.host, built.device if built else "?", err), dest=0, tag=CTRL)
-    msg = _wait(comm, 0, CTRL, longest=0.001)  # "go" follows the last rank's status closely
+    link.send(("built", ctx.host, device or "?", err), 0, CTRL)
+    _, msg = _wait(link, 0, CTRL, longest=0.001)  # "go" follows the last rank's status closely
     if msg[0] == "abort":
         return msg[1]
-    _work(ctx, built.evaluate)
+    _work(ctx, room)
     return 0
 
 
 # ----------------------------------------------------------------------------- chunks
 
-def _coordinate(ctx: Context, plan: Plan, progress, hosts: dict, should_stop) -> dict:
-    """Hand the schedule's chunks to the workers and to rank 0 itself; write each finished
-    chunk. Raises RankFailed with a worker's traceback, Stopped on a signal. Returns the
-    coordinator's own cost: {"messages": n, "seconds": time receiving, writing, answering,
-    "results": result messages, "service": seconds of each (the first SERVICE_SAMPLES),
-    "wall": seconds in all}."""
-    sched = plan.schedule
-    handed = {}  # chunk id -> (rank, cells)
-    owed = {w: 0 for w in range(1, ctx.size)}  # answers each worker waits for
-    waiting = {}  # the workers with answers owed, in the order they asked (a dict as an ordered set)
-    asked = set()  # workers whose first request came: each must hear "stop" before the end
-    next_id = [0]
-    local = None  # [id, cells, position, values, t_start]
-    comm = ctx.comm
-    status = None
-    if comm is not None:
-        from mpi4py import MPI
-        status = MPI.Status()
+class _Coordinator:
+    """Rank 0's side of the chunks: hand the schedule's chunks to the workers and to rank 0
+    itself, pass each finished chunk to the room. State in attributes; one method a message."""
 
-    def take():
-        cells = sched.take()
+    def __init__(self, ctx: Context, room: Room, progress, hosts: dict):
+        self.ctx, self.room, self.progress, self.hosts = ctx, room, progress, hosts
+        self.sched = room.schedule
+        self.handed = {}  # chunk id -> (rank, cells)
+        self.owed = {w: 0 for w in range(1, ctx.size)}  # answers each worker waits for
+        self.waiting = {}  # the workers with answers owed, in the order they asked (a dict as an ordered set)
+        self.asked = set()  # workers whose first request came: each must hear "stop" before the end
+        self.next_id = 0
+        self.local = None  # rank 0's own chunk: [id, cells, position, values, t_start]
+        self.cost = {"messages": 0, "seconds": 0.0, "results": 0, "service": []}
+
+    def take(self):
+        cells = self.sched.take()
         if cells is None:
             return None, None
-        next_id[0] += 1
-        return next_id[0] - 1, cells
+        self.next_id += 1
+        return self.next_id - 1, cells
 
-    def owe(dest, n):
-        owed[dest] += n
-        waiting[dest] = None
+    def owe(self, dest: int, n: int) -> None:
+        self.owed[dest] += n
+        self.waiting[dest] = None
 
-    def answer():
+    def answer(self) -> None:
         """Every answer owed that can be given now: a chunk, or "stop" once none will come.
         Only the workers that wait are visited: a message's cost must not grow with the ranks."""
-        for dest in list(waiting):
-            while owed[dest]:
-                cid, cells = take()
+        link = self.ctx.link
+        for dest in list(self.waiting):
+            while self.owed[dest]:
+                cid, cells = self.take()
                 if cells is not None:
-                    handed[cid] = (dest, cells)
-                    comm.send(("chunk", cid, cells), dest=dest, tag=WORK)
-                elif sched.exhausted:
-                    comm.send(("stop",), dest=dest, tag=WORK)
+                    self.handed[cid] = (dest, cells)
+                    link.send(("chunk", cid, cells), dest, WORK)
+                elif self.sched.exhausted:
+                    link.send(("stop",), dest, WORK)
                 else:
                     return  # the schedule waits for results still out
-                owed[dest] -= 1
-            del waiting[dest]
+                self.owed[dest] -= 1
+            del self.waiting[dest]
 
-    def saved(n):
+    def saved(self, n: int) -> None:
         if n:
-            progress.update(n)
+            self.progress.update(n)
 
-    def write(cid, result):
+    def keep(self, result: ChunkResult) -> None:
         try:
-            saved(plan.write(result))
+            self.saved(self.room.take_result(result))
         except BaseException as e:
-            e.lldist_phase = f"write of chunk {cid}"
+            e.lldist_phase = f"the write of chunk {result.chunk}"
             raise
 
-    def handle(src, msg):
+    def handle(self, src: int, msg) -> None:
         kind = msg[0]
         if kind == "ready":
-            owe(src, msg[1])
-            asked.add(src)
+            self.owe(src, msg[1])
+            self.asked.add(src)
         elif kind == "result":
-            _, cid, values, t0, t1 = msg
-            rank, cells = handed.pop(cid)
-            write(cid, ChunkResult(cells, values, rank, hosts[rank][0], hosts[rank][1], t0, t1))
-            owe(src, 1)
+            result = msg[1]
+            self.handed.pop(result.chunk)
+            self.keep(result)
+            self.owe(src, 1)
         elif kind == "error":
             _, cid, text = msg
-            phase = f"chunk {cid} (cells {handed[cid][1][0]}..{handed[cid][1][-1]})" if cid in handed else "a chunk"
+            cells = self.handed.get(cid, (None, None))[1]
+            phase = f"chunk {cid} (cells {cells[0]}..{cells[-1]})" if cells is not None else "a chunk"
             last = text.strip().splitlines()[-1] if text.strip() else "?"
-            raise RankFailed(f"{_where(hosts.get(src, ('?',))[0], src)} failed in {phase}: {last}\n"
+            raise RankFailed(f"{_where(self.hosts.get(src, ('?',))[0], src)} failed in {phase}: {last}\n"
                              f"--- traceback of rank {src} ---\n{text.rstrip()}")
 
-    cost = {"messages": 0, "seconds": 0.0, "results": 0, "service": []}
+    def mailbox(self) -> bool:
+        """Handle every message waiting; True when there was one."""
+        link, got = self.ctx.link, False
+        while link is not None:
+            src = link.probe(ANY, WORK)
+            if src is None:
+                break
+            t = time.perf_counter()
+            msg = link.recv(src, WORK)
+            self.handle(src, msg)
+            self.answer()
+            dt = time.perf_counter() - t
+            self.cost["messages"] += 1
+            self.cost["seconds"] += dt
+            if msg[0] == "result":
+                self.cost["results"] += 1
+                if len(self.cost["service"]) < SERVICE_SAMPLES:  # bounded: a 10001^2 grid has millions
+                    self.cost["service"].append(dt)
+            got = True
+        return got
+
+    def compute_own(self) -> bool:
+        """One group of rank 0's own cells; True when it computed."""
+        alone = self.ctx.link is None or self.ctx.size == 1
+        if self.local is None and (self.room.rank0_computes or alone):
+            cid, cells = self.take()
+            if cells is not None:
+                self.local = [cid, cells, 0, None, time.time()]
+                if not alone:
+                    self.answer()  # an adaptive schedule may have more now
+        if self.local is None:
+            return False
+        cid, cells, pos, values, t0 = self.local
+        group = self.room.cells_per_pass
+        try:
+            part = self.room.evaluate(cells[pos:pos + group])
+        except BaseException as e:
+            e.lldist_phase = f"chunk {cid} (cells {cells[0]}..{cells[-1]})"
+            raise
+        if values is None:
+            values = self.local[3] = np.zeros((len(cells),) + part.shape[1:])
+        values[pos:pos + len(part)] = part
+        self.local[2] = min(len(cells), pos + group)
+        if self.local[2] == len(cells):
+            self.keep(ChunkResult(cid, cells, values, 0, self.ctx.host, self.room.device, t0, time.time()))
+            self.local = None
+            if self.ctx.size > 1:
+                self.answer()
+        return True
+
+    @property
+    def finished(self) -> bool:
+        return self.sched.exhausted and not self.handed and not self.waiting and len(self.asked) == len(self.owed)
+
+
+def _coordinate(ctx: Context, room: Room, progress, hosts: dict, should_stop) -> dict:
+    """The chunk phase on rank 0. Raises RankFailed with a worker's traceback, Stopped on a
+    signal. Returns the coordinator's own cost: {"messages": n, "seconds": time receiving,
+    keeping, answering, "results": result messages, "service": seconds of each (the first
+    SERVICE_SAMPLES), "wall": seconds in all}."""
+    co = _Coordinator(ctx, room, progress, hosts)
     t_begin = time.perf_counter()
     nap = POLL_S
     while True:
@@ -442,52 +560,17 @@ def _coordinate(ctx: Context, plan: Plan, progress, hosts: dict, should_stop) ->
         if signum is not None:
             raise Stopped(signum, f"stopped by signal {signum}: finished cells are saved; "
                                   "run the same command to resume")
-        got = False
-        while comm is not None and comm.Iprobe(source=MPI.ANY_SOURCE, tag=WORK, status=status):
-            t = time.perf_counter()
-            src = status.Get_source()
-            msg = comm.recv(source=src, tag=WORK)
-            handle(src, msg)
-            answer()
-            dt = time.perf_counter() - t
-            cost["messages"] += 1
-            cost["seconds"] += dt
-            if msg[0] == "result":
-                cost["results"] += 1
-                if len(cost["service"]) < SERVICE_SAMPLES:  # bounded: a 10001^2 grid has millions
-                    cost["service"].append(dt)
-            nap, got = POLL_S, True
-        saved(plan.tick())
-        if local is None and (plan.rank0_computes or comm is None):
-            cid, cells = take()
-            if cells is not None:
-                local = [cid, cells, 0, None, time.time()]
-                if comm is not None:
-                    answer()  # an adaptive schedule may have more now
-        if local is not None:
-            cid, cells, pos, values, t0 = local
-            # a few cells at a time (one vmapped group), then back to the mailbox
-            try:
-                part = plan.evaluate(cells[pos:pos + plan.group])
-            except BaseException as e:
-                e.lldist_phase = f"chunk {cid} (cells {cells[0]}..{cells[-1]})"
-                raise
-            if values is None:
-                values = local[3] = np.zeros((len(cells),) + part.shape[1:])
-            values[pos:pos + len(part)] = part
-            local[2] = min(len(cells), pos + plan.group)
-            if local[2] == len(cells):
-                write(cid, ChunkResult(cells, values, 0, ctx.host, plan.device, t0, time.time()))
-                local = None
-                if comm is not None:
-                    answer()
+        got = co.mailbox()
+        co.saved(room.tick())
+        if co.compute_own():
             continue
-        if comm is not None and sched.exhausted and waiting:
-            answer()  # the last result may have ended the schedule: stop whoever waits
-        if sched.exhausted and not handed and not waiting and len(asked) == len(owed):
-            cost["wall"] = time.perf_counter() - t_begin
-            return cost
+        if ctx.size > 1 and co.sched.exhausted and co.waiting:
+            co.answer()  # the last result may have ended the schedule: stop whoever waits
+        if co.finished:
+            co.cost["wall"] = time.perf_counter() - t_begin
+            return co.cost
         if got:
+            nap = POLL_S
             continue
         # nothing to compute here: wait for a worker, polling so that SIGTERM is noticed
         # (a blocking Probe would not return on a signal) without spinning a core
@@ -495,19 +578,19 @@ def _coordinate(ctx: Context, plan: Plan, progress, hosts: dict, should_stop) ->
         nap = min(0.001, nap * 1.5)
 
 
-def _work(ctx: Context, evaluate: Callable, prefetch: int = 2) -> None:
+def _work(ctx: Context, room: Room, prefetch: int = 2) -> None:
     """Ask for chunks, evaluate them, send results, until told to stop. An exception is sent
     to the coordinator with its traceback; then this rank waits to be aborted."""
-    comm = ctx.comm
+    link = ctx.link
     # SIGTERM keeps its default here: a worker dies at once (its unfinished chunk is simply
     # computed again by the next run); only rank 0, which owns the file, closes it first.
-    comm.send(("ready", prefetch), dest=0, tag=WORK)
+    link.send(("ready", prefetch), 0, WORK)
     expect, queue, cid = prefetch, deque(), None
     try:
         while True:
             # take every answer already here; wait only when there is nothing to do
-            while expect > 0 and (not queue or comm.Iprobe(source=0, tag=WORK)):
-                msg = _wait(comm, 0, WORK, longest=0.001)  # a chunk's latency: keep it short
+            while expect > 0 and (not queue or link.probe(0, WORK) is not None):
+                _, msg = _wait(link, 0, WORK, longest=0.001)  # a chunk's latency: keep it short
                 expect -= 1
                 if msg[0] == "chunk":
                     queue.append((msg[1], msg[2]))
@@ -515,16 +598,29 @@ def _work(ctx: Context, evaluate: Callable, prefetch: int = 2) -> None:
                 return
             cid, cells = queue.popleft()
             t0 = time.time()
-            values = evaluate(cells)
-            comm.send(("result", cid, values, t0, time.time()), dest=0, tag=WORK)
+            values = room.evaluate(cells)
+            link.send(("result", ChunkResult(cid, cells, values, ctx.rank, ctx.host, room.device, t0, time.time())),
+                      0, WORK)
             expect += 1
+    except KeyboardInterrupt:
+        # Ctrl-C reaches every rank: rank 0 saves what is finished and ends the job
+        _wait_for_abort(link)
     except Exception:
-        comm.send(("error", cid, traceback.format_exc()), dest=0, tag=WORK)
-        while True:  # the coordinator aborts the whole job
-            time.sleep(1)
+        link.send(("error", cid, traceback.format_exc()), 0, WORK)
+        _wait_for_abort(link)
 
 
-def install_sigterm() -> Callable[[], Optional[int]]:
+def _wait_for_abort(link) -> None:
+    """A failed worker waits for rank 0's MPI_Abort; it never returns on its own, but a second
+    Ctrl-C ends it quietly."""
+    while True:
+        try:
+            _wait(link, 0, CTRL, longest=1.0)
+        except KeyboardInterrupt:
+            os._exit(SIGINT_EXIT)
+
+
+def install_sigterm():
     """SIGTERM (Slurm time limit, preemption) is remembered; returns `should_stop`, which
     gives the signal's number once it came. The coordinator then stops handing out work,
     closes the file (every finished chunk is already flushed) and exits 128 + 15."""

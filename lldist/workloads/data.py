@@ -18,114 +18,18 @@ crop), and `python:<module>:<factory>` (called as `factory(split=..., **args)`, 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from ..config import DataConfig
 from ..errors import UserError
+from .factory import import_object
+from .tensors import BatchList, DictSet, TensorSet  # noqa: F401 - the containers, re-exported
 
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-@dataclass(frozen=True)
-class TensorSet:
-    x: torch.Tensor  # (N, C, H, W), uint8 or float32
-    y: torch.Tensor  # (N,) int64 class labels
-    num_classes: int
-    scale: float = 1.0  # x * scale brings raw values to [0, 1]
-    mean: Optional[tuple] = None  # per channel, applied after scale
-    std: Optional[tuple] = None
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-    @property
-    def in_shape(self) -> tuple:
-        return tuple(self.x.shape[1:])
-
-    def to(self, device) -> "TensorSet":
-        return replace(self, x=self.x.to(device), y=self.y.to(device))
-
-    def normalize(self, xb: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-        """(B, C, H, W) raw -> normalized `dtype` on xb's device."""
-        if xb.dtype == dtype and self.scale == 1.0 and self.mean is None:
-            return xb  # already normalized (a pre-normalized copy): no work, no copy
-        xb = xb.to(dtype)
-        if self.scale != 1.0:
-            xb = xb * self.scale
-        if self.mean is not None:
-            m = torch.tensor(self.mean, dtype=dtype, device=xb.device).view(1, -1, 1, 1)
-            s = torch.tensor(self.std, dtype=dtype, device=xb.device).view(1, -1, 1, 1)
-            xb = (xb - m) / s
-        return xb
-
-    def batches(self, batch_size: int, dtype=torch.float32) -> Iterator[tuple]:
-        for i in range(0, len(self), batch_size):
-            yield self.normalize(self.x[i:i + batch_size], dtype), self.y[i:i + batch_size]
-
-    def select(self, idx: torch.Tensor) -> "TensorSet":
-        return replace(self, x=self.x[idx], y=self.y[idx])
-
-    def take(self, idx: torch.Tensor) -> tuple:
-        """One training batch: (normalized x, y)."""
-        return self.normalize(self.x[idx]), self.y[idx]
-
-
-@dataclass(frozen=True)
-class DictSet:
-    """Tokenized text: equal-length tensors by name (input_ids, attention_mask, labels...),
-    sliced into HuggingFace-style dict batches on the device."""
-    tensors: dict  # name -> (N, ...) tensor
-    num_classes: int = 0
-
-    def __len__(self) -> int:
-        return next(iter(self.tensors.values())).shape[0]
-
-    @property
-    def in_shape(self) -> tuple:
-        return tuple(self.tensors["input_ids"].shape[1:])
-
-    def to(self, device) -> "DictSet":
-        return replace(self, tensors={k: v.to(device) for k, v in self.tensors.items()})
-
-    def batches(self, batch_size: int, dtype=None) -> Iterator[dict]:
-        for i in range(0, len(self), batch_size):
-            yield {k: v[i:i + batch_size] for k, v in self.tensors.items()}
-
-    def select(self, idx: torch.Tensor) -> "DictSet":
-        return replace(self, tensors={k: v[idx] for k, v in self.tensors.items()})
-
-    def take(self, idx: torch.Tensor) -> dict:
-        return {k: v[idx] for k, v in self.tensors.items()}
-
-
-class BatchList:
-    """Batches as the caller made them (tuples or dicts of tensors, HuggingFace style), kept as
-    they come: their size is the caller's. `len()` counts examples (the first dimension)."""
-
-    def __init__(self, batches: list):
-        self.batches_ = batches
-
-    @staticmethod
-    def _tensors(b):
-        return list(b.values()) if isinstance(b, dict) else list(b)
-
-    def __len__(self) -> int:
-        return sum(self._tensors(b)[0].shape[0] for b in self.batches_)
-
-    def to(self, device) -> "BatchList":
-        def move(b):
-            if isinstance(b, dict):
-                return {k: v.to(device) for k, v in b.items()}
-            return tuple(t.to(device) for t in b)
-        return BatchList([move(b) for b in self.batches_])
-
-    def batches(self, batch_size=None, dtype=None) -> Iterator:
-        return iter(self.batches_)
 
 
 def _subset_indices(n: int, cfg: DataConfig) -> Optional[np.ndarray]:
@@ -209,8 +113,7 @@ def _imagefolder(cfg: DataConfig, split: str, subset: bool) -> TensorSet:
 
 
 def _python(cfg: DataConfig, split: str) -> TensorSet:
-    from .models import _import_factory
-    obj = _import_factory(cfg.name, "data")(split=split, **cfg.args)
+    obj = import_object(cfg.name, "data")(split=split, **cfg.args)
     if isinstance(obj, (tuple, list)) and len(obj) == 2 and isinstance(obj[0], torch.Tensor):
         x, y = obj
     else:
@@ -225,51 +128,6 @@ def _python(cfg: DataConfig, split: str) -> TensorSet:
         x = x.float()
     n = int(y.max()) + 1 if len(y) else 0
     return TensorSet(x, y, int(cfg.args.get("num_classes", n)))
-
-
-def data_fingerprint(cfg: DataConfig, splits) -> str:
-    """A hash of the files a job reads its images from, for the job's identity: the same
-    `data.root` holding other images must not resume a file computed on the first ones.
-    CIFAR-10: the content of each batch file read (180 MB in all, under a second). ImageFolder:
-    every image's path and size, and the content of up to 64 of them spread over the folder.
-    Bundled digits and python: factories: "" (a factory's data is its author's to version)."""
-    import hashlib
-    h = hashlib.sha256()
-    if cfg.name == "cifar10":
-        folder = os.path.join(cfg.root, "cifar-10-batches-py")
-        names = sorted({n for sp in splits
-                        for n in ([f"data_batch_{i}" for i in range(1, 6)] if sp == "train" else ["test_batch"])})
-        for name in names:
-            path = os.path.join(folder, name)
-            h.update(name.encode())
-            if os.path.exists(path):
-                with open(path, "rb") as f:
-                    for block in iter(lambda: f.read(1 << 20), b""):
-                        h.update(block)
-        return h.hexdigest()
-    if cfg.name == "imagefolder":
-        files = []
-        for sp in splits:
-            names = ("train",) if sp == "train" else ("val", "test")
-            top = next((os.path.join(cfg.root, n) for n in names if os.path.isdir(os.path.join(cfg.root, n))), None)
-            if top is None:
-                continue
-            for d, _, fs in os.walk(top):
-                files += [os.path.join(d, f) for f in fs]
-        files.sort()
-        for path in files:
-            h.update(f"{os.path.relpath(path, cfg.root)}\0{os.path.getsize(path)}\n".encode())
-        for path in files[::max(1, len(files) // 64)]:
-            with open(path, "rb") as f:
-                h.update(f.read())
-        return h.hexdigest()
-    if cfg.name.startswith("hf:") and cfg.root and os.path.isdir(cfg.root):  # local text files
-        for d, _, fs in sorted(os.walk(cfg.root)):
-            for name in sorted(fs):
-                with open(os.path.join(d, name), "rb") as f:
-                    h.update(name.encode() + f.read())
-        return h.hexdigest()
-    return ""
 
 
 def load_split(cfg: DataConfig, split: str, subset: bool = True, model_name: str = ""):

@@ -23,6 +23,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import UserError
+from .tensors import DictSet
 
 DATA_FILE_BUILDERS = {"csv": "csv", "json": "json", "parquet": "parquet"}
 
@@ -68,7 +69,7 @@ def build_model(path: str, seed: int) -> torch.nn.Module:
         raise UserError(f"model hf:{path}: cannot build it ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
 
 
-def folder_state(model: torch.nn.Module, path: str) -> dict:
+def folder_state(path: str) -> dict:
     """The state dict of a HuggingFace checkpoint folder (model.checkpoint given as a folder)."""
     transformers = require()
     auto = transformers.AutoModelForCausalLM if is_causal(_config(path)) else \
@@ -116,7 +117,6 @@ def _dataset_split(cfg: DataConfig, split: str):
 
 def load_text(cfg: DataConfig, split: str, model_name: str = ""):
     """A DictSet of input_ids, attention_mask (and labels when the set has a label column)."""
-    from .data import DictSet
     transformers = require()
     args = {"text": "text", "label": "label", "max_length": 64, **cfg.args}
     unknown = set(args) - {"text", "label", "max_length", "tokenizer", "config", "test_split"}

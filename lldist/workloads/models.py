@@ -12,7 +12,6 @@ for user models (the factory is called with `model.args` as keyword arguments).
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Optional
 
@@ -21,6 +20,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import UserError
+from .factory import import_object
 
 
 class MLP(nn.Module):
@@ -81,18 +81,6 @@ class CNN(nn.Module):
     def forward(self, x):
         x = self.features(x)  # (B, w, H', W')
         return self.head(x.mean(dim=(2, 3)))
-
-
-def _import_factory(spec: str, what: str):
-    _, module, factory = spec.split(":")
-    try:
-        mod = importlib.import_module(module)
-    except ImportError as e:
-        raise UserError(f"{what} {spec}: cannot import module {module!r}: {e}")
-    fn = getattr(mod, factory, None)
-    if not callable(fn):
-        raise UserError(f"{what} {spec}: module {module!r} has no callable {factory!r}")
-    return fn
 
 
 def _torchvision_model(name: str, num_classes: int, pretrained: Optional[str], args: dict) -> nn.Module:
@@ -156,7 +144,7 @@ def build_model(cfg: ModelConfig, in_shape: tuple, num_classes: int) -> nn.Modul
         elif name.startswith("torchvision:"):
             model = _torchvision_model(name.split(":", 1)[1], num_classes, cfg.pretrained, args)
         else:
-            model = _import_factory(name, "model")(**args)
+            model = import_object(name, "model")(**args)
     except TypeError as e:
         raise UserError(f"model {name}: bad model.args {args}: {e}")
     except (ValueError, RuntimeError) as e:
@@ -175,7 +163,7 @@ def load_checkpoint(model: nn.Module, path: str) -> dict:
     folder). Returns its metadata."""
     if os.path.isdir(path):
         from . import hf
-        state = hf.folder_state(model, path)
+        state = hf.folder_state(path)
         missing = set(model.state_dict()) - set(state)
         if missing:
             raise UserError(f"checkpoint {path} does not fit model {type(model).__name__}: no {sorted(missing)[0]}")

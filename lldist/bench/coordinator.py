@@ -12,7 +12,8 @@ after the file of that grid exists. Rank 0 only coordinates here, as it does in 
 than runner.RANK0_COMPUTES_UP_TO ranks. Each grid is computed for its first `--results`
 chunk results (the cost per message is what is measured; a 1001 x 1001 grid is 31,000 of them).
 
-Workers import neither torch nor h5py, so 64 ranks fit on a laptop.
+Workers import neither torch nor h5py, so 64 ranks fit on a laptop. Each rank runs
+`python -m lldist.bench.coordinator N CHUNK RESULTS OUT REPORT` (this module's __main__).
 """
 
 from __future__ import annotations
@@ -59,6 +60,18 @@ class _Quiet:
         pass
 
 
+def add_arguments(ap) -> None:
+    ap.add_argument("--grids", type=int, nargs="+", default=[51, 501, 1001], help="cells per axis of each grid")
+    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 64], help="rank counts to run at")
+    ap.add_argument("--chunk", type=int, default=32, help="cells per chunk")
+    ap.add_argument("--results", type=int, default=3000, help="chunk results per grid")
+
+
+def run(args) -> tuple:
+    rows = coordinator(args)
+    return rows, markdown(rows)
+
+
 def new_file(path: str, n: int, ndim: int = 2):
     """A SurfaceWriter on a new n (x n) grid of a model-free job: the coordinator's file
     without a model (this benchmark, the store's tests)."""
@@ -71,48 +84,63 @@ def new_file(path: str, n: int, ndim: int = 2):
     job = job_from_dict({"name": f"coordinator_{n}", "output": path, "grid": grid,
                          "model": {"name": "mlp", "checkpoint": None}}, "coordbench")
     dirs = {"x": {"w": torch.zeros(4)}, "y": {"w": torch.zeros(4)}}
-    return SurfaceWriter.create_or_resume(path, job, {"job": "bench", "config": "bench"},
-                                          Grid(job.grid.x, job.grid.y), lambda: dirs, {}, overwrite=True)
+    return SurfaceWriter.create(path, job, {"job": "bench", "config": "bench"}, Grid(job.grid.x, job.grid.y), dirs, {})
+
+
+class ZeroCost:
+    """The room of this benchmark: the real schedule and writer on rank 0, cells that cost
+    nothing on the workers; rank 0 only coordinates."""
+
+    cells_per_pass, device, rank0_computes = 1, "cpu", False
+
+    def __init__(self, ctx, n: int, chunk: int, results: int, out: str, report: str):
+        self.ctx, self.n, self.chunk, self.results, self.out, self.report = ctx, n, chunk, results, out, report
+
+    def prepare(self):
+        import torch  # noqa: F401 - loaded before the baseline, as in a real run
+
+        from ..schedule import Sweep
+        self.before = _rss_mib()
+        self.sf = new_file(self.out, self.n)
+        self.schedule = Limited(Sweep(self.sf.taken(), self.chunk), self.results)
+        self.created = _rss_mib()
+        return None
+
+    def build(self, payload) -> str:
+        return "cpu"
+
+    def evaluate(self, cells):
+        return np.zeros((len(cells), 1, 2))
+
+    def take_result(self, r) -> int:
+        return self.sf.write_chunk(r)
+
+    def tick(self) -> int:
+        return self.sf.commit_due()
+
+    def start(self, hosts):
+        return _Quiet()
+
+    def close(self, outcome, cost) -> None:
+        self.sf.finish()
+        s = np.array(cost["service"]) * 1000 if cost and cost["service"] else np.zeros(1)
+        with open(self.report, "w") as f:
+            json.dump({"grid": self.n, "ranks": self.ctx.size, "chunk": self.chunk, "results": cost["results"],
+                       "ms_median": float(np.median(s)), "ms_p99": float(np.percentile(s, 99)),
+                       "ms_mean": float(s.mean()), "results_per_s": cost["results"] / cost["wall"],
+                       "rss_before_mib": self.before, "rss_created_mib": self.created, "rss_peak_mib": _rss_mib(),
+                       "outcome": outcome}, f)
 
 
 def rank_side(n: int, chunk: int, results: int, out: str, report: str) -> int:
-    """Every rank of `mpiexec -n R python -m lldist.transport.coordbench ...` calls this."""
-    from . import runner
+    """Every rank of `mpiexec -n R python -m lldist.bench.coordinator ...` calls this."""
+    from ..transport import runner
     ctx = runner.launch()
-
-    def prepare() -> runner.Plan:
-        import torch  # noqa: F401 - loaded before the baseline, as in a real run
-
-        from .schedule import Sweep
-        before = _rss_mib()
-        sf = new_file(out, n)
-        sched = Limited(Sweep(sf.taken(), chunk), results)
-        created = _rss_mib()
-
-        def write(r):
-            return sf.write_chunk(r.cells, r.values, r.rank, r.host, r.device, r.t_start, r.t_end)
-
-        def close(outcome, cost):
-            sf.finish()
-            s = np.array(cost["service"]) * 1000 if cost and cost["service"] else np.zeros(1)
-            with open(report, "w") as f:
-                json.dump({"grid": n, "ranks": ctx.size, "chunk": chunk, "results": cost["results"],
-                           "ms_median": float(np.median(s)), "ms_p99": float(np.percentile(s, 99)),
-                           "ms_mean": float(s.mean()), "results_per_s": cost["results"] / cost["wall"],
-                           "rss_before_mib": before, "rss_created_mib": created, "rss_peak_mib": _rss_mib(),
-                           "outcome": outcome}, f)
-
-        return runner.Plan(payload=None, schedule=sched, evaluate=None, group=1, device="cpu", write=write,
-                           tick=sf.commit_due, start=lambda hosts: _Quiet(), close=close, rank0_computes=False)
-
-    def build(payload) -> runner.Built:
-        return runner.Built(lambda cells: np.zeros((len(cells), 1, 2)), "cpu")
-
-    return runner.run(ctx, prepare, build)
+    return runner.run(ctx, ZeroCost(ctx, n, chunk, results, out, report))
 
 
 def coordinator(args) -> list:
-    from ..bench import find_mpiexec
+    from .common import find_mpiexec
     mpiexec = find_mpiexec()
     rows = []
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -122,7 +150,7 @@ def coordinator(args) -> list:
         for ranks in args.ranks:
             for n in args.grids:
                 out, report = os.path.join(tmp, f"c{n}.h5"), os.path.join(tmp, f"c{n}_{ranks}.json")
-                cmd = [mpiexec, "-n", str(ranks), sys.executable, "-m", "lldist.transport.coordbench", str(n),
+                cmd = [mpiexec, "-n", str(ranks), sys.executable, "-m", "lldist.bench.coordinator", str(n),
                        str(args.chunk), str(args.results), out, report]
                 p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800)
                 if p.returncode != 0:

@@ -1,6 +1,7 @@
 """Which cells to compute, chunk by chunk: the whole grid (Sweep) or where the surface needs
-them (Adaptive). No torch, MPI or HDF5: the coordinator asks `take()` for the next chunk and
-tells `returned()` what came back.
+them (Adaptive), and how an adaptive grid is read back (reconstruct). No torch, MPI or HDF5:
+the coordinator asks `take()` for the next chunk and tells `returned()` what came back; the
+store's reader calls `reconstruct`.
 
 Both work from the done mask (and, for Adaptive, the values already computed), so a resumed
 run continues where the killed one stopped, and what is computed never depends on which rank
@@ -14,6 +15,8 @@ from collections import deque
 from typing import Optional
 
 import numpy as np
+
+from .levels import contour_scale, geometric_span
 
 
 class Sweep:
@@ -60,15 +63,6 @@ def lattice(n: int, stride: int) -> list:
     if idx[-1] != n - 1:
         idx.append(n - 1)
     return idx
-
-
-def contour_scale(lo: float, hi: float, levels: int) -> tuple:
-    """(transform, spacing) of the plot's contour levels between lo and hi: geometric when
-    the loss spans more than a factor 50 (as lldist.plot draws it), else linear. Errors are
-    judged in transformed units, as fractions of one level's spacing."""
-    if lo > 0 and hi / lo > 50:
-        return np.log, (math.log(hi) - math.log(lo)) / (levels - 1)
-    return (lambda v: v), max(hi - lo, 1e-12) / (levels - 1)
 
 
 ERR_MARGIN = 2.0
@@ -138,7 +132,6 @@ class Adaptive:
 
     def __init__(self, shape: tuple, done: np.ndarray, known: np.ndarray, chunk: int,
                  coarse: int = 4, tolerance: float = 0.05, levels: int = 30):
-        self.shape = shape
         self.nx = shape[-1]
         self.ny = shape[0] if len(shape) == 2 else 1
         self.chunk, self.coarse, self.tolerance, self.levels = chunk, coarse, tolerance, levels
@@ -150,7 +143,6 @@ class Adaptive:
         self._waiting = {}  # cell -> [pending judgement ids]
         self._judgements = {}  # id -> [cells still missing, callback]
         self._next_id = 0
-        self.levels_ready = False
         self._transform, self._spacing = None, None
         xs = lattice(self.nx, coarse)
         ys = lattice(self.ny, coarse) if self.ny > 1 else [0]
@@ -219,7 +211,6 @@ class Adaptive:
         self._transform, self._spacing = contour_scale(lo, hi, self.levels)
         ulo, uhi = self._transform(lo), self._transform(max(hi, lo + 1e-12))
         self._level_u = np.linspace(ulo, uhi, self.levels)
-        self.levels_ready = True
         xs, ys = self._coarse_x, self._coarse_y
         for j in range(max(1, len(ys) - 1)):
             for i in range(len(xs) - 1):
@@ -282,7 +273,7 @@ def reconstruct(values: np.ndarray, done: np.ndarray, coarse: int, level_units: 
     """The full surface of an adaptive grid: computed cells as they are, the others
     interpolated (bilinear) inside the smallest box of the refinement whose new points were
     not computed, in the units the schedule judged errors in (the log of a loss whose lattice
-    spans more than a factor 50, as contour_scale; `level_units=False`: the values as they are). Works on any done mask (a run killed halfway too): a box counts as refined
+    spans more than levels.GEOMETRIC_SPAN, as contour_scale; `level_units=False`: the values as they are). Works on any done mask (a run killed halfway too): a box counts as refined
     when all its new points are done. NaN where a box's corners are not all computed."""
     shape = values.shape
     nx = shape[-1]
@@ -296,7 +287,7 @@ def reconstruct(values: np.ndarray, done: np.ndarray, coarse: int, level_units: 
         # decades), as the schedule judged the error: a basin is far closer to linear there
         lat = v[np.ix_(ys, xs)]
         lat = lat[np.isfinite(lat)]
-        if lat.size and lat.min() > 0 and lat.max() / lat.min() > 50:
+        if lat.size and geometric_span(lat.min(), lat.max()):
             with np.errstate(all="ignore"):
                 out = np.exp(reconstruct(np.log(values), done, coarse, False))
             return np.where(done, values, out)  # computed cells bit for bit

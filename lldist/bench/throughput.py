@@ -1,0 +1,242 @@
+"""Throughput: lldist's landscape against the pure forward-pass ceiling and a naive loop.
+
+    python -m lldist.bench [--device cpu|cuda] [--models mlp cnn ...] [--precision fp32 bf16]
+                           [--compile] [--channels-last] [--json PATH] [--markdown PATH]
+
+Per model and precision, on the same synthetic data and device:
+  * ceiling: a pure forward pass over preloaded, normalized images at the best batch size
+    (eager, and compiled with --compile: the better of the two is the ceiling);
+  * lldist: the landscape evaluator (weights updated in place, data on the device), cells/s
+    and images/s, and its ratio to the ceiling;
+  * naive: the classic per-cell loop (DataLoader with per-sample ToTensor/Normalize,
+    load_state_dict per cell), and lldist's speedup over it.
+The ceiling and lldist are timed in alternation (median of 5 rounds), so machine drift
+affects both alike.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import UserError
+from .common import MODELS, evaluator, interleaved, make_case, sizes, timed
+
+
+def add_arguments(ap) -> None:
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    text = ["bert_128"] if importlib.util.find_spec("transformers") else []  # with lldist[hf]
+    ap.add_argument("--models", nargs="+", default=list(MODELS) + text, choices=list(MODELS) + ["bert_128"])
+    ap.add_argument("--precision", nargs="+", default=None, choices=("fp32", "bf16"))
+    ap.add_argument("--compile", action="store_true", help="also measure torch.compile")
+    ap.add_argument("--channels-last", action="store_true", help="channels-last memory format for the CNNs")
+    ap.add_argument("--images", type=int, help="images per cell (default: by model and device)")
+    ap.add_argument("--naive-cells", type=int, default=2, help="cells the naive loop is timed on")
+    ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
+
+
+def run(args) -> tuple:
+    torch.set_num_threads(args.threads)
+    args.precision = args.precision or (["fp32"] if args.device == "cpu" else ["fp32", "bf16"])
+    rows = throughput(args)
+    return rows, markdown(rows)
+
+
+def forward_pass(model, data, device, precision, channels_last, compile_, bs):
+    """A function doing one pure forward pass over preloaded, normalized data at batch `bs`."""
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    m = model.to(device, memory_format=fmt).eval()
+    if compile_:
+        m = torch.compile(m)
+    x = data.normalize(data.x.to(device))
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=fmt)
+    dev = torch.device(device).type
+
+    @torch.inference_mode()
+    def run():
+        with torch.autocast(dev, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            for i in range(0, len(x), bs):
+                m(x[i:i + bs])
+    return run
+
+
+def ceiling(model, data, device, precision, channels_last, compile_, batch_sizes):
+    """Best images/s of a pure forward pass over the batch sizes; (rate, batch)."""
+    best = (0.0, batch_sizes[0])
+    for bs in batch_sizes:
+        if bs > len(data):
+            break
+        try:
+            t = timed(forward_pass(model, data, device, precision, channels_last, compile_, bs), device)
+        except torch.OutOfMemoryError:
+            break
+        if len(data) / t > best[0]:
+            best = (len(data) / t, bs)
+    return best
+
+
+def naive_loop(model, theta, dirs, data, device, cells=2, batch_size=128, workers=0):
+    """The classic evaluation: DataLoader with per-sample transforms, load_state_dict per cell."""
+    from torchvision import transforms as T
+    tf = T.Compose([T.ToTensor(), T.Normalize(data.mean, data.std)])
+    hwc = data.x.permute(0, 2, 3, 1).numpy()  # images as the classic dataset holds them
+
+    class DS(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(hwc)
+
+        def __getitem__(self, i):
+            return tf(hwc[i]), int(data.y[i])
+
+    loader = torch.utils.data.DataLoader(DS(), batch_size=batch_size, num_workers=workers)
+    model = model.to(device).eval()
+
+    def one_cell(a=0.1, b=-0.2):
+        state = {k: theta[k] + a * dirs["x"][k] + b * dirs["y"][k] for k in theta}
+        model.load_state_dict(state, strict=False)
+        total, correct = 0.0, 0
+        with torch.no_grad():
+            for xb, yb in loader:
+                xb, yb = xb.to(device), yb.to(device)
+                out = model(xb)
+                total += F.cross_entropy(out, yb, reduction="sum").item()
+                correct += (out.argmax(1) == yb).sum().item()
+        return total, correct
+    one_cell()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(cells):
+        one_cell()
+    return cells / (time.perf_counter() - t0)
+
+
+def text_case(n: int, seq: int = 128, seed: int = 0):
+    """A small BERT-style classifier (2 layers, width 128) on random token ids of length `seq`:
+    (model, theta, dirs, data as a DictSet with labels)."""
+    import transformers
+
+    from ..config import DirectionsConfig
+    from ..directions import make_directions, model_state
+    from ..workloads.data import DictSet
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=2000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=256, max_position_embeddings=seq, num_labels=2)
+    model = transformers.AutoModelForSequenceClassification.from_config(cfg)
+    g = torch.Generator().manual_seed(seed)
+    data = DictSet({"input_ids": torch.randint(4, 2000, (n, seq), generator=g),
+                    "attention_mask": torch.ones(n, seq, dtype=torch.int64),
+                    "labels": torch.randint(0, 2, (n,), generator=g)}, 2)
+    theta, kinds = model_state(model)
+    return model, theta, make_directions(theta, kinds, DirectionsConfig(seed=1), 2), data
+
+
+def text_row(device: str, n: int, batch_sizes: list, naive_cells: int = 2) -> dict:
+    """The text-model row: lldist on a BERT-style classifier at sequence length 128 against a
+    pure forward over the same batches (the ceiling) and a naive per-cell loop (a DataLoader
+    collating dict examples, load_state_dict per cell)."""
+    from ..config import EvalConfig
+    from ..evaluation.evaluator import Evaluator
+    from ..evaluation.tasks import Task
+    model, theta, dirs, data = text_case(n)
+    model = model.to(device).eval()
+    dev_data = data.to(device)
+
+    def forward(bs):
+        @torch.inference_mode()
+        def run():
+            for b in dev_data.batches(bs):
+                model(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
+        return run
+    rates = {bs: n / timed(forward(bs), device) for bs in batch_sizes if bs <= n}
+    bs = max(rates, key=rates.get)
+    ev = Evaluator(model, theta, dirs, {"test": data}, EvalConfig(batch_size=bs), device=device, task=Task())
+    med = interleaved({"ceiling": forward(bs), "lldist": lambda: ev.evaluate_cells([(0.1, -0.2)])}, device)
+    examples = [{k: v[i] for k, v in data.tensors.items()} for i in range(n)]
+    loader = torch.utils.data.DataLoader(examples, batch_size=32)
+
+    def one_cell(a=0.1, b=-0.2):
+        model.load_state_dict({k: theta[k] + a * dirs["x"][k] + b * dirs["y"][k] for k in theta}, strict=False)
+        with torch.no_grad():
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                F.cross_entropy(out, batch["labels"], reduction="sum").item()
+    one_cell()
+    t0 = time.perf_counter()
+    for _ in range(naive_cells):
+        one_cell()
+    naive = naive_cells / (time.perf_counter() - t0)
+    rate = 1 / med["lldist"]
+    return {"model": "bert_128", "precision": "fp32", "device": device, "images": n, "batch": bs,
+            "ceiling_img_s": n / med["ceiling"], "ceiling_eager_img_s": rates[bs], "ceiling_compiled_img_s": 0.0,
+            "compiled": False, "cells_per_pass": 1, "lldist_cells_s": rate, "lldist_img_s": rate * n,
+            "one_cell_at_a_time_cells_s": rate, "vs_ceiling": med["ceiling"] / med["lldist"],
+            "naive_cells_s": naive, "speedup_vs_naive": rate / naive}
+
+
+def throughput(args) -> list:
+    device = args.device
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda, but torch sees no CUDA device")
+        torch.backends.cudnn.benchmark = True
+    batch_sizes = [32, 64, 128, 256, 512] if device == "cpu" else [256, 512, 1024, 2048, 5000, 10000]
+    rows = []
+    for name in args.models:
+        if name == "bert_128":
+            row = text_row(device, 256 if device == "cpu" else 4096, [16, 32, 64, 128] if device == "cpu"
+                           else [128, 256, 512, 1024])
+            rows.append(row)
+            print(f"{name:18s} fp32  ceiling {row['ceiling_img_s']:12,.0f} seq/s  lldist {row['lldist_cells_s']:9.2f} "
+                  f"cells/s ({row['vs_ceiling']:.2f} of ceiling)  naive {row['naive_cells_s']:8.2f} cells/s "
+                  f"-> {row['speedup_vs_naive']:.2f}x", flush=True)
+            continue
+        n = args.images or sizes(name, device)
+        for precision in args.precision:
+            cl = args.channels_last and MODELS[name][2][1] > 1
+            model, theta, dirs, data = make_case(name, n)
+            eager = ceiling(model, data, device, precision, cl, False, batch_sizes)
+            comp = ceiling(model, data, device, precision, cl, True, batch_sizes) if args.compile else (0.0, 0)
+            bs = max(eager, comp)[1]
+            use_compile = comp[0] > eager[0]
+            model, theta, dirs, data = make_case(name, n)
+            fwd = forward_pass(model, data, device, precision, cl, use_compile, bs)
+            ev = evaluator(name, n, device, precision, cl, use_compile, bs, "auto")
+            group = ev.cells_per_pass
+            coords = [tuple(c) for c in np.random.RandomState(0).uniform(-1, 1, size=(group, 2))]
+            fns = {"ceiling": fwd, "lldist": lambda ev=ev, coords=coords: ev.evaluate_cells(coords)}
+            if group > 1:  # the one-cell-at-a-time rate, for the vmap speedup
+                ev1 = evaluator(name, n, device, precision, cl, use_compile, bs, 1)
+                fns["one"] = lambda ev1=ev1, c=coords[:1]: ev1.evaluate_cells(c)
+            med = interleaved(fns, device)
+            ceil_rate, rate = n / med["ceiling"], group / med["lldist"]
+            rate1 = 1 / med["one"] if group > 1 else rate
+            model, theta, dirs, data = make_case(name, n)
+            naive = naive_loop(model, theta, dirs, data, device, cells=args.naive_cells,
+                               workers=0 if device == "cpu" else 2)
+            row = {"model": name, "precision": precision, "device": device, "images": n, "batch": bs,
+                   "ceiling_img_s": ceil_rate, "ceiling_eager_img_s": eager[0], "ceiling_compiled_img_s": comp[0],
+                   "compiled": use_compile, "cells_per_pass": ev.cells_per_pass,
+                   "lldist_cells_s": rate, "lldist_img_s": rate * n, "one_cell_at_a_time_cells_s": rate1,
+                   "vs_ceiling": rate * n / ceil_rate, "naive_cells_s": naive, "speedup_vs_naive": rate / naive}
+            rows.append(row)
+            print(f"{name:18s} {precision:5s} ceiling {ceil_rate:12,.0f} img/s  lldist {rate:9.2f} cells/s "
+                  f"({row['vs_ceiling']:.2f} of ceiling, {ev.cells_per_pass} cells/pass)  naive {naive:8.2f} cells/s "
+                  f"-> {row['speedup_vs_naive']:.2f}x", flush=True)
+    return rows
+
+
+def markdown(rows: list) -> str:
+    head = ("| model | precision | images/cell | ceiling img/s | lldist cells/s | lldist img/s | vs ceiling "
+            "| cells/pass | naive cells/s | speedup vs naive |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    body = "".join(
+        f"| {r['model']} | {r['precision']}{' (compiled)' if r['compiled'] else ''} | {r['images']} | "
+        f"{r['ceiling_img_s']:,.0f} | {r['lldist_cells_s']:.2f} | {r['lldist_img_s']:,.0f} | "
+        f"{r['vs_ceiling']:.2f} | {r['cells_per_pass']} | {r['naive_cells_s']:.2f} | {r['speedup_vs_naive']:.2f}x |\n"
+        for r in rows)
+    return head + body

@@ -1,0 +1,171 @@
+"""What a run reads: the model at θ* (trained first when its checkpoint is missing), the data
+splits, the task, and the directions. The surface run, the Hessian at θ* and the API all load
+through here.
+
+    source = Source()                               # the job file's model, data and task
+    ensure_checkpoint(job)                          # train it when the job says how
+    loaded = source.load(job)                       # Loaded(model, theta, kinds, splits, meta)
+    dirs = make_dirs(job, loaded, source.make_task(job), source)   # {"x": {...}, "y": {...}, ...}
+"""
+
+from __future__ import annotations
+
+import copy
+import glob
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from .config import Job
+from .directions import make_directions, model_state, pca_directions
+from .errors import UserError
+from .evaluation.tasks import Task, task_from_config
+from .workloads.data import load_split
+from .workloads.models import build_model, load_checkpoint
+
+
+@dataclass
+class Loaded:
+    model: torch.nn.Module
+    theta: dict
+    kinds: dict
+    splits: dict  # split name -> TensorSet, DictSet or BatchList (CPU)
+    meta: dict  # checkpoint metadata (train/test accuracy at training time)
+
+
+def load_model_and_data(job: Job) -> Loaded:
+    """Everything each rank loads once: evaluation data, model at theta*."""
+    if job.model.name.startswith("object:") or job.data.name.startswith("object:"):
+        raise UserError(f"{job.source}: object: models and data are given from Python (lldist.landscape)")
+    splits = {s: load_split(job.data, s, model_name=job.model.name) for s in job.splits}
+    first = next(iter(splits.values()))
+    model = build_model(job.model, first.in_shape, first.num_classes)
+    meta = load_checkpoint(model, job.model.checkpoint) if job.model.checkpoint else {}
+    theta, kinds = model_state(model)
+    return Loaded(model, theta, kinds, splits, meta)
+
+
+@dataclass
+class Source:
+    """Where a run's model, data and task come from: the job file (the defaults), or objects
+    given from Python (lldist.landscape), with the fingerprints that stand for them."""
+    loader: Callable[[Job], Loaded] = None  # job -> Loaded; None: load_model_and_data
+    task: Optional[Task] = None  # None: the job's eval.loss and eval.metrics
+    files: Optional[dict] = None  # extra identity entries (fingerprints of objects)
+    target: Optional[dict] = None  # theta' as a state, instead of directions.target's file
+
+    def load(self, job: Job) -> Loaded:
+        return (self.loader or load_model_and_data)(job)
+
+    def make_task(self, job: Job) -> Task:
+        return self.task or task_from_config(job.eval)
+
+
+def ensure_checkpoint(job: Job, should_stop=lambda: None, log=print) -> None:
+    """Train first when the job names a checkpoint that does not exist yet and can train."""
+    ck = job.model.checkpoint
+    if ck and not os.path.exists(ck):
+        if job.train is None:
+            raise UserError(f"{job.source}: key 'model.checkpoint': {ck} does not exist")
+        from .training import train
+        log(f"checkpoint {ck} missing: training it first")
+        train(job, log=log, should_stop=should_stop)
+    if job.directions.target and not os.path.exists(job.directions.target):
+        raise UserError(f"{job.source}: key 'directions.target': {job.directions.target} does not exist")
+
+
+def checkpoint_state(job: Job, loaded: Loaded, path: str) -> dict:
+    """The float state of the job's model with another checkpoint loaded (a target, a
+    trajectory's epoch). A model given from Python is copied, not rebuilt."""
+    if job.model.name.startswith("object:"):
+        other = copy.deepcopy(loaded.model).cpu()
+    else:
+        first = next(iter(loaded.splits.values()))
+        other = build_model(job.model, first.in_shape, first.num_classes)
+    load_checkpoint(other, path)
+    return model_state(other)[0]
+
+
+def trajectory_files(job: Job) -> list:
+    """pca: the trajectory's checkpoints, in training order, the final one excluded."""
+    pattern = job.directions.checkpoints
+    if pattern is None:
+        if not job.model.checkpoint:
+            raise UserError(f"{job.source}: directions.kind: pca needs directions.checkpoints or a model.checkpoint "
+                            "whose <stem>_epoch<N>.pt series is the trajectory")
+        pattern = os.path.splitext(job.model.checkpoint)[0] + "_epoch*.pt"
+    final = os.path.abspath(job.model.checkpoint) if job.model.checkpoint else None
+
+    def order(path):
+        nums = re.findall(r"\d+", os.path.basename(path))
+        return (int(nums[-1]) if nums else -1, path)
+    files = sorted((f for f in glob.glob(pattern) if os.path.abspath(f) != final), key=order)
+    if len(files) < 2:
+        raise UserError(f"{job.source}: directions.kind: pca found {len(files)} checkpoint(s) matching {pattern}; "
+                        "it needs at least 2 besides the final one")
+    return files
+
+
+def make_dirs(job: Job, loaded: Loaded, task: Task, source: Source = Source(), log=lambda m: None,
+              trajectory: Optional[list] = None) -> dict:
+    """The job's directions: {"x": dir, "y": dir (2D)}, with what the file keeps beside them
+    ("target": theta' of an interpolation, "_info": attributes of /directions, "_trajectory": a
+    PCA plane's checkpoint coordinates). `trajectory`: pca's checkpoint files, when known."""
+    kind, ndim = job.directions.kind, job.ndim
+    if kind in ("random", "target"):
+        tgt = source.target if source.target is not None else \
+            (checkpoint_state(job, loaded, job.directions.target) if job.directions.target else None)
+        return make_directions(loaded.theta, loaded.kinds, job.directions, ndim, tgt)
+    if kind == "file":
+        return _file_directions(job, loaded)
+    if kind == "pca":
+        return _pca_directions(job, loaded, log, trajectory or trajectory_files(job))
+    return _hessian_directions(job, loaded, task, log)
+
+
+def _file_directions(job: Job, loaded: Loaded) -> dict:
+    from .store import SurfaceReader
+    with SurfaceReader(job.directions.file) as sf:
+        theirs = sf.read_directions()
+    for axis in ("x", "y")[:job.ndim]:
+        if axis not in theirs:
+            raise UserError(f"{job.source}: directions.file {job.directions.file} has no {axis} direction")
+        if set(theirs[axis]) != set(loaded.theta) or any(theirs[axis][n].shape != w.shape for n, w in loaded.theta.items()):
+            raise UserError(f"{job.source}: directions.file {job.directions.file} was made for another model "
+                            "(its directions' entries or shapes differ from this model's state)")
+    return {axis: {n: theirs[axis][n].to(w.dtype) for n, w in loaded.theta.items()} for axis in ("x", "y")[:job.ndim]}
+
+
+def _pca_directions(job: Job, loaded: Loaded, log, files: list) -> dict:
+    states = [checkpoint_state(job, loaded, f) for f in files]
+    try:
+        dirs, info, coords = pca_directions(loaded.theta, loaded.kinds, states, job.directions.ignore)
+    except ValueError as e:
+        raise UserError(f"{job.source}: directions.kind: pca: {e}")
+    log(f"pca of {len(files)} checkpoints: explained variance {info['explained_variance_ratio'][0]:.3f}, "
+        f"{info['explained_variance_ratio'][1]:.3f}")
+    info["checkpoints"] = [os.path.basename(f) for f in files]
+    lo, hi = coords.min(0).values.tolist(), coords.max(0).values.tolist()
+    log(f"trajectory of {len(files)} checkpoints spans alpha [{lo[0]:.3g}, {hi[0]:.3g}], beta [{lo[1]:.3g}, "
+        f"{hi[1]:.3g}] (the final checkpoint is at 0, 0): the grid should cover it")
+    dirs = {a: dirs[a] for a in ("x", "y")[:job.ndim]}
+    dirs["_info"], dirs["_trajectory"] = info, coords
+    return dirs
+
+
+def _hessian_directions(job: Job, loaded: Loaded, task: Task, log) -> dict:
+    """The top eigenvectors of the Hessian at theta*."""
+    from .evaluation.curvature import Curvature, first_batches
+    first = next(iter(loaded.splits.values()))
+    batches = first_batches(first, job.eval.batch_size, job.directions.batches)
+    curv = Curvature(loaded.model, batches, task)
+    vals, vecs = curv.eigs(k=job.ndim, which="LA")
+    log(f"hessian directions: top eigenvalues {', '.join(f'{v:.5g}' for v in vals)} "
+        f"({curv.matvecs} Hessian-vector products on {len(batches)} batches)")
+    dirs = {axis: curv.as_state(vecs[:, i], loaded.theta) for i, axis in enumerate(("x", "y")[:job.ndim])}
+    dirs["_info"] = {"hessian_eigenvalues": [float(v) for v in vals], "hessian_batches": len(batches),
+                     "hessian_batch_size": job.eval.batch_size}
+    return dirs

@@ -1,0 +1,238 @@
+"""One surface run: the room the runner (transport/runner.py) talks to. It composes what the
+other parts do: the output file (store), the job's identity (identity), what it reads
+(loading), which cells next (schedule), and the evaluator (evaluation).
+
+    code = run_surface(ctx, lambda: job, RunOptions(overwrite=False), Source(), should_stop)
+    # which is: runner.run(ctx, SurfaceRun(ctx, get_job, options, source, should_stop), should_stop)
+
+What the runner calls, in its order (the message sequence is in runner.py):
+  rank 0     prepare()       lock and check the output, train if needed, create or resume the
+                             file, build rank 0's evaluator and the schedule -> the payload
+  workers    build(payload)  their own evaluator, with rank 0's batch size and cells per pass
+  all        evaluate(cells) values (n, nsplits, nquantities) for flat cell indices
+  rank 0     start(hosts)    every rank is up: the log lines and the progress display
+  rank 0     take_result(r)  a finished chunk (runner.ChunkResult) to the file and the schedule
+  rank 0     tick()          between messages: the group commit when due
+  rank 0     close(outcome)  "done" | "stopped" | "failed": commit, close, release the lock
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from . import identity
+from .config import Job
+from .errors import UserError
+from .evaluation.evaluator import Evaluator, device_for_rank
+from .evaluation.tasks import Task
+from .grid import Grid, auto_chunk_size
+from .loading import Loaded, Source, ensure_checkpoint, make_dirs, trajectory_files
+from .schedule import Adaptive, Sweep
+from .store import Output
+from .transport import runner
+from .transport.progress import Progress
+
+
+def log(msg: str) -> None:
+    print(f"lldist: {msg}", flush=True)
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    overwrite: bool = False  # replace an output made by another job (once the new file exists)
+    progress_every: float = 10.0  # seconds between progress lines when not on a terminal; 0: none
+
+
+@dataclass
+class Payload:
+    """What rank 0 sends every worker: the job, the stored directions, and the numbers rank 0
+    fixed for every rank (the last float bits of a loss depend on them)."""
+    job: Job
+    dirs: dict
+    batch_size: int
+    cells_per_pass: int
+
+
+def set_threads(job: Job, cpus: int) -> int:
+    """CPU threads for torch: the job's eval.threads, else OMP_NUM_THREADS, else this rank's
+    share of the CPUs it may run on (runner.cpu_share). Returns the number chosen."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    n = job.eval.threads or (int(omp) if omp.isdigit() and int(omp) > 0 else 0) or cpus
+    if n:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def make_evaluator(job: Job, loaded: Loaded, dirs: dict, device: str, batch_size, cells_per_pass,
+                   task: Task) -> Evaluator:
+    cfg = dataclasses.replace(job.eval, batch_size=batch_size, cells_per_pass=cells_per_pass)
+    try:
+        return Evaluator(loaded.model, loaded.theta, dirs, loaded.splits, cfg, device=device, task=task)
+    except ValueError as e:  # options the data or task cannot take
+        raise UserError(f"{job.source}: {e}")
+
+
+class SurfaceRun:
+    """One job's surface, on one rank; see the module docstring for what the runner calls."""
+
+    rank0_computes = True
+
+    def __init__(self, ctx: runner.Context, get_job: Callable[[], Job], options: RunOptions = RunOptions(),
+                 source: Source = Source(), should_stop: Callable[[], Optional[int]] = lambda: None):
+        self.ctx, self.get_job, self.options, self.source, self.should_stop = ctx, get_job, options, source, should_stop
+        self.job: Optional[Job] = None
+        self.grid: Optional[Grid] = None
+        self.output = None  # store.Output (rank 0)
+        self.writer = None  # store.SurfaceWriter (rank 0)
+        self.schedule = None
+        self.evaluator: Optional[Evaluator] = None
+        self.device, self.cells_per_pass, self.threads = "cpu", 1, 0
+        self.pending = 0  # cells to compute when the run started (at most, on an adaptive grid)
+        self.computed = 0  # cells this run has taken from the ranks
+        self.t_start = None  # once every rank is up
+
+    # ------------------------------------------------------------------ rank 0
+    def prepare(self) -> Payload:
+        job = self.job = self.get_job()
+        self.output = Output(job.output)
+        try:
+            return self._prepare(job)
+        except BaseException:
+            self._release()
+            raise
+
+    def _prepare(self, job: Job) -> Payload:
+        self.threads = set_threads(job, self.ctx.cpus)  # before training, which uses them too
+        # an output this job may not write is refused now, not after an hour of training
+        self.output.refuse_foreign(identity.config(job), self.options.overwrite)
+        ensure_checkpoint(job, self.should_stop, log)
+        loaded = self.source.load(job)
+        task = self.source.make_task(job)
+        trajectory = trajectory_files(job) if job.directions.kind == "pca" else []
+        inputs = {**identity.inputs(job, trajectory, task), **(self.source.files or {})}
+        hashes = {"job": identity.job(job, inputs), "config": identity.config(job)}
+        self.grid = Grid(job.grid.x, job.grid.y)
+        meta = {"checkpoint_meta": loaded.meta, "checkpoint_sha256": inputs.get("checkpoint", ""),
+                "num_parameters": sum(p.numel() for p in loaded.model.parameters()),
+                "eval_samples": {k: len(v) for k, v in loaded.splits.items()}}
+        if job.grid.adaptive is not None:  # how to read the file back (store.SurfaceReader.adaptive)
+            meta["grid_adaptive"] = dataclasses.asdict(job.grid.adaptive)
+        sf = self.writer = self.output.open(
+            job, hashes, self.grid, lambda: make_dirs(job, loaded, task, self.source, log, trajectory), meta,
+            self.options.overwrite, {q: task.long_name(q, "{split}") for q in task.names})
+        if sf.quantities != list(task.names):
+            raise UserError(f"output {job.output} holds {', '.join(sf.quantities)}, this job computes "
+                            f"{', '.join(task.names)}; use --out for a new file or --overwrite to replace it")
+        dirs = sf.read_directions()  # every evaluation, first run or resume, uses the stored copy
+        self.device = device_for_rank(self.ctx.local_rank, job.eval.device)
+        # rank 0 fixes the batch size and cells per pass for every rank: the last float bits
+        # of a loss depend on them. "auto" is calibrated once and stored in the file, so a
+        # resume reuses it; a number in the job is the user's choice and always wins.
+        batch, group = job.eval.batch_size, job.eval.cells_per_pass
+        if batch == "auto" and sf.attr("eval_batch_size") is not None:
+            batch = int(sf.attr("eval_batch_size"))
+        if group == "auto" and sf.attr("eval_cells_per_pass") is not None:
+            group = int(sf.attr("eval_cells_per_pass"))
+        ev = self.evaluator = make_evaluator(job, loaded, dirs, self.device, batch, group, task)
+        sf.set_attr("eval_batch_size", ev.batch_size)
+        sf.set_attr("eval_cells_per_pass", ev.cells_per_pass)
+        self.cells_per_pass = ev.cells_per_pass
+        self.schedule = self._schedule(job)
+        return Payload(job, dirs, ev.batch_size, ev.cells_per_pass)
+
+    def _schedule(self, job: Job):
+        done = self.writer.taken()  # the writer's own mask, shared with the schedule: read from the file once
+        self.pending = int(done.size - np.count_nonzero(done))
+        chunk = job.eval.chunk_size if job.eval.chunk_size != "auto" else auto_chunk_size(self.pending, self.ctx.size)
+        ad = job.grid.adaptive
+        if ad is None:
+            return Sweep(done, chunk)
+        # the deciding quantity: the first split's loss (NaN where not computed)
+        known = np.where(done, self.writer.array(job.splits[0], "loss"), np.nan)
+        return Adaptive(self.grid.shape, done, known, chunk, ad.coarse, ad.tolerance, ad.levels)
+
+    def start(self, hosts: dict) -> Progress:
+        job, grid, ev = self.job, self.grid, self.evaluator
+        for r, (h, d) in sorted(hosts.items()):
+            log(f"rank {r}/{self.ctx.size} on {h}: {d}")
+        adaptive = job.grid.adaptive is not None
+        log(f"job {job.name} -> {job.output}: {grid.ncells} cells ({' x '.join(map(str, grid.shape))}), "
+            f"{'at most ' + str(self.pending) if adaptive else self.pending} to compute "
+            f"({self.schedule.describe()}), {self.ctx.size} rank(s), "
+            f"batch {ev.batch_size}, {ev.cells_per_pass} cell(s) per pass, {self.threads} thread(s) on rank 0, "
+            f"splits {', '.join(job.splits)}")
+        cos = self.writer.attr("cosine_xy", group="directions")
+        if cos is not None:
+            log(f"cosine(x, y) of the directions: {cos:+.4f}")
+        self.t_start = time.perf_counter()
+        return Progress(grid.ncells, grid.ncells - self.pending, every=self.options.progress_every)
+
+    def take_result(self, r: runner.ChunkResult) -> int:
+        saved = self.writer.write_chunk(r)
+        self.schedule.returned(np.asarray(r.cells), np.asarray(r.values)[:, 0, 0])  # first split's loss
+        self.computed += len(r.cells)
+        return saved
+
+    def tick(self) -> int:
+        return self.writer.commit_due()
+
+    def close(self, outcome: str, cost: Optional[dict]) -> None:
+        try:
+            if outcome == "done":
+                self._finish(cost)
+            elif self.writer is not None and self.writer.f.id.valid:
+                self.writer.commit()
+                print(f"lldist: {int(self.writer.done().sum())}/{self.grid.ncells} cells done and saved in "
+                      f"{self.job.output}", file=sys.stderr, flush=True)
+        finally:
+            self._release()
+
+    def _finish(self, cost: Optional[dict]) -> None:
+        sf, grid, adaptive = self.writer, self.grid, self.job.grid.adaptive is not None
+        dt = time.perf_counter() - self.t_start
+        if cost and cost["messages"]:
+            ms = 1000 * cost["seconds"] / cost["messages"]
+            sf.set_attr("coordinator_ms_per_message", ms)
+            log(f"coordinator: {cost['messages']} worker messages, {ms:.2f} ms each (receive, write, answer)")
+        if adaptive:
+            n = int(np.count_nonzero(sf.taken()))
+            log(f"adaptive: {n}/{grid.ncells} cells computed ({100 * n / grid.ncells:.1f}%), the rest interpolated")
+        sf.finish(complete=True if adaptive else None)
+        n = self.computed
+        log(f"done: {n} cells in {dt:.3f}s ({n / dt if dt > 0 else 0:.2f} cells/s) -> {self.job.output}")
+
+    def _release(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        if self.output is not None:
+            self.output.release()
+
+    # ------------------------------------------------------------------ every rank
+    def build(self, payload: Payload) -> str:
+        job = self.job = payload.job
+        self.grid = Grid(job.grid.x, job.grid.y)
+        set_threads(job, self.ctx.cpus)
+        self.device = device_for_rank(self.ctx.local_rank, job.eval.device)
+        self.evaluator = make_evaluator(job, self.source.load(job), payload.dirs, self.device, payload.batch_size,
+                                        payload.cells_per_pass, self.source.make_task(job))
+        self.cells_per_pass = self.evaluator.cells_per_pass
+        return self.device
+
+    def evaluate(self, cells: np.ndarray) -> np.ndarray:
+        return self.evaluator.evaluate_cells([self.grid.coords(k) for k in cells])
+
+
+def run_surface(ctx: runner.Context, get_job: Callable[[], Job], options: RunOptions = RunOptions(),
+                source: Source = Source(), should_stop: Callable[[], Optional[int]] = lambda: None) -> int:
+    """Compute one job's surface with every rank of `ctx` (collective: all ranks call it).
+    `get_job` is called on rank 0 only; `source` (every rank's own) says where model, data and
+    task come from when they are not the job file's. Returns the exit status (0 when done)."""
+    return runner.run(ctx, SurfaceRun(ctx, get_job, options, source, should_stop), should_stop)

@@ -1,0 +1,118 @@
+"""Training a job's model: the checkpoint a surface starts from (`python -m lldist.train`, and
+`lldist.surface` when the checkpoint is missing).
+
+    meta = train(job, log=print, should_stop=lambda: None)
+
+Writes `model.checkpoint` (final weights) and, beside it, `<stem>_epoch<N>.pt` after every
+epoch (for trajectory and interpolation plots), each with metadata: epoch, train/test loss
+and accuracy, generalization gap, the train config. Prints one line per epoch.
+Training is seeded; on the CPU the same job gives the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+from .config import Job
+from .errors import Stopped
+from .evaluation.evaluator import plain_loss_acc, resolve_device
+from .evaluation.tasks import task_from_config
+from .workloads.data import TensorSet, load_split
+from .workloads.models import build_model, save_checkpoint
+
+
+def epoch_path(checkpoint: str, epoch: int) -> str:
+    stem, ext = os.path.splitext(checkpoint)
+    return f"{stem}_epoch{epoch}{ext or '.pt'}"
+
+
+@torch.no_grad()
+def _measure(model, data, device, task):
+    """(loss, accuracy or NaN) at the end of an epoch, the plain way."""
+    model.eval()
+    if isinstance(data, TensorSet) and task.classification:
+        return plain_loss_acc(model, data, batch_size=512, device=device)
+    total = None
+    for batch in data.to(device).batches(128):
+        sums = task.sums(task.forward(model, batch), batch).double()
+        total = sums if total is None else total + sums
+    means = dict(zip(task.names, task.means(total)))
+    return means["loss"], means.get("acc", float("nan"))
+
+
+def _loss(model, batch, task):
+    """The training loss of one batch: the task's weighted mean (per token for lm)."""
+    if isinstance(batch, tuple) and task.classification:
+        return F.cross_entropy(model(batch[0]), batch[1])  # as lldist has always trained classifiers
+    sums = task.sums(task.forward(model, batch), batch)
+    return sums[0] / sums[1]
+
+
+def _optimizer(t, model):
+    if t.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    if t.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
+def train(job: Job, log=print, should_stop: Callable[[], Optional[int]] = lambda: None) -> dict:
+    """Train per job.train; write checkpoints; return the final metadata.
+
+    `should_stop()` is asked after every batch; once it returns a signal number, training
+    ends by raising Stopped, keeping the epoch checkpoints written so far (under a Slurm time
+    limit the job must be gone within the grace period, not at the end of training)."""
+    t = job.train
+    device = resolve_device(t.device)
+    train_set = load_split(job.data, "train", subset=False, model_name=job.model.name)
+    test_set = load_split(job.data, "test", subset=False, model_name=job.model.name)
+    model = build_model(job.model, train_set.in_shape, train_set.num_classes).to(device)
+    task = task_from_config(job.eval)
+    opt = _optimizer(t, model)
+    # linear warm-up over the first warmup_steps steps, then the constant rate
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / t.warmup_steps)) \
+        if t.warmup_steps else None
+    gen = torch.Generator().manual_seed(t.seed)
+    log(f"train: {job.model.name} on {job.data.name} ({len(train_set)} train / {len(test_set)} test), "
+        f"{t.optimizer} lr={t.lr} batch={t.batch_size} epochs={t.epochs} on {device}")
+    meta = {}
+    for epoch in range(1, t.epochs + 1):
+        model.train()
+        t0 = time.perf_counter()
+        order = torch.randperm(len(train_set), generator=gen)
+        for i in range(0, len(order), t.batch_size):
+            idx = order[i:i + t.batch_size]
+            if len(idx) < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+                continue  # BatchNorm cannot train on a batch of one
+            batch = train_set.take(idx)
+            batch = {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else \
+                tuple(v.to(device) for v in batch)
+            loss = _loss(model, batch, task)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            signum = should_stop()
+            if signum is not None:
+                kept = f"the checkpoints of epochs 1..{epoch - 1} are kept" if epoch > 1 \
+                    else "no epoch was finished"
+                raise Stopped(signum, f"stopped by signal {signum} while training epoch {epoch} ({kept}); "
+                                      "run the same command to train again")
+        tr_loss, tr_acc = _measure(model, train_set, device, task)
+        te_loss, te_acc = _measure(model, test_set, device, task)
+        meta = {"epoch": epoch, "train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss,
+                "test_acc": te_acc, "gap": tr_acc - te_acc, "train_config": dataclasses.asdict(t),
+                "model": job.model.name, "data": job.data.name}
+        save_checkpoint(model, epoch_path(job.model.checkpoint, epoch), meta)
+        log(f"epoch {epoch:3d}/{t.epochs}  train loss {tr_loss:.4f} acc {tr_acc:.4f}  "
+            f"test loss {te_loss:.4f} acc {te_acc:.4f}  ({time.perf_counter() - t0:.1f}s)")
+    save_checkpoint(model, job.model.checkpoint, meta)
+    log(f"train: wrote {job.model.checkpoint}")
+    return meta
