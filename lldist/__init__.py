@@ -14,6 +14,7 @@ user) and transport/ (the only mpi4py user): README.md's Layout. See README.md f
 job-file reference and docs/FORMAT.md for the output file.
 """
 
+from .errors import UserError  # noqa: F401 - a ValueError: what lldist raises for bad input
 from .version import __version__  # noqa: F401
 
 

@@ -29,7 +29,7 @@ from torch import nn
 from . import identity
 from .config import LOSSES, DirectionsConfig, EvalConfig, job_from_dict
 from .errors import UserError
-from .evaluation.tasks import Task, make_task
+from .evaluation.tasks import Task, make_task, qualified_name
 from .workloads.tensors import BatchList, TensorSet
 
 EVAL_KEYS = {f.name for f in dataclasses.fields(EvalConfig)}
@@ -54,6 +54,8 @@ def as_data(data, batch_size: int = 256):
         x, y = data
         if len(x) != len(y):
             raise ValueError(f"data: x has {len(x)} samples and y {len(y)}")
+        if len(x) == 0:
+            raise ValueError("data: x and y hold no examples")
         y = y if y.dtype != torch.int32 else y.long()
         return TensorSet(x if x.dtype == torch.uint8 else x.float(), y,
                          int(y.max()) + 1 if y.dtype == torch.int64 and len(y) else 0)
@@ -70,7 +72,24 @@ def as_data(data, batch_size: int = 256):
         if not isinstance(b, (tuple, list, dict)) or not all(isinstance(t, torch.Tensor) for t in
                                                              (b.values() if isinstance(b, dict) else b)):
             raise TypeError(f"data: a batch must be a tuple or a dict of tensors, got {type(b).__name__}")
-    return BatchList([dict(b) if isinstance(b, dict) else tuple(b) for b in batches])
+    out = BatchList([dict(b) if isinstance(b, dict) else tuple(b) for b in batches])
+    if any(t.shape[0] == 0 for b in out.batches_ for t in BatchList._tensors(b) if t.dim()):
+        raise ValueError("data: a batch holds no examples")
+    return out
+
+
+def _finite(ts) -> None:
+    bad = ts.nonfinite()
+    if bad:
+        raise ValueError(f"data: the inputs hold {bad:,} NaN or infinite values (every cell's loss would be NaN)")
+
+
+def _api_message(e: Exception) -> str:
+    """A refusal worded for the command line, reworded for a Python caller."""
+    return (str(e).replace("use --out for a new file or --overwrite to replace it",
+                           "pass another out= for a new file, or resume=False to replace it")
+            .replace("<landscape()>: ", "").replace("key 'eval.", "argument '")
+            .replace("key 'grid.", "argument '").replace("key '", "argument '"))
 
 
 def landscape(model: nn.Module, data, *, x=(-1.0, 1.0, 51), y=(-1.0, 1.0, 51), split: str = "test",
@@ -116,27 +135,34 @@ def landscape(model: nn.Module, data, *, x=(-1.0, 1.0, 51), y=(-1.0, 1.0, 51), s
     out = os.fspath(out)
     bs = eval_options.get("batch_size", 256)
     ts = as_data(data, bs if isinstance(bs, int) and not isinstance(bs, bool) else 256)
+    _finite(ts)
     files = {"model_state": identity.tensors(model.state_dict()), "data": identity.tensors(ts),
              "task": identity.task(task)}
     theta_target = None
     if target is not None:
         files["target"] = identity.tensors(target.state_dict())
         theta_target = _state(target)[0]
-        missing = set(_state(model)[0]) - set(theta_target)
+        theta = _state(model)[0]
+        missing = set(theta) - set(theta_target)
         if missing:
             raise ValueError(f"target: its state has no {sorted(missing)[0]!r} (it must be the same architecture)")
+        for n, w in theta.items():
+            if theta_target[n].shape != w.shape:
+                raise ValueError(f"target: {n!r} has shape {tuple(theta_target[n].shape)}, the model's "
+                                 f"{tuple(w.shape)} (it must be the same architecture)")
     try:
         job = job_from_dict({
             "name": name, "output": out,
             "model": {"name": f"object:{type(model).__name__}"},
             "data": {"name": f"object:{type(data).__name__}"},
             "directions": directions, "grid": grid,
+            # what the file's job text records: the built-in loss's name, or the callables' own
             "eval": {**eval_options, "split": split,
-                     "loss": task.loss_name if task.loss_name in LOSSES else "cross_entropy"},
+                     "loss": task.loss_name if task.loss_name in LOSSES else f"object:{task.loss_name}",
+                     "metrics": {k: f"object:{qualified_name(f)}" for k, f in task.user_metrics.items()} or None},
         }, "<landscape()>")
     except UserError as e:  # the job file's message, for a Python caller: it names the argument
-        raise ValueError(str(e).replace("<landscape()>: ", "").replace("key 'eval.", "argument '")
-                         .replace("key 'grid.", "argument '").replace("key '", "argument '")) from None
+        raise ValueError(_api_message(e)) from None
 
     def load(job):
         theta, kinds = _state(model)
@@ -148,7 +174,7 @@ def landscape(model: nn.Module, data, *, x=(-1.0, 1.0, 51), y=(-1.0, 1.0, 51), s
     try:
         code = run_surface(ctx, lambda: job, RunOptions(overwrite=not resume, progress_every=progress_every), source)
     except UserError as e:
-        raise ValueError(str(e)) from None
+        raise ValueError(_api_message(e)) from None
     finally:
         if device is not None:
             model.to(device)

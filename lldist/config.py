@@ -11,7 +11,6 @@ Relative paths in a job file are relative to the current directory.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -137,6 +136,7 @@ class DirectionsConfig:
     checkpoints: Optional[str] = None  # pca: a glob of the trajectory's checkpoints (default <stem>_epoch*.pt)
     file: Optional[str] = None  # file: an lldist file whose directions this job uses
     batches: int = 4  # hessian: batches of eval.batch_size of the first split the Hessian is taken on
+    center: str = "final"  # pca: final (differences from theta*, uncentred) | mean (centred: Li et al.'s sklearn PCA)
 
 
 @dataclass(frozen=True)
@@ -329,6 +329,15 @@ def _build(cls, raw: dict, prefix: str, path: str):
     return cls(**kwargs)
 
 
+def _callable(spec: str, key: str, path: str) -> None:
+    """A python: reference must import to a callable (a job file is code: README, "Job files")."""
+    from .workloads.factory import import_object
+    try:
+        import_object(spec, f"key '{key}':")
+    except UserError as e:
+        raise UserError(f"{path}: {e}")
+
+
 def _choice(value, allowed, key, path):
     if value not in allowed:
         raise UserError(f"{path}: key '{key}' is {value!r}; allowed: {', '.join(allowed)}")
@@ -394,6 +403,7 @@ def validate(job: Job) -> None:
         raise UserError(f"{p}: directions.kind: hessian needs directions.batches >= 1 and a number for "
                         "eval.batch_size (the Hessian is taken on those batches)")
     _choice(dr.norm, NORMS, "directions.norm", p)
+    _choice(dr.center, ("final", "mean"), "directions.center", p)
     _choice(dr.ignore, IGNORES, "directions.ignore", p)
     if dr.target and not os.path.exists(dr.target) and job.train is None:
         raise UserError(f"{p}: key 'directions.target': {dr.target} does not exist")
@@ -416,13 +426,18 @@ def validate(job: Job) -> None:
         if e.cells_per_pass != 1:
             raise UserError(f"{p}: key 'eval.cells_per_pass' must be 1 with eval.bn: batch "
                             "(several cells per pass run BatchNorm with running statistics only)")
-    if not (e.loss in LOSSES or (e.loss.startswith("python:") and e.loss.count(":") == 2)):
+    if not (e.loss in LOSSES or (e.loss.startswith("python:") and e.loss.count(":") == 2)
+            or e.loss.startswith("object:")):
         raise UserError(f"{p}: key 'eval.loss' is {e.loss!r}; allowed: {', '.join(LOSSES)}, python:<module>:<function>")
+    if e.loss.startswith("python:"):
+        _callable(e.loss, "eval.loss", p)
     for k, v in (e.metrics or {}).items():
         if not (isinstance(k, str) and k.isidentifier() and k != "loss"):
             raise UserError(f"{p}: key 'eval.metrics': {k!r} is not a usable name (an identifier other than 'loss')")
-        if not (isinstance(v, str) and v.startswith("python:") and v.count(":") == 2):
+        if not (isinstance(v, str) and ((v.startswith("python:") and v.count(":") == 2) or v.startswith("object:"))):
             raise UserError(f"{p}: key 'eval.metrics.{k}' must be python:<module>:<function>, got {v!r}")
+        if v.startswith("python:"):
+            _callable(v, f"eval.metrics.{k}", p)
     if (e.loss != "cross_entropy" or e.metrics) and e.cells_per_pass != 1:
         raise UserError(f"{p}: key 'eval.cells_per_pass' must be 1 with another loss or metrics than the "
                         "default (several cells per pass know cross-entropy and accuracy only)")
@@ -449,49 +464,3 @@ def as_dict(obj) -> dict:
     d.pop("source", None)
     d.pop("text", None)
     return d
-
-
-def identity_hash(job: Job, file_hashes: Optional[dict] = None) -> str:
-    """Hash of everything that determines the numbers in the output file.
-
-    Not included: where the output goes, batch and chunk sizes, device, threads, compile and
-    channels_last (they change speed, not results beyond float round-off). The precision and
-    the BatchNorm mode are included: they change the numbers; so is the batch size under
-    `bn: batch`, where each batch's statistics depend on it. `file_hashes` holds fingerprints
-    of the checkpoint, the target and the data files, so a retrained checkpoint or other
-    images make a different job; None gives the configuration's hash alone, which is known
-    before training (to refuse a wrong output before spending the time).
-    """
-    ev = {"split": job.eval.split, "precision": job.eval.precision, "bn": job.eval.bn}
-    if job.eval.loss != "cross_entropy" or job.eval.metrics:  # (absent: files made before they existed)
-        ev.update(loss=job.eval.loss, metrics=job.eval.metrics)
-    if job.eval.bn == "batch":
-        ev["batch_size"] = job.eval.batch_size
-    if job.eval.curvature:  # the Hessian's batches: their size and number fix the numbers
-        ev.update(curvature=True, batch_size=job.eval.batch_size, curvature_batches=job.eval.curvature_batches)
-    dr = {k: v for k, v in as_dict(job.directions).items() if k != "target"}
-    for k, default in (("kind", "random"), ("checkpoints", None), ("file", None), ("batches", 4)):
-        if dr.get(k) == default:  # (absent at their defaults: older jobs keep their hash)
-            dr.pop(k)
-    if job.directions.kind == "target":
-        dr.pop("kind", None)  # the same job as one that names only a target
-    ident = {
-        "model": {k: v for k, v in as_dict(job.model).items() if k != "checkpoint"},
-        "data": {k: v for k, v in as_dict(job.data).items() if k not in ("root", "download")},
-        "directions": dr,
-        # (absent when not adaptive: the hash of jobs written before it existed is unchanged)
-        "grid": {k: v for k, v in as_dict(job.grid).items() if k != "adaptive" or v is not None},
-        "eval": ev,
-    }
-    if file_hashes is not None:
-        ident["files"] = file_hashes
-    blob = json.dumps(ident, sort_keys=True, default=str).encode()
-    return hashlib.sha256(blob).hexdigest()
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

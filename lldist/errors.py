@@ -8,14 +8,16 @@ Anything else is a bug (lldist's or the user's code's) or a fault of the machine
 line prints its traceback, then one line naming where it happened, and exits with status 1.
 """
 
+import argparse
 import sys
 import traceback
 
 EXIT_USAGE = 2
 
 
-class UserError(Exception):
-    """Bad input: a job file, a checkpoint, a dataset root, an output path."""
+class UserError(ValueError):
+    """Bad input: a job file, a checkpoint, a dataset root, an output path. A ValueError, so
+    that Python callers (lldist.open, lldist.landscape) can catch it as one."""
 
 
 class Stopped(Exception):
@@ -52,3 +54,23 @@ def run_cli(main, argv=None) -> int:
         where = getattr(e, "lldist_failure", "failed")  # "rank 0 on host failed in chunk 3 (cells 9..11)"
         print(f"lldist: error: {where}: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
         return 1
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the commands' rule for bad input: one line and exit status 2 (through
+    run_cli), instead of a usage block; --help still prints the whole usage."""
+
+    def error(self, message):
+        raise UserError(f"{self.prog}: {message} (--help for the options)")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v} must be at least 1")
+    return v
+

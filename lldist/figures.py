@@ -173,9 +173,7 @@ def plot_2d(s: dict, args, outdir: str, stem: str) -> list:
             if fig is None:
                 break
             path = os.path.join(outdir, f"{stem}_{split}_{q}_{kind}.{args.format}")
-            fig.savefig(path, dpi=args.dpi, bbox_inches="tight")
-            plt.close(fig)
-            written.append(path)
+            written.append(_save(fig, path, args))
     for split in s["splits"]:
         for what, make in (("curvature", figure_curvature), ("trajectory", figure_trajectory)):
             fig = make(s, split, args)
@@ -184,9 +182,15 @@ def plot_2d(s: dict, args, outdir: str, stem: str) -> list:
     return written
 
 
-def _save(fig, path: str, args) -> str:
-    fig.savefig(path, dpi=args.dpi, bbox_inches="tight")
-    plt.close(fig)
+def _save(fig, path: str, args, close: bool = True) -> str:
+    """Write a figure; a folder that is read-only or full is one line, not a traceback."""
+    try:
+        fig.savefig(path, dpi=args.dpi, bbox_inches="tight")
+    except OSError as e:
+        plt.close(fig)
+        raise UserError(f"cannot write {path}: {e.strerror or e}")
+    if close:
+        plt.close(fig)
     return path
 
 
@@ -411,14 +415,12 @@ def compare(paths: list, args, outdir: str) -> list:
                 ticks = lev[::max(1, len(lev) // 6)]
                 cb.set_ticks(ticks)
                 cb.set_ticklabels([f"{t:.3g}" for t in ticks])
-            fig.savefig(name, dpi=args.dpi, bbox_inches="tight")
-            written.append((name, fig))
+            written.append((_save(fig, name, args, close=False), fig))
         if surfaces[0]["y"] is not None:
             fig = compare_curvature(surfaces, labels, split, args)
             if fig is not None:
                 name = os.path.join(outdir, f"compare_{split}_curvature.{args.format}")
-                fig.savefig(name, dpi=args.dpi, bbox_inches="tight")
-                written.append((name, fig))
+                written.append((_save(fig, name, args, close=False), fig))
     return written
 
 
@@ -481,9 +483,7 @@ def figure_1d(s: dict, args):
 def plot_1d(s: dict, args, outdir: str, stem: str) -> list:
     fig = figure_1d(s, args)
     path = os.path.join(outdir, f"{stem}_curve.{args.format}")
-    fig.savefig(path, dpi=args.dpi, bbox_inches="tight")
-    plt.close(fig)
-    return [path]
+    return [_save(fig, path, args)]
 
 
 def write_all(s: dict, args: PlotOptions, outdir: str, stem: str) -> list:

@@ -8,16 +8,14 @@ prints them and stores them under /curvature/<split> of the job's output file if
 
 from __future__ import annotations
 
-from .optimum import at_optimum
+from .optimum import MAX_TOP, at_optimum, store_target
 
 
 def main(argv=None) -> int:
-    import argparse
-    import os
 
     from .config import load_job
-    from .errors import UserError
-    ap = argparse.ArgumentParser(prog="python -m lldist.hessian",
+    from .errors import ArgumentParser, UserError
+    ap = ArgumentParser(prog="python -m lldist.hessian",
                                  description="Hessian eigenvalues and trace of a job's model at theta*")
     ap.add_argument("job")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -37,14 +35,20 @@ def main(argv=None) -> int:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
     if args.trace_samples < 0:
         raise UserError(f"--trace-samples {args.trace_samples}: must be 0 (no trace) or more")
+    if args.top > MAX_TOP:
+        raise UserError(f"--top {args.top}: at most {MAX_TOP} eigenvalues by Lanczos; --density gives the shape of the "
+                        "whole spectrum")
+    path = store_target(args.out or job.output, job, explicit=bool(args.out))  # refused now, not after the work
     res = at_optimum(job, args.top, args.trace_samples, args.batches, log=lambda m: print("lldist: " + m, flush=True),
                      split=args.split,
                      density_runs=args.density_runs if args.density else 0, density_steps=args.density_steps)
-    path = args.out or job.output
-    if os.path.exists(path):
-        from .store import write_curvature
-        write_curvature(path, res)
-        print(f"lldist: stored in {path} under /curvature/{res['split']}")
+    if path is None:
+        print(f"lldist: not stored: {job.output} does not exist yet (run python -m lldist.surface, or give --out)")
+        return 0
+    path = store_target(path, job, explicit=True)  # again: a missing checkpoint was trained meanwhile
+    from .store import write_curvature
+    write_curvature(path, res)
+    print(f"lldist: stored in {path} under /curvature/{res['split']}")
     return 0
 
 

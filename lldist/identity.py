@@ -54,7 +54,7 @@ def job_hash(job: Job, inputs: Optional[dict]) -> str:
     if job.eval.curvature:  # the Hessian's batches: their size and number fix the numbers
         ev.update(curvature=True, batch_size=job.eval.batch_size, curvature_batches=job.eval.curvature_batches)
     dr = {k: v for k, v in as_dict(job.directions).items() if k != "target"}
-    for k, default in (("kind", "random"), ("checkpoints", None), ("file", None), ("batches", 4)):
+    for k, default in (("kind", "random"), ("checkpoints", None), ("file", None), ("batches", 4), ("center", "final")):
         if dr.get(k) == default:  # (absent at their defaults: older jobs keep their hash)
             dr.pop(k)
     if job.directions.kind == "target":

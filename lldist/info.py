@@ -9,12 +9,11 @@ start to last chunk end): a rank well below the others was waiting or slow.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 import numpy as np
 
-from .errors import run_cli
+from .errors import ArgumentParser, run_cli
 
 
 def rank_shares(records: np.ndarray) -> list:
@@ -34,7 +33,7 @@ def rank_shares(records: np.ndarray) -> list:
 
 def main(argv=None) -> int:
     from .store import SurfaceReader
-    ap = argparse.ArgumentParser(prog="python -m lldist.info", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m lldist.info", description=__doc__.split("\n")[0])
     ap.add_argument("file")
     args = ap.parse_args(argv)
     with SurfaceReader(args.file) as sf:

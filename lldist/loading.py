@@ -142,7 +142,8 @@ def _file_directions(job: Job, loaded: Loaded) -> dict:
 def _pca_directions(job: Job, loaded: Loaded, log, files: list) -> dict:
     states = [checkpoint_state(job, loaded, f) for f in files]
     try:
-        dirs, info, coords = pca_directions(loaded.theta, loaded.kinds, states, job.directions.ignore)
+        dirs, info, coords = pca_directions(loaded.theta, loaded.kinds, states, job.directions.ignore,
+                                            job.directions.center)
     except ValueError as e:
         raise UserError(f"{job.source}: directions.kind: pca: {e}")
     log(f"pca of {len(files)} checkpoints: explained variance {info['explained_variance_ratio'][0]:.3f}, "

@@ -9,13 +9,12 @@ are (ny, nx)), stored in the file under /metrics (--no-store to only print).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from typing import Optional
 
 import numpy as np
 
-from .errors import UserError, run_cli
+from .errors import ArgumentParser, UserError, run_cli
 
 RADII = (0.1, 0.25, 0.5, 1.0)
 EPSILONS = (0.1, 0.5, 1.0)
@@ -148,7 +147,10 @@ def _compute_file(path: str, split: Optional[str]) -> tuple:
         split = split or sf.splits[0]
         if split not in sf.splits:
             raise UserError(f"{path}: no split {split!r} (has {', '.join(sf.splits)})")
-        if not sf.done().all():
+        # an adaptive grid is complete when its schedule is exhausted (the file says so), not
+        # when every cell is computed: the rest is interpolated by read_all
+        complete = bool(sf.attr("complete")) if sf.adaptive else bool(sf.done().all())
+        if not complete:
             raise UserError(f"{path}: the surface is not complete; finish it first (re-run the job)")
         a = sf.read_all()  # complete, so no cell is masked
         meta = sf.checkpoint_meta()
@@ -182,7 +184,7 @@ def table(rows: list, names: list) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lldist.metrics", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m lldist.metrics", description=__doc__.split("\n")[0])
     ap.add_argument("files", nargs="+")
     ap.add_argument("--split", help="train or test (default: the file's first split)")
     ap.add_argument("--store", action="store_true", help="also write /metrics/<split> into each file "

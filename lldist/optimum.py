@@ -13,6 +13,38 @@ from .evaluation.curvature import Curvature, first_batches
 from .loading import Source, ensure_checkpoint
 
 
+MAX_TOP = 1000  # eigenpairs by Lanczos: beyond a few hundred, the density is the tool
+
+
+def store_target(path: str, job, explicit: bool):
+    """Where the Hessian's numbers may be stored: `path` when it is an lldist surface of this
+    job's model (same checkpoint content, or the same model section when there is none), None
+    when the job's own output does not exist yet. Refuses anything else before any work."""
+    import os
+
+    from . import identity
+    from .config import effective_raw
+    from .store import SurfaceReader
+    if not os.path.exists(path):
+        if explicit:
+            raise UserError(f"--out {path} does not exist: the Hessian is stored into an existing surface of this "
+                            "job (run python -m lldist.surface first)")
+        return None
+    with SurfaceReader(path) as sf:  # UserError for anything that is not a surface
+        theirs = sf.attr("checkpoint_sha256", "")
+        raw = effective_raw(sf.job_yaml(), path)
+    ck = job.model.checkpoint
+    if ck and os.path.exists(ck):
+        same = theirs == identity.file(ck)
+    else:
+        model = raw.get("model") or {}
+        same = not theirs and model.get("name", "cnn") == job.model.name and (model.get("args") or {}) == job.model.args
+    if not same:
+        raise UserError(f"{path} is a surface of another model or checkpoint than {job.source}'s; the Hessian of "
+                        "this job is not stored there (give --out a surface of this job)")
+    return path
+
+
 def at_optimum(job, top: int = 5, samples: int = 64, batches: int = 4, log=print, split: str = None,
                density_runs: int = 0, density_steps: int = 80) -> dict:
     """Curvature at theta* of a job's model on one split (default its first): the `top` largest
@@ -28,8 +60,11 @@ def at_optimum(job, top: int = 5, samples: int = 64, batches: int = 4, log=print
     bs = job.eval.batch_size if job.eval.batch_size != "auto" else 256
     chosen = first_batches(data, bs, batches)
     curv = Curvature(loaded.model, chosen, src.make_task(job))
+    if top >= curv.n:
+        raise UserError(f"--top {top}: the model has {curv.n:,} parameters, so at most {curv.n - 1:,} eigenvalues "
+                        "can be asked of Lanczos (--density gives the whole spectrum's shape)")
     t = time.perf_counter()
-    vals, _ = curv.eigs(k=min(top, curv.n - 1), which="LA")
+    vals, _ = curv.eigs(k=top, which="LA")
     lo = float(curv.eigs(1, "SA")[0][0])
     tr, err = curv.trace(samples) if samples > 0 else (float("nan"), float("nan"))
     out = {"split": split, "batches": len(chosen), "batches_requested": batches, "batch_size": bs, "loss": curv.loss(),

@@ -14,14 +14,13 @@ quantity (lldist[html]).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import sys
 
 import numpy as np
 
-from .errors import UserError, run_cli
+from .errors import ArgumentParser, UserError, run_cli
 
 def check_args(args) -> None:
     if args.levels < 3:
@@ -36,6 +35,17 @@ def check_args(args) -> None:
         raise UserError(f"--dpi must be between 1 and 2400, got {args.dpi}")
 
 
+def folder(path: str) -> str:
+    """The folder figures go to, made if needed; a file in the way is one line."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--out {path} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"--out {path}: cannot make the folder ({e.strerror})")
+    return path
+
+
 def options(args):
     from .figures import PlotOptions
     return PlotOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PlotOptions)})
@@ -46,7 +56,7 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")  # files only: the command line never needs a window
     from . import figures
     d = figures.PlotOptions()
-    ap = argparse.ArgumentParser(prog="python -m lldist.plot", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m lldist.plot", description=__doc__.split("\n")[0])
     ap.add_argument("files", nargs="+", help="lldist surface files (.h5)")
     ap.add_argument("--out", help="output folder (default: next to each file)")
     ap.add_argument("--format", default=d.format, choices=("png", "pdf", "svg"), help="figure file format")
@@ -66,8 +76,7 @@ def main(argv=None) -> int:
     check_args(args)
     opts = options(args)
     if args.compare:
-        outdir = args.out or os.path.dirname(os.path.abspath(args.files[0]))
-        os.makedirs(outdir, exist_ok=True)
+        outdir = folder(args.out or os.path.dirname(os.path.abspath(args.files[0])))
         figs = figures.compare(args.files, opts, outdir)
         for _, fig in figs:
             figures.plt.close(fig)
@@ -75,11 +84,7 @@ def main(argv=None) -> int:
         return 0
     for path in args.files:
         s = figures.read_surface(path)
-        outdir = args.out or os.path.dirname(os.path.abspath(path))
-        try:
-            os.makedirs(outdir, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"--out {outdir}: {e.strerror}")
+        outdir = folder(args.out or os.path.dirname(os.path.abspath(path)))
         stem = os.path.splitext(os.path.basename(path))[0]
         if not s["done"].any():
             raise UserError(f"{path}: no cell is computed yet")

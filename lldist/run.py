@@ -116,6 +116,9 @@ class SurfaceRun:
         ensure_checkpoint(job, self.should_stop, log)
         loaded = self.source.load(job)
         task = self.source.make_task(job)
+        # the loss, metrics and outputs tried on two examples, before any file exists
+        for data in loaded.splits.values():
+            task.check(loaded.model, next(iter(data.batches(2))), getattr(data, "num_classes", 0))
         trajectory = trajectory_files(job) if job.directions.kind == "pca" else []
         inputs = {**identity.inputs(job, trajectory, task), **(self.source.files or {})}
         hashes = {"job": identity.job(job, inputs), "config": identity.config(job)}
@@ -173,7 +176,8 @@ class SurfaceRun:
         if cos is not None:
             log(f"cosine(x, y) of the directions: {cos:+.4f}")
         self.t_start = time.perf_counter()
-        return Progress(grid.ncells, grid.ncells - self.pending, every=self.options.progress_every)
+        return Progress(grid.ncells, grid.ncells - self.pending, every=self.options.progress_every,
+                        queued=self.schedule.queued if adaptive else None)
 
     def take_result(self, r: runner.ChunkResult) -> int:
         saved = self.writer.write_chunk(r)

@@ -199,6 +199,10 @@ class Adaptive:
     def exhausted(self) -> bool:
         return not self._ready and self._outstanding == 0 and not self._judgements
 
+    def queued(self) -> int:
+        """Cells decided on and not yet returned: a floor on what remains (refinement adds more)."""
+        return len(self._ready) + self._outstanding
+
     def describe(self) -> str:
         return (f"adaptive: a lattice of {len(self.coarse_cells)} cells (every {self.coarse}th), then refinement "
                 f"to {self.tolerance:g} of a contour spacing, in chunks of up to {self.chunk}")

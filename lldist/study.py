@@ -16,18 +16,18 @@ table and, with curvature, the sharpness comparison), `<out>/figures/`.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import copy
 import itertools
 import os
+import re
 import sys
 from dataclasses import dataclass
 
 import yaml
 
 from .config import apply_override, job_from_dict, load_yaml, read_text
-from .errors import UserError, run_cli
+from .errors import ArgumentParser, UserError, run_cli
 
 SHORT = {"batch_size": "b", "lr": "lr", "epochs": "e", "seed": "s", "weight_decay": "wd", "optimizer": ""}
 # The Hessian at theta*, by default on the training loss (sharpness is a property of the minimum
@@ -51,6 +51,9 @@ def load_study(path: str) -> tuple:
     if unknown:
         raise UserError(f"{path}: unknown key '{sorted(unknown)[0]}' (known: name, out, base, variants, cross, "
                         "curvature)")
+    for key in ("name", "out"):
+        if key in raw and not (isinstance(raw[key], str) and raw[key].strip()):
+            raise UserError(f"{path}: '{key}' must be a non-empty string, got {raw[key]!r}")
     out = raw.get("out") or os.path.join("runs", raw.get("name", "study"))
     base = raw.get("base") or {}
     if not isinstance(base, dict):
@@ -62,6 +65,10 @@ def load_study(path: str) -> tuple:
     if not isinstance(cross, dict) or not all(isinstance(v, list) and v for v in cross.values()):
         raise UserError(f"{path}: 'cross' must map keys to non-empty lists of values")
     labels = [str(v["label"]) for v in variants]
+    for lab in labels:  # each variant gets a folder named after its label, inside `out`
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.+-]*", lab):
+            raise UserError(f"{path}: variant label {lab!r} is not a plain name (letters, digits, _ . + -, not "
+                            "starting with a dot): it names the variant's folder")
     twice = sorted({lab for lab in labels if labels.count(lab) > 1})
     if twice:
         raise UserError(f"{path}: variant label {twice[0]!r} is used more than once (each variant gets a "
@@ -240,7 +247,7 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")  # the report's figures are files
     from .run import RunOptions, log, run_surface
     from .transport import runner
-    ap = argparse.ArgumentParser(prog="python -m lldist.study", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m lldist.study", description=__doc__.split("\n")[0])
     ap.add_argument("study", help="study file (YAML)")
     ap.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (no report)")
     ap.add_argument("--report-only", action="store_true", help="redraw the report from finished surfaces")

@@ -11,17 +11,16 @@ lldist/run.py's; this module only reads the command line.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from .config import load_job
-from .errors import run_cli
+from .errors import ArgumentParser, run_cli
 from .run import RunOptions, run_surface
 from .transport import runner
 
 
 def parse_args(argv):
-    ap = argparse.ArgumentParser(prog="python -m lldist.surface", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m lldist.surface", description=__doc__.split("\n")[0])
     ap.add_argument("job", help="job file (YAML)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a job key, e.g. --set grid.x=[-1,1,11] (repeatable)")

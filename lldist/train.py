@@ -9,17 +9,16 @@ keeping the epochs written so far.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from .config import load_job
-from .errors import UserError, run_cli
+from .errors import ArgumentParser, UserError, run_cli
 from .training import train
 from .transport.runner import install_sigterm
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lldist.train", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m lldist.train", description=__doc__.split("\n")[0])
     ap.add_argument("job", help="job file (YAML)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a job key, e.g. --set train.epochs=5 (repeatable)")

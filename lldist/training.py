@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import Job
-from .errors import Stopped
+from .errors import Stopped, UserError
 from .evaluation.evaluator import plain_loss_acc, resolve_device
 from .evaluation.tasks import task_from_config
 from .workloads.data import TensorSet, load_split
@@ -69,6 +69,9 @@ def train(job: Job, log=print, should_stop: Callable[[], Optional[int]] = lambda
     ends by raising Stopped, keeping the epoch checkpoints written so far (under a Slurm time
     limit the job must be gone within the grace period, not at the end of training)."""
     t = job.train
+    if os.path.isdir(job.model.checkpoint):
+        raise UserError(f"{job.source}: key 'model.checkpoint': {job.model.checkpoint} is a folder; training writes "
+                        "a file (e.g. runs/job/model.pt)")
     device = resolve_device(t.device)
     train_set = load_split(job.data, "train", subset=False, model_name=job.model.name)
     test_set = load_split(job.data, "test", subset=False, model_name=job.model.name)

@@ -62,7 +62,8 @@ def test_adaptive_run_computes_what_the_schedule_asks_and_equals_the_full_grid_t
 @pytest.mark.slow
 def test_adaptive_under_mpi_equals_one_process(workdir):
     job = write_job(workdir / "job.yaml", grid={"x": [-1.0, 1.0, 25], "y": [-1.0, 1.0, 25], "adaptive": ADAPTIVE},
-                    eval={"chunk_size": 4})
+                    eval={"chunk_size": 4}, model={"name": "python:userfactories:paced", "checkpoint": "model.pt",
+                                                   "args": {"kind": "mlp", "hidden": [16], "seconds": 0.01}})
     run(["lldist.surface", job, "--out", "one.h5"], workdir)
     run([mpiexec(), "-n", "3", sys.executable, "-m", "lldist.surface", job, "--out", "three.h5"], workdir)
     a, b = read("one.h5"), read("three.h5")
@@ -83,7 +84,7 @@ def test_adaptive_run_killed_then_resumed_gives_the_same_cells_and_values(workdi
                     directions={"norm": "none"}, eval={"chunk_size": 8, "batch_size": 120})
     run(["lldist.surface", job, "--out", "whole.h5"], workdir)
     whole = read("whole.h5")
-    cmd = [sys.executable, "-m", "lldist.surface", job, "--progress-every", "0"]
+    cmd = [sys.executable, "-m", "lldist.surface", job, "--progress-every", "0.001"]
     p = subprocess.Popen(cmd, cwd=workdir, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lattice = 11 * 11
     for line in p.stdout:

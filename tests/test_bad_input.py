@@ -154,7 +154,7 @@ def test_full_disk_is_one_line_and_creates_nothing(workdir, capsys, monkeypatch)
     from lldist.store import hdf5 as store
     monkeypatch.setattr(store, "free_bytes", lambda folder: 4096)
     job = write_job(workdir / "job.yaml", grid={"x": [-1, 1, 3], "y": None})
-    fails(capsys, surface.main, [job], "GB free")
+    fails(capsys, surface.main, [job], "has 4.1 kB free")
     assert not os.path.exists("out.h5") and not os.path.exists("out.h5.creating")
     assert not os.path.exists("out.h5.lock")
 

@@ -86,6 +86,31 @@ def test_pca_matches_numpy_svd_and_the_projections_are_dot_products():
     assert not dirs["x"]["a.bias"].any() and not dirs["x"]["bn.running_mean"].any()
 
 
+def test_centred_pca_is_scikit_learns_as_in_li_et_al():
+    """directions.center: mean is scikit-learn's PCA of the differences theta_i - theta (what
+    Li et al.'s setup_PCA_directions fits): the same components up to sign, the same explained
+    variance ratios; the coordinates stay the projections of the differences themselves."""
+    from sklearn.decomposition import PCA
+    g = torch.Generator().manual_seed(1)
+    theta = {"a.weight": torch.randn(5, 3, generator=g), "b.weight": torch.randn(2, 5, generator=g)}
+    kinds = {"a.weight": "weight", "b.weight": "weight"}
+    traj = [{n: w + torch.randn(w.shape, generator=g) * (6 - i) + 3.0 for n, w in theta.items()} for i in range(6)]
+    dirs, info, coords = pca_directions(theta, kinds, traj, center="mean")
+    D = np.stack([np.concatenate([(t[n] - theta[n]).double().reshape(-1).numpy() for n in theta]) for t in traj])
+    pca = PCA(n_components=2).fit(D)
+    for k, axis in enumerate(("x", "y")):
+        got = np.concatenate([dirs[axis][n].double().reshape(-1).numpy() for n in theta])
+        assert abs(abs(got @ pca.components_[k]) - 1) < 1e-6
+        np.testing.assert_allclose(coords[:, k].numpy(), D @ got, atol=1e-5)
+    np.testing.assert_allclose(info["explained_variance_ratio"], pca.explained_variance_ratio_, rtol=1e-6)
+    assert info["pca_center"] == "mean"
+    # the default, about theta*, is a different plane on this trajectory (it drifts by +3)
+    plain = pca_directions(theta, kinds, traj)[0]["x"]
+    x = np.concatenate([dirs["x"][n].double().reshape(-1).numpy() for n in theta])
+    p0 = np.concatenate([plain[n].double().reshape(-1).numpy() for n in theta])
+    assert abs(x @ p0) < 0.99
+
+
 def tiny_job(workdir, **kw):
     return write_job(workdir / "job.yaml", train={"epochs": 4, "lr": 0.01, "batch_size": 64, "seed": 0},
                      eval={"split": "test", "batch_size": 12, "threads": 1}, **kw)

@@ -74,3 +74,16 @@ def test_target_direction_is_difference(cnn):
     d = make_directions(theta, kinds, DirectionsConfig(seed=0), 1, theta_target=other)["x"]
     for n in theta:
         torch.testing.assert_close(theta[n] + d[n], other[n])
+
+
+def test_transposed_convolutions_are_normalized_per_output_channel():
+    """ConvTranspose2d stores (in, out, kh, kw): its filters (output channels) run along dim 1."""
+    import torch
+    model = torch.nn.Sequential(torch.nn.ConvTranspose2d(3, 5, 3), torch.nn.Conv2d(5, 4, 3))
+    theta, kinds = model_state(model)
+    assert kinds["0.weight"] == "weight_t" and kinds["1.weight"] == "weight"
+    d = make_directions(theta, kinds, DirectionsConfig(seed=2), 1)["x"]
+    per_out = lambda t: t.transpose(0, 1).flatten(1).norm(dim=1)  # noqa: E731
+    torch.testing.assert_close(per_out(d["0.weight"]), per_out(theta["0.weight"]), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(d["1.weight"].flatten(1).norm(dim=1), theta["1.weight"].flatten(1).norm(dim=1),
+                               rtol=1e-5, atol=1e-7)

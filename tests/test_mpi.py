@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from conftest import chunk_log, done_after_kill, env, kill_tree, mpiexec, run, write_job
 
-CNN = {"name": "cnn", "checkpoint": "model.pt", "args": {"width": 8, "stages": 2}}
+# the CNN, paced (10 ms more a batch when evaluating): every rank is up before the cells run out
+CNN = {"name": "python:userfactories:paced", "checkpoint": "model.pt",
+       "args": {"kind": "cnn", "width": 8, "stages": 2, "seconds": 0.01}}
 
 
 def mpirun(n, job, workdir, *extra, check=True, **envs):
@@ -91,7 +93,7 @@ def test_sigkill_whole_run_then_resume(workdir):
                     data={"name": "digits", "subset": 200}, grid={"x": [-1.0, 1.0, 15], "y": [-1.0, 1.0, 10]},
                     eval={"chunk_size": 1, "batch_size": 50})
     n = 150
-    cmd = [mpiexec(), "-n", "3", sys.executable, "-m", "lldist.surface", job, "--progress-every", "0"]
+    cmd = [mpiexec(), "-n", "3", sys.executable, "-m", "lldist.surface", job, "--progress-every", "0.001"]
     p = subprocess.Popen(cmd, cwd=workdir, env=env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
                          text=True)
     killed_at = None

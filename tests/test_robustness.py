@@ -102,9 +102,11 @@ def test_waiting_ranks_do_not_spin(workdir):
         for line in p.stderr:
             if "slow factory: sleeping" in line:
                 break
-        time.sleep(0.5)  # the workers are past their imports and waiting
-        pids = _rank_pids(p.pid, 3)
+        deadline = time.time() + 3.0  # rank 0 sleeps 4 s: the workers are up and waiting by then
+        while set(pids := _rank_pids(p.pid, 3)) != {0, 1, 2} and time.time() < deadline:
+            time.sleep(0.1)
         assert set(pids) == {0, 1, 2}
+        time.sleep(0.3)  # past their imports
         before = {r: _cpu_seconds(pids[r]) for r in (1, 2)}
         time.sleep(1.5)
         used = {r: _cpu_seconds(pids[r]) - before[r] for r in (1, 2)}

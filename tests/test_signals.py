@@ -36,7 +36,7 @@ def start_and_signal(cmd, workdir, after_cells, sig=signal.SIGTERM):
 
 def test_sigterm_single_process_flushes_and_resumes(workdir):
     job = slow_job(workdir)
-    code, err = start_and_signal([sys.executable, "-m", "lldist.surface", job, "--progress-every", "0"], workdir, 6)
+    code, err = start_and_signal([sys.executable, "-m", "lldist.surface", job, "--progress-every", "0.001"], workdir, 6)
     assert code == 143, err
     assert "stopped by signal 15" in err and "run the same command to resume" in err
     with h5py.File("out.h5", "r") as f:
@@ -52,7 +52,7 @@ def test_sigterm_single_process_flushes_and_resumes(workdir):
 @pytest.mark.slow
 def test_sigterm_to_the_launcher_then_resume(workdir):
     job = slow_job(workdir, cells=150, seconds=0.05)  # about 2.5 s over three ranks
-    cmd = [mpiexec(), "-n", "3", sys.executable, "-m", "lldist.surface", job, "--progress-every", "0"]
+    cmd = [mpiexec(), "-n", "3", sys.executable, "-m", "lldist.surface", job, "--progress-every", "0.001"]
     code, err = start_and_signal(cmd, workdir, 8)
     assert code != 0
     with h5py.File("out.h5", "r") as f:

@@ -53,7 +53,9 @@ def arrays(path):
 
 
 def test_surface_sh_equals_single_process(slurm, workdir):
-    job = write_job(workdir / "job.yaml", eval={"chunk_size": 2, "batch_size": 50})
+    job = write_job(workdir / "job.yaml", eval={"chunk_size": 2, "batch_size": 50},
+                    model={"name": "python:userfactories:paced", "checkpoint": "model.pt",
+                           "args": {"kind": "mlp", "hidden": [16], "seconds": 0.02}})
     run(["lldist.train", job], workdir)
     sbatch(slurm, workdir, "--wait", *CPU, "--time=10", "-o", "slurm.log", os.path.join(ROOT, "slurm", "surface.sh"),
            job, "--out", "slurm.h5")
@@ -82,7 +84,7 @@ def test_signalled_job_resumes_without_recomputing(slurm, workdir):
                     model={"name": "python:lldist.workloads.synthetic:fixed_cost", "checkpoint": None, "args": {"seconds": 0.1}},
                     grid={"x": [-1.0, 1.0, 60], "y": None}, eval={"chunk_size": 2, "batch_size": 1000})
     script = os.path.join(ROOT, "slurm", "surface.sh")
-    jobid = sbatch(slurm, workdir, *CPU, "--time=10", "-o", "first.log", script, job, "--progress-every", "0")
+    jobid = sbatch(slurm, workdir, *CPU, "--time=10", "-o", "first.log", script, job, "--progress-every", "0.001")
     deadline = time.time() + 180
     while time.time() < deadline:
         text = open(workdir / "first.log").read() if os.path.exists(workdir / "first.log") else ""

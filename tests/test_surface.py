@@ -151,7 +151,7 @@ def killable_cnn_job(workdir, subset, grid, chunk):
                     eval={"chunk_size": chunk, "batch_size": 4, "threads": 1})  # slow cells: time to kill
     run(["lldist.train", job], workdir)
     run(["lldist.surface", job, "--out", "full.h5"], workdir)
-    return job, [sys.executable, "-m", "lldist.surface", job, "--progress-every", "0"]
+    return job, [sys.executable, "-m", "lldist.surface", job, "--progress-every", "0.001"]
 
 
 def test_sigkill_then_resume_gives_identical_arrays(workdir):

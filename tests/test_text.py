@@ -127,6 +127,34 @@ def test_directions_for_transformers_are_per_row():
     assert ("lm_head.weight" in names) != ("transformer.wte.weight" in names)  # tied: one entry
 
 
+def test_directions_for_gpt2_follow_the_module_type():
+    """GPT-2's attention and MLP weights are transformers' Conv1D, stored (in, out): a filter
+    (an output unit) is a column there. Every Conv1D column, Embedding row and LayerNorm is
+    checked as the BERT test checks rows (the old rule, dim 0, normalized input units)."""
+    from transformers.pytorch_utils import Conv1D
+    torch.manual_seed(0)
+    gpt = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(GPT))
+    theta, kinds = model_state(gpt)
+    d = make_directions(theta, kinds, DirectionsConfig(seed=0), 1)["x"]
+    modules = dict(gpt.named_modules())
+    checked = {"conv1d": 0, "embedding": 0, "layernorm": 0}
+    for name, w in theta.items():
+        owner = modules.get(name.rsplit(".", 1)[0])
+        if isinstance(owner, Conv1D) and name.endswith("weight"):
+            assert kinds[name] == "weight_t" and w.shape == (owner.weight.shape[0], owner.nf)
+            np.testing.assert_allclose(d[name].norm(dim=0), w.norm(dim=0), rtol=1e-4, atol=1e-6)  # per output unit
+            assert not np.allclose(d[name].norm(dim=1), w.norm(dim=1), rtol=1e-2)  # not per input unit
+            checked["conv1d"] += 1
+        elif isinstance(owner, torch.nn.Embedding):
+            np.testing.assert_allclose(d[name].norm(dim=1), w.norm(dim=1), rtol=1e-4, atol=1e-6)
+            checked["embedding"] += 1
+        elif isinstance(owner, torch.nn.LayerNorm) or name.endswith("bias"):
+            assert not d[name].any()
+            checked["layernorm"] += isinstance(owner, torch.nn.LayerNorm)
+    n_layer = gpt.config.n_layer
+    assert checked == {"conv1d": 4 * n_layer, "embedding": 2, "layernorm": 2 * (2 * n_layer + 1)}  # weight, bias
+
+
 def test_train_a_text_model_and_a_huggingface_checkpoint_folder(workdir):
     job = text_job(workdir / "job.yaml", BERT, checkpoint="model.pt",
                    train={"optimizer": "adamw", "lr": 3e-3, "warmup_steps": 5, "epochs": 2, "batch_size": 64})

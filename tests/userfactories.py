@@ -83,3 +83,32 @@ def hinge(out, batch):
     """A job file's own loss: multi-class hinge, per example."""
     import torch.nn.functional as F
     return F.multi_margin_loss(out, batch[1], reduction="none")
+
+
+def with_nan(split, n=60):
+    """blobs with one NaN input: a data factory a landscape must refuse."""
+    x, y = blobs(split, n)
+    x[4, 1] = float("nan")
+    return x, y
+
+
+class Paced(nn.Module):
+    """A built-in lldist model that takes `seconds` more per batch when it evaluates (not when
+    it trains): a run then outlasts every rank's start-up, so a test may ask that every rank
+    took part without racing the launcher."""
+
+    def __init__(self, inner, seconds):
+        super().__init__()
+        self.inner, self.seconds = inner, seconds
+
+    def forward(self, x):
+        if not self.training:
+            time.sleep(self.seconds)
+        return self.inner(x)
+
+
+def paced(kind="mlp", seconds=0.01, **args):
+    """python:userfactories:paced with args {kind: cnn, width: 8, ...}: digits-shaped (1, 8, 8), 10 classes."""
+    from lldist.config import ModelConfig
+    from lldist.workloads.models import build_model
+    return Paced(build_model(ModelConfig(name=kind, args=args), (1, 8, 8), 10), seconds)

@@ -13,13 +13,12 @@ lists a mode's options.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import sys
 import time
 
-from ..errors import run_cli
+from ..errors import ArgumentParser, run_cli
 
 MODES = {"throughput": "lldist vs the pure forward-pass ceiling and a naive per-cell loop (the default)",
          "scaling": "the MPI protocol alone: speedup and efficiency at 1, 2, 4, 8 ranks",
@@ -34,7 +33,7 @@ def main(argv=None) -> int:
     if argv[:1] == [mode]:
         argv = argv[1:]
     mod = importlib.import_module(f".{mode}", __name__)
-    ap = argparse.ArgumentParser(
+    ap = ArgumentParser(
         prog=f"python -m lldist.bench{'' if mode == 'throughput' else ' ' + mode}",
         description=f"{mod.__doc__.splitlines()[0]} Modes: " + "; ".join(f"{k}: {v}" for k, v in MODES.items()),
         epilog="python -m lldist.bench MODE --help: that mode's options")

@@ -27,6 +27,8 @@ import tempfile
 
 import numpy as np
 
+from ..errors import positive_int
+
 
 def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -62,7 +64,7 @@ class _Quiet:
 
 def add_arguments(ap) -> None:
     ap.add_argument("--grids", type=int, nargs="+", default=[51, 501, 1001], help="cells per axis of each grid")
-    ap.add_argument("--ranks", type=int, nargs="+", default=[8, 64], help="rank counts to run at")
+    ap.add_argument("--ranks", type=positive_int, nargs="+", default=[8, 64], help="rank counts to run at")
     ap.add_argument("--chunk", type=int, default=32, help="cells per chunk")
     ap.add_argument("--results", type=int, default=3000, help="chunk results per grid")
 

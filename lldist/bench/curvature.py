@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import positive_int
 from .common import MODELS, make_case, rank_sweep, scaling_markdown, timed
 
 
@@ -17,7 +18,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--images", type=int, default=2000, help="images per loss cell")
     ap.add_argument("--batch", type=int, default=250, help="batch size of both cells")
     ap.add_argument("--curvature-batches", type=int, default=2, help="batches the Hessian is taken on")
-    ap.add_argument("--ranks", type=int, nargs="*", default=[1, 2],
+    ap.add_argument("--ranks", type=positive_int, nargs="*", default=[1, 2],
                     help="also a curvature map under mpiexec at these rank counts (none: skip)")
     ap.add_argument("--map-cells", type=int, default=5, help="the map's cells per axis")
 

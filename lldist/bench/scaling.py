@@ -6,11 +6,12 @@ under mpiexec at 1, 2, 4, 8 ranks: speedup, parallel efficiency, coordinator cos
 
 from __future__ import annotations
 
+from ..errors import positive_int
 from .common import rank_sweep, scaling_markdown
 
 
 def add_arguments(ap) -> None:
-    ap.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8], help="rank counts to run at")
+    ap.add_argument("--ranks", type=positive_int, nargs="+", default=[1, 2, 4, 8], help="rank counts to run at")
     ap.add_argument("--cost", type=float, default=0.05, help="seconds per cell")
     ap.add_argument("--cells", type=int, default=320, help="cells of the 1D grid")
     ap.add_argument("--chunk", type=int, default=2, help="cells per chunk")

@@ -10,7 +10,9 @@ that setting theta + a*dx + b*dy also resets the buffers of every cell, and inte
 between checkpoints moves the running statistics too. Random directions are zero on buffers.
 
 Kinds of entries: "weight" (parameter with dim > 1: conv and linear weights, normalized per
-filter, i.e. per output unit = index along dim 0), "vector" (1-D parameter: biases and
+filter, i.e. per output unit = index along dim 0), "weight_t" (a weight stored (in, out, ...):
+transformers' Conv1D in GPT-2, ConvTranspose; its output units run along dim 1, and the filter
+follows the module type, not dim 0), "vector" (1-D parameter: biases and
 BatchNorm affine parameters; `ignore: biasbn` zeroes them, as in the paper, `ignore: none`
 normalizes each as a single filter), "buffer" (always zero in a random direction).
 
@@ -32,9 +34,25 @@ from ..config import DirectionsConfig
 EPS = 1e-10  # guards zero-norm directions; a zero filter of theta gives a zero direction
 
 
+WEIGHTS = ("weight", "weight_t")  # the kinds whose filters are normalized one by one
+
+
+def filter_dim(kind: str) -> int:
+    """The dimension a weight's filters (output units) run along."""
+    return 1 if kind == "weight_t" else 0
+
+
+def _transposed(module: nn.Module) -> bool:
+    """Modules that store their weight as (in, out, ...): transformers' Conv1D (GPT-2's c_attn,
+    c_proj, c_fc; found by name, so transformers need not be importable) and ConvTranspose."""
+    return isinstance(module, nn.modules.conv._ConvTransposeNd) or (
+        type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers"))
+
+
 def model_state(model: nn.Module) -> tuple[dict, dict]:
     """(theta, kinds): detached CPU copies of the float state, and each entry's kind."""
     params = {n for n, _ in model.named_parameters()}
+    transposed = {f"{m_name}.weight" if m_name else "weight" for m_name, m in model.named_modules() if _transposed(m)}
     theta, kinds, seen = {}, {}, set()
     for name, t in model.state_dict().items():
         if not t.is_floating_point():
@@ -44,13 +62,14 @@ def model_state(model: nn.Module) -> tuple[dict, dict]:
         seen.add(t.data_ptr())
         theta[name] = t.detach().to("cpu", copy=True)
         if name in params:
-            kinds[name] = "weight" if t.dim() > 1 else "vector"
+            kinds[name] = ("weight_t" if name in transposed else "weight") if t.dim() > 1 else "vector"
         else:
             kinds[name] = "buffer"
     return theta, kinds
 
 
-def _normalize(d: torch.Tensor, w: torch.Tensor, norm: str) -> torch.Tensor:
+def _normalize(d: torch.Tensor, w: torch.Tensor, norm: str, dim: int = 0) -> torch.Tensor:
+    """d rescaled to w's norms; with `filter`, each filter along `dim` to the same filter's."""
     if norm == "none":
         return d
     if norm == "weight":
@@ -60,9 +79,11 @@ def _normalize(d: torch.Tensor, w: torch.Tensor, norm: str) -> torch.Tensor:
     if norm == "filter":
         if d.dim() <= 1:  # a 1-D vector is one filter
             return d * (w.norm() / (d.norm() + EPS))
-        dn = d.flatten(1).norm(dim=1)  # (out,)
-        wn = w.flatten(1).norm(dim=1)
-        return d * (wn / (dn + EPS)).view(-1, *([1] * (d.dim() - 1)))
+        dn = d.transpose(0, dim).flatten(1).norm(dim=1)  # (filters,)
+        wn = w.transpose(0, dim).flatten(1).norm(dim=1)
+        shape = [1] * d.dim()
+        shape[dim] = -1
+        return d * (wn / (dn + EPS)).view(shape)
     raise ValueError(f"unknown normalization {norm!r}")  # config validation makes this unreachable
 
 
@@ -76,7 +97,7 @@ def random_direction(theta: dict, kinds: dict, norm: str, ignore: str, gen: torc
         if kind == "buffer" or (kind == "vector" and ignore == "biasbn"):
             d.zero_()
         else:
-            d = _normalize(d, w.float(), norm)
+            d = _normalize(d, w.float(), norm, filter_dim(kind))
         out[name] = d.to(w.dtype)
     return out
 

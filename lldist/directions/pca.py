@@ -11,7 +11,10 @@ from __future__ import annotations
 import torch
 
 
-def pca_directions(theta: dict, kinds: dict, trajectory: list, ignore: str = "biasbn") -> tuple:
+CENTERS = ("final", "mean")
+
+
+def pca_directions(theta: dict, kinds: dict, trajectory: list, ignore: str = "biasbn", center: str = "final") -> tuple:
     """The top two principal directions of a training trajectory (Li et al., section 7).
 
     `trajectory`: the float states theta_1..theta_m of the checkpoints along training; theta is
@@ -20,8 +23,18 @@ def pca_directions(theta: dict, kinds: dict, trajectory: list, ignore: str = "bi
     are never stacked into a (parameters x m) matrix: their Gram matrix G = D D^T (m x m, float64)
     is built by accumulating entry by entry, and its eigenvectors u_k give the principal
     directions d_k = D^T u_k / |D^T u_k| (unit vectors). Returns (dirs {"x", "y"}, info with the
-    explained variance ratios, coords: the trajectory's (m, 2) coordinates c_ik = D_i . d_k)."""
-    names = [n for n, k in kinds.items() if k == "weight" or (k == "vector" and ignore != "biasbn")]
+    explained variance ratios, coords: the trajectory's (m, 2) coordinates c_ik = D_i . d_k).
+
+    `center`: "final" (the default) takes the principal directions of the differences D_i
+    themselves, the second moment about theta*: the plane is drawn through theta*, and these
+    are the directions that carry the most of the checkpoints' displacement from it. "mean"
+    subtracts the mean difference first, as scikit-learn's PCA does and so Li et al.'s code
+    (their `setup_PCA_directions` fits sklearn.decomposition.PCA to the D_i): G becomes C G C
+    with C = I - 11^T/m, whose eigenvectors u_k (orthogonal to 1) give d_k = D^T u_k all the
+    same. The coordinates are the projections of D_i in both cases, as in their code."""
+    if center not in CENTERS:
+        raise ValueError(f"center {center!r}: allowed {', '.join(CENTERS)}")
+    names = [n for n, k in kinds.items() if k in ("weight", "weight_t") or (k == "vector" and ignore != "biasbn")]
     m = len(trajectory)
     if m < 2:
         raise ValueError(f"pca needs at least 2 checkpoints besides the final one, got {m}")
@@ -29,6 +42,9 @@ def pca_directions(theta: dict, kinds: dict, trajectory: list, ignore: str = "bi
     for n in names:
         d = torch.stack([t[n].double().reshape(-1) - theta[n].double().reshape(-1) for t in trajectory])
         gram += d @ d.T
+    if center == "mean":
+        c = torch.eye(m, dtype=torch.float64) - 1.0 / m
+        gram = c @ gram @ c
     evals, evecs = torch.linalg.eigh(gram)  # ascending
     evals, evecs = evals.flip(0), evecs.flip(1)
     total = float(evals.clamp_min(0).sum())
@@ -43,5 +59,6 @@ def pca_directions(theta: dict, kinds: dict, trajectory: list, ignore: str = "bi
         for i in range(m):  # the projections, directly: (theta_i - theta) . d_k
             coords[i, k] = sum(float(((trajectory[i][n].double() - theta[n].double()) * (vec[n] / norm)).sum())
                                for n in names)
-    info = {"explained_variance_ratio": [float(evals[0]) / total, float(evals[1]) / total] if total > 0 else [0.0, 0.0]}
+    info = {"explained_variance_ratio": [float(evals[0]) / total, float(evals[1]) / total] if total > 0 else [0.0, 0.0],
+            "pca_center": center}
     return dirs, info, coords

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from ..config import LOSSES, EvalConfig
+from ..errors import UserError
 
 IGNORE_INDEX = -100  # the labels lm ignores, as in torch and HuggingFace
 
@@ -111,6 +112,22 @@ def qualified_name(fn) -> str:
     return f"{getattr(target, '__module__', '?')}.{getattr(target, '__qualname__', '?')}"
 
 
+def head(batch, n: int):
+    """The first n examples of a batch (a tuple or a dict of tensors)."""
+    if isinstance(batch, dict):
+        return {k: v[:n] for k, v in batch.items()}
+    return tuple(t[:n] for t in batch)
+
+
+def batch_size(batch) -> int:
+    first = next(iter(batch.values())) if isinstance(batch, dict) else batch[0]
+    return int(first.shape[0])
+
+
+def _describe(v) -> str:
+    return f"a tensor of shape {tuple(v.shape)}" if isinstance(v, torch.Tensor) else f"a {type(v).__name__}"
+
+
 def _sum_and_weight(fn: Callable, out, batch) -> tuple:
     """(float32 sum of fn's per-example values, sum of their weights: 1 each unless fn gives them)."""
     v, w = fn(out, batch)
@@ -187,6 +204,51 @@ class Task:
             return CURVATURE_NAMES[q].format(split=split)
         return f"{q} on the {split} split"
 
+    def check(self, model, batch, classes: int = 0) -> None:
+        """Run the task once on the first two examples of a batch, before anything is computed
+        or written. A loss or metric that does not give one value per example (a per-batch
+        mean would silently weight the last, smaller batch wrongly), a dict batch without
+        labels, or outputs a built-in loss cannot take are refused with a UserError (a
+        ValueError) naming the argument; the user's own code raising is left to raise.
+        `classes`: the split's largest class label + 1, which the model's outputs must cover."""
+        batch = head(batch, 2)
+        n = batch_size(batch)
+        if n == 0:
+            raise UserError("data: the first batch holds no examples")
+        if isinstance(batch, dict) and self.loss_name != "lm" and not ({"labels", "label"} & set(batch)):
+            raise UserError(f"data: dict batches need a 'labels' (or 'label') entry for loss {self.loss_name} "
+                            f"(the batch has {', '.join(batch)})")
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+        batch = {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else \
+            tuple(t.to(device) for t in batch)
+        was = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = self.forward(model, batch)
+        finally:
+            model.train(was)
+        parts = [("loss", self._loss, self.user_loss is not None)] + \
+            [(f"metrics[{k!r}]", f, k in self.user_metrics) for k, f in self._metrics.items()]
+        for what, fn, users in parts:
+            try:
+                v, w = fn(out, batch)
+            except Exception as e:
+                if users:
+                    raise  # the user's own code: its own exception
+                raise UserError(f"{what} {self.loss_name if what == 'loss' else ''}: cannot take the model's output "
+                                f"({_describe(out)}) and the batch's targets: {str(e).splitlines()[0][:200]}")
+            if not (isinstance(v, torch.Tensor) and v.dim() == 1 and v.shape[0] == n):
+                raise UserError(f"{what}: returned {_describe(v)} for a batch of {n} examples; it must return one "
+                                f"value per example, shape ({n},) (e.g. F.cross_entropy(outputs, y, reduction='none'); "
+                                "a mean per batch would weight the batches wrongly)")
+            if w is not None and not (isinstance(w, torch.Tensor) and w.shape == v.shape):
+                raise UserError(f"{what}: its weights are {_describe(w)}; they must match the values, shape ({n},)")
+        if self.loss_name == "cross_entropy" and isinstance(out, torch.Tensor) and out.dim() == 2 and \
+                classes > out.shape[1]:
+            raise UserError(f"loss cross_entropy: cannot take the model's output ({_describe(out)}): the data's labels "
+                            f"go up to {classes - 1}, so the model needs at least {classes} outputs")
+
     def loss_terms(self, out, batch) -> tuple:
         """(sum of the per-example losses, sum of their weights), differentiable: the loss
         whose Hessian the curvature quantities are of."""
@@ -218,6 +280,9 @@ def make_task(loss="cross_entropy", metrics=None) -> Task:
 def task_from_config(cfg: EvalConfig) -> Task:
     """The job file's eval.loss and eval.metrics, python: references imported."""
     from ..workloads.factory import import_object
+    if cfg.loss.startswith("object:") or any(v.startswith("object:") for v in (cfg.metrics or {}).values()):
+        raise UserError("eval.loss and eval.metrics given as object: are callables from Python "
+                        "(lldist.landscape); a job file names python:<module>:<function>")
     loss = import_object(cfg.loss, "eval.loss") if cfg.loss.startswith("python:") else cfg.loss
     metrics = None
     if cfg.metrics:  # added to the loss's own metrics (accuracy, perplexity)

@@ -257,6 +257,14 @@ class Lock:
             self.fd = None
 
 
+def size(n: float) -> str:
+    """Bytes in the unit that fits: 812 kB, 3.4 MB, 21 GB."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{int(n)} bytes"
+
+
 def free_bytes(folder: str) -> int:
     import shutil
     return shutil.disk_usage(folder).free
@@ -289,7 +297,18 @@ class SurfaceReader:
         if self.f.attrs.get("format") != FORMAT:
             self.f.close()
             raise UserError(f"{path} is an HDF5 file but not an lldist surface (no format={FORMAT} attribute)")
-        self.splits = json.loads(self.f.attrs["splits"])
+        missing = [k for k in ("splits", "format_version") if k not in self.f.attrs] + \
+            [k for k in ("done", "x", "directions") if k not in self.f]
+        try:
+            splits = json.loads(self.f.attrs["splits"]) if not missing else []
+            missing += [f"{s}/" for s in splits if s not in self.f]
+        except (ValueError, TypeError):
+            missing.append("splits (not a JSON list)")
+        if missing:
+            self.f.close()
+            raise UserError(f"{path} says it is an lldist surface but lacks {', '.join(missing)}: it was not "
+                            "written by lldist, or is damaged")
+        self.splits = splits
         self.shape = self.f["done"].shape
         self.version = int(self.f.attrs.get("format_version", 0))
         self.quantities = json.loads(self.f.attrs.get("quantities", '["loss", "acc"]'))
@@ -530,8 +549,7 @@ class SurfaceWriter(SurfaceReader):
         need = estimate_bytes(grid.ncells, len(job.splits) * len(quantities), sum(t.numel() for k, d in dirs.items() if not k.startswith("_") for t in d.values()))
         free = free_bytes(folder)
         if need > free:
-            raise UserError(f"output {path}: the file needs about {need / 1e9:.2f} GB and {folder} has "
-                            f"{free / 1e9:.2f} GB free")
+            raise UserError(f"output {path}: the file needs about {size(need)} and {folder} has {size(free)} free")
         tmp = path + ".creating"
         try:
             with h5py.File(tmp, "w") as f:

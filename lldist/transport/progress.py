@@ -29,19 +29,28 @@ def _fmt_s(s: float) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, done: int = 0, every: float = 10.0, stream=None, tty=None):
+    """`every` seconds between lines (0: silent, no bar either). `queued`: for a schedule that
+    decides as it goes (an adaptive grid), a function giving the cells it has queued or out,
+    so the line says what is known to remain instead of counting the whole grid."""
+
+    def __init__(self, total: int, done: int = 0, every: float = 10.0, stream=None, tty=None, queued=None):
         self.total, self.done, self.start_done = total, done, done
         self.stream = stream or sys.stderr
-        self.every = every
+        self.every, self.queued = every, queued
         self.t0 = self.last = time.perf_counter()
         notebook = "ipykernel" in sys.modules and stream is None
         tty = (self.stream.isatty() or notebook) if tty is None else tty
         self.bar = None
-        if tty:
-            # a terminal's bar, or a notebook's widget (tqdm.auto picks); log files get lines
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=total, initial=done, unit="cell", file=self.stream, smoothing=0.1,
-                            dynamic_ncols=True)
+        if tty and every > 0:
+            # a notebook's widget where ipywidgets is installed, else the text bar (tqdm.auto
+            # would warn "IProgress not found" without it)
+            import importlib.util
+            if notebook and importlib.util.find_spec("ipywidgets") is not None:
+                from tqdm.auto import tqdm
+            else:
+                from tqdm import tqdm
+            self.bar = tqdm(total=None if queued else total, initial=done, unit="cell", file=self.stream,
+                            smoothing=0.1, dynamic_ncols=True)
 
     def rate(self) -> float:
         dt = time.perf_counter() - self.t0
@@ -49,16 +58,24 @@ class Progress:
 
     def line(self) -> str:
         r = self.rate()
+        elapsed = _fmt_s(time.perf_counter() - self.t0)
+        if self.queued is not None:  # the schedule decides as it goes: what it has queued is a floor
+            left = self.queued()
+            eta = left / r if r > 0 else float("inf")
+            return (f"cells {self.done} of at most {self.total} (adaptive; {left} queued, more may follow)  "
+                    f"{r:.2f} cells/s  elapsed {elapsed}  ETA at least {_fmt_s(eta)}  {memory()}")
         eta = (self.total - self.done) / r if r > 0 else float("inf")
         pct = 100.0 * self.done / self.total if self.total else 100.0
         return (f"cells {self.done}/{self.total} ({pct:.0f}%)  {r:.2f} cells/s  "
-                f"elapsed {_fmt_s(time.perf_counter() - self.t0)}  ETA {_fmt_s(eta)}  {memory()}")
+                f"elapsed {elapsed}  ETA {_fmt_s(eta)}  {memory()}")
 
     def update(self, n: int) -> None:
         self.done += n
         if self.bar is not None:
             self.bar.set_postfix_str(memory(), refresh=False)
             self.bar.update(n)
+            return
+        if self.every <= 0:
             return
         now = time.perf_counter()
         if now - self.last >= self.every or self.done >= self.total:

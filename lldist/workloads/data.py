@@ -155,4 +155,8 @@ def load_split(cfg: DataConfig, split: str, subset: bool = True, model_name: str
             ts = ts.select(torch.from_numpy(idx))
     if len(ts) == 0:
         raise UserError(f"data {cfg.name}: the {split} split is empty")
+    bad = ts.nonfinite()
+    if bad:
+        raise UserError(f"data {cfg.name}: the {split} split's inputs hold {bad:,} NaN or infinite values "
+                        "(every cell's loss would be NaN)")
     return ts

@@ -86,6 +86,7 @@ def _dataset_split(cfg: DataConfig, split: str):
         import datasets
     except ImportError as e:
         raise UserError(f"hf: data needs the HuggingFace datasets library ({e}): pip install 'lldist[hf]'")
+    datasets.disable_progress_bars()  # its bars would stand before any error line, on every rank
     name = cfg.name.split(":", 1)[1]
     names = [split] if split == "train" else \
         ([cfg.args["test_split"]] if cfg.args.get("test_split") else ["test", "validation"])
@@ -123,25 +124,76 @@ def load_text(cfg: DataConfig, split: str, model_name: str = ""):
     if unknown:
         raise UserError(f"data {cfg.name}: unknown data.args key {sorted(unknown)[0]!r} "
                         "(known: text, label, max_length, tokenizer, config, test_split)")
-    tok_path = args.get("tokenizer") or (model_name.split(":", 1)[1] if model_name.startswith("hf:") else None)
+    ml = args["max_length"]
+    if isinstance(ml, bool) or not isinstance(ml, int) or ml < 2:
+        raise UserError(f"data {cfg.name}: data.args.max_length must be a whole number of tokens >= 2, got {ml!r}")
+    model_path = model_name.split(":", 1)[1] if model_name.startswith("hf:") else None
+    tok_path = args.get("tokenizer") or model_path
     if not tok_path:
         raise UserError(f"data {cfg.name}: no tokenizer: set data.args.tokenizer or use an hf: model")
+    if model_path:
+        _config(model_path)  # a missing or broken model says so, not "cannot load the tokenizer"
     try:
         tok = transformers.AutoTokenizer.from_pretrained(tok_path)
     except Exception as e:
-        raise UserError(f"data {cfg.name}: cannot load the tokenizer of {tok_path} ({type(e).__name__})")
+        raise UserError(f"data {cfg.name}: cannot load the tokenizer of {tok_path} ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:160] if str(e) else ''})")
     ds = _dataset_split(cfg, split)
     if args["text"] not in ds.column_names:
         raise UserError(f"data {cfg.name}: no text column {args['text']!r} (columns: {', '.join(ds.column_names)}); "
                         "set data.args.text")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
-    enc = tok(list(ds[args["text"]]), padding="max_length", truncation=True, max_length=int(args["max_length"]),
-              return_tensors="pt")
+    enc = tok(list(ds[args["text"]]), padding="max_length", truncation=True, max_length=ml, return_tensors="pt")
     tensors = {k: v for k, v in enc.items()}
+    _check_tokenizer(tok, tok_path, tensors, model_path, cfg.name)
     num_classes = 0
-    if args["label"] and args["label"] in ds.column_names:
-        labels = torch.as_tensor(ds[args["label"]], dtype=torch.int64)
-        tensors["labels"] = labels
-        num_classes = int(labels.max()) + 1 if len(labels) else 0
+    label = args["label"]
+    if label and label not in ds.column_names and "label" in cfg.args:
+        raise UserError(f"data {cfg.name}: no label column {label!r} (columns: {', '.join(ds.column_names)}); "
+                        "set data.args.label, or null for a language model")
+    if label and label in ds.column_names:
+        tensors["labels"] = _labels(ds[label], label, cfg.name, split)
+        num_classes = int(tensors["labels"].max()) + 1 if len(tensors["labels"]) else 0
     return DictSet(tensors, num_classes)
+
+
+def _labels(values, column: str, name: str, split: str) -> torch.Tensor:
+    """Class labels 0..C-1 as int64; anything else is refused with one line."""
+    values = list(values)
+    odd = next((v for v in values if isinstance(v, bool) or not isinstance(v, int)), None)
+    if odd is not None:
+        raise UserError(f"data {name}: label column {column!r} of the {split} split holds {type(odd).__name__} values "
+                        f"such as {odd!r}; labels must be class numbers 0, 1, ... (a ClassLabel column)")
+    labels = torch.as_tensor(values, dtype=torch.int64)
+    if len(labels) and int(labels.min()) < 0:
+        raise UserError(f"data {name}: label column {column!r} of the {split} split holds {int(labels.min())} "
+                        "(hidden labels, as in GLUE's test split: use data.args.test_split: validation)")
+    return labels
+
+
+_ANNOUNCED = set()
+UNK_SHARE = 0.5  # more than this share of the real tokens unknown: the tokenizer is not the model's
+
+
+def _check_tokenizer(tok, path: str, tensors: dict, model_path, name: str) -> None:
+    """A tokenizer that does not fit the model is refused: a folder saved without its tokenizer
+    files gets a tiny default one from transformers, and every word becomes [UNK]."""
+    ids, mask = tensors["input_ids"], tensors.get("attention_mask", torch.ones_like(tensors["input_ids"]))
+    real = int(mask.sum())
+    unk = int(((ids == tok.unk_token_id) & mask.bool()).sum()) if tok.unk_token_id is not None else 0
+    vocab = len(tok)
+    model_vocab = getattr(_config(model_path), "vocab_size", None) if model_path else None
+    if path not in _ANNOUNCED:
+        _ANNOUNCED.add(path)
+        print(f"lldist: tokenizer {type(tok).__name__} from {path}: {vocab:,} tokens"
+              + (f" (the model's vocabulary: {model_vocab:,})" if model_vocab else "")
+              + (f", {100 * unk / real:.1f}% of the text's tokens unknown" if real else ""), flush=True)
+    if real and unk > UNK_SHARE * real:
+        raise UserError(f"data {name}: {100 * unk / real:.0f}% of the tokens are unknown ({tok.unk_token}) to the "
+                        f"tokenizer from {path} ({vocab:,} tokens): it is not this text's tokenizer (a model folder "
+                        "saved without its tokenizer files?); set data.args.tokenizer")
+    if model_vocab and vocab < model_vocab // 10:
+        raise UserError(f"data {name}: the tokenizer from {path} has {vocab:,} tokens, the model's vocabulary "
+                        f"{model_vocab:,}: it is not the model's tokenizer (saved without its files?); set "
+                        "data.args.tokenizer")

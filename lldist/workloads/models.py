@@ -145,6 +145,8 @@ def build_model(cfg: ModelConfig, in_shape: tuple, num_classes: int) -> nn.Modul
             model = _torchvision_model(name.split(":", 1)[1], num_classes, cfg.pretrained, args)
         else:
             model = import_object(name, "model")(**args)
+    except UserError:
+        raise  # already one line that names the problem (a UserError is a ValueError too)
     except TypeError as e:
         raise UserError(f"model {name}: bad model.args {args}: {e}")
     except (ValueError, RuntimeError) as e:
@@ -174,10 +176,17 @@ def load_checkpoint(model: nn.Module, path: str) -> dict:
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist")
     except Exception as e:  # corrupt, truncated, or not a torch file
+        import re
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found:  # torch's own text is a page of advice; the class it refused is what matters
+            raise UserError(f"checkpoint {path} holds a Python object ({found.group(1)}) that lldist does not "
+                            "unpickle (torch.load with weights_only=True: a checkpoint can run code); save a "
+                            "plain state dict of tensors, with numbers and strings as metadata")
         raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
     meta = {}
     if isinstance(obj, dict) and "state_dict" in obj:
-        meta = plain_meta(obj.get("meta", {}) or {})
+        raw = obj.get("meta")
+        meta = plain_meta({} if raw is None else raw)  # (a tensor has no truth value: no `or {}`)
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"checkpoint {path} holds no state dict of tensors")

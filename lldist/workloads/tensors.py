@@ -60,6 +60,10 @@ class TensorSet:
         """One training batch: (normalized x, y)."""
         return self.normalize(self.x[idx]), self.y[idx]
 
+    def nonfinite(self) -> int:
+        """NaN and inf among the inputs (a landscape of them is NaN everywhere)."""
+        return _nonfinite([self.x])
+
 
 @dataclass(frozen=True)
 class DictSet:
@@ -88,6 +92,9 @@ class DictSet:
     def take(self, idx: torch.Tensor) -> dict:
         return {k: v[idx] for k, v in self.tensors.items()}
 
+    def nonfinite(self) -> int:
+        return _nonfinite(self.tensors.values())
+
 
 class BatchList:
     """Batches as the caller made them (tuples or dicts of tensors, HuggingFace style), kept as
@@ -103,6 +110,16 @@ class BatchList:
     def __len__(self) -> int:
         return sum(self._tensors(b)[0].shape[0] for b in self.batches_)
 
+    @property
+    def num_classes(self) -> int:
+        """The largest integer target + 1 (0 when the targets are not class labels)."""
+        top = -1
+        for b in self.batches_:
+            t = (b.get("labels", b.get("label")) if isinstance(b, dict) else (b[1] if len(b) > 1 else None))
+            if t is not None and not t.is_floating_point() and t.numel():
+                top = max(top, int(t.max()))
+        return top + 1
+
     def to(self, device) -> "BatchList":
         def move(b):
             if isinstance(b, dict):
@@ -112,3 +129,10 @@ class BatchList:
 
     def batches(self, batch_size=None, dtype=None) -> Iterator:
         return iter(self.batches_)
+
+    def nonfinite(self) -> int:
+        return _nonfinite(t for b in self.batches_ for t in self._tensors(b))
+
+
+def _nonfinite(tensors) -> int:
+    return sum(int((~torch.isfinite(t)).sum()) for t in tensors if t.is_floating_point())
