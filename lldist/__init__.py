@@ -14,8 +14,19 @@ user) and transport/ (the only mpi4py user): README.md's Layout. See README.md f
 job-file reference and docs/FORMAT.md for the output file.
 """
 
-from .errors import UserError  # noqa: F401 - a ValueError: what lldist raises for bad input
-from .version import __version__  # noqa: F401
+import os as _os
+
+# OpenMP threads that spin-wait between parallel regions hold cores other processes want: beside
+# two busy processes on 2 cores a small CNN's surface fell from 118 to 16 cells/s (0.84 at worst)
+# with the default spinning, and kept 68 with passive waits (`python -m lldist.bench threads`,
+# docs/PERFORMANCE.md); idle, passive costs up to a third on models whose ops are tiny, nothing
+# on large ones. So passive is the default, set before torch (and its OpenMP) is loaded, unless
+# the user chose: OMP_WAIT_POLICY=ACTIVE gives the spinning back on a node of one's own.
+if "OMP_WAIT_POLICY" not in _os.environ and "GOMP_SPINCOUNT" not in _os.environ:
+    _os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+from .errors import UserError  # noqa: E402,F401 - a ValueError: what lldist raises for bad input
+from .version import __version__  # noqa: E402,F401
 
 
 def landscape(model, data, **kwargs):

@@ -216,8 +216,12 @@ class Landscape:
         return self._values[key]
 
     def __getattr__(self, q: str) -> np.ndarray:  # ls.loss, ls.acc, ls.perplexity: the first split's
-        if q.startswith("_") or q not in self.__dict__.get("quantities", ()):
-            raise AttributeError(q)
+        quantities = self.__dict__.get("quantities", ())
+        if q.startswith("_") or q not in quantities:
+            if q.startswith("_") or not quantities:
+                raise AttributeError(q)
+            why = " (a loss= of your own comes without accuracy: give metrics={'acc': ...})" if q == "acc" else ""
+            raise AttributeError(f"this landscape has no {q!r}: its quantities are {', '.join(quantities)}{why}")
         return self._values[f"{self.splits[0]}/{q}"]
 
     @property

@@ -30,7 +30,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from .errors import UserError
-from .levels import geometric_span
+from .levels import geometric_span, labelled, round_levels
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,29 @@ def drawable(s: dict) -> dict:
     return s
 
 
+class Levels(np.ndarray):
+    """Contour levels (an array, as matplotlib takes them) that know whether they are geometric."""
+
+    def __new__(cls, values, geometric: bool):
+        obj = np.asarray(values, dtype=float).view(cls)
+        obj.geometric = geometric
+        return obj
+
+    def __array_finalize__(self, obj):
+        self.geometric = getattr(obj, "geometric", False)
+
+
+SCALE = {"acc": 100.0}  # shown in percent, in 2D and 1D alike; stored as a fraction
+
+
+def shown(z: np.ndarray, q: str) -> np.ndarray:
+    """A quantity in the units the figures show it in (accuracy in percent)."""
+    return z * SCALE.get(q, 1.0)
+
+
 def _levels(z: np.ndarray, args, q: str):
+    """Round contour levels over the finite values of z (in the units it is shown in): about
+    args.levels of them, geometric for a positive quantity spanning decades (levels.py)."""
     finite = z[np.isfinite(z)]
     if finite.size == 0:
         return None
@@ -83,15 +105,28 @@ def _levels(z: np.ndarray, args, q: str):
     if q != "loss":  # --vmin/--vmax are loss values
         lo, hi = (finite.min(), finite.max())
     if hi <= lo:
-        hi = lo + 1e-12
-    if q in GEOMETRIC and lo > 0 and ((args.log and q == "loss") or (not args.linear and geometric_span(lo, hi))):
-        # losses around a minimum span decades: geometric levels resolve the basin
-        return np.geomspace(lo, hi, args.levels)
-    return np.linspace(lo, hi, args.levels)
+        hi = lo + max(1e-12, 1e-6 * abs(lo))
+    geometric = q in GEOMETRIC and lo > 0 and ((args.log and q == "loss") or (not args.linear and geometric_span(lo, hi)))
+    return Levels(round_levels(float(lo), float(hi), args.levels, geometric), geometric)
 
 
 def _geometric(q: str, lev) -> bool:
-    return q in GEOMETRIC and lev[0] > 0 and bool(np.allclose(lev[1] / lev[0], lev[2] / lev[1]))
+    return bool(getattr(lev, "geometric", False))
+
+
+def _number(v: float) -> str:
+    """A level or tick as a reader writes it: 0.1, 2.5, 300, 2e+04."""
+    if v == 0:
+        return "0"
+    return f"{v:g}" if 1e-3 <= abs(v) < 1e5 else f"{v:.0e}"
+
+
+FORMAT = matplotlib.ticker.FuncFormatter(lambda v, _: _number(v))
+
+
+def _ticks(lev) -> dict:
+    """Colour-bar ticks at the round levels worth a label, as plain numbers."""
+    return dict(ticks=labelled(np.asarray(lev), _geometric("", lev)), format=FORMAT)
 
 
 def _masked(z, lev):
@@ -106,8 +141,10 @@ def _label(q: str) -> str:
 
 
 def figure_2d(s: dict, split: str, q: str, kind: str, args) -> "matplotlib.figure.Figure":
-    """One 2D figure: kind is contour, contourf, heat or 3d. None when nothing is finite."""
-    z = s["values"][(split, q)]
+    """One 2D figure: kind is contour, contourf, heat or 3d. None when nothing is finite.
+    Levels at round values, labels and colour-bar ticks at the majors among them; accuracy in
+    percent, filled (its lines alone, at chance level, are noise); theta* marked in every kind."""
+    z = shown(s["values"][(split, q)], q)
     lev = _levels(z, args, q)
     if lev is None:
         return None
@@ -115,10 +152,10 @@ def figure_2d(s: dict, split: str, q: str, kind: str, args) -> "matplotlib.figur
     zm = _masked(z, lev)
     geometric = _geometric(q, lev)
     norm = matplotlib.colors.LogNorm(lev[0], lev[-1]) if geometric else None
+    cmap = "cividis" if q == "acc" else "viridis"
+    label = _label(q) + (" (%)" if q in SCALE else "")
     fig = plt.figure(figsize=(5.5, 4.5))
-    # colour-bar ticks: a handful of the levels, as plain numbers (a log scale's default
-    # formatter writes "1.36419x10^1" at every level)
-    ticks = dict(ticks=lev[::max(1, len(lev) // 6)], format=matplotlib.ticker.FormatStrFormatter("%.3g"))
+    centre = (int(np.argmin(np.abs(s["y"]))), int(np.argmin(np.abs(s["x"]))))
     if kind == "3d":
         ax = fig.add_subplot(projection="3d")
         # clipped to the levels, not cut: values beyond them lie flat on the range's edge, so
@@ -126,27 +163,39 @@ def figure_2d(s: dict, split: str, q: str, kind: str, args) -> "matplotlib.figur
         zz = np.where(np.isfinite(z), np.clip(z, lev[0], lev[-1]), np.nan)
         if geometric:
             zz = np.log10(zz)
-        ax.plot_surface(X, Y, zz, cmap="viridis", linewidth=0, antialiased=True,
-                        vmin=np.nanmin(zz) if np.isfinite(zz).any() else None)
-        ax.set_zlabel(("log10 " if geometric else "") + _label(q))
+        surf = ax.plot_surface(X, Y, zz, cmap=cmap, linewidth=0, antialiased=True,
+                               vmin=np.nanmin(zz) if np.isfinite(zz).any() else None)
+        ax.scatter([s["x"][centre[1]]], [s["y"][centre[0]]], [zz[centre]], color="r", s=25, depthshade=False,
+                   label="θ*")
+        cb = fig.colorbar(surf, ax=ax, shrink=0.6, pad=0.2, label=("log10 " if geometric else "") + label)
+        cb.formatter = FORMAT
+        ax.zaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
+        ax.zaxis.set_major_formatter(FORMAT)
+        ax.set_zlabel(("log10 " if geometric else "") + label, labelpad=10)
+        ax.tick_params(axis="z", pad=4)
     else:
         ax = fig.add_subplot()
-        if kind == "contour":
-            cs = ax.contour(X, Y, zm, levels=lev, cmap="viridis", norm=norm)
-            # every third level labelled: near theta* the levels crowd and labels pile up
-            ax.clabel(cs, cs.levels[::3], inline=True, fontsize=7, fmt="%.3g")
-        elif kind == "contourf":
-            cs = ax.contourf(X, Y, zm, levels=lev, cmap="viridis", norm=norm)
-            fig.colorbar(cs, ax=ax, label=_label(q), **ticks)
+        major = labelled(np.asarray(lev), geometric)
+        if kind == "contour" and q != "acc":
+            cs = ax.contour(X, Y, zm, levels=lev, cmap=cmap, norm=norm, linewidths=0.8)
+            # labels on the round majors only: near theta* the levels crowd and labels pile up
+            ax.clabel(cs, [v for v in cs.levels if np.isclose(major, v, rtol=1e-9).any()], inline=True, fontsize=7,
+                      fmt=_number)
+        elif kind in ("contour", "contourf"):
+            cs = ax.contourf(X, Y, zm, levels=lev, cmap=cmap, norm=norm)
+            fig.colorbar(cs, ax=ax, label=label, **_ticks(lev))
+            if kind == "contour":  # accuracy: filled, with dark lines and labels at the round majors
+                lines = ax.contour(X, Y, zm, levels=major, colors="k", linewidths=0.6)
+                ax.clabel(lines, inline=True, fontsize=7, fmt=_number)
         elif kind == "heat":
-            im = ax.imshow(zm, origin="lower", aspect="auto", cmap="viridis", norm=norm,
+            im = ax.imshow(zm, origin="lower", aspect="auto", cmap=cmap, norm=norm,
                            extent=(s["x"][0], s["x"][-1], s["y"][0], s["y"][-1]),
                            vmin=None if norm else lev[0], vmax=None if norm else lev[-1])
-            fig.colorbar(im, ax=ax, label=_label(q), **ticks)
+            fig.colorbar(im, ax=ax, label=label, **_ticks(lev))
         else:
             plt.close(fig)
             raise ValueError(f"kind {kind!r}: allowed contour, contourf, heat, 3d")
-        ax.plot([0], [0], "r+", ms=8)  # theta*
+        ax.plot([0], [0], "r+", ms=9, mew=1.5, label="θ*")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(6))  # no colliding tick labels
         ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(6))
     ax.set_xlabel("alpha (direction x)")
@@ -155,13 +204,13 @@ def figure_2d(s: dict, split: str, q: str, kind: str, args) -> "matplotlib.figur
     if t is not None and kind in ("contour", "contourf", "heat"):  # pca: the path training took
         ax.plot(t[:, 0], t[:, 1], "-o", color="tab:red", ms=3, lw=1, label="training trajectory")
         ax.plot([t[0, 0]], [t[0, 1]], "s", color="tab:red", ms=5)
-    title = f"{s['name']}: {split} {_label(q)}"
+    title = f"{s['name']}: {split} {label}"
     if s.get("interpolated") is not None:  # an adaptive grid: say how much is computed
         title += f"\nadaptive: {100 * s['done'].mean():.0f}% of cells computed, the rest interpolated"
         if kind in ("contour", "contourf", "heat"):
             iy, ix = np.nonzero(s["done"])
             ax.plot(s["x"][ix], s["y"][iy], ",", color="k", alpha=0.25)  # where the surface was computed
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=10)
     return fig
 
 
@@ -200,8 +249,8 @@ def _loss_contours(ax, s: dict, split: str, args, colors="w") -> None:
     lev = _levels(z, args, "loss") if z is not None else None
     if lev is not None:
         X, Y = np.meshgrid(s["x"], s["y"])
-        ax.contour(X, Y, _masked(z, lev), levels=lev[::3], colors=colors, linewidths=0.5, alpha=0.8,
-                   norm=matplotlib.colors.LogNorm(lev[0], lev[-1]) if _geometric("loss", lev) else None)
+        ax.contour(X, Y, _masked(z, lev), levels=labelled(np.asarray(lev), _geometric("loss", lev)), colors=colors,
+                   linewidths=0.5, alpha=0.8)
 
 
 def curvature_panels(fig, axes, maps: list, args, colorbars: bool = True):
@@ -235,8 +284,13 @@ def curvature_panels(fig, axes, maps: list, args, colorbars: bool = True):
 def _colorbar(fig, im, **kw):
     """A colour bar with plain-number ticks; on a symmetric-log scale only 0 and the powers of
     ten clear of the linear band around it (else "-10", "0" and "10" print on top of each other)."""
-    cb = fig.colorbar(im, format=matplotlib.ticker.FormatStrFormatter("%.3g"), **kw)
+    cb = fig.colorbar(im, format=FORMAT, **kw)
     norm = im.norm
+    if isinstance(norm, (matplotlib.colors.LogNorm, matplotlib.colors.Normalize)) and \
+            not isinstance(norm, matplotlib.colors.SymLogNorm) and norm.vmax > norm.vmin:
+        log = isinstance(norm, matplotlib.colors.LogNorm)
+        cb.set_ticks(labelled(round_levels(norm.vmin, norm.vmax, 30, log), log))
+        cb.ax.set_ylim(norm.vmin, norm.vmax) if cb.orientation == "vertical" else cb.ax.set_xlim(norm.vmin, norm.vmax)
     if isinstance(norm, matplotlib.colors.SymLogNorm):
         lim, band = norm.vmax, norm.linthresh
         powers = [10.0 ** k for k in range(int(np.floor(np.log10(2 * band))), int(np.ceil(np.log10(lim))) + 1)
@@ -276,7 +330,8 @@ def figure_trajectory(s: dict, split: str, args):
     X, Y = np.meshgrid(s["x"], s["y"])
     norm = matplotlib.colors.LogNorm(lev[0], lev[-1]) if _geometric("loss", lev) else None
     cs = ax.contour(X, Y, _masked(z, lev), levels=lev, cmap="viridis", norm=norm, linewidths=0.8)
-    ax.clabel(cs, cs.levels[::4], inline=True, fontsize=6, fmt="%.3g")
+    major = labelled(np.asarray(lev), _geometric("loss", lev), most=6)
+    ax.clabel(cs, [v for v in cs.levels if np.isclose(major, v, rtol=1e-9).any()], inline=True, fontsize=6, fmt=_number)
     ax.plot(t[:, 0], t[:, 1], "-o", color="tab:red", ms=3.5, lw=1.2, label="training trajectory")
     step = max(1, len(t) // 8)  # at most about eight numbers on the path
     for i in list(range(0, len(t), step)) + ([len(t) - 1] if (len(t) - 1) % step else []):
@@ -379,7 +434,7 @@ def compare(paths: list, args, outdir: str) -> list:
     written = []
     for split in splits:
         for q in [q for q in surfaces[0]["quantities"] if all(q in t["quantities"] for t in surfaces)]:
-            zs = [s["values"][(split, q)] for s in surfaces]
+            zs = [shown(s["values"][(split, q)], q) for s in surfaces]
             lev = _levels(np.concatenate([z.ravel() for z in zs]), args, q)
             if lev is None:
                 continue
@@ -387,10 +442,10 @@ def compare(paths: list, args, outdir: str) -> list:
             if surfaces[0]["y"] is None:
                 fig, ax = plt.subplots(figsize=(6.5, 4.2))
                 for s, z, lab in zip(surfaces, zs, labels):
-                    ax.plot(s["x"], np.ma.masked_invalid(100 * z if q == "acc" else z), label=lab,
-                            marker="o" if len(s["x"]) == 1 else None)
+                    ax.plot(s["x"], np.ma.masked_invalid(z), label=lab, marker="o" if len(s["x"]) == 1 else None)
                 ax.set_xlabel(surfaces[0]["xlabel"])
-                ax.set_ylabel(f"{split} {_label(q)}" + (" (%)" if q == "acc" else ""))
+                ax.set_ylabel(f"{split} {_label(q)}" + (" (%)" if q in SCALE else ""))
+                ax.axvline(0, color="0.5", lw=0.8, ls=":", label="θ*")
                 if _geometric(q, lev):
                     ax.set_yscale("log")
                 ax.legend(fontsize=8)
@@ -398,23 +453,29 @@ def compare(paths: list, args, outdir: str) -> list:
                 n = len(surfaces)
                 cols = min(n, 3)
                 rows = (n + cols - 1) // cols
-                fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), sharex=True, sharey=True,
+                fig, axes = plt.subplots(rows, cols, figsize=(4.4 * cols, 4.0 * rows), sharex=True, sharey=True,
                                          squeeze=False)
                 geometric = _geometric(q, lev)
                 norm = (matplotlib.colors.LogNorm if geometric else matplotlib.colors.Normalize)(lev[0], lev[-1])
+                major = labelled(np.asarray(lev), geometric)
                 cs = None
-                for ax, s, z, lab in zip(axes.flat, surfaces, zs, labels):
+                for k, (ax, s, z, lab) in enumerate(zip(axes.flat, surfaces, zs, labels)):
                     X, Y = np.meshgrid(s["x"], s["y"])
-                    cs = ax.contourf(X, Y, _masked(z, lev), levels=lev, cmap="viridis", norm=norm)
-                    ax.contour(X, Y, _masked(z, lev), levels=lev[::3], colors="k", linewidths=0.4, norm=norm)
-                    ax.plot([0], [0], "r+", ms=7)
-                    ax.set_title(lab, fontsize=9)
+                    cs = ax.contourf(X, Y, _masked(z, lev), levels=lev, cmap="cividis" if q == "acc" else "viridis",
+                                     norm=norm)
+                    ax.contour(X, Y, _masked(z, lev), levels=major, colors="k", linewidths=0.4)
+                    ax.plot([0], [0], "r+", ms=8, mew=1.5)
+                    ax.set_title(lab, fontsize=10)
+                    if k % cols == 0:
+                        ax.set_ylabel("beta (direction y)")
+                    if k >= n - cols:
+                        ax.set_xlabel("alpha (direction x)")
+                    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
+                    ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
                 for ax in axes.flat[n:]:
                     ax.set_visible(False)
-                cb = fig.colorbar(cs, ax=axes.ravel().tolist(), label=f"{split} {_label(q)}")
-                ticks = lev[::max(1, len(lev) // 6)]
-                cb.set_ticks(ticks)
-                cb.set_ticklabels([f"{t:.3g}" for t in ticks])
+                fig.colorbar(cs, ax=axes.ravel().tolist(), label=f"{split} {_label(q)}" + (" (%)" if q in SCALE else ""),
+                             **_ticks(lev))
             written.append((_save(fig, name, args, close=False), fig))
         if surfaces[0]["y"] is not None:
             fig = compare_curvature(surfaces, labels, split, args)
@@ -464,6 +525,7 @@ def figure_1d(s: dict, args):
             v = np.ma.masked_invalid(s["values"][(split, right)])
             ax2.plot(s["x"], 100 * v if right == "acc" else v, "r" + marker + styles[split],
                      label=f"{split} {_label(right)}")
+    ax.axvline(0, color="0.5", lw=0.8, ls=":", label="θ*")
     ax.set_xlabel(s["xlabel"])
     ax.set_ylabel("loss", color="b")
     if right:
@@ -473,10 +535,10 @@ def figure_1d(s: dict, args):
     if args.vmin is not None or args.vmax is not None:
         ax.set_ylim(args.vmin, args.vmax)
     lines = ax.get_lines() + (ax2.get_lines() if right else [])
-    # the legend above the axes: inside, it sat on the curves
-    ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="lower center",
-              bbox_to_anchor=(0.5, 1.0), ncol=min(4, len(lines)), frameon=False)
-    ax.set_title(s["name"], fontsize=9, pad=24)
+    # the legend below the axes: inside, it sat on the curves; above, on the title
+    ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper center",
+              bbox_to_anchor=(0.5, -0.14), ncol=min(3, len(lines)), frameon=False)
+    ax.set_title(s["name"], fontsize=10)
     return fig
 
 

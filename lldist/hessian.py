@@ -15,12 +15,13 @@ def main(argv=None) -> int:
 
     from .config import load_job
     from .errors import ArgumentParser, UserError
-    ap = ArgumentParser(prog="python -m lldist.hessian",
-                                 description="Hessian eigenvalues and trace of a job's model at theta*")
-    ap.add_argument("job")
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    ap = ArgumentParser(prog="python -m lldist.hessian", doc=__doc__)
+    ap.add_argument("job", help="job file (YAML)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a job key, e.g. --set eval.batch_size=128 (repeatable)")
     ap.add_argument("--top", type=int, default=5, help="largest eigenvalues to compute")
-    ap.add_argument("--trace-samples", type=int, default=64)
+    ap.add_argument("--trace-samples", type=int, default=64,
+                    help="Rademacher vectors of Hutchinson's trace estimate (0: no trace)")
     ap.add_argument("--batches", type=int, default=4, help="batches of eval.batch_size the Hessian is taken on")
     ap.add_argument("--split", help="train or test (default: the job's first split)")
     ap.add_argument("--density", action="store_true",
@@ -39,7 +40,9 @@ def main(argv=None) -> int:
         raise UserError(f"--top {args.top}: at most {MAX_TOP} eigenvalues by Lanczos; --density gives the shape of the "
                         "whole spectrum")
     path = store_target(args.out or job.output, job, explicit=bool(args.out))  # refused now, not after the work
+    from .transport.runner import install_sigterm
     res = at_optimum(job, args.top, args.trace_samples, args.batches, log=lambda m: print("lldist: " + m, flush=True),
+                     should_stop=install_sigterm(),
                      split=args.split,
                      density_runs=args.density_runs if args.density else 0, density_steps=args.density_steps)
     if path is None:
@@ -53,10 +56,9 @@ def main(argv=None) -> int:
 
 
 def cli() -> None:
-    import sys
-
-    from .errors import run_cli
-    sys.exit(run_cli(main))
+    from .errors import finish, run_cli
+    from .store import all_closed
+    finish(run_cli(main), all_closed)
 
 
 if __name__ == "__main__":

@@ -33,8 +33,8 @@ def rank_shares(records: np.ndarray) -> list:
 
 def main(argv=None) -> int:
     from .store import SurfaceReader
-    ap = ArgumentParser(prog="python -m lldist.info", description=__doc__.split("\n")[0])
-    ap.add_argument("file")
+    ap = ArgumentParser(prog="python -m lldist.info", doc=__doc__)
+    ap.add_argument("file", help="an lldist surface file (.h5), complete or not")
     args = ap.parse_args(argv)
     with SurfaceReader(args.file) as sf:
         done = sf.done()
@@ -51,6 +51,13 @@ def main(argv=None) -> int:
               f"created {sf.attr('created')}, last finished {sf.attr('last_finished', '-')}")
         print(f"  batch {sf.attr('eval_batch_size')}, cells per pass {sf.attr('eval_cells_per_pass')}, "
               f"cosine(x, y) {sf.attr('cosine_xy', group='directions')}")
+        mean = sf.attr("coordinator_ms_per_message")
+        if mean is not None:
+            parts = [f"{k} {sf.attr('coordinator_ms_' + k):.3f}" for k in ("median", "p99", "max")
+                     if sf.attr("coordinator_ms_" + k) is not None]
+            print(f"  coordinator (last finished run): {mean:.3f} ms a worker message on average"
+                  + (f"; per result message {', '.join(parts)} ms ({sf.attr('coordinator_results')} results)"
+                     if parts else ""))
         for split, a in sf.curvature().items():
             print(f"  curvature at theta* ({split}, {a['batches']} batches of {a['batch_size']}): lambda_max "
                   f"{a['lambda_max']:.6g}, lambda_min {a['lambda_min']:.6g}, trace {a['trace']:.6g} +- "

@@ -165,13 +165,32 @@ def _compute_file(path: str, split: Optional[str]) -> tuple:
     return m, conv
 
 
-def table(rows: list, names: list) -> str:
-    """Markdown table of metrics, one row per surface."""
-    keys = ["centre_loss", "centre_acc", "trained_train_acc", "trained_test_acc", "trained_gap"] + \
-        [f"mean_rise_r{r:g}" for r in RADII] + [f"basin_eps{e:g}" for e in EPSILONS] + \
-        ["curvature_x", "curvature_y", "convex_fraction", "local_minima", "roughness",
-         "hessian_lambda_max", "hessian_trace", "hessian_lambda_min", "eig_ratio_centre", "hessian_convex_fraction"]
+# the metrics in three groups, a table each in the study's report (21 columns in one were unreadable)
+GROUPS = {
+    "at theta*": ["centre_loss", "centre_acc", "trained_train_acc", "trained_test_acc", "trained_gap",
+                  "hessian_lambda_max", "hessian_trace", "hessian_lambda_min"],
+    "the basin": [f"mean_rise_r{r:g}" for r in RADII] + [f"basin_eps{e:g}" for e in EPSILONS],
+    "its shape": ["curvature_x", "curvature_y", "convex_fraction", "local_minima", "roughness", "eig_ratio_centre",
+                  "hessian_convex_fraction"],
+}
+
+
+def tables(rows: list, names: list) -> dict:
+    """{group: Markdown table}, one row per surface, the groups of GROUPS that have values."""
+    out = {}
+    for group, keys in GROUPS.items():
+        t = table(rows, names, keys)
+        if t:
+            out[group] = t
+    return out
+
+
+def table(rows: list, names: list, keys: list = None) -> str:
+    """Markdown table of metrics, one row per surface (every metric, or `keys`); "" if none."""
+    keys = keys or [k for ks in GROUPS.values() for k in ks]
     keys = [k for k in keys if any(k in r for r in rows)]
+    if not keys:
+        return ""
     head = "| surface | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
 
     def fmt(v):
@@ -184,8 +203,8 @@ def table(rows: list, names: list) -> str:
 
 
 def main(argv=None) -> int:
-    ap = ArgumentParser(prog="python -m lldist.metrics", description=__doc__.split("\n")[0])
-    ap.add_argument("files", nargs="+")
+    ap = ArgumentParser(prog="python -m lldist.metrics", doc=__doc__)
+    ap.add_argument("files", nargs="+", help="complete lldist surface files (.h5)")
     ap.add_argument("--split", help="train or test (default: the file's first split)")
     ap.add_argument("--store", action="store_true", help="also write /metrics/<split> into each file "
                     "(after every file was read: a bad file leaves all of them unchanged)")

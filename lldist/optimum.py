@@ -9,9 +9,8 @@ from __future__ import annotations
 import time
 
 from .errors import UserError
-from .evaluation.curvature import Curvature, first_batches
+from .evaluation.curvature import Curvature, Watch, first_batches
 from .loading import Source, ensure_checkpoint
-
 
 MAX_TOP = 1000  # eigenpairs by Lanczos: beyond a few hundred, the density is the tool
 
@@ -46,11 +45,13 @@ def store_target(path: str, job, explicit: bool):
 
 
 def at_optimum(job, top: int = 5, samples: int = 64, batches: int = 4, log=print, split: str = None,
-               density_runs: int = 0, density_steps: int = 80) -> dict:
+               density_runs: int = 0, density_steps: int = 80, should_stop=lambda: None) -> dict:
     """Curvature at theta* of a job's model on one split (default its first): the `top` largest
     eigenvalues, the smallest, Hutchinson's trace and, with density_runs > 0, the spectral
-    density's quadrature. Runs where the job's data and checkpoint are."""
-    ensure_checkpoint(job, log=log)
+    density's quadrature. Runs where the job's data and checkpoint are. `should_stop` is asked
+    after every Hessian-vector product (and every training batch): a signal ends it within one,
+    with errors.Stopped; progress is logged every 10 s."""
+    ensure_checkpoint(job, should_stop, log)
     src = Source()
     loaded = src.load(job)
     split = split or next(iter(loaded.splits))
@@ -59,19 +60,25 @@ def at_optimum(job, top: int = 5, samples: int = 64, batches: int = 4, log=print
     data = loaded.splits[split]
     bs = job.eval.batch_size if job.eval.batch_size != "auto" else 256
     chosen = first_batches(data, bs, batches)
-    curv = Curvature(loaded.model, chosen, src.make_task(job))
+    watch = Watch(f"Hessian at theta* of {job.name}", should_stop, log)
+    curv = Curvature(loaded.model, chosen, src.make_task(job), watch=watch)
     if top >= curv.n:
         raise UserError(f"--top {top}: the model has {curv.n:,} parameters, so at most {curv.n - 1:,} eigenvalues "
                         "can be asked of Lanczos (--density gives the whole spectrum's shape)")
     t = time.perf_counter()
+    log(f"Hessian at theta* of {job.name} on {split}: {curv.n:,} parameters, {len(chosen)} batches of {bs}")
+    watch.stage = f"top {top} eigenvalues"
     vals, _ = curv.eigs(k=top, which="LA")
+    watch.stage = "the smallest eigenvalue"
     lo = float(curv.eigs(1, "SA")[0][0])
+    watch.stage = f"the trace ({samples} samples)"
     tr, err = curv.trace(samples) if samples > 0 else (float("nan"), float("nan"))
     out = {"split": split, "batches": len(chosen), "batches_requested": batches, "batch_size": bs, "loss": curv.loss(),
            "top_eigenvalues": [float(v) for v in vals], "lambda_max": float(vals[0]), "lambda_min": lo,
            "eig_ratio": abs(lo / float(vals[0])) if vals[0] else float("nan"),
            "trace": tr, "trace_stderr": err, "trace_samples": samples}
     if density_runs > 0:
+        watch.stage = f"the density ({density_runs} x {density_steps} Lanczos steps)"
         nodes, weights = curv.density(density_runs, density_steps)
         out.update(density_nodes=nodes, density_weights=weights)
     out.update(hessian_vector_products=curv.matvecs, seconds=time.perf_counter() - t, num_parameters=curv.n)

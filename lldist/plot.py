@@ -22,6 +22,7 @@ import numpy as np
 
 from .errors import ArgumentParser, UserError, run_cli
 
+
 def check_args(args) -> None:
     if args.levels < 3:
         raise UserError(f"--levels must be at least 3, got {args.levels}")
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")  # files only: the command line never needs a window
     from . import figures
     d = figures.PlotOptions()
-    ap = ArgumentParser(prog="python -m lldist.plot", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m lldist.plot", doc=__doc__)
     ap.add_argument("files", nargs="+", help="lldist surface files (.h5)")
     ap.add_argument("--out", help="output folder (default: next to each file)")
     ap.add_argument("--format", default=d.format, choices=("png", "pdf", "svg"), help="figure file format")
@@ -88,6 +89,11 @@ def main(argv=None) -> int:
         stem = os.path.splitext(os.path.basename(path))[0]
         if not s["done"].any():
             raise UserError(f"{path}: no cell is computed yet")
+        ad = s.get("adaptive")
+        if ad and (opts.levels != ad.get("levels") or opts.vmin is not None or opts.vmax is not None):
+            print(f"lldist: warning: {path} is an adaptive grid refined for {ad.get('levels')} round contour levels "
+                  "over its whole range (linear and geometric); drawn with other levels, a few cells may fall in "
+                  "the wrong band", file=sys.stderr, flush=True)
         written = figures.write_all(s, opts, outdir, stem)
         print(f"lldist: {path}: wrote {len(written)} figures to {outdir}", flush=True)
         from .store import export

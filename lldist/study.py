@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import yaml
 
 from .config import apply_override, job_from_dict, load_yaml, read_text
-from .errors import ArgumentParser, UserError, run_cli
+from .errors import ArgumentParser, Stopped, UserError, finish, run_cli
+from .store import all_closed
 
 SHORT = {"batch_size": "b", "lr": "lr", "epochs": "e", "seed": "s", "weight_decay": "wd", "optimizer": ""}
 # The Hessian at theta*, by default on the training loss (sharpness is a property of the minimum
@@ -113,7 +114,7 @@ def _curvature_settings(value, path: str):
     return out
 
 
-def curvature_at_optimum(v: Variant, settings: dict, log=print) -> None:
+def curvature_at_optimum(v: Variant, settings: dict, log=print, should_stop=lambda: None) -> None:
     """The Hessian at the variant's theta* (lldist.hessian.at_optimum), stored in its surface
     file; skipped when the file holds it with the same settings (a study resumes)."""
     from .optimum import at_optimum
@@ -128,7 +129,7 @@ def curvature_at_optimum(v: Variant, settings: dict, log=print) -> None:
             len(old.get("top_eigenvalues", [])) >= settings["top"]:
         return
     res = at_optimum(v.job, settings["top"], settings["trace_samples"], settings["batches"], log=log,
-                             split=split)
+                     split=split, should_stop=should_stop)
     write_curvature(v.job.output, res)
 
 
@@ -137,8 +138,9 @@ def _img(path: str) -> str:
         return "data:image/png;base64," + base64.b64encode(f.read()).decode()
 
 
-def report(title: str, out: str, variants: list, log=print) -> tuple:
-    """Metrics, comparison figures, per-variant contours, HTML + Markdown. Rank 0 only."""
+def report(title: str, out: str, variants: list, log=print, made_by: str = "") -> tuple:
+    """Metrics, comparison figures, per-variant contours, HTML + Markdown. Rank 0 only.
+    `made_by`: the command line, recorded at the top (docs/ quote it; tests rerun it)."""
     from . import figures, metrics
     figdir = os.path.join(out, "figures")
     os.makedirs(figdir, exist_ok=True)
@@ -148,17 +150,19 @@ def report(title: str, out: str, variants: list, log=print) -> tuple:
     tables = {}
     for split in splits:
         rows = [metrics.from_file(p, split, store=True) for p in paths]
-        tables[split] = metrics.table(rows, names)
+        tables[split] = metrics.tables(rows, names)
     figs = []
-    for path, fig in figures.compare(paths, figures.PlotOptions(dpi=80), figdir):
+    for path, fig in figures.compare(paths, figures.PlotOptions(), figdir):
         figs.append(path)
         figures.plt.close(fig)
-    md = [f"# {title}\n", "Landscape metrics (definitions: docs/METRICS.md), one row per variant.\n"]
+    md = [f"# {title}\n", f"Made by `{made_by}`.\n\n" if made_by else "",
+          "Landscape metrics (definitions: docs/METRICS.md), one row per variant, in three tables a split.\n"]
     sharp = sharpness(variants, [metrics.from_file(p, splits[0]) for p in paths])
     if sharp:
         md.append("\n## Sharpness: the Hessian at theta*\n\n" + "\n".join(sharp) + "\n")
-    for split, t in tables.items():
-        md.append(f"\n## {split} split\n\n{t}")
+    for split, groups in tables.items():
+        for group, t in groups.items():
+            md.append(f"\n## {split} split: {group}\n\n{t}")
     md.append("\nFigures: " + ", ".join(os.path.relpath(f, out) for f in figs) + "\n")
     md_path = os.path.join(out, "report.md")
     with open(md_path, "w") as f:
@@ -172,8 +176,9 @@ def report(title: str, out: str, variants: list, log=print) -> tuple:
         bold = lambda t: re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t.replace("`", ""))  # noqa: E731
         html.append(f"<h2>Sharpness: the Hessian at theta*</h2><p>{bold(sharp[0])}</p><ul>" +
                     "".join(f"<li>{bold(ln[2:])}</li>" for ln in sharp[1:]) + "</ul>")
-    for split, t in tables.items():
-        html.append(f"<h2>Metrics, {split} split</h2>" + _md_table_to_html(t))
+    for split, groups in tables.items():
+        for group, t in groups.items():
+            html.append(f"<h2>Metrics, {split} split: {group}</h2>" + _md_table_to_html(t))
     html.append("<h2>Side by side (one colour scale) and overlaid curves</h2>")
     for f in figs:
         html.append(f"<h3>{os.path.basename(f)}</h3><img src='{_img(f)}'>")
@@ -247,11 +252,12 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")  # the report's figures are files
     from .run import RunOptions, log, run_surface
     from .transport import runner
-    ap = ArgumentParser(prog="python -m lldist.study", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m lldist.study", doc=__doc__)
     ap.add_argument("study", help="study file (YAML)")
     ap.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (no report)")
     ap.add_argument("--report-only", action="store_true", help="redraw the report from finished surfaces")
-    ap.add_argument("--progress-every", type=float, default=30.0)
+    ap.add_argument("--progress-every", type=float, default=30.0, metavar="S",
+                    help="seconds between progress lines when not on a terminal (0: none)")
     args = ap.parse_args(argv)
     ctx = runner.launch()
     title, out, variants, curvature = load_study(args.study)
@@ -264,27 +270,35 @@ def main(argv=None) -> int:
     if ctx.rank == 0:
         should_stop = runner.install_sigterm()
         log(f"study {title}: {len(variants)} variants -> {out}: {', '.join(v.name for v in variants)}")
-    if not args.report_only:
-        for v in variants:
-            if ctx.rank == 0:
-                log(f"--- variant {v.name}")
-            code = run_surface(ctx, lambda v=v: v.job, RunOptions(progress_every=args.progress_every),
-                               should_stop=should_stop)
-            if code:
-                return code
-            if curvature and ctx.rank == 0:  # the one writer of the file; a few seconds a variant
-                curvature_at_optimum(v, curvature, log=log)
-    if ctx.rank == 0 and not args.only:
-        if curvature and args.report_only:  # a study run before curvature existed: fill it in
+    omp = os.environ.get("OMP_NUM_THREADS")
+    made_by = f"{'OMP_NUM_THREADS=' + omp + ' ' if omp else ''}python -m lldist.study {args.study}"
+    try:
+        if not args.report_only:
             for v in variants:
-                curvature_at_optimum(v, curvature, log=log)
-        report(title, out, variants, log=log)
+                if ctx.rank == 0:
+                    log(f"--- variant {v.name}")
+                code = run_surface(ctx, lambda v=v: v.job, RunOptions(progress_every=args.progress_every),
+                                   should_stop=should_stop)
+                if code:
+                    return code
+                if curvature and ctx.rank == 0:  # the one writer of the file; the other ranks wait
+                    curvature_at_optimum(v, curvature, log=log, should_stop=should_stop)
+        if ctx.rank == 0 and not args.only:
+            if curvature and args.report_only:  # a study run before curvature existed: fill it in
+                for v in variants:
+                    curvature_at_optimum(v, curvature, log=log, should_stop=should_stop)
+            report(title, out, variants, log=log, made_by=made_by)
+    except Stopped as e:
+        if ctx.size > 1:  # the other ranks wait for rank 0's next run: end them too
+            print(f"lldist: {e}", file=sys.stderr, flush=True)
+            ctx.abort(e.exit_code)
+        raise
     return 0
 
 
 def cli() -> None:
-    sys.exit(run_cli(main))
+    finish(run_cli(main), all_closed)
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main))
+    cli()

@@ -11,16 +11,15 @@ lldist/run.py's; this module only reads the command line.
 
 from __future__ import annotations
 
-import sys
-
 from .config import load_job
-from .errors import ArgumentParser, run_cli
+from .errors import ArgumentParser, finish, run_cli
 from .run import RunOptions, run_surface
+from .store import all_closed
 from .transport import runner
 
 
 def parse_args(argv):
-    ap = ArgumentParser(prog="python -m lldist.surface", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m lldist.surface", doc=__doc__)
     ap.add_argument("job", help="job file (YAML)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a job key, e.g. --set grid.x=[-1,1,11] (repeatable)")
@@ -41,7 +40,7 @@ def main(argv=None) -> int:
 
 
 def cli() -> None:
-    sys.exit(run_cli(main))
+    finish(run_cli(main), all_closed)
 
 
 if __name__ == "__main__":

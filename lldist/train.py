@@ -9,16 +9,15 @@ keeping the epochs written so far.
 
 from __future__ import annotations
 
-import sys
-
 from .config import load_job
-from .errors import ArgumentParser, UserError, run_cli
+from .errors import ArgumentParser, UserError, finish, run_cli
+from .store import all_closed
 from .training import train
 from .transport.runner import install_sigterm
 
 
 def main(argv=None) -> int:
-    ap = ArgumentParser(prog="python -m lldist.train", description=__doc__.split("\n")[0])
+    ap = ArgumentParser(prog="python -m lldist.train", doc=__doc__)
     ap.add_argument("job", help="job file (YAML)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a job key, e.g. --set train.epochs=5 (repeatable)")
@@ -31,7 +30,7 @@ def main(argv=None) -> int:
 
 
 def cli() -> None:
-    sys.exit(run_cli(main))
+    finish(run_cli(main), all_closed)
 
 
 if __name__ == "__main__":

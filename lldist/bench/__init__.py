@@ -4,6 +4,7 @@
     python -m lldist.bench scaling [--ranks 1 2 4 8]  # scaling.py: the MPI protocol, fixed-cost cells
     python -m lldist.bench coordinator [--grids 51 501 1001] [--ranks 8 64]   # coordinator.py: rank 0 alone
     python -m lldist.bench curvature [--ranks 1 2]    # curvature.py: a curvature cell vs a loss cell, a map over ranks
+    python -m lldist.bench threads [--load 2]         # threads.py: a real run's threads, idle and beside a load
     PYTHONPATH=. python -m lldist.bench gpu [--out DIR] [--budget 400]        # gpu.py: on a CUDA machine
 
 Every mode prints a Markdown table; `--json PATH` and `--markdown PATH` also write the rows
@@ -24,6 +25,7 @@ MODES = {"throughput": "lldist vs the pure forward-pass ceiling and a naive per-
          "scaling": "the MPI protocol alone: speedup and efficiency at 1, 2, 4, 8 ranks",
          "coordinator": "rank 0 alone: its cost per message on grids up to 1001x1001 and 64 ranks",
          "curvature": "a curvature cell against a loss cell, and a curvature map over ranks",
+         "threads": "a real run with the default threads, one thread, passive waits: idle and beside a load",
          "gpu": "everything the GPU issue measures, with the gpu-marked tests (needs CUDA)"}
 
 

@@ -36,14 +36,45 @@ from torch.func import functional_call
 from .tasks import Task, model_inputs
 
 
+class Watch:
+    """What a long curvature computation does between Hessian-vector products: stop within one
+    product when asked (SIGTERM: a Slurm time limit must not wait for a Lanczos run to end), and
+    say how far it is every `every` seconds.
+
+        curv = Curvature(model, batches, task, watch=Watch("hessian", should_stop, log))"""
+
+    def __init__(self, what: str, should_stop=lambda: None, log=lambda m: None, every: float = 10.0):
+        import time
+        self.what, self.should_stop, self.log, self.every = what, should_stop, log, every
+        self.t0 = self.last = time.perf_counter()
+        self.stage = ""
+
+    def __call__(self, products: int) -> None:
+        import time
+        signum = self.should_stop()
+        if signum is not None:
+            from ..errors import Stopped
+            raise Stopped(signum, f"stopped by signal {signum} during the {self.what} ({products} Hessian-vector "
+                                  "products done); run the same command to compute it again")
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            self.log(f"{self.what}: {self.stage + ', ' if self.stage else ''}{products} Hessian-vector products, "
+                     f"{now - self.t0:.0f} s")
+
+
 def first_batches(data, batch_size: int, n: int, dtype=torch.float32) -> list:
     """The first n batches of a split: the fixed sample every Hessian of a run is taken on."""
     return list(itertools.islice(data.batches(batch_size, dtype), n))
 
 
 class Curvature:
-    def __init__(self, model: nn.Module, batches: list, task: Task = None, dtype=torch.float32):
+    """`watch`: called after every Hessian-vector product with the count so far; it may raise
+    (a stop request: errors.Stopped) and may report progress (see Watch)."""
+
+    def __init__(self, model: nn.Module, batches: list, task: Task = None, dtype=torch.float32, watch=None):
         self.model = model.eval()
+        self.watch = watch
         self.task = task or Task()
         self.batches = batches
         self.names = [n for n, _ in model.named_parameters()]
@@ -93,6 +124,8 @@ class Curvature:
             acc = hv if acc is None else acc + hv
             total_w += float(w)
         self.matvecs += 1
+        if self.watch is not None:
+            self.watch(self.matvecs)
         return acc / total_w
 
     def matvec(self, v: np.ndarray) -> np.ndarray:

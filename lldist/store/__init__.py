@@ -15,6 +15,7 @@ from .hdf5 import (  # noqa: F401
                    Output,
                    SurfaceReader,
                    SurfaceWriter,
+                   all_closed,
                    check_writable,
                    write_curvature,
                    write_metrics,

@@ -46,7 +46,10 @@ FORMAT_VERSION = 3  # 2: directions from their own random stream; /directions/ta
 # later rewritten in place with Attribute.modify: no update ever allocates file space or grows
 # an object header, so a kill during one cannot leave the file's structure half-written.
 RUN_ATTRS = {"runs": 0, "last_started": "", "last_finished": "", "git_revision": "", "complete": False,
-             "eval_batch_size": 0, "eval_cells_per_pass": 0, "coordinator_ms_per_message": float("nan")}
+             "eval_batch_size": 0, "eval_cells_per_pass": 0, "coordinator_ms_per_message": float("nan"),
+             # rank 0's time per result message (receive, take, answer) of the last run that finished
+             "coordinator_ms_median": float("nan"), "coordinator_ms_p99": float("nan"),
+             "coordinator_ms_max": float("nan"), "coordinator_results": 0}
 TEXT_WIDTH = 64
 
 
@@ -263,6 +266,11 @@ def size(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.3g} {unit}"
     return f"{int(n)} bytes"
+
+
+def all_closed() -> bool:
+    """No HDF5 file of this process is open (a command may then skip the interpreter's teardown)."""
+    return len(h5py.h5f.get_obj_ids(types=h5py.h5f.OBJ_FILE)) == 0
 
 
 def free_bytes(folder: str) -> int:

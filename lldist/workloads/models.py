@@ -91,6 +91,11 @@ def _torchvision_model(name: str, num_classes: int, pretrained: Optional[str], a
         raise UserError(f"model {name!r} is not a torchvision model "
                         f"(e.g. {', '.join(torchvision.models.list_models()[:5])}, ...)")
     if pretrained is None:
+        args = dict(args)
+        given = args.pop("num_classes", num_classes)
+        if given != num_classes:  # the user's value is welcome when it agrees with the data
+            raise UserError(f"model torchvision:{name}: model.args.num_classes is {given!r} but the data has "
+                            f"{num_classes} classes")
         return builder(weights=None, num_classes=num_classes, **args)
     try:
         weights = torchvision.models.get_model_weights(name)[pretrained] if pretrained != "DEFAULT" \

@@ -26,3 +26,15 @@ class FixedCost(nn.Module):
 
 def fixed_cost(seconds: float = 0.05) -> nn.Module:
     return FixedCost(seconds)
+
+
+def random_images(split: str = "test", n: int = 64, channels: int = 3, size: int = 32, classes: int = 10,
+                  seed: int = 0):
+    """Seeded random uint8 images and labels, (n, channels, size, size): a data set for models
+    that want RGB images of some size (torchvision's), where nothing may be downloaded.
+
+        data: {name: "python:lldist.workloads.synthetic:random_images", args: {size: 32}}"""
+    import torch
+    g = torch.Generator().manual_seed(seed + (split == "train"))
+    return (torch.randint(0, 256, (n, channels, size, size), generator=g, dtype=torch.uint8),
+            torch.randint(0, classes, (n,), generator=g))

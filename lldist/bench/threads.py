@@ -1,0 +1,85 @@
+"""Threads on a shared machine: a real surface run (python -m lldist.surface, one process) with
+lldist's default threads, with one thread, and with OpenMP's passive wait policy, on an idle
+machine and beside K processes spinning on every core.
+
+    python -m lldist.bench threads [--load 2] [--cells 15] [--rounds 2]
+
+OpenMP threads that spin-wait are fast alone and slow when other processes want the cores: a
+spinning thread holds a core its sibling, or a neighbour, needs. What lldist should default
+to is decided here, from cells/s of the same job in each setting (each from the file's own
+work log: first chunk start to last chunk end), the settings run in alternation.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+
+from ..errors import positive_int
+from .common import Busy, run_time
+
+SETTINGS = {  # name -> environment changes
+    "default": {},
+    "1 thread": {"OMP_NUM_THREADS": "1"},
+    "passive wait": {"OMP_WAIT_POLICY": "PASSIVE"},
+    "active wait": {"OMP_WAIT_POLICY": "ACTIVE"},
+    "spin 10k": {"GOMP_SPINCOUNT": "10000"},
+    "spin 100k": {"GOMP_SPINCOUNT": "100000"},
+}
+
+
+def add_arguments(ap) -> None:
+    ap.add_argument("--load", type=int, default=len(os.sched_getaffinity(0)), metavar="K",
+                    help="spinning processes in the loaded half (default: one per core)")
+    ap.add_argument("--cells", type=positive_int, default=15, help="cells per axis of the job's grid")
+    ap.add_argument("--rounds", type=positive_int, default=2, help="alternated rounds of every setting")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS), help="which to run")
+
+
+def run(args) -> tuple:
+    rows = threads(args)
+    return rows, markdown(rows)
+
+
+def job_text(n: int) -> str:
+    return (f"name: threads\noutput: t.h5\nmodel: {{name: cnn, args: {{width: 16, stages: 3}}}}\n"
+            f"data: {{name: digits}}\ngrid: {{x: [-1, 1, {n}], y: [-1, 1, {n}]}}\n"
+            "eval: {split: test, batch_size: 120, chunk_size: 8}\n")
+
+
+def threads(args) -> list:
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        job = os.path.join(tmp, "job.yaml")
+        with open(job, "w") as f:
+            f.write(job_text(args.cells))
+        for load in (0, args.load):
+            rates = {k: [] for k in args.settings}
+            with Busy(load):
+                for _ in range(args.rounds):
+                    for name in args.settings:
+                        extra = SETTINGS[name]
+                        out = os.path.join(tmp, "t.h5")
+                        env = {k: v for k, v in os.environ.items()
+                               if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+                        env.update(extra)
+                        subprocess.run([sys.executable, "-m", "lldist.surface", job, "--out", out, "--overwrite",
+                                        "--progress-every", "0"], cwd=tmp, env=env, check=True, capture_output=True)
+                        secs, _ = run_time(out)
+                        rates[name].append(args.cells ** 2 / secs)
+            for name, r in rates.items():
+                row = {"load": load, "setting": name, "cells_s": float(np.median(r)), "rounds": r}
+                rows.append(row)
+                print(f"load {load}: {name:13s} {row['cells_s']:7.2f} cells/s  (rounds: "
+                      f"{', '.join(f'{x:.2f}' for x in r)})", flush=True)
+    return rows
+
+
+def markdown(rows: list) -> str:
+    head = "| load (spinning processes) | setting | cells/s (median) | rounds |\n|---|---|---|---|\n"
+    return head + "".join(f"| {r['load']} | {r['setting']} | {r['cells_s']:.2f} | "
+                          f"{', '.join(f'{x:.2f}' for x in r['rounds'])} |\n" for r in rows)
