@@ -204,8 +204,15 @@ class SurfaceRun:
         dt = time.perf_counter() - self.t_start
         if cost and cost["messages"]:
             ms = 1000 * cost["seconds"] / cost["messages"]
-            sf.set_attr("coordinator_ms_per_message", ms)
-            log(f"coordinator: {cost['messages']} worker messages, {ms:.2f} ms each (receive, write, answer)")
+            sf.set_attr("coordinator_ms_per_message", ms, flush=False)
+            svc = 1000 * np.asarray(cost["service"]) if cost["service"] else np.full(1, np.nan)
+            stats = {"median": float(np.median(svc)), "p99": float(np.percentile(svc, 99)), "max": float(svc.max())}
+            for k, v in stats.items():
+                sf.set_attr(f"coordinator_ms_{k}", v, flush=False)
+            sf.set_attr("coordinator_results", cost["results"])
+            log(f"coordinator: {cost['messages']} worker messages, {ms:.3f} ms each on average; per result "
+                f"{stats['median']:.3f} ms median, {stats['p99']:.3f} ms p99, {stats['max']:.3f} ms at most "
+                "(receive, take, answer)")
         if adaptive:
             n = int(np.count_nonzero(sf.taken()))
             log(f"adaptive: {n}/{grid.ncells} cells computed ({100 * n / grid.ncells:.1f}%), the rest interpolated")

@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from .levels import contour_scale, geometric_span
+from .levels import geometric_span, level_scales
 
 
 class Sweep:
@@ -114,14 +114,17 @@ class Adaptive:
     could put a cell on the wrong side of one of the plot's contour levels.
 
     The lattice: every `coarse`-th cell along each axis, and the last. Its values fix the
-    contour levels (the plot's rule, see contour_scale) for the whole run, so every later
+    contour levels for the whole run: the round levels the figures draw (levels.round_levels),
+    linear ones and, for a positive quantity, geometric ones too (whatever `plot --log` or
+    `--linear` chooses; levels.level_scales), each judged in its own units. So every later
     decision depends only on the values of named cells: the same cells are computed whatever
     the number of ranks or the order results arrive in, and a resumed run replays the
     decisions from the file and continues.
 
     A box is refined (its edge midpoints and centre computed, then its four children judged in
-    turn) when its interpolation error may exceed `tolerance` level spacings and a contour level
-    lies within that error of its corner values, or when a corner is not finite. The error of a
+    turn) when, in either scale, its interpolation error may exceed `tolerance` level spacings
+    and a level of that scale lies within that error of its corner values, or when a corner is
+    not finite. The error of a
     coarse box is estimated from the lattice's second differences at its corners (midpoint error
     of linear interpolation: |f(i-h) - 2 f(i) + f(i+h)| / 8); a child's from the error its
     parent's refinement actually made at the new points, halved (quadratic convergence gives a
@@ -143,7 +146,7 @@ class Adaptive:
         self._waiting = {}  # cell -> [pending judgement ids]
         self._judgements = {}  # id -> [cells still missing, callback]
         self._next_id = 0
-        self._transform, self._spacing = None, None
+        self._scales = []  # levels.Scale: the level sets the picture is judged against
         xs = lattice(self.nx, coarse)
         ys = lattice(self.ny, coarse) if self.ny > 1 else [0]
         self.coarse_cells = np.array([y * self.nx + x for y in ys for x in xs], dtype=np.int64)
@@ -212,63 +215,80 @@ class Adaptive:
         v = self._val[self.coarse_cells]
         finite = v[np.isfinite(v)]
         lo, hi = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
-        self._transform, self._spacing = contour_scale(lo, hi, self.levels)
-        ulo, uhi = self._transform(lo), self._transform(max(hi, lo + 1e-12))
-        self._level_u = np.linspace(ulo, uhi, self.levels)
+        self._scales = level_scales(lo, max(hi, lo + 1e-12), self.levels)
         xs, ys = self._coarse_x, self._coarse_y
         for j in range(max(1, len(ys) - 1)):
             for i in range(len(xs) - 1):
                 box = Box(xs[i], xs[i + 1], ys[j], ys[j + 1] if len(ys) > 1 else ys[j])
                 self._judge(box, self._lattice_error(box, i, j))
 
-    def _u(self, value: float) -> float:
-        with np.errstate(all="ignore"):
-            return float(self._transform(value)) if value > 0 or self._transform is not np.log else -np.inf
-
-    def _lattice_error(self, box: Box, i: int, j: int) -> float:
-        """Estimated interpolation error (transformed units) in a coarse box, from the second
+    def _lattice_error(self, box: Box, i: int, j: int) -> list:
+        """Estimated interpolation error in a coarse box, in each scale's units, from the second
         differences of the lattice at its corners along each axis."""
+        return [self._lattice_error_in(box, i, j, sc.transform) for sc in self._scales]
+
+    def _lattice_error_in(self, box: Box, i: int, j: int, transform) -> float:
         xs, ys = self._coarse_x, self._coarse_y
+        u = lambda x, y: _apply(transform, self._v(x, y))  # noqa: E731
         per_axis = [0.0, 0.0]
         for (ci, cj) in ((i, j), (i + 1, j), (i, j + 1), (i + 1, j + 1)):
             if cj >= len(ys) or ci >= len(xs):
                 continue
-            um = self._u(self._v(xs[ci], ys[cj]))
+            um = u(xs[ci], ys[cj])
             for axis, (a, b) in enumerate((((ci - 1, cj), (ci + 1, cj)), ((ci, cj - 1), (ci, cj + 1)))):
                 if 0 <= a[0] and b[0] < len(xs) and 0 <= a[1] and b[1] < len(ys):
-                    d2 = abs(self._u(self._v(xs[a[0]], ys[a[1]])) - 2 * um + self._u(self._v(xs[b[0]], ys[b[1]])))
+                    d2 = abs(u(xs[a[0]], ys[a[1]]) - 2 * um + u(xs[b[0]], ys[b[1]]))
                     per_axis[axis] = max(per_axis[axis], d2 if math.isfinite(d2) else math.inf)
         # a box's centre sees both axes' curvature at once; the margin covers curvature that
         # changes within the box (the log of a loss near its minimum)
         return ERR_MARGIN * sum(per_axis) / 8
 
-    def _judge(self, box: Box, err: float) -> None:
-        """Refine `box` or leave it to interpolation; see the class docstring."""
+    def _judge(self, box: Box, errs: list) -> None:
+        """Refine `box` or leave it to interpolation; see the class docstring. `errs`: the
+        estimated interpolation error in each scale's units."""
         if not box.can_split():
             return
-        u = [self._u(self._v(x, y)) for x, y in box.corners()]
-        if all(math.isfinite(t) for t in u):
-            if err <= self.tolerance * self._spacing:
-                return  # interpolation is within the tolerance
+        refine = False
+        for sc, err in zip(self._scales, errs):
+            u = [_apply(sc.transform, self._v(x, y)) for x, y in box.corners()]
+            if not all(math.isfinite(t) for t in u):
+                refine = True
+                break
+            if err <= self.tolerance * sc.spacing:
+                continue  # interpolation is within the tolerance in this scale
             lo, hi = min(u) - err, max(u) + err
-            if not np.any((self._level_u >= lo) & (self._level_u <= hi)):
-                return  # no level within reach of the error: every cell keeps its level index
+            if np.any((sc.levels >= lo) & (sc.levels <= hi)):
+                refine = True  # a level within reach of the error: a cell may change its band
+                break
+        if not refine:
+            return
         new = box.new_points()
         for x, y in new:
             self._need(y * self.nx + x)
         self._after([y * self.nx + x for x, y in new], lambda: self._refined(box, new))
 
     def _refined(self, box: Box, new: list) -> None:
-        corners = {(x, y): self._u(self._v(x, y)) for x, y in box.corners()}
-        err = 0.0
-        if all(math.isfinite(t) for t in corners.values()):
-            for x, y in new:
-                e = abs(self._u(self._v(x, y)) - interpolate(box, corners, x, y))
-                err = max(err, e if math.isfinite(e) else math.inf)
-        else:
-            err = math.inf
+        errs = []
+        for sc in self._scales:
+            corners = {(x, y): _apply(sc.transform, self._v(x, y)) for x, y in box.corners()}
+            err = 0.0
+            if all(math.isfinite(t) for t in corners.values()):
+                for x, y in new:
+                    e = abs(_apply(sc.transform, self._v(x, y)) - interpolate(box, corners, x, y))
+                    err = max(err, e if math.isfinite(e) else math.inf)
+            else:
+                err = math.inf
+            errs.append(err / 2)
         for child in box.children():
-            self._judge(child, err / 2)
+            self._judge(child, errs)
+
+
+def _apply(transform, value: float) -> float:
+    """A value in a scale's units; -inf for the log of what is not positive."""
+    if transform is np.log and not value > 0:
+        return -math.inf
+    with np.errstate(all="ignore"):
+        return float(transform(value))
 
 
 # ----------------------------------------------------------------------------- reading back
@@ -277,7 +297,8 @@ def reconstruct(values: np.ndarray, done: np.ndarray, coarse: int, level_units: 
     """The full surface of an adaptive grid: computed cells as they are, the others
     interpolated (bilinear) inside the smallest box of the refinement whose new points were
     not computed, in the units the schedule judged errors in (the log of a loss whose lattice
-    spans more than levels.GEOMETRIC_SPAN, as contour_scale; `level_units=False`: the values as they are). Works on any done mask (a run killed halfway too): a box counts as refined
+    spans more than levels.GEOMETRIC_SPAN, as the figures' default; `level_units=False`: the values as they
+    are). Works on any done mask (a run killed halfway too): a box counts as refined
     when all its new points are done. NaN where a box's corners are not all computed."""
     shape = values.shape
     nx = shape[-1]

@@ -137,6 +137,7 @@ def play(size, fail=None, stop_after=None, ncells=40):
     """Run `size` ranks; returns (world, rooms, outcomes) with outcomes[rank] = ("return", code)
     or ("abort", code) or ("raise", exception)."""
     runner.ABORT_GRACE_S = 0.0
+    runner.WORKER_NICE = 0  # the ranks are threads of this process: nice would lower the tests themselves
     world = World(size)
     rooms = [Room(r, ncells=ncells, fail=fail) for r in range(size)]
     outcomes = {}
@@ -190,6 +191,14 @@ def test_a_whole_run_follows_the_sequence():
         kinds = [m[0] for m in answers]
         first_stop = kinds.index("stop")
         assert set(kinds[first_stop:]) == {"stop"} and 1 <= len(kinds) - first_stop <= 2
+
+
+def test_rank0_only_coordinates_beyond_its_limit(monkeypatch):
+    """Beyond RANK0_COMPUTES_UP_TO ranks, rank 0 answers and writes, and computes nothing."""
+    monkeypatch.setattr(runner, "RANK0_COMPUTES_UP_TO", 2)
+    _, rooms, out = play(3)
+    assert out == {0: ("return", 0), 1: ("return", 0), 2: ("return", 0)}
+    assert {r.rank for r in rooms[0].results} == {1, 2} and rooms[0].evaluated == 0
 
 
 def test_a_worker_failing_to_build_ends_every_rank():

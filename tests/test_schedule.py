@@ -65,8 +65,8 @@ def bowl(n, rough=0.0, seed=0):
     return z
 
 
-def level_mismatch(full, approx, levels=30):
-    lev = _levels(full, PlotOptions(levels=levels), "loss")
+def level_mismatch(full, approx, levels=30, **kind):
+    lev = _levels(full, PlotOptions(levels=levels, **kind), "loss")
     return np.mean(np.digitize(full, lev) != np.digitize(approx, lev))
 
 
@@ -85,7 +85,9 @@ def test_adaptive_reproduces_the_contour_picture_from_few_cells(n):
     assert np.array_equal(rec[done], z[done])  # computed cells are the truth
     assert np.isfinite(rec).all()
     assert done.mean() <= 0.40, done.mean()
-    assert level_mismatch(z, rec) <= 0.01
+    # the picture holds for the figures' default levels, and for --linear and --log alike
+    for kind in ({}, {"linear": True}, {"log": True}):
+        assert level_mismatch(z, rec, **kind) <= 0.01, kind
 
 
 def test_adaptive_refines_more_where_the_surface_is_rough():
@@ -96,15 +98,21 @@ def test_adaptive_refines_more_where_the_surface_is_rough():
 
 
 def test_a_plane_needs_only_the_lattice_and_is_reconstructed_exactly():
+    """A plane through zero: only linear levels apply, and there interpolation is exact. (A
+    positive plane is refined: the grid is judged against geometric levels too, for plot --log,
+    and in log units a plane is curved.)"""
     t = np.linspace(0, 1, 41)
-    z = 1.0 + np.add.outer(0.5 * t, 2.0 * t)  # bilinear in (y, x): interpolation is exact
+    z = -1.0 + np.add.outer(0.5 * t, 2.0 * t)  # bilinear in (y, x): interpolation is exact
     s = Adaptive(z.shape, np.zeros(z.size, bool), np.full(z.size, np.nan), 8, coarse=8)
     cells = np.concatenate(drain(s, z))
     assert sorted(cells.tolist()) == sorted(s.coarse_cells.tolist())
+    positive = z + 2.0  # 1 to 3.5: geometric levels apply too; refined, and the picture still holds
+    s = Adaptive(z.shape, np.zeros(z.size, bool), np.full(z.size, np.nan), 8, coarse=8)
+    assert len(np.concatenate(drain(s, positive))) > len(s.coarse_cells)
     done = np.zeros(z.size, bool)
     done[cells] = True
     np.testing.assert_allclose(reconstruct(np.where(done.reshape(z.shape), z, np.nan), done.reshape(z.shape), 8),
-                               z, rtol=1e-12)
+                               z, rtol=1e-12, atol=1e-12)
 
 
 def test_the_cells_do_not_depend_on_the_order_results_arrive_in():

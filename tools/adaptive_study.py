@@ -7,8 +7,9 @@
     python tools/adaptive_study.py --compare full.h5 adaptive.h5 --png out.png
         compares a real adaptive run with its full grid, and draws both.
 
-Level mismatch: the fraction of cells whose contour-level index (lldist.plot's default levels,
-from the full grid's range) differs between the reconstructed and the full surface.
+Level mismatch: the fraction of cells whose contour-level index differs between the
+reconstructed and the full surface, for the figures' round levels from the full grid's range:
+the default choice, linear (plot --linear) and geometric (plot --log).
 """
 
 import argparse
@@ -17,8 +18,9 @@ import sys
 import numpy as np
 
 from lldist.figures import PlotOptions, _levels
-from lldist.store import SurfaceReader
+from lldist.levels import labelled
 from lldist.schedule import Adaptive, reconstruct
+from lldist.store import SurfaceReader
 
 
 def replay(loss: np.ndarray, coarse: int, tolerance: float, levels: int = 30, chunk: int = 32) -> np.ndarray:
@@ -36,8 +38,8 @@ def replay(loss: np.ndarray, coarse: int, tolerance: float, levels: int = 30, ch
     return done.reshape(shape)
 
 
-def compare(full: np.ndarray, approx: np.ndarray, levels: int = 30) -> dict:
-    lev = _levels(full, PlotOptions(levels=levels), "loss")
+def compare(full: np.ndarray, approx: np.ndarray, levels: int = 30, **kind) -> dict:
+    lev = _levels(full, PlotOptions(levels=levels, **kind), "loss")
     ok = np.isfinite(full)
     a, b = np.digitize(full[ok], lev), np.digitize(np.nan_to_num(approx[ok], nan=np.inf), lev)
     err = np.abs(approx[ok] - full[ok])
@@ -62,7 +64,7 @@ def picture(full_path: str, adaptive_path: str, png: str, levels: int = 30) -> d
     split = f["splits"][0]
     full, rec, done = f["values"][(split, "loss")], a["values"][(split, "loss")], a["done"]
     lev = _levels(full, PlotOptions(levels=levels), "loss")
-    norm = matplotlib.colors.LogNorm(lev[0], lev[-1]) if lev[0] > 0 and lev[-1] / lev[0] > 50 else None
+    norm = matplotlib.colors.LogNorm(lev[0], lev[-1]) if lev.geometric else None
     c = compare(full, rec, levels)
     fig, ax = plt.subplots(1, 3, figsize=(13, 4.2), constrained_layout=True)
     X, Y = np.meshgrid(f["x"], f["y"])
@@ -78,7 +80,7 @@ def picture(full_path: str, adaptive_path: str, png: str, levels: int = 30) -> d
                  extent=(f["x"][0], f["x"][-1], f["y"][0], f["y"][-1]), aspect="auto")
     ax[2].contour(X, Y, full, levels=lev, colors="0.7", linewidths=0.3, norm=norm)
     ax[2].set_title(f"level differs: {c['mismatch']:.2%} of cells", fontsize=10)
-    fig.colorbar(cs, ax=ax[:2], shrink=0.85, ticks=lev[::4], format="%.3g", location="left", pad=0.08).set_label("loss")
+    fig.colorbar(cs, ax=ax[:2], shrink=0.85, ticks=labelled(np.asarray(lev), lev.geometric), format="%g", location="left", pad=0.08).set_label("loss")
     for x in ax:
         x.set_xlabel("alpha")
     ax[0].set_ylabel("beta")
@@ -102,16 +104,19 @@ def main(argv=None):
         c = picture(a.compare[0], a.compare[1], a.png or "adaptive.png", a.levels)
         print(f"level mismatch {c['mismatch']:.2%}, max loss error {c['max_err']:.3g} ({c['max_rel_err']:.1%})")
         return 0
-    print("| model | grid | cells computed | level mismatch | max loss error (rel.) |")
-    print("|---|---|---|---|---|")
+    print("| model | grid | loss span | cells computed | mismatch, default levels | linear | geometric | "
+          "max loss error (rel.) |")
+    print("|---|---|---|---|---|---|---|---|")
     for path in a.files:
         name, s = read(path)
         full = s["values"][(s["splits"][0], "loss")]
         done = replay(full, a.coarse, a.tolerance, a.levels)
         rec = reconstruct(np.where(done, full, np.nan), done, a.coarse)
-        c = compare(full, rec, a.levels)
-        print(f"| {name} | {' x '.join(map(str, full.shape))} | {done.mean():.1%} | {c['mismatch']:.2%} | "
-              f"{c['max_err']:.3g} ({c['max_rel_err']:.1%}) |")
+        c = [compare(full, rec, a.levels, **kind) for kind in ({}, {"linear": True}, {"log": True})]
+        span = np.nanmax(full) / np.nanmin(full)
+        print(f"| {name} | {' x '.join(map(str, full.shape))} | x{span:,.0f} | {done.mean():.1%} | "
+              f"{c[0]['mismatch']:.2%} | {c[1]['mismatch']:.2%} | {c[2]['mismatch']:.2%} | "
+              f"{c[0]['max_err']:.3g} ({c[0]['max_rel_err']:.1%}) |")
     return 0
 
 

@@ -60,18 +60,56 @@ def timed(fn, device, repeat=3, min_time=0.3, warmup=1):
     return float(np.median(times))
 
 
-def interleaved(fns: dict, device, rounds: int = 5) -> dict:
-    """Median seconds per call of each function, timed in alternation (A B A B ...), so that a
-    drifting machine (frequency, neighbours) affects all of them alike."""
+def rounds_of(fns: dict, device, rounds: int = 5, warmup: int = 3, min_time: dict = None) -> dict:
+    """Seconds per call of each function in each round, the functions timed in alternation
+    within a round (A B C, A B C, ...): a ratio taken within a round sees one machine state,
+    so drifting load (frequency, neighbours) moves numerator and denominator alike.
+    `min_time`: per function, the least time a reading takes (default 0.2 s: short calls
+    are repeated; a call longer than that is timed once)."""
     for f in fns.values():
-        for _ in range(3):  # compile, CUDA-graph capture (reduce-overhead records on call 2-3)
+        for _ in range(warmup):  # compile, CUDA-graph capture (reduce-overhead records on call 2-3)
             f()
     sync(device)
     times = {k: [] for k in fns}
     for _ in range(rounds):
         for k, f in fns.items():
-            times[k].append(timed(f, device, repeat=1, min_time=0.2))
-    return {k: float(np.median(v)) for k, v in times.items()}
+            times[k].append(timed(f, device, repeat=1, min_time=(min_time or {}).get(k, 0.2), warmup=0))
+    return times
+
+
+def interleaved(fns: dict, device, rounds: int = 5) -> dict:
+    """Median seconds per call of each function over alternated rounds (see rounds_of)."""
+    return {k: float(np.median(v)) for k, v in rounds_of(fns, device, rounds).items()}
+
+
+def spread(values) -> dict:
+    """The median of per-round values and their range: what a reader should quote."""
+    v = np.asarray(values, dtype=float)
+    return {"median": float(np.median(v)), "min": float(v.min()), "max": float(v.max()), "rounds": len(v)}
+
+
+def quote(s: dict) -> str:
+    """"1.21 (0.98-1.40)": the median and, in brackets, the range over the rounds."""
+    return f"{s['median']:.2f} ({s['min']:.2f}-{s['max']:.2f})"
+
+
+class Busy:
+    """`with Busy(k):` k processes spinning on the CPU beside the measurement: a shared
+    workstation or an oversubscribed node, made on purpose (`--load k` of the benchmarks)."""
+
+    def __init__(self, k: int):
+        self.k, self.procs = k, []
+
+    def __enter__(self):
+        self.procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(self.k)]
+        time.sleep(0.5 if self.k else 0)  # the scheduler has them running before the first reading
+        return self
+
+    def __exit__(self, *exc):
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()
 
 
 MODELS = {

@@ -6,21 +6,35 @@ over ranks.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from ..errors import positive_int
-from .common import MODELS, make_case, rank_sweep, scaling_markdown, timed
+from .common import (
+    MODELS,
+    Busy,
+    make_case,
+    quote,
+    rank_sweep,
+    rounds_of,
+    scaling_markdown,
+    spread,
+)
 
 
 def add_arguments(ap) -> None:
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    ap.add_argument("--models", nargs="+", default=["mlp", "cnn_skip"], choices=list(MODELS))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"),
+                    help="where the cells run (default: cuda when torch sees a GPU)")
+    ap.add_argument("--models", nargs="+", default=["mlp", "cnn_skip"], choices=list(MODELS),
+                    help="models of the cell comparison")
     ap.add_argument("--images", type=int, default=2000, help="images per loss cell")
     ap.add_argument("--batch", type=int, default=250, help="batch size of both cells")
     ap.add_argument("--curvature-batches", type=int, default=2, help="batches the Hessian is taken on")
     ap.add_argument("--ranks", type=positive_int, nargs="*", default=[1, 2],
                     help="also a curvature map under mpiexec at these rank counts (none: skip)")
     ap.add_argument("--map-cells", type=int, default=5, help="the map's cells per axis")
+    ap.add_argument("--rounds", type=positive_int, default=3, help="alternated rounds of a loss cell and a curvature cell")
+    ap.add_argument("--load", type=int, default=0, metavar="K", help="K processes spinning on the CPU beside it")
 
 
 def run(args) -> tuple:
@@ -30,31 +44,38 @@ def run(args) -> tuple:
 
 def curvature_rows(args) -> list:
     """The cost of a cell with eval.curvature (lambda_max, lambda_min by Lanczos on
-    `curvature_batches` batches) against a loss-and-accuracy cell, same model, data and device."""
+    `curvature_batches` batches) against a loss-and-accuracy cell, same model, data and device,
+    timed in alternation: in each round the loss cell (repeated for at least 0.2 s), then one
+    curvature cell. The ratio of each round, its median and range are reported (the short loss
+    cell slows far more under load than the long one: timed apart, the ratio swung 93-447x)."""
     from ..config import EvalConfig
     from ..evaluation.evaluator import Evaluator
     from ..evaluation.tasks import Task
     rows = []
-    for name in args.models:
-        n = args.images
-        model, theta, dirs, data = make_case(name, n)
-        base = EvalConfig(batch_size=args.batch, curvature_batches=args.curvature_batches)
-        plain = Evaluator(model, theta, dirs, {"test": data}, base, device=args.device)
-        t_plain = timed(lambda: plain.evaluate(0.1, -0.2), plain.device, repeat=3)
-        model, theta, dirs, data = make_case(name, n)
-        curv = Evaluator(model, theta, dirs, {"test": data}, base, device=args.device, task=Task(curvature=True))
-        curv.evaluate(0.1, -0.2)  # the batches are set up once per split
-        c = next(iter(curv._curvature.values()))
-        before = c.matvecs
-        t_curv = timed(lambda: curv.evaluate(0.1, -0.2), curv.device, repeat=1, min_time=0.0, warmup=0)
-        products = c.matvecs - before
-        row = {"model": name, "images_per_cell": n, "curvature_batches": args.curvature_batches,
-               "batch_size": args.batch, "loss_cell_s": t_plain, "curvature_cell_s": t_curv,
-               "ratio": t_curv / t_plain, "hessian_vector_products": products,
-               "parameters": sum(p.numel() for p in model.parameters())}
-        rows.append(row)
-        print(f"{name}: loss cell {t_plain:.3f} s, curvature cell {t_curv:.2f} s ({row['ratio']:.0f}x; "
-              f"{products} Hessian-vector products on {args.curvature_batches} x {args.batch} images)", flush=True)
+    with Busy(args.load):
+        for name in args.models:
+            n = args.images
+            model, theta, dirs, data = make_case(name, n)
+            base = EvalConfig(batch_size=args.batch, curvature_batches=args.curvature_batches)
+            plain = Evaluator(model, theta, dirs, {"test": data}, base, device=args.device)
+            cm, ct, cd, cdata = make_case(name, n)
+            curv = Evaluator(cm, ct, cd, {"test": cdata}, base, device=args.device, task=Task(curvature=True))
+            curv.evaluate(0.1, -0.2)  # the batches are set up once per split
+            c = next(iter(curv._curvature.values()))
+            before = c.matvecs
+            t = rounds_of({"loss": lambda: plain.evaluate(0.1, -0.2), "curvature": lambda: curv.evaluate(0.1, -0.2)},
+                          plain.device, args.rounds, warmup=0, min_time={"curvature": 0.0})
+            products = (c.matvecs - before) // args.rounds
+            ratio = spread([cv / ls for cv, ls in zip(t["curvature"], t["loss"])])
+            row = {"model": name, "images_per_cell": n, "curvature_batches": args.curvature_batches,
+                   "batch_size": args.batch, "loss_cell_s": float(np.median(t["loss"])),
+                   "curvature_cell_s": float(np.median(t["curvature"])), "ratio": ratio["median"],
+                   "ratio_rounds": ratio, "hessian_vector_products": products, "load": args.load,
+                   "parameters": sum(p.numel() for p in model.parameters())}
+            rows.append(row)
+            print(f"{name}: loss cell {row['loss_cell_s']:.3f} s, curvature cell {row['curvature_cell_s']:.2f} s, ratio "
+                  f"{quote(ratio)}x over {args.rounds} rounds ({products} Hessian-vector products on "
+                  f"{args.curvature_batches} x {args.batch} images, load {args.load})", flush=True)
     return rows
 
 
@@ -87,8 +108,10 @@ def curvature_markdown(rows: list) -> str:
 
 
 def curvature_cost_markdown(rows: list) -> str:
-    head = ("| model | parameters | images per cell | loss cell s | curvature cell s | ratio | HVPs per cell | "
-            "Hessian taken on |\n|---|---|---|---|---|---|---|---|\n")
-    return head + "".join(f"| {r['model']} | {r['parameters']:,} | {r['images_per_cell']} | {r['loss_cell_s']:.3f} | "
-                          f"{r['curvature_cell_s']:.2f} | {r['ratio']:.0f}x | {r['hessian_vector_products']} | "
-                          f"{r['curvature_batches']} x {r['batch_size']} images |\n" for r in rows)
+    head = ("| model | parameters | load | images per cell | loss cell s | curvature cell s | ratio (range) | "
+            "HVPs per cell | Hessian taken on |\n|---|---|---|---|---|---|---|---|---|\n")
+    return head + "".join(f"| {r['model']} | {r['parameters']:,} | {r.get('load', 0)} | {r['images_per_cell']} | "
+                          f"{r['loss_cell_s']:.3f} | {r['curvature_cell_s']:.2f} | {r['ratio_rounds']['median']:.0f}x "
+                          f"({r['ratio_rounds']['min']:.0f}-{r['ratio_rounds']['max']:.0f}) | "
+                          f"{r['hessian_vector_products']} | {r['curvature_batches']} x {r['batch_size']} images |\n"
+                          for r in rows)

@@ -24,19 +24,35 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
-from .common import MODELS, evaluator, interleaved, make_case, sizes, timed
+from ..errors import UserError, positive_int
+from .common import (
+    MODELS,
+    Busy,
+    evaluator,
+    make_case,
+    quote,
+    rounds_of,
+    sizes,
+    spread,
+    timed,
+)
 
 
 def add_arguments(ap) -> None:
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"),
+                    help="where everything runs (default: cuda when torch sees a GPU)")
     text = ["bert_128"] if importlib.util.find_spec("transformers") else []  # with lldist[hf]
-    ap.add_argument("--models", nargs="+", default=list(MODELS) + text, choices=list(MODELS) + ["bert_128"])
-    ap.add_argument("--precision", nargs="+", default=None, choices=("fp32", "bf16"))
+    ap.add_argument("--models", nargs="+", default=list(MODELS) + text, choices=list(MODELS) + ["bert_128"],
+                    help="the models measured (bert_128 with lldist[hf])")
+    ap.add_argument("--precision", nargs="+", default=None, choices=("fp32", "bf16"),
+                    help="default: fp32 on a CPU, fp32 and bf16 on a GPU")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile")
     ap.add_argument("--channels-last", action="store_true", help="channels-last memory format for the CNNs")
     ap.add_argument("--images", type=int, help="images per cell (default: by model and device)")
-    ap.add_argument("--naive-cells", type=int, default=2, help="cells the naive loop is timed on")
+    ap.add_argument("--rounds", type=positive_int, default=5,
+                    help="alternated rounds (ceiling, lldist, naive loop in each); ratios are their median and range")
+    ap.add_argument("--load", type=int, default=0, metavar="K",
+                    help="K processes spinning on the CPU beside the measurement (a shared or oversubscribed machine)")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="torch CPU threads")
 
 
@@ -82,7 +98,18 @@ def ceiling(model, data, device, precision, channels_last, compile_, batch_sizes
 
 
 def naive_loop(model, theta, dirs, data, device, cells=2, batch_size=128, workers=0):
-    """The classic evaluation: DataLoader with per-sample transforms, load_state_dict per cell."""
+    """Cells/s of the classic evaluation, timed alone (the GPU run; throughput alternates it)."""
+    one_cell = naive_cell(model, theta, dirs, data, device, batch_size, workers)
+    one_cell()  # warm-up
+    t0 = time.perf_counter()
+    for _ in range(cells):
+        one_cell()
+    return cells / (time.perf_counter() - t0)
+
+
+def naive_cell(model, theta, dirs, data, device, batch_size=128, workers=0):
+    """One cell of the classic evaluation, as a function: DataLoader with per-sample transforms,
+    load_state_dict per cell."""
     from torchvision import transforms as T
     tf = T.Compose([T.ToTensor(), T.Normalize(data.mean, data.std)])
     hwc = data.x.permute(0, 2, 3, 1).numpy()  # images as the classic dataset holds them
@@ -108,11 +135,7 @@ def naive_loop(model, theta, dirs, data, device, cells=2, batch_size=128, worker
                 total += F.cross_entropy(out, yb, reduction="sum").item()
                 correct += (out.argmax(1) == yb).sum().item()
         return total, correct
-    one_cell()  # warm-up
-    t0 = time.perf_counter()
-    for _ in range(cells):
-        one_cell()
-    return cells / (time.perf_counter() - t0)
+    return one_cell
 
 
 def text_case(n: int, seq: int = 128, seed: int = 0):
@@ -135,7 +158,7 @@ def text_case(n: int, seq: int = 128, seed: int = 0):
     return model, theta, make_directions(theta, kinds, DirectionsConfig(seed=1), 2), data
 
 
-def text_row(device: str, n: int, batch_sizes: list, naive_cells: int = 2) -> dict:
+def text_row(device: str, n: int, batch_sizes: list, rounds: int = 5) -> dict:
     """The text-model row: lldist on a BERT-style classifier at sequence length 128 against a
     pure forward over the same batches (the ceiling) and a naive per-cell loop (a DataLoader
     collating dict examples, load_state_dict per cell)."""
@@ -155,7 +178,6 @@ def text_row(device: str, n: int, batch_sizes: list, naive_cells: int = 2) -> di
     rates = {bs: n / timed(forward(bs), device) for bs in batch_sizes if bs <= n}
     bs = max(rates, key=rates.get)
     ev = Evaluator(model, theta, dirs, {"test": data}, EvalConfig(batch_size=bs), device=device, task=Task())
-    med = interleaved({"ceiling": forward(bs), "lldist": lambda: ev.evaluate_cells([(0.1, -0.2)])}, device)
     examples = [{k: v[i] for k, v in data.tensors.items()} for i in range(n)]
     loader = torch.utils.data.DataLoader(examples, batch_size=32)
 
@@ -166,17 +188,19 @@ def text_row(device: str, n: int, batch_sizes: list, naive_cells: int = 2) -> di
                 batch = {k: v.to(device) for k, v in batch.items()}
                 out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
                 F.cross_entropy(out, batch["labels"], reduction="sum").item()
-    one_cell()
-    t0 = time.perf_counter()
-    for _ in range(naive_cells):
-        one_cell()
-    naive = naive_cells / (time.perf_counter() - t0)
+    # the evaluator and the naive loop share the model: each sets every weight before a cell
+    t = rounds_of({"ceiling": forward(bs), "lldist": lambda: ev.evaluate_cells([(0.1, -0.2)]), "naive": one_cell},
+                  device, rounds, warmup=1)
+    med = {k: float(np.median(v)) for k, v in t.items()}
     rate = 1 / med["lldist"]
+    vs_ceiling = [c / ll for c, ll in zip(t["ceiling"], t["lldist"])]
+    vs_naive = [nv / ll for nv, ll in zip(t["naive"], t["lldist"])]
     return {"model": "bert_128", "precision": "fp32", "device": device, "images": n, "batch": bs,
             "ceiling_img_s": n / med["ceiling"], "ceiling_eager_img_s": rates[bs], "ceiling_compiled_img_s": 0.0,
             "compiled": False, "cells_per_pass": 1, "lldist_cells_s": rate, "lldist_img_s": rate * n,
-            "one_cell_at_a_time_cells_s": rate, "vs_ceiling": med["ceiling"] / med["lldist"],
-            "naive_cells_s": naive, "speedup_vs_naive": rate / naive}
+            "one_cell_at_a_time_cells_s": rate, "naive_cells_s": 1 / med["naive"],
+            "vs_ceiling": spread(vs_ceiling)["median"], "speedup_vs_naive": spread(vs_naive)["median"],
+            "vs_ceiling_rounds": spread(vs_ceiling), "vs_naive_rounds": spread(vs_naive)}
 
 
 def throughput(args) -> list:
@@ -187,56 +211,68 @@ def throughput(args) -> list:
         torch.backends.cudnn.benchmark = True
     batch_sizes = [32, 64, 128, 256, 512] if device == "cpu" else [256, 512, 1024, 2048, 5000, 10000]
     rows = []
-    for name in args.models:
-        if name == "bert_128":
-            row = text_row(device, 256 if device == "cpu" else 4096, [16, 32, 64, 128] if device == "cpu"
-                           else [128, 256, 512, 1024])
-            rows.append(row)
-            print(f"{name:18s} fp32  ceiling {row['ceiling_img_s']:12,.0f} seq/s  lldist {row['lldist_cells_s']:9.2f} "
-                  f"cells/s ({row['vs_ceiling']:.2f} of ceiling)  naive {row['naive_cells_s']:8.2f} cells/s "
-                  f"-> {row['speedup_vs_naive']:.2f}x", flush=True)
-            continue
-        n = args.images or sizes(name, device)
-        for precision in args.precision:
-            cl = args.channels_last and MODELS[name][2][1] > 1
-            model, theta, dirs, data = make_case(name, n)
-            eager = ceiling(model, data, device, precision, cl, False, batch_sizes)
-            comp = ceiling(model, data, device, precision, cl, True, batch_sizes) if args.compile else (0.0, 0)
-            bs = max(eager, comp)[1]
-            use_compile = comp[0] > eager[0]
-            model, theta, dirs, data = make_case(name, n)
-            fwd = forward_pass(model, data, device, precision, cl, use_compile, bs)
-            ev = evaluator(name, n, device, precision, cl, use_compile, bs, "auto")
-            group = ev.cells_per_pass
-            coords = [tuple(c) for c in np.random.RandomState(0).uniform(-1, 1, size=(group, 2))]
-            fns = {"ceiling": fwd, "lldist": lambda ev=ev, coords=coords: ev.evaluate_cells(coords)}
-            if group > 1:  # the one-cell-at-a-time rate, for the vmap speedup
-                ev1 = evaluator(name, n, device, precision, cl, use_compile, bs, 1)
-                fns["one"] = lambda ev1=ev1, c=coords[:1]: ev1.evaluate_cells(c)
-            med = interleaved(fns, device)
-            ceil_rate, rate = n / med["ceiling"], group / med["lldist"]
-            rate1 = 1 / med["one"] if group > 1 else rate
-            model, theta, dirs, data = make_case(name, n)
-            naive = naive_loop(model, theta, dirs, data, device, cells=args.naive_cells,
-                               workers=0 if device == "cpu" else 2)
-            row = {"model": name, "precision": precision, "device": device, "images": n, "batch": bs,
-                   "ceiling_img_s": ceil_rate, "ceiling_eager_img_s": eager[0], "ceiling_compiled_img_s": comp[0],
-                   "compiled": use_compile, "cells_per_pass": ev.cells_per_pass,
-                   "lldist_cells_s": rate, "lldist_img_s": rate * n, "one_cell_at_a_time_cells_s": rate1,
-                   "vs_ceiling": rate * n / ceil_rate, "naive_cells_s": naive, "speedup_vs_naive": rate / naive}
-            rows.append(row)
-            print(f"{name:18s} {precision:5s} ceiling {ceil_rate:12,.0f} img/s  lldist {rate:9.2f} cells/s "
-                  f"({row['vs_ceiling']:.2f} of ceiling, {ev.cells_per_pass} cells/pass)  naive {naive:8.2f} cells/s "
-                  f"-> {row['speedup_vs_naive']:.2f}x", flush=True)
+    with Busy(args.load):
+        for name in args.models:
+            if name == "bert_128":
+                row = text_row(device, 256 if device == "cpu" else 4096, [16, 32, 64, 128] if device == "cpu"
+                               else [128, 256, 512, 1024], args.rounds)
+                rows.append(_report(row, args.load))
+                continue
+            n = args.images or sizes(name, device)
+            for precision in args.precision:
+                rows.append(_report(model_row(name, n, precision, device, batch_sizes, args), args.load))
     return rows
 
 
+def _report(row: dict, load: int) -> dict:
+    row["load"] = load
+    print(f"{row['model']:18s} {row['precision']:5s} ceiling {row['ceiling_img_s']:12,.0f} img/s  lldist "
+          f"{row['lldist_cells_s']:9.2f} cells/s  vs ceiling {quote(row['vs_ceiling_rounds'])}  "
+          f"vs naive {quote(row['vs_naive_rounds'])}  ({row['cells_per_pass']} cells/pass, load {load})", flush=True)
+    return row
+
+
+def model_row(name, n, precision, device, batch_sizes, args) -> dict:
+    """One model and precision: the ceiling, lldist and the naive loop in each round."""
+    cl = args.channels_last and MODELS[name][2][1] > 1
+    model, theta, dirs, data = make_case(name, n)
+    eager = ceiling(model, data, device, precision, cl, False, batch_sizes)
+    comp = ceiling(model, data, device, precision, cl, True, batch_sizes) if args.compile else (0.0, 0)
+    bs = max(eager, comp)[1]
+    use_compile = comp[0] > eager[0]
+    model, theta, dirs, data = make_case(name, n)
+    fwd = forward_pass(model, data, device, precision, cl, use_compile, bs)
+    ev = evaluator(name, n, device, precision, cl, use_compile, bs, "auto")
+    group = ev.cells_per_pass
+    coords = [tuple(c) for c in np.random.RandomState(0).uniform(-1, 1, size=(group, 2))]
+    nm, nt, nd, ndata = make_case(name, n)
+    fns = {"ceiling": fwd, "lldist": lambda: ev.evaluate_cells(coords),
+           "naive": naive_cell(nm, nt, nd, ndata, device, workers=0 if device == "cpu" else 2)}
+    if group > 1:  # the one-cell-at-a-time rate, for the vmap speedup
+        ev1 = evaluator(name, n, device, precision, cl, use_compile, bs, 1)
+        fns["one"] = lambda: ev1.evaluate_cells(coords[:1])
+    t = rounds_of(fns, device, args.rounds, warmup=1)
+    med = {k: float(np.median(v)) for k, v in t.items()}
+    rate = group / med["lldist"]
+    # per round: lldist's images/s over the ceiling's, and its cells/s over the naive loop's
+    vs_ceiling = [group * c / ll for c, ll in zip(t["ceiling"], t["lldist"])]
+    vs_naive = [group * nv / ll for nv, ll in zip(t["naive"], t["lldist"])]
+    return {"model": name, "precision": precision, "device": device, "images": n, "batch": bs,
+            "ceiling_img_s": n / med["ceiling"], "ceiling_eager_img_s": eager[0], "ceiling_compiled_img_s": comp[0],
+            "compiled": use_compile, "cells_per_pass": group, "lldist_cells_s": rate, "lldist_img_s": rate * n,
+            "one_cell_at_a_time_cells_s": 1 / med["one"] if group > 1 else rate,
+            "naive_cells_s": 1 / med["naive"], "vs_ceiling": spread(vs_ceiling)["median"],
+            "speedup_vs_naive": spread(vs_naive)["median"], "vs_ceiling_rounds": spread(vs_ceiling),
+            "vs_naive_rounds": spread(vs_naive)}
+
+
 def markdown(rows: list) -> str:
-    head = ("| model | precision | images/cell | ceiling img/s | lldist cells/s | lldist img/s | vs ceiling "
-            "| cells/pass | naive cells/s | speedup vs naive |\n|---|---|---|---|---|---|---|---|---|---|\n")
+    head = ("| model | precision | load | images/cell | ceiling img/s | lldist cells/s | lldist img/s | vs ceiling "
+            "| cells/pass | naive cells/s | speedup vs naive |\n|---|---|---|---|---|---|---|---|---|---|---|\n")
     body = "".join(
-        f"| {r['model']} | {r['precision']}{' (compiled)' if r['compiled'] else ''} | {r['images']} | "
+        f"| {r['model']} | {r['precision']}{' (compiled)' if r['compiled'] else ''} | {r.get('load', 0)} | {r['images']} | "
         f"{r['ceiling_img_s']:,.0f} | {r['lldist_cells_s']:.2f} | {r['lldist_img_s']:,.0f} | "
-        f"{r['vs_ceiling']:.2f} | {r['cells_per_pass']} | {r['naive_cells_s']:.2f} | {r['speedup_vs_naive']:.2f}x |\n"
-        for r in rows)
-    return head + body
+        f"{quote(r['vs_ceiling_rounds'])} | {r['cells_per_pass']} | {r['naive_cells_s']:.2f} | "
+        f"{quote(r['vs_naive_rounds'])}x |\n" for r in rows)
+    return head + body + ("\nRatios: the median over the rounds, and in brackets their range; in each round the "
+                          "ceiling, lldist and the naive loop are timed one after the other.\n")
