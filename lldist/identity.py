@@ -53,8 +53,9 @@ def job_hash(job: Job, inputs: Optional[dict]) -> str:
         ev["batch_size"] = job.eval.batch_size
     if job.eval.curvature:  # the Hessian's batches: their size and number fix the numbers
         ev.update(curvature=True, batch_size=job.eval.batch_size, curvature_batches=job.eval.curvature_batches)
-    dr = {k: v for k, v in as_dict(job.directions).items() if k != "target"}
-    for k, default in (("kind", "random"), ("checkpoints", None), ("file", None), ("batches", 4), ("center", "final")):
+    dr = {k: v for k, v in as_dict(job.directions).items() if k not in ("target", "store")}  # (store: not the numbers)
+    for k, default in (("kind", "random"), ("checkpoints", None), ("file", None), ("batches", 4), ("center", "final"),
+                       ("params", None)):
         if dr.get(k) == default:  # (absent at their defaults: older jobs keep their hash)
             dr.pop(k)
     if job.directions.kind == "target":
@@ -91,6 +92,8 @@ def directions_file(path: str) -> str:
     h = hashlib.sha256()
     with SurfaceReader(path) as sf:
         dirs = sf.read_directions()
+    if "_recipe" in dirs:  # the recipe and its checksums stand for the tensors
+        return hashlib.sha256(json.dumps(dirs, sort_keys=True).encode()).hexdigest()
     for axis in sorted(dirs):
         for name in sorted(dirs[axis]):
             h.update(f"{axis}/{name}".encode())

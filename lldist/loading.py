@@ -20,7 +20,8 @@ from typing import Callable, Optional
 import torch
 
 from .config import Job
-from .directions import make_directions, model_state, pca_directions
+from .directions import Recipe, make_directions, model_state, pca_directions
+from .directions import recipe as recipe_mod
 from .errors import UserError
 from .evaluation.tasks import Task, task_from_config
 from .workloads.data import load_split
@@ -115,10 +116,21 @@ def make_dirs(job: Job, loaded: Loaded, task: Task, source: Source = Source(), l
     ("target": theta' of an interpolation, "_info": attributes of /directions, "_trajectory": a
     PCA plane's checkpoint coordinates). `trajectory`: pca's checkpoint files, when known."""
     kind, ndim = job.directions.kind, job.ndim
+    if store_recipe(job, loaded):  # the recipe, its norms and checksums: no direction held whole
+        trainable = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
+        r = Recipe.of(job.directions, trainable)
+        summary = recipe_mod.summarize(loaded.theta, loaded.kinds, r, ("x", "y")[:ndim])
+        log(f"directions kept as their recipe ({r.describe()}): {num_parameters(loaded):,} parameters")
+        return {"_recipe": recipe_mod.to_dict(r), "_summary": summary}
     if kind in ("random", "target"):
         tgt = source.target if source.target is not None else \
             (checkpoint_state(job, loaded, job.directions.target) if job.directions.target else None)
-        return make_directions(loaded.theta, loaded.kinds, job.directions, ndim, tgt)
+        trainable = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
+        dirs = make_directions(loaded.theta, loaded.kinds, job.directions, ndim, tgt, trainable)
+        if job.directions.params and not any(t.any() for axis in ("x", "y") if axis in dirs for t in dirs[axis].values()):
+            raise UserError(f"{job.source}: key 'directions.params' chooses no parameter the directions can move "
+                            f"(the model's: {', '.join(list(loaded.theta)[:6])}, ...)")
+        return dirs
     if kind == "file":
         return _file_directions(job, loaded)
     if kind == "pca":
@@ -126,10 +138,70 @@ def make_dirs(job: Job, loaded: Loaded, task: Task, source: Source = Source(), l
     return _hessian_directions(job, loaded, task, log)
 
 
+RECIPE_ABOVE = 50_000_000  # parameters: above it, directions.store: auto keeps random directions as their recipe
+
+
+def num_parameters(loaded: Loaded) -> int:
+    return sum(t.numel() for t in loaded.theta.values())
+
+
+def store_recipe(job: Job, loaded: Loaded) -> bool:
+    """Whether the job's directions are kept as their recipe (directions.store)."""
+    dr = job.directions
+    if dr.kind != "random" or dr.target:
+        return False
+    return dr.store == "recipe" or (dr.store == "auto" and num_parameters(loaded) > RECIPE_ABOVE)
+
+
+def materialize(stored: dict, job: Job, loaded: Loaded, rows: Optional[dict] = None) -> dict:
+    """The directions as tensors, from what the file keeps: the tensors themselves, or the
+    recipe, regenerated here (only the rows `rows` of the named entries, for a shard). A whole
+    regeneration is checked against the file's checksums."""
+    if "_recipe" not in stored:
+        return stored
+    try:
+        r = recipe_mod.from_dict(stored["_recipe"])
+    except ValueError as e:
+        raise UserError(f"{job.output}: {e}")
+    axes = tuple(stored["_summary"]["checksums"])
+    dirs = {a: recipe_mod.direction(loaded.theta, loaded.kinds, r, a, rows) for a in axes}
+    for a in axes:  # whole entries by their sha256; a shard's rows by check_rows, with its group
+        for n, t in dirs[a].items():
+            if (rows is None or n not in rows) and recipe_mod.checksum(t) != stored["_summary"]["checksums"][a].get(n):
+                raise _regenerated_differs(job, a, n)
+    return dirs
+
+
+def _regenerated_differs(job: Job, axis: str, name: str) -> UserError:
+    return UserError(f"{job.output}: direction {axis} of {name} regenerated from its recipe differs from the one the "
+                     "file was made with (another torch's random numbers?); use --out for a new file")
+
+
+def check_rows(dirs: dict, stored: dict, job: Job, loaded: Loaded, rows: dict, add_up: Callable) -> None:
+    """A sharded group's regenerated rows against the file: each entry's rows' float64 sums,
+    added over the group by `add_up` (an all-reduce of a float64 tensor, called by every rank
+    of the group with the same entries in the same order), give the sum the file stores."""
+    if "_recipe" not in stored or "sums" not in stored["_summary"]:
+        return
+    for a in sorted(stored["_summary"]["sums"]):
+        names = sorted(n for n in rows if n in dirs[a])
+        local = torch.tensor([recipe_mod.row_sum(dirs[a][n]) if dirs[a][n].numel() else 0.0 for n in names],
+                             dtype=torch.float64)
+        total = add_up(local)
+        for n, t in zip(names, total.tolist()):
+            if not recipe_mod.rows_agree(t, stored["_summary"]["sums"][a][n], stored["_summary"]["norms"][a][n],
+                                         loaded.theta[n].numel()):
+                raise _regenerated_differs(job, a, n)
+
+
 def _file_directions(job: Job, loaded: Loaded) -> dict:
     from .store import SurfaceReader
     with SurfaceReader(job.directions.file) as sf:
         theirs = sf.read_directions()
+    if "_recipe" in theirs:
+        raise UserError(f"{job.source}: directions.file {job.directions.file} keeps its directions as a recipe over "
+                        "its own checkpoint's norms; another model cannot take them (make it with directions.store: "
+                        "tensors)")
     for axis in ("x", "y")[:job.ndim]:
         if axis not in theirs:
             raise UserError(f"{job.source}: directions.file {job.directions.file} has no {axis} direction")
@@ -142,8 +214,10 @@ def _file_directions(job: Job, loaded: Loaded) -> dict:
 def _pca_directions(job: Job, loaded: Loaded, log, files: list) -> dict:
     states = [checkpoint_state(job, loaded, f) for f in files]
     try:
+        trainable = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
+        recipe = Recipe.of(job.directions, trainable)
         dirs, info, coords = pca_directions(loaded.theta, loaded.kinds, states, job.directions.ignore,
-                                            job.directions.center)
+                                            job.directions.center, recipe.selects)
     except ValueError as e:
         raise UserError(f"{job.source}: directions.kind: pca: {e}")
     log(f"pca of {len(files)} checkpoints: explained variance {info['explained_variance_ratio'][0]:.3f}, "

@@ -32,9 +32,18 @@ from . import identity
 from .config import Job
 from .errors import UserError
 from .evaluation.evaluator import Evaluator, device_for_rank
+from .evaluation.groups import GroupSpec, all_reduce_sum, init_process_group, shard_rows
 from .evaluation.tasks import Task
 from .grid import Grid, auto_chunk_size
-from .loading import Loaded, Source, ensure_checkpoint, make_dirs, trajectory_files
+from .loading import (
+    Loaded,
+    Source,
+    check_rows,
+    ensure_checkpoint,
+    make_dirs,
+    materialize,
+    trajectory_files,
+)
 from .schedule import Adaptive, Sweep
 from .store import Output
 from .transport import runner
@@ -72,10 +81,10 @@ def set_threads(job: Job, cpus: int) -> int:
 
 
 def make_evaluator(job: Job, loaded: Loaded, dirs: dict, device: str, batch_size, cells_per_pass,
-                   task: Task) -> Evaluator:
+                   task: Task, group: Optional[GroupSpec] = None) -> Evaluator:
     cfg = dataclasses.replace(job.eval, batch_size=batch_size, cells_per_pass=cells_per_pass)
     try:
-        return Evaluator(loaded.model, loaded.theta, dirs, loaded.splits, cfg, device=device, task=task)
+        return Evaluator(loaded.model, loaded.theta, dirs, loaded.splits, cfg, device=device, task=task, group=group)
     except ValueError as e:  # options the data or task cannot take
         raise UserError(f"{job.source}: {e}")
 
@@ -84,6 +93,7 @@ class SurfaceRun:
     """One job's surface, on one rank; see the module docstring for what the runner calls."""
 
     rank0_computes = True
+    group_size = 1  # eval.group_size, once prepare read the job
 
     def __init__(self, ctx: runner.Context, get_job: Callable[[], Job], options: RunOptions = RunOptions(),
                  source: Source = Source(), should_stop: Callable[[], Optional[int]] = lambda: None):
@@ -110,6 +120,10 @@ class SurfaceRun:
             raise
 
     def _prepare(self, job: Job) -> Payload:
+        k = self.group_size = job.eval.group_size
+        if k > 1 and (self.ctx.size % k or self.ctx.size < k):
+            raise UserError(f"{job.source}: key 'eval.group_size' is {k}, but the run has {self.ctx.size} rank(s): "
+                            f"launch a multiple of {k} (mpirun -n {k * max(1, self.ctx.size // k)} ...)")
         self.threads = set_threads(job, self.ctx.cpus)  # before training, which uses them too
         # an output this job may not write is refused now, not after an hour of training
         self.output.refuse_foreign(identity.config(job), self.options.overwrite)
@@ -134,8 +148,12 @@ class SurfaceRun:
         if sf.quantities != list(task.names):
             raise UserError(f"output {job.output} holds {', '.join(sf.quantities)}, this job computes "
                             f"{', '.join(task.names)}; use --out for a new file or --overwrite to replace it")
-        dirs = sf.read_directions()  # every evaluation, first run or resume, uses the stored copy
+        stored = sf.read_directions()  # every evaluation, first run or resume, uses the stored copy
         self.device = device_for_rank(self.ctx.local_rank, job.eval.device)
+        if k > 1:  # rank 0 evaluates with its group: its evaluator is built with theirs (build)
+            self.schedule = self._schedule(job)
+            return Payload(job, stored, job.eval.batch_size, 1)
+        dirs = materialize(stored, job, loaded)  # (regenerated here when the file keeps a recipe)
         # rank 0 fixes the batch size and cells per pass for every rank: the last float bits
         # of a loss depend on them. "auto" is calibrated once and stored in the file, so a
         # resume reuses it; a number in the job is the user's choice and always wins.
@@ -149,7 +167,7 @@ class SurfaceRun:
         sf.set_attr("eval_cells_per_pass", ev.cells_per_pass)
         self.cells_per_pass = ev.cells_per_pass
         self.schedule = self._schedule(job)
-        return Payload(job, dirs, ev.batch_size, ev.cells_per_pass)
+        return Payload(job, stored, ev.batch_size, ev.cells_per_pass)  # a recipe travels as the recipe
 
     def _schedule(self, job: Job):
         done = self.writer.taken()  # the writer's own mask, shared with the schedule: read from the file once
@@ -166,6 +184,15 @@ class SurfaceRun:
         job, grid, ev = self.job, self.grid, self.evaluator
         for r, (h, d) in sorted(hosts.items()):
             log(f"rank {r}/{self.ctx.size} on {h}: {d}")
+        k = self.group_size
+        if k > 1:
+            log(f"{self.ctx.size // k} groups of {k} ranks ({job.eval.group_mode}): ranks "
+                + ", ".join(f"{g}-{g + k - 1}" for g in range(0, self.ctx.size, k)))
+            for g in range(0, self.ctx.size, k):
+                nodes = sorted({hosts[r][0] for r in range(g, g + k) if r in hosts})
+                if len(nodes) > 1:  # works, but every gather of a sharded block crosses the network
+                    log(f"note: the group of ranks {g}-{g + k - 1} spans nodes {', '.join(nodes)}; place "
+                        f"consecutive ranks on one node (Slurm's block distribution, mpirun --map-by slot)")
         adaptive = job.grid.adaptive is not None
         log(f"job {job.name} -> {job.output}: {grid.ncells} cells ({' x '.join(map(str, grid.shape))}), "
             f"{'at most ' + str(self.pending) if adaptive else self.pending} to compute "
@@ -227,13 +254,31 @@ class SurfaceRun:
             self.output.release()
 
     # ------------------------------------------------------------------ every rank
-    def build(self, payload: Payload) -> str:
+    def build(self, payload: Payload, group=None) -> str:
+        """Every rank but 0 (and rank 0 too in groups): its evaluator, with rank 0's batch size
+        and cells per pass. `group`: the runner's Group of this rank (eval.group_size > 1): the
+        group's process group is made here, together, and a sharded group regenerates only its
+        rows of directions kept as a recipe."""
         job = self.job = payload.job
         self.grid = Grid(job.grid.x, job.grid.y)
         set_threads(job, self.ctx.cpus)
         self.device = device_for_rank(self.ctx.local_rank, job.eval.device)
-        self.evaluator = make_evaluator(job, self.source.load(job), payload.dirs, self.device, payload.batch_size,
-                                        payload.cells_per_pass, self.source.make_task(job))
+        spec = None
+        if group is not None and group.size > 1:
+            spec = GroupSpec(group.rank, group.size, job.eval.group_mode)
+            init_process_group(spec, group.bcast, self.device)
+        loaded = self.source.load(job)
+        rows = None
+        if spec is not None and spec.mode == "shard":  # FSDP2 splits every parameter's dim 0
+            params = {n for n, _ in loaded.model.named_parameters()}
+            rows = {n: shard_rows(w.shape[0], spec.size, spec.rank) for n, w in loaded.theta.items()
+                    if n in params and w.dim()}
+        dirs = materialize(payload.dirs, job, loaded, rows)
+        if rows is not None:
+            check_rows(dirs, payload.dirs, job, loaded, rows, all_reduce_sum)
+        self.evaluator = make_evaluator(job, loaded, dirs, self.device, payload.batch_size, payload.cells_per_pass,
+                                        self.source.make_task(job), spec)
+        del loaded, dirs  # a sharded rank keeps its rows only: the whole theta* and model go
         self.cells_per_pass = self.evaluator.cells_per_pass
         return self.device
 

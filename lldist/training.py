@@ -26,6 +26,8 @@ from .evaluation.tasks import task_from_config
 from .workloads.data import TensorSet, load_split
 from .workloads.models import build_model, save_checkpoint
 
+PROGRESS_S = 30.0  # seconds between progress lines within an epoch
+
 
 def epoch_path(checkpoint: str, epoch: int) -> str:
     stem, ext = os.path.splitext(checkpoint)
@@ -44,6 +46,12 @@ def _measure(model, data, device, task):
         total = sums if total is None else total + sums
     means = dict(zip(task.names, task.means(total)))
     return means["loss"], means.get("acc", float("nan"))
+
+
+def _sample(data, job: Job):
+    from .workloads.data import subset_indices
+    idx = subset_indices(len(data), job.data)
+    return data if idx is None else data.select(torch.from_numpy(idx))
 
 
 def _loss(model, batch, task):
@@ -85,11 +93,14 @@ def train(job: Job, log=print, should_stop: Callable[[], Optional[int]] = lambda
     log(f"train: {job.model.name} on {job.data.name} ({len(train_set)} train / {len(test_set)} test), "
         f"{t.optimizer} lr={t.lr} batch={t.batch_size} epochs={t.epochs} on {device}")
     meta = {}
+    step, last_report = 0, time.perf_counter()
     for epoch in range(1, t.epochs + 1):
         model.train()
         t0 = time.perf_counter()
         order = torch.randperm(len(train_set), generator=gen)
         for i in range(0, len(order), t.batch_size):
+            if t.steps is not None and step >= t.steps:
+                break
             idx = order[i:i + t.batch_size]
             if len(idx) < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
                 continue  # BatchNorm cannot train on a batch of one
@@ -102,20 +113,30 @@ def train(job: Job, log=print, should_stop: Callable[[], Optional[int]] = lambda
             opt.step()
             if sched is not None:
                 sched.step()
+            step += 1
+            if time.perf_counter() - last_report >= PROGRESS_S:  # a long epoch shows it moves
+                last_report = time.perf_counter()
+                log(f"epoch {epoch}: step {step}, batch {i // t.batch_size + 1} of "
+                    f"{-(-len(order) // t.batch_size)}, loss {float(loss):.4f}")
             signum = should_stop()
             if signum is not None:
                 kept = f"the checkpoints of epochs 1..{epoch - 1} are kept" if epoch > 1 \
                     else "no epoch was finished"
                 raise Stopped(signum, f"stopped by signal {signum} while training epoch {epoch} ({kept}); "
                                       "run the same command to train again")
-        tr_loss, tr_acc = _measure(model, train_set, device, task)
-        te_loss, te_acc = _measure(model, test_set, device, task)
+        # measured on data.subset examples of each split when the job gives one (a model too big to
+        # run every example at every epoch's end), else on all of them
+        tr_loss, tr_acc = _measure(model, _sample(train_set, job), device, task)
+        te_loss, te_acc = _measure(model, _sample(test_set, job), device, task)
         meta = {"epoch": epoch, "train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss,
                 "test_acc": te_acc, "gap": tr_acc - te_acc, "train_config": dataclasses.asdict(t),
                 "model": job.model.name, "data": job.data.name}
         save_checkpoint(model, epoch_path(job.model.checkpoint, epoch), meta)
         log(f"epoch {epoch:3d}/{t.epochs}  train loss {tr_loss:.4f} acc {tr_acc:.4f}  "
             f"test loss {te_loss:.4f} acc {te_acc:.4f}  ({time.perf_counter() - t0:.1f}s)")
+        if t.steps is not None and step >= t.steps:
+            log(f"train: {step} steps, as train.steps asks")
+            break
     save_checkpoint(model, job.model.checkpoint, meta)
     log(f"train: wrote {job.model.checkpoint}")
     return meta

@@ -82,7 +82,7 @@ class FakeLink:
 class Room:
     """Doubles each cell's index; fails where told to."""
 
-    cells_per_pass, rank0_computes = 2, True
+    cells_per_pass, rank0_computes, group_size = 2, True, 1
 
     def __init__(self, rank, ncells=40, chunk=3, fail=None):
         self.rank, self.ncells, self.chunk, self.fail = rank, ncells, chunk, fail or {}
@@ -99,7 +99,7 @@ class Room:
         self.schedule = Sweep(np.zeros(self.ncells, bool), self.chunk)
         return {"payload": 1}
 
-    def build(self, payload):
+    def build(self, payload, group=None):
         assert payload == {"payload": 1}
         self._maybe("build")
         return self.device

@@ -3,6 +3,7 @@ a GPT-style causal LM built from the configs in jobs/models, on the shipped docs
 against plain loops over the same batches; directions per row; the error without the extra."""
 
 import math
+import shutil
 import os
 import sys
 
@@ -178,3 +179,50 @@ def test_without_the_extra_the_error_names_it(workdir):
     code = "import sys; sys.modules['transformers'] = None; from lldist.surface import cli; cli()"
     p = run([sys.executable, "-c", code, job], workdir, check=False)
     assert p.returncode == 2 and "pip install 'lldist[hf]'" in p.stderr and p.stderr.count("\n") == 1
+
+
+def test_a_lora_adapter_landscape_moves_the_adapter_alone(workdir):
+    """A PEFT adapter folder through hf:, with directions.params.trainable_only: the directions
+    are zero on every base weight, filter-normalized on the adapter's, and alpha = 0 is the
+    adapted model's own loss."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(GPT))
+    base.save_pretrained("base")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(os.path.join(GPT, f), "base")
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True))
+    with torch.no_grad():
+        for n, p in lora.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.02)  # a trained adapter: B is zero only at its start
+    lora.save_pretrained("adapter")
+    job = write_job(workdir / "job.yaml", train=None, model={"name": "hf:adapter", "checkpoint": None, "args": {}},
+                    data={"name": "hf:csv", "root": DATA, "args": {"max_length": 24, "label": None}, "subset": 32},
+                    directions={"seed": 0, "params": {"trainable_only": True}}, grid={"x": [-1, 1, 3], "y": None},
+                    eval={"batch_size": 16, "loss": "lm", "threads": 1})
+    run(["lldist.surface", job], workdir, HF_HUB_OFFLINE=1)
+    with h5py.File("out.h5", "r") as f:
+        d = {n: f["directions/x"][n][()] for n in f["directions/x"]}
+        loss0 = f["test/loss"][1]
+    adapters = [n for n in d if "lora_" in n]
+    assert adapters and all(np.abs(d[n]).sum() > 0 for n in adapters)
+    assert all(not np.any(d[n]) for n in d if "lora_" not in n)  # every base weight stays at theta*
+    for n in adapters:  # rows of lora_A (r x in) and lora_B (out x r): one output unit each
+        w = dict(lora.named_parameters())[n].detach().numpy()
+        np.testing.assert_allclose(np.linalg.norm(d[n], axis=1), np.linalg.norm(w, axis=1), rtol=1e-4, atol=1e-6)
+    # alpha = 0 is the adapted model itself
+    from lldist.workloads.data import load_split
+    cfg = load_job(job)
+    data = load_split(cfg.data, "test", model_name=cfg.model.name)
+    lora.eval()
+    total = tokens = 0.0
+    with torch.no_grad():
+        for b in data.batches(16):
+            logits = lora(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+            tgt, mask = b["input_ids"][:, 1:], b["attention_mask"][:, 1:].bool()
+            tok = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), tgt.reshape(-1),
+                                  reduction="none").view(tgt.shape)
+            total += float((tok * mask).sum())
+            tokens += float(mask.sum())
+    assert loss0 == pytest.approx(total / tokens, rel=1e-5)

@@ -5,6 +5,7 @@
     python -m lldist.bench coordinator [--grids 51 501 1001] [--ranks 8 64]   # coordinator.py: rank 0 alone
     python -m lldist.bench curvature [--ranks 1 2]    # curvature.py: a curvature cell vs a loss cell, a map over ranks
     python -m lldist.bench threads [--load 2]         # threads.py: a real run's threads, idle and beside a load
+    python -m lldist.bench groups [--sizes 1 2 4]     # groups.py: rank groups' cells/s and memory per rank
     PYTHONPATH=. python -m lldist.bench gpu [--out DIR] [--budget 400]        # gpu.py: on a CUDA machine
 
 Every mode prints a Markdown table; `--json PATH` and `--markdown PATH` also write the rows
@@ -26,6 +27,7 @@ MODES = {"throughput": "lldist vs the pure forward-pass ceiling and a naive per-
          "coordinator": "rank 0 alone: its cost per message on grids up to 1001x1001 and 64 ranks",
          "curvature": "a curvature cell against a loss cell, and a curvature map over ranks",
          "threads": "a real run with the default threads, one thread, passive waits: idle and beside a load",
+         "groups": "rank groups (data, shard) at sizes 1, 2, 4: cells/s and memory per rank, a small model and GPT-2",
          "gpu": "everything the GPU issue measures, with the gpu-marked tests (needs CUDA)"}
 
 

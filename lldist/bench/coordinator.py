@@ -108,7 +108,7 @@ class ZeroCost:
         self.created = _rss_mib()
         return None
 
-    def build(self, payload) -> str:
+    def build(self, payload, group=None) -> str:
         return "cpu"
 
     def evaluate(self, cells):

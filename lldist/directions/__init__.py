@@ -16,8 +16,7 @@ from .basic import (  # noqa: F401
                     describe,
                     make_directions,
                     model_state,
-                    random_direction,
-                    stream_seed,
                     target_direction,
 )
 from .pca import pca_directions  # noqa: F401
+from .recipe import Recipe, direction, gaussian  # noqa: F401

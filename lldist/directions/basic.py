@@ -23,23 +23,15 @@ No MPI, no HDF5 here: pure tensor code.
 
 from __future__ import annotations
 
-import hashlib
+import json
 from typing import Optional
 
-import torch
 from torch import nn
 
 from ..config import DirectionsConfig
-
-EPS = 1e-10  # guards zero-norm directions; a zero filter of theta gives a zero direction
-
+from .recipe import EPS, STREAM_TAG, Recipe, direction, filter_dim, normalize  # noqa: F401 - EPS, filter_dim re-exported
 
 WEIGHTS = ("weight", "weight_t")  # the kinds whose filters are normalized one by one
-
-
-def filter_dim(kind: str) -> int:
-    """The dimension a weight's filters (output units) run along."""
-    return 1 if kind == "weight_t" else 0
 
 
 def _transposed(module: nn.Module) -> bool:
@@ -68,40 +60,6 @@ def model_state(model: nn.Module) -> tuple[dict, dict]:
     return theta, kinds
 
 
-def _normalize(d: torch.Tensor, w: torch.Tensor, norm: str, dim: int = 0) -> torch.Tensor:
-    """d rescaled to w's norms; with `filter`, each filter along `dim` to the same filter's."""
-    if norm == "none":
-        return d
-    if norm == "weight":
-        return d * w
-    if norm == "layer":
-        return d * (w.norm() / (d.norm() + EPS))
-    if norm == "filter":
-        if d.dim() <= 1:  # a 1-D vector is one filter
-            return d * (w.norm() / (d.norm() + EPS))
-        dn = d.transpose(0, dim).flatten(1).norm(dim=1)  # (filters,)
-        wn = w.transpose(0, dim).flatten(1).norm(dim=1)
-        shape = [1] * d.dim()
-        shape[dim] = -1
-        return d * (wn / (dn + EPS)).view(shape)
-    raise ValueError(f"unknown normalization {norm!r}")  # config validation makes this unreachable
-
-
-def random_direction(theta: dict, kinds: dict, norm: str, ignore: str, gen: torch.Generator) -> dict:
-    """One Gaussian direction, normalized. Draws from `gen` in the state dict's order, on the
-    CPU in float32, so the same seed gives the same direction on every machine."""
-    out = {}
-    for name, w in theta.items():
-        d = torch.randn(w.shape, generator=gen, dtype=torch.float32)
-        kind = kinds[name]
-        if kind == "buffer" or (kind == "vector" and ignore == "biasbn"):
-            d.zero_()
-        else:
-            d = _normalize(d, w.float(), norm, filter_dim(kind))
-        out[name] = d.to(w.dtype)
-    return out
-
-
 def target_direction(theta: dict, theta_target: dict) -> dict:
     """theta' - theta over every float entry (buffers included). Stored for plots and cosines;
     the evaluator interpolates with torch.lerp from theta and theta' themselves, so that
@@ -110,33 +68,28 @@ def target_direction(theta: dict, theta_target: dict) -> dict:
     return {n: (theta_target[n].to(w.dtype) - w) for n, w in theta.items()}
 
 
-STREAM_TAG = "lldist.directions"
-
-
-def stream_seed(seed: int) -> int:
-    """The seed of the directions' own random stream. Models are initialised with
-    torch.manual_seed(model.seed); drawing directions from a generator seeded with the same
-    small integer would repeat the draws that initialised the weights (cosine with the initial
-    weights about -0.35 instead of ~0.01), so the directions' seed is hashed with a tag first."""
-    digest = hashlib.sha256(f"{STREAM_TAG}:{int(seed)}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def make_directions(theta: dict, kinds: dict, cfg: DirectionsConfig, ndim: int,
-                    theta_target: Optional[dict] = None) -> dict:
+                    theta_target: Optional[dict] = None, trainable: Optional[set] = None) -> dict:
     """{"x": dir} or {"x": dir, "y": dir}; with a target also {"target": theta'}: x is then
-    theta' - theta and y (2D) random.
-
-    The generator draws x first, then y: a 1D job and a 2D job with the same seed share x."""
-    gen = torch.Generator().manual_seed(stream_seed(cfg.seed))
+    theta' - theta and y (2D) random. Random directions come from their recipe (recipe.py: one
+    stream per row of every parameter, keyed by seed, axis and name): a 1D job and a 2D job
+    with one seed share x. With directions.params, only the chosen parameters move (`trainable`:
+    the model's parameters that require grad, for trainable_only); a target moves them only."""
+    recipe = Recipe.of(cfg, trainable)
     dirs = {}
     if theta_target is not None:
-        dirs["x"] = target_direction(theta, theta_target)
-        dirs["target"] = {n: theta_target[n].to(w.dtype).clone() for n, w in theta.items()}
+        # every float entry moves to theta' (biases and BatchNorm statistics too), or with
+        # directions.params only the chosen parameters: theta' is theta elsewhere, so lerp keeps them
+        moving = {n for n in theta if not recipe.subset or (kinds[n] != "buffer" and recipe.selects(n))}
+        target = {n: (theta_target[n] if n in moving else theta[n]).to(w.dtype).clone() for n, w in theta.items()}
+        dirs["x"] = target_direction(theta, target)
+        dirs["target"] = target
     else:
-        dirs["x"] = random_direction(theta, kinds, cfg.norm, cfg.ignore, gen)
+        dirs["x"] = direction(theta, kinds, recipe, "x")
     if ndim == 2:
-        dirs["y"] = random_direction(theta, kinds, cfg.norm, cfg.ignore, gen)
+        dirs["y"] = direction(theta, kinds, recipe, "y")
     return dirs
 
 
@@ -148,7 +101,8 @@ def describe(cfg: DirectionsConfig, dirs: dict) -> dict:
            "norm": cfg.norm if kind in ("random", "target") else "none (unit vectors)" if kind in ("pca", "hessian")
            else "as in the source file",
            "ignore": cfg.ignore, "seed": cfg.seed,
-           "stream": f"torch.Generator seeded with sha256('{STREAM_TAG}:<seed>')[:8]"}
+           "stream": f"per row: torch.Generator seeded with splitmix64(sha256('{STREAM_TAG}:<seed>:<axis>:<name>')[:8], row)",
+           "params": json.dumps(cfg.params or {})}
     if kind == "file":
         out["source_file"] = cfg.file
     return out

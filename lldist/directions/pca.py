@@ -13,7 +13,8 @@ import torch
 CENTERS = ("final", "mean")
 
 
-def pca_directions(theta: dict, kinds: dict, trajectory: list, ignore: str = "biasbn", center: str = "final") -> tuple:
+def pca_directions(theta: dict, kinds: dict, trajectory: list, ignore: str = "biasbn", center: str = "final",
+                   select=lambda name: True) -> tuple:
     """The top two principal directions of a training trajectory (Li et al., section 7).
 
     `trajectory`: the float states theta_1..theta_m of the checkpoints along training; theta is
@@ -33,7 +34,8 @@ def pca_directions(theta: dict, kinds: dict, trajectory: list, ignore: str = "bi
     same. The coordinates are the projections of D_i in both cases, as in their code."""
     if center not in CENTERS:
         raise ValueError(f"center {center!r}: allowed {', '.join(CENTERS)}")
-    names = [n for n, k in kinds.items() if k in ("weight", "weight_t") or (k == "vector" and ignore != "biasbn")]
+    names = [n for n, k in kinds.items()
+             if (k in ("weight", "weight_t") or (k == "vector" and ignore != "biasbn")) and select(n)]
     m = len(trajectory)
     if m < 2:
         raise ValueError(f"pca needs at least 2 checkpoints besides the final one, got {m}")

@@ -38,8 +38,10 @@ from ..errors import UserError
 from ..grid import Grid
 
 FORMAT = "lldist.surface"
-FORMAT_VERSION = 3  # 2: directions from their own random stream; /directions/target
+FORMAT_VERSION = 4  # 2: directions from their own random stream; /directions/target
 #                    3: the work log's cells as /cell_chunk (4 bytes a cell), a bounded /chunks
+#                    4: a stream per row of every parameter; directions kept as a recipe
+RESUMABLE = (3, 4)  # a version-3 file keeps its directions as tensors: it resumes with them
 
 # Root attributes that change after creation. They are all made at creation with a fixed type
 # and size (fixed-length strings, not variable-length ones that live in HDF5's global heap), and
@@ -181,7 +183,16 @@ def _layout(f: h5py.File, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: 
             d.dims[0].label = "y"
     dirs = dict(dirs)
     info, trajectory = dirs.pop("_info", {}), dirs.pop("_trajectory", None)
+    recipe, summary = dirs.pop("_recipe", None), dirs.pop("_summary", None)
     gd = f.create_group("directions")
+    gd.attrs["store"] = "recipe" if recipe is not None else "tensors"
+    if recipe is not None:  # directions.store: recipe: every rank regenerates what it needs
+        gd.attrs["recipe"] = json.dumps(recipe)
+        for axis in summary["checksums"]:
+            ga = gd.create_group(axis)
+            ga.attrs["norms"] = json.dumps(summary["norms"][axis])
+            ga.attrs["checksums"] = json.dumps(summary["checksums"][axis])
+            ga.attrs["sums"] = json.dumps(summary["sums"][axis])
     for k, v in info.items():  # what made them: PCA's explained variance, Hessian eigenvalues
         gd.attrs[k] = json.dumps(v) if isinstance(v, (list, dict)) else v
     if trajectory is not None:  # pca: the checkpoints' coordinates in the plane of x and y
@@ -193,10 +204,12 @@ def _layout(f: h5py.File, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: 
         for name, t in direction.items():
             ga.create_dataset(name, data=t.cpu().numpy())
     from ..directions import cosine, describe
-    for k, v in describe(job.directions, dirs).items():  # what was done to make them
+    for k, v in describe(job.directions, dirs if recipe is None else {a: None for a in summary["norms"]}).items():
         gd.attrs[k] = v
     if "y" in dirs:
         gd.attrs["cosine_xy"] = cosine(dirs["x"], dirs["y"])
+    elif recipe is not None and summary.get("cosine") is not None:
+        gd.attrs["cosine_xy"] = summary["cosine"]
     # The work log: records[i] (i < nchunks) is chunk i; cell_chunk[cell] is the record of
     # the chunk that computed the cell (-1: not computed). Everything is allocated here, at
     # creation: later writes only overwrite bytes in place and never change the file's
@@ -333,10 +346,17 @@ class SurfaceReader:
 
     # ------------------------------------------------------------------ reading
     def read_directions(self) -> dict:
-        """{"x": {name: tensor}, "y": ..., and "target": theta' on interpolation jobs}."""
+        """{"x": {name: tensor}, "y": ..., and "target": theta' on interpolation jobs}; or, for a
+        file that keeps them as their recipe, {"_recipe": ..., "_summary": {norms, checksums, sums}}
+        (loading.materialize regenerates them)."""
+        gd = self.f["directions"]
+        if gd.attrs.get("store") == "recipe":
+            return {"_recipe": json.loads(gd.attrs["recipe"]),
+                    "_summary": {"norms": {a: json.loads(g.attrs["norms"]) for a, g in gd.items()},
+                                 "checksums": {a: json.loads(g.attrs["checksums"]) for a, g in gd.items()},
+                                 "sums": {a: json.loads(g.attrs["sums"]) for a, g in gd.items()}}}
         import torch
-        return {axis: {name: torch.from_numpy(ds[()]) for name, ds in g.items()}
-                for axis, g in self.f["directions"].items()}
+        return {axis: {name: torch.from_numpy(ds[()]) for name, ds in g.items()} for axis, g in gd.items()}
 
     def done(self) -> np.ndarray:
         return self.f["done"][()]
@@ -462,7 +482,7 @@ class Output:
             raise UserError(f"{e['foreign']}; refusing to replace a file that is not an lldist surface")
         if overwrite:
             return
-        if e["version"] != FORMAT_VERSION:
+        if e["version"] not in RESUMABLE:
             why = ("random directions now come from a stream of their own, so its cells cannot be mixed "
                    "with new ones") if e["version"] < 2 else "its work log has the older layout"
             raise UserError(f"output {self.path} has format version {e['version']}, this lldist writes "
@@ -554,7 +574,8 @@ class SurfaceWriter(SurfaceReader):
     @staticmethod
     def _create(path: str, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: dict, quantities: dict) -> None:
         folder = os.path.dirname(os.path.abspath(path))
-        need = estimate_bytes(grid.ncells, len(job.splits) * len(quantities), sum(t.numel() for k, d in dirs.items() if not k.startswith("_") for t in d.values()))
+        need = estimate_bytes(grid.ncells, len(job.splits) * len(quantities),
+                              sum(t.numel() for k, d in dirs.items() if not k.startswith("_") for t in d.values()))
         free = free_bytes(folder)
         if need > free:
             raise UserError(f"output {path}: the file needs about {size(need)} and {folder} has {size(free)} free")

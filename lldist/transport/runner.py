@@ -18,26 +18,36 @@ are tags; every wait below polls with a short sleep, so a waiting rank uses no C
     0          payload = room.prepare()           train if needed, open the file, rank 0's evaluator
     0 -> w     CTRL ("payload",)                  or ("abort", code) when prepare failed or a
                                                   signal came: every worker exits with `code`
-    all        bcast(payload)                     collective, entered only once it is ready
-    w          device = room.build(payload)       each worker: device, model, data
+    all        bcast((k, payload))                collective, entered only once it is ready; k is
+                                                  room.group_size (eval.group_size)
+    all        k > 1: split into groups           the world's communicator split by rank // k:
+                                                  groups of k consecutive ranks; rank 0 leads group 0
+    w          device = room.build(payload, g)    each worker: device, model, data; with k > 1
+                                                  rank 0 too, and a group's ranks together (their
+                                                  process group, a sharded model: collectives)
     w -> 0     CTRL ("built", host, device, err)  err: None, or (code, message, traceback)
     0 -> w     CTRL ("go",) | ("abort", code)     abort when any rank failed to build
-  chunks
+  chunks (the workers here are the groups' leaders: rank % k == 0; with k = 1, every rank)
     w -> 0     WORK ("ready", n)                  asks for n chunks (workers keep one queued ahead)
     0 -> w     WORK ("chunk", id, cells) | ("stop",)   one answer per chunk asked for; an
                                                   answer may wait (an adaptive schedule's next
                                                   cells depend on results still out); "stop"
                                                   once the schedule will never give more
+    leader -> m  GROUP ("cells", id, cells)       before each chunk the leader (rank 0 too, for
+                                                  group 0) computes: its members evaluate it with it
+    leader -> m  GROUP ("stop",)                  when the leader's work ends
     w -> 0     WORK ("result", ChunkResult)       the one record of a chunk, from here to the
                                                   work log; also asks for one more chunk
-    w -> 0     WORK ("error", id, traceback)      then waits to be aborted
+    w, m -> 0  WORK ("error", id, traceback)      then waits to be aborted; a member whose leader
+                                                  or rank 0 may be stuck in a collective with it
+                                                  aborts the job itself after ABORT_WAIT_S
   end
     0          room.close(outcome, cost)          "done" | "stopped" | "failed": the file is closed
     0          MPI_Abort(code) on "stopped"/"failed" (workers may be mid-chunk); on "done" every
                worker has had its ("stop",) and returns 0
 
-Rank 0 evaluates cells too (in runs of up to RANK0_COMPUTES_UP_TO ranks), one vmapped group at
-a time between polls of its mailbox, so a worker's request waits at most one group of rank 0's
+Rank 0 evaluates cells too (in runs of up to RANK0_COMPUTES_UP_TO groups; a group is one rank
+with k = 1), one vmapped group of cells at a time between polls of its mailbox, so a worker's request waits at most one group of rank 0's
 cells while the worker computes its queued chunk. Assignment is dynamic: a slow rank simply
 asks less often. Rank 0 hands each result to the room, which keeps it and commits results to
 the file in groups (at least once a second), so its cost per message does not grow with the grid.
@@ -77,7 +87,8 @@ import numpy as np
 
 from ..errors import EXIT_USAGE, Stopped, UserError, one_line
 
-WORK, CTRL = 7, 8
+WORK, CTRL, GROUP = 7, 8, 9
+ABORT_WAIT_S = 10.0  # a failed group member's wait for rank 0's abort before it aborts the job itself
 ANY = -1  # Link.probe: a message from any rank
 POLL_S = 0.0002  # first sleep between mailbox polls; grows to POLL_MAX_S while nothing comes
 POLL_MAX_S = 0.05
@@ -109,13 +120,14 @@ class ChunkResult(NamedTuple):
 class Room(Protocol):
     """What the runner asks of a computation (lldist.run.SurfaceRun is the one in use)."""
     schedule: Any  # take() -> cells or None (none now); exhausted: none ever again (lldist.schedule)
+    group_size: int  # ranks that evaluate each cell together (rank 0 sets it in prepare)
     cells_per_pass: int  # cells rank 0 evaluates between polls of its mailbox
     device: str
     rank0_computes: bool  # False: rank 0 only coordinates (ignored for a single process)
 
     def prepare(self) -> Any: ...  # rank 0: the payload every worker's build() gets
 
-    def build(self, payload: Any) -> str: ...  # a worker: ready to evaluate; returns its device
+    def build(self, payload: Any, group: Optional[Group]) -> str: ...  # ready to evaluate; returns its device
 
     def evaluate(self, cells: np.ndarray) -> np.ndarray: ...  # cells -> values (n, ...)
 
@@ -126,6 +138,29 @@ class Room(Protocol):
     def start(self, hosts: dict) -> Any: ...  # every rank is up: {rank: (host, device)} -> progress
 
     def close(self, outcome: str, cost: Optional[dict]) -> None: ...  # "done" | "stopped" | "failed"
+
+
+@dataclass
+class Group:
+    """k consecutive ranks that evaluate each cell together (eval.group_size; a room builds its
+    process group and sharded model from this). Rank 0 leads group 0."""
+    index: int  # rank // k
+    rank: int  # rank % k: 0 is the leader, the one that talks to rank 0
+    size: int
+    link: Any  # the group's communicator: ranks 0..size-1 within it
+
+    @property
+    def leader(self) -> bool:
+        return self.rank == 0
+
+    def bcast(self, obj):
+        """The leader's `obj` on every rank of the group (collective)."""
+        return self.link.bcast(obj, 0)
+
+    def tell(self, msg) -> None:
+        """From the leader to each member."""
+        for m in range(1, self.size):
+            self.link.send(msg, m, GROUP)
 
 
 class RankFailed(RuntimeError):
@@ -161,6 +196,10 @@ class MpiLink:
 
     def abort(self, code: int) -> None:
         self.comm.Abort(code)
+
+    def split(self, color: int) -> "MpiLink":
+        """The communicator of the ranks that give the same `color`, ordered as in this one."""
+        return MpiLink(self.comm.Split(color, self.comm.Get_rank()))
 
 
 # ----------------------------------------------------------------------------- launch
@@ -199,6 +238,7 @@ class Context:
     host: str = field(default_factory=socket.gethostname)
     link: Any = None  # MpiLink (or the tests' fake); None for a single process without MPI
     cpus: int = 0  # CPU threads this rank may use (see cpu_share); 0: not measured
+    group: Optional[Group] = None  # with eval.group_size > 1, this rank's group (after start-up)
 
     @property
     def mpi(self) -> bool:
@@ -281,16 +321,18 @@ def _note(exc: BaseException, ctx: "Context", phase: str) -> None:
         exc.add_note(f"lldist: {exc.lldist_failure}")
 
 
-def _wait(link, source: int, tag: int, should_stop=lambda: False, longest: float = POLL_MAX_S):
+def _wait(link, source: int, tag: int, should_stop=lambda: False, longest: float = POLL_MAX_S,
+          deadline: Optional[float] = None):
     """(source, message) of the next message from `source` (or ANY), sleeping between polls (at
     most `longest` seconds): a blocking receive spins a core in most MPIs and never returns on a
-    signal. Returns (None, None) if should_stop() became true first."""
+    signal. Returns (None, None) if should_stop() became true first, or `deadline` seconds passed."""
     nap = min(POLL_S, longest)
+    t_end = None if deadline is None else time.monotonic() + deadline
     while True:
         src = link.probe(source, tag)
         if src is not None:
             return src, link.recv(src, tag)
-        if should_stop():
+        if should_stop() or (t_end is not None and time.monotonic() > t_end):
             return None, None
         time.sleep(nap)
         nap = min(longest, nap * 1.5)
@@ -369,8 +411,19 @@ def _start_workers(ctx: Context, room: Room, payload, hosts: dict, should_stop) 
     link = ctx.link
     for w in range(1, ctx.size):
         link.send(("payload",), w, CTRL)
-    link.bcast(payload, 0)
+    k = getattr(room, "group_size", 1)
+    link.bcast((k, payload), 0)
     failed = []
+    if k > 1:  # rank 0 leads group 0: it builds with its members, as every group does
+        _join_group(ctx, k)
+        try:
+            hosts[0] = (ctx.host, room.build(payload, ctx.group))
+        except Exception as e:
+            # its members may be stuck in a collective with it and never report: end the job now
+            code, message, tb = _failure(0, ctx.host, "build", e)
+            _report(message if code != EXIT_USAGE else one_line(e), tb)
+            room.close("failed", None)
+            ctx.abort(code)
     for _ in range(1, ctx.size):
         src, msg = _wait(link, ANY, CTRL, lambda: should_stop() is not None)
         if msg is None:  # a signal while the workers build
@@ -400,23 +453,38 @@ def _start_workers(ctx: Context, room: Room, payload, hosts: dict, should_stop) 
     return 0
 
 
+def _join_group(ctx: Context, k: int) -> None:
+    """Split the world into groups of k consecutive ranks (collective: every rank calls it)."""
+    ctx.group = Group(ctx.rank // k, ctx.rank % k, k, ctx.link.split(ctx.rank // k))
+
+
 def _worker(ctx: Context, room: Room) -> int:
     link = ctx.link
     _, msg = _wait(link, 0, CTRL)
     if msg[0] == "abort":
         return msg[1]
-    payload = link.bcast(None, 0)
+    k, payload = link.bcast(None, 0)
+    if k > 1:
+        _join_group(ctx, k)
     device, err = None, None
     try:
-        device = room.build(payload)
+        device = room.build(payload, ctx.group)
     except Exception as e:
         err = _failure(ctx.rank, ctx.host, "build", e)
     link.send(("built", ctx.host, device or "?", err), 0, CTRL)
-    _, msg = _wait(link, 0, CTRL, longest=0.001)  # "go" follows the last rank's status closely
+    # "go" follows the last rank's status closely; a rank that failed waits for rank 0's word,
+    # but not forever: rank 0 may be stuck in its own group's set-up with this rank
+    _, msg = _wait(link, 0, CTRL, longest=0.001, deadline=None if err is None else ABORT_WAIT_S)
+    if msg is None:
+        _report(err[1], err[2])
+        ctx.abort(err[0])
     if msg[0] == "abort":
         return msg[1]
     _yield_to_the_coordinator()
-    _work(ctx, room)
+    if ctx.group is not None and not ctx.group.leader:
+        _follow(ctx, room)
+    else:
+        _work(ctx, room)
     return 0
 
 
@@ -440,7 +508,10 @@ class _Coordinator:
         self.ctx, self.room, self.progress, self.hosts = ctx, room, progress, hosts
         self.sched = room.schedule
         self.handed = {}  # chunk id -> (rank, cells)
-        self.owed = {w: 0 for w in range(1, ctx.size)}  # answers each worker waits for
+        k = ctx.group.size if ctx.group is not None else 1
+        self.groups = max(1, ctx.size // k)
+        # the ranks that talk to rank 0: every other rank, or with groups their leaders
+        self.owed = {w: 0 for w in range(k, ctx.size, k)}  # answers each worker waits for
         self.waiting = {}  # the workers with answers owed, in the order they asked (a dict as an ordered set)
         self.asked = set()  # workers whose first request came: each must hear "stop" before the end
         self.next_id = 0
@@ -528,11 +599,13 @@ class _Coordinator:
     def compute_own(self) -> bool:
         """One group of rank 0's own cells; True when it computed."""
         alone = self.ctx.link is None or self.ctx.size == 1
-        computes = alone or (self.room.rank0_computes and self.ctx.size <= RANK0_COMPUTES_UP_TO)
+        computes = alone or (self.room.rank0_computes and self.groups <= RANK0_COMPUTES_UP_TO)
         if self.local is None and computes:
             cid, cells = self.take()
             if cells is not None:
                 self.local = [cid, cells, 0, None, time.time()]
+                if self.ctx.group is not None:
+                    self.ctx.group.tell(("cells", cid, cells))  # group 0 evaluates it with rank 0
                 if not alone:
                     self.answer()  # an adaptive schedule may have more now
         if self.local is None:
@@ -581,6 +654,8 @@ def _coordinate(ctx: Context, room: Room, progress, hosts: dict, should_stop) ->
             co.answer()  # the last result may have ended the schedule: stop whoever waits
         if co.finished:
             co.cost["wall"] = time.perf_counter() - t_begin
+            if ctx.group is not None:
+                ctx.group.tell(("stop",))  # group 0's members
             return co.cost
         if got:
             nap = POLL_S
@@ -608,8 +683,12 @@ def _work(ctx: Context, room: Room, prefetch: int = 2) -> None:
                 if msg[0] == "chunk":
                     queue.append((msg[1], msg[2]))
             if not queue:
+                if ctx.group is not None:
+                    ctx.group.tell(("stop",))
                 return
             cid, cells = queue.popleft()
+            if ctx.group is not None:
+                ctx.group.tell(("cells", cid, cells))  # the members evaluate it with this rank
             t0 = time.time()
             values = room.evaluate(cells)
             link.send(("result", ChunkResult(cid, cells, values, ctx.rank, ctx.host, room.device, t0, time.time())),
@@ -621,6 +700,34 @@ def _work(ctx: Context, room: Room, prefetch: int = 2) -> None:
     except Exception:
         link.send(("error", cid, traceback.format_exc()), 0, WORK)
         _wait_for_abort(link)
+
+
+def _follow(ctx: Context, room: Room) -> None:
+    """A group member: evaluate every chunk its leader announces, with it (the cells' collectives
+    are inside room.evaluate), until the leader says stop. Its values are the leader's too: only
+    the leader sends them. A failure goes to rank 0 at once; the member then waits for the abort,
+    and aborts the job itself after ABORT_WAIT_S (its leader, or rank 0 when it leads this group,
+    may be stuck in a collective with it)."""
+    g, cid = ctx.group, None
+    try:
+        while True:
+            _, msg = _wait(g.link, 0, GROUP, longest=0.001)
+            if msg[0] == "stop":
+                return
+            _, cid, cells = msg
+            room.evaluate(cells)
+    except KeyboardInterrupt:
+        _wait_for_abort(ctx.link)
+    except Exception:
+        text = traceback.format_exc()
+        if g.index != 0:  # rank 0 is free to report it and close the file first
+            ctx.link.send(("error", cid, text), 0, WORK)
+            _wait(ctx.link, 0, CTRL, longest=0.2, deadline=ABORT_WAIT_S)
+        # rank 0 leads this group and waits in a collective with this rank (or did not answer):
+        # the report is this rank's, and the abort too; the file keeps what was committed
+        last = text.strip().splitlines()[-1]
+        _report(f"{_where(ctx.host, ctx.rank)} failed in chunk {cid} (a member of group {g.index}): {last}", text)
+        ctx.abort(1)
 
 
 def _wait_for_abort(link) -> None:

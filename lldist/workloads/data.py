@@ -32,7 +32,7 @@ CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def _subset_indices(n: int, cfg: DataConfig) -> Optional[np.ndarray]:
+def subset_indices(n: int, cfg: DataConfig) -> Optional[np.ndarray]:
     if cfg.subset is None or cfg.subset >= n:
         return None
     g = torch.Generator().manual_seed(cfg.subset_seed)
@@ -99,7 +99,7 @@ def _imagefolder(cfg: DataConfig, split: str, subset: bool) -> TensorSet:
     except (FileNotFoundError, OSError) as e:
         raise UserError(f"data.root {cfg.root}: {e}")
     num_classes = len(ds.classes)
-    idx = _subset_indices(len(ds), cfg) if subset else None  # drawn before decoding: cheaper
+    idx = subset_indices(len(ds), cfg) if subset else None  # drawn before decoding: cheaper
     if idx is not None:
         ds = torch.utils.data.Subset(ds, idx.tolist())
     # decoded once; a few workers since JPEG decoding is the slow part
@@ -150,7 +150,7 @@ def load_split(cfg: DataConfig, split: str, subset: bool = True, model_name: str
     else:
         ts = _python(cfg, split)
     if subset:
-        idx = _subset_indices(len(ts), cfg)
+        idx = subset_indices(len(ts), cfg)
         if idx is not None:
             ts = ts.select(torch.from_numpy(idx))
     if len(ts) == 0:

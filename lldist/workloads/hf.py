@@ -55,8 +55,42 @@ def _has_weights(path: str) -> bool:
                ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"))
 
 
+def adapter_base(path: str):
+    """The base model of a PEFT adapter folder (adapter_config.json), or None for a model."""
+    import json
+    cfg = os.path.join(path, "adapter_config.json")
+    if not os.path.isfile(cfg):
+        return None
+    try:
+        with open(cfg) as f:
+            return json.load(f)["base_model_name_or_path"]
+    except (OSError, ValueError, KeyError) as e:
+        raise UserError(f"model hf:{path}: its adapter_config.json names no base model ({type(e).__name__})")
+
+
+def model_folder(path: str) -> str:
+    """Where a model's config and tokenizer are: the folder, or an adapter's base model."""
+    return adapter_base(path) or path
+
+
 def build_model(path: str, seed: int) -> torch.nn.Module:
-    """The config says the number of labels (num_labels), as HuggingFace configs do."""
+    """The config says the number of labels (num_labels), as HuggingFace configs do. A PEFT
+    adapter folder (LoRA, ...) is loaded onto its base model with its parameters trainable and
+    the base's frozen (pip install 'lldist[peft]'): `directions.params: {trainable_only: true}`
+    then moves the adapter alone."""
+    base = adapter_base(path)
+    if base is not None:
+        try:
+            import peft
+        except ImportError as e:
+            raise UserError(f"model hf:{path} is a PEFT adapter, and peft cannot be imported ({e}): "
+                            "pip install 'lldist[peft]'")
+        model = build_model(base, seed)
+        try:
+            return peft.PeftModel.from_pretrained(model, path, is_trainable=True)
+        except Exception as e:
+            raise UserError(f"model hf:{path}: cannot load this adapter onto {base} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]})")
     transformers = require()
     config = _config(path)
     auto = transformers.AutoModelForCausalLM if is_causal(config) else transformers.AutoModelForSequenceClassification
@@ -127,7 +161,7 @@ def load_text(cfg: DataConfig, split: str, model_name: str = ""):
     ml = args["max_length"]
     if isinstance(ml, bool) or not isinstance(ml, int) or ml < 2:
         raise UserError(f"data {cfg.name}: data.args.max_length must be a whole number of tokens >= 2, got {ml!r}")
-    model_path = model_name.split(":", 1)[1] if model_name.startswith("hf:") else None
+    model_path = model_folder(model_name.split(":", 1)[1]) if model_name.startswith("hf:") else None
     tok_path = args.get("tokenizer") or model_path
     if not tok_path:
         raise UserError(f"data {cfg.name}: no tokenizer: set data.args.tokenizer or use an hf: model")
@@ -193,7 +227,7 @@ def _check_tokenizer(tok, path: str, tensors: dict, model_path, name: str) -> No
         raise UserError(f"data {name}: {100 * unk / real:.0f}% of the tokens are unknown ({tok.unk_token}) to the "
                         f"tokenizer from {path} ({vocab:,} tokens): it is not this text's tokenizer (a model folder "
                         "saved without its tokenizer files?); set data.args.tokenizer")
-    if model_vocab and vocab < model_vocab // 10:
+    if model_vocab and vocab < model_vocab // 100:
         raise UserError(f"data {name}: the tokenizer from {path} has {vocab:,} tokens, the model's vocabulary "
                         f"{model_vocab:,}: it is not the model's tokenizer (saved without its files?); set "
                         "data.args.tokenizer")

@@ -1,0 +1,146 @@
+"""Rank groups: cells/s and each rank's memory at group sizes 1, 2 and 4, data and shard, on 4
+ranks (a node's worth), for a small model and the GPT-2-scale job.
+
+    python -m lldist.bench groups [--models mlp gpt2] [--sizes 1 2 4] [--ranks 4]
+
+Each setting is a real `mpiexec -n R python -m lldist.surface` run. Cells/s: from the file's
+work log (first chunk's start to last chunk's end). Memory, per rank, from /proc while it runs:
+the peak resident set (VmHWM), and what it holds once its evaluator is built and the cells run
+(VmRSS at the last sample): a sharded rank's parameters, theta* and directions are about 1/k of
+a whole one's, but it built the whole model once first (see docs/GROUPS.md).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import numpy as np
+
+from ..errors import positive_int
+from .common import find_mpiexec, run_time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def add_arguments(ap) -> None:
+    ap.add_argument("--models", nargs="+", default=["mlp", "gpt2"], choices=["mlp", "gpt2"],
+                    help="mlp: a digits MLP; gpt2: jobs/llm_gpt2.yaml's model (124M parameters), at its init")
+    ap.add_argument("--sizes", type=positive_int, nargs="+", default=[1, 2, 4], help="group sizes")
+    ap.add_argument("--ranks", type=positive_int, default=4, help="ranks of every run (a multiple of each size)")
+
+
+def run(args) -> tuple:
+    rows = groups(args)
+    return rows, markdown(rows)
+
+
+JOBS = {
+    "mlp": ("name: g_mlp\noutput: g.h5\nmodel: {name: mlp, args: {hidden: [512, 256]}}\n"
+            "data: {name: digits}\ngrid: {x: [-1, 1, 24], y: [-1, 1, 4]}\n"
+            "eval: {split: test, batch_size: 60, chunk_size: 2, threads: 1}\n"),
+    "gpt2": (f"name: g_gpt2\noutput: g.h5\nmodel: {{name: hf:{ROOT}/jobs/models/gpt2_small, seed: 0}}\n"
+             f"data: {{name: hf:csv, root: {ROOT}/jobs/data/pydoc_topics, subset: 8,\n"
+             f"       args: {{text: text, label: null, max_length: 48, tokenizer: {ROOT}/jobs/models/tiny_gpt}}}}\n"
+             "directions: {seed: 0, store: recipe}\ngrid: {x: [-1, 1, 8]}\n"
+             "eval: {split: test, batch_size: 8, loss: lm, chunk_size: 1, threads: 1}\n"),
+}
+
+
+class Memory(threading.Thread):
+    """Samples the VmHWM and VmRSS of every rank of a launcher's process tree (MiB)."""
+
+    def __init__(self, root_pid: int):
+        super().__init__(daemon=True)
+        self.root, self.peak, self.rss, self.running = root_pid, {}, {}, True
+
+    def run(self):
+        while self.running:
+            for pid, rank in _ranks(self.root).items():
+                try:
+                    st = {ln.split(":")[0]: int(ln.split()[1]) for ln in open(f"/proc/{pid}/status")
+                          if ln.startswith(("VmHWM", "VmRSS"))}
+                except (OSError, ValueError, IndexError):
+                    continue
+                self.peak[rank] = max(self.peak.get(rank, 0), st.get("VmHWM", 0) / 1024)
+                self.rss[rank] = st.get("VmRSS", 0) / 1024
+            time.sleep(0.1)
+
+
+def _ranks(root: int) -> dict:
+    """{pid: MPI rank} of the lldist processes under `root`."""
+    out, todo, seen = {}, [root], set()
+    children = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    while todo:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        todo.extend(children.get(p, []))
+        try:
+            with open(f"/proc/{p}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        for e in env:
+            if e.startswith(b"PMI_RANK=") or e.startswith(b"OMPI_COMM_WORLD_RANK="):
+                out[p] = int(e.split(b"=")[1])
+    return out
+
+
+def groups(args) -> list:
+    mpiexec = find_mpiexec()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models:
+            job = os.path.join(tmp, f"{model}.yaml")
+            with open(job, "w") as f:
+                f.write(JOBS[model])
+            settings = [(1, "data")] + [(k, m) for k in args.sizes if k > 1 for m in ("data", "shard")]
+            for k, mode in settings:
+                if args.ranks % k:
+                    continue
+                out = os.path.join(tmp, f"{model}_{k}_{mode}.h5")
+                env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+                cmd = [mpiexec, "-n", str(args.ranks), sys.executable, "-m", "lldist.surface", job, "--out", out,
+                       "--set", f"eval.group_size={k}", "--set", f"eval.group_mode={mode}", "--progress-every", "0"]
+                p = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                mem = Memory(p.pid)
+                mem.start()
+                stdout, stderr = p.communicate(timeout=3600)
+                mem.running = False
+                if p.returncode != 0:
+                    raise RuntimeError(f"{' '.join(cmd)} failed:\n{stderr[-2000:]}")
+                secs, _ = run_time(out)
+                from ..store import SurfaceReader
+                with SurfaceReader(out) as sf:
+                    cells = int(sf.done().sum())
+                peaks = [mem.peak.get(r, float("nan")) for r in range(args.ranks)]
+                held = [mem.rss.get(r, float("nan")) for r in range(args.ranks)]
+                row = {"model": model, "ranks": args.ranks, "group_size": k, "mode": mode if k > 1 else "-",
+                       "cells": cells, "seconds": secs, "cells_s": cells / secs,
+                       "peak_mib_per_rank": peaks, "held_mib_per_rank": held,
+                       "peak_mib_max": float(np.nanmax(peaks)), "held_mib_max": float(np.nanmax(held))}
+                rows.append(row)
+                print(f"{model:5s} {args.ranks} ranks, groups of {k} ({row['mode']:5s}): {row['cells_s']:7.2f} cells/s, "
+                      f"peak {row['peak_mib_max']:6.0f} MiB a rank, holding {row['held_mib_max']:6.0f} MiB", flush=True)
+    return rows
+
+
+def markdown(rows: list) -> str:
+    head = ("| model | ranks | group size | mode | cells | cells/s | peak MiB a rank (max) | MiB held a rank at the end "
+            "(max) |\n|---|---|---|---|---|---|---|---|\n")
+    return head + "".join(f"| {r['model']} | {r['ranks']} | {r['group_size']} | {r['mode']} | {r['cells']} | "
+                          f"{r['cells_s']:.2f} | {r['peak_mib_max']:.0f} | {r['held_mib_max']:.0f} |\n" for r in rows)

@@ -1,0 +1,114 @@
+"""A group of ranks that evaluates each cell together (eval.group_size, eval.group_mode). No
+MPI, no HDF5: the runner hands a group over (its rank, size, and a broadcast), this module makes
+its torch.distributed process group, and the evaluator uses it.
+
+    g = GroupSpec(rank=1, size=2, mode="shard")
+    init_process_group(g, bcast, device)       # every rank of the group, together
+    model = shard_model(model, g, device)      # FSDP2: parameters as Shard(0) DTensors
+    rows = shard_rows(n, g.size, g.rank)       # the dim-0 rows this rank holds
+
+Two modes:
+  * data: every rank holds the whole model and evaluates its share of the batches (batch i on
+    rank i % size); the float32 per-batch sums meet in an all-reduce into their batch slots
+    (one rank fills each slot, the others add zeros: exact), and the float64 sum over batches
+    runs in batch order as on one rank: the numbers are one rank's, bit for bit.
+  * shard: the model's parameters, theta* and both directions are split by rows over the group
+    with FSDP2 (fully_shard on a device mesh: gloo on CPU, NCCL on GPUs); each rank sets its own
+    rows of the weights in place, every rank runs every batch, and FSDP gathers each block's
+    parameters for its forward. Per rank, parameters and directions take about 1/size.
+Combining them (shard within a node, data across) is what the groups already give: cells are
+spread over the groups by the coordinator, so a group need only be as large as the model needs.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+from datetime import timedelta
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+MODES = ("data", "shard")
+SETUP_TIMEOUT_S = 120  # a group whose rank never joins fails within this, not after torch's 30 min
+
+
+class GroupSpec(NamedTuple):
+    rank: int
+    size: int
+    mode: str  # data | shard
+
+
+def shard_rows(n: int, size: int, rank: int) -> slice:
+    """The rows of a dim-0 split as torch.chunk (and so FSDP2's Shard(0)) makes it: ceil(n/size)
+    rows a rank, fewer or none on the last ranks (FSDP2 pads them internally)."""
+    step = math.ceil(n / size) if n else 0
+    return slice(min(n, rank * step), min(n, (rank + 1) * step))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(g: GroupSpec, bcast, device: str) -> None:
+    """The group's own torch.distributed world: the leader picks an address and a port and
+    broadcasts them (`bcast`: the runner's MPI broadcast within the group); every rank joins."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    address = bcast((socket.gethostname(), _free_port()) if g.rank == 0 else None)
+    host, port = address
+    try:
+        host = socket.gethostbyname(host)
+    except OSError:
+        host = "127.0.0.1"
+    backend = "nccl" if str(device).startswith("cuda") else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=g.rank, world_size=g.size,
+                            timeout=timedelta(seconds=SETUP_TIMEOUT_S))
+
+
+def blocks(model: nn.Module) -> list:
+    """The modules sharded on their own before the root (each gathered for its own forward):
+    HuggingFace's blocks where the model names them (_no_split_modules: GPT2Block, BertLayer),
+    else every direct child that holds parameters."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    if names:
+        found = [m for m in model.modules() if type(m).__name__ in names]
+        if found:
+            return found
+    return [m for m in model.children() if any(True for _ in m.parameters())]
+
+
+def shard_model(model: nn.Module, g: GroupSpec, device: str) -> nn.Module:
+    """FSDP2 over the group: each block, then the root; parameters become Shard(0) DTensors
+    whose local rows a rank updates in place (torch.distributed.fsdp.fully_shard)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh(torch.device(device).type, (g.size,))
+    for block in blocks(model):
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def sharded_modules(model: nn.Module) -> list:
+    """The modules fully_shard made FSDP modules (none for a model that is not sharded)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch without FSDP2 cannot have made any
+        return []
+    return [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a parameter: the local rows of a DTensor, or the tensor itself."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+    dist.all_reduce(t)
+    return t
