@@ -117,7 +117,7 @@ def train(job: Job, log=print, should_stop: Callable[[], Optional[int]] = lambda
             if time.perf_counter() - last_report >= PROGRESS_S:  # a long epoch shows it moves
                 last_report = time.perf_counter()
                 log(f"epoch {epoch}: step {step}, batch {i // t.batch_size + 1} of "
-                    f"{-(-len(order) // t.batch_size)}, loss {float(loss):.4f}")
+                    f"{-(-len(order) // t.batch_size)}, loss {loss.item():.4f}")
             signum = should_stop()
             if signum is not None:
                 kept = f"the checkpoints of epochs 1..{epoch - 1} are kept" if epoch > 1 \

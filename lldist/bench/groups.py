@@ -2,6 +2,11 @@
 ranks (a node's worth), for a small model and the GPT-2-scale job.
 
     python -m lldist.bench groups [--models mlp gpt2] [--sizes 1 2 4] [--ranks 4]
+    python -m lldist.bench groups --job jobs/llm_gpt2.yaml --sizes 1 2    # a job of yours, from here
+
+With --job, the job runs from the current directory as you would run it (its relative paths
+hold; a model it trains first is trained by the first setting, so train it once before
+measuring: rank 0's training peak is not the evaluation's), into a temporary output.
 
 Each setting is a real `mpiexec -n R python -m lldist.surface` run. Cells/s: from the file's
 work log (first chunk's start to last chunk's end). Memory, per rank, from /proc while it runs:
@@ -32,6 +37,7 @@ def add_arguments(ap) -> None:
                     help="mlp: a digits MLP; gpt2: jobs/llm_gpt2.yaml's model (124M parameters), at its init")
     ap.add_argument("--sizes", type=positive_int, nargs="+", default=[1, 2, 4], help="group sizes")
     ap.add_argument("--ranks", type=positive_int, default=4, help="ranks of every run (a multiple of each size)")
+    ap.add_argument("--job", help="measure this job file instead of --models (run from the current directory)")
 
 
 def run(args) -> tuple:
@@ -104,10 +110,12 @@ def groups(args) -> list:
     mpiexec = find_mpiexec()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for model in args.models:
-            job = os.path.join(tmp, f"{model}.yaml")
-            with open(job, "w") as f:
-                f.write(JOBS[model])
+        cases = [(os.path.splitext(os.path.basename(args.job))[0], os.path.abspath(args.job), os.getcwd())] \
+            if args.job else [(m, os.path.join(tmp, f"{m}.yaml"), tmp) for m in args.models]
+        for model, job, cwd in cases:
+            if not args.job:
+                with open(job, "w") as f:
+                    f.write(JOBS[model])
             settings = [(1, "data")] + [(k, m) for k in args.sizes if k > 1 for m in ("data", "shard")]
             for k, mode in settings:
                 if args.ranks % k:
@@ -116,7 +124,7 @@ def groups(args) -> list:
                 env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
                 cmd = [mpiexec, "-n", str(args.ranks), sys.executable, "-m", "lldist.surface", job, "--out", out,
                        "--set", f"eval.group_size={k}", "--set", f"eval.group_mode={mode}", "--progress-every", "0"]
-                p = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 mem = Memory(p.pid)
                 mem.start()
                 stdout, stderr = p.communicate(timeout=3600)

@@ -23,6 +23,7 @@ import torch
 
 from ..config import DataConfig
 from ..errors import UserError
+from .notes import note
 from .tensors import DictSet
 
 DATA_FILE_BUILDERS = {"csv": "csv", "json": "json", "parquet": "parquet"}
@@ -220,9 +221,9 @@ def _check_tokenizer(tok, path: str, tensors: dict, model_path, name: str) -> No
     model_vocab = getattr(_config(model_path), "vocab_size", None) if model_path else None
     if path not in _ANNOUNCED:
         _ANNOUNCED.add(path)
-        print(f"lldist: tokenizer {type(tok).__name__} from {path}: {vocab:,} tokens"
-              + (f" (the model's vocabulary: {model_vocab:,})" if model_vocab else "")
-              + (f", {100 * unk / real:.1f}% of the text's tokens unknown" if real else ""), flush=True)
+        note(f"tokenizer {type(tok).__name__} from {path}: {vocab:,} tokens"
+             + (f" (the model's vocabulary: {model_vocab:,})" if model_vocab else "")
+             + (f", {100 * unk / real:.1f}% of the text's tokens unknown" if real else ""))
     if real and unk > UNK_SHARE * real:
         raise UserError(f"data {name}: {100 * unk / real:.0f}% of the tokens are unknown ({tok.unk_token}) to the "
                         f"tokenizer from {path} ({vocab:,} tokens): it is not this text's tokenizer (a model folder "
