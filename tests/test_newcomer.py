@@ -212,3 +212,24 @@ def test_help_is_whole(command):
     if command == "bench":
         for mode in ("scaling", "coordinator", "curvature", "gpu", "threads"):
             assert mode in text
+
+
+@pytest.mark.slow
+def test_the_gpu_benchmark_extra_rows_run_on_a_cpu():
+    """`lldist.bench gpu` is run once, on a borrowed GPU, with no second try: its curvature and
+    text rows are the CPU benchmark's functions; run here small on the CPU, they give rows the
+    Markdown can print (a curvature cell dearer than a loss cell, text rates > 0). About a
+    minute on 2 idle cores."""
+    import time
+
+    from lldist.bench.gpu import gpu_extras, gpu_markdown
+    rep = {"card": "cpu", "torch": torch.__version__, "cuda": None, "date": "", "tests": {}, "rows": [],
+           "naive": {}, "skipped": [], "batch_auto": {}}
+    gpu_extras(rep, "cpu", time.perf_counter() + 600)
+    assert rep["skipped"] == []
+    assert [r["model"] for r in rep["curvature"]] == ["mlp", "cnn_skip"]
+    assert all(r["curvature_cell_s"] > r["loss_cell_s"] > 0 and r["hessian_vector_products"] > 2
+               for r in rep["curvature"])
+    assert rep["text"]["lldist_cells_s"] > 0 and rep["text"]["naive_cells_s"] > 0
+    md = gpu_markdown(rep)
+    assert "| cnn_skip |" in md and "BERT-style classifier" in md

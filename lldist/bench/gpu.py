@@ -1,6 +1,7 @@
 """The GPU run: the `gpu`-marked tests, then every fast path (fp32/bf16, channels-last, compile)
 of the MLP, the skip CNN and MobileNetV2 at 32 and 224 against its ceiling and the naive loop,
-the vmapped MLP, `batch_size: auto` and peak memory, and the 51x51 projection; JSON + Markdown.
+the vmapped MLP, `batch_size: auto` and peak memory, a curvature cell against a loss cell, the
+BERT-style text row, and the 51x51 projection; JSON + Markdown.
 
     PYTHONPATH=. python -m lldist.bench gpu [--out DIR] [--budget 400] [--skip-tests]
 
@@ -178,6 +179,7 @@ def gpu_report(args) -> dict:
         ev = evaluator(name, gpu_images(name), "cuda", "fp32", False, False, "auto", 1)
         ev.evaluate_cells([(0.1, 0.1)])
         rep["batch_auto"][name] = {"batch": ev.batch_size, "peak_gpu_mib": torch.cuda.max_memory_allocated() / 2 ** 20}
+    gpu_extras(rep, "cuda", t_end)
     best224 = max((r["lldist_img_s"] for r in rep["rows"] if r["model"] == "mobilenet_v2_224"), default=0.0)
     if best224:
         one = 2601 * 5000 / best224
@@ -189,6 +191,37 @@ def gpu_report(args) -> dict:
         f.write(gpu_markdown(rep))
     print(gpu_markdown(rep), flush=True)
     return rep
+
+
+EXTRAS = {  # the sizes of the extra rows on a GPU; the CPU test of this code runs them small
+    "cuda": {"curvature": {"images": 8192, "batch": 1024, "curvature_batches": 2, "rounds": 3},
+             "text": {"n": 2048, "batch_sizes": [128, 256, 512, 1024], "rounds": 3}},
+    "cpu": {"curvature": {"images": 64, "batch": 32, "curvature_batches": 1, "rounds": 1},
+            "text": {"n": 32, "batch_sizes": [16, 32], "rounds": 1}},
+}
+
+
+def gpu_extras(rep: dict, device: str, t_end: float) -> None:
+    """The rows the CPU benchmark has and the GPU run must repeat: a curvature cell against a
+    loss cell (bench curvature's rows, fp32 eager: double backward does not compile) and the
+    BERT-style text row (bench's bert_128). Each is skipped past the time budget, and an error in
+    one is recorded, not raised (it is a result)."""
+    import argparse
+    from .curvature import curvature_rows
+    from .throughput import text_row
+    sizes = EXTRAS[device]
+    if time.perf_counter() < t_end:
+        try:
+            c = sizes["curvature"]
+            rep["curvature"] = curvature_rows(argparse.Namespace(device=device, models=["mlp", "cnn_skip"], load=0, **c))
+        except Exception as e:
+            rep["skipped"].append(["curvature", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"])
+    if time.perf_counter() < t_end:
+        try:
+            t = sizes["text"]
+            rep["text"] = text_row(device, t["n"], t["batch_sizes"], rounds=t["rounds"])
+        except Exception as e:  # transformers missing, or out of memory
+            rep["skipped"].append(["bert_128", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"])
 
 
 def gpu_markdown(rep: dict) -> str:
@@ -209,6 +242,16 @@ def gpu_markdown(rep: dict) -> str:
     if rep["batch_auto"]:
         lines.append("\n`batch_size: auto` (fp32): " + ", ".join(
             f"{k} {v['batch']} ({v['peak_gpu_mib']:.0f} MiB)" for k, v in rep["batch_auto"].items()))
+    if rep.get("curvature"):
+        from .curvature import curvature_cost_markdown
+        lines.append("\nA curvature cell (lambda_max and lambda_min by Lanczos) against a loss cell, fp32 eager:\n\n"
+                     + curvature_cost_markdown(rep["curvature"]))
+    t = rep.get("text")
+    if t:
+        lines.append(f"\nBERT-style classifier (2 layers, width 128, sequence 128, {t['images']} sequences a cell, fp32, "
+                     f"batch {t['batch']}): ceiling {t['ceiling_img_s']:,.0f} seq/s, lldist {t['lldist_img_s']:,.0f} "
+                     f"seq/s ({t['vs_ceiling']:.2f} of it), naive loop {t['naive_cells_s']:.3f} cells/s "
+                     f"({t['speedup_vs_naive']:.2f}x)")
     p = rep.get("projection_51x51_mobilenet224_5000img")
     if p:
         lines.append(f"\n51x51 MobileNetV2 at 224x224 on 5,000 images, at {p['img_s']:,.0f} img/s: "
