@@ -180,7 +180,7 @@ class EvalConfig:
     curvature: bool = False  # per cell: lambda_max, lambda_min, |lambda_min/lambda_max| of the Hessian
     curvature_batches: int = 2  # batches (of batch_size) the per-cell Hessian is taken on
     group_size: int = 1  # ranks that evaluate each cell together (groups of consecutive ranks)
-    group_mode: str = "data"  # data: the batches split over the group | shard: the model sharded (FSDP2)
+    group_mode: str = "data"  # data: the batches split over the group | shard: and the model sharded (FSDP2)
     threads: Optional[int] = None  # torch CPU threads per process (default: OMP_NUM_THREADS, else
     #                                 the CPUs this process may use, shared by the node's ranks)
 

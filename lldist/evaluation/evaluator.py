@@ -235,16 +235,20 @@ class Evaluator:
         nb = math.ceil(len(data) / bs)
         losses = torch.zeros(nb, dtype=torch.float32, device=self.device)  # per batch: float32 sum of losses
         corrects = torch.zeros(nb, dtype=torch.int64, device=self.device)  # and int64 count of hits
+        ran, first = 0, None
         with self._precision():
             for i, (xb, yb) in enumerate(data.batches(bs, self.dtype)):
-                if not self._mine(i):
-                    continue
                 if cl:
                     xb = xb.contiguous(memory_format=torch.channels_last)
+                first = xb if first is None else first
+                if not self._mine(i):
+                    continue
                 logits = self.model(xb).float()
                 losses[i] = F.cross_entropy(logits, yb, reduction="sum")
                 corrects[i] = (logits.argmax(1) == yb).sum()
-        if self._data_parallel:  # each slot filled by one rank, zeros elsewhere: the sums are exact
+                ran += 1
+            self._pad_forwards(ran, nb, lambda: self.model(first))
+        if self.group is not None:  # each slot filled by one rank, zeros elsewhere: the sums are exact
             all_reduce_sum(losses), all_reduce_sum(corrects)
         n = len(data)
         total = losses.double().sum()  # batch sums accumulated in float64, in batch order
@@ -257,28 +261,37 @@ class Evaluator:
         of values and weights, accumulated in float64, one device sync per split."""
         if self.plain:
             return list(self.loss_acc(data))
-        sums = []
+        sums, ran, first = [], 0, None
         with self._precision():
             for i, batch in enumerate(data.batches(self.batch_size, self.dtype)):
+                if self.cfg.channels_last and isinstance(batch, tuple) and batch[0].dim() == 4:
+                    batch = (batch[0].contiguous(memory_format=torch.channels_last),) + tuple(batch[1:])
+                first = batch if first is None else first
                 if not self._mine(i):
                     sums.append(None)
                     continue
-                if self.cfg.channels_last and isinstance(batch, tuple) and batch[0].dim() == 4:
-                    batch = (batch[0].contiguous(memory_format=torch.channels_last),) + tuple(batch[1:])
                 sums.append(self.task.sums(self.task.forward(self.model, batch), batch))
-        if self._data_parallel:  # each batch's slot filled by the rank that ran it (see loss_acc)
+                ran += 1
+            self._pad_forwards(ran, len(sums), lambda: self.task.forward(self.model, first))
+        if self.group is not None:  # each batch's slot filled by the rank that ran it (see loss_acc)
             width = 2 * len(self.task.summed)
             stacked = torch.stack([s if s is not None else torch.zeros(width, device=self.device) for s in sums])
             return self.task.means(all_reduce_sum(stacked).double().sum(0))
         return self.task.means(torch.stack(sums).double().sum(0))
 
-    @property
-    def _data_parallel(self) -> bool:
-        return self.group is not None and self.group.mode == "data"
-
     def _mine(self, batch: int) -> bool:
-        """Whether this rank runs batch `batch`: all of them, or in a data group every size-th."""
-        return not self._data_parallel or batch % self.group.size == self.group.rank
+        """Whether this rank runs batch `batch`: all of them alone, in a group every size-th
+        (both modes: a sharded group's ranks gather each block's weights and run their own
+        batches through it, as FSDP's data parallelism does)."""
+        return self.group is None or batch % self.group.size == self.group.rank
+
+    def _pad_forwards(self, ran: int, batches: int, forward) -> None:
+        """In a sharded group every forward gathers each block's weights collectively, so every
+        rank must run as many forwards as the busiest: a rank with a batch fewer (the batches
+        do not divide by the group's size) repeats one and throws its output away."""
+        if self.group is not None and self.group.mode == "shard":
+            for _ in range(-(-batches // self.group.size) - ran):
+                forward()
 
     def evaluate(self, a: float, b: float = 0.0) -> np.ndarray:
         """(nsplits, nquantities) float64: the task's quantities ([loss, accuracy] by default)

@@ -14,10 +14,12 @@ Two modes:
     runs in batch order as on one rank: the numbers are one rank's, bit for bit.
   * shard: the model's parameters, theta* and both directions are split by rows over the group
     with FSDP2 (fully_shard on a device mesh: gloo on CPU, NCCL on GPUs); each rank sets its own
-    rows of the weights in place, every rank runs every batch, and FSDP gathers each block's
-    parameters for its forward. Per rank, parameters and directions take about 1/size.
-Combining them (shard within a node, data across) is what the groups already give: cells are
-spread over the groups by the coordinator, so a group need only be as large as the model needs.
+    rows of the weights in place and runs its share of the batches as in data mode, FSDP
+    gathering each block's parameters for its forward (a rank with a batch fewer repeats one,
+    discarded: the gathers are collective). Per rank, parameters and directions take about
+    1/size; the group's compute per cell is one model's, split size ways.
+Across groups, cells are spread by the coordinator, so a group need only be as large as the
+model needs (shard within a node; the groups are the parallelism across nodes).
 """
 
 from __future__ import annotations
