@@ -21,6 +21,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import lldist  # noqa: E402
 from lldist.config import DataConfig  # noqa: E402
+from lldist.levels import labelled, round_levels  # noqa: E402
 from lldist.workloads.data import load_split  # noqa: E402
 from lldist.metrics import compute  # noqa: E402
 
@@ -70,7 +71,8 @@ plt.close(fig)
 # --- compare: one colour scale, the same levels; and the landscape metrics
 lo = min(np.nanmin(ls.loss) for ls in landscapes.values())
 hi = max(np.nanmax(ls.loss) for ls in landscapes.values())
-levels = np.geomspace(lo, hi, 25)
+levels = round_levels(lo, hi, 25, geometric=True)  # round values (0.1, 0.15, 0.2, ...), as lldist.plot's
+lo, hi = levels[0], levels[-1]
 fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
 for ax, (batch, ls) in zip(axes, landscapes.items()):
     cs = ax.contourf(ls.x, ls.y, ls.loss, levels=levels, norm=matplotlib.colors.LogNorm(lo, hi))
@@ -80,7 +82,10 @@ for ax, (batch, ls) in zip(axes, landscapes.items()):
                  fontsize=8)
     ax.set_xlabel("alpha")
 axes[0].set_ylabel("beta")
-fig.colorbar(cs, ax=axes.ravel().tolist(), label="test loss")
+bar = fig.colorbar(cs, ax=axes.ravel().tolist(), label="test loss")
+ticks = labelled(levels, geometric=True)  # ticks at 1, 2, 5 x 10^k, written plainly
+bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
+bar.minorticks_off()
 fig.savefig(os.path.join(out, "walkthrough_compare.png"), dpi=100, bbox_inches="tight")
 plt.close(fig)
 
