@@ -258,6 +258,10 @@ def apply_override(raw: dict, item: str, path: str) -> None:
         parsed = yaml.load(value, Loader=_Loader)
     except yaml.YAMLError:
         raise UserError(f"--set {key}: cannot parse value {value!r}")
+    glued = _glued_keys(parsed)
+    if glued:  # YAML reads {width:8} as the key "width:8" with no value, which no model takes
+        raise UserError(f"--set {key}: {glued[0]!r} is read as a key without a value; write a space after "
+                        f"each colon ({{{glued[0].replace(':', ': ', 1)}, ...}})")
     node = raw
     parts = key.strip().split(".")
     for p in parts[:-1]:
@@ -265,6 +269,17 @@ def apply_override(raw: dict, item: str, path: str) -> None:
             node[p] = {}
         node = node[p]
     node[parts[-1]] = parsed
+
+
+def _glued_keys(value) -> list:
+    """Keys like 'width:8' with a null value, at any depth: a flow mapping written without the
+    space YAML needs after a colon."""
+    if isinstance(value, dict):
+        return [k for k, v in value.items() if v is None and isinstance(k, str) and ":" in k] + \
+            [g for v in value.values() for g in _glued_keys(v)]
+    if isinstance(value, list):
+        return [g for v in value for g in _glued_keys(v)]
+    return []
 
 
 def _typename(t) -> str:

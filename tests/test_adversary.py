@@ -195,8 +195,11 @@ def test_ctrl_c_on_the_command_line_is_one_line_and_130(workdir):
     job = write_job(workdir / "job.yaml", train=None, grid={"x": [-1, 1, 200], "y": None},
                     model={"name": "python:lldist.workloads.synthetic:fixed_cost", "checkpoint": None,
                            "args": {"seconds": 0.02}})
+    # SIGINT's default restored in the child: a test run started in the background (`pytest &`)
+    # ignores SIGINT, the child would inherit that, and Python then installs no Ctrl-C handler
     p = subprocess.Popen([sys.executable, "-m", "lldist.surface", job, "--progress-every", "0.1"], cwd=workdir,
-                         env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     _wait_for_cells(p)
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
@@ -459,3 +462,17 @@ def test_docs_tables_name_the_command_that_made_them():
                 above = "\n".join(lines[max(0, i - 25):i])
                 assert "python -m lldist" in above or "tools/" in above or "lldist." in above, \
                     f"{os.path.relpath(path, root)}:{i + 1}: a table without the command that made it"
+
+
+def test_a_flow_mapping_without_spaces_after_colons_is_refused(workdir, capsys):
+    """`--set model.args={width:8}` is valid YAML for the key "width:8" with no value: a model
+    would fail on it with an unexpected keyword far from the cause (docs' own script did)."""
+    job = write_job(workdir / "job.yaml")
+    fails(capsys, surface.main, [job, "--set", "model.args={width:8,stages:2}"],
+          "'width:8' is read as a key without a value; write a space after each colon")
+    fails(capsys, surface.main, [job, "--set", "eval.metrics={a:{b:1,c:2}}"], "'b:1' is read as a key")
+    assert not os.path.exists(workdir / "out.h5")
+    from lldist.config import apply_override
+    raw = {}
+    apply_override(raw, "model.args={hidden: [8], width: 4}", "job.yaml")  # the spaced form is taken
+    assert raw == {"model": {"args": {"hidden": [8], "width": 4}}}

@@ -3,7 +3,8 @@
 # 101 x 101 grids (two also at 201 x 201) computed in full, then the adaptive schedule replayed
 # on every full grid (exactly what an adaptive run computes: it decides from the values of the
 # cells it asked for) and compared at the figures' default, linear and geometric levels; the
-# pictures of four of them. About 20 minutes on 2 cores.
+# pictures of four of them. About 20 minutes on 2 cores. (Options are dotted keys or flow mappings
+# without spaces, "{hidden:[128,64]}": the words are split on spaces.)
 #   bash tools/adaptive_docs.sh [OUT]        (OUT: runs/adaptive)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,9 +17,9 @@ declare -A models=(
   [cnn_plain]="--set model.args.batchnorm=false"
   [cnn_skip]="--set model.name=cnn_skip --set model.args.batchnorm=false"
   [mlp]="--set model.name=mlp --set model.args={hidden:[128,64]}"
-  [cnn_deep_plain]="--set model.args={width:8,stages:3,blocks:2,batchnorm:false} --set train.epochs=15"
+  [cnn_deep_plain]="--set model.args.stages=3 --set model.args.blocks=2 --set model.args.batchnorm=false --set train.epochs=15"
   [mlp_deep]="--set model.name=mlp --set model.args={hidden:[128,128,128,128]} --set train.epochs=15"
-  [cnn_skip_wide_bn]="--set model.name=cnn_skip --set model.args={width:16,stages:2,blocks:2,batchnorm:true}"
+  [cnn_skip_wide_bn]="--set model.name=cnn_skip --set model.args.width=16 --set model.args.blocks=2 --set model.args.batchnorm=true"
 )
 set -f  # the options hold brackets: no globbing while they are split into words
 for name in cnn_bn cnn_plain cnn_skip mlp cnn_deep_plain mlp_deep cnn_skip_wide_bn; do
