@@ -289,7 +289,9 @@ def _colorbar(fig, im, **kw):
     if isinstance(norm, (matplotlib.colors.LogNorm, matplotlib.colors.Normalize)) and \
             not isinstance(norm, matplotlib.colors.SymLogNorm) and norm.vmax > norm.vmin:
         log = isinstance(norm, matplotlib.colors.LogNorm)
-        cb.set_ticks(labelled(round_levels(norm.vmin, norm.vmax, 30, log), log))
+        # a horizontal bar under one panel has room for about five numbers side by side
+        most = 8 if cb.orientation == "vertical" else 5
+        cb.set_ticks(labelled(round_levels(norm.vmin, norm.vmax, 30, log), log, most=most))
         cb.ax.set_ylim(norm.vmin, norm.vmax) if cb.orientation == "vertical" else cb.ax.set_xlim(norm.vmin, norm.vmax)
     if isinstance(norm, matplotlib.colors.SymLogNorm):
         lim, band = norm.vmax, norm.linthresh
