@@ -17,7 +17,7 @@ declare -A models=(
   [cnn_plain]="--set model.args.batchnorm=false"
   [cnn_skip]="--set model.name=cnn_skip --set model.args.batchnorm=false"
   [mlp]="--set model.name=mlp --set model.args={hidden:[128,64]}"
-  [cnn_deep_plain]="--set model.args.stages=3 --set model.args.blocks=2 --set model.args.batchnorm=false --set train.epochs=15"
+  [cnn_deep_plain]="--set model.args.stages=3 --set model.args.blocks=2 --set model.args.batchnorm=false --set train.lr=0.001 --set train.epochs=40"
   [mlp_deep]="--set model.name=mlp --set model.args={hidden:[128,128,128,128]} --set train.epochs=15"
   [cnn_skip_wide_bn]="--set model.name=cnn_skip --set model.args.width=16 --set model.args.blocks=2 --set model.args.batchnorm=true"
 )

@@ -15,6 +15,7 @@ the default choice, linear (plot --linear) and geometric (plot --log).
 """
 
 import argparse
+import os
 import sys
 
 import numpy as np
@@ -52,7 +53,7 @@ def compare(full: np.ndarray, approx: np.ndarray, levels: int = 30, **kind) -> d
 def read(path):
     with SurfaceReader(path) as sf:
         s = sf.read_all()
-        name = sf.attr("job_name", path)
+        name = os.path.splitext(os.path.basename(path))[0]  # the files' jobs may share a name
     return name, s
 
 
