@@ -128,7 +128,7 @@ def test_a_torchvision_model_runs_inside_the_image(image, workdir):
     """The reviewer's offline CPU image could not import torchvision (a CPU torch from a local
     wheel beside PyPI's torchvision): a torchvision: model, start to file, inside."""
     p = inside(image, workdir, "python -m lldist.surface /opt/lldist/jobs/quickstart.yaml --out tv.h5 "
-                               "--set model.name=torchvision:squeezenet1_1 --set model.checkpoint=null --set train=null "
+                               "--set model.name=torchvision:squeezenet1_1 --set model.args={} --set model.checkpoint=null --set train=null "
                                "--set data.name=python:lldist.workloads.synthetic:random_images "
                                "--set grid.x=[-1,1,3] --set grid.y=null --set eval.batch_size=32")
     assert "done: 3 cells" in p.stdout, p.stdout + p.stderr
