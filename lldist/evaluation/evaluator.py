@@ -238,16 +238,17 @@ class Evaluator:
         ran, first = 0, None
         with self._precision():
             for i, (xb, yb) in enumerate(data.batches(bs, self.dtype)):
-                if cl:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
                 first = xb if first is None else first
                 if not self._mine(i):
                     continue
+                if cl:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
                 logits = self.model(xb).float()
                 losses[i] = F.cross_entropy(logits, yb, reduction="sum")
                 corrects[i] = (logits.argmax(1) == yb).sum()
                 ran += 1
-            self._pad_forwards(ran, nb, lambda: self.model(first))
+            self._pad_forwards(ran, nb, lambda: self.model(
+                first.contiguous(memory_format=torch.channels_last) if cl else first))
         if self.group is not None:  # each slot filled by one rank, zeros elsewhere: the sums are exact
             all_reduce_sum(losses), all_reduce_sum(corrects)
         n = len(data)
@@ -264,20 +265,25 @@ class Evaluator:
         sums, ran, first = [], 0, None
         with self._precision():
             for i, batch in enumerate(data.batches(self.batch_size, self.dtype)):
-                if self.cfg.channels_last and isinstance(batch, tuple) and batch[0].dim() == 4:
-                    batch = (batch[0].contiguous(memory_format=torch.channels_last),) + tuple(batch[1:])
                 first = batch if first is None else first
                 if not self._mine(i):
                     sums.append(None)
                     continue
+                batch = self._channels_last(batch)
                 sums.append(self.task.sums(self.task.forward(self.model, batch), batch))
                 ran += 1
-            self._pad_forwards(ran, len(sums), lambda: self.task.forward(self.model, first))
+            self._pad_forwards(ran, len(sums), lambda: self.task.forward(self.model, self._channels_last(first)))
         if self.group is not None:  # each batch's slot filled by the rank that ran it (see loss_acc)
             width = 2 * len(self.task.summed)
             stacked = torch.stack([s if s is not None else torch.zeros(width, device=self.device) for s in sums])
             return self.task.means(all_reduce_sum(stacked).double().sum(0))
         return self.task.means(torch.stack(sums).double().sum(0))
+
+    def _channels_last(self, batch):
+        """An (x, ...) batch of images in channels-last memory when eval.channels_last asks."""
+        if self.cfg.channels_last and isinstance(batch, tuple) and batch[0].dim() == 4:
+            return (batch[0].contiguous(memory_format=torch.channels_last),) + tuple(batch[1:])
+        return batch
 
     def _mine(self, batch: int) -> bool:
         """Whether this rank runs batch `batch`: all of them alone, in a group every size-th
