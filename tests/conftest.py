@@ -7,6 +7,8 @@ import sys
 import pytest
 import yaml
 
+from lldist.bench.procs import process_tree  # noqa: F401 - the tests' name for it
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TESTS = os.path.join(ROOT, "tests")
 BIN = os.path.dirname(sys.executable)
@@ -64,26 +66,6 @@ def write_job(path, **sections):
 def workdir(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     return tmp_path
-
-
-def process_tree(pid):
-    """pid and all its descendants (MPICH's hydra puts each rank in a session of its own, so
-    killing a process group is not enough to kill a whole run)."""
-    children = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except OSError:
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo.extend(children.get(p, []))
-    return out
 
 
 def kill_tree(pid, sig):

@@ -161,15 +161,10 @@ def test_killing_one_rank_of_a_group_then_resuming_gives_the_same_file(workdir):
 
 
 def _rank_pid(root: int, rank: int) -> int:
-    from conftest import process_tree
-    for pid in process_tree(root):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if f"PMI_RANK={rank}\0".encode() in f.read():
-                    return pid
-        except OSError:
-            pass
-    raise AssertionError(f"no rank {rank}")
+    from lldist.bench.procs import mpi_ranks
+    pids = mpi_ranks(root)
+    assert rank in pids, f"no rank {rank}"
+    return pids[rank]
 
 
 @pytest.mark.slow

@@ -74,20 +74,9 @@ def _cpu_seconds(pid):
 
 
 def _rank_pids(launcher_pid, ranks):
-    """pid of each MPI rank below the launcher, from the PMI_RANK in its environment."""
-    from conftest import process_tree
-    out = {}
-    for pid in process_tree(launcher_pid):
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                envs = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                is_python = b"lldist.surface" in f.read()
-        except OSError:
-            continue
-        if is_python and b"PMI_RANK" in envs:
-            out[int(envs[b"PMI_RANK"])] = pid
-    return out
+    """pid of each MPI rank below the launcher, from the rank in its environment."""
+    from lldist.bench.procs import mpi_ranks
+    return mpi_ranks(launcher_pid)
 
 
 @pytest.mark.slow

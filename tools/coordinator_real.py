@@ -14,23 +14,9 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def rank0_pid() -> int | None:
-    """The pid of the surface process whose MPI rank is 0 (mpich's PMI_RANK, Open MPI's
-    OMPI_COMM_WORLD_RANK), not the launcher."""
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            env = open(f"/proc/{d}/environ", "rb").read().split(b"\0")
-            cmd = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if b"lldist.surface" in cmd and b"mpiexec" not in cmd[0] and \
-                (b"PMI_RANK=0" in env or b"OMPI_COMM_WORLD_RANK=0" in env):
-            return int(d)
-    return None
+sys.path.insert(0, ROOT)
+from lldist.bench.common import find_mpiexec  # noqa: E402
+from lldist.bench.procs import mpi_ranks  # noqa: E402
 
 
 def rss_mib(pid: int) -> float | None:
@@ -44,10 +30,8 @@ def rss_mib(pid: int) -> float | None:
 
 
 def measure(ranks: int, grid: int, seconds: float, out: str) -> dict:
-    py = sys.executable
-    mpiexec = os.path.join(os.path.dirname(py), "mpiexec")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    cmd = [mpiexec if os.path.exists(mpiexec) else "mpiexec", "-n", str(ranks), py, "-m", "lldist.surface",
+    cmd = [find_mpiexec(), "-n", str(ranks), sys.executable, "-m", "lldist.surface",
            os.path.join(ROOT, "jobs", "coordinator_real.yaml"), "--out", out, "--overwrite",
            "--set", f"grid.x=[-1,1,{grid}]", "--set", f"grid.y=[-1,1,{grid}]",
            "--set", f"model.args.seconds={seconds}", "--progress-every", "30"]
@@ -57,7 +41,7 @@ def measure(ranks: int, grid: int, seconds: float, out: str) -> dict:
     threading.Thread(target=lambda: log.extend(p.stdout), daemon=True).start()
     pid, samples = None, []
     while p.poll() is None:
-        pid = pid or rank0_pid()
+        pid = pid or mpi_ranks(p.pid).get(0)
         m = rss_mib(pid) if pid else None
         if m is not None:
             samples.append((time.time() - t0, m))
@@ -65,17 +49,14 @@ def measure(ranks: int, grid: int, seconds: float, out: str) -> dict:
     time.sleep(0.3)
     if p.returncode:
         sys.exit("".join(log[-20:]) + f"\nthe run failed (exit {p.returncode})")
-    sys.path.insert(0, ROOT)
     from lldist.store import SurfaceReader
     with SurfaceReader(out) as sf:
         stats = {k: sf.attr("coordinator_" + k) for k in
                  ("ms_per_message", "ms_median", "ms_p99", "ms_max", "results")}
-    half = [m for t, m in samples if t >= samples[-1][0] / 2] if samples else [0]
-    return {"ranks": ranks, "grid": grid, "seconds": seconds, "wall": time.time() - t0,
-            "cells": grid * grid, "rss_peak": max(m for _, m in samples) if samples else 0,
-            "rss_first_half_max": max([m for t, m in samples if t < samples[-1][0] / 2] or [0]),
-            "rss_last": samples[-1][1] if samples else 0, "rss_second_half_max": max(half),
-            **stats}
+    mid = samples[-1][0] / 2 if samples else 0.0  # rank 0's memory in each half of the run
+    return {"wall": time.time() - t0, "cells": grid * grid,
+            "rss_first_half_max": max((m for t, m in samples if t < mid), default=0),
+            "rss_second_half_max": max((m for t, m in samples if t >= mid), default=0), **stats}
 
 
 def main():

@@ -28,6 +28,7 @@ import numpy as np
 
 from ..errors import positive_int
 from .common import find_mpiexec, run_time
+from .procs import mpi_ranks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -66,7 +67,7 @@ class Memory(threading.Thread):
 
     def run(self):
         while self.running:
-            for pid, rank in _ranks(self.root).items():
+            for rank, pid in mpi_ranks(self.root).items():
                 try:
                     st = {ln.split(":")[0]: int(ln.split()[1]) for ln in open(f"/proc/{pid}/status")
                           if ln.startswith(("VmHWM", "VmRSS"))}
@@ -75,35 +76,6 @@ class Memory(threading.Thread):
                 self.peak[rank] = max(self.peak.get(rank, 0), st.get("VmHWM", 0) / 1024)
                 self.rss[rank] = st.get("VmRSS", 0) / 1024
             time.sleep(0.1)
-
-
-def _ranks(root: int) -> dict:
-    """{pid: MPI rank} of the lldist processes under `root`."""
-    out, todo, seen = {}, [root], set()
-    children = {}
-    for d in os.listdir("/proc"):
-        if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            except (OSError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(d))
-    while todo:
-        p = todo.pop()
-        if p in seen:
-            continue
-        seen.add(p)
-        todo.extend(children.get(p, []))
-        try:
-            with open(f"/proc/{p}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:
-            continue
-        for e in env:
-            if e.startswith(b"PMI_RANK=") or e.startswith(b"OMPI_COMM_WORLD_RANK="):
-                out[p] = int(e.split(b"=")[1])
-    return out
 
 
 def groups(args) -> list:
