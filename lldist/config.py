@@ -34,6 +34,8 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
 BN_MODES = ("eval", "batch")
 LOSSES = ("cross_entropy", "mse", "lm")
+OPERATORS_CURVATURE = ("hessian", "ggn", "fisher")  # lldist/evaluation/operators.py
+BLOCK_KINDS = ("layers", "transformer")  # lldist/evaluation/blocks.py
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Every dataset of a surface is allocated when the file is made (about 160 bytes a cell with
 # its work log): 2**27 cells is a 11585 x 11585 grid and a ~21 GB file.
@@ -186,6 +188,14 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class CurvatureConfig:
+    """Which curvature, and of which parameters: the Hessian at θ* (python -m lldist.hessian, a
+    study's variants) and the per-cell maps (eval.curvature)."""
+    operator: str = "hessian"  # hessian | ggn (Gauss-Newton, J^T H_out J) | fisher (empirical Fisher)
+    blocks: Optional[Union[str, dict]] = None  # at θ*, per block: layers | transformer | {name: regex}
+
+
+@dataclass(frozen=True)
 class Job:
     name: str = "job"
     output: str = "runs/job/surface.h5"
@@ -195,6 +205,7 @@ class Job:
     directions: DirectionsConfig = DirectionsConfig()
     grid: GridConfig = GridConfig()
     eval: EvalConfig = EvalConfig()
+    curvature: CurvatureConfig = CurvatureConfig()
     source: str = field(default="<job>", compare=False)  # the file it came from
     text: str = field(default="", compare=False)  # the YAML text, with overrides appended
 
@@ -370,6 +381,25 @@ def _check_params(params, path: str) -> None:
         raise UserError(f"{path}: key 'directions.params.trainable_only' must be true or false")
 
 
+def _check_blocks(blocks, path: str) -> None:
+    """curvature.blocks: layers, transformer, or a mapping of block name -> regular expression."""
+    if blocks is None:
+        return
+    if isinstance(blocks, str):
+        _choice(blocks, BLOCK_KINDS, "curvature.blocks", path)
+        return
+    if not blocks:
+        raise UserError(f"{path}: key 'curvature.blocks' is an empty mapping; give name: regular expression pairs")
+    for name, rx in blocks.items():
+        if not isinstance(name, str) or not isinstance(rx, str):
+            raise UserError(f"{path}: key 'curvature.blocks.{name}' must be a regular expression (a string), "
+                            f"got {rx!r}")
+        try:
+            re.compile(rx)
+        except re.error as e:
+            raise UserError(f"{path}: key 'curvature.blocks.{name}': {rx!r} is not a regular expression ({e})")
+
+
 def _callable(spec: str, key: str, path: str) -> None:
     """A python: reference must import to a callable (a job file is code: README, "Job files")."""
     from .workloads.factory import import_object
@@ -493,6 +523,8 @@ def validate(job: Job) -> None:
                         or e.curvature_batches < 1):
         raise UserError(f"{p}: key 'eval.curvature' needs a number for eval.batch_size, eval.cells_per_pass: 1, "
                         "eval.bn: eval and eval.curvature_batches >= 1 (the Hessian is taken on fixed batches)")
+    _choice(job.curvature.operator, OPERATORS_CURVATURE, "curvature.operator", p)
+    _check_blocks(job.curvature.blocks, p)
     _choice(e.group_mode, ("data", "shard"), "eval.group_mode", p)
     if e.group_size < 1:
         raise UserError(f"{p}: key 'eval.group_size' must be at least 1, got {e.group_size}")

@@ -363,12 +363,50 @@ def figure_density(c: dict, name: str, split: str):
     for i, v in enumerate(c.get("top_eigenvalues", [])):
         ax.axvline(v, color="tab:red", lw=0.6, ls=":", label="top eigenvalues (eigsh)" if i == 0 else None)
     ax.set_ylim(max(1e-8, d.max() * 1e-8), d.max() * 3)
-    ax.set_xlabel("Hessian eigenvalue")
+    op = OPERATOR_LABEL.get(c.get("operator", "hessian"), "Hessian")
+    ax.set_xlabel(f"{op} eigenvalue")
     ax.set_ylabel("density")
     ax.legend(fontsize=7)
     runs, steps = c["density_nodes"].shape
-    ax.set_title(f"{name}: {split} Hessian spectrum at θ* ({runs} runs x {steps} Lanczos steps, "
+    ax.set_title(f"{name}: {split} {op} spectrum at θ* ({runs} runs x {steps} Lanczos steps, "
                  f"{c.get('batches')} batches)", fontsize=9)
+    return fig
+
+
+OPERATOR_LABEL = {"hessian": "Hessian", "ggn": "Gauss-Newton", "fisher": "empirical Fisher"}
+
+
+def figure_blocks(c: dict, name: str, split: str):
+    """Per-block curvature at θ* (curvature.blocks): the top eigenvalue and the trace of each
+    block's sub-matrix, as horizontal bars on log scales (blocks differ by orders of magnitude),
+    the trace with its Hutchinson standard error. None without blocks."""
+    rows = c.get("blocks")
+    if not rows:
+        return None
+    op = OPERATOR_LABEL.get(c.get("operator", "hessian"), "Hessian")
+    labels = [r["block"] for r in rows]
+    y = np.arange(len(rows))[::-1]
+    fig, axes = plt.subplots(1, 2, figsize=(8.0, 1.2 + 0.28 * len(rows)), sharey=True)
+    for ax, key, title in ((axes[0], "lambda_max", "top eigenvalue"), (axes[1], "trace", "trace")):
+        vals = np.array([r[key] for r in rows], dtype=float)
+        err = np.array([r.get("trace_stderr", 0.0) for r in rows], dtype=float) if key == "trace" else None
+        pos = vals > 0
+        ax.barh(y[pos], vals[pos], xerr=None if err is None else err[pos], color="tab:blue", alpha=0.8,
+                error_kw={"lw": 0.8, "capsize": 2})
+        if (~pos).any():  # a negative or zero value has no bar on a log scale: say it
+            for yi, v in zip(y[~pos], vals[~pos]):
+                ax.text(0.02, yi, f"{v:.3g}", transform=ax.get_yaxis_transform(), va="center", fontsize=7)
+        if pos.any():  # bars from a decade below the smallest: their lengths compare on the log scale
+            ax.set_xscale("log")
+            hi = float((vals[pos] + (err[pos] if err is not None else 0)).max())
+            ax.set_xlim(float(vals[pos].min()) / 10, hi * 1.5)
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # decades only: readable
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=7)
+    axes[0].set_yticks(y)
+    axes[0].set_yticklabels(labels)
+    fig.suptitle(f"{name}: {split} {op} per block at θ* ({c.get('batches')} batches)", fontsize=9)
+    fig.tight_layout()
     return fig
 
 
@@ -553,8 +591,9 @@ def plot_1d(s: dict, args, outdir: str, stem: str) -> list:
 def write_all(s: dict, args: PlotOptions, outdir: str, stem: str) -> list:
     """Every figure of one surface (2D or 1D), and the spectral density where stored: paths."""
     written = plot_2d(s, args, outdir, stem) if s["y"] is not None else plot_1d(s, args, outdir, stem)
-    for split, c in s["curvature"].items():
-        fig = figure_density(c, s["name"], split)
-        if fig is not None:
-            written.append(_save(fig, os.path.join(outdir, f"{stem}_{split}_density.{args.format}"), args))
+    for key, c in s.get("curvature_by_key", s["curvature"]).items():
+        for what, make in (("density", figure_density), ("blocks", figure_blocks)):
+            fig = make(c, s["name"], key.split("_")[0])
+            if fig is not None:
+                written.append(_save(fig, os.path.join(outdir, f"{stem}_{key}_{what}.{args.format}"), args))
     return written

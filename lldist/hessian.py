@@ -1,12 +1,19 @@
-"""The Hessian at theta*, alone: `python -m lldist.hessian job.yaml [--top 5] [--density]`.
+"""The Hessian at theta*, alone: `python -m lldist.hessian job.yaml [--top 5] [--density]`,
+or over ranks: `mpirun -n 4 python -m lldist.hessian job.yaml`.
 
 Loads the job's model and data (training it first if the checkpoint is missing), takes the
 first `--batches` batches of one split, and computes (lldist/optimum.py) the largest
-eigenvalues, the smallest, Hutchinson's trace and, with `--density`, the spectral density;
-prints them and stores them under /curvature/<split> of the job's output file if it exists.
+eigenvalues, the smallest, Hutchinson's trace and, with `--density`, the spectral density; with
+the job's `curvature.blocks`, the top eigenvalue and trace of each block; of the job's
+`curvature.operator` (hessian, ggn or fisher). Prints them and stores them under
+/curvature/<split> (<split>_ggn, <split>_fisher) of the job's output file if it exists.
+Under MPI every product's batches are split over the ranks (transport.runner.Products);
+rank 0 runs Lanczos, prints and stores.
 """
 
 from __future__ import annotations
+
+import argparse
 
 from .optimum import MAX_TOP, at_optimum, store_target
 
@@ -28,6 +35,9 @@ def main(argv=None) -> int:
                     help="also the eigenvalue spectral density (stochastic Lanczos quadrature)")
     ap.add_argument("--density-runs", type=int, default=4, help="start vectors of the density")
     ap.add_argument("--density-steps", type=int, default=80, help="Lanczos steps per start vector")
+    ap.add_argument("--block-top", action=argparse.BooleanOptionalAction, default=True,
+                    help="with curvature.blocks, each block's top eigenvalue (a Lanczos run per block; "
+                         "--no-block-top: only the blocks' traces, which come from the trace's own products)")
     ap.add_argument("--out", help="surface file to store the numbers in (default: the job's output, if it exists)")
     args = ap.parse_args(argv)
     job = load_job(args.job, args.set)
@@ -39,19 +49,31 @@ def main(argv=None) -> int:
     if args.top > MAX_TOP:
         raise UserError(f"--top {args.top}: at most {MAX_TOP} eigenvalues by Lanczos; --density gives the shape of the "
                         "whole spectrum")
-    path = store_target(args.out or job.output, job, explicit=bool(args.out))  # refused now, not after the work
-    from .transport.runner import install_sigterm
-    res = at_optimum(job, args.top, args.trace_samples, args.batches, log=lambda m: print("lldist: " + m, flush=True),
-                     should_stop=install_sigterm(),
-                     split=args.split,
-                     density_runs=args.density_runs if args.density else 0, density_steps=args.density_steps)
+    from .transport import runner
+    ctx = runner.launch()
+    spread = runner.Products(ctx) if ctx.size > 1 else None
+    driver = ctx.rank == 0
+    try:
+        # refused now, not after the work
+        path = store_target(args.out or job.output, job, explicit=bool(args.out)) if driver else None
+        res = at_optimum(job, args.top, args.trace_samples, args.batches,
+                         log=(lambda m: print("lldist: " + m, flush=True)) if driver else (lambda m: None),
+                         should_stop=runner.install_sigterm() if driver else (lambda: None), split=args.split,
+                         density_runs=args.density_runs if args.density else 0, density_steps=args.density_steps,
+                         spread=spread, block_top=args.block_top)
+    except BaseException as e:
+        if spread is not None:
+            spread.fail(e)  # rank 0 and the others wait on each other: end every rank
+        raise
+    if not driver:
+        return 0
     if path is None:
         print(f"lldist: not stored: {job.output} does not exist yet (run python -m lldist.surface, or give --out)")
         return 0
     path = store_target(path, job, explicit=True)  # again: a missing checkpoint was trained meanwhile
     from .store import write_curvature
-    write_curvature(path, res)
-    print(f"lldist: stored in {path} under /curvature/{res['split']}")
+    key = write_curvature(path, res)
+    print(f"lldist: stored in {path} under /curvature/{key}")
     return 0
 
 

@@ -53,6 +53,8 @@ def job_hash(job: Job, inputs: Optional[dict]) -> str:
         ev["batch_size"] = job.eval.batch_size
     if job.eval.curvature:  # the Hessian's batches: their size and number fix the numbers
         ev.update(curvature=True, batch_size=job.eval.batch_size, curvature_batches=job.eval.curvature_batches)
+        if job.curvature.operator != "hessian":  # (absent for the Hessian: older files keep their hash)
+            ev["curvature_operator"] = job.curvature.operator
     dr = {k: v for k, v in as_dict(job.directions).items() if k not in ("target", "store")}  # (store: not the numbers)
     for k, default in (("kind", "random"), ("checkpoints", None), ("file", None), ("batches", 4), ("center", "final"),
                        ("params", None)):
@@ -192,6 +194,8 @@ def task(t) -> str:
     (`code`), so that editing a loss in a notebook makes a different job."""
     parts = {"loss": t.loss_name, "metrics": sorted(t.metric_names), "derived": sorted(t.derived),
              "curvature": bool(t.curvature)}
+    if t.curvature and t.operator != "hessian":
+        parts["operator"] = t.operator
     if t.user_loss is not None:
         parts["loss_code"] = code(t.user_loss)
     parts["metrics_code"] = {n: code(f) for n, f in sorted(t.user_metrics.items())}

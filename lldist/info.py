@@ -58,13 +58,22 @@ def main(argv=None) -> int:
             print(f"  coordinator (last finished run): {mean:.3f} ms a worker message on average"
                   + (f"; per result message {', '.join(parts)} ms ({sf.attr('coordinator_results')} results)"
                      if parts else ""))
-        for split, a in sf.curvature().items():
-            print(f"  curvature at theta* ({split}, {a['batches']} batches of {a['batch_size']}): lambda_max "
+        for key, a in sf.curvature(operator=None).items():
+            op = "" if a["operator"] == "hessian" else f"{a['operator']}, "
+            print(f"  curvature at theta* ({op}{key.split('_')[0]}, {a['batches']} batches of {a['batch_size']}"
+                  + (f", {a['ranks']} ranks" if a.get("ranks", 1) > 1 else "") + "): lambda_max "
                   f"{a['lambda_max']:.6g}, lambda_min {a['lambda_min']:.6g}, trace {a['trace']:.6g} +- "
                   f"{a['trace_stderr']:.2g}, top {', '.join(f'{v:.4g}' for v in a['top_eigenvalues'])}")
+            if "attention" in a:
+                print(f"    {a['attention']}")
             if "density_nodes" in a:
                 from .evaluation.curvature import density_summary
-                print("  spectral density: " + density_summary(a["density_nodes"], a["density_weights"]))
+                print("    spectral density: " + density_summary(a["density_nodes"], a["density_weights"]))
+            if a.get("blocks"):
+                print(f"    {'block':<32} {'parameters':>10} {'lambda_max':>11} {'trace':>11} {'+-':>8}")
+                for r in a["blocks"]:
+                    print(f"    {r['block'][:32]:<32} {r['parameters']:>10,} {r['lambda_max']:>11.4g} {r['trace']:>11.4g} "
+                          f"{r['trace_stderr']:>8.2g}")
         kind = sf.attr("kind", group="directions")
         if kind in ("pca", "hessian", "file"):
             extra = {k: sf.attr(k, group="directions") for k in ("explained_variance_ratio", "hessian_eigenvalues",

@@ -62,7 +62,7 @@ class Source:
         return (self.loader or load_model_and_data)(job)
 
     def make_task(self, job: Job) -> Task:
-        return self.task or task_from_config(job.eval)
+        return self.task or task_from_config(job.eval, job.curvature.operator)
 
 
 def ensure_checkpoint(job: Job, should_stop=lambda: None, log=print) -> None:

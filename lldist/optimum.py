@@ -6,7 +6,10 @@ and the spectral density (`python -m lldist.hessian`, and the study at every var
 
 from __future__ import annotations
 
+import json
 import time
+
+import torch
 
 from .errors import UserError
 from .evaluation.curvature import Curvature, Watch, first_batches
@@ -45,13 +48,26 @@ def store_target(path: str, job, explicit: bool):
 
 
 def at_optimum(job, top: int = 5, samples: int = 64, batches: int = 4, log=print, split: str = None,
-               density_runs: int = 0, density_steps: int = 80, should_stop=lambda: None) -> dict:
-    """Curvature at theta* of a job's model on one split (default its first): the `top` largest
-    eigenvalues, the smallest, Hutchinson's trace and, with density_runs > 0, the spectral
-    density's quadrature. Runs where the job's data and checkpoint are. `should_stop` is asked
-    after every Hessian-vector product (and every training batch): a signal ends it within one,
-    with errors.Stopped; progress is logged every 10 s."""
-    ensure_checkpoint(job, should_stop, log)
+               density_runs: int = 0, density_steps: int = 80, should_stop=lambda: None, spread=None,
+               block_top: bool = True) -> dict:
+    """Curvature at theta* of a job's model on one split (default its first), of the job's
+    curvature.operator (the Hessian by default): the `top` largest eigenvalues, the smallest,
+    Hutchinson's trace, with density_runs > 0 the spectral density's quadrature, and with
+    curvature.blocks the top eigenvalue (unless not `block_top`: a Lanczos run per block) and
+    the trace of each block (from the whole trace's products: Curvature.trace). Runs where the job's data and
+    checkpoint are. `should_stop` is asked after every product (and every training batch): a
+    signal ends it within one, with errors.Stopped; progress is logged every 10 s.
+
+    `spread` (transport.runner.Products, under MPI): every rank calls this; each computes its
+    share of every product's batches; rank 0 drives and returns the dict, the others None."""
+    from .evaluation.blocks import blocks as block_names
+    from .evaluation.curvature import serve
+    from .evaluation.operators import DESCRIPTION
+    driver = spread is None or spread.rank == 0
+    if driver:
+        ensure_checkpoint(job, should_stop, log)
+    if spread is not None:
+        spread.gate()  # the others load the checkpoint rank 0 may just have trained
     src = Source()
     loaded = src.load(job)
     split = split or next(iter(loaded.splits))
@@ -60,31 +76,83 @@ def at_optimum(job, top: int = 5, samples: int = 64, batches: int = 4, log=print
     data = loaded.splits[split]
     bs = job.eval.batch_size if job.eval.batch_size != "auto" else 256
     chosen = first_batches(data, bs, batches)
-    watch = Watch(f"Hessian at theta* of {job.name}", should_stop, log)
-    curv = Curvature(loaded.model, chosen, src.make_task(job), watch=watch)
+    op = job.curvature.operator
+    what = f"{op if op != 'hessian' else 'Hessian'} at theta* of {job.name}"
+    watch = Watch(what, should_stop, log) if driver else None
+    task = src.make_task(job)
+    curv = Curvature(loaded.model, chosen, task, watch=watch, operator=op, spread=spread, key="all")
+    parts = {}
+    if job.curvature.blocks is not None:
+        try:
+            named = block_names(loaded.model, job.curvature.blocks, among=curv.names)
+        except ValueError as e:
+            raise UserError(str(e))
+        parts = {b: Curvature(loaded.model, chosen, task, watch=watch, operator=op, names=ps, spread=spread, key=b,
+                              guard=curv.guard) for b, ps in named.items()}
+    if not driver:
+        serve(spread, {"all": curv, **parts})
+        return None
+    try:
+        return _compute(job, curv, parts, watch, top, samples, density_runs, density_steps, log, split, len(chosen),
+                        batches, bs, what, DESCRIPTION[op], spread, block_top)
+    finally:
+        if spread is not None:
+            spread.end()
+
+
+def _compute(job, curv, parts, watch, top, samples, density_runs, density_steps, log, split, nchosen, batches, bs,
+             what, description, spread, block_top) -> dict:
     if top >= curv.n:
         raise UserError(f"--top {top}: the model has {curv.n:,} parameters, so at most {curv.n - 1:,} eigenvalues "
                         "can be asked of Lanczos (--density gives the whole spectrum's shape)")
     t = time.perf_counter()
-    log(f"Hessian at theta* of {job.name} on {split}: {curv.n:,} parameters, {len(chosen)} batches of {bs}")
+    ranks = spread.size if spread is not None else 1
+    log(f"{what} on {split}: {curv.n:,} parameters, {nchosen} batches of {bs}"
+        + (f", products over {ranks} ranks" if ranks > 1 else ""))
+    if curv.guard.note:
+        log(curv.guard.note)
     watch.stage = f"top {top} eigenvalues"
     vals, _ = curv.eigs(k=top, which="LA")
     watch.stage = "the smallest eigenvalue"
-    lo = float(curv.eigs(1, "SA")[0][0])
+    lo = curv.smallest(top=float(vals[0]))
     watch.stage = f"the trace ({samples} samples)"
-    tr, err = curv.trace(samples) if samples > 0 else (float("nan"), float("nan"))
-    out = {"split": split, "batches": len(chosen), "batches_requested": batches, "batch_size": bs, "loss": curv.loss(),
+    named = {b: c.names for b, c in parts.items()}
+    nan = (float("nan"), float("nan"))
+    if samples > 0 and parts:  # the blocks' traces from the same products (Curvature.trace)
+        (tr, err), block_traces = curv.trace(samples, blocks=named)
+    else:
+        (tr, err), block_traces = (curv.trace(samples) if samples > 0 else nan), {b: nan for b in named}
+    out = {"split": split, "operator": curv.operator, "operator_description": description,
+           "batches": nchosen, "batches_requested": batches, "batch_size": bs, "loss": curv.loss(),
            "top_eigenvalues": [float(v) for v in vals], "lambda_max": float(vals[0]), "lambda_min": lo,
            "eig_ratio": abs(lo / float(vals[0])) if vals[0] else float("nan"),
-           "trace": tr, "trace_stderr": err, "trace_samples": samples}
+           "trace": tr, "trace_stderr": err, "trace_samples": samples, "ranks": ranks}
+    if curv.guard.note:
+        out["attention"] = curv.guard.note
     if density_runs > 0:
         watch.stage = f"the density ({density_runs} x {density_steps} Lanczos steps)"
         nodes, weights = curv.density(density_runs, density_steps)
         out.update(density_nodes=nodes, density_weights=weights)
-    out.update(hessian_vector_products=curv.matvecs, seconds=time.perf_counter() - t, num_parameters=curv.n)
-    log(f"curvature at theta* on {split} ({len(chosen)} batches of {bs}, loss {out['loss']:.6g}): "
+    products = curv.matvecs
+    if parts:
+        rows = []
+        for b, c in parts.items():
+            top_b = float("nan")
+            if block_top:
+                watch.stage = f"block {b} ({c.n:,} parameters)"
+                top_b = float(c.eigs(1, "LA")[0][0]) if c.n > 1 else float(c.hvp(torch.ones(c.n, dtype=c.dtype))[0])
+            tr_b, err_b = block_traces[b]
+            rows.append({"block": b, "parameters": c.n, "lambda_max": top_b, "trace": tr_b, "trace_stderr": err_b})
+            products += c.matvecs
+        out["blocks"] = rows
+        out["blocks_spec"] = json.dumps(job.curvature.blocks)  # (a name or a mapping: decoded by the reader)
+        log("per block (top eigenvalue, trace): " + "; ".join(
+            f"{r['block']} {r['lambda_max']:.4g}, {r['trace']:.4g}" for r in rows))
+    out.update(hessian_vector_products=products, seconds=time.perf_counter() - t, num_parameters=curv.n)
+    log(f"{what} on {split} ({nchosen} batches of {bs}, loss {out['loss']:.6g}): "
         f"top eigenvalues {', '.join(f'{v:.6g}' for v in out['top_eigenvalues'])}; lambda_min {lo:.6g}; "
         f"trace {tr:.6g} +- {err:.2g} ({samples} Hutchinson samples)"
-        + (f"; spectral density from {density_runs} x {nodes.shape[1]} Lanczos steps" if density_runs > 0 else "")
-        + f"; {curv.matvecs} Hessian-vector products in {out['seconds']:.1f} s")
+        + (f"; spectral density from {density_runs} x {out['density_nodes'].shape[1]} Lanczos steps"
+           if density_runs > 0 else "")
+        + f"; {products} products in {out['seconds']:.1f} s")
     return out

@@ -114,23 +114,40 @@ def _curvature_settings(value, path: str):
     return out
 
 
-def curvature_at_optimum(v: Variant, settings: dict, log=print, should_stop=lambda: None) -> None:
-    """The Hessian at the variant's theta* (lldist.hessian.at_optimum), stored in its surface
-    file; skipped when the file holds it with the same settings (a study resumes)."""
+def curvature_at_optimum(v: Variant, settings: dict, log=print, should_stop=lambda: None, spread=None) -> None:
+    """The Hessian at the variant's theta* (lldist.optimum.at_optimum), stored in its surface
+    file; skipped when the file holds it with the same settings (a study resumes). Every rank
+    calls it: with `spread` (transport.runner.Products) the products' batches are split over
+    the ranks, and rank 0 decides, computes the eigenvalues and writes."""
     from .optimum import at_optimum
     from .store import SurfaceReader, write_curvature
-    with SurfaceReader(v.job.output) as sf:
-        have = sf.curvature()
-    splits = [sp for sp in ("train", "test") if sp in v.job.splits]
-    split = settings["split"] if settings["split"] in splits else splits[0]
-    old = have.get(split, {})
-    # a small split may hold fewer batches than asked: compare what was asked
-    if old.get("batches_requested") == settings["batches"] and old.get("trace_samples") == settings["trace_samples"] and \
-            len(old.get("top_eigenvalues", [])) >= settings["top"]:
-        return
-    res = at_optimum(v.job, settings["top"], settings["trace_samples"], settings["batches"], log=log,
-                     split=split, should_stop=should_stop)
-    write_curvature(v.job.output, res)
+    driver = spread is None or spread.rank == 0
+    try:
+        split = None
+        if driver:
+            with SurfaceReader(v.job.output) as sf:
+                have = sf.curvature(operator=v.job.curvature.operator)
+            splits = [sp for sp in ("train", "test") if sp in v.job.splits]
+            split = settings["split"] if settings["split"] in splits else splits[0]
+            old = have.get(split, {})
+            # a small split may hold fewer batches than asked: compare what was asked
+            if old.get("batches_requested") == settings["batches"] and \
+                    old.get("trace_samples") == settings["trace_samples"] and \
+                    len(old.get("top_eigenvalues", [])) >= settings["top"] and \
+                    old.get("blocks_spec", None) == v.job.curvature.blocks:
+                split = None
+        if spread is not None:
+            split = spread.gate(split)  # every rank: compute it (on this split), or not
+        if split is None:
+            return
+        res = at_optimum(v.job, settings["top"], settings["trace_samples"], settings["batches"], log=log,
+                         split=split, should_stop=should_stop, spread=spread)
+        if driver:
+            write_curvature(v.job.output, res)
+    except BaseException as e:
+        if spread is not None:
+            spread.fail(e)  # rank 0 and the others wait on each other: end every rank
+        raise
 
 
 def _img(path: str) -> str:
@@ -281,8 +298,9 @@ def main(argv=None) -> int:
                                    should_stop=should_stop)
                 if code:
                     return code
-                if curvature and ctx.rank == 0:  # the one writer of the file; the other ranks wait
-                    curvature_at_optimum(v, curvature, log=log, should_stop=should_stop)
+                if curvature:  # every rank computes its share of the products; rank 0 writes
+                    curvature_at_optimum(v, curvature, log=log, should_stop=should_stop,
+                                         spread=runner.Products(ctx) if ctx.size > 1 else None)
         if ctx.rank == 0 and not args.only:
             if curvature and args.report_only:  # a study run before curvature existed: fill it in
                 for v in variants:

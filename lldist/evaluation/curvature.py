@@ -33,7 +33,10 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .tasks import Task, model_inputs
+from .tasks import Task, head, logits_of, model_inputs
+
+
+ARPACK_BYTES = 4e9  # the Lanczos basis eigsh may keep (see Curvature.eigs)
 
 
 class Watch:
@@ -69,32 +72,59 @@ def first_batches(data, batch_size: int, n: int, dtype=torch.float32) -> list:
 
 
 class Curvature:
-    """`watch`: called after every Hessian-vector product with the count so far; it may raise
-    (a stop request: errors.Stopped) and may report progress (see Watch)."""
+    """Products of one curvature operator of the mean loss over fixed batches, and what is
+    computed from them.
 
-    def __init__(self, model: nn.Module, batches: list, task: Task = None, dtype=torch.float32, watch=None):
+    `operator`: hessian | ggn | fisher (operators.py). `names`: the parameters it is taken in
+    (default: all the model's; a block's for a per-block spectrum: the others are held).
+    `watch`: called after every product with the count so far; it may raise (a stop request:
+    errors.Stopped) and may report progress (see Watch). `spread`: products spread over ranks
+    (lldist.transport.runner.Products; see `serve`): this rank computes only its share of the
+    batches, `key` names this operator in the conversation."""
+
+    def __init__(self, model: nn.Module, batches: list, task: Task = None, dtype=torch.float32, watch=None,
+                 operator: str = "hessian", names=None, spread=None, key: str = "all", guard=None):
+        from .attention import Guard
+        from .operators import OPERATORS
+        if operator not in OPERATORS:
+            raise ValueError(f"operator {operator!r}: allowed {', '.join(OPERATORS)}")
         self.model = model.eval()
         self.watch = watch
         self.task = task or Task()
         self.batches = batches
-        self.names = [n for n, _ in model.named_parameters()]
+        self.operator, self.spread, self.key = operator, spread, key
         params = dict(model.named_parameters())
+        self.names = list(names) if names is not None else list(params)
+        unknown = [n for n in self.names if n not in params]
+        if unknown:
+            raise ValueError(f"names: {unknown[0]!r} is not a parameter of the model")
         self.shapes = [params[n].shape for n in self.names]
         self.sizes = [params[n].numel() for n in self.names]
         self.n = int(sum(self.sizes))
         self.dtype = dtype
         self.matvecs = 0
-        self.at({n: params[n] for n in self.names})
+        lo, hi = spread.share(len(batches)) if spread is not None else (0, len(batches))
+        self.mine = batches[lo:hi]  # the batches this rank's share of each product runs over
+        # fused attention has no double backward: decided once, on two examples of the first batch
+        self.guard = guard or Guard(model, lambda: self._forward(
+            {n: p.detach() for n, p in params.items()}, head(batches[0], 2)))
+        self.at(params)
 
     def at(self, params: dict) -> "Curvature":
-        """The point the next products are taken at: {parameter name: tensor}."""
+        """The point the next products are taken at: {parameter name: tensor} (at least self.names;
+        the model's other parameters are held at the values given, or the model's own)."""
+        own = dict(self.model.named_parameters())
         self.point = {n: params[n].detach().to(self.dtype).clone().requires_grad_(True) for n in self.names}
+        self.held = {n: (params[n] if n in params else p).detach().to(self.dtype)
+                     for n, p in own.items() if n not in self.point}
         return self
 
-    def _sum_and_weight(self, params: dict, batch):
+    def _forward(self, params: dict, batch):
         args, kwargs = model_inputs(batch)
-        out = functional_call(self.model, params, args, kwargs)
-        return self.task.loss_terms(out, batch)
+        return logits_of(functional_call(self.model, params, args, kwargs))
+
+    def _sum_and_weight(self, params: dict, batch):
+        return self.task.loss_terms(self._forward({**self.held, **params}, batch), batch)
 
     def loss(self) -> float:
         with torch.no_grad():
@@ -110,37 +140,56 @@ class Curvature:
     def _split(self, v: torch.Tensor) -> list:
         return [c.view(s) for c, s in zip(torch.split(v, self.sizes), self.shapes)]
 
+    def local(self, v: torch.Tensor) -> tuple:
+        """(Σ over this rank's batches of the summed-loss operator times v, float64; their weight)."""
+        from .operators import product
+        vs = dict(zip(self.names, self._split(v.to(self.dtype))))
+        acc, total_w = None, 0.0
+        with self.guard():
+            for b in self.mine:
+                out, w = product(self.operator, lambda q, b=b: self._forward({**self.held, **q}, b), self.point, vs,
+                                 self.task, b)
+                # float64 sums: the order of the batches' terms (which rank took which) moves the
+                # result by float64 round-off only (products over N ranks, see `serve`)
+                part = self._flat([o.detach() for o in out]).double()
+                acc = part if acc is None else acc + part
+                total_w += float(w)
+        if acc is None:  # more ranks than batches: this one has none
+            acc = torch.zeros(self.n, dtype=torch.float64, device=v.device)
+        return acc, total_w
+
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
-        """H v for a flat vector v over the parameters (in self.names order)."""
-        vs = self._split(v.to(self.dtype))
-        params = [self.point[n] for n in self.names]
-        total_w, acc = 0.0, None
-        for b in self.batches:
-            s, w = self._sum_and_weight(self.point, b)
-            g = torch.autograd.grad(s, params, create_graph=True)
-            gv = sum((gi * vi).sum() for gi, vi in zip(g, vs))
-            hv = torch.autograd.grad(gv, params, allow_unused=True)
-            hv = self._flat([h if h is not None else torch.zeros_like(p) for h, p in zip(hv, params)]).detach()
-            acc = hv if acc is None else acc + hv
-            total_w += float(w)
+        """The operator times a flat vector v over self.names (H v for the Hessian). With a
+        spread, on the rank that drives (rank 0): every rank computes its share."""
+        if self.spread is not None:
+            self.spread.ask(self.key, v.detach().to(self.dtype).cpu().numpy())
+        acc, total_w = self.local(v)
+        if self.spread is not None:
+            total, total_w = self.spread.combine(acc.cpu().numpy(), total_w)
+            acc = torch.from_numpy(total).to(acc.device)
         self.matvecs += 1
         if self.watch is not None:
             self.watch(self.matvecs)
-        return acc / total_w
+        return (acc / total_w).to(self.dtype)
 
     def matvec(self, v: np.ndarray) -> np.ndarray:
         device = self.point[self.names[0]].device
         out = self.hvp(torch.as_tensor(np.asarray(v).reshape(-1), dtype=self.dtype, device=device))
         return out.double().cpu().numpy()
 
-    def eigs(self, k: int = 1, which: str = "LA", tol: float = 1e-4, seed: int = 0, maxiter: int = None):
+    def eigs(self, k: int = 1, which: str = "LA", tol: float = 1e-4, seed: int = 0, maxiter: int = None,
+             shift: float = None):
         """k eigenpairs: which="LA" the largest, "SA" the smallest (algebraic), "BE" from both
         ends. Returns (eigenvalues descending for LA / ascending otherwise, eigenvectors as (n, k) float64 columns
-        of unit norm). The start vector is seeded, so results repeat exactly."""
+        of unit norm). The start vector is seeded, so results repeat exactly. `shift`: those of
+        shift*I - A instead (see smallest)."""
         from scipy.sparse.linalg import LinearOperator, eigsh
-        op = LinearOperator((self.n, self.n), matvec=self.matvec, dtype=np.float64)
+        mv = self.matvec if shift is None else (lambda v: shift * np.asarray(v).reshape(-1) - self.matvec(v))
+        op = LinearOperator((self.n, self.n), matvec=mv, dtype=np.float64)
         v0 = np.random.default_rng(seed).standard_normal(self.n)
-        ncv = min(self.n, max(2 * k + 1, 20))
+        # ARPACK keeps ncv float64 vectors of n: 20 of them for a 124M-parameter model is 20 GB,
+        # so a large model gets fewer (at least 2k+1; more restarts, the same eigenvalues)
+        ncv = min(self.n, max(2 * k + 1, min(20, int(ARPACK_BYTES // (8 * self.n)))))
         vals, vecs = eigsh(op, k=k, which=which, tol=tol, v0=v0, ncv=ncv, maxiter=maxiter or 50 * self.n)
         order = np.argsort(vals)[::-1] if which == "LA" else np.argsort(vals)
         return vals[order], vecs[:, order]
@@ -150,21 +199,52 @@ class Curvature:
         from ONE Lanczos run for both ends of the spectrum (eigsh's which="BE"): on the digits
         models it needed 27-50% fewer Hessian-vector products than a run per end, with the
         same eigenvalues to six digits."""
+        if self.operator != "hessian":  # semidefinite: see smallest()
+            hi = float(self.eigs(1, "LA", tol, seed)[0][0])
+            return hi, self.smallest(tol, seed, hi)
         if self.n < 4:  # BE with k=2 needs room for its Krylov space
             return float(self.eigs(1, "LA", tol, seed)[0][0]), float(self.eigs(1, "SA", tol, seed)[0][0])
         vals, _ = self.eigs(2, "BE", tol, seed)
         return float(vals.max()), float(vals.min())
 
-    def trace(self, samples: int = 64, seed: int = 0) -> tuple:
-        """Hutchinson's estimate of tr(H) with Rademacher vectors: (mean, standard error)."""
+    def smallest(self, tol: float = 1e-4, seed: int = 0, top: float = None) -> float:
+        """The smallest eigenvalue. The GGN and the Fisher are positive semidefinite with a rank
+        at most examples x outputs: a large cluster at zero, where asking Lanczos for the smallest
+        (relative accuracy of a number near 0) never converges. For them it is top - (the largest
+        eigenvalue of top*I - A): the same number, accurate relative to the top eigenvalue."""
+        if self.operator == "hessian" or self.n < 2:
+            return float(self.eigs(1, "SA", tol, seed)[0][0])
+        top = float(self.eigs(1, "LA", tol, seed)[0][0]) if top is None else top
+        return top - float(self.eigs(1, "LA", tol, seed, shift=top)[0][0])
+
+    def trace(self, samples: int = 64, seed: int = 0, blocks: dict = None):
+        """Hutchinson's estimate of tr(H) with Rademacher vectors: (mean, standard error).
+
+        `blocks` ({name: [parameter names]}): also each block's trace tr(H_BB), from the same
+        products: z_Bᵀ(H z)_B = z_Bᵀ H_BB z_B + Σ_{C≠B} z_Bᵀ H_BC z_C, and the second term has mean
+        zero (z_B is independent of z_C), so it is unbiased, at no extra product (a block's own
+        products would cost a pass each); its standard error, from the same samples, includes
+        the cross terms' spread. Then returns ((mean, stderr), {name: (mean, stderr)})."""
         g = torch.Generator().manual_seed(seed)
         device = self.point[self.names[0]].device
-        est = []
+        offsets = dict(zip(self.names, np.cumsum([0] + self.sizes[:-1]).tolist()))
+        size = dict(zip(self.names, self.sizes))
+        idx = {b: torch.cat([torch.arange(offsets[n], offsets[n] + size[n]) for n in ps]).to(device)
+               for b, ps in (blocks or {}).items()}
+        est, per = [], {b: [] for b in idx}
         for _ in range(samples):
             z = (torch.randint(0, 2, (self.n,), generator=g) * 2 - 1).to(self.dtype).to(device)
-            est.append(float((z * self.hvp(z)).sum()))
-        est = np.array(est)
-        return float(est.mean()), float(est.std(ddof=1) / np.sqrt(len(est))) if len(est) > 1 else float("nan")
+            zhz = z * self.hvp(z)
+            est.append(float(zhz.sum()))
+            for b, i in idx.items():
+                per[b].append(float(zhz[i].sum()))
+
+        def mean_err(x):
+            x = np.array(x)
+            return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+        if blocks is None:
+            return mean_err(est)
+        return mean_err(est), {b: mean_err(v) for b, v in per.items()}
 
     def density(self, runs: int = 4, steps: int = 80, seed: int = 0) -> tuple:
         """The eigenvalue density by stochastic Lanczos quadrature (Ubaru, Chen and Saad 2017;
@@ -189,6 +269,17 @@ class Curvature:
         """A flat parameter vector as a direction over the float state: zero on buffers."""
         parts = dict(zip(self.names, self._split(torch.as_tensor(vec, dtype=torch.float64))))
         return {n: (parts[n].to(w.dtype).cpu().clone() if n in parts else torch.zeros_like(w)) for n, w in theta.items()}
+
+
+def serve(spread, curvatures: dict) -> None:
+    """Every rank but the driving one (rank 0) of a spread computation: this rank's share of
+    each product rank 0 asks, by the Curvature of the key it names, until rank 0 ends."""
+    def local(key: str, v: np.ndarray) -> tuple:
+        c = curvatures[key]
+        device = c.point[c.names[0]].device
+        acc, w = c.local(torch.from_numpy(v).to(device))
+        return acc.cpu().numpy(), w
+    spread.serve(local)
 
 
 def lanczos_quadrature(matvec, v0: torch.Tensor, steps: int) -> tuple:

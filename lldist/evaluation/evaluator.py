@@ -312,12 +312,12 @@ class Evaluator:
         return np.array(rows, dtype=np.float64)
 
     def curvature(self, name: str, data) -> list:
-        """[lambda_max, lambda_min, |lambda_min / lambda_max|] of the loss Hessian at the current
-        weights, on the split's first eval.curvature_batches batches (curvature.py)."""
+        """[lambda_max, lambda_min, |lambda_min / lambda_max|] of the task's curvature operator (the
+        Hessian, GGN or Fisher of the loss) at the current weights, on the split's first eval.curvature_batches batches (curvature.py)."""
         from .curvature import Curvature, first_batches
         if name not in self._curvature:
             batches = first_batches(data, self.batch_size, self.cfg.curvature_batches, self.dtype)
-            self._curvature[name] = Curvature(self.eager, batches, self.task)
+            self._curvature[name] = Curvature(self.eager, batches, self.task, operator=self.task.operator)
         c = self._curvature[name]
         with torch.enable_grad():
             c.at(dict(self.eager.named_parameters()))

@@ -56,9 +56,14 @@ def logits_of(out):
                     "or a tuple whose first element is the output")
 
 
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Losses in float32 at least: bf16/fp16 outputs widened, float64 kept (a float64 Hessian)."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def _ce(logits, batch):
     y = target(batch)
-    return F.cross_entropy(logits.float(), y, reduction="none"), None
+    return F.cross_entropy(_wide(logits), y, reduction="none"), None
 
 
 def _acc(logits, batch):
@@ -67,7 +72,7 @@ def _acc(logits, batch):
 
 def _mse(out, batch):
     y = target(batch).to(out.dtype)
-    d = (out.float() - y.float()).pow(2)
+    d = (_wide(out) - y.to(_wide(out).dtype)).pow(2)
     return d.flatten(1).mean(1) if d.dim() > 1 else d, None
 
 
@@ -84,9 +89,9 @@ def _lm_tokens(logits, batch):
 
 def _lm(logits, batch):
     pred, tgt, mask = _lm_tokens(logits, batch)
-    tok = F.cross_entropy(pred.float().reshape(-1, pred.shape[-1]), tgt.clamp_min(0).reshape(-1),
+    tok = F.cross_entropy(_wide(pred).reshape(-1, pred.shape[-1]), tgt.clamp_min(0).reshape(-1),
                           reduction="none").view(tgt.shape)
-    return (tok * mask).sum(1), mask.sum(1).float()  # per sequence: summed token loss, token count
+    return (tok * mask).sum(1), mask.sum(1).to(tok.dtype)  # per sequence: summed token loss, token count
 
 
 def _lm_acc(logits, batch):
@@ -95,9 +100,10 @@ def _lm_acc(logits, batch):
 
 
 CURVATURE_NAMES = {
-    "lambda_max": "largest eigenvalue of the loss Hessian on the {split} split",
-    "lambda_min": "smallest eigenvalue of the loss Hessian on the {split} split",
-    "eig_ratio": "|lambda_min / lambda_max| of the loss Hessian on the {split} split (Li et al.'s convexity measure)",
+    "lambda_max": "largest eigenvalue of the Hessian of the loss on the {split} split",
+    "lambda_min": "smallest eigenvalue of the Hessian of the loss on the {split} split",
+    "eig_ratio": "|lambda_min / lambda_max| of the Hessian of the loss on the {split} split (Li et al.'s convexity "
+                 "measure)",
 }
 CURVATURE = tuple(CURVATURE_NAMES)
 
@@ -131,7 +137,7 @@ def _describe(v) -> str:
 def _sum_and_weight(fn: Callable, out, batch) -> tuple:
     """(float32 sum of fn's per-example values, sum of their weights: 1 each unless fn gives them)."""
     v, w = fn(out, batch)
-    v = v.float()
+    v = _wide(v)
     return v.sum(), (w.sum() if w is not None else torch.tensor(float(v.numel()), device=v.device))
 
 
@@ -149,7 +155,7 @@ def _per_example(fn: Callable) -> Callable:
 class Task:
     """How outputs become numbers. `names`: the stored quantities, loss first."""
 
-    def __init__(self, loss="cross_entropy", metrics: Optional[dict] = None, curvature: bool = False):
+    def __init__(self, loss="cross_entropy", metrics: Optional[dict] = None, curvature=False):
         if isinstance(loss, str):
             if loss not in BUILTIN_LOSSES:
                 raise ValueError(f"loss {loss!r}: allowed {', '.join(LOSSES)} or a callable (outputs, batch) -> "
@@ -181,7 +187,12 @@ class Task:
                 self._metrics[name] = _per_example(fn)
                 self.user_metrics[name] = fn
         self.summed = ("loss",) + tuple(self._metrics)
-        # per-cell curvature (eval.curvature): computed by the evaluator, not from batch sums
+        # per-cell curvature (eval.curvature): computed by the evaluator, not from batch sums;
+        # `curvature` True (the Hessian) or the operator's name (curvature.operator: operators.py)
+        from .operators import OPERATORS
+        self.operator = curvature if isinstance(curvature, str) else "hessian"
+        if self.operator not in OPERATORS:
+            raise ValueError(f"curvature {curvature!r}: allowed True, False or {', '.join(OPERATORS)}")
         self.curvature = CURVATURE if curvature else ()
         self.names = self.summed + tuple(self.derived) + self.curvature
         # the plain image-classification task: the evaluator's vmapped path knows it
@@ -201,7 +212,8 @@ class Task:
             what = {"cross_entropy": "cross-entropy loss", "mse": "squared error", "lm": "next-token loss"}
             return f"mean {what.get(self.loss_name, 'loss (' + self.loss_name + ')')} on the {split} split"
         if q in CURVATURE_NAMES:
-            return CURVATURE_NAMES[q].format(split=split)
+            from .operators import DESCRIPTION
+            return CURVATURE_NAMES[q].format(split=split).replace("Hessian of the loss", DESCRIPTION[self.operator])
         return f"{q} on the {split} split"
 
     def check(self, model, batch, classes: int = 0) -> None:
@@ -254,6 +266,13 @@ class Task:
         whose Hessian the curvature quantities are of."""
         return _sum_and_weight(self._loss, logits_of(out), batch)
 
+    def loss_examples(self, out, batch) -> tuple:
+        """((B,) per-example summed losses, (B,) their weights: 1 each unless the loss gives them),
+        differentiable: the examples of the empirical Fisher (operators.py)."""
+        v, w = self._loss(logits_of(out), batch)
+        v = _wide(v)
+        return v, (w.to(v.dtype) if w is not None else torch.ones_like(v))
+
     def forward(self, model, batch):
         args, kwargs = model_inputs(batch)
         return logits_of(model(*args, **kwargs))
@@ -277,8 +296,9 @@ def make_task(loss="cross_entropy", metrics=None) -> Task:
     return loss if isinstance(loss, Task) else Task(loss, metrics)
 
 
-def task_from_config(cfg: EvalConfig) -> Task:
-    """The job file's eval.loss and eval.metrics, python: references imported."""
+def task_from_config(cfg: EvalConfig, operator: str = "hessian") -> Task:
+    """The job file's eval.loss and eval.metrics, python: references imported; `operator`: the
+    job's curvature.operator, of its per-cell maps (eval.curvature)."""
     from ..workloads.factory import import_object
     if cfg.loss.startswith("object:") or any(v.startswith("object:") for v in (cfg.metrics or {}).values()):
         raise UserError("eval.loss and eval.metrics given as object: are callables from Python "
@@ -288,4 +308,4 @@ def task_from_config(cfg: EvalConfig) -> Task:
     if cfg.metrics:  # added to the loss's own metrics (accuracy, perplexity)
         metrics = dict(DEFAULT_METRICS.get(cfg.loss, {}))
         metrics.update({k: import_object(v, f"eval.metrics.{k}") for k, v in cfg.metrics.items()})
-    return Task(loss, metrics, curvature=cfg.curvature)
+    return Task(loss, metrics, curvature=operator if cfg.curvature else False)

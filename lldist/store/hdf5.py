@@ -411,16 +411,23 @@ class SurfaceReader:
         out["trajectory"] = f["trajectory"][()] if "trajectory" in f else None  # pca: (m, 2)
         out["explained_variance_ratio"] = self.attr("explained_variance_ratio", group="directions")
         out["curvature"] = self.curvature()
+        out["curvature_by_key"] = self.curvature(operator=None)  # the GGN's and the Fisher's too
         return out
 
-    def curvature(self) -> dict:
+    def curvature(self, operator: Optional[str] = "hessian") -> dict:
         """{split: {...}}: the Hessian at theta* (lldist.hessian), lists decoded, the spectral
-        density's nodes and weights as arrays where computed."""
+        density's nodes and weights as arrays where computed. `operator`: ggn or fisher for
+        theirs, None for every one by its key (curvature_key: train, train_ggn, ...)."""
         out = {}
-        for split, g in (self.f["curvature"].items() if "curvature" in self.f else ()):
-            d = {k: (json.loads(v) if k == "top_eigenvalues" else v) for k, v in g.attrs.items()}
+        for key, g in (self.f["curvature"].items() if "curvature" in self.f else ()):
+            d = {k: (json.loads(v) if k in ("top_eigenvalues", "blocks", "blocks_spec") else v)
+                 for k, v in g.attrs.items()}
             d.update({k: g[k][()] for k in g})
-            out[split] = d
+            d.setdefault("operator", "hessian")  # (files before the other operators)
+            if operator is None:
+                out[key] = d
+            elif d["operator"] == operator:
+                out[key.split("_")[0]] = d
         return out
 
     def chunk_log(self) -> tuple:
@@ -686,11 +693,18 @@ class SurfaceWriter(SurfaceReader):
             self.close()
 
 
-def write_curvature(path: str, result: dict) -> None:
-    """/curvature/<split>: the Hessian at theta* (lldist.hessian): scalars and lists as
-    attributes, arrays (the spectral density's nodes and weights) as datasets; written like
-    write_metrics (a copy renamed over the original). A later computation replaces an earlier."""
-    split = result["split"]
+def curvature_key(split: str, operator: str = "hessian") -> str:
+    """The group under /curvature: the split for the Hessian (as files before the other
+    operators), <split>_<operator> for the GGN and the Fisher."""
+    return split if operator == "hessian" else f"{split}_{operator}"
+
+
+def write_curvature(path: str, result: dict) -> str:
+    """/curvature/<split> (curvature_key): the Hessian at theta* (lldist.hessian), or the GGN's,
+    the Fisher's: scalars and lists (the per-block rows) as attributes, arrays (the spectral
+    density's nodes and weights) as datasets; written like write_metrics (a copy renamed over
+    the original). A later computation of the same operator replaces an earlier. Returns the key."""
+    split = curvature_key(result["split"], result.get("operator", "hessian"))
     arrays = {k: v for k, v in result.items() if isinstance(v, np.ndarray)}
     scalars = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in result.items()
                if k != "split" and k not in arrays}
@@ -704,6 +718,7 @@ def write_curvature(path: str, result: dict) -> None:
         for k, v in arrays.items():
             g.create_dataset(k, data=v)
     _rewrite(path, change, "the curvature")
+    return split
 
 
 def _rewrite(path: str, change: Callable, what: str) -> None:

@@ -46,6 +46,24 @@ are tags; every wait below polls with a short sleep, so a waiting rank uses no C
     0          MPI_Abort(code) on "stopped"/"failed" (workers may be mid-chunk); on "done" every
                worker has had its ("stop",) and returns 0
 
+A second, shorter conversation: curvature products spread over the ranks (`Products`; python -m
+lldist.hessian and a study's Hessian at each variant's θ*). Every rank holds the model and the
+same fixed batches; rank r takes batches [B r / N, B (r + 1) / N). Rank 0 runs Lanczos (scipy's
+ARPACK, the density's recurrence, Hutchinson's vectors) and asks for each product:
+
+    0 -> w     ASK (key, n, dtype) | ("end",)     key: which operator (the whole model's, a block's)
+    all        bcast_array(v)                     collective, entered once the ASK arrived (n floats)
+    all        partial = Σ over my batches of the summed-loss product with v, float64; its weight
+    all        a binomial tree in a fixed order:  at step s = 1, 2, 4, ...: rank r with r % 2s == s
+               PART (partial, weight) -> r - s    sends, and rank r with r % 2s == 0 adds what r + s
+                                                  sent to its own (own + received, always that order)
+    0          the sum over every batch: the product is sum / weight
+
+The tree's order is fixed by the rank count, not by message timing, so a run repeats bit for
+bit; one rank and N differ only by the order of float64 additions. A failure on any rank ends
+the job (MPI_Abort), as in a surface run; before the products, `gate` holds the others while
+rank 0 trains a missing checkpoint. Waits poll with a sleep, as everywhere here.
+
 Rank 0 evaluates cells too (in runs of up to RANK0_COMPUTES_UP_TO groups; a group is one rank
 with k = 1), one vmapped group of cells at a time between polls of its mailbox, so a worker's request waits at most one group of rank 0's
 cells while the worker computes its queued chunk. Assignment is dynamic: a slow rank simply
@@ -88,6 +106,7 @@ import numpy as np
 from ..errors import EXIT_USAGE, Stopped, UserError, one_line
 
 WORK, CTRL, GROUP = 7, 8, 9
+ASK, PART = 10, 11  # the curvature's products (Products)
 ABORT_WAIT_S = 10.0  # a failed group member's wait for rank 0's abort before it aborts the job itself
 ANY = -1  # Link.probe: a message from any rank
 POLL_S = 0.0002  # first sleep between mailbox polls; grows to POLL_MAX_S while nothing comes
@@ -196,6 +215,17 @@ class MpiLink:
 
     def abort(self, code: int) -> None:
         self.comm.Abort(code)
+
+    # arrays, as buffers (no pickling): the curvature's vectors (Products)
+    def bcast_array(self, arr: np.ndarray, root: int = 0) -> None:
+        self.comm.Bcast(arr, root=root)
+
+    def isend_array(self, arr: np.ndarray, dest: int, tag: int):
+        """A request whose Test() says the send is done."""
+        return self.comm.Isend(arr, dest=dest, tag=tag)
+
+    def recv_array(self, arr: np.ndarray, source: int, tag: int) -> None:
+        self.comm.Recv(arr, source=source, tag=tag)
 
     def split(self, color: int) -> "MpiLink":
         """The communicator of the ranks that give the same `color`, ordered as in this one."""
@@ -728,6 +758,106 @@ def _follow(ctx: Context, room: Room) -> None:
         last = text.strip().splitlines()[-1]
         _report(f"{_where(ctx.host, ctx.rank)} failed in chunk {cid} (a member of group {g.index}): {last}", text)
         ctx.abort(1)
+
+
+# ----------------------------------------------------------------------------- curvature products
+
+class Products:
+    """Curvature products spread over the ranks (the second conversation, at the top). Rank 0
+    calls `ask` and `combine` around its own share of each product, then `end`; every other rank
+    calls `serve(local)` and returns when rank 0 ends. With one process it is never made.
+
+        spread = Products(ctx)
+        lo, hi = spread.share(len(batches))        # this rank's batches
+    """
+
+    def __init__(self, ctx: Context):
+        self.ctx, self.rank, self.size = ctx, ctx.rank, ctx.size
+
+    def share(self, n: int) -> tuple:
+        return n * self.rank // self.size, n * (self.rank + 1) // self.size
+
+    def ask(self, key: str, v: np.ndarray) -> None:
+        """Rank 0: every rank's share of the product of operator `key` with v."""
+        v = np.ascontiguousarray(v)
+        for w in range(1, self.size):
+            self.ctx.link.send((key, v.shape[0], v.dtype.str), w, ASK)
+        self.ctx.link.bcast_array(v, 0)
+
+    def end(self) -> None:
+        for w in range(1, self.size):
+            self.ctx.link.send(("end",), w, ASK)
+
+    def gate(self, value=None):
+        """Collective: the others wait (polling, no core spun) until rank 0 comes here, e.g. after
+        it trained the checkpoint they are about to load; every rank returns rank 0's `value`."""
+        if self.rank == 0:
+            for w in range(1, self.size):
+                self.ctx.link.send(("go", value), w, ASK)
+            return value
+        return _wait(self.ctx.link, 0, ASK, longest=0.2)[1][1]
+
+    def fail(self, exc: BaseException) -> None:
+        """Rank 0 failed or was stopped while the others serve it: report it and end every rank
+        (they wait for its next ASK). Returns only with one process: the caller raises."""
+        if self.size <= 1:
+            return
+        if isinstance(exc, Stopped):
+            code = exc.exit_code
+            print(f"lldist: {one_line(exc)}", file=sys.stderr)
+        elif isinstance(exc, KeyboardInterrupt):
+            code = SIGINT_EXIT
+            print("lldist: interrupted", file=sys.stderr)
+        else:
+            code, message, tb = _failure(self.rank, self.ctx.host, "the curvature", exc)
+            _report(message, tb)
+        self.ctx.abort(code)
+
+    def combine(self, partial: np.ndarray, weight: float):
+        """This rank's partial sum (float64) into the fixed-order tree; on rank 0 returns the
+        sum over every rank (array, weight), elsewhere None."""
+        link, r = self.ctx.link, self.rank
+        total, weight = np.array(partial, dtype=np.float64), float(weight)
+        s = 1
+        while s < self.size:
+            if r % (2 * s) == s:  # send what this subtree summed, then this rank is done
+                out = np.append(total, weight)  # (held until the send is done)
+                req = link.isend_array(out, r - s, PART)
+                nap = POLL_S
+                while not req.Test():  # a blocking send would spin a core the receiver needs
+                    time.sleep(nap)
+                    nap = min(POLL_MAX_S, nap * 1.5)
+                return None
+            if r % (2 * s) == 0 and r + s < self.size:
+                buf = np.empty(total.shape[0] + 1, dtype=np.float64)
+                nap = POLL_S
+                while link.probe(r + s, PART) is None:
+                    time.sleep(nap)
+                    nap = min(POLL_MAX_S, nap * 1.5)
+                link.recv_array(buf, r + s, PART)
+                total += buf[:-1]  # own + received: the order is fixed
+                weight += float(buf[-1])
+            s *= 2
+        return total, weight
+
+    def serve(self, local) -> None:
+        """Every rank but 0: `local(key, v) -> (partial float64 array, weight)` for each product
+        rank 0 asks, until it ends. A failure here ends the job (rank 0 waits in the tree)."""
+        link = self.ctx.link
+        while True:
+            _, msg = _wait(link, 0, ASK, longest=0.01)
+            if msg[0] == "end":
+                return
+            key, n, dtype = msg
+            v = np.empty(n, dtype=np.dtype(dtype))
+            link.bcast_array(v, 0)
+            try:
+                partial, weight = local(key, v)
+            except Exception as e:
+                code, message, tb = _failure(self.rank, self.ctx.host, f"a curvature product ({key})", e)
+                _report(message, tb)
+                self.ctx.abort(code)
+            self.combine(partial, weight)
 
 
 def _wait_for_abort(link) -> None:
