@@ -14,7 +14,8 @@ Loss (and lambda_max) levels are geometric when they span more than a factor
 levels.GEOMETRIC_SPAN (`linear` to refuse). Own figures: `*_curvature` (eval.curvature:
 lambda_max, lambda_min, their ratio per cell, loss contours over them), `*_trajectory`
 (directions.kind pca: the training path numbered by epoch), `*_density` (lldist.hessian
---density: the eigenvalue spectrum at theta*). Cells not yet computed and NaN/inf values are
+--density: the eigenvalue spectrum at theta*), `*_blocks` (curvature.blocks: each block's top
+eigenvalue and trace at theta*). Cells not yet computed and NaN/inf values are
 drawn as gaps.
 """
 
@@ -386,14 +387,19 @@ def figure_blocks(c: dict, name: str, split: str):
     op = OPERATOR_LABEL.get(c.get("operator", "hessian"), "Hessian")
     labels = [r["block"] for r in rows]
     y = np.arange(len(rows))[::-1]
-    fig, axes = plt.subplots(1, 2, figsize=(8.0, 1.2 + 0.28 * len(rows)), sharey=True)
-    for ax, key, title in ((axes[0], "lambda_max", "top eigenvalue"), (axes[1], "trace", "trace")):
+    panels = [("lambda_max", "top eigenvalue"), ("trace", "trace")]
+    if not any(np.isfinite(r["lambda_max"]) for r in rows):  # lldist.hessian --no-block-top: traces only
+        panels = panels[1:]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.0 * len(panels), 1.2 + 0.28 * len(rows)), sharey=True,
+                             squeeze=False)
+    axes = axes[0]
+    for ax, (key, title) in zip(axes, panels):
         vals = np.array([r[key] for r in rows], dtype=float)
         err = np.array([r.get("trace_stderr", 0.0) for r in rows], dtype=float) if key == "trace" else None
-        pos = vals > 0
+        pos = np.isfinite(vals) & (vals > 0)
         ax.barh(y[pos], vals[pos], xerr=None if err is None else err[pos], color="tab:blue", alpha=0.8,
                 error_kw={"lw": 0.8, "capsize": 2})
-        if (~pos).any():  # a negative or zero value has no bar on a log scale: say it
+        if (~pos).any():  # a negative, zero or missing value has no bar on a log scale: say it
             for yi, v in zip(y[~pos], vals[~pos]):
                 ax.text(0.02, yi, f"{v:.3g}", transform=ax.get_yaxis_transform(), va="center", fontsize=7)
         if pos.any():  # bars from a decade below the smallest: their lengths compare on the log scale

@@ -35,6 +35,12 @@ def main(argv=None) -> int:
                     help="also the eigenvalue spectral density (stochastic Lanczos quadrature)")
     ap.add_argument("--density-runs", type=int, default=4, help="start vectors of the density")
     ap.add_argument("--density-steps", type=int, default=80, help="Lanczos steps per start vector")
+    ap.add_argument("--tol", type=float, default=1e-4,
+                    help="Lanczos's relative tolerance of the eigenvalues (eigsh's tol; a large model's smallest "
+                         "eigenvalue, beside a bulk near 0, may take hundreds of products at 1e-4: 1e-2 gives two digits)")
+    ap.add_argument("--smallest", action=argparse.BooleanOptionalAction, default=True,
+                    help="the smallest eigenvalue too (--no-smallest: not; on a large model with a bulk of tiny "
+                         "negative eigenvalues and a Lanczos basis cut to fit memory it may not converge)")
     ap.add_argument("--block-top", action=argparse.BooleanOptionalAction, default=True,
                     help="with curvature.blocks, each block's top eigenvalue (a Lanczos run per block; "
                          "--no-block-top: only the blocks' traces, which come from the trace's own products)")
@@ -44,6 +50,8 @@ def main(argv=None) -> int:
     for name in ("top", "batches", "density_runs", "density_steps"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    if not 0 < args.tol < 1:
+        raise UserError(f"--tol {args.tol}: must be between 0 and 1 (a relative tolerance)")
     if args.trace_samples < 0:
         raise UserError(f"--trace-samples {args.trace_samples}: must be 0 (no trace) or more")
     if args.top > MAX_TOP:
@@ -60,7 +68,7 @@ def main(argv=None) -> int:
                          log=(lambda m: print("lldist: " + m, flush=True)) if driver else (lambda m: None),
                          should_stop=runner.install_sigterm() if driver else (lambda: None), split=args.split,
                          density_runs=args.density_runs if args.density else 0, density_steps=args.density_steps,
-                         spread=spread, block_top=args.block_top)
+                         spread=spread, block_top=args.block_top, tol=args.tol, smallest=args.smallest)
     except BaseException as e:
         if spread is not None:
             spread.fail(e)  # rank 0 and the others wait on each other: end every rank

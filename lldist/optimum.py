@@ -49,7 +49,7 @@ def store_target(path: str, job, explicit: bool):
 
 def at_optimum(job, top: int = 5, samples: int = 64, batches: int = 4, log=print, split: str = None,
                density_runs: int = 0, density_steps: int = 80, should_stop=lambda: None, spread=None,
-               block_top: bool = True) -> dict:
+               block_top: bool = True, tol: float = 1e-4, smallest: bool = True) -> dict:
     """Curvature at theta* of a job's model on one split (default its first), of the job's
     curvature.operator (the Hessian by default): the `top` largest eigenvalues, the smallest,
     Hutchinson's trace, with density_runs > 0 the spectral density's quadrature, and with
@@ -66,6 +66,9 @@ def at_optimum(job, top: int = 5, samples: int = 64, batches: int = 4, log=print
     driver = spread is None or spread.rank == 0
     if driver:
         ensure_checkpoint(job, should_stop, log)
+    else:
+        from .workloads import notes
+        notes.quiet()  # the others would repeat rank 0's loading notes word for word
     if spread is not None:
         spread.gate()  # the others load the checkpoint rank 0 may just have trained
     src = Source()
@@ -94,14 +97,14 @@ def at_optimum(job, top: int = 5, samples: int = 64, batches: int = 4, log=print
         return None
     try:
         return _compute(job, curv, parts, watch, top, samples, density_runs, density_steps, log, split, len(chosen),
-                        batches, bs, what, DESCRIPTION[op], spread, block_top)
+                        batches, bs, what, DESCRIPTION[op], spread, block_top, tol, smallest)
     finally:
         if spread is not None:
             spread.end()
 
 
 def _compute(job, curv, parts, watch, top, samples, density_runs, density_steps, log, split, nchosen, batches, bs,
-             what, description, spread, block_top) -> dict:
+             what, description, spread, block_top, tol, smallest) -> dict:
     if top >= curv.n:
         raise UserError(f"--top {top}: the model has {curv.n:,} parameters, so at most {curv.n - 1:,} eigenvalues "
                         "can be asked of Lanczos (--density gives the whole spectrum's shape)")
@@ -112,9 +115,9 @@ def _compute(job, curv, parts, watch, top, samples, density_runs, density_steps,
     if curv.guard.note:
         log(curv.guard.note)
     watch.stage = f"top {top} eigenvalues"
-    vals, _ = curv.eigs(k=top, which="LA")
+    vals, _ = curv.eigs(k=top, which="LA", tol=tol)
     watch.stage = "the smallest eigenvalue"
-    lo = curv.smallest(top=float(vals[0]))
+    lo = curv.smallest(tol, top=float(vals[0])) if smallest else float("nan")
     watch.stage = f"the trace ({samples} samples)"
     named = {b: c.names for b, c in parts.items()}
     nan = (float("nan"), float("nan"))
@@ -126,7 +129,7 @@ def _compute(job, curv, parts, watch, top, samples, density_runs, density_steps,
            "batches": nchosen, "batches_requested": batches, "batch_size": bs, "loss": curv.loss(),
            "top_eigenvalues": [float(v) for v in vals], "lambda_max": float(vals[0]), "lambda_min": lo,
            "eig_ratio": abs(lo / float(vals[0])) if vals[0] else float("nan"),
-           "trace": tr, "trace_stderr": err, "trace_samples": samples, "ranks": ranks}
+           "trace": tr, "trace_stderr": err, "trace_samples": samples, "ranks": ranks, "lanczos_tol": tol}
     if curv.guard.note:
         out["attention"] = curv.guard.note
     if density_runs > 0:
@@ -140,7 +143,7 @@ def _compute(job, curv, parts, watch, top, samples, density_runs, density_steps,
             top_b = float("nan")
             if block_top:
                 watch.stage = f"block {b} ({c.n:,} parameters)"
-                top_b = float(c.eigs(1, "LA")[0][0]) if c.n > 1 else float(c.hvp(torch.ones(c.n, dtype=c.dtype))[0])
+                top_b = float(c.eigs(1, "LA", tol)[0][0]) if c.n > 1 else float(c.hvp(torch.ones(c.n, dtype=c.dtype))[0])
             tr_b, err_b = block_traces[b]
             rows.append({"block": b, "parameters": c.n, "lambda_max": top_b, "trace": tr_b, "trace_stderr": err_b})
             products += c.matvecs

@@ -162,6 +162,17 @@ def test_study_under_mpi_uses_every_rank(workdir):
         records, cells = chunk_log(f"study/{n}/surface.h5")
         assert sorted(cells.tolist()) == list(range(600)) and set(records["rank"].tolist()) == {0, 1, 2}
     assert "| mlp_b256 |" in open("study/report.md").read()
+    # the Hessian at each θ* was spread over the three ranks, and is one process's to 1e-5
+    from lldist.optimum import at_optimum
+    from lldist.store import SurfaceReader
+    from lldist.study import load_study
+    for v in load_study("study.yaml")[2]:
+        with SurfaceReader(v.job.output) as sf:
+            got = sf.curvature()["train"]
+        assert got["ranks"] == 3
+        one = at_optimum(v.job, 2, 32, 2, split="train", log=lambda m: None)
+        for k in ("lambda_max", "lambda_min", "trace"):
+            assert got[k] == pytest.approx(one[k], rel=1e-5, abs=1e-7)
 
 
 def test_sharpness_section_reads_the_numbers_right():

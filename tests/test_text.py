@@ -226,3 +226,27 @@ def test_a_lora_adapter_landscape_moves_the_adapter_alone(workdir):
             total += float((tok * mask).sum())
             tokens += float(mask.sum())
     assert loss0 == pytest.approx(total / tokens, rel=1e-5)
+
+
+@pytest.mark.parametrize("model,loss,label", [(BERT, "cross_entropy", "label"), (GPT, "lm", None)])
+def test_hessian_of_the_text_models_over_ranks_with_the_attention_fallback(workdir, model, loss, label):
+    """Both text jobs attend through sdpa, whose double backward fails here: the Hessian and
+    the GGN at θ* run with eager attention, over two ranks, and the file and the log say so."""
+    from conftest import mpiexec
+    job = text_job(workdir / "job.yaml", model, loss=loss, label=label)
+    run(["lldist.surface", job, "--set", "grid.x=[-1,1,1]", "--set", "grid.y=null"], workdir)
+    for op in ("hessian", "ggn"):
+        r = run([mpiexec(), "-n", "2", sys.executable, "-m", "lldist.hessian", job, "--top", "1", "--batches", "2",
+                 "--trace-samples", "4", "--set", "curvature.blocks=transformer", "--no-block-top",
+                 "--set", f"curvature.operator={op}", "--out", "out.h5"], workdir)
+        assert "attention: eager" in r.stdout
+    with SurfaceReader("out.h5") as sf:
+        got = sf.curvature(operator=None)
+    for key, c in got.items():
+        assert c["ranks"] == 2 and c["attention"].startswith("attention: eager")
+        assert np.isfinite(c["lambda_max"]) and c["lambda_max"] > 0
+        names = [b["block"] for b in c["blocks"]]
+        assert any(n.endswith("attention") or n.endswith(".attn") for n in names) and names[-1] == "rest"
+        # the blocks partition the model: their traces add up to the whole one (same products)
+        assert sum(b["trace"] for b in c["blocks"]) == pytest.approx(c["trace"], rel=1e-4, abs=1e-6)
+    assert got["test_ggn"]["lambda_min"] > -1e-5 * got["test_ggn"]["lambda_max"]

@@ -39,7 +39,7 @@ def add_arguments(ap) -> None:
     ap.add_argument("--optimum-ranks", type=positive_int, nargs="*", default=[1, 2, 4],
                     help="python -m lldist.hessian under mpiexec at these rank counts (none: skip)")
     ap.add_argument("--optimum-batches", type=positive_int, default=8,
-                    help="batches of 120 digits images the Hessian at θ* is taken on")
+                    help="batches of 180 digits training images the Hessian at θ* is taken on (8: all 1,437)")
     ap.add_argument("--products-job", nargs="*", default=[], metavar="JOB",
                     help="also the cost of a product of each operator (hessian, ggn, fisher) against a gradient, "
                          "on these jobs' models at θ* and their first --products-batches batches")
@@ -156,7 +156,7 @@ def curvature_scaling(args) -> list:
 
 def optimum_scaling(args) -> list:
     """python -m lldist.hessian (top 2 eigenvalues, the smallest, 16 Hutchinson samples) on the
-    quickstart's CNN at its untrained θ*, `optimum_batches` batches of 120 digits test images,
+    quickstart's CNN at its untrained θ*, `optimum_batches` batches of 180 digits training images,
     under mpiexec at each rank count (one thread a rank): each product's batches split over the
     ranks (transport.runner.Products). Seconds per product from the file's own record, and how
     far each run's eigenvalues and trace are from the first's."""
@@ -172,7 +172,7 @@ def optimum_scaling(args) -> list:
     job = {"name": "optimum_scaling", "output": "s.h5",
            "model": {"name": "cnn", "args": {"width": 8, "stages": 2, "blocks": 1, "batchnorm": True}},
            "data": {"name": "digits"}, "grid": {"x": [-1.0, 1.0, 1]},
-           "eval": {"split": "test", "batch_size": 120, "threads": 1}}
+           "eval": {"split": "train", "batch_size": 180, "threads": 1}}
     mpiexec, rows, first = find_mpiexec(), [], None
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     if os.getuid() == 0:
@@ -190,7 +190,7 @@ def optimum_scaling(args) -> list:
             if p.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
             with SurfaceReader(os.path.join(tmp, "s.h5")) as f:
-                a = f.curvature()["test"]
+                a = f.curvature()["train"]
             per = a["seconds"] / a["hessian_vector_products"]
             first = first or (per, a)
             row = {"kind": "optimum", "ranks": n, "parameters": int(a["num_parameters"]), "batches": nb,
@@ -218,7 +218,7 @@ def curvature_markdown(rows: list) -> str:
     if optimum:
         o = optimum[0]
         md += (f"\nThe Hessian at θ* (python -m lldist.hessian, quickstart CNN, {o['parameters']:,} parameters, "
-               f"{o['batches']} x 120 test images), each product's batches over the ranks:\n\n"
+               f"{o['batches']} x 180 training images), each product's batches over the ranks:\n\n"
                "| ranks | products | seconds | ms a product | speedup | largest relative difference to the first |\n"
                "|---|---|---|---|---|---|\n"
                + "".join(f"| {r['ranks']} | {r['products']} | {r['seconds']:.1f} | {1000 * r['seconds_per_product']:.1f} "

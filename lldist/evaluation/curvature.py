@@ -36,7 +36,7 @@ from torch.func import functional_call
 from .tasks import Task, head, logits_of, model_inputs
 
 
-ARPACK_BYTES = 4e9  # the Lanczos basis eigsh may keep (see Curvature.eigs)
+ARPACK_BYTES = 2e9  # the Lanczos basis eigsh may keep (see Curvature.eigs)
 
 
 class Watch:
@@ -151,8 +151,9 @@ class Curvature:
                                  self.task, b)
                 # float64 sums: the order of the batches' terms (which rank took which) moves the
                 # result by float64 round-off only (products over N ranks, see `serve`)
-                part = self._flat([o.detach() for o in out]).double()
-                acc = part if acc is None else acc + part
+                part = self._flat([o.detach() for o in out])
+                acc = part.double() if acc is None else acc.add_(part)  # (in place: n floats each)
+                del out, part
                 total_w += float(w)
         if acc is None:  # more ranks than batches: this one has none
             acc = torch.zeros(self.n, dtype=torch.float64, device=v.device)

@@ -27,6 +27,8 @@ costs; the three are measured against a gradient in docs/CURVATURE.md.
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from ..config import OPERATORS_CURVATURE as OPERATORS  # (declared with the job's keys)
@@ -46,13 +48,21 @@ def _hessian(f, params: dict, v: dict, task, batch) -> tuple:
     return [h if h is not None else torch.zeros_like(params[n]) for h, n in zip(hv, names)], w
 
 
+def _jvp(f, p: dict, v: dict):
+    """torch.func.jvp, without the FutureWarning torch's own forward-mode set-up gives on first
+    use (it builds its decompositions with the deprecated torch.jit.script: nothing of ours)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.script.*deprecated", category=FutureWarning)
+        return torch.func.jvp(f, (p,), (v,))
+
+
 def _detached(params: dict) -> dict:
     return {n: p.detach() for n, p in params.items()}
 
 
 def _ggn(f, params: dict, v: dict, task, batch) -> tuple:
     p = _detached(params)
-    _, jv = torch.func.jvp(f, (p,), (v,))  # J v: the outputs' change along v
+    _, jv = _jvp(f, p, v)  # J v: the outputs' change along v
     out, vjp = torch.func.vjp(f, p)
     o = out.detach().requires_grad_(True)
     s, w = task.loss_terms(o, batch)
@@ -71,7 +81,7 @@ def _fisher(f, params: dict, v: dict, task, batch) -> tuple:
         holder["w"] = wts.detach()
         return vals / wts
 
-    _, c = torch.func.jvp(mean_losses, (p,), (v,))  # c_i = g_i · v
+    _, c = _jvp(mean_losses, p, v)  # c_i = g_i · v
     _, vjp = torch.func.vjp(mean_losses, p)
     w = holder["w"]
     (fv,) = vjp((w * c).to(c.dtype))  # Σ_i w_i (g_i · v) g_i

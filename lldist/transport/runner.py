@@ -55,7 +55,7 @@ ARPACK, the density's recurrence, Hutchinson's vectors) and asks for each produc
     all        bcast_array(v)                     collective, entered once the ASK arrived (n floats)
     all        partial = Σ over my batches of the summed-loss product with v, float64; its weight
     all        a binomial tree in a fixed order:  at step s = 1, 2, 4, ...: rank r with r % 2s == s
-               PART (partial, weight) -> r - s    sends, and rank r with r % 2s == 0 adds what r + s
+               PART weight, PART partial -> r - s sends, and rank r with r % 2s == 0 adds what r + s
                                                   sent to its own (own + received, always that order)
     0          the sum over every batch: the product is sum / weight
 
@@ -107,6 +107,10 @@ from ..errors import EXIT_USAGE, Stopped, UserError, one_line
 
 WORK, CTRL, GROUP = 7, 8, 9
 ASK, PART = 10, 11  # the curvature's products (Products)
+# A product's waits are short (a partial sum, the next vector after a Lanczos step): their
+# polls sleep at most 1 ms. At the runner's 50 ms a small model's product (45 ms of compute on
+# one rank) took as long on two ranks as on one.
+PRODUCT_POLL_MAX_S = 0.001
 ABORT_WAIT_S = 10.0  # a failed group member's wait for rank 0's abort before it aborts the job itself
 ANY = -1  # Link.probe: a message from any rank
 POLL_S = 0.0002  # first sleep between mailbox polls; grows to POLL_MAX_S while nothing comes
@@ -814,29 +818,28 @@ class Products:
         self.ctx.abort(code)
 
     def combine(self, partial: np.ndarray, weight: float):
-        """This rank's partial sum (float64) into the fixed-order tree; on rank 0 returns the
-        sum over every rank (array, weight), elsewhere None."""
+        """This rank's partial sum (float64; summed into in place) into the fixed-order tree; on
+        rank 0 returns the sum over every rank (array, weight), elsewhere None. One receive
+        buffer of n floats: a 124M-parameter model's vectors are 1 GB each."""
         link, r = self.ctx.link, self.rank
-        total, weight = np.array(partial, dtype=np.float64), float(weight)
+        total, weight = np.ascontiguousarray(partial, dtype=np.float64), float(weight)
+        buf = None
         s = 1
         while s < self.size:
             if r % (2 * s) == s:  # send what this subtree summed, then this rank is done
-                out = np.append(total, weight)  # (held until the send is done)
-                req = link.isend_array(out, r - s, PART)
+                link.send(weight, r - s, PART)
+                req = link.isend_array(total, r - s, PART)
                 nap = POLL_S
                 while not req.Test():  # a blocking send would spin a core the receiver needs
                     time.sleep(nap)
-                    nap = min(POLL_MAX_S, nap * 1.5)
+                    nap = min(PRODUCT_POLL_MAX_S, nap * 1.5)
                 return None
             if r % (2 * s) == 0 and r + s < self.size:
-                buf = np.empty(total.shape[0] + 1, dtype=np.float64)
-                nap = POLL_S
-                while link.probe(r + s, PART) is None:
-                    time.sleep(nap)
-                    nap = min(POLL_MAX_S, nap * 1.5)
+                _, w = _wait(link, r + s, PART, longest=PRODUCT_POLL_MAX_S)
+                buf = np.empty_like(total) if buf is None else buf
                 link.recv_array(buf, r + s, PART)
-                total += buf[:-1]  # own + received: the order is fixed
-                weight += float(buf[-1])
+                total += buf  # own + received: the order is fixed
+                weight += float(w)
             s *= 2
         return total, weight
 
@@ -845,7 +848,7 @@ class Products:
         rank 0 asks, until it ends. A failure here ends the job (rank 0 waits in the tree)."""
         link = self.ctx.link
         while True:
-            _, msg = _wait(link, 0, ASK, longest=0.01)
+            _, msg = _wait(link, 0, ASK, longest=PRODUCT_POLL_MAX_S)
             if msg[0] == "end":
                 return
             key, n, dtype = msg
