@@ -119,12 +119,9 @@ def _compute(job, curv, parts, watch, top, samples, density_runs, density_steps,
     watch.stage = "the smallest eigenvalue"
     lo = curv.smallest(tol, top=float(vals[0])) if smallest else float("nan")
     watch.stage = f"the trace ({samples} samples)"
-    named = {b: c.names for b, c in parts.items()}
+    named = {b: c.names for b, c in parts.items()}  # the blocks' traces come from the same products
     nan = (float("nan"), float("nan"))
-    if samples > 0 and parts:  # the blocks' traces from the same products (Curvature.trace)
-        (tr, err), block_traces = curv.trace(samples, blocks=named)
-    else:
-        (tr, err), block_traces = (curv.trace(samples) if samples > 0 else nan), {b: nan for b in named}
+    (tr, err), block_traces = curv.trace(samples, blocks=named) if samples > 0 else (nan, {b: nan for b in named})
     out = {"split": split, "operator": curv.operator, "operator_description": description,
            "batches": nchosen, "batches_requested": batches, "batch_size": bs, "loss": curv.loss(),
            "top_eigenvalues": [float(v) for v in vals], "lambda_max": float(vals[0]), "lambda_min": lo,
