@@ -72,11 +72,24 @@ def image():
                                capture_output=True).returncode == 0
     if not reachable:  # PyPI's pair, pinned: the offline site's route (docker/README.md)
         args += ["--build-arg", "VARIANT=pypi"]
+    # vfs storage keeps each image as a full copy (6.4 GB with PyPI's CUDA wheels): a rebuild
+    # leaves the old one dangling, and a few runs fill the disk (a CI run failed "no space left
+    # on device"). Clear leftovers before, and the image after: only the small base is kept.
+    clear_images()
     t = time.time()
-    buildah(*args, ".", cwd=ROOT)
-    size = buildah("images", "--format", "{{.Size}}", IMAGE).stdout.strip()
-    print(f"\nbuilt {IMAGE} in {time.time() - t:.0f} s: {size}")
-    return IMAGE
+    try:
+        buildah(*args, ".", cwd=ROOT)
+        size = buildah("images", "--format", "{{.Size}}", IMAGE).stdout.strip()
+        print(f"\nbuilt {IMAGE} in {time.time() - t:.0f} s: {size}")
+        yield IMAGE
+    finally:
+        clear_images()
+
+
+def clear_images():
+    buildah("rm", "--all", check=False)
+    buildah("rmi", "-f", IMAGE, check=False)
+    buildah("rmi", "--prune", check=False)
 
 
 def inside(image, workdir, command, timeout=900):
