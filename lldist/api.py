@@ -209,6 +209,8 @@ class Landscape:
         # the Hessian at theta* by split (lldist.hessian: lambda_max, trace, density_nodes, ...),
         # and the checkpoints' (m, 2) coordinates on a PCA plane; {} and None when absent
         self.curvature, self.trajectory = s["curvature"], s["trajectory"]
+        self.samples = s.get("eval_samples", {})  # {split: examples evaluated per cell}
+        self.sharpness = s.get("sharpness", {})  # {split: the measures at theta*} (lldist.sharpness)
 
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._values:
@@ -223,6 +225,35 @@ class Landscape:
             why = " (a loss= of your own comes without accuracy: give metrics={'acc': ...})" if q == "acc" else ""
             raise AttributeError(f"this landscape has no {q!r}: its quantities are {', '.join(quantities)}{why}")
         return self._values[f"{self.splits[0]}/{q}"]
+
+    def _split_and(self, quantity: str, split: Optional[str]) -> tuple:
+        if "/" in quantity:
+            split, quantity = quantity.split("/", 1)
+        split = split or self.splits[0]
+        if split not in self.splits:
+            raise ValueError(f"split {split!r}: this landscape has {', '.join(self.splits)}")
+        return split, quantity
+
+    def stderr(self, quantity: str = "loss", split: Optional[str] = None) -> np.ndarray:
+        """Each cell's standard error over the split's examples: the loss's as stored (loss_se),
+        an accuracy's sqrt(p(1-p)/n). `quantity` may name the split too: "test/loss"."""
+        from .uncertainty import binomial_se
+        split, q = self._split_and(quantity, split)
+        if q == "loss" and f"{split}/loss_se" in self._values:
+            return self._values[f"{split}/loss_se"]
+        if q == "acc" and f"{split}/acc" in self._values and split in self.samples:
+            return binomial_se(self._values[f"{split}/acc"], self.samples[split])
+        raise ValueError(f"quantity {quantity!r}: a standard error is known for the loss (files from lldist 0.4 "
+                         "on) and the accuracy")
+
+    def interval(self, quantity: str = "loss", split: Optional[str] = None, level: float = 0.95) -> tuple:
+        """(low, high) arrays: the loss's confidence interval (mean ± z·se over examples) or the
+        accuracy's Wilson score interval over the split's n examples, at `level`."""
+        from .uncertainty import interval, wilson
+        split, q = self._split_and(quantity, split)
+        if q == "acc" and f"{split}/acc" in self._values and split in self.samples:
+            return wilson(self._values[f"{split}/acc"], self.samples[split], level)
+        return interval(self[f"{split}/{q}"], self.stderr(q, split), level)
 
     @property
     def fraction_done(self) -> float:

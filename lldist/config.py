@@ -196,6 +196,25 @@ class CurvatureConfig:
 
 
 @dataclass(frozen=True)
+class SharpnessConfig:
+    """The sharpness measures at θ* (python -m lldist.sharpness, a study's variants; definitions
+    in docs/METRICS.md and lldist/evaluation/sharpness.py). ρ is relative: ‖δ ⊘ |θ*|‖_p ≤ ρ."""
+    split: str = "train"  # the split they are taken on (the generalization literature's: train)
+    examples: int = 1024  # its first examples, in batches of eval.batch_size
+    seed: int = 0  # of every random start and draw
+    rho_2: float = 0.1  # worst- and average-case adaptive sharpness, ℓ2 ball
+    rho_inf: float = 0.005  # worst-case adaptive sharpness, ℓ∞ ball
+    steps: int = 20  # projected gradient ascent steps per restart
+    restarts: int = 4  # of the ascent (the first from θ*, the others from random points of the ball)
+    draws: int = 32  # random directions of the average case, and of each PAC-Bayes estimate (antithetic pairs)
+    m: int = 128  # SAM's m: examples per group
+    rho_sam: float = 0.05  # SAM's radius (plain ℓ2, not adaptive)
+    sam_steps: int = 1  # ascent steps per group (1: SAM's own first-order step)
+    pac_threshold: float = 0.1  # PAC-Bayes: the largest σ whose expected loss rise stays at or under this
+    pac_tol: float = 0.02  # the bisection's relative width on σ
+
+
+@dataclass(frozen=True)
 class Job:
     name: str = "job"
     output: str = "runs/job/surface.h5"
@@ -206,6 +225,7 @@ class Job:
     grid: GridConfig = GridConfig()
     eval: EvalConfig = EvalConfig()
     curvature: CurvatureConfig = CurvatureConfig()
+    sharpness: SharpnessConfig = SharpnessConfig()
     source: str = field(default="<job>", compare=False)  # the file it came from
     text: str = field(default="", compare=False)  # the YAML text, with overrides appended
 
@@ -381,6 +401,18 @@ def _check_params(params, path: str) -> None:
         raise UserError(f"{path}: key 'directions.params.trainable_only' must be true or false")
 
 
+def _check_sharpness(c: SharpnessConfig, path: str) -> None:
+    _choice(c.split, ("train", "test"), "sharpness.split", path)
+    for k in ("examples", "steps", "restarts", "draws", "m", "sam_steps"):
+        if getattr(c, k) < 1:
+            raise UserError(f"{path}: key 'sharpness.{k}' must be at least 1, got {getattr(c, k)}")
+    for k in ("rho_2", "rho_inf", "rho_sam", "pac_threshold", "pac_tol"):
+        if not getattr(c, k) > 0:
+            raise UserError(f"{path}: key 'sharpness.{k}' must be positive, got {getattr(c, k)}")
+    if c.m > c.examples:
+        raise UserError(f"{path}: key 'sharpness.m' is {c.m}, more than sharpness.examples ({c.examples})")
+
+
 def _check_blocks(blocks, path: str) -> None:
     """curvature.blocks: layers, transformer, or a mapping of block name -> regular expression."""
     if blocks is None:
@@ -525,6 +557,7 @@ def validate(job: Job) -> None:
                         "eval.bn: eval and eval.curvature_batches >= 1 (the Hessian is taken on fixed batches)")
     _choice(job.curvature.operator, OPERATORS_CURVATURE, "curvature.operator", p)
     _check_blocks(job.curvature.blocks, p)
+    _check_sharpness(job.sharpness, p)
     _choice(e.group_mode, ("data", "shard"), "eval.group_mode", p)
     if e.group_size < 1:
         raise UserError(f"{p}: key 'eval.group_size' must be at least 1, got {e.group_size}")

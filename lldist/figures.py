@@ -48,8 +48,10 @@ class PlotOptions:
 
 
 LABELS = {"loss": "loss", "acc": "accuracy", "lambda_max": "λmax (Hessian)", "lambda_min": "λmin (Hessian)",
-          "eig_ratio": "|λmin/λmax|"}
-GEOMETRIC = ("loss", "lambda_max")  # positive quantities that span decades across a plane
+          "eig_ratio": "|λmin/λmax|", "loss_se": "standard error of the loss"}
+GEOMETRIC = ("loss", "lambda_max", "loss_se")  # positive quantities that span decades across a plane
+ERRORS = ("loss_se",)  # error bars of another quantity: a heat map in 2D, a band around it in 1D
+LEVEL = 0.95  # the confidence of the bands drawn
 
 
 def read_surface(path: str) -> dict:
@@ -218,7 +220,7 @@ def figure_2d(s: dict, split: str, q: str, kind: str, args) -> "matplotlib.figur
 def plot_2d(s: dict, args, outdir: str, stem: str) -> list:
     written = []
     for (split, q) in s["values"]:
-        for kind in ("contour", "contourf", "heat", "3d"):
+        for kind in ("heat",) if q in ERRORS else ("contour", "contourf", "heat", "3d"):
             fig = figure_2d(s, split, q, kind, args)
             if fig is None:
                 break
@@ -479,7 +481,7 @@ def compare(paths: list, args, outdir: str) -> list:
         raise UserError("--compare: the files share no split (train/test)")
     written = []
     for split in splits:
-        for q in [q for q in surfaces[0]["quantities"] if all(q in t["quantities"] for t in surfaces)]:
+        for q in [q for q in surfaces[0]["quantities"] if q not in ERRORS and all(q in t["quantities"] for t in surfaces)]:
             zs = [shown(s["values"][(split, q)], q) for s in surfaces]
             lev = _levels(np.concatenate([z.ravel() for z in zs]), args, q)
             if lev is None:
@@ -557,9 +559,11 @@ def compare_curvature(surfaces: list, labels: list, split: str, args):
 
 def figure_1d(s: dict, args):
     """Loss on the left axis, the second quantity (accuracy in %, or e.g. a custom metric) on
-    the right; train solid, test dashed."""
+    the right; train solid, test dashed. Shaded: the 95% intervals over examples, the loss's
+    from its stored standard error, the accuracy's Wilson interval."""
+    from .uncertainty import interval, wilson
     fig, ax = plt.subplots(figsize=(6, 4))
-    others = [q for q in s["quantities"] if q != "loss"]
+    others = [q for q in s["quantities"] if q != "loss" and q not in ERRORS]
     right = "acc" if "acc" in others else (others[0] if others else None)
     ax2 = ax.twinx() if right else None
     styles = {"train": "-", "test": "--"}
@@ -567,10 +571,17 @@ def figure_1d(s: dict, args):
         marker = "o" if len(s["x"]) == 1 else ""  # a single cell is a point, not a line
         loss = np.ma.masked_invalid(s["values"][(split, "loss")])
         ax.plot(s["x"], loss, "b" + marker + styles[split], label=f"{split} loss")
+        if (split, "loss_se") in s["values"]:
+            lo, hi = interval(s["values"][(split, "loss")], s["values"][(split, "loss_se")], LEVEL)
+            ax.fill_between(s["x"], lo, hi, color="b", alpha=0.15, lw=0)
         if right:
             v = np.ma.masked_invalid(s["values"][(split, right)])
             ax2.plot(s["x"], 100 * v if right == "acc" else v, "r" + marker + styles[split],
                      label=f"{split} {_label(right)}")
+            n = s.get("eval_samples", {}).get(split)
+            if right == "acc" and n:
+                lo, hi = wilson(s["values"][(split, "acc")], n, LEVEL)
+                ax2.fill_between(s["x"], 100 * lo, 100 * hi, color="r", alpha=0.12, lw=0)
     ax.axvline(0, color="0.5", lw=0.8, ls=":", label="θ*")
     ax.set_xlabel(s["xlabel"])
     ax.set_ylabel("loss", color="b")
@@ -584,7 +595,8 @@ def figure_1d(s: dict, args):
     # the legend below the axes: inside, it sat on the curves; above, on the title
     ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper center",
               bbox_to_anchor=(0.5, -0.14), ncol=min(3, len(lines)), frameon=False)
-    ax.set_title(s["name"], fontsize=10)
+    ax.set_title(s["name"] + (f" (bands: {100 * LEVEL:.0f}% intervals over examples)"
+                              if any(q in ERRORS for q in s["quantities"]) else ""), fontsize=10)
     return fig
 
 

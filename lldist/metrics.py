@@ -130,6 +130,25 @@ def hessian_metrics(curvature: dict, split: str, ratio: Optional[np.ndarray], x,
     return m
 
 
+SHARPNESS = {"worst_2": "sharp_worst_l2", "worst_inf": "sharp_worst_linf", "average_2": "sharp_average_l2",
+             "sam": "sharp_sam", "pac_bayes_flatness": "pac_bayes_flatness", "pac_bayes_sigma": "pac_bayes_sigma"}
+
+
+def sharpness_metrics(sharpness: dict, split: str) -> dict:
+    """The sharpness measures at theta* (lldist.sharpness: this split's if measured, else the
+    other's, named by `sharp_split`), with the standard errors the file keeps (_se)."""
+    c = sharpness.get(split) or next(iter(sharpness.values()), None)
+    if c is None:
+        return {}
+    m = {"sharp_split": next(k for k, v in sharpness.items() if v is c)}
+    for key, name in SHARPNESS.items():
+        if key in c:
+            m[name] = float(c[key])
+            if f"{key}_se" in c:
+                m[f"{name}_se"] = float(c[f"{key}_se"])
+    return m
+
+
 def from_file(path: str, split: Optional[str] = None, store: bool = False) -> dict:
     """Metrics of one surface file (its first split unless `split`), plus the checkpoint's
     train/test accuracy and generalization gap recorded at training time. `store=True` also
@@ -157,7 +176,10 @@ def _compute_file(path: str, split: Optional[str]) -> tuple:
     loss = a["values"][(split, "loss")]
     acc = a["values"].get((split, "acc"), np.full_like(loss, np.nan))  # a task without accuracy
     m, conv = compute(loss, acc, a["x"], a["y"])
+    if (split, "loss_se") in a["values"]:  # the centre's loss over another sample of the same size
+        m["centre_loss_se"] = float(a["values"][(split, "loss_se")][_centre_index(a["x"], a["y"])])
     m.update(hessian_metrics(a["curvature"], split, a["values"].get((split, "eig_ratio")), a["x"], a["y"]))
+    m.update(sharpness_metrics(a.get("sharpness", {}), split))
     for k in ("train_acc", "test_acc", "gap", "epoch"):
         if k in meta:
             m[f"trained_{k}"] = meta[k]
@@ -167,8 +189,10 @@ def _compute_file(path: str, split: Optional[str]) -> tuple:
 
 # the metrics in three groups, a table each in the study's report (21 columns in one were unreadable)
 GROUPS = {
-    "at theta*": ["centre_loss", "centre_acc", "trained_train_acc", "trained_test_acc", "trained_gap",
-                  "hessian_lambda_max", "hessian_trace", "hessian_lambda_min"],
+    "at theta*": ["centre_loss", "centre_loss_se", "centre_acc", "trained_train_acc", "trained_test_acc",
+                  "trained_gap", "hessian_lambda_max", "hessian_trace", "hessian_lambda_min"],
+    "sharpness": ["sharp_worst_l2", "sharp_worst_linf", "sharp_average_l2", "sharp_average_l2_se", "sharp_sam",
+                  "sharp_sam_se", "pac_bayes_sigma", "pac_bayes_flatness"],
     "the basin": [f"mean_rise_r{r:g}" for r in RADII] + [f"basin_eps{e:g}" for e in EPSILONS],
     "its shape": ["curvature_x", "curvature_y", "convex_fraction", "local_minima", "roughness", "eig_ratio_centre",
                   "hessian_convex_fraction"],

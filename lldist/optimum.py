@@ -18,10 +18,11 @@ from .loading import Source, ensure_checkpoint
 MAX_TOP = 1000  # eigenpairs by Lanczos: beyond a few hundred, the density is the tool
 
 
-def store_target(path: str, job, explicit: bool):
-    """Where the Hessian's numbers may be stored: `path` when it is an lldist surface of this
-    job's model (same checkpoint content, or the same model section when there is none), None
-    when the job's own output does not exist yet. Refuses anything else before any work."""
+def store_target(path: str, job, explicit: bool, what: str = "the Hessian"):
+    """Where the numbers at theta* (`what`: the Hessian, the sharpness) may be stored: `path`
+    when it is an lldist surface of this job's model (same checkpoint content, or the same model
+    section when there is none), None when the job's own output does not exist yet. Refuses
+    anything else before any work."""
     import os
 
     from . import identity
@@ -29,7 +30,7 @@ def store_target(path: str, job, explicit: bool):
     from .store import SurfaceReader
     if not os.path.exists(path):
         if explicit:
-            raise UserError(f"--out {path} does not exist: the Hessian is stored into an existing surface of this "
+            raise UserError(f"--out {path} does not exist: {what} is stored into an existing surface of this "
                             "job (run python -m lldist.surface first)")
         return None
     with SurfaceReader(path) as sf:  # UserError for anything that is not a surface
@@ -42,7 +43,7 @@ def store_target(path: str, job, explicit: bool):
         model = raw.get("model") or {}
         same = not theirs and model.get("name", "cnn") == job.model.name and (model.get("args") or {}) == job.model.args
     if not same:
-        raise UserError(f"{path} is a surface of another model or checkpoint than {job.source}'s; the Hessian of "
+        raise UserError(f"{path} is a surface of another model or checkpoint than {job.source}'s; {what} of "
                         "this job is not stored there (give --out a surface of this job)")
     return path
 

@@ -47,7 +47,7 @@ def test_api_equals_cli_bit_for_bit(workdir):
         np.testing.assert_array_equal(ls.loss, f["test/loss"][()])
         np.testing.assert_array_equal(ls["test/acc"], f["test/acc"][()])
         np.testing.assert_array_equal(ls.x, f["x"][()])
-    assert ls.done.all() and ls.quantities == ["loss", "acc"]
+    assert ls.done.all() and ls.quantities == ["loss", "acc", "loss_se"]
     assert lldist.open("api.h5").loss.shape == (5, 7)
 
 
@@ -83,7 +83,7 @@ def test_custom_loss_and_dict_batches_match_a_plain_loop(workdir):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     ls = lldist.landscape(model, batches, x=(-1, 1, 4), y=(-1, 1, 3), loss=smooth_ce, metrics={"margin": margin},
                           out="d.h5")
-    assert ls.quantities == ["loss", "margin"]
+    assert ls.quantities == ["loss", "margin", "loss_se"]
     for k, v in model.state_dict().items():  # the caller's model is back at theta*
         assert torch.equal(v, before[k])
     dirs, ref = file_dirs("d.h5"), DictModel()
@@ -124,22 +124,29 @@ def test_language_model_loss_and_perplexity_match_a_plain_loop(workdir):
         mask = torch.tensor([[1] * n + [0] * (7 - n) for n in lengths])
         batches.append({"input_ids": ids, "attention_mask": mask})
     ls = lldist.landscape(TinyLM(), batches, x=(-1, 1, 3), y=(-0.5, 0.5, 2), loss="lm", out="lm.h5")
-    assert ls.quantities == ["loss", "acc", "perplexity"]
+    assert ls.quantities == ["loss", "acc", "perplexity", "loss_se"]
     dirs, ref = file_dirs("lm.h5"), TinyLM()
     theta = {k: v.clone() for k, v in ref.state_dict().items()}
     for iy, b in enumerate(ls.y):
         for ix, a in enumerate(ls.x):
             m = at(ref, theta, dirs, a, b)
-            tot, hit, count = 0.0, 0, 0
+            tot, hit, count, seqs = 0.0, 0, 0, []
             with torch.no_grad():
                 for bt in batches:
                     logits = m(bt["input_ids"])[0]
                     for i in range(len(bt["input_ids"])):
+                        v = w = 0
                         for t in range(1, int(bt["attention_mask"][i].sum())):  # each real next token
-                            tot += float(F.cross_entropy(logits[i, t - 1], bt["input_ids"][i, t]))
+                            v += float(F.cross_entropy(logits[i, t - 1], bt["input_ids"][i, t]))
                             hit += int(logits[i, t - 1].argmax() == bt["input_ids"][i, t])
-                            count += 1
+                            w += 1
+                        tot, count = tot + v, count + w
+                        seqs.append((v, w))
             assert math.isclose(ls.loss[iy, ix], tot / count, rel_tol=1e-5)
+            # the standard error over sequences (the sampling unit) of the ratio Σv/Σw, in numpy
+            v, w = np.array(seqs).T
+            se = np.sqrt(len(v) / (len(v) - 1) * np.sum((v - tot / count * w) ** 2)) / w.sum()
+            assert math.isclose(ls.loss_se[iy, ix], se, rel_tol=1e-4)
             assert ls.acc[iy, ix] == hit / count
             assert math.isclose(ls.perplexity[iy, ix], math.exp(tot / count), rel_tol=1e-5)
 
@@ -152,7 +159,7 @@ def test_regression_with_mse(workdir):
     model = torch.nn.Sequential(torch.nn.Linear(3, 1), torch.nn.Flatten(0))
     ls = lldist.landscape(model, (x, y), x=(-2, 2, 5), y=None, loss="mse", batch_size=20, out="r.h5",
                           directions={"ignore": "none"})
-    assert ls.quantities == ["loss"] and ls.y is None
+    assert ls.quantities == ["loss", "loss_se"] and ls.y is None
     dirs = file_dirs("r.h5")
     theta = {k: v.clone() for k, v in model.state_dict().items()}
     for ix, a in enumerate(ls.x):
@@ -241,7 +248,7 @@ def test_job_file_loss_and_metrics(workdir):
                     grid={"x": [-1, 1, 3], "y": None})
     run(["lldist.surface", job], workdir)
     with h5py.File("out.h5", "r") as f:
-        assert [k for k in f["test"]] == ["loss", "top2"]  # a loss of one's own brings no accuracy
+        assert [k for k in f["test"]] == ["loss", "loss_se", "top2"]  # a loss of one's own brings no accuracy
         assert f["test/loss"].attrs["long_name"] == "mean loss (userfactories.hinge) on the test split"
         top2 = f["test/top2"][()]
         assert ((top2 >= 0) & (top2 <= 1)).all() and (f["test/loss"][()] > 0).all()

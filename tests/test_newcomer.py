@@ -105,7 +105,7 @@ def test_a_landscape_without_accuracy_says_what_it_has():
     x, y = blobs()
     ls = lldist.landscape(model(), (x, y), x=(-1, 1, 3), y=None, progress_every=0,
                           loss=lambda o, b: F.cross_entropy(o, b[1], reduction="none"))
-    with pytest.raises(AttributeError, match=r"no 'acc': its quantities are loss \(a loss= of your own"):
+    with pytest.raises(AttributeError, match=r"no 'acc': its quantities are loss, loss_se \(a loss= of your own"):
         ls.acc
     assert "test/loss" in repr(ls)
 

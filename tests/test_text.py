@@ -83,7 +83,7 @@ def test_causal_lm_matches_a_plain_loop(workdir):
     torch.manual_seed(1)
     model = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(GPT))
     with h5py.File("out.h5", "r") as f:
-        assert json_list(f.attrs["quantities"]) == ["loss", "acc", "perplexity"]
+        assert json_list(f.attrs["quantities"]) == ["loss", "acc", "perplexity", "loss_se"]
         loss, acc, ppl = f["test/loss"][()], f["test/acc"][()], f["test/perplexity"][()]
     m = at(model, "out.h5", 1.0, 1.0)  # the last cell: x[-1], y[-1]
     with torch.no_grad():

@@ -24,7 +24,7 @@ from torch import nn
 from ..config import BN_MODES, EvalConfig
 from ..workloads.data import TensorSet
 from .groups import GroupSpec, all_reduce_sum, local, shard_model, shard_rows, sharded_modules
-from .tasks import Task
+from .tasks import Task, standard_error
 
 AUTOCAST = {"fp32": None, "tf32": None, "bf16": torch.bfloat16}  # precision -> autocast dtype
 TF32 = {"fp32": False, "tf32": True, "bf16": False}  # precision -> TF32 matmuls and convolutions
@@ -229,11 +229,13 @@ class Evaluator:
                 torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
     @torch.inference_mode()
-    def loss_acc(self, data: TensorSet, batch_size: Optional[int] = None) -> tuple[float, float]:
+    def loss_acc(self, data: TensorSet, batch_size: Optional[int] = None) -> tuple[float, float, float]:
+        """(mean loss, accuracy, standard error of the mean loss) of the plain classification task."""
         bs = batch_size or self.batch_size
         cl = self.cfg.channels_last and data.x.dim() == 4
         nb = math.ceil(len(data) / bs)
         losses = torch.zeros(nb, dtype=torch.float32, device=self.device)  # per batch: float32 sum of losses
+        squares = torch.zeros(nb, dtype=torch.float32, device=self.device)  # of their squares (loss_se)
         corrects = torch.zeros(nb, dtype=torch.int64, device=self.device)  # and int64 count of hits
         ran, first = 0, None
         with self._precision():
@@ -244,17 +246,19 @@ class Evaluator:
                 if cl:
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 logits = self.model(xb).float()
-                losses[i] = F.cross_entropy(logits, yb, reduction="sum")
+                each = F.cross_entropy(logits, yb, reduction="none")
+                losses[i], squares[i] = each.sum(), (each * each).sum()
                 corrects[i] = (logits.argmax(1) == yb).sum()
                 ran += 1
             self._pad_forwards(ran, nb, lambda: self.model(
                 first.contiguous(memory_format=torch.channels_last) if cl else first))
         if self.group is not None:  # each slot filled by one rank, zeros elsewhere: the sums are exact
-            all_reduce_sum(losses), all_reduce_sum(corrects)
+            all_reduce_sum(losses), all_reduce_sum(squares), all_reduce_sum(corrects)
         n = len(data)
-        total = losses.double().sum()  # batch sums accumulated in float64, in batch order
-        correct = corrects.sum()
-        return float(total) / n, float(correct) / n  # the one device sync per split
+        # batch sums accumulated in float64, in batch order; one device sync per split
+        total, square, correct = torch.stack([losses.double().sum(), squares.double().sum(),
+                                              corrects.sum().double()]).tolist()
+        return total / n, correct / n, standard_error(total, n, square, total, n, n)
 
     @torch.inference_mode()
     def quantities(self, data) -> list:
@@ -358,9 +362,10 @@ class Evaluator:
 
         def f(params, xb):
             return functional_call(self.eager, {**params, **fixed}, (xb,))
-        out = np.zeros((G, len(self.splits), 2))
+        out = np.zeros((G, len(self.splits), 3))
         for j, data in enumerate(self.splits.values()):
             total = torch.zeros(G, dtype=torch.float64, device=self.device)
+            square = torch.zeros(G, dtype=torch.float64, device=self.device)
             correct = torch.zeros(G, dtype=torch.int64, device=self.device)
             for xb, yb in data.batches(self.batch_size, self.dtype):
                 with self._precision():
@@ -369,9 +374,12 @@ class Evaluator:
                 B = yb.shape[0]
                 losses = F.cross_entropy(logits.reshape(G * B, -1), yb.repeat(G), reduction="none")
                 total += losses.view(G, B).sum(1).double()
+                square += losses.view(G, B).pow(2).sum(1).double()
                 correct += (logits.argmax(2) == yb.unsqueeze(0)).sum(1)
-            out[:, j, 0] = (total / len(data)).cpu().numpy()
-            out[:, j, 1] = (correct.double() / len(data)).cpu().numpy()
+            n = len(data)
+            out[:, j, 0] = (total / n).cpu().numpy()
+            out[:, j, 1] = (correct.double() / n).cpu().numpy()
+            out[:, j, 2] = [standard_error(t, n, q, t, n, n) for t, q in zip(total.tolist(), square.tolist())]
         return out
 
     def calibrate_group(self, candidates=(8, 32, 128), budget_s: float = 3.0) -> int:

@@ -13,6 +13,12 @@ Every quantity is a weighted mean over the split: per batch the task returns, fo
 quantity, the float32 sum of its per-example values and of their weights (1 per example; the
 number of real tokens for `lm`), accumulated in float64 across batches. Derived quantities
 (perplexity = exp(loss)) are computed from the means.
+
+`loss_se`, the standard error of the mean loss over the split's examples, comes from four more
+sums per batch (of v², v·w, w² and the example count): the mean is a ratio Σv/Σw, whose
+variance over examples drawn at random is n/(n−1) Σ(v − m w)² / (Σw)² (the ratio estimator's;
+for unit weights the familiar s/√n). For `lm` the example is a sequence, not a token: tokens
+of one sequence are not independent draws.
 """
 
 from __future__ import annotations
@@ -98,6 +104,18 @@ def _lm_acc(logits, batch):
     pred, tgt, mask = _lm_tokens(logits, batch)
     return ((pred.argmax(-1) == tgt) & mask).sum(1).float(), mask.sum(1).float()
 
+
+def standard_error(v: float, w: float, v2: float, vw: float, w2: float, n: float) -> float:
+    """The standard error of the mean Σv/Σw over n examples drawn at random (the ratio
+    estimator's, from the sums of v, w, v², v·w and w²); NaN for fewer than two examples."""
+    if n < 2 or not w:
+        return math.nan
+    m = v / w
+    ss = max(v2 - 2 * m * vw + m * m * w2, 0.0)  # Σ(v − m w)², rounding may take it below 0
+    return math.sqrt(n / (n - 1) * ss) / abs(w)
+
+
+SE_NAMES = {"loss_se": "standard error over examples of the {loss}"}
 
 CURVATURE_NAMES = {
     "lambda_max": "largest eigenvalue of the Hessian of the loss on the {split} split",
@@ -194,7 +212,7 @@ class Task:
         if self.operator not in OPERATORS:
             raise ValueError(f"curvature {curvature!r}: allowed True, False or {', '.join(OPERATORS)}")
         self.curvature = CURVATURE if curvature else ()
-        self.names = self.summed + tuple(self.derived) + self.curvature
+        self.names = self.summed + tuple(self.derived) + tuple(SE_NAMES) + self.curvature
         # the plain image-classification task: the evaluator's vmapped path knows it
         self.classification = self.loss_name == "cross_entropy" and set(self._metrics) <= {"acc"} and \
             all(f is _acc for f in self._metrics.values())
@@ -211,6 +229,8 @@ class Task:
         if q == "loss":
             what = {"cross_entropy": "cross-entropy loss", "mse": "squared error", "lm": "next-token loss"}
             return f"mean {what.get(self.loss_name, 'loss (' + self.loss_name + ')')} on the {split} split"
+        if q in SE_NAMES:
+            return SE_NAMES[q].format(loss=self.long_name("loss", split))
         if q in CURVATURE_NAMES:
             from .operators import DESCRIPTION
             return CURVATURE_NAMES[q].format(split=split).replace("Hessian of the loss", DESCRIPTION[self.operator])
@@ -278,10 +298,15 @@ class Task:
         return logits_of(model(*args, **kwargs))
 
     def sums(self, out, batch) -> torch.Tensor:
-        """(2 * len(summed),) float32 on the device: [sum of values, sum of weights] per quantity."""
-        parts = []
-        for fn in (self._loss, *self._metrics.values()):
+        """(2 * len(summed) + 4,) float32 on the device: [sum of values, sum of weights] per
+        quantity, then the loss's sums of v², v·w, w² and its example count (loss_se)."""
+        v, w = self._loss(out, batch)
+        v = _wide(v)
+        w = w.to(v.dtype) if w is not None else torch.ones_like(v)
+        parts = [v.sum(), w.sum()]
+        for fn in self._metrics.values():
             parts += _sum_and_weight(fn, out, batch)
+        parts += [(v * v).sum(), (v * w).sum(), (w * w).sum(), torch.tensor(float(v.numel()), dtype=v.dtype, device=v.device)]
         return torch.stack(parts)
 
     def means(self, total: torch.Tensor) -> list:
@@ -289,6 +314,7 @@ class Task:
         t = total.tolist()
         means = {n: (t[2 * i] / t[2 * i + 1] if t[2 * i + 1] else math.nan) for i, n in enumerate(self.summed)}
         means.update({n: f(means) for n, f in self.derived.items()})
+        means["loss_se"] = standard_error(t[0], t[1], *t[-4:])
         return [means[n] for n in self.names if n not in self.curvature]
 
 

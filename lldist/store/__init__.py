@@ -19,4 +19,5 @@ from .hdf5 import (  # noqa: F401
                    check_writable,
                    write_curvature,
                    write_metrics,
+                   write_sharpness,
 )

@@ -38,10 +38,11 @@ from ..errors import UserError
 from ..grid import Grid
 
 FORMAT = "lldist.surface"
-FORMAT_VERSION = 4  # 2: directions from their own random stream; /directions/target
+FORMAT_VERSION = 5  # 2: directions from their own random stream; /directions/target
 #                    3: the work log's cells as /cell_chunk (4 bytes a cell), a bounded /chunks
 #                    4: a stream per row of every parameter; directions kept as a recipe
-RESUMABLE = (3, 4)  # a version-3 file keeps its directions as tensors: it resumes with them
+#                    5: every split's loss_se beside its loss (the standard error over examples)
+RESUMABLE = (5,)  # older files lack loss_se: their cells cannot be completed with it
 
 # Root attributes that change after creation. They are all made at creation with a fixed type
 # and size (fixed-length strings, not variable-length ones that live in HDF5's global heap), and
@@ -410,8 +411,11 @@ class SurfaceReader:
             out["interpolated"] = ~done & np.isfinite(out["values"][(self.splits[0], self.quantities[0])])
         out["trajectory"] = f["trajectory"][()] if "trajectory" in f else None  # pca: (m, 2)
         out["explained_variance_ratio"] = self.attr("explained_variance_ratio", group="directions")
+        samples = self.attr("eval_samples", "{}")
+        out["eval_samples"] = json.loads(samples) if isinstance(samples, str) else {}  # {split: examples}
         out["curvature"] = self.curvature()
         out["curvature_by_key"] = self.curvature(operator=None)  # the GGN's and the Fisher's too
+        out["sharpness"] = self.sharpness()
         return out
 
     def curvature(self, operator: Optional[str] = "hessian") -> dict:
@@ -428,6 +432,14 @@ class SurfaceReader:
                 out[key] = d
             elif d["operator"] == operator:
                 out[key.split("_")[0]] = d
+        return out
+
+    def sharpness(self) -> dict:
+        """{split: {...}}: the sharpness measures at theta* (lldist.sharpness), lists decoded."""
+        out = {}
+        for key, g in (self.f["sharpness"].items() if "sharpness" in self.f else ()):
+            out[key] = {k: (json.loads(v) if k.endswith("_restarts") or k == "settings" else v)
+                        for k, v in g.attrs.items()}
         return out
 
     def chunk_log(self) -> tuple:
@@ -491,7 +503,8 @@ class Output:
             return
         if e["version"] not in RESUMABLE:
             why = ("random directions now come from a stream of their own, so its cells cannot be mixed "
-                   "with new ones") if e["version"] < 2 else "its work log has the older layout"
+                   "with new ones") if e["version"] < 2 else "its work log has the older layout" \
+                if e["version"] < 3 else "its cells lack the loss's standard error, loss_se"
             raise UserError(f"output {self.path} has format version {e['version']}, this lldist writes "
                             f"{FORMAT_VERSION} ({why}); use --out for a new file or --overwrite to replace it")
         if e["config"] and e["config"] != config_hash:
@@ -719,6 +732,21 @@ def write_curvature(path: str, result: dict) -> str:
             g.create_dataset(k, data=v)
     _rewrite(path, change, "the curvature")
     return split
+
+
+def write_sharpness(path: str, result: dict) -> str:
+    """/sharpness/<split>: the sharpness measures at theta* (lldist.sharpness) as attributes,
+    lists as JSON; a later computation on the same split replaces an earlier. Returns the key."""
+    key = result["split"]
+    scalars = {k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in result.items() if k != "split"}
+
+    def change(f):
+        g = f.require_group("sharpness")
+        if key in g:
+            del g[key]
+        g.create_group(key).attrs.update(scalars)
+    _rewrite(path, change, "the sharpness")
+    return key
 
 
 def _rewrite(path: str, change: Callable, what: str) -> None:

@@ -64,6 +64,15 @@ bit; one rank and N differ only by the order of float64 additions. A failure on 
 the job (MPI_Abort), as in a surface run; before the products, `gate` holds the others while
 rank 0 trains a missing checkpoint. Waits poll with a sleep, as everywhere here.
 
+The same object serves the sharpness measures (python -m lldist.sharpness, lldist/flatness.py),
+where every rank runs the same code: restarts, draws and groups are dealt round robin by index,
+and after each measure
+
+    w -> 0     SHARE {index: value}               this rank's results
+    0 -> w     SHARE {index: value}               every rank's, merged: all ranks hold the same
+
+so every rank reduces the same numbers in index order (and takes the same bisection steps).
+
 Rank 0 evaluates cells too (in runs of up to RANK0_COMPUTES_UP_TO groups; a group is one rank
 with k = 1), one vmapped group of cells at a time between polls of its mailbox, so a worker's request waits at most one group of rank 0's
 cells while the worker computes its queued chunk. Assignment is dynamic: a slow rank simply
@@ -107,6 +116,7 @@ from ..errors import EXIT_USAGE, Stopped, UserError, one_line
 
 WORK, CTRL, GROUP = 7, 8, 9
 ASK, PART = 10, 11  # the curvature's products (Products)
+SHARE = 12  # the sharpness measures' results (Products.gather)
 # A product's waits are short (a partial sum, the next vector after a Lanczos step): their
 # polls sleep at most 1 ms. At the runner's 50 ms a small model's product (45 ms of compute on
 # one rank) took as long on two ranks as on one.
@@ -842,6 +852,19 @@ class Products:
                 weight += float(w)
             s *= 2
         return total, weight
+
+    def gather(self, mine: dict) -> dict:
+        """Collective: every rank's {index: value} merged, returned on every rank."""
+        link = self.ctx.link
+        if self.rank == 0:
+            merged = dict(mine)
+            for w in range(1, self.size):
+                merged.update(_wait(link, w, SHARE, longest=PRODUCT_POLL_MAX_S)[1])
+            for w in range(1, self.size):
+                link.send(merged, w, SHARE)
+            return merged
+        link.send(mine, 0, SHARE)
+        return _wait(link, 0, SHARE, longest=PRODUCT_POLL_MAX_S)[1]
 
     def serve(self, local) -> None:
         """Every rank but 0: `local(key, v) -> (partial float64 array, weight)` for each product

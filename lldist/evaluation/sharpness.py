@@ -1,0 +1,244 @@
+"""The sharpness measures of the generalization literature at a point θ of a model, on fixed
+batches. No MPI, no HDF5: lldist/flatness.py spreads the restarts, draws and groups over ranks.
+
+    s = Sharpness(model, batches, task)          # L(θ*) on the batches, the parameters' |θ*|
+    s.worst(rho=0.5, p=2, steps=20, restart=0)   # the largest rise one restart of PGD finds
+    s.average(rho=0.5, draw=3)                   # the rise along one random adaptive direction
+    s.sam(group=7, m=128, rho=0.05)              # SAM's sharpness of one group of m examples
+    s.pac_rise(sigma=0.01, draw=3)               # the rise under one draw of N(0, σ²θ² + ε²)
+    bisect_sigma(lambda sg: mean_and_se(...), threshold=0.1)   # Jiang et al.'s σ'
+
+Definitions (docs/METRICS.md gives them with their papers, units and invariances); L is the
+task's mean loss over the batches, c = |θ| + eta elementwise (eta = 0: Kwon et al.'s adaptive
+scaling), ⊘ elementwise division:
+- worst-case adaptive sharpness (Kwon et al. 2021; Andriushchenko et al. 2023):
+  max L(θ + δ) − L(θ) over ‖δ ⊘ c‖_p ≤ ρ, p = 2 or ∞, by projected gradient ascent in u = δ ⊘ c
+  (steps normalized in the norm's dual: ℓ2 the unit gradient, ℓ∞ its sign; step size ρ/2
+  cosine-decayed to 0; restart 0 starts at u = 0, the others at a random point of the ball);
+  the largest rise met on the path is kept. A lower bound of the true maximum.
+- average-case adaptive sharpness: E L(θ + δ) − L(θ) over δ = ρ c ⊙ z/‖z‖, z standard normal:
+  uniform directions on the same sphere the worst case searches. Andriushchenko et al. draw
+  δ ~ N(0, ρ'² diag(c²)) instead, the same measure at ρ ≈ ρ' √d. Each draw is an antithetic
+  pair, (L(θ + δ) + L(θ − δ))/2 − L(θ): the gradient's first-order term cancels exactly.
+- SAM's m-sharpness (Foret et al. 2021): the examples split in groups of m; per group S,
+  max L_S(θ + ε) − L_S(θ) over ‖ε‖₂ ≤ ρ (not adaptive), by `steps` ascent steps (1: SAM's own
+  first-order ε = ρ ∇L_S/‖∇L_S‖); the mean over groups.
+- PAC-Bayes flatness magnitude (Jiang et al. 2019, "pacbayes.mag.flatness"): the largest σ with
+  E L(θ + u) − L(θ) ≤ threshold, u ~ N(0, σ²θ² + ε²) elementwise (ε = 1e-3), found by bisection
+  in log σ with the same draws for every σ (common random numbers: the estimate is a smooth
+  function of σ); the measure is 1/σ².
+
+Every random vector comes from its own generator seeded by (seed, kind, index), so restart k
+or draw k is the same numbers whichever rank computes it, and the results do not depend on the
+number of ranks.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from .tasks import Task, batch_size, model_inputs
+
+PAC_EPS = 1e-3  # Jiang et al.'s additive noise floor
+KIND = {"worst": 1, "average": 2, "pac": 3}  # the generator streams, apart per measure
+
+
+def rows(batch, lo: int, hi: int):
+    """Examples lo..hi of a batch (a tuple or a dict of tensors)."""
+    if isinstance(batch, dict):
+        return {k: v[lo:hi] for k, v in batch.items()}
+    return tuple(t[lo:hi] for t in batch)
+
+
+def mean_and_se(values: list) -> tuple:
+    """(mean, standard error of the mean) of a list of floats, in its order; se NaN for one."""
+    n = len(values)
+    if n == 0:
+        return math.nan, math.nan
+    m = math.fsum(values) / n
+    if n == 1:
+        return m, math.nan
+    return m, math.sqrt(math.fsum((v - m) ** 2 for v in values) / (n - 1) / n)
+
+
+class Sharpness:
+    """The measures above at the model's current parameters (θ), on fixed batches."""
+
+    def __init__(self, model: nn.Module, batches: list, task: Optional[Task] = None, eta: float = 0.0,
+                 should_stop: Callable = lambda: None):
+        self.model = model.eval()
+        self.task = task or Task()
+        self.batches = batches
+        self.should_stop = should_stop
+        params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
+        if not params:
+            raise ValueError("model: it has no floating-point parameters to perturb")
+        self.names = list(params)
+        self.theta = {n: p.detach().clone() for n, p in params.items()}
+        self.c = {n: t.abs() + eta for n, t in self.theta.items()}
+        self.buffers = {n: b for n, b in model.named_buffers()}
+        self.device = next(iter(self.theta.values())).device
+        self.passes = 0  # forward passes over the batches, for the record
+        self.base = self.loss()
+
+    # ------------------------------------------------------------------ the loss
+    def _terms(self, point: dict, batch) -> tuple:
+        args, kwargs = model_inputs(batch)
+        out = torch.func.functional_call(self.model, {**point, **self.buffers}, args, kwargs)
+        return self.task.loss_terms(out, batch)
+
+    def loss(self, delta: Optional[dict] = None, sign: float = 1.0, batches=None) -> float:
+        """L(θ + sign·δ), the mean over the batches (float64 sums of the float32 batch sums)."""
+        batches = self.batches if batches is None else batches
+        point = self.theta if delta is None else {n: self.theta[n] + sign * delta[n] for n in self.names}
+        v = w = 0.0
+        with torch.no_grad():
+            for b in batches:
+                s, n = self._terms(point, b)
+                v, w = v + float(s), w + float(n)
+        self.passes += 1
+        self.should_stop()
+        return v / w
+
+    def loss_and_grad(self, delta: dict, batches=None) -> tuple:
+        """(L(θ + δ), ∇L(θ + δ) by parameter): the batches' summed losses backward one at a
+        time (one batch's graph in memory), the gradient divided by the total weight last."""
+        batches = self.batches if batches is None else batches
+        point = {n: (self.theta[n] + delta[n]).requires_grad_(True) for n in self.names}
+        grads = {n: torch.zeros_like(t) for n, t in self.theta.items()}
+        v = w = 0.0
+        for b in batches:
+            s, n = self._terms(point, b)
+            gs = torch.autograd.grad(s, [point[k] for k in self.names], allow_unused=True)
+            for k, g in zip(self.names, gs):
+                if g is not None:
+                    grads[k] += g
+            v, w = v + float(s.detach()), w + float(n)
+        self.passes += 1
+        self.should_stop()
+        return v / w, {k: g / w for k, g in grads.items()}
+
+    # ------------------------------------------------------------------ random vectors
+    def _normal(self, seed: int, kind: str, index: int) -> dict:
+        """Standard normal entries shaped like θ, drawn on the CPU (the same numbers on any
+        device and rank) from the generator of (seed, kind, index)."""
+        g = torch.Generator().manual_seed((seed * 1_000_003 + KIND[kind]) * 1_000_003 + index)
+        return {n: torch.randn(t.shape, generator=g, dtype=torch.float32).to(self.device, t.dtype)
+                for n, t in self.theta.items()}
+
+    # ------------------------------------------------------------------ the measures
+    def worst(self, rho: float, p: float = 2, steps: int = 20, restart: int = 0, seed: int = 0,
+              batches=None) -> float:
+        """The largest L(θ + c⊙u) − L(θ) met by projected gradient ascent over ‖u‖_p ≤ rho."""
+        if p not in (2, math.inf):
+            raise ValueError(f"p must be 2 or inf, got {p!r}")
+        base = self.base if batches is None else self.loss(batches=batches)
+        u = {n: torch.zeros_like(t) for n, t in self.theta.items()}
+        if restart > 0:
+            z = self._normal(seed, "worst", restart)
+            if p == 2:  # a random point of the ball, half way out
+                norm = math.sqrt(sum(float((v * v).sum()) for v in z.values()))
+                u = {n: v * (rho / 2 / norm) for n, v in z.items()}
+            else:  # uniform in the cube, from the normal draw's CDF
+                u = {n: rho * (2 * torch.special.ndtr(v) - 1) for n, v in z.items()}
+        best = 0.0
+        for t in range(steps):
+            value, grad = self.loss_and_grad({n: self.c[n] * u[n] for n in self.names}, batches)
+            best = max(best, value - base)
+            gu = {n: self.c[n] * grad[n] for n in self.names}  # the gradient in u
+            step = rho / 2 * (1 + math.cos(math.pi * t / steps)) / 2
+            if p == 2:
+                norm = math.sqrt(sum(float((g * g).sum()) for g in gu.values()))
+                if norm == 0:
+                    break
+                for n in self.names:
+                    u[n].add_(gu[n], alpha=step / norm)
+                size = math.sqrt(sum(float((v * v).sum()) for v in u.values()))
+                if size > rho:
+                    for n in self.names:
+                        u[n].mul_(rho / size)
+            else:
+                for n in self.names:
+                    u[n].add_(gu[n].sign(), alpha=step).clamp_(-rho, rho)
+        last = self.loss({n: self.c[n] * u[n] for n in self.names}, batches=batches)
+        return max(best, last - base)
+
+    def average(self, rho: float, draw: int, seed: int = 0) -> float:
+        """(L(θ + δ) + L(θ − δ))/2 − L(θ) for δ = rho c ⊙ z/‖z‖ of draw `draw`."""
+        z = self._normal(seed, "average", draw)
+        norm = math.sqrt(sum(float((v * v).sum()) for v in z.values()))
+        delta = {n: self.c[n] * z[n] * (rho / norm) for n in self.names}
+        return (self.loss(delta) + self.loss(delta, -1.0)) / 2 - self.base
+
+    def groups(self, m: int) -> list:
+        """[(batch index, first example)] of every whole group of m examples in the batches."""
+        return [(i, j * m) for i, b in enumerate(self.batches) for j in range(batch_size(b) // m)]
+
+    def sam(self, group: int, m: int, rho: float, steps: int = 1) -> float:
+        """SAM's sharpness of group `group` (of groups(m)): its largest L_S(θ + ε) − L_S(θ) over
+        ‖ε‖₂ ≤ rho by `steps` normalized ascent steps, the first from θ."""
+        i, lo = self.groups(m)[group]
+        part = [rows(self.batches[i], lo, lo + m)]
+        base = self.loss(batches=part)
+        eps = {n: torch.zeros_like(t) for n, t in self.theta.items()}
+        alpha = rho if steps == 1 else 2 * rho / steps  # several steps: the sphere by half way
+        for _ in range(steps):
+            _, grad = self.loss_and_grad(eps, part)
+            norm = math.sqrt(sum(float((g * g).sum()) for g in grad.values()))
+            if norm == 0:
+                break
+            for n in self.names:
+                eps[n].add_(grad[n], alpha=alpha / norm)
+            size = math.sqrt(sum(float((v * v).sum()) for v in eps.values()))
+            if size > rho:
+                for n in self.names:
+                    eps[n].mul_(rho / size)
+        return self.loss(eps, batches=part) - base
+
+    def pac_rise(self, sigma: float, draw: int, seed: int = 0, eps: float = PAC_EPS) -> float:
+        """(L(θ + u) + L(θ − u))/2 − L(θ), u = sqrt(σ²θ² + ε²) ⊙ z of draw `draw`."""
+        z = self._normal(seed, "pac", draw)
+        u = {n: torch.sqrt(sigma * sigma * self.theta[n] ** 2 + eps * eps) * z[n] for n in self.names}
+        return (self.loss(u) + self.loss(u, -1.0)) / 2 - self.base
+
+
+def bisect_sigma(rise: Callable, threshold: float, tol: float = 0.01, start: float = 0.01,
+                 limit: int = 60) -> dict:
+    """The largest σ whose expected rise `rise(σ) -> (mean, se)` stays at or under `threshold`:
+    a bracket [lo, hi] found by doubling or halving from `start`, then bisection in log σ until
+    hi/lo <= 1 + tol. Returns {sigma: lo, rise and rise_se at lo, sigma_above: hi, evaluations}."""
+    if threshold <= 0:
+        raise ValueError(f"threshold must be positive, got {threshold!r}")
+    seen = {}
+
+    def f(s):
+        seen[s] = rise(s)
+        return seen[s][0]
+    lo, hi = None, None
+    s = start
+    for _ in range(limit):  # the bracket
+        if f(s) <= threshold:
+            lo = s
+            if hi is not None:
+                break
+            s *= 2
+        else:
+            hi = s
+            if lo is not None:
+                break
+            s /= 2
+    if lo is None or hi is None:
+        return {"sigma": lo if lo is not None else math.nan, "sigma_above": hi if hi is not None else math.nan,
+                "rise": seen[s][0], "rise_se": seen[s][1], "evaluations": len(seen), "bracketed": False}
+    while hi / lo > 1 + tol:
+        mid = math.sqrt(lo * hi)
+        if f(mid) <= threshold:
+            lo = mid
+        else:
+            hi = mid
+    return {"sigma": lo, "sigma_above": hi, "rise": seen[lo][0], "rise_se": seen[lo][1],
+            "evaluations": len(seen), "bracketed": True}

@@ -1,0 +1,112 @@
+"""The sharpness measures at θ* of a job's model: `python -m lldist.sharpness job.yaml`, and
+a study's variants with `sharpness: true`.
+
+    res = measure(job)          # a dict, as stored under /sharpness/<split> (store.write_sharpness)
+
+Worst-case adaptive sharpness in the ℓ2 and ℓ∞ balls, the average case, SAM's m-sharpness
+and the PAC-Bayes flatness magnitude (evaluation/sharpness.py defines them; the job's
+`sharpness:` section sets them), on the first `sharpness.examples` examples of one split.
+Under MPI (`spread`, transport.runner.Products) restarts, draws and groups are dealt round
+robin by index; every rank gets every result (`spread.gather`) and reduces them in index order,
+so the numbers are the same on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+from .errors import UserError
+from .evaluation.sharpness import Sharpness, bisect_sigma, mean_and_se, rows
+from .evaluation.tasks import batch_size
+from .loading import Source, ensure_checkpoint
+
+NORMS = {"2": 2, "inf": math.inf}  # the worst case's balls, by the name its results carry
+
+
+def _examples(data, bs: int, n: int, dtype) -> list:
+    """The split's first n examples (fewer if it has fewer) in batches of bs."""
+    out, have = [], 0
+    for b in data.batches(bs, dtype):
+        take = min(batch_size(b), n - have)
+        out.append(b if take == batch_size(b) else rows(b, 0, take))
+        have += take
+        if have >= n:
+            break
+    return out
+
+
+def measure(job, log=print, should_stop=lambda: None, spread=None) -> dict:
+    """Every sharpness measure at θ* of the job's model. Every rank calls it (with `spread`);
+    each returns the same dict."""
+    import torch
+
+    from .evaluation.evaluator import device_for_rank
+    cfg = job.sharpness
+    bs = job.eval.batch_size if job.eval.batch_size != "auto" else 256
+    if cfg.m > bs:
+        raise UserError(f"{job.source}: key 'sharpness.m' is {cfg.m}, more than eval.batch_size ({bs}): SAM's groups "
+                        "are taken within batches")
+    driver = spread is None or spread.rank == 0
+    if driver:
+        ensure_checkpoint(job, should_stop, log)
+    else:
+        from .workloads import notes
+        notes.quiet()
+    if spread is not None:
+        spread.gate()  # the others load the checkpoint rank 0 may just have trained
+    job = dataclasses.replace(job, eval=dataclasses.replace(job.eval, split=cfg.split))  # load that split
+    src = Source()
+    loaded = src.load(job)
+    device = device_for_rank(spread.ctx.local_rank if spread is not None else 0, job.eval.device)
+    model = loaded.model.to(device)
+    batches = [({k: v.to(device) for k, v in b.items()} if isinstance(b, dict) else tuple(t.to(device) for t in b))
+               for b in _examples(loaded.splits[cfg.split], bs, cfg.examples, torch.float32)]
+    n = sum(batch_size(b) for b in batches)
+    rank, size = (spread.rank, spread.size) if spread is not None else (0, 1)
+    gather = spread.gather if spread is not None else (lambda d: d)
+
+    def spread_over(count: int, one) -> list:
+        """one(k) for k = 0..count-1, dealt round robin; every result, in index order."""
+        got = gather({k: one(k) for k in range(rank, count, size)})
+        return [got[k] for k in range(count)]
+
+    t = time.perf_counter()
+    s = Sharpness(model, batches, src.make_task(job), should_stop=should_stop)
+    nparams = sum(v.numel() for v in s.theta.values())
+    log(f"sharpness at theta* of {job.name} on {cfg.split}: {nparams:,} parameters, {n} examples in batches of {bs}"
+        + (f", over {size} ranks" if size > 1 else ""))
+    out = {"split": cfg.split, "examples": n, "batch_size": bs, "loss": s.base, "ranks": size,
+           "num_parameters": nparams, "settings": json_settings(cfg)}
+    for name, p in NORMS.items():
+        rho = cfg.rho_2 if p == 2 else cfg.rho_inf
+        found = spread_over(cfg.restarts, lambda k: s.worst(rho, p, cfg.steps, k, cfg.seed))
+        out[f"worst_{name}"] = max(found)
+        out[f"worst_{name}_restarts"] = found  # the spread says how far the ascent is from converged
+        log(f"worst-case adaptive sharpness, l{name} ball rho {rho:g}: {max(found):.6g} "
+            f"(restarts {', '.join(f'{v:.4g}' for v in found)})")
+    avg, avg_se = mean_and_se(spread_over(cfg.draws, lambda k: s.average(cfg.rho_2, k, cfg.seed)))
+    out.update(average_2=avg, average_2_se=avg_se)
+    log(f"average-case adaptive sharpness, l2 sphere rho {cfg.rho_2:g}: {avg:.6g} +- {avg_se:.2g} ({cfg.draws} draws)")
+    groups = len(s.groups(cfg.m))
+    if groups:
+        sam, sam_se = mean_and_se(spread_over(groups, lambda k: s.sam(k, cfg.m, cfg.rho_sam, cfg.sam_steps)))
+    else:
+        sam = sam_se = math.nan
+    out.update(sam=sam, sam_se=sam_se, sam_groups=groups)
+    log(f"SAM's m-sharpness, m {cfg.m}, rho {cfg.rho_sam:g}: {sam:.6g} +- {sam_se:.2g} ({groups} groups)")
+    pac = bisect_sigma(lambda sigma: mean_and_se(spread_over(cfg.draws, lambda k: s.pac_rise(sigma, k, cfg.seed))),
+                       cfg.pac_threshold, cfg.pac_tol)
+    out.update(pac_bayes_sigma=pac["sigma"], pac_bayes_flatness=1 / pac["sigma"] ** 2 if pac["sigma"] else math.nan,
+               pac_bayes_rise=pac["rise"], pac_bayes_rise_se=pac["rise_se"], pac_bayes_sigma_above=pac["sigma_above"],
+               pac_bayes_bracketed=pac["bracketed"], pac_bayes_evaluations=pac["evaluations"])
+    log(f"PAC-Bayes flatness: sigma' {pac['sigma']:.4g} (expected loss rise {pac['rise']:.4g} +- {pac['rise_se']:.2g} "
+        f"<= {cfg.pac_threshold:g}), 1/sigma'^2 {out['pac_bayes_flatness']:.4g}")
+    out.update(forward_passes=s.passes, seconds=time.perf_counter() - t)  # (this rank's passes)
+    return out
+
+
+def json_settings(cfg) -> str:
+    import json
+    return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
