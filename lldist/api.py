@@ -192,7 +192,9 @@ def _state(model):
 
 class Landscape:
     """A surface file's arrays, read once; cells not done are NaN. `ls["test/loss"]`,
-    `ls.curvature["train"]["lambda_max"]`, `ls.trajectory`.
+    `ls.curvature["train"]["lambda_max"]`, `ls.trajectory`. A file of several planes
+    (directions.repeats) gives (planes, ny, nx) arrays: `ls.loss[k]` is plane k, `ls.planes`
+    their number, `ls.plane_seeds` their direction seeds.
 
     On an adaptive grid (grid.adaptive) the cells not computed are interpolated instead:
     `ls.interpolated` marks them (None on a full grid), `ls.fraction_done` is the share computed."""
@@ -210,6 +212,9 @@ class Landscape:
         # and the checkpoints' (m, 2) coordinates on a PCA plane; {} and None when absent
         self.curvature, self.trajectory = s["curvature"], s["trajectory"]
         self.samples = s.get("eval_samples", {})  # {split: examples evaluated per cell}
+        # directions.repeats: the number of planes (the arrays' leading axis when above 1) and
+        # each plane's direction seed
+        self.planes, self.plane_seeds = s.get("planes", 1), s.get("plane_seeds")
         self.sharpness = s.get("sharpness", {})  # {split: the measures at theta*} (lldist.sharpness)
 
     def __getitem__(self, key: str) -> np.ndarray:

@@ -67,6 +67,11 @@ def drawable(s: dict) -> dict:
     axis."""
     s = dict(s)
     s["xlabel"] = "alpha (direction x)"
+    if s.get("planes", 1) > 1:  # directions.repeats: every figure draws the mean over the planes,
+        # and the planes' own figures (plot_planes) each plane and the spread
+        s["plane_values"] = s["values"]
+        s["values"] = {k: v.mean(axis=0) for k, v in s["values"].items()}  # NaN where a plane is not done
+        s["done"] = s["done"].all(axis=0)
     if s["y"] is not None and 1 in s["done"].shape:
         along_x = len(s["x"]) > 1 or len(s["y"]) == 1
         s["values"] = {k: v.reshape(-1) for k, v in s["values"].items()}
@@ -226,12 +231,50 @@ def plot_2d(s: dict, args, outdir: str, stem: str) -> list:
                 break
             path = os.path.join(outdir, f"{stem}_{split}_{q}_{kind}.{args.format}")
             written.append(_save(fig, path, args))
+    if "plane_values" in s:  # directions.repeats: each plane beside the mean, one colour scale
+        for (split, q) in s["plane_values"]:
+            fig = figure_planes(s, split, q, args) if q not in ERRORS else None
+            if fig is not None:
+                written.append(_save(fig, os.path.join(outdir, f"{stem}_{split}_{q}_planes.{args.format}"), args))
     for split in s["splits"]:
         for what, make in (("curvature", figure_curvature), ("trajectory", figure_trajectory)):
             fig = make(s, split, args)
             if fig is not None:
                 written.append(_save(fig, os.path.join(outdir, f"{stem}_{split}_{what}.{args.format}"), args))
     return written
+
+
+def figure_planes(s: dict, split: str, q: str, args):
+    """Small multiples: each plane of a directions.repeats file (its seed in the title) and
+    their mean, filled contours on one colour scale, theta* marked. None when nothing is finite."""
+    planes = [shown(z, q) for z in s["plane_values"][(split, q)]]
+    mean = shown(s["values"][(split, q)], q)
+    lev = _levels(np.concatenate([z.ravel() for z in planes]), args, q)
+    if lev is None:
+        return None
+    panels = [(f"plane {k} (seed {seed})", z) for k, (seed, z) in enumerate(zip(s["plane_seeds"], planes))]
+    panels.append((f"mean of the {len(planes)} planes", mean))
+    cols = min(len(panels), 4)
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.3 * rows), sharex=True, sharey=True, squeeze=False,
+                             layout="constrained")
+    geometric = _geometric(q, lev)
+    norm = (matplotlib.colors.LogNorm if geometric else matplotlib.colors.Normalize)(lev[0], lev[-1])
+    X, Y = np.meshgrid(s["x"], s["y"])
+    cs = None
+    for ax, (title, z) in zip(axes.flat, panels):
+        cs = ax.contourf(X, Y, _masked(z, lev), levels=lev, cmap="cividis" if q == "acc" else "viridis", norm=norm)
+        ax.plot([0], [0], "r+", ms=8, mew=1.5)
+        ax.set_title(title, fontsize=9)
+        ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
+        ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    fig.colorbar(cs, ax=axes.ravel().tolist(), label=f"{split} {_label(q)}" + (" (%)" if q in SCALE else ""),
+                 **_ticks(lev))
+    fig.suptitle(f"{s['name']}: {split} {_label(q)}, {len(planes)} independent planes (directions.repeats)",
+                 fontsize=10)
+    return fig
 
 
 def _save(fig, path: str, args, close: bool = True) -> str:
@@ -570,8 +613,14 @@ def figure_1d(s: dict, args):
     for split in s["splits"]:
         marker = "o" if len(s["x"]) == 1 else ""  # a single cell is a point, not a line
         loss = np.ma.masked_invalid(s["values"][(split, "loss")])
-        ax.plot(s["x"], loss, "b" + marker + styles[split], label=f"{split} loss")
-        if (split, "loss_se") in s["values"]:
+        ax.plot(s["x"], loss, "b" + marker + styles[split], label=f"{split} loss" + (
+            f" (mean of {s['planes']} planes)" if "plane_values" in s else ""))
+        if "plane_values" in s:  # directions.repeats: each plane thin, the planes' range shaded
+            each = s["plane_values"][(split, "loss")]
+            for z in each:
+                ax.plot(s["x"], np.ma.masked_invalid(z), color="b", lw=0.5, alpha=0.5, ls=styles[split])
+            ax.fill_between(s["x"], each.min(axis=0), each.max(axis=0), color="b", alpha=0.12, lw=0)
+        elif (split, "loss_se") in s["values"]:
             lo, hi = interval(s["values"][(split, "loss")], s["values"][(split, "loss_se")], LEVEL)
             ax.fill_between(s["x"], lo, hi, color="b", alpha=0.15, lw=0)
         if right:
@@ -579,7 +628,7 @@ def figure_1d(s: dict, args):
             ax2.plot(s["x"], 100 * v if right == "acc" else v, "r" + marker + styles[split],
                      label=f"{split} {_label(right)}")
             n = s.get("eval_samples", {}).get(split)
-            if right == "acc" and n:
+            if right == "acc" and n and "plane_values" not in s:
                 lo, hi = wilson(s["values"][(split, "acc")], n, LEVEL)
                 ax2.fill_between(s["x"], 100 * lo, 100 * hi, color="r", alpha=0.12, lw=0)
     ax.axvline(0, color="0.5", lw=0.8, ls=":", label="θ*")
@@ -595,7 +644,8 @@ def figure_1d(s: dict, args):
     # the legend below the axes: inside, it sat on the curves; above, on the title
     ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper center",
               bbox_to_anchor=(0.5, -0.14), ncol=min(3, len(lines)), frameon=False)
-    ax.set_title(s["name"] + (f" (bands: {100 * LEVEL:.0f}% intervals over examples)"
+    ax.set_title(s["name"] + (f" ({s['planes']} planes: thin lines, their range shaded)" if "plane_values" in s else
+                              f" (bands: {100 * LEVEL:.0f}% intervals over examples)"
                               if any(q in ERRORS for q in s["quantities"]) else ""), fontsize=10)
     return fig
 

@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     with SurfaceReader(args.file) as sf:
         done = sf.done()
         print(f"{args.file}: job {sf.attr('job_name')} ({sf.attr('job_source')}), hash {sf.attr('job_hash')[:12]}")
-        print(f"  grid {' x '.join(map(str, done.shape))}, splits {', '.join(sf.splits)}: "
+        planes = f" ({sf.planes} planes: directions.repeats)" if sf.planes > 1 else ""
+        print(f"  grid {' x '.join(map(str, done.shape))}{planes}, splits {', '.join(sf.splits)}: "
               f"{int(done.sum())}/{done.size} cells done, {sf.attr('runs')} run(s), "
               f"complete={bool(sf.attr('complete')) if sf.adaptive else bool(done.all())}")
         if sf.adaptive:

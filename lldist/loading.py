@@ -11,6 +11,7 @@ through here.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import glob
 import os
 import re
@@ -114,7 +115,18 @@ def make_dirs(job: Job, loaded: Loaded, task: Task, source: Source = Source(), l
               trajectory: Optional[list] = None) -> dict:
     """The job's directions: {"x": dir, "y": dir (2D)}, with what the file keeps beside them
     ("target": theta' of an interpolation, "_info": attributes of /directions, "_trajectory": a
-    PCA plane's checkpoint coordinates). `trajectory`: pca's checkpoint files, when known."""
+    PCA plane's checkpoint coordinates). `trajectory`: pca's checkpoint files, when known.
+    With directions.repeats: n, "_planes" holds planes 1..n-1, each made as this job's with
+    directions.seed + k would make them (plane 0 is this job's own)."""
+    dirs = _make_dirs(job, loaded, task, source, log, trajectory)
+    if job.directions.repeats > 1:
+        dirs["_planes"] = [_make_dirs(dataclasses.replace(job, directions=dataclasses.replace(
+            job.directions, seed=job.directions.seed + k, repeats=1)), loaded, task, source, log, trajectory)
+            for k in range(1, job.directions.repeats)]
+    return dirs
+
+
+def _make_dirs(job: Job, loaded: Loaded, task: Task, source: Source, log, trajectory) -> dict:
     kind, ndim = job.directions.kind, job.ndim
     if store_recipe(job, loaded):  # the recipe, its norms and checksums: no direction held whole
         trainable = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
@@ -157,6 +169,9 @@ def materialize(stored: dict, job: Job, loaded: Loaded, rows: Optional[dict] = N
     """The directions as tensors, from what the file keeps: the tensors themselves, or the
     recipe, regenerated here (only the rows `rows` of the named entries, for a shard). A whole
     regeneration is checked against the file's checksums."""
+    if "_planes" in stored:  # directions.repeats: every plane's, the same way
+        out = materialize({k: v for k, v in stored.items() if k != "_planes"}, job, loaded, rows)
+        return {**out, "_planes": [materialize(p, job, loaded, rows) for p in stored["_planes"]]}
     if "_recipe" not in stored:
         return stored
     try:

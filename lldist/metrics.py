@@ -113,6 +113,21 @@ def compute(loss: np.ndarray, acc: np.ndarray, x: np.ndarray, y: Optional[np.nda
     return m, conv
 
 
+def over_planes(computed: list) -> tuple:
+    """The metrics of n planes (directions.repeats) as one row: each metric's mean over the
+    planes and, as <metric>_planes_se, its standard error over them (the draw-to-draw error bar);
+    `planes`: n. The centre's numbers are the same in every plane. The convexity map: the
+    first plane's."""
+    rows = [m for m, _ in computed]
+    out = {"planes": len(rows)}
+    for k in rows[0]:
+        v = np.array([r[k] for r in rows], dtype=float)
+        out[k] = float(v.mean())
+        if k not in ("centre_loss", "centre_acc"):
+            out[f"{k}_planes_se"] = float(v.std(ddof=1) / np.sqrt(len(v)))
+    return out, computed[0][1]
+
+
 def hessian_metrics(curvature: dict, split: str, ratio: Optional[np.ndarray], x, y) -> dict:
     """The Hessian's numbers: at theta* (lldist.hessian, this split's if measured, else the
     other's, named by `hessian_split`) and, with eval.curvature maps, the ratio at the centre
@@ -175,9 +190,13 @@ def _compute_file(path: str, split: Optional[str]) -> tuple:
         meta = sf.checkpoint_meta()
     loss = a["values"][(split, "loss")]
     acc = a["values"].get((split, "acc"), np.full_like(loss, np.nan))  # a task without accuracy
-    m, conv = compute(loss, acc, a["x"], a["y"])
+    if a.get("planes", 1) > 1:  # directions.repeats: each plane's metrics, then their mean ± se
+        m, conv = over_planes([compute(loss[k], acc[k], a["x"], a["y"]) for k in range(a["planes"])])
+    else:
+        m, conv = compute(loss, acc, a["x"], a["y"])
     if (split, "loss_se") in a["values"]:  # the centre's loss over another sample of the same size
-        m["centre_loss_se"] = float(a["values"][(split, "loss_se")][_centre_index(a["x"], a["y"])])
+        m["centre_loss_se"] = float(a["values"][(split, "loss_se")][(0,) * (loss.ndim - (a["y"] is not None) - 1)
+                                                                    + _centre_index(a["x"], a["y"])])
     m.update(hessian_metrics(a["curvature"], split, a["values"].get((split, "eig_ratio")), a["x"], a["y"]))
     m.update(sharpness_metrics(a.get("sharpness", {}), split))
     for k in ("train_acc", "test_acc", "gap", "epoch"):
@@ -223,7 +242,10 @@ def table(rows: list, names: list, keys: list = None) -> str:
         if isinstance(v, float):
             return f"{v:.4g}"
         return "" if v is None else str(v)
-    return head + "".join(f"| {n} | " + " | ".join(fmt(r.get(k)) for k in keys) + " |\n" for n, r in zip(names, rows))
+    def cell(r, k):  # over several planes: the mean ± its standard error over them
+        se = r.get(f"{k}_planes_se")
+        return fmt(r.get(k)) + (f" ± {se:.2g}" if se is not None and np.isfinite(se) else "")
+    return head + "".join(f"| {n} | " + " | ".join(cell(r, k) for k in keys) + " |\n" for n, r in zip(names, rows))
 
 
 def main(argv=None) -> int:

@@ -151,7 +151,7 @@ class SurfaceRun:
         trajectory = trajectory_files(job) if job.directions.kind == "pca" else []
         inputs = {**identity.inputs(job, trajectory, task), **(self.source.files or {})}
         hashes = {"job": identity.job(job, inputs), "config": identity.config(job)}
-        self.grid = Grid(job.grid.x, job.grid.y)
+        self.grid = Grid(job.grid.x, job.grid.y, job.directions.repeats)
         meta = {"checkpoint_meta": loaded.meta, "checkpoint_sha256": inputs.get("checkpoint", ""),
                 "num_parameters": sum(p.numel() for p in loaded.model.parameters()),
                 "eval_samples": {k: len(v) for k, v in loaded.splits.items()}}
@@ -277,7 +277,7 @@ class SurfaceRun:
         job = self.job = payload.job
         if self.ctx.rank != 0:  # what loading says, rank 0 said already
             notes.quiet()
-        self.grid = Grid(job.grid.x, job.grid.y)
+        self.grid = Grid(job.grid.x, job.grid.y, job.directions.repeats)
         set_threads(job, self.ctx.cpus)
         self.device = device_for_rank(self.ctx.local_rank, job.eval.device)
         spec = None
@@ -301,7 +301,16 @@ class SurfaceRun:
         return self.device
 
     def evaluate(self, cells: np.ndarray) -> np.ndarray:
-        return self.evaluator.evaluate_cells([self.grid.coords(k) for k in cells])
+        grid, ev = self.grid, self.evaluator
+        if grid.planes == 1:
+            return ev.evaluate_cells([grid.coords(k) for k in cells])
+        planes = np.asarray(cells) // grid.plane_cells  # a chunk is runs of cells of one plane
+        out = []
+        for lo, hi in zip(np.r_[0, np.flatnonzero(np.diff(planes)) + 1], np.r_[np.flatnonzero(np.diff(planes)) + 1,
+                                                                                len(cells)]):
+            ev.use_plane(int(planes[lo]))
+            out.append(ev.evaluate_cells([grid.coords(k) for k in cells[lo:hi]]))
+        return np.concatenate(out)
 
 
 def run_surface(ctx: runner.Context, get_job: Callable[[], Job], options: RunOptions = RunOptions(),

@@ -7,8 +7,11 @@ measured and compared in one command.
 
 A study file holds `name`, `out` (a folder), `base` (a job, as in a job file), `variants` (a
 list of {label, key.sub: value, ...} overrides), `cross` (key: [values]: every variant is
-run at every combination) and `curvature` (the Hessian at each variant's theta*: {split,
-batches, top, trace_samples}, defaults below; `false` for none). Each variant lives in
+run at every combination; `train.seed: [0, 1, 2]` makes the seed-to-seed variation one of
+the report's error bars), `curvature` (the Hessian at each variant's theta*: {split,
+batches, top, trace_samples}, defaults below; `false` for none) and `sharpness` (`true`, or a
+mapping of the job's `sharpness:` keys: the sharpness measures at each variant's theta*,
+lldist/flatness.py; default none). Each variant lives in
 `<out>/<label>_<cross values>/` (model.pt, per-epoch checkpoints, surface.h5, plots). The
 report: `<out>/report.html` (self-contained, figures embedded), `<out>/report.md` (the metrics
 table and, with curvature, the sharpness comparison), `<out>/figures/`.
@@ -19,11 +22,14 @@ from __future__ import annotations
 import base64
 import copy
 import itertools
+import json
+import math
 import os
 import re
 import sys
 from dataclasses import dataclass
 
+import numpy as np
 import yaml
 
 from .config import apply_override, job_from_dict, load_yaml, read_text
@@ -48,10 +54,16 @@ def load_study(path: str) -> tuple:
     raw = load_yaml(read_text(path, "study file"), path)
     if not isinstance(raw, dict):
         raise UserError(f"{path}: a study file must be a mapping")
-    unknown = set(raw) - {"name", "out", "base", "variants", "cross", "curvature"}
+    unknown = set(raw) - {"name", "out", "base", "variants", "cross", "curvature", "sharpness"}
     if unknown:
         raise UserError(f"{path}: unknown key '{sorted(unknown)[0]}' (known: name, out, base, variants, cross, "
-                        "curvature)")
+                        "curvature, sharpness)")
+    sharp = raw.get("sharpness", False)
+    if sharp not in (True, False, None) and not isinstance(sharp, dict):
+        raise UserError(f"{path}: 'sharpness' must be true, false or a mapping of sharpness keys, got {sharp!r}")
+    if isinstance(sharp, dict):  # the job's own sharpness: section in every variant, checked as a job's
+        base = {**(raw.get("base") or {}), "sharpness": {**((raw.get("base") or {}).get("sharpness") or {}), **sharp}}
+        raw = {**raw, "base": base}
     for key in ("name", "out"):
         if key in raw and not (isinstance(raw[key], str) and raw[key].strip()):
             raise UserError(f"{path}: '{key}' must be a non-empty string, got {raw[key]!r}")
@@ -94,7 +106,8 @@ def load_study(path: str) -> tuple:
             text = yaml.safe_dump(job_raw, sort_keys=False)
             result.append(Variant(name, job_from_dict(job_raw, f"{path}#{name}", text), str(v["label"]),
                                   tuple(zip(cross.keys(), combo))))
-    return raw.get("name", "study"), out, result, _curvature_settings(raw.get("curvature", True), path)
+    return (raw.get("name", "study"), out, result, _curvature_settings(raw.get("curvature", True), path),
+            sharp not in (False, None))
 
 
 def _curvature_settings(value, path: str):
@@ -150,6 +163,33 @@ def curvature_at_optimum(v: Variant, settings: dict, log=print, should_stop=lamb
         raise
 
 
+def sharpness_at_optimum(v: Variant, log=print, should_stop=lambda: None, spread=None) -> None:
+    """The sharpness measures at the variant's theta* (lldist.flatness.measure, with its job's
+    sharpness: settings), stored in its surface file; skipped when the file holds them with the
+    same settings (a study resumes). Every rank calls it: with `spread` the restarts, draws and
+    groups are dealt over the ranks; rank 0 writes."""
+    from .flatness import json_settings, measure
+    from .store import SurfaceReader, write_sharpness
+    driver = spread is None or spread.rank == 0
+    try:
+        todo = True
+        if driver:
+            with SurfaceReader(v.job.output) as sf:
+                old = sf.sharpness().get(v.job.sharpness.split, {})
+            todo = old.get("settings") != json.loads(json_settings(v.job.sharpness))
+        if spread is not None:
+            todo = spread.gate(todo)
+        if not todo:
+            return
+        res = measure(v.job, log=log, should_stop=should_stop, spread=spread)
+        if driver:
+            write_sharpness(v.job.output, res)
+    except BaseException as e:
+        if spread is not None:
+            spread.fail(e)
+        raise
+
+
 def _img(path: str) -> str:
     with open(path, "rb") as f:
         return "data:image/png;base64," + base64.b64encode(f.read()).decode()
@@ -174,9 +214,14 @@ def report(title: str, out: str, variants: list, log=print, made_by: str = "") -
         figures.plt.close(fig)
     md = [f"# {title}\n", f"Made by `{made_by}`.\n\n" if made_by else "",
           "Landscape metrics (definitions: docs/METRICS.md), one row per variant, in three tables a split.\n"]
-    sharp = sharpness(variants, [metrics.from_file(p, splits[0]) for p in paths])
+    seeds = any(_replicate(k) for v in variants for k, _ in v.cross)  # then the tables below judge λmax too
+    sharp = sharpness(variants, [metrics.from_file(p, splits[0]) for p in paths]) if not seeds else []
     if sharp:
         md.append("\n## Sharpness: the Hessian at theta*\n\n" + "\n".join(sharp) + "\n")
+    judged = "train" if "train" in splits else splits[0]
+    bars = errorbars(variants, [metrics.from_file(p, judged) for p in paths], judged)
+    if bars:
+        md.append("\n## Is the difference real?\n\n" + "\n".join(bars))
     for split, groups in tables.items():
         for group, t in groups.items():
             md.append(f"\n## {split} split: {group}\n\n{t}")
@@ -193,6 +238,9 @@ def report(title: str, out: str, variants: list, log=print, made_by: str = "") -
         bold = lambda t: re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t.replace("`", ""))  # noqa: E731
         html.append(f"<h2>Sharpness: the Hessian at theta*</h2><p>{bold(sharp[0])}</p><ul>" +
                     "".join(f"<li>{bold(ln[2:])}</li>" for ln in sharp[1:]) + "</ul>")
+    if bars:
+        html.append("<h2>Is the difference real?</h2>")
+        html.append(_md_to_html("\n".join(bars)))
     for split, groups in tables.items():
         for group, t in groups.items():
             html.append(f"<h2>Metrics, {split} split: {group}</h2>" + _md_table_to_html(t))
@@ -256,6 +304,96 @@ def sharpness(variants: list, rows: list) -> list:
     return out
 
 
+# what the report judges, in this order: the gap itself, then each sharpness or basin measure
+JUDGED = {"trained_gap": "generalization gap (train − test accuracy)", "centre_loss": "loss at θ*",
+          "hessian_lambda_max": "λmax (Hessian)", "hessian_trace": "trace (Hessian)",
+          "sharp_worst_l2": "worst-case adaptive sharpness, ℓ2", "sharp_worst_linf": "worst-case adaptive sharpness, ℓ∞",
+          "sharp_average_l2": "average-case adaptive sharpness", "sharp_sam": "SAM's m-sharpness",
+          "pac_bayes_flatness": "PAC-Bayes flatness 1/σ'²", "mean_rise_r0.5": "mean rise within r = 0.5",
+          "basin_eps0.1": "basin, ε = 0.1", "convex_fraction": "convex fraction", "roughness": "roughness"}
+
+
+def _replicate(key: str) -> bool:
+    """A cross key whose values are replicates (train.seed, model.seed): pooled, not compared."""
+    return key.split(".")[-1] == "seed"
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.4g}" if np.isfinite(v) else "–"
+
+
+def errorbars(variants: list, rows: list, split: str) -> list:
+    """Markdown: per label, each judged measure at each setting of the cross (seeds pooled:
+    mean ± standard error over them, or the measure's own error with one seed), the difference
+    from the first setting with its p-value and whether it exceeds its uncertainty (p < 0.05);
+    then each measure's Kendall rank correlation with the generalization gap over every
+    variant, with a bootstrap interval. [] when nothing can be compared."""
+    from .significance import LEVEL, difference, pool, rank_correlation, verdict
+    groups = {}
+    for v, r in zip(variants, rows):
+        setting = ", ".join(f"{k.split('.')[-1]} {val}" for k, val in v.cross if not _replicate(k)) or "all"
+        groups.setdefault(v.label, {}).setdefault(setting, []).append(r)
+    seeds = max(len(g) for by in groups.values() for g in by.values())
+    out = []
+    for label, by in groups.items():
+        settings = list(by)
+        keys = [k for k in JUDGED if any(k in r for g in by.values() for r in g)]
+        if len(settings) < 2 or not keys:
+            continue
+        base = settings[0]
+        head = ["measure"] + [f"{st} (n)" for st in settings] + \
+            [x for st in settings[1:] for x in (f"Δ {st} − {base}", "p", "beyond the error?")]
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for k in keys:
+            pools = {st: pool(by[st], k) for st in settings}
+            cells = [JUDGED[k]] + [f"{_fmt(q['mean'])} ± {_fmt(q['se'])} ({q['n']})" for q in pools.values()]
+            for st in settings[1:]:
+                d = difference(pools[base], pools[st])
+                cells += [f"{_fmt(d['delta'])} ± {_fmt(d['se'])}", f"{d['p']:.2g}" if np.isfinite(d["p"]) else "–",
+                          "**yes**" if d["real"] else "no"]
+            lines.append("| " + " | ".join(cells) + " |")
+        out.append(f"### {label}\n\n" + "\n".join(lines) + "\n")
+    if out:
+        how = (f"mean ± standard error over {seeds} seeds" if seeds > 1 else
+               "each value ± its own standard error (one seed: the seed-to-seed variation is not measured)")
+        out.insert(0, f"Per model, each measure at each setting ({how}; n: the seeds with a value), on the "
+                      f"{split} split's landscape where it is one; the difference from the first setting, its p-value "
+                      "(Welch's t test over seeds; with one seed the normal test on the values' own errors) and "
+                      f"whether it exceeds its uncertainty (p < {1 - LEVEL:.2g}). Measures without an error of their "
+                      "own (λmax, the worst cases) cannot be judged from one seed.\n")
+    gaps = [r.get("trained_gap", math.nan) for r in rows]
+    corr = []
+    for k in [k for k in JUDGED if k != "trained_gap" and any(k in r for r in rows)]:
+        c = rank_correlation([r.get(k, math.nan) for r in rows], gaps)
+        if c["n"] >= 3:
+            corr.append(f"| {JUDGED[k]} | {_fmt(c['tau'])} | {c['p']:.2g} | [{_fmt(c['low'])}, {_fmt(c['high'])}] | "
+                        f"{c['n']} | {verdict(c)} |")
+    if corr:
+        out.append("### Which measure ranks the generalization gap?\n\nKendall's τ of each measure with the gap "
+                   f"over all {len(rows)} variants (models, settings and seeds alike), its p-value (no correlation) "
+                   f"and a {100 * LEVEL:.0f}% bootstrap interval over the variants (2,000 resamples).\n\n"
+                   "| measure | Kendall τ | p | interval | n | verdict |\n|---|---|---|---|---|---|\n" + "\n".join(corr)
+                   + "\n")
+    return out
+
+
+def _md_to_html(md: str) -> str:
+    """The report's own Markdown (### headings, paragraphs, tables) as HTML."""
+    out, table = [], []
+    for ln in md.splitlines() + [""]:
+        if ln.startswith("|"):
+            table.append(ln)
+            continue
+        if table:
+            out.append(_md_table_to_html("\n".join(table)))
+            table = []
+        if ln.startswith("###"):
+            out.append(f"<h3>{ln.lstrip('# ').strip()}</h3>")
+        elif ln.strip():
+            out.append(f"<p>{ln}</p>")
+    return "".join(out)
+
+
 def _md_table_to_html(t: str) -> str:
     lines = [ln for ln in t.strip().splitlines() if ln.strip() and not set(ln) <= set("|-")]
     cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines]
@@ -277,7 +415,7 @@ def main(argv=None) -> int:
                     help="seconds between progress lines when not on a terminal (0: none)")
     args = ap.parse_args(argv)
     ctx = runner.launch()
-    title, out, variants, curvature = load_study(args.study)
+    title, out, variants, curvature, sharp = load_study(args.study)
     if args.only:
         unknown = set(args.only) - {v.name for v in variants}
         if unknown:
@@ -301,10 +439,16 @@ def main(argv=None) -> int:
                 if curvature:  # every rank computes its share of the products; rank 0 writes
                     curvature_at_optimum(v, curvature, log=log, should_stop=should_stop,
                                          spread=runner.Products(ctx) if ctx.size > 1 else None)
+                if sharp:  # every rank its share of the restarts, draws and groups
+                    sharpness_at_optimum(v, log=log, should_stop=should_stop,
+                                         spread=runner.Products(ctx) if ctx.size > 1 else None)
         if ctx.rank == 0 and not args.only:
-            if curvature and args.report_only:  # a study run before curvature existed: fill it in
+            if args.report_only:  # a study run before curvature or sharpness existed: fill them in
                 for v in variants:
-                    curvature_at_optimum(v, curvature, log=log, should_stop=should_stop)
+                    if curvature:
+                        curvature_at_optimum(v, curvature, log=log, should_stop=should_stop)
+                    if sharp:
+                        sharpness_at_optimum(v, log=log, should_stop=should_stop)
             report(title, out, variants, log=log, made_by=made_by)
     except Stopped as e:
         if ctx.size > 1:  # the other ranks wait for rank 0's next run: end them too

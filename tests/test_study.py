@@ -196,3 +196,34 @@ def test_sharpness_section_reads_the_numbers_right():
     assert "λmax is larger at batch_size 64 (1.1x) but the trace is smaller: mixed" in line["c"]
     lam, tr, gap = (np.array([v[i] for v in numbers.values()]) for i in (0, 1, 3))
     assert f"λmax {spearmanr(lam, gap)[0]:+.2f}, trace {spearmanr(tr, gap)[0]:+.2f}" in text[4]
+
+
+@pytest.mark.slow
+def test_a_study_over_seeds_with_planes_and_sharpness_answers_with_error_bars(workdir):
+    """cross: {train.seed: [...]} pools seeds; directions.repeats gives every metric its planes'
+    error; the sharpness measures are computed at every theta* (once: a second run reuses them)
+    and the report's marks follow from its own table."""
+    from lldist.significance import difference, pool
+    from lldist.study import errorbars, load_study
+    study = tiny_study()
+    study["variants"] = study["variants"][:1]
+    study["cross"] = {"train.batch_size": [16, 100], "train.seed": [0, 1, 2]}
+    study["base"]["directions"] = {"repeats": 2}
+    study["sharpness"] = {"examples": 60, "steps": 2, "restarts": 2, "draws": 3, "m": 20, "pac_tol": 0.3}
+    with open("study.yaml", "w") as f:
+        yaml.safe_dump(study, f)
+    run(["lldist.study", "study.yaml"], workdir)
+    md = open("study/report.md").read()
+    assert "## Is the difference real?" in md and "### mlp" in md and "Which measure ranks the generalization gap" in md
+    _, _, variants, _, sharp = load_study("study.yaml")
+    assert sharp and len(variants) == 6
+    rows = [metrics.from_file(v.job.output, "train") for v in variants]
+    assert all(r["planes"] == 2 and "sharp_worst_l2" in r and "roughness_planes_se" in r for r in rows)
+    block = md.split("### mlp\n\n")[1].split("\n\n")[0]
+    line = [ln for ln in block.splitlines() if ln.startswith("| worst-case adaptive sharpness, ℓ2 |")][0]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    d = difference(pool(rows[:3], "sharp_worst_l2"), pool(rows[3:], "sharp_worst_l2"))
+    assert cells[-1] == ("**yes**" if d["p"] < 0.05 else "no") and cells[1].endswith("(3)")
+    assert errorbars(variants, rows, "train")[1].startswith("### mlp")
+    q = run(["lldist.study", "study.yaml"], workdir)
+    assert "sharpness at theta*" not in q.stdout  # stored with the same settings: not recomputed

@@ -132,6 +132,7 @@ class Evaluator:
             set_bn_mode(model, cfg.bn)
         live = model.state_dict(keep_vars=True)
         end_state = dirs.get("target")
+        planes = dirs.get("_planes", [])  # directions.repeats: planes 1..n-1 (plane 0 is dirs itself)
         self.slots = []
         with torch.no_grad():
             for name, w in theta.items():
@@ -155,6 +156,8 @@ class Evaluator:
                     owner = (model.get_submodule(prefix) if prefix else model, attr)
                 self.slots.append(Slot(name, t, wl, dx, dy, end, moving, owner))
                 t.copy_(wl)
+        # every plane's slots share the model's tensors and theta*, each its own directions
+        self.plane_slots = [self.slots] + [self._plane_slots(p) for p in planes]
         self.eager = model
         # compiled once; the weights are then changed in place, so their addresses stay fixed
         # (what CUDA-graph modes require) and nothing recompiles between cells
@@ -173,6 +176,20 @@ class Evaluator:
             self.cells_per_pass = self.calibrate_group()
         elif cfg.cells_per_pass > 1:
             self.cells_per_pass = cfg.cells_per_pass
+
+    def _plane_slots(self, dirs: dict) -> list:
+        out = []
+        for s in self.slots:
+            dx = dirs["x"][s.name].to(self.device)
+            dy = dirs["y"][s.name].to(self.device) if "y" in dirs else None
+            moving = bool(dx.any()) or (dy is not None and bool(dy.any()))
+            out.append(s._replace(dx=dx, dy=dy, moving=moving))
+        return out
+
+    def use_plane(self, k: int) -> None:
+        """Evaluate the next cells in plane k (directions.repeats): its directions, the same
+        theta* and model."""
+        self.slots = self.plane_slots[k]
 
     def _on_device(self, ts):
         """Data on the device; normalized once in float32 when that copy is small enough, else

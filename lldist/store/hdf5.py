@@ -22,6 +22,7 @@ writing after a crash.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -176,16 +177,48 @@ def _layout(f: h5py.File, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: 
             if name in UNITS or (name == "loss" and "cross-entropy" in long_name):
                 d.attrs["units"] = UNITS.get(name, "nat")
             arrays.append(d)
-    for d in arrays:  # (ny, nx): dim 0 is y, dim 1 is x
+    if grid.planes > 1:  # directions.repeats: the planes' axis, first
+        pl = f.create_dataset("plane", data=np.arange(grid.planes))
+        pl.attrs["long_name"] = "plane: directions drawn with directions.seed + plane"
+        pl.attrs["seeds"] = json.dumps([job.directions.seed + k for k in range(grid.planes)])
+        pl.make_scale("plane")
+    for d in arrays:  # (ny, nx): dim 0 is y, dim 1 is x; (planes, ny, nx) with repeats
         d.dims[d.ndim - 1].attach_scale(f["x"])
         d.dims[d.ndim - 1].label = "x"
         if grid.ndim == 2:
-            d.dims[0].attach_scale(f["y"])
-            d.dims[0].label = "y"
+            d.dims[d.ndim - 2].attach_scale(f["y"])
+            d.dims[d.ndim - 2].label = "y"
+        if grid.planes > 1:
+            d.dims[0].attach_scale(f["plane"])
+            d.dims[0].label = "plane"
     dirs = dict(dirs)
-    info, trajectory = dirs.pop("_info", {}), dirs.pop("_trajectory", None)
+    planes, trajectory = dirs.pop("_planes", []), dirs.pop("_trajectory", None)
+    info = _write_directions(f.create_group("directions"), dirs, job.directions)
+    if trajectory is not None:  # pca: the checkpoints' coordinates in the plane of x and y
+        t = f.create_dataset("trajectory", data=np.asarray(trajectory, dtype="f8"))
+        t.attrs["long_name"] = "coordinates (alpha, beta) of the training checkpoints in the PCA plane"
+        t.attrs["checkpoints"] = json.dumps(info.get("checkpoints", []))
+    if planes:  # plane k's directions, as /directions holds plane 0's
+        gp = f.create_group("planes")
+        for k, d in enumerate(planes, 1):
+            seeded = dataclasses.replace(job.directions, seed=job.directions.seed + k)
+            _write_directions(gp.create_group(str(k)), d, seeded)
+    # The work log: records[i] (i < nchunks) is chunk i; cell_chunk[cell] is the record of
+    # the chunk that computed the cell (-1: not computed). Everything is allocated here, at
+    # creation: later writes only overwrite bytes in place and never change the file's
+    # structure, so a kill cannot corrupt it.
+    _allocate(f, "chunks", (_log_capacity(grid.ncells),), CHUNK_DTYPE, np.zeros((), CHUNK_DTYPE))
+    cc = _allocate(f, "cell_chunk", grid.shape, "i4", -1)
+    cc.attrs["long_name"] = f"record in /chunks of the chunk that computed the cell (-1: none; {LOG_FULL}: log full)"
+    f.create_dataset("nchunks", data=np.int64(0))
+
+
+def _write_directions(gd, dirs: dict, cfg) -> dict:
+    """One plane's directions into group `gd` (/directions, /planes/<k>): tensors per axis, or
+    the recipe with its checksums; what made them as attributes. Returns their _info."""
+    dirs = dict(dirs)
+    info = dirs.pop("_info", {})
     recipe, summary = dirs.pop("_recipe", None), dirs.pop("_summary", None)
-    gd = f.create_group("directions")
     gd.attrs["store"] = "recipe" if recipe is not None else "tensors"
     if recipe is not None:  # directions.store: recipe: every rank regenerates what it needs
         gd.attrs["recipe"] = json.dumps(recipe)
@@ -196,29 +229,18 @@ def _layout(f: h5py.File, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: 
             ga.attrs["sums"] = json.dumps(summary["sums"][axis])
     for k, v in info.items():  # what made them: PCA's explained variance, Hessian eigenvalues
         gd.attrs[k] = json.dumps(v) if isinstance(v, (list, dict)) else v
-    if trajectory is not None:  # pca: the checkpoints' coordinates in the plane of x and y
-        t = f.create_dataset("trajectory", data=np.asarray(trajectory, dtype="f8"))
-        t.attrs["long_name"] = "coordinates (alpha, beta) of the training checkpoints in the PCA plane"
-        t.attrs["checkpoints"] = json.dumps(info.get("checkpoints", []))
     for axis, direction in dirs.items():
         ga = gd.create_group(axis)
         for name, t in direction.items():
             ga.create_dataset(name, data=t.cpu().numpy())
     from ..directions import cosine, describe
-    for k, v in describe(job.directions, dirs if recipe is None else {a: None for a in summary["norms"]}).items():
+    for k, v in describe(cfg, dirs if recipe is None else {a: None for a in summary["norms"]}).items():
         gd.attrs[k] = v
     if "y" in dirs:
         gd.attrs["cosine_xy"] = cosine(dirs["x"], dirs["y"])
     elif recipe is not None and summary.get("cosine") is not None:
         gd.attrs["cosine_xy"] = summary["cosine"]
-    # The work log: records[i] (i < nchunks) is chunk i; cell_chunk[cell] is the record of
-    # the chunk that computed the cell (-1: not computed). Everything is allocated here, at
-    # creation: later writes only overwrite bytes in place and never change the file's
-    # structure, so a kill cannot corrupt it.
-    _allocate(f, "chunks", (_log_capacity(grid.ncells),), CHUNK_DTYPE, np.zeros((), CHUNK_DTYPE))
-    cc = _allocate(f, "cell_chunk", grid.shape, "i4", -1)
-    cc.attrs["long_name"] = f"record in /chunks of the chunk that computed the cell (-1: none; {LOG_FULL}: log full)"
-    f.create_dataset("nchunks", data=np.int64(0))
+    return info
 
 
 class Lock:
@@ -298,6 +320,17 @@ def estimate_bytes(ncells: int, values_per_cell: int, direction_values: int) -> 
     return ncells * per_cell + direction_values * 4 + (1 << 20)
 
 
+def _read_directions(gd) -> dict:
+    """One plane's directions (see SurfaceReader.read_directions)."""
+    if gd.attrs.get("store") == "recipe":
+        return {"_recipe": json.loads(gd.attrs["recipe"]),
+                "_summary": {"norms": {a: json.loads(g.attrs["norms"]) for a, g in gd.items()},
+                             "checksums": {a: json.loads(g.attrs["checksums"]) for a, g in gd.items()},
+                             "sums": {a: json.loads(g.attrs["sums"]) for a, g in gd.items()}}}
+    import torch
+    return {axis: {name: torch.from_numpy(ds[()]) for name, ds in g.items()} for axis, g in gd.items()}
+
+
 class SurfaceReader:
     """A surface file opened read-only; closing it never writes.
 
@@ -332,6 +365,7 @@ class SurfaceReader:
                             "written by lldist, or is damaged")
         self.splits = splits
         self.shape = self.f["done"].shape
+        self.planes = len(self.f["plane"]) if "plane" in self.f else 1  # directions.repeats
         self.version = int(self.f.attrs.get("format_version", 0))
         self.quantities = json.loads(self.f.attrs.get("quantities", '["loss", "acc"]'))
 
@@ -350,14 +384,11 @@ class SurfaceReader:
         """{"x": {name: tensor}, "y": ..., and "target": theta' on interpolation jobs}; or, for a
         file that keeps them as their recipe, {"_recipe": ..., "_summary": {norms, checksums, sums}}
         (loading.materialize regenerates them)."""
-        gd = self.f["directions"]
-        if gd.attrs.get("store") == "recipe":
-            return {"_recipe": json.loads(gd.attrs["recipe"]),
-                    "_summary": {"norms": {a: json.loads(g.attrs["norms"]) for a, g in gd.items()},
-                                 "checksums": {a: json.loads(g.attrs["checksums"]) for a, g in gd.items()},
-                                 "sums": {a: json.loads(g.attrs["sums"]) for a, g in gd.items()}}}
-        import torch
-        return {axis: {name: torch.from_numpy(ds[()]) for name, ds in g.items()} for axis, g in gd.items()}
+        out = _read_directions(self.f["directions"])
+        if "planes" in self.f:  # directions.repeats: planes 1..n-1 under /planes/<k>
+            gp = self.f["planes"]
+            out["_planes"] = [_read_directions(gp[str(k)]) for k in range(1, len(gp) + 1)]
+        return out
 
     def done(self) -> np.ndarray:
         return self.f["done"][()]
@@ -398,7 +429,8 @@ class SurfaceReader:
         out = {"x": f["x"][()], "y": f["y"][()] if "y" in f else None, "done": done,
                "splits": self.splits, "quantities": self.quantities,
                "name": str(f.attrs.get("job_name", "")), "values": {}, "interpolated": None,
-               "adaptive": self.adaptive}
+               "adaptive": self.adaptive, "planes": self.planes,  # values (planes, ...) when several
+               "plane_seeds": json.loads(f["plane"].attrs["seeds"]) if self.planes > 1 else None}
         for split in self.splits:
             for q in self.quantities:
                 a = f[split][q][()].astype(float)
@@ -566,12 +598,13 @@ class SurfaceWriter(SurfaceReader):
         a row: a sweep's chunks are runs of pending cells in row-major order, so a chunk is one
         or two hyperslabs, and a write costs what the chunk holds, not what the grid holds."""
         nx = self.shape[-1]
-        iy, ix = np.divmod(cells, nx)
-        breaks = np.flatnonzero((np.diff(iy) != 0) | (np.diff(ix) != 1)) + 1
+        row, ix = np.divmod(cells, nx)  # row: over every leading axis (y; the planes' with repeats)
+        breaks = np.flatnonzero((np.diff(row) != 0) | (np.diff(ix) != 1)) + 1
         out = []
         for lo, hi in zip(np.r_[0, breaks], np.r_[breaks, len(cells)]):
             cols = slice(int(ix[lo]), int(ix[hi - 1]) + 1)
-            out.append(((cols,) if len(self.shape) == 1 else (int(iy[lo]), cols), slice(int(lo), int(hi))))
+            lead = tuple(int(i) for i in np.unravel_index(int(row[lo]), self.shape[:-1])) if len(self.shape) > 1 else ()
+            out.append((lead + (cols,), slice(int(lo), int(hi))))
         return out
 
     @classmethod
