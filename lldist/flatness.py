@@ -49,6 +49,7 @@ def measure(job, log=print, should_stop=lambda: None, spread=None) -> dict:
         raise UserError(f"{job.source}: key 'sharpness.m' is {cfg.m}, more than eval.batch_size ({bs}): SAM's groups "
                         "are taken within batches")
     driver = spread is None or spread.rank == 0
+    log = log if driver else (lambda m: None)  # every rank gets the numbers; rank 0 says them
     if driver:
         ensure_checkpoint(job, should_stop, log)
     else:

@@ -3,7 +3,8 @@ or over ranks: `mpirun -n 4 python -m lldist.hessian job.yaml`.
 
 Loads the job's model and data (training it first if the checkpoint is missing), takes the
 first `--batches` batches of one split, and computes (lldist/optimum.py) the largest
-eigenvalues, the smallest, Hutchinson's trace and, with `--density`, the spectral density; with
+eigenvalues, the smallest, Hutchinson's trace, the top eigenvalue's standard error over the
+batches (the jackknife) and, with `--density`, the spectral density; with
 the job's `curvature.blocks`, the top eigenvalue and trace of each block; of the job's
 `curvature.operator` (hessian, ggn or fisher). Prints them and stores them under
 /curvature/<split> (<split>_ggn, <split>_fisher) of the job's output file if it exists.
@@ -44,6 +45,9 @@ def main(argv=None) -> int:
     ap.add_argument("--block-top", action=argparse.BooleanOptionalAction, default=True,
                     help="with curvature.blocks, each block's top eigenvalue (a Lanczos run per block; "
                          "--no-block-top: only the blocks' traces, which come from the trace's own products)")
+    ap.add_argument("--jackknife", action=argparse.BooleanOptionalAction, default=True,
+                    help="lambda_max's standard error over the batches: a Lanczos run without each batch "
+                         "(--no-jackknife: not; it costs about one more top-eigenvalue run per batch)")
     ap.add_argument("--out", help="surface file to store the numbers in (default: the job's output, if it exists)")
     args = ap.parse_args(argv)
     job = load_job(args.job, args.set)
@@ -68,7 +72,8 @@ def main(argv=None) -> int:
                          log=(lambda m: print("lldist: " + m, flush=True)) if driver else (lambda m: None),
                          should_stop=runner.install_sigterm() if driver else (lambda: None), split=args.split,
                          density_runs=args.density_runs if args.density else 0, density_steps=args.density_steps,
-                         spread=spread, block_top=args.block_top, tol=args.tol, smallest=args.smallest)
+                         spread=spread, block_top=args.block_top, tol=args.tol, smallest=args.smallest,
+                         jackknife=args.jackknife)
     except BaseException as e:
         if spread is not None:
             spread.fail(e)  # rank 0 and the others wait on each other: end every rank

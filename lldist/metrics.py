@@ -138,6 +138,8 @@ def hessian_metrics(curvature: dict, split: str, ratio: Optional[np.ndarray], x,
         m.update(hessian_lambda_max=float(c["lambda_max"]), hessian_lambda_min=float(c["lambda_min"]),
                  hessian_trace=float(c["trace"]), hessian_trace_stderr=float(c["trace_stderr"]),
                  hessian_split=next(k for k, v in curvature.items() if v is c))
+        if "lambda_max_se" in c:  # the jackknife over batches (files since lldist.hessian made it)
+            m["hessian_lambda_max_se"] = float(c["lambda_max_se"])
     if ratio is not None:
         ok = np.isfinite(ratio)
         m["eig_ratio_centre"] = float(ratio[_centre_index(x, y)])

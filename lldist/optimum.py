@@ -48,12 +48,23 @@ def store_target(path: str, job, explicit: bool, what: str = "the Hessian"):
     return path
 
 
+def jackknife_se(leave_one_out: list) -> float:
+    """The jackknife's standard error from the n leave-one-out estimates:
+    sqrt((n − 1)/n · Σ (θ_(i) − mean)²) (Efron and Stein; Quenouille)."""
+    import numpy as np
+    v = np.asarray(leave_one_out, dtype=float)
+    n = len(v)
+    return float(np.sqrt((n - 1) / n * np.sum((v - v.mean()) ** 2))) if n > 1 else float("nan")
+
+
 def at_optimum(job, top: int = 5, samples: int = 64, batches: int = 4, log=print, split: str = None,
                density_runs: int = 0, density_steps: int = 80, should_stop=lambda: None, spread=None,
-               block_top: bool = True, tol: float = 1e-4, smallest: bool = True) -> dict:
+               block_top: bool = True, tol: float = 1e-4, smallest: bool = True, jackknife: bool = True) -> dict:
     """Curvature at theta* of a job's model on one split (default its first), of the job's
     curvature.operator (the Hessian by default): the `top` largest eigenvalues, the smallest,
-    Hutchinson's trace, with density_runs > 0 the spectral density's quadrature, and with
+    Hutchinson's trace (± its standard error), lambda_max's standard error over the batches
+    (the jackknife: a Lanczos run without each batch; `jackknife=False` skips it), with
+    density_runs > 0 the spectral density's quadrature, and with
     curvature.blocks the top eigenvalue (unless not `block_top`: a Lanczos run per block) and
     the trace of each block (from the whole trace's products: Curvature.trace). Runs where the job's data and
     checkpoint are. `should_stop` is asked after every product (and every training batch): a
@@ -93,12 +104,24 @@ def at_optimum(job, top: int = 5, samples: int = 64, batches: int = 4, log=print
             raise UserError(str(e))
         parts = {b: Curvature(loaded.model, chosen, task, watch=watch, operator=op, names=ps, spread=spread, key=b,
                               guard=curv.guard) for b, ps in named.items()}
+    # the jackknife over batches: the operator without batch b, for each b (lambda_max's error bar)
+    jack = {f"without batch {b}": Curvature(loaded.model, chosen[:b] + chosen[b + 1:], task, watch=watch, operator=op,
+                                            spread=spread, key=f"jack{b}", guard=curv.guard)
+            for b in range(len(chosen))} if jackknife and len(chosen) > 1 else {}
     if not driver:
-        serve(spread, {"all": curv, **parts})
+        serve(spread, {"all": curv, **parts, **{c.key: c for c in jack.values()}})
         return None
     try:
-        return _compute(job, curv, parts, watch, top, samples, density_runs, density_steps, log, split, len(chosen),
-                        batches, bs, what, DESCRIPTION[op], spread, block_top, tol, smallest)
+        res = _compute(job, curv, parts, watch, top, samples, density_runs, density_steps, log, split, len(chosen),
+                       batches, bs, what, DESCRIPTION[op], spread, block_top, tol, smallest)
+        if jack:
+            watch.stage = f"lambda_max without each of the {len(jack)} batches (the jackknife)"
+            each = [float(c.eigs(1, "LA", tol)[0][0]) for c in jack.values()]
+            res.update(lambda_max_jackknife=each, lambda_max_se=jackknife_se(each))
+            res["hessian_vector_products"] += sum(c.matvecs for c in jack.values())
+            log(f"lambda_max {res['lambda_max']:.6g} +- {res['lambda_max_se']:.2g} (jackknife over {len(each)} batches: "
+                + ", ".join(f"{v:.5g}" for v in each) + ")")
+        return res
     finally:
         if spread is not None:
             spread.end()

@@ -360,7 +360,7 @@ def errorbars(variants: list, rows: list, split: str) -> list:
                       f"{split} split's landscape where it is one; the difference from the first setting, its p-value "
                       "(Welch's t test over seeds; with one seed the normal test on the values' own errors) and "
                       f"whether it exceeds its uncertainty (p < {1 - LEVEL:.2g}). Measures without an error of their "
-                      "own (λmax, the worst cases) cannot be judged from one seed.\n")
+                      "own (the worst cases; λmax from one batch) cannot be judged from one seed.\n")
     gaps = [r.get("trained_gap", math.nan) for r in rows]
     corr = []
     for k in [k for k in JUDGED if k != "trained_gap" and any(k in r for r in rows)]:

@@ -332,3 +332,31 @@ def test_direction_kinds_under_mpi_equal_one_process_and_resume(workdir, kind):
     assert "13 to compute" in r.stdout
     with h5py.File("three.h5", "r") as f:
         np.testing.assert_array_equal(f["test/loss"][()], full)
+
+
+def test_lambda_max_has_the_jackknifes_standard_error_over_batches(workdir):
+    """lambda_max's error bar: the top eigenvalue without each batch, against the exact
+    Hessian of those batches (numpy.linalg.eigvalsh), and the jackknife formula in numpy."""
+    from lldist.config import load_job
+    from lldist.evaluation.curvature import first_batches
+    from lldist.loading import Source
+    from lldist.optimum import at_optimum
+    job = tiny_job(workdir)
+    run(["lldist.surface", job, "--set", "grid.x=[-1,1,3]", "--set", "grid.y=null", "--out", "s.h5"], workdir)
+    p = run(["lldist.hessian", job, "--top", "1", "--batches", "3", "--trace-samples", "4", "--no-smallest",
+             "--tol", "1e-8", "--out", "s.h5"], workdir)
+    assert "jackknife over 3 batches" in p.stdout
+    with h5py.File("s.h5", "r") as f:
+        import json
+        g = f["curvature"]["test"].attrs
+        each, se = json.loads(g["lambda_max_jackknife"]), float(g["lambda_max_se"])
+    cfg = load_job(job)
+    loaded = Source().load(cfg)
+    chosen = first_batches(loaded.splits["test"], 12, 3)
+    exact = [np.linalg.eigvalsh(full_hessian(loaded.model, chosen[:b] + chosen[b + 1:]))[-1] for b in range(3)]
+    np.testing.assert_allclose(each, exact, rtol=1e-5)
+    v = np.array(exact)
+    assert se == pytest.approx(np.sqrt(2 / 3 * np.sum((v - v.mean()) ** 2)), rel=1e-4)
+    assert at_optimum(cfg, 1, 0, 1, log=lambda m: None, smallest=False).get("lambda_max_se") is None  # one batch
+    from lldist import metrics
+    assert metrics.from_file("s.h5")["hessian_lambda_max_se"] == pytest.approx(se)

@@ -68,13 +68,14 @@ def test_hessian_command_over_ranks_with_blocks_and_operators(workdir):
             with h5py.File(f, "r") as h:
                 g = h["curvature"][key]
                 got[n, op] = {k: g.attrs[k] for k in ("lambda_max", "lambda_min", "trace", "blocks", "ranks",
-                                                      "operator")}
+                                                      "operator", "lambda_max_se")}
     import json
     for op in ("hessian", "ggn"):
         a, b = got[1, op], got[3, op]
         assert (a["ranks"], b["ranks"], a["operator"]) == (1, 3, op)
         for k in ("lambda_max", "lambda_min", "trace"):
             assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7)
+        assert b["lambda_max_se"] == pytest.approx(a["lambda_max_se"], rel=1e-3)  # the jackknife's runs spread too
         ba, bb = json.loads(a["blocks"]), json.loads(b["blocks"])
         assert [r["block"] for r in ba] == ["net.1", "net.3"]
         for ra, rb in zip(ba, bb):

@@ -198,7 +198,8 @@ def test_info_into_a_closed_pipe_is_quiet(workdir):
     assert p.returncode == 0 and "Traceback" not in p.stderr and "BrokenPipe" not in p.stderr, p.stderr
 
 
-@pytest.mark.parametrize("command", ["surface", "plot", "study", "metrics", "info", "hessian", "train", "bench"])
+@pytest.mark.parametrize("command", ["surface", "plot", "study", "metrics", "info", "hessian", "train", "bench",
+                                     "sharpness"])
 def test_help_is_whole(command):
     text = run([f"lldist.{command}", "--help"], ROOT).stdout
     description = text.split("\n\n")[1]

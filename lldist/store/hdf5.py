@@ -456,7 +456,7 @@ class SurfaceReader:
         theirs, None for every one by its key (curvature_key: train, train_ggn, ...)."""
         out = {}
         for key, g in (self.f["curvature"].items() if "curvature" in self.f else ()):
-            d = {k: (json.loads(v) if k in ("top_eigenvalues", "blocks", "blocks_spec") else v)
+            d = {k: (json.loads(v) if k in ("top_eigenvalues", "blocks", "blocks_spec", "lambda_max_jackknife") else v)
                  for k, v in g.attrs.items()}
             d.update({k: g[k][()] for k in g})
             d.setdefault("operator", "hessian")  # (files before the other operators)
