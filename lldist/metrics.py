@@ -113,6 +113,45 @@ def compute(loss: np.ndarray, acc: np.ndarray, x: np.ndarray, y: Optional[np.nda
     return m, conv
 
 
+def barrier(alpha: np.ndarray, value: np.ndarray, se: Optional[np.ndarray] = None) -> dict:
+    """The barrier of a path from α = 0 to α = 1 (an interpolation between two checkpoints):
+    max over the cells with 0 <= α <= 1 of value(α) − ((1 − α) value(0) + α value(1)), where it
+    lies, and, given per-cell standard errors, its standard error sqrt(se(α*)² + ((1 − α*)
+    se(0))² + (α* se(1))²) (as if the three were independent; they share the examples, so this
+    errs large). The end values are read at α = 0 and 1 (interpolated if the grid misses them)."""
+    alpha, value = np.asarray(alpha, dtype=float), np.asarray(value, dtype=float)
+    inside = (alpha >= -1e-12) & (alpha <= 1 + 1e-12) & np.isfinite(value)
+    if inside.sum() < 2:
+        return {"height": float("nan"), "alpha": float("nan"), "se": float("nan")}
+    finite = np.isfinite(value)  # the ends from every finite cell: the grid may step over 0 or 1
+    v0, v1 = (float(np.interp(t, alpha[finite], value[finite])) for t in (0.0, 1.0))
+    a, v = alpha[inside], value[inside]
+    rise = v - ((1 - a) * v0 + a * v1)
+    i = int(np.argmax(rise))
+    out = {"height": float(rise[i]), "alpha": float(a[i]), "se": float("nan")}
+    if se is not None:
+        e_all = np.asarray(se, dtype=float)
+        e0, e1 = (float(np.interp(t, alpha[finite], e_all[finite])) for t in (0.0, 1.0))
+        e = e_all[inside]
+        out["se"] = float(np.sqrt(e[i] ** 2 + ((1 - a[i]) * e0) ** 2 + (a[i] * e1) ** 2))
+    return out
+
+
+def path_metrics(x, loss, acc, loss_se) -> dict:
+    """A 1D path file's barriers (Frankle et al. 2020's linear-interpolation barrier, for the
+    loss and for the error 1 − accuracy): barrier_loss (± barrier_loss_se), barrier_loss_alpha,
+    barrier_error, barrier_error_alpha."""
+    m = {}
+    b = barrier(x, loss, loss_se)
+    m.update(barrier_loss=b["height"], barrier_loss_alpha=b["alpha"])
+    if np.isfinite(b["se"]):
+        m["barrier_loss_se"] = b["se"]
+    if acc is not None and np.isfinite(acc).any():
+        e = barrier(x, 1 - np.asarray(acc, dtype=float))
+        m.update(barrier_error=e["height"], barrier_error_alpha=e["alpha"])
+    return m
+
+
 def over_planes(computed: list) -> tuple:
     """The metrics of n planes (directions.repeats) as one row: each metric's mean over the
     planes and, as <metric>_planes_se, its standard error over them (the draw-to-draw error bar);
@@ -201,6 +240,8 @@ def _compute_file(path: str, split: Optional[str]) -> tuple:
                                                                     + _centre_index(a["x"], a["y"])])
     m.update(hessian_metrics(a["curvature"], split, a["values"].get((split, "eig_ratio")), a["x"], a["y"]))
     m.update(sharpness_metrics(a.get("sharpness", {}), split))
+    if a["y"] is None and a.get("path"):  # an interpolation between two checkpoints: its barrier
+        m.update(path_metrics(a["x"], loss, a["values"].get((split, "acc")), a["values"].get((split, "loss_se"))))
     for k in ("train_acc", "test_acc", "gap", "epoch"):
         if k in meta:
             m[f"trained_{k}"] = meta[k]
@@ -215,6 +256,7 @@ GROUPS = {
     "sharpness": ["sharp_worst_l2", "sharp_worst_linf", "sharp_average_l2", "sharp_average_l2_se", "sharp_sam",
                   "sharp_sam_se", "pac_bayes_sigma", "pac_bayes_flatness"],
     "the basin": [f"mean_rise_r{r:g}" for r in RADII] + [f"basin_eps{e:g}" for e in EPSILONS],
+    "the path": ["barrier_loss", "barrier_loss_se", "barrier_loss_alpha", "barrier_error", "barrier_error_alpha"],
     "its shape": ["curvature_x", "curvature_y", "convex_fraction", "local_minima", "roughness", "eig_ratio_centre",
                   "hessian_convex_fraction"],
 }

@@ -448,6 +448,7 @@ class SurfaceReader:
         out["curvature"] = self.curvature()
         out["curvature_by_key"] = self.curvature(operator=None)  # the GGN's and the Fisher's too
         out["sharpness"] = self.sharpness()
+        out["path"] = self.attr("x_kind", "", group="directions") == "target"  # x runs θ* (α = 0) to θ' (α = 1)
         return out
 
     def curvature(self, operator: Optional[str] = "hessian") -> dict:
