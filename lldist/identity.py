@@ -57,7 +57,7 @@ def job_hash(job: Job, inputs: Optional[dict]) -> str:
             ev["curvature_operator"] = job.curvature.operator
     dr = {k: v for k, v in as_dict(job.directions).items() if k not in ("target", "store")}  # (store: not the numbers)
     for k, default in (("kind", "random"), ("checkpoints", None), ("file", None), ("batches", 4), ("center", "final"),
-                       ("params", None), ("repeats", 1)):
+                       ("params", None), ("repeats", 1), ("align", None)):
         if dr.get(k) == default:  # (absent at their defaults: older jobs keep their hash)
             dr.pop(k)
     if job.directions.kind == "target":

@@ -137,8 +137,13 @@ def _make_dirs(job: Job, loaded: Loaded, task: Task, source: Source, log, trajec
     if kind in ("random", "target"):
         tgt = source.target if source.target is not None else \
             (checkpoint_state(job, loaded, job.directions.target) if job.directions.target else None)
+        info = {}
+        if tgt is not None and job.directions.align == "weights":
+            tgt, info = _aligned(loaded, tgt, log)
         trainable = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
         dirs = make_directions(loaded.theta, loaded.kinds, job.directions, ndim, tgt, trainable)
+        if info:
+            dirs["_info"] = info
         if job.directions.params and not any(t.any() for axis in ("x", "y") if axis in dirs for t in dirs[axis].values()):
             raise UserError(f"{job.source}: key 'directions.params' chooses no parameter the directions can move "
                             f"(the model's: {', '.join(list(loaded.theta)[:6])}, ...)")
@@ -148,6 +153,22 @@ def _make_dirs(job: Job, loaded: Loaded, task: Task, source: Source, log, trajec
     if kind == "pca":
         return _pca_directions(job, loaded, log, trajectory or trajectory_files(job))
     return _hessian_directions(job, loaded, task, log)
+
+
+def _aligned(loaded: Loaded, target: dict, log) -> tuple:
+    """theta' with its hidden units permuted to match theta*'s (directions.align: weights;
+    directions/align.py), and what the file says of it."""
+    from .directions.align import permutation_spec, weight_matching
+    try:
+        spec = permutation_spec(loaded.model)
+    except ValueError as e:
+        raise UserError(str(e))
+    aligned, perms = weight_matching(spec, loaded.theta, target)
+    moved = sum(int((v != torch.arange(len(v))).sum()) for v in perms.values())
+    total = sum(len(v) for v in perms.values())
+    log(f"target aligned to theta* by weight matching: {moved} of {total} hidden units moved, "
+        f"{len(perms)} permutations")
+    return aligned, {"align": "weights", "align_units_moved": moved, "align_units": total}
 
 
 RECIPE_ABOVE = 50_000_000  # parameters: above it, directions.store: auto keeps random directions as their recipe
