@@ -384,6 +384,13 @@ def figure_trajectory(s: dict, split: str, args):
     step = max(1, len(t) // 8)  # at most about eight numbers on the path
     for i in list(range(0, len(t), step)) + ([len(t) - 1] if (len(t) - 1) % step else []):
         ax.annotate(str(i + 1), t[i], textcoords="offset points", xytext=(4, 4), fontsize=7, color="tab:red")
+    fit = s.get("trajectory_fit")
+    if fit is not None:  # checkpoints the plane holds under half of: their dot is a projection only
+        well = fit.get("threshold", 0.5)
+        bad = np.asarray(fit["captured"]) < well
+        if bad.any():
+            ax.plot(t[bad, 0], t[bad, 1], "o", mfc="white", mec="tab:red", ms=6, mew=1.2,
+                    label=f"under {100 * well:.0f}% of its displacement in the plane")
     ax.plot([0], [0], "k*", ms=9, label="θ* (final weights)")
     ev = s.get("explained_variance_ratio")
     ev = json.loads(ev) if isinstance(ev, str) else ev

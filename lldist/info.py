@@ -80,6 +80,15 @@ def main(argv=None) -> int:
             extra = {k: sf.attr(k, group="directions") for k in ("explained_variance_ratio", "hessian_eigenvalues",
                                                                   "source_file")}
             print(f"  directions: {kind} " + ", ".join(f"{k} {v}" for k, v in extra.items() if v is not None))
+        fit = sf.trajectory_fit()
+        if fit is not None:  # how well the PCA plane holds each checkpoint
+            print(f"  trajectory on the plane ({fit['split']} loss; * under {100 * fit['threshold']:.0f}% of the "
+                  "displacement in the plane: its point is a projection)")
+            print(f"    {'#':>3} {'checkpoint':<28} {'in plane':>8} {'loss there':>11} {'loss projected':>14}")
+            names = fit["checkpoints"] or [""] * len(fit["captured"])
+            for i, (n, c, a, b) in enumerate(zip(names, fit["captured"], fit["loss_checkpoint"], fit["loss_projected"])):
+                flag = "*" if c < fit["threshold"] else " "
+                print(f"    {i + 1:>3} {n[:28]:<28} {100 * c:>7.1f}%{flag} {a:>11.4g} {b:>14.4g}")
         records, _ = sf.chunk_log()
         if len(records):
             print(f"  {'run':>3} {'rank':>4} {'host':<16} {'device':<8} {'cells':>6} {'chunks':>6} {'busy s':>8} {'busy':>6}")

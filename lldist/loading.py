@@ -151,7 +151,7 @@ def _make_dirs(job: Job, loaded: Loaded, task: Task, source: Source, log, trajec
     if kind == "file":
         return _file_directions(job, loaded)
     if kind == "pca":
-        return _pca_directions(job, loaded, log, trajectory or trajectory_files(job))
+        return _pca_directions(job, loaded, log, trajectory or trajectory_files(job), task)
     return _hessian_directions(job, loaded, task, log)
 
 
@@ -247,7 +247,49 @@ def _file_directions(job: Job, loaded: Loaded) -> dict:
     return {axis: {n: theirs[axis][n].to(w.dtype) for n, w in loaded.theta.items()} for axis in ("x", "y")[:job.ndim]}
 
 
-def _pca_directions(job: Job, loaded: Loaded, log, files: list) -> dict:
+CAPTURED_WELL = 0.5  # a checkpoint whose displacement the plane holds less of is drawn as badly represented
+
+
+def _mean_loss(model, state: dict, data, task: Task, batch_size: int) -> float:
+    """The task's mean loss over a split with `state` loaded (float64 sums of the batch sums)."""
+    model.load_state_dict(state, strict=False)
+    model.eval()
+    total = None
+    with torch.no_grad():
+        for b in data.batches(batch_size):
+            t = task.sums(task.forward(model, b), b).double()
+            total = t if total is None else total + t
+    return float(total[0] / total[1])
+
+
+def trajectory_fit(job: Job, loaded: Loaded, task: Task, states: list, dirs: dict, coords, log) -> dict:
+    """How well the PCA plane holds each checkpoint (loss-landscape #1: "the PCA path does not
+    match the contour losses"): the fraction of its displacement θ_i − θ* in the plane,
+    (c_i1² + c_i2²)/‖θ_i − θ*‖² over the entries the directions move, and the loss at the
+    checkpoint against the loss at its projection θ* + c_i1 d_x + c_i2 d_y (on the job's first
+    split; BatchNorm statistics stay θ*'s at the projection, as on the grid)."""
+    moving = [n for n in loaded.theta if any(bool(dirs[a][n].any()) for a in ("x", "y") if a in dirs)]
+    split = job.splits[0]
+    data = loaded.splits[split]
+    bs = job.eval.batch_size if job.eval.batch_size != "auto" else 256
+    model = copy.deepcopy(loaded.model)
+    captured, at_checkpoint, at_projection = [], [], []
+    for st, (c1, c2) in zip(states, coords.tolist()):
+        norm2 = sum(float((st[n].double() - loaded.theta[n].double()).pow(2).sum()) for n in moving)
+        captured.append((c1 * c1 + c2 * c2) / norm2 if norm2 > 0 else 1.0)
+        at_checkpoint.append(_mean_loss(model, st, data, task, bs))
+        proj = {n: (w.double() + c1 * dirs["x"][n].double() + (c2 * dirs["y"][n].double() if "y" in dirs else 0))
+                .to(w.dtype) for n, w in loaded.theta.items()}
+        at_projection.append(_mean_loss(model, proj, data, task, bs))
+    bad = [i + 1 for i, c in enumerate(captured) if c < CAPTURED_WELL]
+    log(f"the plane holds {100 * min(captured):.0f}-{100 * max(captured):.0f}% of each checkpoint's displacement"
+        + (f"; checkpoints {', '.join(map(str, bad))} under {100 * CAPTURED_WELL:.0f}%: their points on the plane "
+           "are projections, not where training went" if bad else ""))
+    return {"captured": captured, "loss_checkpoint": at_checkpoint, "loss_projected": at_projection, "split": split,
+            "threshold": CAPTURED_WELL}
+
+
+def _pca_directions(job: Job, loaded: Loaded, log, files: list, task: Task = None) -> dict:
     states = [checkpoint_state(job, loaded, f) for f in files]
     try:
         trainable = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
@@ -264,6 +306,8 @@ def _pca_directions(job: Job, loaded: Loaded, log, files: list) -> dict:
         f"{hi[1]:.3g}] (the final checkpoint is at 0, 0): the grid should cover it")
     dirs = {a: dirs[a] for a in ("x", "y")[:job.ndim]}
     dirs["_info"], dirs["_trajectory"] = info, coords
+    if task is not None:  # a file of directions only (identity checks) does without
+        dirs["_trajectory_fit"] = trajectory_fit(job, loaded, task, states, dirs, coords, log)
     return dirs
 
 

@@ -193,11 +193,15 @@ def _layout(f: h5py.File, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: 
             d.dims[0].label = "plane"
     dirs = dict(dirs)
     planes, trajectory = dirs.pop("_planes", []), dirs.pop("_trajectory", None)
+    fit = dirs.pop("_trajectory_fit", None)
     info = _write_directions(f.create_group("directions"), dirs, job.directions)
     if trajectory is not None:  # pca: the checkpoints' coordinates in the plane of x and y
         t = f.create_dataset("trajectory", data=np.asarray(trajectory, dtype="f8"))
         t.attrs["long_name"] = "coordinates (alpha, beta) of the training checkpoints in the PCA plane"
         t.attrs["checkpoints"] = json.dumps(info.get("checkpoints", []))
+        if fit is not None:  # how well the plane holds each checkpoint (loading.trajectory_fit)
+            for k, v in fit.items():
+                t.attrs[k] = json.dumps(v) if isinstance(v, list) else v
     if planes:  # plane k's directions, as /directions holds plane 0's
         gp = f.create_group("planes")
         for k, d in enumerate(planes, 1):
@@ -442,6 +446,7 @@ class SurfaceReader:
         if self.adaptive and reconstruct:
             out["interpolated"] = ~done & np.isfinite(out["values"][(self.splits[0], self.quantities[0])])
         out["trajectory"] = f["trajectory"][()] if "trajectory" in f else None  # pca: (m, 2)
+        out["trajectory_fit"] = self.trajectory_fit()
         out["explained_variance_ratio"] = self.attr("explained_variance_ratio", group="directions")
         samples = self.attr("eval_samples", "{}")
         out["eval_samples"] = json.loads(samples) if isinstance(samples, str) else {}  # {split: examples}
@@ -465,6 +470,16 @@ class SurfaceReader:
                 out[key] = d
             elif d["operator"] == operator:
                 out[key.split("_")[0]] = d
+        return out
+
+    def trajectory_fit(self) -> Optional[dict]:
+        """pca: how well the plane holds each checkpoint (loading.trajectory_fit), or None."""
+        if "trajectory" not in self.f or "captured" not in self.f["trajectory"].attrs:
+            return None
+        a = self.f["trajectory"].attrs
+        out = {k: json.loads(a[k]) for k in ("captured", "loss_checkpoint", "loss_projected")}
+        out.update(split=str(a["split"]), threshold=float(a["threshold"]),
+                   checkpoints=json.loads(a.get("checkpoints", "[]")))
         return out
 
     def sharpness(self) -> dict:
