@@ -39,3 +39,9 @@ def open(path):  # noqa: A001 - lldist.open(path), beside the builtin it shadows
     """lldist.api.open: the landscape stored in an lldist file, complete or not."""
     from .api import open as _open
     return _open(path)
+
+
+def Recorder(path, every=1, unit="step"):  # noqa: N802 - lldist.Recorder, a class to its users
+    """lldist.recorder.Recorder: your own training loop's checkpoint series, as pca reads it."""
+    from .recorder import Recorder as _Recorder
+    return _Recorder(path, every, unit)

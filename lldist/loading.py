@@ -98,7 +98,10 @@ def trajectory_files(job: Job) -> list:
         if not job.model.checkpoint:
             raise UserError(f"{job.source}: directions.kind: pca needs directions.checkpoints or a model.checkpoint "
                             "whose <stem>_epoch<N>.pt series is the trajectory")
-        pattern = os.path.splitext(job.model.checkpoint)[0] + "_epoch*.pt"
+        stem = os.path.splitext(job.model.checkpoint)[0]
+        # lldist.train's epoch series, else a Recorder's step series (lldist/recorder.py)
+        pattern = stem + "_epoch*.pt" if len(glob.glob(stem + "_epoch*.pt")) >= 2 or \
+            len(glob.glob(stem + "_step*.pt")) < 2 else stem + "_step*.pt"
     final = os.path.abspath(job.model.checkpoint) if job.model.checkpoint else None
 
     def order(path):
