@@ -212,6 +212,12 @@ def figure_2d(s: dict, split: str, q: str, kind: str, args) -> "matplotlib.figur
     if t is not None and kind in ("contour", "contourf", "heat"):  # pca: the path training took
         ax.plot(t[:, 0], t[:, 1], "-o", color="tab:red", ms=3, lw=1, label="training trajectory")
         ax.plot([t[0, 0]], [t[0, 1]], "s", color="tab:red", ms=5)
+    pts = s.get("points")
+    if pts is not None and kind in ("contour", "contourf", "heat"):  # kind plane: the three models
+        c = pts["coords"]
+        ax.plot(c[:, 0], c[:, 1], "o", color="tab:red", mec="white", ms=7, zorder=5, label="the three models")
+        for (px, py), name in zip(c, pts["labels"]):
+            ax.annotate(name, (px, py), textcoords="offset points", xytext=(5, 5), fontsize=7, color="tab:red")
     title = f"{s['name']}: {split} {label}"
     if s.get("interpolated") is not None:  # an adaptive grid: say how much is computed
         title += f"\nadaptive: {100 * s['done'].mean():.0f}% of cells computed, the rest interpolated"

@@ -57,7 +57,7 @@ def job_hash(job: Job, inputs: Optional[dict]) -> str:
             ev["curvature_operator"] = job.curvature.operator
     dr = {k: v for k, v in as_dict(job.directions).items() if k not in ("target", "store")}  # (store: not the numbers)
     for k, default in (("kind", "random"), ("checkpoints", None), ("file", None), ("batches", 4), ("center", "final"),
-                       ("params", None), ("repeats", 1), ("align", None)):
+                       ("params", None), ("repeats", 1), ("align", None), ("points", None)):
         if dr.get(k) == default:  # (absent at their defaults: older jobs keep their hash)
             dr.pop(k)
     if job.directions.kind == "target":
@@ -160,6 +160,8 @@ def inputs(job_: Job, trajectory: list = (), task_=None) -> dict:
         out["trajectory"] = [file(f) for f in trajectory]
     if job_.directions.kind == "file":
         out["directions_file"] = directions_file(job_.directions.file)
+    if job_.directions.kind == "plane":
+        out["points"] = [file(f) for f in job_.directions.points]
     data = data_files(job_.data, job_.splits)
     if data:
         out["data"] = data

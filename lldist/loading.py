@@ -153,6 +153,8 @@ def _make_dirs(job: Job, loaded: Loaded, task: Task, source: Source, log, trajec
         return dirs
     if kind == "file":
         return _file_directions(job, loaded)
+    if kind == "plane":
+        return _plane_directions(job, loaded, log)
     if kind == "pca":
         return _pca_directions(job, loaded, log, trajectory or trajectory_files(job), task)
     return _hessian_directions(job, loaded, task, log)
@@ -231,6 +233,37 @@ def check_rows(dirs: dict, stored: dict, job: Job, loaded: Loaded, rows: dict, a
             if not recipe_mod.rows_agree(t, stored["_summary"]["sums"][a][n], stored["_summary"]["norms"][a][n],
                                          loaded.theta[n].numel()):
                 raise _regenerated_differs(job, a, n)
+
+
+def point_states(job: Job, loaded: Loaded) -> list:
+    """kind plane: the float states of its three points, exactly as their files hold them
+    (the first is theta*, the model's own checkpoint)."""
+    return [dict(loaded.theta)] + [checkpoint_state(job, loaded, f) for f in job.directions.points[1:]]
+
+
+def _plane_directions(job: Job, loaded: Loaded, log) -> dict:
+    """The plane through three models (Garipov et al. 2018): origin a = theta*, x = b − a,
+    y = (c − a) − t·x with t = <c − a, x>/<x, x> (float64, over every float entry: parameters
+    and BatchNorm statistics, as an interpolation moves them), so a sits at (0, 0), b at
+    (1, 0) and c at (t, 1). The file records the three points' coordinates and names; the run
+    evaluates the points themselves from their files (run.py), bit for bit those models."""
+    a, b, c = point_states(job, loaded)
+    u = {n: b[n].double() - a[n].double() for n in a}
+    w = {n: c[n].double() - a[n].double() for n in a}
+    uu = sum(float((x * x).sum()) for x in u.values())
+    if not uu > 0:
+        raise UserError(f"{job.source}: directions.points: the first two models are the same weights")
+    t = sum(float((w[n] * u[n]).sum()) for n in a) / uu
+    v = {n: w[n] - t * u[n] for n in a}
+    vv = sum(float((x * x).sum()) for x in v.values())
+    if not vv > 1e-12 * uu:
+        raise UserError(f"{job.source}: directions.points: the three models lie on one line; they span no plane")
+    names = [os.path.basename(os.path.normpath(f)) for f in job.directions.points]
+    log(f"plane through {', '.join(names)}: |b - a| {uu ** 0.5:.4g}, c at ({t:.4g}, 1), |y| {vv ** 0.5:.4g}")
+    dirs = {"x": {n: x.to(a[n].dtype) for n, x in u.items()}, "y": {n: x.to(a[n].dtype) for n, x in v.items()}}
+    dirs["_info"] = {"points": [[0.0, 0.0], [1.0, 0.0], [t, 1.0]], "point_files": names,
+                     "plane_x_norm": uu ** 0.5, "plane_y_norm": vv ** 0.5}
+    return dirs
 
 
 def _file_directions(job: Job, loaded: Loaded) -> dict:

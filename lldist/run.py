@@ -44,6 +44,7 @@ from .loading import (
     ensure_checkpoint,
     make_dirs,
     materialize,
+    point_states,
     trajectory_files,
 )
 from .schedule import Adaptive, Sweep
@@ -178,6 +179,9 @@ class SurfaceRun:
         if group == "auto" and sf.attr("eval_cells_per_pass") is not None:
             group = int(sf.attr("eval_cells_per_pass"))
         ev = self.evaluator = make_evaluator(job, loaded, dirs, self.device, batch, group, task)
+        if not sf.points_done():  # kind plane: the three models, each from its own file, before the grid
+            sf.write_points(np.stack([ev.evaluate_state(st) for st in point_states(job, loaded)]))
+            log("the plane's three points evaluated from their own files")
         sf.set_attr("eval_batch_size", ev.batch_size)
         sf.set_attr("eval_cells_per_pass", ev.cells_per_pass)
         self.cells_per_pass = ev.cells_per_pass

@@ -332,6 +332,26 @@ class Evaluator:
             rows.append(q)
         return np.array(rows, dtype=np.float64)
 
+    @torch.no_grad()
+    def evaluate_state(self, state: dict) -> np.ndarray:
+        """(nsplits, nquantities) at the weights `state` itself, copied in bit for bit (a plane's
+        three models: no θ + αδ arithmetic), then θ* put back in every entry."""
+        for m in self._sharded:
+            m.reshard()
+        for s in self.slots:
+            s.target().copy_(state[s.name].to(self.device, s.theta.dtype))
+        try:
+            rows = []
+            for name, d in self.splits.items():
+                q = self.quantities(d)
+                if self.task.curvature:
+                    q = list(q) + self.curvature(name, d)
+                rows.append(q)
+            return np.array(rows, dtype=np.float64)
+        finally:
+            for s in self.slots:
+                s.target().copy_(s.theta)
+
     def curvature(self, name: str, data) -> list:
         """[lambda_max, lambda_min, |lambda_min / lambda_max|] of the task's curvature operator (the
         Hessian, GGN or Fisher of the loss) at the current weights, on the split's first eval.curvature_batches batches (curvature.py)."""

@@ -202,6 +202,16 @@ def _layout(f: h5py.File, job: Job, hashes: dict, grid: Grid, dirs: dict, meta: 
         if fit is not None:  # how well the plane holds each checkpoint (loading.trajectory_fit)
             for k, v in fit.items():
                 t.attrs[k] = json.dumps(v) if isinstance(v, list) else v
+    if "points" in info:  # kind plane: the three models themselves, evaluated apart (SurfaceWriter.write_points)
+        gp = f.create_group("points")
+        gp.attrs["long_name"] = "the three models the plane passes through, evaluated from their own files"
+        gp.create_dataset("coords", data=np.asarray(info["points"], dtype="f8")).attrs["long_name"] = \
+            "(alpha, beta) of each point"
+        gp.create_dataset("labels", data=np.array(info["point_files"], dtype=h5py.string_dtype()))
+        _allocate(gp, "done", (3,), bool, False)
+        for split in job.splits:
+            for name in quantities:
+                _allocate(gp, f"{split}/{name}", (3,), "f8", np.nan)
     if planes:  # plane k's directions, as /directions holds plane 0's
         gp = f.create_group("planes")
         for k, d in enumerate(planes, 1):
@@ -453,6 +463,7 @@ class SurfaceReader:
         out["curvature"] = self.curvature()
         out["curvature_by_key"] = self.curvature(operator=None)  # the GGN's and the Fisher's too
         out["sharpness"] = self.sharpness()
+        out["points"] = self.points()
         out["path"] = self.attr("x_kind", "", group="directions") == "target"  # x runs θ* (α = 0) to θ' (α = 1)
         return out
 
@@ -471,6 +482,21 @@ class SurfaceReader:
             elif d["operator"] == operator:
                 out[key.split("_")[0]] = d
         return out
+
+    def points(self) -> Optional[dict]:
+        """kind plane: {coords (3, 2), labels, done (3,), values {(split, q): (3,)}}, or None."""
+        if "points" not in self.f:
+            return None
+        g = self.f["points"]
+        done = g["done"][()]
+        values = {}
+        for split in self.splits:
+            for q in self.quantities:
+                v = g[split][q][()].astype(float)
+                v[~done] = np.nan
+                values[(split, q)] = v
+        return {"coords": g["coords"][()], "labels": [x.decode() if isinstance(x, bytes) else str(x)
+                                                      for x in g["labels"][()]], "done": done, "values": values}
 
     def trajectory_fit(self) -> Optional[dict]:
         """pca: how well the plane holds each checkpoint (loading.trajectory_fit), or None."""
@@ -678,6 +704,20 @@ class SurfaceWriter(SurfaceReader):
         if len(self._uncommitted) >= COMMIT_CHUNKS:
             return self.commit()
         return self.commit_due()
+
+    def points_done(self) -> bool:
+        return "points" not in self.f or bool(self.f["points/done"][()].all())
+
+    def write_points(self, values: np.ndarray) -> None:
+        """kind plane: the three points' values (3, nsplits, nquantities), then their done marks
+        (flushed first, as a commit does: done never reaches the disk before the values)."""
+        g = self.f["points"]
+        for j, split in enumerate(self.splits):
+            for q, name in enumerate(self.quantities):
+                g[split][name][:] = values[:, j, q]
+        self.f.flush()
+        g["done"][:] = True
+        self.f.flush()
 
     def commit_due(self) -> int:
         """Commit if COMMIT_S passed since the last commit; returns the cells committed."""
