@@ -92,12 +92,15 @@ def rank_correlation(x, y, boot: int = 2000, seed: int = 0, level: float = LEVEL
     return {"tau": float(res.statistic), "p": float(res.pvalue), "low": float(lo), "high": float(hi), "n": n}
 
 
-def verdict(c: dict) -> str:
-    """What a rank correlation's interval says, in words."""
+def verdict(c: dict, sign: int = 1) -> str:
+    """What a rank correlation's interval says, in words; `sign` +1 for a measure that grows
+    with sharpness, −1 for one that grows with flatness (a basin's size), 0 for neither."""
     if not np.isfinite(c["low"]):
         return "too few points"
-    if c["low"] > 0:
-        return "ranks the gaps (the sharper, the larger the gap)"
-    if c["high"] < 0:
-        return "ranks them in reverse"
+    if c["low"] > 0 or c["high"] < 0:
+        up = c["low"] > 0
+        if sign == 0:
+            return "larger with the gap" if up else "smaller with the gap"
+        return "as sharpness predicts: sharper, larger gap" if up == (sign > 0) else \
+            "against it: sharper, smaller gap"
     return "cannot tell (the interval holds 0)"
