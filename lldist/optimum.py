@@ -116,9 +116,11 @@ def at_optimum(job, top: int = 5, samples: int = 64, batches: int = 4, log=print
                        batches, bs, what, DESCRIPTION[op], spread, block_top, tol, smallest)
         if jack:
             watch.stage = f"lambda_max without each of the {len(jack)} batches (the jackknife)"
+            t = time.perf_counter()
             each = [float(c.eigs(1, "LA", tol)[0][0]) for c in jack.values()]
             res.update(lambda_max_jackknife=each, lambda_max_se=jackknife_se(each))
             res["hessian_vector_products"] += sum(c.matvecs for c in jack.values())
+            res["seconds"] += time.perf_counter() - t
             log(f"lambda_max {res['lambda_max']:.6g} +- {res['lambda_max_se']:.2g} (jackknife over {len(each)} batches: "
                 + ", ".join(f"{v:.5g}" for v in each) + ")")
         return res

@@ -185,7 +185,7 @@ def optimum_scaling(args) -> list:
                        capture_output=True)
         for n in args.optimum_ranks:
             cmd = [mpiexec, "-n", str(n), sys.executable, "-m", "lldist.hessian", path, "--top", "2", "--batches",
-                   str(nb), "--trace-samples", "16"]
+                   str(nb), "--trace-samples", "16", "--no-jackknife"]
             p = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=1800)
             if p.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stderr[-2000:]}")
