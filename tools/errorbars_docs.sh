@@ -13,4 +13,7 @@ export OMP_NUM_THREADS=1
 "$MPIEXEC" -n 2 "$PY" -m lldist.study jobs/study_digits_seeds.yaml --progress-every 60
 mkdir -p docs/study_digits_seeds
 cp runs/study_digits_seeds/report.md docs/study_digits_seeds/report.md
-cp runs/study_digits_seeds/figures/compare_train_loss.png docs/study_digits_seeds/
+"$PY" -m lldist.plot runs/study_digits_seeds/cnn_skip_b64_s0/surface.h5 --dpi 80
+cp runs/study_digits_seeds/cnn_skip_b64_s0/surface_train_loss_planes.png \
+  docs/study_digits_seeds/cnn_skip_b64_s0_train_loss_planes.png
+"$PY" tools/errorbars_draws.py  # the seeds-against-draws table
