@@ -370,8 +370,8 @@ def errorbars(variants: list, rows: list, split: str) -> list:
         [(lab, [i for i, x in enumerate(labels) if x == lab]) for lab in dict.fromkeys(labels)]
     families = [(f, idx) for f, idx in families if len(idx) >= 4 and (f == "all" or len(families) > 2)]
     corr = []
-    for k in [k for k in JUDGED if k != "trained_gap" and any(k in r for r in rows)]:
-        cells = []
+    for k in [k for k in JUDGED if k != "trained_gap" and any(k in r for r in rows)] if families else []:
+        cells, first = [], None
         for f, idx in families:
             c = rank_correlation([rows[i].get(k, math.nan) for i in idx], [rows[i].get("trained_gap", math.nan)
                                                                              for i in idx])

@@ -62,6 +62,7 @@ def test_the_aligned_model_computes_the_same_function(name, args):
     np.testing.assert_allclose(after.numpy(), before.numpy(), atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_alignment_lowers_the_barrier_between_two_trained_mlps(workdir):
     job = write_job(workdir / "job.yaml", model={"name": "mlp", "checkpoint": "model.pt", "args": {"hidden": [32]}},
                     train={"epochs": 15, "lr": 0.01, "batch_size": 32, "seed": 0}, data={"name": "digits", "subset": 300},

@@ -12,9 +12,14 @@ from lldist.evaluation.evaluator import evaluate_plain
 
 
 def three_models(workdir):
+    """Three MLPs of the job's architecture, initialised from three seeds (the points need not
+    be trained for the plane's arithmetic to be checked), saved in lldist's checkpoint format."""
+    from lldist.config import ModelConfig
+    from lldist.workloads.models import build_model, save_checkpoint
     job = write_job(workdir / "job.yaml", grid={"x": [-0.5, 1.5, 9], "y": [-0.5, 1.5, 9]})
     for seed, name in ((0, "a.pt"), (1, "b.pt"), (2, "c.pt")):
-        run(["lldist.train", job, "--set", f"train.seed={seed}", "--set", f"model.checkpoint={name}"], workdir)
+        save_checkpoint(build_model(ModelConfig(name="mlp", args={"hidden": [16]}, seed=seed), (1, 8, 8), 10), name,
+                        {"seed": seed})
     return job
 
 

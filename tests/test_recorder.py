@@ -62,6 +62,7 @@ def test_a_plain_loops_series_is_the_trajectory_pca_reads(workdir):
         lldist.Recorder("a.pt", unit="batch")
 
 
+@pytest.mark.slow
 def test_the_huggingface_callback_records_a_trainer_run(workdir):
     transformers = pytest.importorskip("transformers")
     cfg = transformers.GPT2Config(vocab_size=32, n_positions=16, n_embd=8, n_layer=1, n_head=2)
@@ -90,6 +91,7 @@ def test_the_huggingface_callback_records_a_trainer_run(workdir):
     assert any(not torch.equal(first[k], v.cpu()) for k, v in model.state_dict().items())  # it trained
 
 
+@pytest.mark.slow
 def test_the_lightning_callback_records_a_series_pca_reads(workdir):
     pl = pytest.importorskip("lightning.pytorch")
 

@@ -23,6 +23,7 @@ def arrays(path):
         return {q: f["test"][q][()] for q in QUANTITIES}, f["done"][()]
 
 
+@pytest.mark.slow
 def test_each_plane_is_the_single_run_with_its_seed(workdir):
     job = write_job(workdir / "job.yaml", grid={"x": [-1.0, 1.0, 5], "y": [-0.5, 0.5, 3]})
     run(["lldist.surface", job, "--set", "directions.seed=4", "--set", "directions.repeats=3", "--out", "rep.h5"],

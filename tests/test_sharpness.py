@@ -152,6 +152,7 @@ def stored(path):
         return dict(f["sharpness"]["train"].attrs)
 
 
+@pytest.mark.slow
 def test_the_command_stores_the_same_numbers_on_one_and_three_ranks(workdir):
     job = write_job(workdir / "job.yaml", grid={"x": [-1.0, 1.0, 3], "y": None}, eval={"batch_size": 50})
     run(["lldist.surface", job], workdir)

@@ -80,3 +80,14 @@ def test_rank_correlation_is_kendalls_with_an_interval_that_holds_it():
     c = rank_correlation(noise, gap, boot=500)
     assert c["low"] < 0 < c["high"]
     assert math.isnan(rank_correlation([1, 2], [1, 2])["tau"])
+
+
+def test_a_small_study_gets_its_tables_and_no_correlation():
+    """Three variants: too few for a rank correlation; the tables still come (a study of two
+    batch sizes and one seed once crashed here)."""
+    data = {("a", 64): [{"hessian_trace": 100.0, "hessian_trace_stderr": 5.0, "trained_gap": 0.01}],
+            ("a", 512): [{"hessian_trace": 140.0, "hessian_trace_stderr": 5.0, "trained_gap": 0.02}],
+            ("b", 64): [{"hessian_trace": 90.0, "hessian_trace_stderr": 5.0, "trained_gap": 0.03}]}
+    vs, rows = variants(data)
+    md = "\n".join(errorbars(vs, rows, "train"))
+    assert "### a" in md and "Which measure ranks" not in md
