@@ -295,7 +295,7 @@ class Evaluator:
                 ran += 1
             self._pad_forwards(ran, len(sums), lambda: self.task.forward(self.model, self._channels_last(first)))
         if self.group is not None:  # each batch's slot filled by the rank that ran it (see loss_acc)
-            width = 2 * len(self.task.summed)
+            width = self.task.width
             stacked = torch.stack([s if s is not None else torch.zeros(width, device=self.device) for s in sums])
             return self.task.means(all_reduce_sum(stacked).double().sum(0))
         return self.task.means(torch.stack(sums).double().sum(0))

@@ -205,6 +205,7 @@ class Task:
                 self._metrics[name] = _per_example(fn)
                 self.user_metrics[name] = fn
         self.summed = ("loss",) + tuple(self._metrics)
+        self.width = 2 * len(self.summed) + 4  # the length of sums(): each quantity's pair, the loss's moments
         # per-cell curvature (eval.curvature): computed by the evaluator, not from batch sums;
         # `curvature` True (the Hessian) or the operator's name (curvature.operator: operators.py)
         from .operators import OPERATORS
