@@ -324,6 +324,10 @@ class Evaluator:
         """(nsplits, nquantities) float64: the task's quantities ([loss, accuracy] by default)
         per split at theta + a*dx + b*dy."""
         self.set_weights(a, b)
+        return self._rows()
+
+    def _rows(self) -> np.ndarray:
+        """(nsplits, nquantities) at the weights the model holds now."""
         rows = []
         for name, d in self.splits.items():
             q = self.quantities(d)
@@ -341,13 +345,7 @@ class Evaluator:
         for s in self.slots:
             s.target().copy_(state[s.name].to(self.device, s.theta.dtype))
         try:
-            rows = []
-            for name, d in self.splits.items():
-                q = self.quantities(d)
-                if self.task.curvature:
-                    q = list(q) + self.curvature(name, d)
-                rows.append(q)
-            return np.array(rows, dtype=np.float64)
+            return self._rows()
         finally:
             for s in self.slots:
                 s.target().copy_(s.theta)

@@ -141,8 +141,8 @@ class Sharpness:
         if restart > 0:
             z = self._normal(seed, "worst", restart)
             if p == 2:  # a random point of the ball, half way out
-                norm = math.sqrt(sum(float((v * v).sum()) for v in z.values()))
-                u = {n: v * (rho / 2 / norm) for n, v in z.items()}
+                scale = rho / 2 / _norm(z)
+                u = {n: v * scale for n, v in z.items()}
             else:  # uniform in the cube, from the normal draw's CDF
                 u = {n: rho * (2 * torch.special.ndtr(v) - 1) for n, v in z.items()}
         best = 0.0
@@ -152,15 +152,8 @@ class Sharpness:
             gu = {n: self.c[n] * grad[n] for n in self.names}  # the gradient in u
             step = rho / 2 * (1 + math.cos(math.pi * t / steps)) / 2
             if p == 2:
-                norm = math.sqrt(sum(float((g * g).sum()) for g in gu.values()))
-                if norm == 0:
+                if not _l2_step(u, gu, step, rho):
                     break
-                for n in self.names:
-                    u[n].add_(gu[n], alpha=step / norm)
-                size = math.sqrt(sum(float((v * v).sum()) for v in u.values()))
-                if size > rho:
-                    for n in self.names:
-                        u[n].mul_(rho / size)
             else:
                 for n in self.names:
                     u[n].add_(gu[n].sign(), alpha=step).clamp_(-rho, rho)
@@ -170,8 +163,8 @@ class Sharpness:
     def average(self, rho: float, draw: int, seed: int = 0) -> float:
         """(L(θ + δ) + L(θ − δ))/2 − L(θ) for δ = rho c ⊙ z/‖z‖ of draw `draw`."""
         z = self._normal(seed, "average", draw)
-        norm = math.sqrt(sum(float((v * v).sum()) for v in z.values()))
-        delta = {n: self.c[n] * z[n] * (rho / norm) for n in self.names}
+        scale = rho / _norm(z)
+        delta = {n: self.c[n] * z[n] * scale for n in self.names}
         return (self.loss(delta) + self.loss(delta, -1.0)) / 2 - self.base
 
     def groups(self, m: int) -> list:
@@ -188,15 +181,8 @@ class Sharpness:
         alpha = rho if steps == 1 else 2 * rho / steps  # several steps: the sphere by half way
         for _ in range(steps):
             _, grad = self.loss_and_grad(eps, part)
-            norm = math.sqrt(sum(float((g * g).sum()) for g in grad.values()))
-            if norm == 0:
+            if not _l2_step(eps, grad, alpha, rho):
                 break
-            for n in self.names:
-                eps[n].add_(grad[n], alpha=alpha / norm)
-            size = math.sqrt(sum(float((v * v).sum()) for v in eps.values()))
-            if size > rho:
-                for n in self.names:
-                    eps[n].mul_(rho / size)
         return self.loss(eps, batches=part) - base
 
     def pac_rise(self, sigma: float, draw: int, seed: int = 0, eps: float = PAC_EPS) -> float:
@@ -204,6 +190,25 @@ class Sharpness:
         z = self._normal(seed, "pac", draw)
         u = {n: torch.sqrt(sigma * sigma * self.theta[n] ** 2 + eps * eps) * z[n] for n in self.names}
         return (self.loss(u) + self.loss(u, -1.0)) / 2 - self.base
+
+
+def _norm(vectors: dict) -> float:
+    return math.sqrt(sum(float((v * v).sum()) for v in vectors.values()))
+
+
+def _l2_step(u: dict, grad: dict, step: float, rho: float) -> bool:
+    """u += step · grad/‖grad‖, then back onto the ℓ2 ball of radius rho (in place, over every
+    entry at once). False, and u unchanged, when the gradient is zero."""
+    norm = _norm(grad)
+    if norm == 0:
+        return False
+    for n in u:
+        u[n].add_(grad[n], alpha=step / norm)
+    size = _norm(u)
+    if size > rho:
+        for v in u.values():
+            v.mul_(rho / size)
+    return True
 
 
 def bisect_sigma(rise: Callable, threshold: float, tol: float = 0.01, start: float = 0.01,
