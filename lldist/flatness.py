@@ -20,7 +20,7 @@ import time
 from .errors import UserError
 from .evaluation.sharpness import Sharpness, bisect_sigma, mean_and_se, rows
 from .evaluation.tasks import batch_size
-from .loading import Source, ensure_checkpoint
+from .loading import Source, ready_at_optimum
 
 NORMS = {"2": 2, "inf": math.inf}  # the worst case's balls, by the name its results carry
 
@@ -48,15 +48,8 @@ def measure(job, log=print, should_stop=lambda: None, spread=None) -> dict:
     if cfg.m > bs:
         raise UserError(f"{job.source}: key 'sharpness.m' is {cfg.m}, more than eval.batch_size ({bs}): SAM's groups "
                         "are taken within batches")
-    driver = spread is None or spread.rank == 0
+    driver = ready_at_optimum(job, spread, should_stop, log)
     log = log if driver else (lambda m: None)  # every rank gets the numbers; rank 0 says them
-    if driver:
-        ensure_checkpoint(job, should_stop, log)
-    else:
-        from .workloads import notes
-        notes.quiet()
-    if spread is not None:
-        spread.gate()  # the others load the checkpoint rank 0 may just have trained
     job = dataclasses.replace(job, eval=dataclasses.replace(job.eval, split=cfg.split))  # load that split
     src = Source()
     loaded = src.load(job)

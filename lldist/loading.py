@@ -79,6 +79,21 @@ def ensure_checkpoint(job: Job, should_stop=lambda: None, log=print) -> None:
         raise UserError(f"{job.source}: key 'directions.target': {job.directions.target} does not exist")
 
 
+def ready_at_optimum(job: Job, spread=None, should_stop=lambda: None, log=print) -> bool:
+    """Before a computation at θ* that every rank joins (optimum.at_optimum, flatness.measure):
+    rank 0 trains a missing checkpoint while the others, quiet (rank 0 says what loading says),
+    wait at spread's gate. Returns whether this rank drives (rank 0, or the only process)."""
+    driver = spread is None or spread.rank == 0
+    if driver:
+        ensure_checkpoint(job, should_stop, log)
+    else:
+        from .workloads import notes
+        notes.quiet()
+    if spread is not None:
+        spread.gate()  # the others load the checkpoint rank 0 may just have trained
+    return driver
+
+
 def checkpoint_state(job: Job, loaded: Loaded, path: str) -> dict:
     """The float state of the job's model with another checkpoint loaded (a target, a
     trajectory's epoch). A model given from Python is copied, not rebuilt."""

@@ -13,7 +13,7 @@ import torch
 
 from .errors import UserError
 from .evaluation.curvature import Curvature, Watch, first_batches
-from .loading import Source, ensure_checkpoint
+from .loading import Source, ready_at_optimum
 
 MAX_TOP = 1000  # eigenpairs by Lanczos: beyond a few hundred, the density is the tool
 
@@ -75,14 +75,7 @@ def at_optimum(job, top: int = 5, samples: int = 64, batches: int = 4, log=print
     from .evaluation.blocks import blocks as block_names
     from .evaluation.curvature import serve
     from .evaluation.operators import DESCRIPTION
-    driver = spread is None or spread.rank == 0
-    if driver:
-        ensure_checkpoint(job, should_stop, log)
-    else:
-        from .workloads import notes
-        notes.quiet()  # the others would repeat rank 0's loading notes word for word
-    if spread is not None:
-        spread.gate()  # the others load the checkpoint rank 0 may just have trained
+    driver = ready_at_optimum(job, spread, should_stop, log)
     src = Source()
     loaded = src.load(job)
     split = split or next(iter(loaded.splits))
