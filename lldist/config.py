@@ -27,12 +27,13 @@ BUILTIN_MODELS = ("mlp", "cnn", "cnn_skip", "mobilenet_v2")
 BUILTIN_DATA = ("digits", "cifar10", "imagefolder")
 NORMS = ("filter", "layer", "weight", "none")
 IGNORES = ("biasbn", "none")
-DIRECTION_KINDS = ("random", "target", "pca", "hessian", "file", "plane")
+DIRECTION_KINDS = ("random", "target", "pca", "hessian", "file", "plane", "curve")
+CURVES = ("bezier", "polychain")  # lldist/evaluation/curves.py
 SPLITS = ("train", "test", "both")
 PRECISIONS = ("fp32", "tf32", "bf16")
 OPTIMIZERS = ("adam", "adamw", "sgd")
 DEVICES = ("auto", "cpu", "cuda")
-BN_MODES = ("eval", "batch")
+BN_MODES = ("eval", "batch", "recompute")
 LOSSES = ("cross_entropy", "mse", "lm")
 OPERATORS_CURVATURE = ("hessian", "ggn", "fisher")  # lldist/evaluation/operators.py
 BLOCK_KINDS = ("layers", "transformer")  # lldist/evaluation/blocks.py
@@ -131,7 +132,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DirectionsConfig:
-    kind: str = "random"  # random | target | pca | hessian | file | plane (lldist/directions)
+    kind: str = "random"  # random | target | pca | hessian | file | plane | curve (lldist/directions)
     seed: int = 0
     norm: str = "filter"  # random directions only
     ignore: str = "biasbn"  # biasbn: 1-D parameters (biases, BatchNorm) get a zero direction
@@ -145,6 +146,9 @@ class DirectionsConfig:
     repeats: int = 1  # random: n planes in one file, plane k drawn with seed + k (the draw-to-draw error bar)
     align: Optional[str] = None  # with a target: weights (permute theta' to match theta* first: directions/align.py)
     points: Optional[list] = None  # plane: three checkpoints [a, b, c]; origin a, x = b - a, y = c - a made orthogonal
+    #                                curve: [a, b, bend], the curve's ends and its bend (python -m lldist.connect)
+    curve: Optional[str] = None  # bezier | polychain: kind curve's path (default bezier); on a plane through
+    #                              [a, b, bend], the curve drawn on it
 
 
 @dataclass(frozen=True)
@@ -177,7 +181,8 @@ class EvalConfig:
     precision: str = "fp32"
     channels_last: bool = False
     compile: Union[bool, str] = False  # true, or a torch.compile mode such as "reduce-overhead"
-    bn: str = "eval"  # eval: running statistics; batch: statistics of each batch
+    bn: str = "eval"  # eval: running statistics; batch: statistics of each batch; recompute: running
+    #                   statistics recomputed at every cell's weights on the train split (curves, interpolations)
     cells_per_pass: Union[int, str] = 1  # several cells in one vmapped pass, or "auto"
     chunk_size: Union[int, str] = "auto"  # cells per unit of work (and per HDF5 flush)
     loss: str = "cross_entropy"  # cross_entropy | mse | lm (next-token) | python:<module>:<function>
@@ -218,6 +223,20 @@ class SharpnessConfig:
 
 
 @dataclass(frozen=True)
+class ConnectConfig:
+    """Mode-connecting curves between two minima (python -m lldist.connect a.pt b.pt; Garipov et
+    al. 2018): the bend trained with t ~ U(0, 1) per batch, then the curve, the straight line and
+    the plane of the three control points evaluated."""
+    curve: str = "bezier"  # bezier | polychain (one bend)
+    train: Optional[TrainConfig] = None  # the bend's training (default: the job's train section, else its defaults)
+    points: int = 21  # cells along the curve and the line, t from 0 to 1
+    plane: int = 21  # cells per axis of the plane through a, b and the bend
+    margin: float = 0.25  # the plane reaches this far beyond the three points, in its own units
+    align: Optional[str] = None  # weights: permute b to match a first (directions/align.py); the line to b stays too
+    output: Optional[str] = None  # folder for the bend and the three files (default runs/connect/<a>_<b>)
+
+
+@dataclass(frozen=True)
 class Job:
     name: str = "job"
     output: str = "runs/job/surface.h5"
@@ -229,6 +248,7 @@ class Job:
     eval: EvalConfig = EvalConfig()
     curvature: CurvatureConfig = CurvatureConfig()
     sharpness: SharpnessConfig = SharpnessConfig()
+    connect: ConnectConfig = ConnectConfig()
     source: str = field(default="<job>", compare=False)  # the file it came from
     text: str = field(default="", compare=False)  # the YAML text, with overrides appended
 
@@ -277,8 +297,8 @@ def job_from_dict(raw: dict, source: str, text: Optional[str] = None) -> Job:
     """A validated Job from a mapping (a parsed job file, or a study's variant)."""
     job = _build(Job, raw, "", source)
     d = job.directions
-    if d.kind == "plane" and isinstance(d.points, list) and d.points and job.model.checkpoint is None:
-        # a plane's origin is its first point: the model's theta*
+    if d.kind in ("plane", "curve") and isinstance(d.points, list) and d.points and job.model.checkpoint is None:
+        # a plane's origin and a curve's start are the first point: the model's theta*
         job = dataclasses.replace(job, model=dataclasses.replace(job.model, checkpoint=d.points[0]))
     if text is None:
         text = yaml.safe_dump(raw, sort_keys=False)
@@ -421,6 +441,27 @@ def _check_align(job: "Job", path: str) -> None:
         raise UserError(f"{path}: key 'directions.align' aligns the target to theta*: it needs directions.target")
 
 
+def _check_train(t: TrainConfig, key: str, p: str) -> None:
+    _choice(t.optimizer, OPTIMIZERS, f"{key}.optimizer", p)
+    _choice(t.device, DEVICES, f"{key}.device", p)
+    if not t.lr > 0:
+        raise UserError(f"{p}: key '{key}.lr' must be positive, got {t.lr}")
+    if t.batch_size < 1 or t.epochs < 1 or (t.steps is not None and t.steps < 1):
+        raise UserError(f"{p}: keys '{key}.batch_size', '{key}.epochs' and '{key}.steps' must be at least 1")
+
+
+def _check_connect(c: ConnectConfig, path: str) -> None:
+    _choice(c.curve, CURVES, "connect.curve", path)
+    if c.points < 3 or c.plane < 3:
+        raise UserError(f"{path}: keys 'connect.points' and 'connect.plane' must be at least 3, got {c.points} and {c.plane}")
+    if not c.margin >= 0:
+        raise UserError(f"{path}: key 'connect.margin' must be at least 0, got {c.margin}")
+    if c.train is not None:
+        _check_train(c.train, "connect.train", path)
+    if c.align is not None:
+        _choice(c.align, ("weights",), "connect.align", path)
+
+
 def _check_repeats(job: "Job", path: str) -> None:
     n = job.directions.repeats
     if n < 1:
@@ -536,19 +577,25 @@ def validate(job: Job) -> None:
         raise UserError(f"{p}: key 'directions.file' is required with directions.kind: file")
     if dr.kind == "file" and not os.path.exists(dr.file):
         raise UserError(f"{p}: key 'directions.file': {dr.file} does not exist")
-    if dr.kind == "plane":
+    if dr.kind in ("plane", "curve"):
         pts = dr.points
+        what = "three checkpoints" if dr.kind == "plane" else "three checkpoints [a, b, bend]"
         if not (isinstance(pts, list) and len(pts) == 3 and all(isinstance(x, str) for x in pts)):
-            raise UserError(f"{p}: directions.kind: plane needs directions.points, a list of three checkpoints "
+            raise UserError(f"{p}: directions.kind: {dr.kind} needs directions.points, a list of {what} "
                             f"(files or HuggingFace folders), got {pts!r}")
         for x in pts:
             if not os.path.exists(x):
                 raise UserError(f"{p}: key 'directions.points': {x} does not exist")
-        if job.grid.y is None or job.eval.group_size != 1 or job.model.checkpoint != pts[0]:
-            raise UserError(f"{p}: directions.kind: plane needs a 2D grid and eval.group_size: 1 (the model is the "
+        grid = "a 2D grid" if dr.kind == "plane" else "a 1D grid (t along the curve)"
+        if (job.grid.y is None) != (dr.kind == "curve") or job.eval.group_size != 1 or job.model.checkpoint != pts[0]:
+            raise UserError(f"{p}: directions.kind: {dr.kind} needs {grid} and eval.group_size: 1 (the model is the "
                             "first point, model.checkpoint left out)")
     elif dr.points is not None:
-        raise UserError(f"{p}: key 'directions.points' is for kind: plane, not {dr.kind}")
+        raise UserError(f"{p}: key 'directions.points' is for kind: plane or curve, not {dr.kind}")
+    if dr.curve is not None:
+        _choice(dr.curve, CURVES, "directions.curve", p)
+        if dr.kind not in ("plane", "curve"):
+            raise UserError(f"{p}: key 'directions.curve' is for kind: curve (or plane, to draw it), not {dr.kind}")
     if dr.kind == "hessian" and (dr.batches < 1 or e.batch_size == "auto"):
         raise UserError(f"{p}: directions.kind: hessian needs directions.batches >= 1 and a number for "
                         "eval.batch_size (the Hessian is taken on those batches)")
@@ -574,15 +621,18 @@ def validate(job: Job) -> None:
             raise UserError(f"{p}: key 'eval.{key}' must be a positive integer or 'auto', got {v!r}")
     if isinstance(e.compile, str) and e.compile not in COMPILE_MODES:
         raise UserError(f"{p}: key 'eval.compile' is {e.compile!r}; allowed: true, false, {', '.join(COMPILE_MODES)}")
-    if e.bn == "batch":
+    if e.bn in ("batch", "recompute"):
         # batch statistics make every number depend on the batch size: it must be fixed (and
         # is then part of the job's identity), and vmapped cells run BatchNorm in eval mode
         if e.batch_size == "auto":
-            raise UserError(f"{p}: key 'eval.batch_size' must be a number with eval.bn: batch "
+            raise UserError(f"{p}: key 'eval.batch_size' must be a number with eval.bn: {e.bn} "
                             "(batch statistics depend on it; 'auto' would make them machine-dependent)")
         if e.cells_per_pass != 1:
-            raise UserError(f"{p}: key 'eval.cells_per_pass' must be 1 with eval.bn: batch "
+            raise UserError(f"{p}: key 'eval.cells_per_pass' must be 1 with eval.bn: {e.bn} "
                             "(several cells per pass run BatchNorm with running statistics only)")
+        if e.bn == "recompute" and e.group_size != 1:
+            raise UserError(f"{p}: key 'eval.bn: recompute' needs eval.group_size: 1 (the statistics are one "
+                            "rank's passes over the train split)")
     if not (e.loss in LOSSES or (e.loss.startswith("python:") and e.loss.count(":") == 2)
             or e.loss.startswith("object:")):
         raise UserError(f"{p}: key 'eval.loss' is {e.loss!r}; allowed: {', '.join(LOSSES)}, python:<module>:<function>")
@@ -607,6 +657,7 @@ def validate(job: Job) -> None:
     _check_sharpness(job.sharpness, p)
     _check_repeats(job, p)
     _check_align(job, p)
+    _check_connect(job.connect, p)
     _choice(e.group_mode, ("data", "shard"), "eval.group_mode", p)
     if e.group_size < 1:
         raise UserError(f"{p}: key 'eval.group_size' must be at least 1, got {e.group_size}")
@@ -617,13 +668,7 @@ def validate(job: Job) -> None:
     if e.threads is not None and e.threads < 1:
         raise UserError(f"{p}: key 'eval.threads' must be at least 1, got {e.threads}")
     if job.train is not None:
-        t = job.train
-        _choice(t.optimizer, OPTIMIZERS, "train.optimizer", p)
-        _choice(t.device, DEVICES, "train.device", p)
-        if not t.lr > 0:
-            raise UserError(f"{p}: key 'train.lr' must be positive, got {t.lr}")
-        if t.batch_size < 1 or t.epochs < 1 or (t.steps is not None and t.steps < 1):
-            raise UserError(f"{p}: keys 'train.batch_size', 'train.epochs' and 'train.steps' must be at least 1")
+        _check_train(job.train, "train", p)
     if not job.output:
         raise UserError(f"{p}: key 'output' must name a file")
 

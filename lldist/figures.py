@@ -66,7 +66,8 @@ def drawable(s: dict) -> dict:
     of one row or one column has no area to contour, so it becomes the curve along its other
     axis."""
     s = dict(s)
-    s["xlabel"] = "alpha (direction x)"
+    s["xlabel"] = "alpha (direction x)" if not s.get("curve") or s.get("y") is not None else \
+        f"t along the {s['curve']} curve (0: a, 1: b)"
     if s.get("planes", 1) > 1:  # directions.repeats: every figure draws the mean over the planes,
         # and the planes' own figures (plot_planes) each plane and the spread
         s["plane_values"] = s["values"]
@@ -212,6 +213,10 @@ def figure_2d(s: dict, split: str, q: str, kind: str, args) -> "matplotlib.figur
     if t is not None and kind in ("contour", "contourf", "heat"):  # pca: the path training took
         ax.plot(t[:, 0], t[:, 1], "-o", color="tab:red", ms=3, lw=1, label="training trajectory")
         ax.plot([t[0, 0]], [t[0, 1]], "s", color="tab:red", ms=5)
+    cp = s.get("curve_path")
+    if cp is not None and kind in ("contour", "contourf", "heat"):  # the curve whose bend is the third point
+        ax.plot(cp[:, 0], cp[:, 1], "-", color="tab:red", lw=1.5, zorder=4, label=f"{s.get('curve')} curve")
+        ax.plot([0, 1], [0, 0], "--", color="tab:red", lw=0.8, zorder=4, label="straight line")
     pts = s.get("points")
     if pts is not None and kind in ("contour", "contourf", "heat"):  # kind plane: the three models
         c = pts["coords"]
@@ -517,6 +522,15 @@ def job_labels(paths: list) -> list:
                                not k.startswith(("model.", "train.", "data.")), k))
     pretty = {"model.name": "{}", "train.batch_size": "batch {}", "train.lr": "lr {}", "train.optimizer": "{}",
               "data.name": "{}", "model.args.batchnorm": "batchnorm {}"}
+    if "directions.kind" in differ:  # paths between minima (lldist.connect): the path says it all
+        def what(f):
+            kind = f.get("directions.kind") or "random"
+            return {"target": "straight line", "curve": f"{f.get('directions.curve') or 'bezier'} curve",
+                    "pca": "PCA plane", "hessian": "Hessian eigenvectors"}.get(kind, kind)
+        def aligned(f):  # b's end is lldist.connect's permuted copy of b (connect.align)
+            end = f.get("directions.target") or (f.get("directions.points") or [None, ""])[1]
+            return " (aligned)" if os.path.basename(str(end)) == "b_aligned.pt" else ""
+        return [what(f) + aligned(f) for f in flat]
     labels = []
     for f, p in zip(flat, paths):
         parts = [pretty.get(k, k.split(".")[-1] + " {}").format(f.get(k)) for k in differ[:4]]
@@ -547,7 +561,7 @@ def compare(paths: list, args, outdir: str) -> list:
                 fig, ax = plt.subplots(figsize=(6.5, 4.2))
                 for s, z, lab in zip(surfaces, zs, labels):
                     ax.plot(s["x"], np.ma.masked_invalid(z), label=lab, marker="o" if len(s["x"]) == 1 else None)
-                ax.set_xlabel(surfaces[0]["xlabel"])
+                ax.set_xlabel("t (0: a, 1: b)" if all(s.get("path") for s in surfaces) else surfaces[0]["xlabel"])
                 ax.set_ylabel(f"{split} {_label(q)}" + (" (%)" if q in SCALE else ""))
                 ax.axvline(0, color="0.5", lw=0.8, ls=":", label="θ*")
                 if _geometric(q, lev):

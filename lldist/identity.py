@@ -49,7 +49,7 @@ def job_hash(job: Job, inputs: Optional[dict]) -> str:
     ev = {"split": job.eval.split, "precision": job.eval.precision, "bn": job.eval.bn}
     if job.eval.loss != "cross_entropy" or job.eval.metrics:  # (absent: files made before they existed)
         ev.update(loss=job.eval.loss, metrics=job.eval.metrics)
-    if job.eval.bn == "batch":
+    if job.eval.bn in ("batch", "recompute"):
         ev["batch_size"] = job.eval.batch_size
     if job.eval.curvature:  # the Hessian's batches: their size and number fix the numbers
         ev.update(curvature=True, batch_size=job.eval.batch_size, curvature_batches=job.eval.curvature_batches)
@@ -57,7 +57,8 @@ def job_hash(job: Job, inputs: Optional[dict]) -> str:
             ev["curvature_operator"] = job.curvature.operator
     dr = {k: v for k, v in as_dict(job.directions).items() if k not in ("target", "store")}  # (store: not the numbers)
     for k, default in (("kind", "random"), ("checkpoints", None), ("file", None), ("batches", 4), ("center", "final"),
-                       ("params", None), ("repeats", 1), ("align", None), ("points", None)):
+                       ("params", None), ("repeats", 1), ("align", None), ("points", None),
+                       ("curve", None)):
         if dr.get(k) == default:  # (absent at their defaults: older jobs keep their hash)
             dr.pop(k)
     if job.directions.kind == "target":
@@ -160,9 +161,10 @@ def inputs(job_: Job, trajectory: list = (), task_=None) -> dict:
         out["trajectory"] = [file(f) for f in trajectory]
     if job_.directions.kind == "file":
         out["directions_file"] = directions_file(job_.directions.file)
-    if job_.directions.kind == "plane":
+    if job_.directions.kind in ("plane", "curve"):
         out["points"] = [file(f) for f in job_.directions.points]
-    data = data_files(job_.data, job_.splits)
+    # eval.bn: recompute reads the train split for its statistics, whichever splits are evaluated
+    data = data_files(job_.data, tuple(dict.fromkeys(job_.splits + (("train",) if job_.eval.bn == "recompute" else ()))))
     if data:
         out["data"] = data
     if task_ is not None and task_.has_user_code:

@@ -66,6 +66,16 @@ class Source:
         return self.task or task_from_config(job.eval, job.curvature.operator)
 
 
+def bn_data(job: Job, loaded: Loaded):
+    """eval.bn: recompute: the data BatchNorm statistics are taken on, the train split as the
+    job evaluates it (data.subset included); None for the other modes."""
+    if job.eval.bn != "recompute":
+        return None
+    if "train" in loaded.splits:
+        return loaded.splits["train"]
+    return load_split(job.data, "train", model_name=job.model.name)
+
+
 def ensure_checkpoint(job: Job, should_stop=lambda: None, log=print) -> None:
     """Train first when the job names a checkpoint that does not exist yet and can train."""
     ck = job.model.checkpoint
@@ -170,6 +180,8 @@ def _make_dirs(job: Job, loaded: Loaded, task: Task, source: Source, log, trajec
         return _file_directions(job, loaded)
     if kind == "plane":
         return _plane_directions(job, loaded, log)
+    if kind == "curve":
+        return _curve_directions(job, loaded, log)
     if kind == "pca":
         return _pca_directions(job, loaded, log, trajectory or trajectory_files(job), task)
     return _hessian_directions(job, loaded, task, log)
@@ -251,9 +263,25 @@ def check_rows(dirs: dict, stored: dict, job: Job, loaded: Loaded, rows: dict, a
 
 
 def point_states(job: Job, loaded: Loaded) -> list:
-    """kind plane: the float states of its three points, exactly as their files hold them
-    (the first is theta*, the model's own checkpoint)."""
+    """kind plane or curve: the float states of its three points, exactly as their files hold
+    them (the first is theta*, the model's own checkpoint)."""
     return [dict(loaded.theta)] + [checkpoint_state(job, loaded, f) for f in job.directions.points[1:]]
+
+
+def plane_frame(a: dict, b: dict, c: dict) -> tuple:
+    """(u, v, t, |u|², |v|²) of the plane through states a, b, c, in float64: u = b − a,
+    v = (c − a) − t·u with t = <c − a, u>/<u, u>, so c = a + t·u + v."""
+    u = {n: b[n].double() - a[n].double() for n in a}
+    w = {n: c[n].double() - a[n].double() for n in a}
+    uu = sum(float((x * x).sum()) for x in u.values())
+    if not uu > 0:
+        raise ValueError("the first two models are the same weights")
+    t = sum(float((w[n] * u[n]).sum()) for n in a) / uu
+    v = {n: w[n] - t * u[n] for n in a}
+    vv = sum(float((x * x).sum()) for x in v.values())
+    if not vv > 1e-12 * uu:
+        raise ValueError("the three models lie on one line; they span no plane")
+    return u, v, t, uu, vv
 
 
 def _plane_directions(job: Job, loaded: Loaded, log) -> dict:
@@ -263,22 +291,35 @@ def _plane_directions(job: Job, loaded: Loaded, log) -> dict:
     (1, 0) and c at (t, 1). The file records the three points' coordinates and names; the run
     evaluates the points themselves from their files (run.py), bit for bit those models."""
     a, b, c = point_states(job, loaded)
-    u = {n: b[n].double() - a[n].double() for n in a}
-    w = {n: c[n].double() - a[n].double() for n in a}
-    uu = sum(float((x * x).sum()) for x in u.values())
-    if not uu > 0:
-        raise UserError(f"{job.source}: directions.points: the first two models are the same weights")
-    t = sum(float((w[n] * u[n]).sum()) for n in a) / uu
-    v = {n: w[n] - t * u[n] for n in a}
-    vv = sum(float((x * x).sum()) for x in v.values())
-    if not vv > 1e-12 * uu:
-        raise UserError(f"{job.source}: directions.points: the three models lie on one line; they span no plane")
+    try:
+        u, v, t, uu, vv = plane_frame(a, b, c)
+    except ValueError as e:
+        raise UserError(f"{job.source}: directions.points: {e}")
     names = [os.path.basename(os.path.normpath(f)) for f in job.directions.points]
     log(f"plane through {', '.join(names)}: |b - a| {uu ** 0.5:.4g}, c at ({t:.4g}, 1), |y| {vv ** 0.5:.4g}")
     dirs = {"x": {n: x.to(a[n].dtype) for n, x in u.items()}, "y": {n: x.to(a[n].dtype) for n, x in v.items()}}
     dirs["_info"] = {"points": [[0.0, 0.0], [1.0, 0.0], [t, 1.0]], "point_files": names,
                      "plane_x_norm": uu ** 0.5, "plane_y_norm": vv ** 0.5}
+    if job.directions.curve:  # c is the bend of a curve from a to b: the plane holds it whole
+        from .evaluation.curves import coefficients
+        # θ(t) = c0·a + c1·c + c2·b, and the plane is affine: its coordinates are c1·(t_c, 1) + c2·(1, 0)
+        path = [(c1 * t + c2, c1) for c0, c1, c2 in (coefficients(job.directions.curve, s / 100) for s in range(101))]
+        dirs["_info"].update(curve=job.directions.curve, curve_path=[list(p) for p in path])
     return dirs
+
+
+def _curve_directions(job: Job, loaded: Loaded, log) -> dict:
+    """A curve between two minima (python -m lldist.connect): θ(t) = c0(t)·a + c1(t)·bend +
+    c2(t)·b over every float entry (evaluation/curves.py), t the grid's x; exact at t = 0 and 1.
+    The file keeps b as /directions/target, the bend as /directions/bend and, for the record and
+    as the moving-entry mask, x = b − a (the straight line's direction)."""
+    a, b, bend = point_states(job, loaded)
+    kind = job.directions.curve or "bezier"
+    names = [os.path.basename(os.path.normpath(f)) for f in job.directions.points]
+    log(f"{kind} curve from {names[0]} to {names[1]}, bend {names[2]}")
+    return {"x": {n: b[n] - a[n] for n in a}, "target": {n: b[n].clone() for n in a},
+            "bend": {n: bend[n].clone() for n in a},
+            "_info": {"curve": kind, "point_files": names}}
 
 
 def _file_directions(job: Job, loaded: Loaded) -> dict:

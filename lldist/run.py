@@ -40,6 +40,7 @@ from .grid import Grid, auto_chunk_size
 from .loading import (
     Loaded,
     Source,
+    bn_data,
     check_rows,
     ensure_checkpoint,
     make_dirs,
@@ -99,8 +100,10 @@ def _return_freed_memory() -> None:
 def make_evaluator(job: Job, loaded: Loaded, dirs: dict, device: str, batch_size, cells_per_pass,
                    task: Task, group: Optional[GroupSpec] = None) -> Evaluator:
     cfg = dataclasses.replace(job.eval, batch_size=batch_size, cells_per_pass=cells_per_pass)
+    curve = (job.directions.curve or "bezier") if job.directions.kind == "curve" else None
     try:
-        return Evaluator(loaded.model, loaded.theta, dirs, loaded.splits, cfg, device=device, task=task, group=group)
+        return Evaluator(loaded.model, loaded.theta, dirs, loaded.splits, cfg, device=device, task=task, group=group,
+                         curve=curve, bn_data=bn_data(job, loaded))
     except ValueError as e:  # options the data or task cannot take
         raise UserError(f"{job.source}: {e}")
 

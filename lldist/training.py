@@ -19,7 +19,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .config import Job
+from .config import Job, TrainConfig
 from .errors import Stopped, UserError
 from .evaluation.evaluator import plain_loss_acc, resolve_device
 from .evaluation.tasks import task_from_config
@@ -63,11 +63,12 @@ def _loss(model, batch, task):
 
 
 def _optimizer(t, model):
+    params = [p for p in model.parameters() if p.requires_grad]  # a curve trains its bend only
     if t.optimizer == "adam":
-        return torch.optim.Adam(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+        return torch.optim.Adam(params, lr=t.lr, weight_decay=t.weight_decay)
     if t.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+        return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
 
 
 def train(job: Job, log=print, should_stop: Callable[[], Optional[int]] = lambda: None) -> dict:
@@ -76,21 +77,38 @@ def train(job: Job, log=print, should_stop: Callable[[], Optional[int]] = lambda
     `should_stop()` is asked after every batch; once it returns a signal number, training
     ends by raising Stopped, keeping the epoch checkpoints written so far (under a Slurm time
     limit the job must be gone within the grace period, not at the end of training)."""
-    t = job.train
     if os.path.isdir(job.model.checkpoint):
         raise UserError(f"{job.source}: key 'model.checkpoint': {job.model.checkpoint} is a folder; training writes "
                         "a file (e.g. runs/job/model.pt)")
+    train_set, test_set = training_splits(job)
+    model = build_model(job.model, train_set.in_shape, train_set.num_classes)
+    meta = fit(model, job, job.train, train_set, test_set, log, should_stop,
+               on_epoch=lambda m, epoch, meta: save_checkpoint(m, epoch_path(job.model.checkpoint, epoch), meta))
+    save_checkpoint(model, job.model.checkpoint, meta)
+    log(f"train: wrote {job.model.checkpoint}")
+    return meta
+
+
+def training_splits(job: Job) -> tuple:
+    """The train and test splits, whole, as training reads them."""
+    return (load_split(job.data, "train", subset=False, model_name=job.model.name),
+            load_split(job.data, "test", subset=False, model_name=job.model.name))
+
+
+def fit(model: torch.nn.Module, job: Job, t: TrainConfig, train_set, test_set, log=print,
+        should_stop: Callable[[], Optional[int]] = lambda: None, on_epoch=None, what: str = "train") -> dict:
+    """The training loop: `model`'s trainable parameters (a curve's bend: lldist.connect) by
+    t's optimizer on the job's task, seeded by t.seed. After each epoch the loss and accuracy
+    of both splits, then on_epoch(model, epoch, meta). Returns the last epoch's metadata."""
     device = resolve_device(t.device)
-    train_set = load_split(job.data, "train", subset=False, model_name=job.model.name)
-    test_set = load_split(job.data, "test", subset=False, model_name=job.model.name)
-    model = build_model(job.model, train_set.in_shape, train_set.num_classes).to(device)
+    model = model.to(device)
     task = task_from_config(job.eval)
     opt = _optimizer(t, model)
     # linear warm-up over the first warmup_steps steps, then the constant rate
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / t.warmup_steps)) \
         if t.warmup_steps else None
     gen = torch.Generator().manual_seed(t.seed)
-    log(f"train: {job.model.name} on {job.data.name} ({len(train_set)} train / {len(test_set)} test), "
+    log(f"{what}: {job.model.name} on {job.data.name} ({len(train_set)} train / {len(test_set)} test), "
         f"{t.optimizer} lr={t.lr} batch={t.batch_size} epochs={t.epochs} on {device}")
     meta = {}
     step, last_report = 0, time.perf_counter()
@@ -120,8 +138,8 @@ def train(job: Job, log=print, should_stop: Callable[[], Optional[int]] = lambda
                     f"{-(-len(order) // t.batch_size)}, loss {loss.item():.4f}")
             signum = should_stop()
             if signum is not None:
-                kept = f"the checkpoints of epochs 1..{epoch - 1} are kept" if epoch > 1 \
-                    else "no epoch was finished"
+                kept = f"the checkpoints of epochs 1..{epoch - 1} are kept" if epoch > 1 and on_epoch is not None \
+                    else "no epoch was kept" if on_epoch is None else "no epoch was finished"
                 raise Stopped(signum, f"stopped by signal {signum} while training epoch {epoch} ({kept}); "
                                       "run the same command to train again")
         # measured on data.subset examples of each split when the job gives one (a model too big to
@@ -131,12 +149,11 @@ def train(job: Job, log=print, should_stop: Callable[[], Optional[int]] = lambda
         meta = {"epoch": epoch, "train_loss": tr_loss, "train_acc": tr_acc, "test_loss": te_loss,
                 "test_acc": te_acc, "gap": tr_acc - te_acc, "train_config": dataclasses.asdict(t),
                 "model": job.model.name, "data": job.data.name}
-        save_checkpoint(model, epoch_path(job.model.checkpoint, epoch), meta)
+        if on_epoch is not None:
+            on_epoch(model, epoch, meta)
         log(f"epoch {epoch:3d}/{t.epochs}  train loss {tr_loss:.4f} acc {tr_acc:.4f}  "
             f"test loss {te_loss:.4f} acc {te_acc:.4f}  ({time.perf_counter() - t0:.1f}s)")
         if t.steps is not None and step >= t.steps:
-            log(f"train: {step} steps, as train.steps asks")
+            log(f"{what}: {step} steps, as {what}.steps asks")
             break
-    save_checkpoint(model, job.model.checkpoint, meta)
-    log(f"train: wrote {job.model.checkpoint}")
     return meta

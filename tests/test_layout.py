@@ -18,7 +18,7 @@ from conftest import ROOT
 
 PKG = os.path.join(ROOT, "lldist")
 COMMANDS = {"lldist.surface", "lldist.plot", "lldist.study", "lldist.hessian", "lldist.train", "lldist.metrics",
-            "lldist.info", "lldist.bench", "lldist.sharpness"}
+            "lldist.info", "lldist.bench", "lldist.sharpness", "lldist.connect"}
 NUMERICS = ("lldist.directions", "lldist.evaluation", "lldist.grid", "lldist.schedule", "lldist.levels")
 
 

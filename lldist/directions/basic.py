@@ -95,11 +95,11 @@ def make_directions(theta: dict, kinds: dict, cfg: DirectionsConfig, ndim: int,
 
 def describe(cfg: DirectionsConfig, dirs: dict) -> dict:
     """What was done to make the directions, for the file's /directions attributes."""
-    kind = "target" if "target" in dirs else cfg.kind
+    kind = "target" if "target" in dirs and cfg.kind != "curve" else cfg.kind
     out = {"kind": kind, "x_kind": kind,
            "y_kind": ("random" if kind == "target" else kind) if "y" in dirs else "",
            "norm": cfg.norm if kind in ("random", "target") else "none (unit vectors)" if kind in ("pca", "hessian")
-           else "as in the source file",
+           else "none (differences of the models)" if kind in ("plane", "curve") else "as in the source file",
            "ignore": cfg.ignore, "seed": cfg.seed,
            "stream": f"per row: torch.Generator seeded with splitmix64(sha256('{STREAM_TAG}:<seed>:<axis>:<name>')[:8], row)",
            "params": json.dumps(cfg.params or {})}

@@ -464,7 +464,11 @@ class SurfaceReader:
         out["curvature_by_key"] = self.curvature(operator=None)  # the GGN's and the Fisher's too
         out["sharpness"] = self.sharpness()
         out["points"] = self.points()
-        out["path"] = self.attr("x_kind", "", group="directions") == "target"  # x runs θ* (α = 0) to θ' (α = 1)
+        # x runs θ* (α = 0) to θ' (α = 1): an interpolation, or t along a curve (kind curve)
+        out["path"] = self.attr("x_kind", "", group="directions") in ("target", "curve")
+        out["curve"] = self.attr("curve", None, group="directions")  # bezier | polychain, or None
+        cp = self.attr("curve_path", None, group="directions")  # a plane through a curve's control points
+        out["curve_path"] = np.asarray(json.loads(cp)) if cp is not None else None  # (101, 2)
         return out
 
     def curvature(self, operator: Optional[str] = "hessian") -> dict:

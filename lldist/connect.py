@@ -1,0 +1,99 @@
+"""Connect two minima by a low-loss curve (Garipov et al. 2018), and compare it with the line.
+
+    python -m lldist.connect a.pt b.pt job.yaml                 # the job names the model and data
+    mpirun -n 4 python -m lldist.connect a.pt b.pt job.yaml --set connect.curve=polychain
+    python -m lldist.connect a.pt b.pt job.yaml --out runs/ab --set connect.align=weights
+
+Trains the bend of a quadratic Bezier curve (or a polygonal chain with one bend) from a to b
+with the job's trainer and task (the `connect:` section: curve, train, points, plane, margin,
+align, output), then computes, each as a surface file in the output folder (default
+runs/connect/<a>_<b>): curve.h5 (loss and accuracy along the curve, t from 0 to 1), line.h5
+(the straight line), line_aligned.h5 (with connect.align), plane.h5 (the plane through a, b
+and the bend, with the curve drawn). Prints each path's barrier (lldist.metrics). Re-running
+the same command resumes: the bend is reused, only cells not done are computed. What is done
+and why: lldist/connectivity.py.
+"""
+
+from __future__ import annotations
+
+
+def main(argv=None) -> int:
+    from .config import job_from_dict, load_job
+    from .errors import ArgumentParser
+    from .run import RunOptions, log, run_surface
+    from .transport import runner
+    ap = ArgumentParser(prog="python -m lldist.connect", doc=__doc__)
+    ap.add_argument("a", help="the first minimum (a checkpoint)")
+    ap.add_argument("b", help="the second minimum (a checkpoint of the same model)")
+    ap.add_argument("job", nargs="?", help="job file (YAML) naming the model, data and evaluation")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a job key, e.g. --set connect.train.epochs=40 (repeatable)")
+    ap.add_argument("--out", help="output folder (overrides connect.output)")
+    ap.add_argument("--overwrite", action="store_true", help="train the bend again and replace the files")
+    ap.add_argument("--progress-every", type=float, default=RunOptions.progress_every, metavar="S",
+                    help="seconds between progress lines when not on a terminal (0: none)")
+    args = ap.parse_args(argv)
+    sets = [f"model.checkpoint={args.a}"] + args.set  # the model at theta* is a (what the job trains is not used)
+    if args.job:
+        job = load_job(args.job, sets)
+    else:
+        from .config import apply_override
+        raw = {}
+        for item in sets:
+            apply_override(raw, item, "<command line>")
+        job = job_from_dict(raw, "<command line>")
+    from .connectivity import out_dir, prepare
+    out = out_dir(job, args.a, args.b, args.out)
+    ctx = runner.launch()
+    spread = runner.Products(ctx) if ctx.size > 1 else None
+    should_stop = runner.install_sigterm() if ctx.rank == 0 else (lambda: None)
+    plan = None
+    if ctx.rank == 0:
+        try:
+            plan = prepare(job, args.a, args.b, out, args.overwrite, log, should_stop)
+        except BaseException as e:
+            if spread is not None:
+                spread.fail(e)  # the others wait at the gate: end every rank
+            raise
+        for line in plan.notes:
+            log(line)
+    if spread is not None:
+        plan = spread.gate(plan)  # the others wait while rank 0 trains; every rank runs the same jobs
+    for name, j in plan.jobs.items():
+        if ctx.rank == 0:
+            log(f"connect: {name} -> {j.output}")
+        code = run_surface(ctx, lambda j=j: j, RunOptions(overwrite=args.overwrite, progress_every=args.progress_every),
+                           should_stop=should_stop)
+        if code:
+            return code
+    if ctx.rank == 0:
+        for line in summary({n: j.output for n, j in plan.jobs.items()}):
+            log(line)
+        log(f"plot: python -m lldist.plot {plan.jobs['curve'].output} (and line.h5, plane.h5)")
+    return 0
+
+
+def summary(paths: dict) -> list:
+    """Lines comparing the barriers of the files (lldist.metrics.path_metrics), each stored in
+    its file's /metrics."""
+    from .metrics import from_file
+    lines = []
+    for name in ("line", "line_aligned", "curve"):
+        if name not in paths:
+            continue
+        m = from_file(paths[name], store=True)
+        se = f" ± {m['barrier_loss_se']:.3g}" if "barrier_loss_se" in m else ""
+        err = f", error {m['barrier_error']:.4f} at t = {m['barrier_error_alpha']:.3g}" if "barrier_error" in m else ""
+        lines.append(f"{name:>12}: barrier ({m['split']}) loss {m['barrier_loss']:.4f}{se} at t = "
+                     f"{m['barrier_loss_alpha']:.3g}{err}")
+    return lines
+
+
+def cli() -> None:
+    from .errors import finish, run_cli
+    from .store import all_closed
+    finish(run_cli(main), all_closed)
+
+
+if __name__ == "__main__":
+    cli()
