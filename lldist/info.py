@@ -9,6 +9,8 @@ start to last chunk end): a rank well below the others was waiting or slow.
 
 from __future__ import annotations
 
+import json
+
 import sys
 
 import numpy as np
@@ -80,6 +82,16 @@ def main(argv=None) -> int:
             extra = {k: sf.attr(k, group="directions") for k in ("explained_variance_ratio", "hessian_eigenvalues",
                                                                   "source_file")}
             print(f"  directions: {kind} " + ", ".join(f"{k} {v}" for k, v in extra.items() if v is not None))
+        elif kind in ("plane", "curve"):  # through models: which, and the curve (lldist.connect)
+            files = sf.attr("point_files", group="directions")
+            curve = sf.attr("curve", group="directions")
+            print(f"  directions: {kind} through {', '.join(json.loads(files)) if files else '?'}"
+                  + (f"; {curve} curve (a, b, bend)" if curve else ""))
+            pts = sf.points()
+            if pts is not None:  # the three models, evaluated from their own files
+                for (px, py), name, k in zip(pts["coords"], pts["labels"], range(3)):
+                    vals = ", ".join(f"{sp} {q} {v[k]:.4g}" for (sp, q), v in pts["values"].items() if q in ("loss", "acc"))
+                    print(f"    {name:<28} at ({px:.4g}, {py:.4g}): {vals}")
         fit = sf.trajectory_fit()
         if fit is not None:  # how well the PCA plane holds each checkpoint
             print(f"  trajectory on the plane ({fit['split']} loss; * under {100 * fit['threshold']:.0f}% of the "

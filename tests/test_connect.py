@@ -101,6 +101,8 @@ def test_the_bezier_curve_between_two_recorded_mlps_beats_the_line(workdir):
     assert cp[50] == pytest.approx([0.5 * coords[2][0] + 0.25, 0.5])  # t = 1/2: c1 = 1/2, c2 = 1/4
     fig = figures.figure_2d(s, "train", "loss", "contour", figures.PlotOptions())
     assert "bezier curve" in [ln.get_label() for ln in fig.axes[0].lines]
+    info = run(["lldist.info", "ab/plane.h5"], workdir).stdout
+    assert "bezier curve (a, b, bend)" in info and "bend.pt" in info and f"at ({coords[2][0]:.4g}, 1)" in info
     # a second run reuses the bend and computes nothing
     q = run(["lldist.connect", a, b, job, "--out", "ab"], workdir)
     assert "reused" in q.stdout and "11 to compute" not in q.stdout

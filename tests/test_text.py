@@ -250,3 +250,26 @@ def test_hessian_of_the_text_models_over_ranks_with_the_attention_fallback(workd
         # the blocks partition the model: their traces add up to the whole one (same products)
         assert sum(b["trace"] for b in c["blocks"]) == pytest.approx(c["trace"], rel=1e-4, abs=1e-6)
     assert got["test_ggn"]["lambda_min"] > -1e-5 * got["test_ggn"]["lambda_max"]
+
+
+@pytest.mark.slow
+def test_connect_trains_a_gpts_bend_with_the_lm_task(workdir):
+    """lldist.connect on a causal LM (tied input and output embeddings): the trainer's task is
+    the job's lm loss, the curve's ends are the line's bit for bit, the bend moved off the
+    midpoint, and the saved bend keeps the tie."""
+    job = text_job(workdir / "job.yaml", GPT, loss="lm", label=None,
+                   train={"optimizer": "adamw", "lr": 0.002, "batch_size": 16, "epochs": 1, "seed": 0},
+                   checkpoint="g0.pt")
+    run(["lldist.train", job], workdir)
+    run(["lldist.train", job, "--set", "model.checkpoint=g1.pt", "--set", "model.seed=2", "--set", "train.seed=2"],
+        workdir)
+    run(["lldist.connect", "g0.pt", "g1.pt", job, "--out", "c", "--set", "connect.points=3", "--set", "connect.plane=3",
+         "--set", "connect.train={optimizer: adamw, lr: 0.002, batch_size: 16, epochs: 1}"], workdir)
+    with h5py.File("c/curve.h5", "r") as f, h5py.File("c/line.h5", "r") as g:
+        for q in ("loss", "acc", "perplexity"):
+            c, ln = f[f"test/{q}"][()], g[f"test/{q}"][()]
+            assert c[0] == ln[0] and c[-1] == ln[-1]
+    a, b, bend = (torch.load(p, weights_only=True)["state_dict"] for p in ("g0.pt", "g1.pt", "c/bend.pt"))
+    assert torch.equal(bend["lm_head.weight"], bend["transformer.wte.weight"])
+    assert not torch.equal(bend["transformer.h.0.attn.c_attn.weight"],
+                           (a["transformer.h.0.attn.c_attn.weight"] + b["transformer.h.0.attn.c_attn.weight"]) / 2)
