@@ -107,7 +107,7 @@ def prepare(job: Job, a: str, b: str, out: str, overwrite: bool = False, log=pri
             should_stop: Callable = lambda: None) -> Plan:
     """Rank 0's part before the surfaces: b aligned (connect.align), the bend trained or reused,
     and the jobs of the files."""
-    from .loading import _aligned, checkpoint_state
+    from .loading import aligned_to_theta, checkpoint_state
     from .workloads.models import load_checkpoint, save_checkpoint
     for p in (a, b):
         if not os.path.exists(p):
@@ -121,7 +121,7 @@ def prepare(job: Job, a: str, b: str, out: str, overwrite: bool = False, log=pri
     if job.connect.align:
         b_end = os.path.join(out, "b_aligned.pt")
         if overwrite or not os.path.exists(b_end):
-            state, info = _aligned(la, theta_b, log)
+            state, info = aligned_to_theta(la, theta_b, log)
             save_checkpoint(_model_at(state, la.model), b_end,
                             {**info, "aligned_to": os.path.abspath(a), "source": os.path.abspath(b)})
         theta_b = checkpoint_state(ja, la, b_end)

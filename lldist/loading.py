@@ -167,7 +167,7 @@ def _make_dirs(job: Job, loaded: Loaded, task: Task, source: Source, log, trajec
             (checkpoint_state(job, loaded, job.directions.target) if job.directions.target else None)
         info = {}
         if tgt is not None and job.directions.align == "weights":
-            tgt, info = _aligned(loaded, tgt, log)
+            tgt, info = aligned_to_theta(loaded, tgt, log)
         trainable = {n for n, p in loaded.model.named_parameters() if p.requires_grad}
         dirs = make_directions(loaded.theta, loaded.kinds, job.directions, ndim, tgt, trainable)
         if info:
@@ -187,7 +187,7 @@ def _make_dirs(job: Job, loaded: Loaded, task: Task, source: Source, log, trajec
     return _hessian_directions(job, loaded, task, log)
 
 
-def _aligned(loaded: Loaded, target: dict, log) -> tuple:
+def aligned_to_theta(loaded: Loaded, target: dict, log) -> tuple:
     """theta' with its hidden units permuted to match theta*'s (directions.align: weights;
     directions/align.py), and what the file says of it."""
     from .directions.align import permutation_spec, weight_matching

@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import env, kill_tree, model_and_data, run, write_job
 
-from lldist.config import EvalConfig, ModelConfig
+from lldist.config import DataConfig, EvalConfig, ModelConfig
 from lldist.evaluation.curves import point
 from lldist.evaluation.evaluator import Evaluator, evaluate_plain
 from lldist.workloads.data import load_split
@@ -28,7 +28,7 @@ def recorded_mlps(workdir, seeds=(0, 1), epochs=6):
     """Two digits MLPs trained from different seeds by a plain loop, recorded by lldist.Recorder
     (its final checkpoint is what connect reads)."""
     from lldist import Recorder
-    data = load_split(__import__("lldist.config", fromlist=["DataConfig"]).DataConfig(name="digits"), "train")
+    data = load_split(DataConfig(name="digits"), "train")
     x, y = data.normalize(data.x), data.y
     paths = []
     for s in seeds:
@@ -114,7 +114,7 @@ def test_the_curve_is_exact_at_its_ends_and_the_evaluator_moves_along_it():
     a = {n: v.detach().clone() for n, v in model.state_dict().items()}
     b = {n: torch.randn_like(v) for n, v in a.items()}
     bend = {n: torch.randn_like(v) for n, v in a.items()}
-    data = load_split(__import__("lldist.config", fromlist=["DataConfig"]).DataConfig(name="digits", subset=100), "test")
+    data = load_split(DataConfig(name="digits", subset=100), "test")
     for kind in ("bezier", "polychain"):
         dirs = {"x": {n: b[n] - a[n] for n in a}, "target": b, "bend": bend}
         ev = Evaluator(model, a, dirs, {"test": data}, EvalConfig(batch_size=50), device="cpu", curve=kind)
@@ -132,7 +132,7 @@ def test_recomputed_batchnorm_statistics_are_torchs_update_bn():
     of the same cumulative average, on a CNN with BatchNorm at a point of a curve."""
     from torch.optim.swa_utils import update_bn
     cfg = ModelConfig(name="cnn", args={"width": 4, "stages": 1, "blocks": 1, "batchnorm": True}, seed=0)
-    dc = __import__("lldist.config", fromlist=["DataConfig"]).DataConfig(name="digits", subset=200)
+    dc = DataConfig(name="digits", subset=200)
     train, test = load_split(dc, "train"), load_split(dc, "test")
     model = build_model(cfg, (1, 8, 8), 10)
     a = {n: v.detach().clone() for n, v in model.state_dict().items() if v.is_floating_point()}

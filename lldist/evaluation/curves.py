@@ -12,8 +12,6 @@ are (1, 0, 0) and at t = 1 (0, 0, 1), so the ends are a and b bit for bit (addin
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
