@@ -46,9 +46,7 @@ FILES = ("curve", "line", "line_aligned", "plane")  # the surfaces, in the order
 
 @dataclass
 class Plan:
-    """What rank 0 settled before any surface runs: the bend's file and the jobs to run."""
-    bend: str
-    b: str  # the curve's other end: b itself, or b_aligned.pt
+    """What rank 0 settled before any surface runs: the jobs to run."""
     jobs: dict  # name -> Job, in FILES' order
     notes: list  # lines for the log (what was trained or reused, what was changed and why)
 
@@ -119,9 +117,13 @@ def prepare(job: Job, a: str, b: str, out: str, overwrite: bool = False, log=pri
     notes = []
     b_end = b
     if job.connect.align:
+        # matched again on every run (seeded, so the same permutation): a b_aligned.pt left by
+        # another b is never taken for this one's; an equal one is left as it is, so its sha256,
+        # which the bend and the files' identities hold, stays
         b_end = os.path.join(out, "b_aligned.pt")
-        if overwrite or not os.path.exists(b_end):
-            state, info = aligned_to_theta(la, theta_b, log)
+        state, info = aligned_to_theta(la, theta_b, log)
+        if overwrite or not os.path.exists(b_end) or \
+                not all(torch.equal(v, state[n]) for n, v in checkpoint_state(ja, la, b_end).items()):
             save_checkpoint(_model_at(state, la.model), b_end,
                             {**info, "aligned_to": os.path.abspath(a), "source": os.path.abspath(b)})
         theta_b = checkpoint_state(ja, la, b_end)
@@ -142,7 +144,7 @@ def prepare(job: Job, a: str, b: str, out: str, overwrite: bool = False, log=pri
     except ValueError as e:
         raise UserError(f"connect: the plane of {a}, {b_end} and the bend: {e}")
     with_bn = has_batchnorm(la.model)
-    return Plan(bend, b_end, surface_jobs(job, a, b, b_end, bend, out, with_bn, tc, notes), notes)
+    return Plan(surface_jobs(job, a, b, b_end, bend, out, with_bn, tc, notes), notes)
 
 
 def surface_jobs(job: Job, a: str, b: str, b_end: str, bend: str, out: str, with_bn: bool, tc: float,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .config import Job, TrainConfig
 from .errors import Stopped, UserError
+from .evaluation.curves import has_batchnorm
 from .evaluation.evaluator import plain_loss_acc, resolve_device
 from .evaluation.tasks import task_from_config
 from .workloads.data import TensorSet, load_split
@@ -120,7 +121,7 @@ def fit(model: torch.nn.Module, job: Job, t: TrainConfig, train_set, test_set, l
             if t.steps is not None and step >= t.steps:
                 break
             idx = order[i:i + t.batch_size]
-            if len(idx) < 2 and any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+            if len(idx) < 2 and has_batchnorm(model):
                 continue  # BatchNorm cannot train on a batch of one
             batch = train_set.take(idx)
             batch = {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else \

@@ -5,6 +5,7 @@ the straight line's, barriers equal to numpy's on the stored values, a plane tha
 curve through the three control points; killed and resumed, the same numbers bit for bit."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -224,6 +225,9 @@ def test_connect_over_three_ranks_is_the_single_process_run_and_alignment_lowers
     a, b = recorded_mlps(workdir)
     job = connect_job(workdir, align="weights")
     run([mpiexec(), "-n", "3", sys.executable, "-m", "lldist.connect", a, b, job, "--out", "mpi"], workdir)
+    # a b_aligned.pt left in the folder by another b (here: a itself) is not taken for this b's
+    os.makedirs("one")
+    shutil.copy(a, "one/b_aligned.pt")
     p = run(["lldist.connect", a, b, job, "--out", "one"], workdir)
     assert "line_aligned" in p.stdout
     for name in ("curve.h5", "line.h5", "line_aligned.h5", "plane.h5"):
@@ -231,6 +235,10 @@ def test_connect_over_three_ranks_is_the_single_process_run_and_alignment_lowers
         want, _ = values(f"one/{name}")
         for k in got:
             np.testing.assert_array_equal(got[k], want[k], err_msg=f"{name} {k}")
+    line, _ = values("one/line.h5")
+    aligned_line, _ = values("one/line_aligned.h5")  # its end computes b's function
+    assert aligned_line["train/loss"][-1] == pytest.approx(line["train/loss"][-1], rel=1e-5)
+    assert aligned_line["train/acc"][-1] == line["train/acc"][-1]
     from lldist.metrics import from_file
     raw, aligned = from_file("one/line.h5", "train"), from_file("one/line_aligned.h5", "train")
     assert aligned["barrier_loss"] < raw["barrier_loss"] / 2, (raw["barrier_loss"], aligned["barrier_loss"])

@@ -27,10 +27,17 @@ def coefficients(kind: str, t: float) -> tuple:
     raise ValueError(f"curve {kind!r}: allowed {', '.join(CURVES)}")
 
 
+def combine(c: tuple, a: torch.Tensor, bend: torch.Tensor, b: torch.Tensor, out=None) -> torch.Tensor:
+    """c0·a + c1·bend + c2·b for c = coefficients(...), summed in that order (exact at t = 0 and
+    t = 1), into `out` when given (the evaluator's live weights)."""
+    c0, c1, c2 = c
+    return torch.mul(a, c0, out=out).add_(bend, alpha=c1).add_(b, alpha=c2)
+
+
 def point(kind: str, t: float, a: dict, bend: dict, b: dict) -> dict:
     """The weights at t, entry by entry (exact at t = 0 and t = 1)."""
-    c0, c1, c2 = coefficients(kind, t)
-    return {n: (a[n] * c0).add_(bend[n], alpha=c1).add_(b[n], alpha=c2) for n in a}
+    c = coefficients(kind, t)
+    return {n: combine(c, a[n], bend[n], b[n]) for n in a}
 
 
 def _key(name: str) -> str:

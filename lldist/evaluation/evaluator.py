@@ -25,7 +25,7 @@ from torch import nn
 from ..config import BN_MODES, EvalConfig
 from ..workloads.data import TensorSet
 from .groups import GroupSpec, all_reduce_sum, local, shard_model, shard_rows, sharded_modules
-from .curves import coefficients, update_bn
+from .curves import coefficients, combine, update_bn
 from .tasks import Task, standard_error
 
 AUTOCAST = {"fp32": None, "tf32": None, "bf16": torch.bfloat16}  # precision -> autocast dtype
@@ -224,14 +224,13 @@ class Evaluator:
     def set_weights(self, a: float, b: float = 0.0) -> None:
         for m in self._sharded:  # FSDP2 leaves the root gathered after a forward: shard it again,
             m.reshard()          # so that the module's parameters are the sharded ones
+        c = coefficients(self.curve, a) if self.curve is not None else None
         for s in self.slots:
             if not s.moving:
                 continue
             live = s.target()
-            if s.bend is not None:  # c0·a + c1·bend + c2·b, in that order: exact at t = 0 and 1
-                c0, c1, c2 = coefficients(self.curve, a)
-                torch.mul(s.theta, c0, out=live)
-                live.add_(s.bend, alpha=c1).add_(s.end, alpha=c2)
+            if s.bend is not None:  # t along a curve: c0·a + c1·bend + c2·b, exact at t = 0 and 1
+                combine(c, s.theta, s.bend, s.end, out=live)
             elif s.end is not None:  # (1 - a) theta + a theta': exact at a = 0 and at a = 1
                 torch.lerp(s.theta, s.end, a, out=live)
             else:
@@ -351,8 +350,7 @@ class Evaluator:
     def _rows(self) -> np.ndarray:
         """(nsplits, nquantities) at the weights the model holds now."""
         if self.bn_data is not None:  # BatchNorm statistics of these weights (Garipov et al.'s update_bn)
-            update_bn(self.eager, self.bn_data.batches(self.batch_size, self.dtype),
-                      lambda m, b: self.task.forward(m, b))
+            update_bn(self.eager, self.bn_data.batches(self.batch_size, self.dtype), self.task.forward)
         rows = []
         for name, d in self.splits.items():
             q = self.quantities(d)
