@@ -21,9 +21,9 @@ import torch.nn.functional as F  # noqa: E402
 
 import lldist  # noqa: E402
 from lldist.config import DataConfig  # noqa: E402
-from lldist.levels import labelled, round_levels  # noqa: E402
+from lldist.cells.levels import labelled, round_levels  # noqa: E402
 from lldist.workloads.data import load_split  # noqa: E402
-from lldist.metrics import compute  # noqa: E402
+from lldist.analysis.metrics import compute  # noqa: E402
 
 out = sys.argv[1] if len(sys.argv) > 1 else "runs/walkthrough"
 os.makedirs(out, exist_ok=True)

@@ -8,10 +8,12 @@
     ls = lldist.landscape(model, data, x=(-1, 1, 51), y=(-1, 1, 51))
     ls.loss, ls.acc, ls.plot(); lldist.open("out.h5")
 
-The commands and the notebook API live at the top of the package; the machinery below them in
-directions/, evaluation/ (no MPI, no HDF5), workloads/ (models, data), store/ (the only h5py
-user) and transport/ (the only mpi4py user): README.md's Layout. See README.md for the
-job-file reference and docs/FORMAT.md for the output file.
+At the top: this face, the commands (surface, plot, train, study, hessian, sharpness, connect,
+metrics, info, bench), config, errors and version. Below, one room per concern: runs/ (what
+each command does on every rank), inputs/, directions/, evaluation/, cells/, analysis/,
+workloads/, store/ (the only h5py user), transport/ (the only mpi4py user); README.md's
+Layout maps them, tests/test_layout.py keeps them apart. README.md has the job-file
+reference, docs/FORMAT.md the output file.
 """
 
 import os as _os
@@ -42,6 +44,6 @@ def open(path):  # noqa: A001 - lldist.open(path), beside the builtin it shadows
 
 
 def Recorder(path, every=1, unit="step"):  # noqa: N802 - lldist.Recorder, a class to its users
-    """lldist.recorder.Recorder: your own training loop's checkpoint series, as pca reads it."""
-    from .recorder import Recorder as _Recorder
+    """lldist.inputs.recorder.Recorder: your own training loop's checkpoint series, as pca reads it."""
+    from .inputs.recorder import Recorder as _Recorder
     return _Recorder(path, every, unit)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import identity
+from .inputs import identity
 from .config import LOSSES, DirectionsConfig, EvalConfig, job_from_dict
 from .errors import UserError
 from .evaluation.tasks import Task, make_task, qualified_name
@@ -104,8 +104,8 @@ def landscape(model: nn.Module, data, *, x=(-1.0, 1.0, 51), y=(-1.0, 1.0, 51), s
     `target`: a model with the same state keys: the x direction interpolates to its weights.
     `out`: the HDF5 file (default: a new temporary file); an existing file of the same job is
     resumed (`resume=False` replaces it)."""
-    from .loading import Loaded, Source
-    from .run import RunOptions, run_surface
+    from .inputs.loading import Loaded, Source
+    from .runs.surface import RunOptions, run_surface
     from .transport import runner
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -186,7 +186,7 @@ def landscape(model: nn.Module, data, *, x=(-1.0, 1.0, 51), y=(-1.0, 1.0, 51), s
 
 
 def _state(model):
-    from .directions import model_state
+    from .directions.state import model_state
     return model_state(model)
 
 
@@ -204,18 +204,18 @@ class Landscape:
         with SurfaceReader(path) as sf:
             s = sf.read_all()
         self._read = s  # what plot() draws: the file is read once
-        self.path, self.x, self.y, self.done = path, s["x"], s["y"], s["done"]
-        self.splits, self.name, self.quantities = s["splits"], s["name"], s["quantities"]
-        self._values = {f"{sp}/{q}": v for (sp, q), v in s["values"].items()}
-        self.interpolated, self.adaptive = s["interpolated"], s["adaptive"]
+        self.path, self.x, self.y, self.done = path, s.x, s.y, s.done
+        self.splits, self.name, self.quantities = s.splits, s.name, s.quantities
+        self._values = {f"{sp}/{q}": v for (sp, q), v in s.values.items()}  # ls["test/loss"]
+        self.interpolated, self.adaptive = s.interpolated, s.adaptive
         # the Hessian at theta* by split (lldist.hessian: lambda_max, trace, density_nodes, ...),
         # and the checkpoints' (m, 2) coordinates on a PCA plane; {} and None when absent
-        self.curvature, self.trajectory = s["curvature"], s["trajectory"]
-        self.samples = s.get("eval_samples", {})  # {split: examples evaluated per cell}
+        self.curvature, self.trajectory = s.curvature, s.trajectory
+        self.samples = s.eval_samples  # {split: examples evaluated per cell}
         # directions.repeats: the number of planes (the arrays' leading axis when above 1) and
         # each plane's direction seed
-        self.planes, self.plane_seeds = s.get("planes", 1), s.get("plane_seeds")
-        self.sharpness = s.get("sharpness", {})  # {split: the measures at theta*} (lldist.sharpness)
+        self.planes, self.plane_seeds = s.planes, s.plane_seeds
+        self.sharpness = s.sharpness  # {split: the measures at theta*} (lldist.sharpness)
 
     def __getitem__(self, key: str) -> np.ndarray:
         if key not in self._values:
@@ -242,19 +242,19 @@ class Landscape:
     def stderr(self, quantity: str = "loss", split: Optional[str] = None) -> np.ndarray:
         """Each cell's standard error over the split's examples: the loss's as stored (loss_se),
         an accuracy's sqrt(p(1-p)/n). `quantity` may name the split too: "test/loss"."""
-        from .uncertainty import binomial_se
+        from .analysis.uncertainty import binomial_se
         split, q = self._split_and(quantity, split)
         if q == "loss" and f"{split}/loss_se" in self._values:
             return self._values[f"{split}/loss_se"]
         if q == "acc" and f"{split}/acc" in self._values and split in self.samples:
             return binomial_se(self._values[f"{split}/acc"], self.samples[split])
-        raise ValueError(f"quantity {quantity!r}: a standard error is known for the loss (files from lldist 0.4 "
-                         "on) and the accuracy")
+        raise ValueError(f"quantity {quantity!r}: a standard error is known for the loss (files of format "
+                         "version 5 on) and the accuracy")
 
     def interval(self, quantity: str = "loss", split: Optional[str] = None, level: float = 0.95) -> tuple:
         """(low, high) arrays: the loss's confidence interval (mean ± z·se over examples) or the
         accuracy's Wilson score interval over the split's n examples, at `level`."""
-        from .uncertainty import interval, wilson
+        from .analysis.uncertainty import interval, wilson
         split, q = self._split_and(quantity, split)
         if q == "acc" and f"{split}/acc" in self._values and split in self.samples:
             return wilson(self._values[f"{split}/acc"], self.samples[split], level)
@@ -266,7 +266,7 @@ class Landscape:
 
     def plot(self, quantity: str = "loss", split: Optional[str] = None, kind: str = "contour"):
         """The figure `python -m lldist.plot` draws (contour, contourf, heat, 3d; a curve on 1D)."""
-        from . import figures
+        from .analysis import figures
         return figures.figure(figures.drawable(self._read), split or self.splits[0], quantity, kind)
 
     def __repr__(self) -> str:

@@ -160,7 +160,7 @@ class Axis:
 
 @dataclass(frozen=True)
 class AdaptiveConfig:
-    """Compute a coarse lattice, then only the cells the contour picture needs (lldist/schedule.py)."""
+    """Compute a coarse lattice, then only the cells the contour picture needs (lldist/cells/schedule.py)."""
     coarse: int = 4  # the lattice: every coarse-th cell along each axis, and the last
     tolerance: float = 0.05  # interpolation error allowed, in contour-level spacings
     levels: int = 30  # contour levels the picture is judged at (lldist.plot's default)
@@ -197,10 +197,23 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class CurvatureConfig:
-    """Which curvature, and of which parameters: the Hessian at θ* (python -m lldist.hessian, a
-    study's variants) and the per-cell maps (eval.curvature)."""
+    """Which curvature, of which parameters, and how it is taken at θ* (python -m lldist.hessian,
+    whose flags override these keys, and a study's variants, whose `curvature:` fills them): the
+    one declaration of the Hessian's settings. `operator` applies to the per-cell maps
+    (eval.curvature) too."""
     operator: str = "hessian"  # hessian | ggn (Gauss-Newton, J^T H_out J) | fisher (empirical Fisher)
     blocks: Optional[Union[str, dict]] = None  # at θ*, per block: layers | transformer | {name: regex}
+    split: Optional[str] = None  # train | test: the split at θ* (default: the job's first; a study's: train)
+    batches: int = 4  # the first batches of eval.batch_size it is taken on
+    top: int = 5  # largest eigenvalues (Lanczos)
+    trace_samples: int = 64  # Rademacher vectors of Hutchinson's trace (0: no trace)
+    smallest: bool = True  # the smallest eigenvalue too
+    tol: float = 1e-4  # Lanczos's relative tolerance (eigsh's tol)
+    density: bool = False  # the spectral density too (stochastic Lanczos quadrature)
+    density_runs: int = 4  # its start vectors
+    density_steps: int = 80  # its Lanczos steps per start vector
+    block_top: bool = True  # with blocks: each block's top eigenvalue (a Lanczos run each), not only its trace
+    jackknife: bool = True  # lambda_max's standard error over the batches (a Lanczos run without each)
 
 
 @dataclass(frozen=True)
@@ -488,6 +501,35 @@ def _check_sharpness(c: SharpnessConfig, path: str) -> None:
         raise UserError(f"{path}: key 'sharpness.m' is {c.m}, more than sharpness.examples ({c.examples})")
 
 
+MAX_TOP = 1000  # eigenpairs by Lanczos: beyond a few hundred, the density is the tool
+
+
+def curvature_problem(c: CurvatureConfig) -> Optional[tuple]:
+    """The first thing wrong with the settings at θ*: (field, what is wrong), or None. One check
+    for every way they are given (the job's `curvature:` keys, lldist.hessian's flags, a study's
+    `curvature:`), each of which names the field its own way."""
+    if c.split not in (None, "train", "test"):
+        return "split", "must be train or test"
+    for k in ("batches", "top", "density_runs", "density_steps"):
+        if getattr(c, k) < 1:
+            return k, "must be at least 1"
+    if c.trace_samples < 0:
+        return "trace_samples", "must be 0 (no trace) or more"
+    if not 0 < c.tol < 1:
+        return "tol", "must be between 0 and 1 (a relative tolerance)"
+    if c.top > MAX_TOP:
+        return "top", f"at most {MAX_TOP} eigenvalues by Lanczos; --density gives the shape of the whole spectrum"
+    return None
+
+
+def _check_curvature(c: CurvatureConfig, path: str) -> None:
+    _choice(c.operator, OPERATORS_CURVATURE, "curvature.operator", path)
+    _check_blocks(c.blocks, path)
+    bad = curvature_problem(c)
+    if bad:
+        raise UserError(f"{path}: key 'curvature.{bad[0]}' is {getattr(c, bad[0])!r}: {bad[1]}")
+
+
 def _check_blocks(blocks, path: str) -> None:
     """curvature.blocks: layers, transformer, or a mapping of block name -> regular expression."""
     if blocks is None:
@@ -522,8 +564,27 @@ def _choice(value, allowed, key, path):
 
 
 def validate(job: Job) -> None:
+    """Every key of the job checked, section by section, and the rules between keys: the first
+    problem is one UserError naming the file, the key, its value and what is allowed."""
     p = job.source
-    m, d, g, e, dr = job.model, job.data, job.grid, job.eval, job.directions
+    _check_model(job, p)
+    _check_data(job.data, p)
+    _check_grid(job.grid, p)
+    _check_directions(job, p)
+    _check_eval(job.eval, p)
+    _check_curvature(job.curvature, p)
+    _check_sharpness(job.sharpness, p)
+    _check_repeats(job, p)
+    _check_align(job, p)
+    _check_connect(job.connect, p)
+    if job.train is not None:
+        _check_train(job.train, "train", p)
+    if not job.output:
+        raise UserError(f"{p}: key 'output' must name a file")
+
+
+def _check_model(job: Job, p: str) -> None:
+    m = job.model
     if not (m.name in BUILTIN_MODELS or m.name.startswith("torchvision:")
             or (m.name.startswith("python:") and m.name.count(":") == 2)
             or m.name.startswith(("object:", "hf:"))):
@@ -536,6 +597,9 @@ def validate(job: Job) -> None:
                         "(and the job has no 'train:' section to make it)")
     if job.train is not None and not m.checkpoint:
         raise UserError(f"{p}: a job with 'train:' needs 'model.checkpoint' to say where the model goes")
+
+
+def _check_data(d: DataConfig, p: str) -> None:
     if not (d.name in BUILTIN_DATA or (d.name.startswith("python:") and d.name.count(":") == 2)
             or d.name.startswith(("object:", "hf:"))):
         raise UserError(f"{p}: key 'data.name' is {d.name!r}; allowed: {', '.join(BUILTIN_DATA)}, "
@@ -544,6 +608,9 @@ def validate(job: Job) -> None:
         raise UserError(f"{p}: key 'data.root' is required for data.name={d.name}")
     if d.subset is not None and d.subset < 1:
         raise UserError(f"{p}: key 'data.subset' must be at least 1, got {d.subset}")
+
+
+def _check_grid(g: GridConfig, p: str) -> None:
     for key, ax in (("grid.x", g.x), ("grid.y", g.y)):
         if ax is None:
             continue
@@ -568,6 +635,10 @@ def validate(job: Job) -> None:
         if max(g.x.num, g.y.num if g.y is not None else 0) <= a.coarse:
             raise UserError(f"{p}: key 'grid.adaptive': a grid of {g.x.num} points is no larger than its "
                             f"coarse lattice (every {a.coarse}th point); compute it in full")
+
+
+def _check_directions(job: Job, p: str) -> None:
+    dr, e = job.directions, job.eval
     _choice(dr.kind, DIRECTION_KINDS, "directions.kind", p)
     if dr.target and dr.kind not in ("random", "target"):
         raise UserError(f"{p}: key 'directions.target' is for kind: target, not {dr.kind}")
@@ -611,28 +682,20 @@ def validate(job: Job) -> None:
     _choice(dr.ignore, IGNORES, "directions.ignore", p)
     if dr.target and not os.path.exists(dr.target) and job.train is None:
         raise UserError(f"{p}: key 'directions.target': {dr.target} does not exist")
+
+
+def _check_eval(e: EvalConfig, p: str) -> None:
     _choice(e.split, SPLITS, "eval.split", p)
     _choice(e.device, DEVICES, "eval.device", p)
     _choice(e.precision, PRECISIONS, "eval.precision", p)
     _choice(e.bn, BN_MODES, "eval.bn", p)
+    _choice(e.group_mode, ("data", "shard"), "eval.group_mode", p)
     for key in ("batch_size", "cells_per_pass", "chunk_size"):
         v = getattr(e, key)
         if not (v == "auto" or (isinstance(v, int) and v >= 1)):
             raise UserError(f"{p}: key 'eval.{key}' must be a positive integer or 'auto', got {v!r}")
     if isinstance(e.compile, str) and e.compile not in COMPILE_MODES:
         raise UserError(f"{p}: key 'eval.compile' is {e.compile!r}; allowed: true, false, {', '.join(COMPILE_MODES)}")
-    if e.bn in ("batch", "recompute"):
-        # batch statistics make every number depend on the batch size: it must be fixed (and
-        # is then part of the job's identity), and vmapped cells run BatchNorm in eval mode
-        if e.batch_size == "auto":
-            raise UserError(f"{p}: key 'eval.batch_size' must be a number with eval.bn: {e.bn} "
-                            "(batch statistics depend on it; 'auto' would make them machine-dependent)")
-        if e.cells_per_pass != 1:
-            raise UserError(f"{p}: key 'eval.cells_per_pass' must be 1 with eval.bn: {e.bn} "
-                            "(several cells per pass run BatchNorm with running statistics only)")
-        if e.bn == "recompute" and e.group_size != 1:
-            raise UserError(f"{p}: key 'eval.bn: recompute' needs eval.group_size: 1 (the statistics are one "
-                            "rank's passes over the train split)")
     if not (e.loss in LOSSES or (e.loss.startswith("python:") and e.loss.count(":") == 2)
             or e.loss.startswith("object:")):
         raise UserError(f"{p}: key 'eval.loss' is {e.loss!r}; allowed: {', '.join(LOSSES)}, python:<module>:<function>")
@@ -645,32 +708,42 @@ def validate(job: Job) -> None:
             raise UserError(f"{p}: key 'eval.metrics.{k}' must be python:<module>:<function>, got {v!r}")
         if v.startswith("python:"):
             _callable(v, f"eval.metrics.{k}", p)
+    for key in ("group_size", "curvature_batches", "threads"):
+        v = getattr(e, key)
+        if v is not None and v < 1:
+            raise UserError(f"{p}: key 'eval.{key}' must be at least 1, got {v}")
+    bad = eval_conflict(e)
+    if bad:
+        raise UserError(f"{p}: {bad}")
+
+
+def eval_conflict(e: EvalConfig) -> Optional[str]:
+    """The first pair of eval keys that cannot go together, in words ("key 'eval.x' ..."), or
+    None: the one home of these rules. validate() refuses a job file with them; the Evaluator
+    refuses a Python caller's EvalConfig with them (ValueError)."""
+    if e.bn in ("batch", "recompute"):
+        # batch statistics make every number depend on the batch size: it must be fixed (and
+        # is then part of the job's identity), and vmapped cells run BatchNorm in eval mode
+        if e.batch_size == "auto":
+            return (f"key 'eval.batch_size' must be a number with eval.bn: {e.bn} "
+                    "(batch statistics depend on it; 'auto' would make them machine-dependent)")
+        if e.cells_per_pass != 1:
+            return (f"key 'eval.cells_per_pass' must be 1 with eval.bn: {e.bn} "
+                    "(several cells per pass run BatchNorm with running statistics only)")
+        if e.bn == "recompute" and e.group_size != 1:
+            return ("key 'eval.bn: recompute' needs eval.group_size: 1 (the statistics are one "
+                    "rank's passes over the train split)")
     if (e.loss != "cross_entropy" or e.metrics) and e.cells_per_pass != 1:
-        raise UserError(f"{p}: key 'eval.cells_per_pass' must be 1 with another loss or metrics than the "
-                        "default (several cells per pass know cross-entropy and accuracy only)")
-    if e.curvature and (e.batch_size == "auto" or e.cells_per_pass != 1 or e.bn != "eval"
-                        or e.curvature_batches < 1):
-        raise UserError(f"{p}: key 'eval.curvature' needs a number for eval.batch_size, eval.cells_per_pass: 1, "
-                        "eval.bn: eval and eval.curvature_batches >= 1 (the Hessian is taken on fixed batches)")
-    _choice(job.curvature.operator, OPERATORS_CURVATURE, "curvature.operator", p)
-    _check_blocks(job.curvature.blocks, p)
-    _check_sharpness(job.sharpness, p)
-    _check_repeats(job, p)
-    _check_align(job, p)
-    _check_connect(job.connect, p)
-    _choice(e.group_mode, ("data", "shard"), "eval.group_mode", p)
-    if e.group_size < 1:
-        raise UserError(f"{p}: key 'eval.group_size' must be at least 1, got {e.group_size}")
+        return ("key 'eval.cells_per_pass' must be 1 with another loss or metrics than the "
+                "default (several cells per pass know cross-entropy and accuracy only)")
+    if e.curvature and (e.batch_size == "auto" or e.cells_per_pass != 1 or e.bn != "eval"):
+        return ("key 'eval.curvature' needs a number for eval.batch_size, eval.cells_per_pass: 1, "
+                "eval.bn: eval and eval.curvature_batches >= 1 (the Hessian is taken on fixed batches)")
     if e.group_size > 1 and (e.batch_size == "auto" or e.cells_per_pass != 1 or e.curvature
                              or (e.group_mode == "shard" and e.compile)):
-        raise UserError(f"{p}: key 'eval.group_size' above 1 needs a number for eval.batch_size, eval.cells_per_pass: 1, "
-                        "no eval.curvature (and no eval.compile with group_mode: shard)")
-    if e.threads is not None and e.threads < 1:
-        raise UserError(f"{p}: key 'eval.threads' must be at least 1, got {e.threads}")
-    if job.train is not None:
-        _check_train(job.train, "train", p)
-    if not job.output:
-        raise UserError(f"{p}: key 'output' must name a file")
+        return ("key 'eval.group_size' above 1 needs a number for eval.batch_size, eval.cells_per_pass: 1, "
+                "no eval.curvature (and no eval.compile with group_mode: shard)")
+    return None
 
 
 def as_dict(obj) -> dict:

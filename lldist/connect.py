@@ -11,7 +11,7 @@ runs/connect/<a>_<b>): curve.h5 (loss and accuracy along the curve, t from 0 to 
 (the straight line), line_aligned.h5 (with connect.align), plane.h5 (the plane through a, b
 and the bend, with the curve drawn). Prints each path's barrier (lldist.metrics). Re-running
 the same command resumes: the bend is reused, only cells not done are computed. What is done
-and why: lldist/connectivity.py.
+and why: lldist/runs/connect.py.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from __future__ import annotations
 def main(argv=None) -> int:
     from .config import job_from_dict, load_job
     from .errors import ArgumentParser
-    from .run import RunOptions, log, run_surface
+    from .runs.surface import RunOptions, log, run_surface
     from .transport import runner
     ap = ArgumentParser(prog="python -m lldist.connect", doc=__doc__)
     ap.add_argument("a", help="the first minimum (a checkpoint)")
@@ -42,23 +42,21 @@ def main(argv=None) -> int:
         for item in sets:
             apply_override(raw, item, "<command line>")
         job = job_from_dict(raw, "<command line>")
-    from .connectivity import out_dir, prepare
+    from .runs.connect import out_dir, prepare, summary
+    from .runs.optimum import spread_over, together
     out = out_dir(job, args.a, args.b, args.out)
     ctx = runner.launch()
-    spread = runner.Products(ctx) if ctx.size > 1 else None
+    spread = spread_over(ctx)
     should_stop = runner.install_sigterm() if ctx.rank == 0 else (lambda: None)
     plan = None
-    if ctx.rank == 0:
-        try:
+    with together(spread):  # the others wait at the gate while rank 0 trains: a failure ends every rank
+        if ctx.rank == 0:
             plan = prepare(job, args.a, args.b, out, args.overwrite, log, should_stop)
-        except BaseException as e:
-            if spread is not None:
-                spread.fail(e)  # the others wait at the gate: end every rank
-            raise
+    if ctx.rank == 0:
         for line in plan.notes:
             log(line)
     if spread is not None:
-        plan = spread.gate(plan)  # the others wait while rank 0 trains; every rank runs the same jobs
+        plan = spread.gate(plan)  # every rank runs the same jobs
     for name, j in plan.jobs.items():
         if ctx.rank == 0:
             log(f"connect: {name} -> {j.output}")
@@ -71,22 +69,6 @@ def main(argv=None) -> int:
             log(line)
         log(f"plot: python -m lldist.plot {plan.jobs['curve'].output} (and line.h5, plane.h5)")
     return 0
-
-
-def summary(paths: dict) -> list:
-    """Lines comparing the barriers of the files (lldist.metrics.path_metrics), each stored in
-    its file's /metrics."""
-    from .metrics import from_file
-    lines = []
-    for name in ("line", "line_aligned", "curve"):
-        if name not in paths:
-            continue
-        m = from_file(paths[name], store=True)
-        se = f" ± {m['barrier_loss_se']:.3g}" if "barrier_loss_se" in m else ""
-        err = f", error {m['barrier_error']:.4f} at t = {m['barrier_error_alpha']:.3g}" if "barrier_error" in m else ""
-        lines.append(f"{name:>12}: barrier ({m['split']}) loss {m['barrier_loss']:.4f}{se} at t = "
-                     f"{m['barrier_loss_alpha']:.3g}{err}")
-    return lines
 
 
 def cli() -> None:

@@ -33,6 +33,27 @@ def rank_shares(records: np.ndarray) -> list:
     return rows
 
 
+# /directions attributes every kind has (directions/kinds.py's describe), and those drawn or
+# tabled elsewhere; the rest are what the kind itself recorded, and are printed as they are
+COMMON = ("kind", "x_kind", "y_kind", "norm", "ignore", "seed", "stream", "params", "store", "recipe", "cosine_xy")
+SHOWN_ELSEWHERE = ("points", "point_files", "curve", "curve_path", "checkpoints")
+
+
+def directions_line(attrs: dict) -> str:
+    """What made the directions, in one line: the kind and its norm, the models it passes
+    through, and whatever else the kind recorded (PCA's explained variance, the Hessian's
+    eigenvalues, the source file, the alignment)."""
+    words = f"directions: {attrs.get('kind', '?')}"
+    if attrs.get("kind") in ("random", "target"):
+        words += f", norm {attrs.get('norm')}"
+    if "point_files" in attrs:
+        words += " through " + ", ".join(json.loads(attrs["point_files"]))
+    if "curve" in attrs:  # a curve between a and b, bent at the third point (lldist.connect)
+        words += f"; {attrs['curve']} curve (a, b, bend)"
+    rest = [f"{k} {v}" for k, v in attrs.items() if k not in COMMON + SHOWN_ELSEWHERE]
+    return words + ("; " + ", ".join(rest) if rest else "")
+
+
 def main(argv=None) -> int:
     from .store import SurfaceReader
     ap = ArgumentParser(prog="python -m lldist.info", doc=__doc__)
@@ -70,28 +91,19 @@ def main(argv=None) -> int:
             if "attention" in a:
                 print(f"    {a['attention']}")
             if "density_nodes" in a:
-                from .evaluation.curvature import density_summary
+                from .analysis.spectrum import density_summary
                 print("    spectral density: " + density_summary(a["density_nodes"], a["density_weights"]))
             if a.get("blocks"):
                 print(f"    {'block':<32} {'parameters':>10} {'lambda_max':>11} {'trace':>11} {'+-':>8}")
                 for r in a["blocks"]:
                     print(f"    {r['block'][:32]:<32} {r['parameters']:>10,} {r['lambda_max']:>11.4g} {r['trace']:>11.4g} "
                           f"{r['trace_stderr']:>8.2g}")
-        kind = sf.attr("kind", group="directions")
-        if kind in ("pca", "hessian", "file"):
-            extra = {k: sf.attr(k, group="directions") for k in ("explained_variance_ratio", "hessian_eigenvalues",
-                                                                  "source_file")}
-            print(f"  directions: {kind} " + ", ".join(f"{k} {v}" for k, v in extra.items() if v is not None))
-        elif kind in ("plane", "curve"):  # through models: which, and the curve (lldist.connect)
-            files = sf.attr("point_files", group="directions")
-            curve = sf.attr("curve", group="directions")
-            print(f"  directions: {kind} through {', '.join(json.loads(files)) if files else '?'}"
-                  + (f"; {curve} curve (a, b, bend)" if curve else ""))
-            pts = sf.points()
-            if pts is not None:  # the three models, evaluated from their own files
-                for (px, py), name, k in zip(pts["coords"], pts["labels"], range(3)):
-                    vals = ", ".join(f"{sp} {q} {v[k]:.4g}" for (sp, q), v in pts["values"].items() if q in ("loss", "acc"))
-                    print(f"    {name:<28} at ({px:.4g}, {py:.4g}): {vals}")
+        print("  " + directions_line(sf.attrs("directions")))
+        pts = sf.points()
+        if pts is not None:  # a plane's three models, evaluated from their own files
+            for (px, py), name, k in zip(pts.coords, pts.labels, range(3)):
+                vals = ", ".join(f"{sp} {q} {v[k]:.4g}" for (sp, q), v in pts.values.items() if q in ("loss", "acc"))
+                print(f"    {name:<28} at ({px:.4g}, {py:.4g}): {vals}")
         fit = sf.trajectory_fit()
         if fit is not None:  # how well the PCA plane holds each checkpoint
             print(f"  trajectory on the plane ({fit['split']} loss; * under {100 * fit['threshold']:.0f}% of the "

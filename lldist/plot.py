@@ -4,7 +4,7 @@
                           [--vmin V --vmax V --levels N --log | --linear] [--vtk] [--html]
     python -m lldist.plot a.h5 b.h5 ... --compare [--out DIR]
 
-Every figure of each file (lldist/figures.py says which), written next to the input
+Every figure of each file (lldist/analysis/figures.py says which), written next to the input
 (`<stem>_<split>_<quantity>_<kind>.<fmt>`) unless --out names a folder. `--compare`: the
 surfaces side by side on one colour scale, with the same contour levels and axes (2D), or
 overlaid (1D), and the curvature maps in a grid; panel titles say what differs between the
@@ -48,14 +48,14 @@ def folder(path: str) -> str:
 
 
 def options(args):
-    from .figures import PlotOptions
+    from .analysis.figures import PlotOptions
     return PlotOptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(PlotOptions)})
 
 
 def main(argv=None) -> int:
     import matplotlib
     matplotlib.use("Agg")  # files only: the command line never needs a window
-    from . import figures
+    from .analysis import figures
     d = figures.PlotOptions()
     ap = ArgumentParser(prog="python -m lldist.plot", doc=__doc__)
     ap.add_argument("files", nargs="+", help="lldist surface files (.h5)")
@@ -87,24 +87,24 @@ def main(argv=None) -> int:
         s = figures.read_surface(path)
         outdir = folder(args.out or os.path.dirname(os.path.abspath(path)))
         stem = os.path.splitext(os.path.basename(path))[0]
-        if not s["done"].any():
+        if not s.done.any():
             raise UserError(f"{path}: no cell is computed yet")
-        ad = s.get("adaptive")
+        ad = s.adaptive
         if ad and (opts.levels != ad.get("levels") or opts.vmin is not None or opts.vmax is not None):
             print(f"lldist: warning: {path} is an adaptive grid refined for {ad.get('levels')} round contour levels "
                   "over its whole range (linear and geometric); drawn with other levels, a few cells may fall in "
                   "the wrong band", file=sys.stderr, flush=True)
         written = figures.write_all(s, opts, outdir, stem)
         print(f"lldist: {path}: wrote {len(written)} figures to {outdir}", flush=True)
-        from .store import export
+        from .analysis import export
         if args.vtk:
             out = export.write_vts(s, os.path.join(outdir, stem + ".vts"), log=opts.log)
             print(f"lldist: {path}: wrote {out} (ParaView)", flush=True)
         if args.html:
-            for (split, q) in s["values"]:
+            for (split, q) in s.values:
                 export.write_html(s, os.path.join(outdir, f"{stem}_{split}_{q}.html"), split, q,
                                   log=opts.log and q == "loss")
-            print(f"lldist: {path}: wrote {len(s['values'])} interactive HTML surfaces to {outdir}", flush=True)
+            print(f"lldist: {path}: wrote {len(s.values)} interactive HTML surfaces to {outdir}", flush=True)
     return 0
 
 

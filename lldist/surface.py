@@ -6,14 +6,14 @@
 
 Re-running the same command resumes: only cells not marked done are computed. A file made by
 a different job is refused (exit status 2) unless --overwrite is given. The run itself is
-lldist/run.py's; this module only reads the command line.
+lldist/runs/surface.py's; this module only reads the command line.
 """
 
 from __future__ import annotations
 
 from .config import load_job
 from .errors import ArgumentParser, finish, run_cli
-from .run import RunOptions, run_surface
+from .runs.surface import RunOptions, run_surface
 from .store import all_closed
 from .transport import runner
 

@@ -3,7 +3,7 @@
     python -m lldist.train jobs/quickstart.yaml [--set train.epochs=5]
 
 Writes `model.checkpoint` (final weights) and, beside it, `<stem>_epoch<N>.pt` after every
-epoch, each with its metadata (lldist/training.py). SIGTERM ends training within a batch,
+epoch, each with its metadata (lldist/runs/train.py). SIGTERM ends training within a batch,
 keeping the epochs written so far.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 from .config import load_job
 from .errors import ArgumentParser, UserError, finish, run_cli
 from .store import all_closed
-from .training import train
+from .runs.train import train
 from .transport.runner import install_sigterm
 
 

@@ -25,7 +25,7 @@ def model_and_batches():
 def main():
     out, operator = sys.argv[1], sys.argv[2]
     ctx = runner.launch()
-    spread = runner.Products(ctx) if ctx.size > 1 else None
+    spread = runner.Spread(ctx) if ctx.size > 1 else None
     m, batches = model_and_batches()
     c = Curvature(m, batches, Task(), operator=operator, spread=spread)
     if ctx.rank != 0:

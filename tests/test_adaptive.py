@@ -49,7 +49,7 @@ def test_adaptive_run_computes_what_the_schedule_asks_and_equals_the_full_grid_t
     assert lldist.open("full.h5").interpolated is None
     from lldist.store import SurfaceReader
     with SurfaceReader("ad.h5") as sf:
-        assert np.isnan(sf.read_all(reconstruct=False)["values"][("test", "loss")][~done]).all()
+        assert np.isnan(sf.read_all(reconstruct=False).values[("test", "loss")][~done]).all()
     info = run(["lldist.info", "ad.h5"], workdir).stdout
     assert f"{100 * done.mean():.1f}% of the cells computed" in info and "complete=True" in info
     run(["lldist.plot", "ad.h5"], workdir)

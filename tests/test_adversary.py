@@ -237,7 +237,7 @@ def test_ctrl_c_under_mpiexec_is_one_line_and_130(workdir):
 def test_the_lock_needs_no_free_space(workdir, monkeypatch):
     """A half-done surface resumes on a full disk: the lock is the flock, the owner's line is
     written only if it fits (it used to raise ENOSPC and leave an empty lock)."""
-    from lldist.store import hdf5 as store
+    from lldist.store import output as store
     job = write_job(workdir / "job.yaml", train=None, model={"name": "python:userfactories:tiny_model",
                                                              "checkpoint": None, "args": {}},
                     data={"name": "python:userfactories:blobs", "subset": None})
@@ -393,7 +393,8 @@ def test_first_round_leftovers(workdir, capsys):
     # an HDF5 file with only the format attribute: one line from every reader
     with h5py.File("fmt.h5", "w") as f:
         f.attrs["format"] = "lldist.surface"
-    from lldist import info, metrics
+    from lldist import metrics
+    from lldist import info
     for main in (plot.main, info.main, metrics.main):
         fails(capsys, main, ["fmt.h5"], "lacks splits")
     fails(capsys, bench.main, ["scaling", "--ranks", "0"], "argument --ranks: 0 must be at least 1")

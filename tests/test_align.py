@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import run, write_job
 
-from lldist import metrics
+from lldist.analysis import metrics
 from lldist.config import DataConfig, ModelConfig
 from lldist.directions.align import permutation_spec, permute, weight_matching
 from lldist.workloads.data import load_split

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from conftest import ROOT, model_and_data, mpiexec, run, write_job
 
+from lldist.directions.kinds import as_tensors
 import lldist
 from lldist.config import DataConfig
 from lldist.store import SurfaceReader
@@ -25,14 +26,14 @@ def digits(n=120):
 
 def at(model, theta, dirs, a, b):
     """The plain way to put a model at theta + a dx + b dy."""
-    state = {k: theta[k] + a * dirs["x"][k] + (b * dirs["y"][k] if "y" in dirs else 0) for k in theta}
+    state = {k: theta[k] + a * dirs.x[k] + (b * dirs.y[k] if dirs.y is not None else 0) for k in theta}
     model.load_state_dict(state, strict=False)
     return model.eval()
 
 
 def file_dirs(path):
     with SurfaceReader(path) as sf:
-        return sf.read_directions()
+        return as_tensors(sf.read_directions())
 
 
 def test_api_equals_cli_bit_for_bit(workdir):

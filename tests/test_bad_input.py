@@ -7,7 +7,8 @@ import pytest
 import torch
 from conftest import run, write_job
 
-from lldist import figures, plot, surface
+from lldist.analysis import figures
+from lldist import plot, surface
 from lldist.config import ModelConfig
 from lldist.errors import run_cli
 from lldist.workloads.models import build_model
@@ -151,8 +152,8 @@ def test_pretrained_offline_is_a_clear_error(workdir, capsys, monkeypatch):
 
 
 def test_full_disk_is_one_line_and_creates_nothing(workdir, capsys, monkeypatch):
-    from lldist.store import hdf5 as store
-    monkeypatch.setattr(store, "free_bytes", lambda folder: 4096)
+    from lldist.store import writer
+    monkeypatch.setattr(writer, "free_bytes", lambda folder: 4096)
     job = write_job(workdir / "job.yaml", grid={"x": [-1, 1, 3], "y": None})
     fails(capsys, surface.main, [job], "has 4.1 kB free")
     assert not os.path.exists("out.h5") and not os.path.exists("out.h5.creating")
@@ -219,6 +220,6 @@ def test_one_row_or_column_grid_plots_as_a_curve(workdir, grid, curve):
     p = run(["lldist.plot", "out.h5"], workdir)
     assert "wrote 1 figures" in p.stdout and os.path.exists("out_curve.png")
     s = figures.read_surface("out.h5")
-    assert s["y"] is None and s["xlabel"].startswith(curve)
+    assert s.y is None and s.xlabel.startswith(curve)
     n = max(grid["x"][2], grid["y"][2])
-    assert s["values"][("test", "loss")].shape == (n,) and np.isfinite(s["values"][("test", "loss")]).all()
+    assert s.values[("test", "loss")].shape == (n,) and np.isfinite(s.values[("test", "loss")]).all()

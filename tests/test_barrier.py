@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import run, write_job
 
-from lldist import metrics
+from lldist.analysis import metrics
 
 
 def test_the_barrier_of_an_interpolation_is_numpys_on_the_stored_curve(workdir):

@@ -18,6 +18,7 @@ from conftest import env, kill_tree, model_and_data, run, write_job
 
 from lldist.config import DataConfig, EvalConfig, ModelConfig
 from lldist.evaluation.curves import point
+from lldist.directions.record import Directions
 from lldist.evaluation.evaluator import Evaluator, evaluate_plain
 from lldist.workloads.data import load_split
 from lldist.workloads.models import build_model
@@ -84,7 +85,7 @@ def test_the_bezier_curve_between_two_recorded_mlps_beats_the_line(workdir):
     # 0.41 against 0.003 for a 64-wide MLP; the test's 32-wide one asks for a factor 3)
     assert curve["train/loss"].max() < line["train/loss"].max() / 3, (curve["train/loss"], line["train/loss"])
     # the barrier connect printed and stored is numpy's on the stored curve
-    from lldist.metrics import from_file
+    from lldist.analysis.metrics import from_file
     for path, v in (("ab/curve.h5", curve), ("ab/line.h5", line)):
         loss = v["train/loss"]
         rise = loss - ((1 - t) * loss[0] + t * loss[-1])
@@ -95,9 +96,9 @@ def test_the_bezier_curve_between_two_recorded_mlps_beats_the_line(workdir):
     with h5py.File("ab/plane.h5", "r") as f:
         assert f["points/done"][()].all() and f["directions"].attrs["curve"] == "bezier"
         coords = f["points/coords"][()]
-    from lldist import figures
+    from lldist.analysis import figures
     s = figures.read_surface("ab/plane.h5")
-    cp = s["curve_path"]
+    cp = s.curve_path
     assert cp[0].tolist() == [0, 0] and cp[-1].tolist() == [1, 0]
     assert cp[50] == pytest.approx([0.5 * coords[2][0] + 0.25, 0.5])  # t = 1/2: c1 = 1/2, c2 = 1/4
     fig = figures.figure_2d(s, "train", "loss", "contour", figures.PlotOptions())
@@ -117,7 +118,7 @@ def test_the_curve_is_exact_at_its_ends_and_the_evaluator_moves_along_it():
     bend = {n: torch.randn_like(v) for n, v in a.items()}
     data = load_split(DataConfig(name="digits", subset=100), "test")
     for kind in ("bezier", "polychain"):
-        dirs = {"x": {n: b[n] - a[n] for n in a}, "target": b, "bend": bend}
+        dirs = Directions(x={n: b[n] - a[n] for n in a}, target=b, bend=bend)
         ev = Evaluator(model, a, dirs, {"test": data}, EvalConfig(batch_size=50), device="cpu", curve=kind)
         for t, want in ((0.0, a), (1.0, b), (0.3, point(kind, 0.3, a, bend, b))):
             ev.set_weights(t)
@@ -140,7 +141,7 @@ def test_recomputed_batchnorm_statistics_are_torchs_update_bn():
     torch.manual_seed(1)
     b = {n: v + 0.1 * torch.randn_like(v) for n, v in a.items()}
     bend = {n: v + 0.1 * torch.randn_like(v) for n, v in a.items()}
-    dirs = {"x": {n: b[n] - a[n] for n in a}, "target": b, "bend": bend}
+    dirs = Directions(x={n: b[n] - a[n] for n in a}, target=b, bend=bend)
     ev = Evaluator(model, a, dirs, {"test": test}, EvalConfig(batch_size=50, bn="recompute"), device="cpu",
                    curve="bezier", bn_data=train)
     got = ev.evaluate(0.4)[0]
@@ -239,6 +240,6 @@ def test_connect_over_three_ranks_is_the_single_process_run_and_alignment_lowers
     aligned_line, _ = values("one/line_aligned.h5")  # its end computes b's function
     assert aligned_line["train/loss"][-1] == pytest.approx(line["train/loss"][-1], rel=1e-5)
     assert aligned_line["train/acc"][-1] == line["train/acc"][-1]
-    from lldist.metrics import from_file
+    from lldist.analysis.metrics import from_file
     raw, aligned = from_file("one/line.h5", "train"), from_file("one/line_aligned.h5", "train")
     assert aligned["barrier_loss"] < raw["barrier_loss"] / 2, (raw["barrier_loss"], aligned["barrier_loss"])

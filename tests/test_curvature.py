@@ -2,6 +2,7 @@
 Hessian of a small model (torch.autograd.functional.hessian + numpy.linalg.eigh), PCA against
 numpy.linalg.svd of the stacked differences, projections against direct dot products."""
 
+import dataclasses
 import sys
 
 import h5py
@@ -11,7 +12,7 @@ import torch
 from conftest import mpiexec, run, write_job
 from torch import nn
 
-from lldist.directions import pca_directions
+from lldist.directions.pca import pca_directions
 from lldist.evaluation.curvature import Curvature
 from lldist.evaluation.tasks import Task
 
@@ -158,7 +159,7 @@ def test_direction_kinds_in_files(workdir):
     assert (workdir / "pca_test_trajectory.png").exists()
     import lldist
     np.testing.assert_array_equal(lldist.open(str(workdir / "pca.h5")).trajectory, t)
-    from lldist import figures
+    from lldist.analysis import figures
     fig = figures.figure_trajectory(figures.read_surface(str(workdir / "pca.h5")), "test", figures.PlotOptions())
     path_line = [ln for ln in fig.axes[0].lines if ln.get_label() == "training trajectory"][0]
     np.testing.assert_allclose(np.column_stack(path_line.get_data()), t)  # the stored coordinates, drawn
@@ -187,7 +188,7 @@ def test_per_cell_curvature_matches_the_full_hessian_at_each_cell(workdir):
     # the maps get their own figure, and --compare puts two files' maps on one scale per column
     import shutil
 
-    from lldist import figures
+    from lldist.analysis import figures
     run(["lldist.plot", "out.h5", "--dpi", "50"], workdir)
     assert (workdir / "out_test_curvature.png").exists()
     shutil.copyfile(workdir / "out.h5", workdir / "twice.h5")
@@ -251,7 +252,8 @@ def test_spectral_density_is_the_gauss_quadrature_of_the_full_hessian():
     """Stochastic Lanczos quadrature, against the full Hessian: each run's nodes and weights
     integrate v'H^k v / v'v exactly for k < 2 steps (Gauss quadrature), with `steps` = n the
     nodes are the whole spectrum, and the density averaged over runs has the trace's mean."""
-    from lldist.evaluation.curvature import lanczos_quadrature, smoothed_density
+    from lldist.analysis.spectrum import smoothed_density
+    from lldist.evaluation.curvature import lanczos_quadrature
     m, batches = small_model_and_batches(3)
     H = full_hessian(m, batches)
     ev = np.linalg.eigvalsh(H)
@@ -339,8 +341,8 @@ def test_lambda_max_has_the_jackknifes_standard_error_over_batches(workdir):
     Hessian of those batches (numpy.linalg.eigvalsh), and the jackknife formula in numpy."""
     from lldist.config import load_job
     from lldist.evaluation.curvature import first_batches
-    from lldist.loading import Source
-    from lldist.optimum import at_optimum
+    from lldist.inputs.loading import Source
+    from lldist.runs.hessian import compute
     job = tiny_job(workdir)
     run(["lldist.surface", job, "--set", "grid.x=[-1,1,3]", "--set", "grid.y=null", "--out", "s.h5"], workdir)
     p = run(["lldist.hessian", job, "--top", "1", "--batches", "3", "--trace-samples", "4", "--no-smallest",
@@ -357,6 +359,8 @@ def test_lambda_max_has_the_jackknifes_standard_error_over_batches(workdir):
     np.testing.assert_allclose(each, exact, rtol=1e-5)
     v = np.array(exact)
     assert se == pytest.approx(np.sqrt(2 / 3 * np.sum((v - v.mean()) ** 2)), rel=1e-4)
-    assert at_optimum(cfg, 1, 0, 1, log=lambda m: None, smallest=False).get("lambda_max_se") is None  # one batch
-    from lldist import metrics
+    one_batch = dataclasses.replace(cfg, curvature=dataclasses.replace(cfg.curvature, top=1, trace_samples=0, batches=1,
+                                                                        smallest=False))
+    assert compute(one_batch, log=lambda m: None).get("lambda_max_se") is None  # one batch
+    from lldist.analysis import metrics
     assert metrics.from_file("s.h5")["hessian_lambda_max_se"] == pytest.approx(se)

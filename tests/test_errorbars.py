@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from conftest import run, write_job
 
+from lldist.directions.kinds import as_tensors
 import lldist
 from lldist.config import DataConfig
 from lldist.store import SurfaceReader
-from lldist.uncertainty import interval, wilson, z_value
+from lldist.analysis.uncertainty import interval, wilson, z_value
 from lldist.workloads.data import load_split
 
 
@@ -29,7 +30,7 @@ def net():
 
 def plain_losses(model, theta, dirs, a, b, x, y):
     """Per-example cross-entropy at theta + a dx + b dy, one example at a time."""
-    state = {k: theta[k] + a * dirs["x"][k] + (b * dirs["y"][k] if "y" in dirs else 0) for k in theta}
+    state = {k: theta[k] + a * dirs.x[k] + (b * dirs.y[k] if dirs.y is not None else 0) for k in theta}
     model.load_state_dict(state, strict=False)
     with torch.no_grad():
         return np.array([float(F.cross_entropy(model(x[i:i + 1]), y[i:i + 1])) for i in range(len(y))])
@@ -41,7 +42,7 @@ def test_each_cells_standard_error_equals_numpys_on_a_plain_loop(workdir, cells_
     ls = lldist.landscape(net(), (x, y), x=(-1, 1, 5), y=(-1, 1, 2), batch_size=40, cells_per_pass=cells_per_pass,
                           out="se.h5", progress_every=0)
     with SurfaceReader("se.h5") as sf:
-        dirs = sf.read_directions()
+        dirs = as_tensors(sf.read_directions())
     ref = net()
     theta = {k: v.clone() for k, v in ref.state_dict().items()}
     for iy, b in enumerate(ls.y):
@@ -102,13 +103,13 @@ def test_the_1d_plot_draws_the_bands_and_the_file_says_what_loss_se_is(workdir):
         assert sf.quantities == ["loss", "acc", "loss_se"]
         assert "standard error" in sf.f["test/loss_se"].attrs["long_name"]
         s = sf.read_all()
-    from lldist import figures
-    from lldist.figures import PlotOptions
+    from lldist.analysis import figures
+    from lldist.analysis.figures import PlotOptions
     fig = figures.figure_1d(figures.drawable(s), PlotOptions())
     ax, ax2 = fig.axes
     band = ax.collections[0].get_paths()[0].vertices  # loss ± 1.96 se
-    loss, se = s["values"][("test", "loss")], s["values"][("test", "loss_se")]
+    loss, se = s.values[("test", "loss")], s.values[("test", "loss_se")]
     assert np.isclose(band[:, 1].max(), np.max(loss + z_value(0.95) * se))
     acc_band = ax2.collections[0].get_paths()[0].vertices
-    lo, hi = wilson(s["values"][("test", "acc")], s["eval_samples"]["test"], 0.95)
+    lo, hi = wilson(s.values[("test", "acc")], s.eval_samples["test"], 0.95)
     assert np.isclose(acc_band[:, 1].max(), 100 * hi.max()) and np.isclose(acc_band[:, 1].min(), 100 * lo.min())

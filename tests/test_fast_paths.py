@@ -15,7 +15,7 @@ def reference(name, n=256):
     model, theta, dirs, data = make_case(name, n)
     out = []
     for a, b in COORDS:
-        state = {k: theta[k] + a * dirs["x"][k] + b * dirs["y"][k] for k in theta}
+        state = {k: theta[k] + a * dirs.x[k] + b * dirs.y[k] for k in theta}
         out.append(evaluate_plain(model, state, data, batch_size=64))
     return np.array(out)  # (cells, 2)
 
@@ -48,8 +48,8 @@ def test_cells_per_pass_auto_is_used_and_correct():
     got, ev = fast("mlp", cells_per_pass="auto", batch_size=256)
     np.testing.assert_allclose(got[:, 0], reference("mlp")[:, 0], rtol=1e-5)
     calls = []
-    real = ev.evaluate_group
-    ev.evaluate_group = lambda coords: calls.append(len(coords)) or real(coords)
+    real = ev.evaluate_pass
+    ev.evaluate_pass = lambda coords: calls.append(len(coords)) or real(coords)
     ev.evaluate_cells(COORDS * 30)  # 150 cells
     # the calibrated choice is what runs: groups of exactly that size (the last may be short)
     if ev.cells_per_pass == 1:

@@ -49,7 +49,7 @@ def reference(name, n):
     try:
         out = []
         for a, b in COORDS:
-            state = {k: theta[k] + a * dirs["x"][k] + b * dirs["y"][k] for k in theta}
+            state = {k: theta[k] + a * dirs.x[k] + b * dirs.y[k] for k in theta}
             out.append(evaluate_plain(model, state, data, batch_size=64, device="cuda"))
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -62,7 +62,7 @@ def test_an_edited_loss_is_another_job(tmp_path):
 
 
 def test_the_identity_of_code():
-    from lldist import identity
+    from lldist.inputs import identity
 
     def make(k):
         return lambda o, b: o * k

@@ -48,7 +48,7 @@ def test_the_three_points_are_the_three_models_and_the_grid_holds_them(workdir):
     ix1 = int(np.argmin(abs(x - 1)))
     assert grid_loss[iy0, ix1] == pytest.approx(loss[1], rel=1e-4)
     run(["lldist.plot", "out.h5"], workdir)
-    from lldist import figures
+    from lldist.analysis import figures
     s = figures.read_surface("out.h5")
     fig = figures.figure_2d(s, "test", "loss", "contour", figures.PlotOptions())
     texts = [t.get_text() for t in fig.axes[0].texts]

@@ -9,7 +9,9 @@ import torch
 from torch import nn
 
 from lldist.config import DirectionsConfig
-from lldist.directions import Recipe, direction, make_directions, model_state
+from lldist.directions.random import make_directions
+from lldist.directions.recipe import Recipe, direction
+from lldist.directions.state import model_state
 
 
 class Net(nn.Module):
@@ -44,7 +46,7 @@ def test_every_shard_is_its_rows_of_the_whole(norm, k):
                  for m in range(k)] if w.dim() else [whole[name]]
         assert torch.equal(torch.cat(parts) if w.dim() else parts[0], whole[name]), (name, k, norm)
     # and the whole is what make_directions gives a job, filter-normalized per output unit
-    d = make_directions(theta, kinds, DirectionsConfig(seed=5, norm=norm, ignore="none"), 2)["y"]
+    d = make_directions(theta, kinds, DirectionsConfig(seed=5, norm=norm, ignore="none"), 2).y
     assert all(torch.equal(d[n], whole[n]) for n in theta)
     if norm == "filter":
         torch.testing.assert_close(d["up.weight"].transpose(0, 1).flatten(1).norm(dim=1),
@@ -60,15 +62,15 @@ def test_a_direction_depends_only_on_its_own_seed_axis_and_name():
     cfg = DirectionsConfig(seed=3)
     a, b = make_directions(*small, cfg, 2), make_directions(*big, cfg, 2)
     for n in small[0]:
-        assert torch.equal(a["x"][n], b["x"][n]) and torch.equal(a["y"][n], b["y"][n])
+        assert torch.equal(a.x[n], b.x[n]) and torch.equal(a.y[n], b.y[n])
     reordered = dict(reversed(list(small[0].items())))
     c = make_directions(reordered, small[1], cfg, 2)
-    assert all(torch.equal(c["x"][n], a["x"][n]) for n in small[0])
+    assert all(torch.equal(c.x[n], a.x[n]) for n in small[0])
     one = make_directions(*small, cfg, 1)  # a 1D job shares x with the 2D job
-    assert all(torch.equal(one["x"][n], a["x"][n]) for n in small[0])
+    assert all(torch.equal(one.x[n], a.x[n]) for n in small[0])
     other = make_directions(*small, DirectionsConfig(seed=4), 2)
-    assert not torch.equal(other["x"]["fc.weight"], a["x"]["fc.weight"])
-    assert not torch.equal(a["x"]["fc.weight"], a["y"]["fc.weight"])  # x and y differ
+    assert not torch.equal(other.x["fc.weight"], a.x["fc.weight"])
+    assert not torch.equal(a.x["fc.weight"], a.y["fc.weight"])  # x and y differ
 
 
 def test_rows_are_unrelated_draws():
@@ -95,10 +97,10 @@ def test_a_subset_moves_only_what_it_chooses():
         for axis in ("x", "y"):
             for n in theta:
                 if n in chosen:  # the same values as without the subset: normalized as ever
-                    assert torch.equal(d[axis][n], full[axis][n]) and d[axis][n].any(), (params, n)
+                    assert torch.equal(getattr(d, axis)[n], getattr(full, axis)[n]) and getattr(d, axis)[n].any(), (params, n)
                 else:
-                    assert not d[axis][n].any(), (params, n)
-        torch.testing.assert_close(d["x"]["fc.weight"].norm(dim=1), theta["fc.weight"].norm(dim=1),
+                    assert not getattr(d, axis)[n].any(), (params, n)
+        torch.testing.assert_close(d.x["fc.weight"].norm(dim=1), theta["fc.weight"].norm(dim=1),
                                    rtol=1e-5, atol=1e-7)
 
 
@@ -109,25 +111,26 @@ def test_a_target_with_a_subset_moves_only_the_chosen_parameters():
     other = model_state(Net())[0]
     d = make_directions(theta, kinds, DirectionsConfig(seed=0, params={"include": ["fc"]}), 1, other)
     for n, w in theta.items():
-        moved = torch.lerp(w, d["target"][n], 1.0)
+        moved = torch.lerp(w, d.target[n], 1.0)
         assert torch.equal(moved, other[n] if n.startswith("fc") else w), n
     everything = make_directions(theta, kinds, DirectionsConfig(seed=0), 1, other)  # no subset: all, buffers too
-    assert all(torch.equal(everything["target"][n], other[n]) for n in theta)
+    assert all(torch.equal(everything.target[n], other[n]) for n in theta)
 
 
 def test_a_shards_rows_are_checked_by_their_sums_over_the_group():
-    """loading.check_rows: each rank's rows' float64 sums, added over the group, give the sum the
+    """directions.kinds.check_rows: each rank's rows' float64 sums, added over the group, give the sum the
     file keeps (k = 3, uneven rows); a stream that is not the file's (another seed here, another
     torch's generator in life) is refused by name."""
     from types import SimpleNamespace
 
     from lldist.directions.recipe import summarize, to_dict
     from lldist.errors import UserError
-    from lldist.loading import check_rows
+    from lldist.directions.kinds import check_rows
+    from lldist.directions.record import Directions
     torch.manual_seed(0)
     theta, kinds = model_state(Net())
     recipe = Recipe(seed=5, ignore="none")
-    stored = {"_recipe": to_dict(recipe), "_summary": summarize(theta, kinds, recipe, ("x", "y"))}
+    stored = Directions(recipe=to_dict(recipe), summary=summarize(theta, kinds, recipe, ("x", "y")))
     job, loaded = SimpleNamespace(output="r.h5"), SimpleNamespace(theta=theta)
     k = 3
 
@@ -135,14 +138,14 @@ def test_a_shards_rows_are_checked_by_their_sums_over_the_group():
         out = []
         for m in range(k):
             rows = {n: shard_rows(w.shape[0], k, m) for n, w in theta.items() if w.dim()}
-            out.append((rows, {a: direction(theta, kinds, rec, a, rows) for a in ("x", "y")}))
+            out.append((rows, Directions(**{a: direction(theta, kinds, rec, a, rows) for a in ("x", "y")})))
         return out
 
     def check_all(parts):
         # the group's all-reduce: per axis (x, then y), each sharded entry's rows summed on
         # every rank, added up
         names = sorted(parts[0][0])
-        totals = [torch.tensor([sum(float(d[a][n].double().sum()) for _, d in parts) for n in names],
+        totals = [torch.tensor([sum(float(getattr(d, a)[n].double().sum()) for _, d in parts) for n in names],
                                dtype=torch.float64) for a in ("x", "y")]
         for rows, dirs in parts:
             calls = iter(totals)

@@ -9,10 +9,9 @@ import sys
 import h5py
 import numpy as np
 import pytest
-import torch
 from conftest import done_after_kill, env, kill_tree, mpiexec, run, write_job
 
-from lldist import metrics
+from lldist.analysis import metrics
 from lldist.store import SurfaceReader
 
 QUANTITIES = ("loss", "acc", "loss_se")
@@ -34,7 +33,8 @@ def test_each_plane_is_the_single_run_with_its_seed(workdir):
     rep3, _ = arrays("rep3.h5")
     assert done.shape == (3, 3, 5) and done.all()
     with SurfaceReader("rep.h5") as sf:
-        planes = [{k: v for k, v in sf.read_directions().items() if k != "_planes"}] + sf.read_directions()["_planes"]
+        d = sf.read_directions()
+        planes = [d] + d.planes
         assert sf.planes == 3
     for k in range(3):
         run(["lldist.surface", job, "--set", f"directions.seed={4 + k}", "--out", f"s{k}.h5"], workdir)
@@ -45,8 +45,8 @@ def test_each_plane_is_the_single_run_with_its_seed(workdir):
         with SurfaceReader(f"s{k}.h5") as sf:
             single = sf.read_directions()
         for axis in ("x", "y"):
-            for name, t in single[axis].items():
-                assert torch.equal(planes[k][axis][name], t)
+            for name, t in getattr(single, axis).items():
+                np.testing.assert_array_equal(getattr(planes[k], axis)[name], t)
     assert not np.array_equal(rep["loss"][0], rep["loss"][1])  # the planes differ
     with h5py.File("rep.h5", "r") as f:
         assert f["test/loss"].dims[0].label == "plane" and f["test/loss"].dims[1].label == "y"
@@ -77,13 +77,13 @@ def test_metrics_over_planes_are_each_planes_then_their_mean_and_standard_error(
 def test_a_1d_file_of_planes_draws_each_plane_and_their_range(workdir):
     job = write_job(workdir / "job.yaml", grid={"x": [-1.0, 1.0, 5], "y": None}, directions={"repeats": 4})
     run(["lldist.surface", job], workdir)
-    from lldist import figures
+    from lldist.analysis import figures
     s = figures.read_surface("out.h5")
     fig = figures.figure_1d(s, figures.PlotOptions())
     ax = fig.axes[0]
     assert len(ax.get_lines()) == 1 + 4 + 1  # the mean, each plane, theta*'s line
     band = ax.collections[0].get_paths()[0].vertices[:, 1]
-    each = s["plane_values"][("test", "loss")]
+    each = s.plane_values[("test", "loss")]
     assert np.isclose(band.max(), each.max()) and np.isclose(band.min(), each.min())
 
 

@@ -16,7 +16,8 @@ from conftest import env, mpiexec, run, write_job
 
 from lldist.transport import runner
 from lldist.config import DirectionsConfig, EvalConfig, ModelConfig, load_job
-from lldist.directions import cosine, make_directions, model_state
+from lldist.directions.random import make_directions
+from lldist.directions.state import cosine, model_state
 from lldist.evaluation.evaluator import Evaluator, evaluate_plain
 from lldist.workloads.models import build_model
 
@@ -245,7 +246,7 @@ def test_directions_are_independent_of_the_initial_weights():
         dirs = make_directions(theta, kinds, DirectionsConfig(seed=0, norm="none"), 2)
         for n in theta:
             if kinds[n] == "weight" and theta[n].numel() >= 500:
-                c = cosine({n: theta[n]}, {n: dirs["x"][n]})
+                c = cosine({n: theta[n]}, {n: dirs.x[n]})
                 assert abs(c) < 0.1, (name, n, c)
 
 

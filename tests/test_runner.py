@@ -12,7 +12,7 @@ from collections import defaultdict
 import numpy as np
 
 from lldist.errors import Stopped, UserError
-from lldist.schedule import Sweep
+from lldist.cells.schedule import Sweep
 from lldist.transport import runner
 
 

@@ -4,8 +4,8 @@ choice of cells against surfaces whose full grid is known."""
 import numpy as np
 import pytest
 
-from lldist.figures import PlotOptions, _levels
-from lldist.schedule import Adaptive, Box, Sweep, lattice, reconstruct
+from lldist.analysis.figures import PlotOptions, _levels
+from lldist.cells.schedule import Adaptive, Box, Sweep, lattice, reconstruct
 
 
 def drain(s, values, rng=None, batch=1):

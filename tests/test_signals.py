@@ -67,8 +67,9 @@ def test_sigterm_to_the_launcher_then_resume(workdir):
 def test_shipped_jobs_are_valid(path, monkeypatch):
     monkeypatch.chdir(ROOT)
     if os.path.basename(path).startswith("study_"):
-        from lldist.study import load_study
-        _, out, variants, *_ = load_study(path)
+        from lldist.inputs.study_file import load_study
+        study = load_study(path)
+        variants = study.variants
         assert len(variants) in (6, 30) and len({v.job.output for v in variants}) == len(variants)
         return
     job = load_job(path)

@@ -7,8 +7,9 @@ import math
 import numpy as np
 from scipy.stats import kendalltau, ttest_ind
 
-from lldist.significance import difference, pool, rank_correlation
-from lldist.study import Variant, errorbars
+from lldist.analysis.significance import difference, pool, rank_correlation
+from lldist.analysis.verdicts import errorbars
+from lldist.inputs.study_file import Variant
 
 
 def variants(values: dict) -> tuple:

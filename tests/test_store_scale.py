@@ -9,7 +9,8 @@ import numpy as np
 from conftest import env
 
 from lldist.bench.coordinator import new_file
-from lldist.store import hdf5 as store  # its module globals, for monkeypatch
+from lldist import store
+from lldist.store import writer  # its module globals, for monkeypatch
 from lldist.transport.runner import ChunkResult
 
 
@@ -25,8 +26,8 @@ def result(cells):
 
 
 def test_commits_come_every_k_chunks_and_make_the_cells_done(tmp_path, monkeypatch):
-    monkeypatch.setattr(store, "COMMIT_CHUNKS", 3)
-    monkeypatch.setattr(store, "COMMIT_S", 3600.0)
+    monkeypatch.setattr(writer, "COMMIT_CHUNKS", 3)
+    monkeypatch.setattr(writer, "COMMIT_S", 3600.0)
     path = str(tmp_path / "s.h5")
     sf = new_file(path, 9)
     chunks = [np.arange(i, i + 5) for i in range(0, 40, 5)]  # 8 chunks, across rows
@@ -51,9 +52,10 @@ KILLED = """
 import os, sys, numpy as np
 sys.path.insert(0, {tests!r})
 from lldist.bench.coordinator import new_file
-from lldist.store import hdf5 as store  # its module globals, for monkeypatch
+from lldist import store
+from lldist.store import writer  # its module globals, for monkeypatch
 from test_store_scale import result
-store.COMMIT_S = 3600.0
+writer.COMMIT_S = 3600.0
 sf = new_file({path!r}, 7)
 order = np.random.default_rng(0).permutation(49)
 for i in range(0, 35, 7):  # five chunks of scattered cells

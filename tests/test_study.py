@@ -11,7 +11,8 @@ import pytest
 import yaml
 from conftest import chunk_log, mpiexec, run, write_job
 
-from lldist import figures, metrics
+from lldist.analysis import figures
+from lldist.analysis import metrics
 
 
 def grid(n=21):
@@ -163,14 +164,16 @@ def test_study_under_mpi_uses_every_rank(workdir):
         assert sorted(cells.tolist()) == list(range(600)) and set(records["rank"].tolist()) == {0, 1, 2}
     assert "| mlp_b256 |" in open("study/report.md").read()
     # the Hessian at each θ* was spread over the three ranks, and is one process's to 1e-5
-    from lldist.optimum import at_optimum
+    from lldist.runs.hessian import compute
+    from lldist.runs.study import at_theta
     from lldist.store import SurfaceReader
-    from lldist.study import load_study
-    for v in load_study("study.yaml")[2]:
+    from lldist.inputs.study_file import load_study
+    for v in load_study("study.yaml").variants:
         with SurfaceReader(v.job.output) as sf:
             got = sf.curvature()["train"]
         assert got["ranks"] == 3
-        one = at_optimum(v.job, 2, 32, 2, split="train", log=lambda m: None)
+        one = compute(at_theta(v.job, v.job.splits), log=lambda m: None)  # the study's settings: 2 batches, top 2
+        assert (one["batches_requested"], len(one["top_eigenvalues"]), one["trace_samples"]) == (2, 2, 32)
         for k in ("lambda_max", "lambda_min", "trace"):
             assert got[k] == pytest.approx(one[k], rel=1e-5, abs=1e-7)
 
@@ -180,7 +183,8 @@ def test_sharpness_section_reads_the_numbers_right():
     rank correlation against scipy's."""
     from scipy.stats import spearmanr
 
-    from lldist.study import Variant, sharpness
+    from lldist.analysis.verdicts import hessian_verdicts
+    from lldist.inputs.study_file import Variant
     vs, rows = [], []
     numbers = {("a", 64): (10.0, 100.0, 1.0, 0.01), ("a", 512): (30.0, 200.0, 1.0, 0.05),   # sharper, both
                ("b", 64): (50.0, 300.0, 40.0, 0.02), ("b", 512): (60.0, 320.0, 40.0, 0.03),  # traces too close
@@ -189,7 +193,7 @@ def test_sharpness_section_reads_the_numbers_right():
         vs.append(Variant(f"{label}_b{b}", None, label, (("train.batch_size", b),)))
         rows.append({"hessian_lambda_max": lmax, "hessian_trace": tr, "hessian_trace_stderr": err,
                      "hessian_split": "train", "trained_gap": gap})
-    text = sharpness(vs, rows)
+    text = hessian_verdicts(vs, rows)
     line = {ln.split("**")[1]: ln for ln in text[1:4]}
     assert "sharper at batch_size 512 by both measures (λmax 3x" in line["a"]
     assert "sharper at batch_size 512 by λmax (1.2x); the traces do not differ" in line["b"]
@@ -203,8 +207,9 @@ def test_a_study_over_seeds_with_planes_and_sharpness_answers_with_error_bars(wo
     """cross: {train.seed: [...]} pools seeds; directions.repeats gives every metric its planes'
     error; the sharpness measures are computed at every theta* (once: a second run reuses them)
     and the report's marks follow from its own table."""
-    from lldist.significance import difference, pool
-    from lldist.study import errorbars, load_study
+    from lldist.analysis.significance import difference, pool
+    from lldist.analysis.verdicts import errorbars
+    from lldist.inputs.study_file import load_study
     study = tiny_study()
     study["variants"] = study["variants"][:1]
     study["cross"] = {"train.batch_size": [16, 100], "train.seed": [0, 1, 2]}
@@ -215,8 +220,9 @@ def test_a_study_over_seeds_with_planes_and_sharpness_answers_with_error_bars(wo
     run(["lldist.study", "study.yaml"], workdir)
     md = open("study/report.md").read()
     assert "## Is the difference real?" in md and "### mlp" in md and "Which measure ranks the generalization gap" in md
-    _, _, variants, _, sharp = load_study("study.yaml")
-    assert sharp and len(variants) == 6
+    study = load_study("study.yaml")
+    variants = study.variants
+    assert study.sharpness and len(variants) == 6
     rows = [metrics.from_file(v.job.output, "train") for v in variants]
     assert all(r["planes"] == 2 and "sharp_worst_l2" in r and "roughness_planes_se" in r for r in rows)
     block = md.split("### mlp\n\n")[1].split("\n\n")[0]

@@ -16,8 +16,10 @@ from conftest import ROOT, run, write_job
 
 transformers = pytest.importorskip("transformers", reason="pip install 'lldist[hf]'")
 
+from lldist.directions.kinds import as_tensors
 from lldist.config import DirectionsConfig, load_job  # noqa: E402
-from lldist.directions import make_directions, model_state  # noqa: E402
+from lldist.directions.random import make_directions  # noqa: E402
+from lldist.directions.state import model_state  # noqa: E402
 from lldist.store import SurfaceReader  # noqa: E402
 
 BERT = os.path.join(ROOT, "jobs", "models", "tiny_bert")
@@ -50,11 +52,11 @@ def plain_batches(job):
 def at(model, path, a, b):
     """The model at theta + a dx + b dy, theta being the model's state at its first call."""
     with SurfaceReader(path) as sf:
-        dirs = sf.read_directions()
+        dirs = as_tensors(sf.read_directions())
     if not hasattr(model, "theta_"):
         model.theta_ = {k: v.clone() for k, v in model_state(model)[0].items()}
     theta = model.theta_
-    state = {k: theta[k] + a * dirs["x"][k] + b * dirs["y"][k] for k in theta}
+    state = {k: theta[k] + a * dirs.x[k] + b * dirs.y[k] for k in theta}
     model.load_state_dict(state, strict=False)
     return model.eval()
 
@@ -111,7 +113,7 @@ def test_directions_for_transformers_are_per_row():
     torch.manual_seed(0)
     bert = transformers.AutoModelForSequenceClassification.from_config(transformers.AutoConfig.from_pretrained(BERT))
     theta, kinds = model_state(bert)
-    d = make_directions(theta, kinds, DirectionsConfig(seed=0), 1)["x"]
+    d = make_directions(theta, kinds, DirectionsConfig(seed=0), 1).x
     modules = dict(bert.named_modules())
     checked = {"linear": 0, "embedding": 0, "layernorm": 0}
     for name, w in theta.items():
@@ -136,7 +138,7 @@ def test_directions_for_gpt2_follow_the_module_type():
     torch.manual_seed(0)
     gpt = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.from_pretrained(GPT))
     theta, kinds = model_state(gpt)
-    d = make_directions(theta, kinds, DirectionsConfig(seed=0), 1)["x"]
+    d = make_directions(theta, kinds, DirectionsConfig(seed=0), 1).x
     modules = dict(gpt.named_modules())
     checked = {"conv1d": 0, "embedding": 0, "layernorm": 0}
     for name, w in theta.items():

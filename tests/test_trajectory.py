@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import model_and_data, run, write_job
 
+from lldist.directions.kinds import as_tensors
 from lldist.evaluation.evaluator import evaluate_plain
 from lldist.store import SurfaceReader
 
@@ -27,10 +28,10 @@ def test_each_checkpoints_share_in_the_plane_and_its_projected_loss(workdir):
     captured, at, proj = (json.loads(a[k]) for k in ("captured", "loss_checkpoint", "loss_projected"))
     assert len(captured) == len(names) == 5 and a["split"] == "test"
     with SurfaceReader("out.h5") as sf:
-        dirs = sf.read_directions()
+        dirs = as_tensors(sf.read_directions())
     model, data = model_and_data(job, "model.pt")
     theta = {k: v.clone() for k, v in model.state_dict().items() if v.is_floating_point()}
-    moving = [n for n in theta if dirs["x"][n].any() or dirs["y"][n].any()]
+    moving = [n for n in theta if dirs.x[n].any() or dirs.y[n].any()]
     for i, name in enumerate(names):
         state = torch.load(workdir / name, weights_only=False)
         state = state.get("state_dict", state)
@@ -38,7 +39,7 @@ def test_each_checkpoints_share_in_the_plane_and_its_projected_loss(workdir):
         # (the last epoch's checkpoint is theta* itself: nothing to hold, counted as held)
         assert captured[i] == pytest.approx((coords[i] ** 2).sum() / d2 if d2 > 0 else 1.0, rel=1e-6)
         assert at[i] == pytest.approx(evaluate_plain(model, state, data, batch_size=50)[0], rel=1e-5)
-        projected = {n: theta[n] + float(coords[i, 0]) * dirs["x"][n] + float(coords[i, 1]) * dirs["y"][n] for n in theta}
+        projected = {n: theta[n] + float(coords[i, 0]) * dirs.x[n] + float(coords[i, 1]) * dirs.y[n] for n in theta}
         assert proj[i] == pytest.approx(evaluate_plain(model, projected, data, batch_size=50)[0], rel=1e-5)
     assert all(0 <= c <= 1 + 1e-9 for c in captured)
     out = run(["lldist.info", "out.h5"], workdir).stdout
@@ -48,11 +49,13 @@ def test_each_checkpoints_share_in_the_plane_and_its_projected_loss(workdir):
 
 
 def test_the_plot_marks_checkpoints_the_plane_holds_poorly():
-    from lldist import figures
+    from lldist.analysis import figures
     x = np.linspace(-1, 1, 5)
-    s = {"name": "t", "x": x, "y": x, "values": {("test", "loss"): 1 + np.add.outer(x ** 2, x ** 2)},
-         "trajectory": np.array([[0.5, 0.5], [0.2, 0.1], [0.0, 0.0]]),
-         "trajectory_fit": {"captured": [0.9, 0.3, 1.0], "threshold": 0.5}, "explained_variance_ratio": [0.6, 0.3]}
-    fig = figures.figure_trajectory(s, "test", figures.PlotOptions())
+    from lldist.store import Surface
+    s = Surface(path="", name="t", x=x, y=x, done=np.ones((5, 5), bool), splits=["test"], quantities=["loss"],
+                values={("test", "loss"): 1 + np.add.outer(x ** 2, x ** 2)},
+                trajectory=np.array([[0.5, 0.5], [0.2, 0.1], [0.0, 0.0]]),
+                trajectory_fit={"captured": [0.9, 0.3, 1.0], "threshold": 0.5}, explained_variance_ratio=[0.6, 0.3])
+    fig = figures.figure_trajectory(figures.drawable(s), "test", figures.PlotOptions())
     marked = [ln for ln in fig.axes[0].get_lines() if "under 50%" in ln.get_label()]
     assert len(marked) == 1 and list(marked[0].get_xdata()) == [0.2]

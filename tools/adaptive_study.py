@@ -20,9 +20,9 @@ import sys
 
 import numpy as np
 
-from lldist.figures import PlotOptions, _levels
-from lldist.levels import labelled
-from lldist.schedule import Adaptive, reconstruct
+from lldist.analysis.figures import PlotOptions, _levels
+from lldist.cells.levels import labelled
+from lldist.cells.schedule import Adaptive, reconstruct
 from lldist.store import SurfaceReader
 
 
@@ -61,14 +61,14 @@ def picture(full_path: str, adaptive_path: str, png: str, levels: int = 30) -> d
     """Full grid | a real adaptive run's reconstruction | cells whose level differs."""
     _, f = read(full_path)
     name, a = read(adaptive_path)
-    split = f["splits"][0]
-    return draw(name, f, a["values"][(split, "loss")], a["done"], png, levels, a["adaptive"]["tolerance"])
+    split = f.splits[0]
+    return draw(name, f, a.values[(split, "loss")], a.done, png, levels, a.adaptive["tolerance"])
 
 
 def replay_picture(full_path: str, png: str, coarse: int, tolerance: float, levels: int = 30) -> dict:
     """The same from a full grid alone: the schedule replayed on it (what a run computes)."""
     name, f = read(full_path)
-    full = f["values"][(f["splits"][0], "loss")]
+    full = f.values[(f.splits[0], "loss")]
     done = replay(full, coarse, tolerance, levels)
     return draw(name, f, reconstruct(np.where(done, full, np.nan), done, coarse), done, png, levels, tolerance)
 
@@ -78,22 +78,22 @@ def draw(name: str, f: dict, rec: np.ndarray, done: np.ndarray, png: str, levels
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    full = f["values"][(f["splits"][0], "loss")]
+    full = f.values[(f.splits[0], "loss")]
     lev = _levels(full, PlotOptions(levels=levels), "loss")
     norm = matplotlib.colors.LogNorm(lev[0], lev[-1]) if lev.geometric else None
     c = compare(full, rec, levels)
     fig, ax = plt.subplots(1, 3, figsize=(13, 4.2), constrained_layout=True)
-    X, Y = np.meshgrid(f["x"], f["y"])
+    X, Y = np.meshgrid(f.x, f.y)
     for k, (z, title) in enumerate(((full, f"full grid: {full.size} cells"),
                                     (rec, f"adaptive: {int(done.sum())} cells ({done.mean():.0%}) computed"))):
         cs = ax[k].contourf(X, Y, z, levels=lev, cmap="viridis", norm=norm)
         ax[k].contour(X, Y, z, levels=lev, colors="k", linewidths=0.3)
         ax[k].set_title(title, fontsize=10)
     iy, ix = np.nonzero(done)
-    ax[1].plot(f["x"][ix], f["y"][iy], ".", ms=0.6, color="w", alpha=0.6)
+    ax[1].plot(f.x[ix], f.y[iy], ".", ms=0.6, color="w", alpha=0.6)
     mism = np.digitize(full, lev) != np.digitize(rec, lev)
     ax[2].imshow(np.where(mism, 1.0, np.nan), origin="lower", cmap="Reds", vmin=0, vmax=1,
-                 extent=(f["x"][0], f["x"][-1], f["y"][0], f["y"][-1]), aspect="auto")
+                 extent=(f.x[0], f.x[-1], f.y[0], f.y[-1]), aspect="auto")
     ax[2].contour(X, Y, full, levels=lev, colors="0.7", linewidths=0.3)
     ax[2].set_title(f"level differs: {c['mismatch']:.2%} of cells", fontsize=10)
     fig.colorbar(cs, ax=ax[:2], shrink=0.85, ticks=labelled(np.asarray(lev), lev.geometric), format="%g",
@@ -130,7 +130,7 @@ def main(argv=None):
     print("|---|---|---|---|---|---|---|---|")
     for path in a.files:
         name, s = read(path)
-        full = s["values"][(s["splits"][0], "loss")]
+        full = s.values[(s.splits[0], "loss")]
         done = replay(full, a.coarse, a.tolerance, a.levels)
         rec = reconstruct(np.where(done, full, np.nan), done, a.coarse)
         c = [compare(full, rec, a.levels, **kind) for kind in ({}, {"linear": True}, {"log": True})]

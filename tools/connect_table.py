@@ -8,7 +8,7 @@ standard error over examples).
 import os
 import sys
 
-from lldist.metrics import from_file
+from lldist.analysis.metrics import from_file
 from lldist.store import SurfaceReader
 
 PATHS = (("straight line", "{m}/line.h5"), ("line after weight matching", "{m}_aligned/line_aligned.h5"),
@@ -19,8 +19,8 @@ def row(path: str, split: str) -> tuple:
     m = from_file(path, split=split)
     with SurfaceReader(path) as sf:
         s = sf.read_all()
-    loss = s["values"][(split, "loss")]
-    acc = s["values"][(split, "acc")]
+    loss = s.values[(split, "loss")]
+    acc = s.values[(split, "acc")]
     return (f"{m['barrier_loss']:.4f} ± {m.get('barrier_loss_se', float('nan')):.4f}", f"{m['barrier_loss_alpha']:.2f}",
             f"{100 * m['barrier_error']:.2f}", f"{loss.max():.4f}", f"{100 * (1 - acc.min()):.2f}",
             f"{loss[0]:.4f} / {loss[-1]:.4f}")

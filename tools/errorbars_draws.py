@@ -9,9 +9,9 @@ Run after tools/errorbars_docs.sh, from the repository root:
 import numpy as np
 from scipy.stats import ttest_ind
 
-from lldist import metrics
+from lldist.analysis import metrics
 from lldist.store import SurfaceReader
-from lldist.study import load_study
+from lldist.inputs.study_file import load_study
 
 KEYS = ("mean_rise_r0.5", "basin_eps0.1", "convex_fraction", "roughness")
 
@@ -20,12 +20,12 @@ def per_plane(path: str) -> dict:
     """Each grid metric on each plane of a directions.repeats file (train split)."""
     with SurfaceReader(path) as sf:
         a = sf.read_all()
-    loss, acc = a["values"][("train", "loss")], a["values"][("train", "acc")]
-    return {k: [metrics.compute(loss[p], acc[p], a["x"], a["y"])[0][k] for p in range(a["planes"])] for k in KEYS}
+    loss, acc = a.values[("train", "loss")], a.values[("train", "acc")]
+    return {k: [metrics.compute(loss[p], acc[p], a.x, a.y)[0][k] for p in range(a.planes)] for k in KEYS}
 
 
 def main() -> None:
-    _, _, variants, _, _ = load_study("jobs/study_digits_seeds.yaml")
+    variants = load_study("jobs/study_digits_seeds.yaml").variants
     vals = {v.name: per_plane(v.job.output) for v in variants}
     print("| model | metric | seed std (b64, b512) | draw std (b64, b512) | Δ b512 − b64 | p, seeds × planes |")
     print("|---|---|---|---|---|---|")

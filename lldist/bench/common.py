@@ -130,7 +130,8 @@ def sizes(name: str, device: str) -> int:
 
 def make_case(name: str, n: int, seed: int = 0):
     from ..config import DirectionsConfig, ModelConfig
-    from ..directions import make_directions, model_state
+    from ..directions.random import make_directions
+    from ..directions.state import model_state
     from ..workloads.data import CIFAR_MEAN, CIFAR_STD, TensorSet
     from ..workloads.models import build_model
     mname, margs, shape = MODELS[name]

@@ -80,12 +80,13 @@ def new_file(path: str, n: int, ndim: int = 2):
     import torch
 
     from ..config import job_from_dict
-    from ..grid import Grid
+    from ..cells.grid import Grid
     from ..store import SurfaceWriter
     grid = {"x": [-1, 1, n], "y": [-1, 1, n] if ndim == 2 else None}
     job = job_from_dict({"name": f"coordinator_{n}", "output": path, "grid": grid,
                          "model": {"name": "mlp", "checkpoint": None}}, "coordbench")
-    dirs = {"x": {"w": torch.zeros(4)}, "y": {"w": torch.zeros(4)}}
+    from ..directions.record import Directions
+    dirs = Directions(x={"w": torch.zeros(4)}, y={"w": torch.zeros(4)})
     return SurfaceWriter.create(path, job, {"job": "bench", "config": "bench"}, Grid(job.grid.x, job.grid.y), dirs, {})
 
 
@@ -101,7 +102,7 @@ class ZeroCost:
     def prepare(self):
         import torch  # noqa: F401 - loaded before the baseline, as in a real run
 
-        from ..schedule import Sweep
+        from ..cells.schedule import Sweep
         self.before = _rss_mib()
         self.sf = new_file(self.out, self.n)
         self.schedule = Limited(Sweep(self.sf.taken(), self.chunk), self.results)

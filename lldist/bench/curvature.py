@@ -63,7 +63,8 @@ def product_costs(path: str, nbatches: int, rounds: int) -> list:
 
     from ..config import load_job
     from ..evaluation.curvature import Curvature, first_batches
-    from ..loading import Source, ensure_checkpoint
+    from ..inputs.loading import Source
+    from ..runs.train import ensure_checkpoint
     job = load_job(path)
     ensure_checkpoint(job)
     src = Source()
@@ -158,7 +159,7 @@ def optimum_scaling(args) -> list:
     """python -m lldist.hessian (top 2 eigenvalues, the smallest, 16 Hutchinson samples) on the
     quickstart's CNN at its untrained θ*, `optimum_batches` batches of 180 digits training images,
     under mpiexec at each rank count (one thread a rank): each product's batches split over the
-    ranks (transport.runner.Products). Seconds per product from the file's own record, and how
+    ranks (transport.runner.Spread). Seconds per product from the file's own record, and how
     far each run's eigenvalues and trace are from the first's."""
     import subprocess
     import sys

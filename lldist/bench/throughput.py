@@ -125,7 +125,7 @@ def naive_cell(model, theta, dirs, data, device, batch_size=128, workers=0):
     model = model.to(device).eval()
 
     def one_cell(a=0.1, b=-0.2):
-        state = {k: theta[k] + a * dirs["x"][k] + b * dirs["y"][k] for k in theta}
+        state = {k: theta[k] + a * dirs.x[k] + b * dirs.y[k] for k in theta}
         model.load_state_dict(state, strict=False)
         total, correct = 0.0, 0
         with torch.no_grad():
@@ -144,7 +144,8 @@ def text_case(n: int, seq: int = 128, seed: int = 0):
     import transformers
 
     from ..config import DirectionsConfig
-    from ..directions import make_directions, model_state
+    from ..directions.random import make_directions
+    from ..directions.state import model_state
     from ..workloads.data import DictSet
     torch.manual_seed(seed)
     cfg = transformers.BertConfig(vocab_size=2000, hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -182,7 +183,7 @@ def text_row(device: str, n: int, batch_sizes: list, rounds: int = 5) -> dict:
     loader = torch.utils.data.DataLoader(examples, batch_size=32)
 
     def one_cell(a=0.1, b=-0.2):
-        model.load_state_dict({k: theta[k] + a * dirs["x"][k] + b * dirs["y"][k] for k in theta}, strict=False)
+        model.load_state_dict({k: theta[k] + a * dirs.x[k] + b * dirs.y[k] for k in theta}, strict=False)
         with torch.no_grad():
             for batch in loader:
                 batch = {k: v.to(device) for k, v in batch.items()}

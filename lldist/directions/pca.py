@@ -1,14 +1,29 @@
-"""The plane of a training trajectory: its top two principal directions (Li et al. 2018,
-section 7), and each checkpoint's coordinates on it. Pure tensor code, no MPI, no HDF5.
+"""directions.kind pca: the plane of a training trajectory, its top two principal directions
+(Li et al. 2018, section 7), each checkpoint's coordinates on it, and how well the plane holds
+each checkpoint.
 
-    from lldist.directions import pca_directions
+    files = trajectory_files(job)                                        # the checkpoints, in order
     dirs, info, coords = pca_directions(theta, kinds, [theta_1, ..., theta_m])
     # dirs {"x", "y"}: unit vectors; info: explained variance ratios; coords: (m, 2)
+    d = make(making)                                                     # the job's: Directions
 """
 
 from __future__ import annotations
 
+import copy
+import glob
+import os
+import re
+
 import torch
+
+from ..errors import UserError
+from ..evaluation.tasks import mean_over
+from .recipe import Recipe
+from .record import Directions
+from .state import trainable_names
+
+NORM = "none (unit vectors)"
 
 CENTERS = ("final", "mean")
 
@@ -63,3 +78,88 @@ def pca_directions(theta: dict, kinds: dict, trajectory: list, ignore: str = "bi
     info = {"explained_variance_ratio": [float(evals[0]) / total, float(evals[1]) / total] if total > 0 else [0.0, 0.0],
             "pca_center": center}
     return dirs, info, coords
+
+
+def trajectory_files(job) -> list:
+    """The trajectory's checkpoints, in training order, the final one excluded."""
+    pattern = job.directions.checkpoints
+    if pattern is None:
+        if not job.model.checkpoint:
+            raise UserError(f"{job.source}: directions.kind: pca needs directions.checkpoints or a model.checkpoint "
+                            "whose <stem>_epoch<N>.pt series is the trajectory")
+        stem = os.path.splitext(job.model.checkpoint)[0]
+        # lldist.train's epoch series, else a Recorder's step series (inputs/recorder.py)
+        pattern = stem + "_epoch*.pt" if len(glob.glob(stem + "_epoch*.pt")) >= 2 or \
+            len(glob.glob(stem + "_step*.pt")) < 2 else stem + "_step*.pt"
+    final = os.path.abspath(job.model.checkpoint) if job.model.checkpoint else None
+
+    def order(path):
+        nums = re.findall(r"\d+", os.path.basename(path))
+        return (int(nums[-1]) if nums else -1, path)
+    files = sorted((f for f in glob.glob(pattern) if os.path.abspath(f) != final), key=order)
+    if len(files) < 2:
+        raise UserError(f"{job.source}: directions.kind: pca found {len(files)} checkpoint(s) matching {pattern}; "
+                        "it needs at least 2 besides the final one")
+    return files
+
+
+def inputs(job) -> dict:
+    """The trajectory's checkpoints by their content."""
+    from ..inputs.identity import file
+    return {"trajectory": [file(f) for f in trajectory_files(job)]}
+
+
+CAPTURED_WELL = 0.5  # a checkpoint whose displacement the plane holds less of is drawn as badly represented
+
+
+def trajectory_fit(job, loaded, task, states: list, dirs: Directions, coords, log) -> dict:
+    """How well the PCA plane holds each checkpoint (loss-landscape #1: "the PCA path does not
+    match the contour losses"): the fraction of its displacement θ_i − θ* in the plane,
+    (c_i1² + c_i2²)/‖θ_i − θ*‖² over the entries the directions move, and the loss at the
+    checkpoint against the loss at its projection θ* + c_i1 d_x + c_i2 d_y (on the job's first
+    split; BatchNorm statistics stay θ*'s at the projection, as on the grid)."""
+    moving = [n for n in loaded.theta if any(bool(a[n].any()) for a in (dirs.x, dirs.y) if a is not None)]
+    split = job.splits[0]
+    data = loaded.splits[split]
+    bs = job.eval.batch_size if job.eval.batch_size != "auto" else 256
+    model = copy.deepcopy(loaded.model)
+
+    def loss_at(state: dict) -> float:
+        model.load_state_dict(state, strict=False)
+        return mean_over(model, data, task, bs)["loss"]
+    captured, at_checkpoint, at_projection = [], [], []
+    for st, (c1, c2) in zip(states, coords.tolist()):
+        norm2 = sum(float((st[n].double() - loaded.theta[n].double()).pow(2).sum()) for n in moving)
+        captured.append((c1 * c1 + c2 * c2) / norm2 if norm2 > 0 else 1.0)
+        at_checkpoint.append(loss_at(st))
+        proj = {n: (w.double() + c1 * dirs.x[n].double() + (c2 * dirs.y[n].double() if dirs.y is not None else 0))
+                .to(w.dtype) for n, w in loaded.theta.items()}
+        at_projection.append(loss_at(proj))
+    bad = [i + 1 for i, c in enumerate(captured) if c < CAPTURED_WELL]
+    log(f"the plane holds {100 * min(captured):.0f}-{100 * max(captured):.0f}% of each checkpoint's displacement"
+        + (f"; checkpoints {', '.join(map(str, bad))} under {100 * CAPTURED_WELL:.0f}%: their points on the plane "
+           "are projections, not where training went" if bad else ""))
+    return {"captured": captured, "loss_checkpoint": at_checkpoint, "loss_projected": at_projection, "split": split,
+            "threshold": CAPTURED_WELL}
+
+
+def make(m) -> Directions:
+    from ..inputs.loading import checkpoint_state
+    job, loaded = m.job, m.loaded
+    files = trajectory_files(job)
+    states = [checkpoint_state(job, loaded, f) for f in files]
+    try:
+        selects = Recipe.of(job.directions, trainable_names(loaded.model)).selects
+        dirs, info, coords = pca_directions(loaded.theta, loaded.kinds, states, job.directions.ignore,
+                                            job.directions.center, selects)
+    except ValueError as e:
+        raise UserError(f"{job.source}: directions.kind: pca: {e}")
+    m.log(f"pca of {len(files)} checkpoints: explained variance {info['explained_variance_ratio'][0]:.3f}, "
+          f"{info['explained_variance_ratio'][1]:.3f}")
+    info["checkpoints"] = [os.path.basename(f) for f in files]
+    lo, hi = coords.min(0).values.tolist(), coords.max(0).values.tolist()
+    m.log(f"trajectory of {len(files)} checkpoints spans alpha [{lo[0]:.3g}, {hi[0]:.3g}], beta [{lo[1]:.3g}, "
+          f"{hi[1]:.3g}] (the final checkpoint is at 0, 0): the grid should cover it")
+    d = Directions(x=dirs["x"], y=dirs["y"] if job.ndim == 2 else None, attrs=info, trajectory=coords)
+    d.trajectory_fit = trajectory_fit(job, loaded, m.task, states, d, coords, m.log)
+    return d

@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .tasks import Task, head, logits_of, model_inputs
+from .tasks import Task, head, logits_of, mean_loss, model_inputs
 
 
 ARPACK_BYTES = 2e9  # the Lanczos basis eigsh may keep (see Curvature.eigs)
@@ -79,7 +79,7 @@ class Curvature:
     (default: all the model's; a block's for a per-block spectrum: the others are held).
     `watch`: called after every product with the count so far; it may raise (a stop request:
     errors.Stopped) and may report progress (see Watch). `spread`: products spread over ranks
-    (lldist.transport.runner.Products; see `serve`): this rank computes only its share of the
+    (lldist.transport.runner.Spread; see `serve`): this rank computes only its share of the
     batches, `key` names this operator in the conversation."""
 
     def __init__(self, model: nn.Module, batches: list, task: Task = None, dtype=torch.float32, watch=None,
@@ -127,12 +127,7 @@ class Curvature:
         return self.task.loss_terms(self._forward({**self.held, **params}, batch), batch)
 
     def loss(self) -> float:
-        with torch.no_grad():
-            s = w = 0.0
-            for b in self.batches:
-                bs, bw = self._sum_and_weight(self.point, b)
-                s, w = s + float(bs), w + float(bw)
-        return s / w
+        return mean_loss(lambda b: self._sum_and_weight(self.point, b), self.batches)
 
     def _flat(self, tensors) -> torch.Tensor:
         return torch.cat([t.reshape(-1) for t in tensors])
@@ -254,7 +249,7 @@ class Curvature:
         (weights, summing to 1) form the Gauss quadrature of v'f(H)v/v'v, exact for polynomials
         f of degree < 2 steps. Averaged over v it estimates (1/n) sum_i f(lambda_i): the density
         is sum over runs and nodes of weight/runs at each node, smoothed for a picture by
-        `smoothed_density`. Returns (nodes, weights), each (runs, steps) float64; a run that
+        `analysis.spectrum.smoothed_density`. Returns (nodes, weights), each (runs, steps) float64; a run that
         exhausts its Krylov space early pads with weight 0."""
         g = torch.Generator().manual_seed(seed)
         device = self.point[self.names[0]].device
@@ -310,32 +305,3 @@ def lanczos_quadrature(matvec, v0: torch.Tensor, steps: int) -> tuple:
         basis.append(v)
     vals, vecs = eigh_tridiagonal(np.array(alpha), np.array(beta[:len(alpha) - 1]))
     return vals, vecs[0] ** 2
-
-
-def smoothed_density(nodes: np.ndarray, weights: np.ndarray, grid: np.ndarray = None, sigma: float = None,
-                     points: int = 1000) -> tuple:
-    """(grid, density): the quadrature's Dirac masses, averaged over runs, as a sum of Gaussians
-    of width sigma (default 1% of the nodes' range), integrating to 1 over the real line."""
-    w = weights / weights.shape[0]
-    lo, hi = float(nodes[weights > 0].min()), float(nodes[weights > 0].max())
-    sigma = sigma or 0.01 * max(hi - lo, 1e-12)
-    if grid is None:
-        grid = np.linspace(lo - 5 * sigma, hi + 5 * sigma, points)
-    d = np.zeros_like(grid, dtype=np.float64)
-    for t, m in zip(nodes.ravel(), w.ravel()):
-        if m > 0:
-            d += m * np.exp(-0.5 * ((grid - t) / sigma) ** 2)
-    return grid, d / (sigma * np.sqrt(2 * np.pi))
-
-
-def density_summary(nodes: np.ndarray, weights: np.ndarray) -> str:
-    """One line: the runs and steps, the range, and how the mass splits between the bulk near
-    zero (|lambda| within 1% of the largest |lambda|), the outliers above it and the clearly
-    negative eigenvalues below it: the shape Ghorbani et al. (2019) describe."""
-    w = weights / weights.shape[0]
-    lo, hi = float(nodes[weights > 0].min()), float(nodes[weights > 0].max())
-    eps = 0.01 * max(abs(lo), abs(hi))
-    part = lambda m: 100 * float(w[m].sum())  # noqa: E731
-    return (f"{nodes.shape[0]} runs x {nodes.shape[1]} Lanczos steps; eigenvalues in [{lo:.4g}, {hi:.4g}]; "
-            f"mass {part(np.abs(nodes) <= eps):.1f}% in the bulk (|lambda| <= {eps:.3g}), {part(nodes > eps):.2f}% "
-            f"above it, {part(nodes < -eps):.2f}% below it")

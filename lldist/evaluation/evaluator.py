@@ -1,7 +1,7 @@
 """Loss and accuracy of a model at theta + a*dx + b*dy (or at t along a curve: curves.py). No
 MPI, no HDF5.
 
-    ev = Evaluator(model, theta, dirs, {"test": testset}, EvalConfig(batch_size=512), device="cpu")
+    ev = Evaluator(model, theta, Directions(x=dx, y=dy), {"test": testset}, EvalConfig(batch_size=512), device="cpu")
     out = ev.evaluate_cells([(0.0, 0.0), (0.1, -0.2)])   # (2, nsplits, 2): [loss, acc]
 
 The model is built once; each cell overwrites its floating-point state in place from theta
@@ -13,6 +13,7 @@ batch in float32 and accumulated across batches in float64; NaN and inf pass thr
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import time
 from typing import NamedTuple, Optional, Sequence
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import BN_MODES, EvalConfig
+from ..config import BN_MODES, EvalConfig, eval_conflict
+from ..directions.record import Directions
 from ..workloads.data import TensorSet
 from .groups import GroupSpec, all_reduce_sum, local, shard_model, shard_rows, sharded_modules
 from .curves import coefficients, combine, update_bn
@@ -88,7 +90,7 @@ class Slot(NamedTuple):
 
 
 class Evaluator:
-    def __init__(self, model: nn.Module, theta: dict, dirs: dict, splits: dict,
+    def __init__(self, model: nn.Module, theta: dict, dirs: Directions, splits: dict,
                  cfg: EvalConfig = EvalConfig(), device: Optional[str] = None,
                  prenormalize_bytes: int = 1 << 30, task: Optional[Task] = None,
                  group: Optional[GroupSpec] = None, curve: Optional[str] = None, bn_data=None):
@@ -101,35 +103,31 @@ class Evaluator:
             raise ValueError(f"precision {cfg.precision!r}; allowed: {', '.join(AUTOCAST)}")
         if cfg.bn not in BN_MODES:
             raise ValueError(f"bn {cfg.bn!r}; allowed: {', '.join(BN_MODES)}")
-        if cfg.bn == "batch" and cfg.cells_per_pass not in (1, "auto"):
-            raise ValueError("bn='batch' needs cells_per_pass=1 (vmap runs BatchNorm in eval mode only)")
         self.task = task or Task()
-        # the fast paths (vmapped cells, batch calibration) know (x, y) tensors and cross-entropy
+        self.group = group if group is not None and group.size > 1 else None
+        # the keys that cannot go together, as config.py states them for job files: here with
+        # what this evaluator was given (the task's curvature, the group's size)
+        bad = eval_conflict(dataclasses.replace(cfg, curvature=bool(self.task.curvature),
+                                                group_size=self.group.size if self.group else 1,
+                                                cells_per_pass=1 if cfg.cells_per_pass == "auto" else cfg.cells_per_pass))
+        if bad:
+            raise ValueError(bad)
+        # what only the data and directions tell: the fast paths (several cells per pass, batch
+        # calibration) know (x, y) tensors and cross-entropy; a curve needs its end and bend
         self.plain = self.task.classification and all(isinstance(d, TensorSet) for d in splits.values())
         if not self.plain and cfg.cells_per_pass not in (1, "auto"):
             raise ValueError("cells_per_pass > 1 needs the default cross-entropy task on (x, y) tensors")
         if cfg.batch_size == "auto" and not all(isinstance(d, TensorSet) for d in splits.values()):
             raise ValueError("batch_size='auto' needs (x, y) tensors: batches given as they come keep their size")
-        if cfg.bn == "recompute" and (cfg.cells_per_pass not in (1, "auto") or bn_data is None
-                                      or (group is not None and group.size > 1)):
-            raise ValueError("bn='recompute' needs cells_per_pass=1, one rank per cell and bn_data (the train split)")
+        if cfg.bn == "recompute" and bn_data is None:
+            raise ValueError("bn='recompute' needs bn_data (the train split)")
         if curve is not None:
             coefficients(curve, 0.0)  # the kind, checked
-            if "bend" not in dirs or "target" not in dirs:
-                raise ValueError("a curve needs its end ('target') and its bend ('bend') in dirs")
+            if dirs.bend is None or dirs.target is None:
+                raise ValueError("a curve needs its end (dirs.target) and its bend (dirs.bend)")
             if cfg.cells_per_pass not in (1, "auto"):
                 raise ValueError("a curve is evaluated one cell at a time (cells_per_pass=1)")
         self.curve = curve
-        if self.task.curvature and cfg.cells_per_pass not in (1, "auto"):
-            raise ValueError("curvature needs cells_per_pass=1 (the Hessian is taken cell by cell)")
-        self.group = group if group is not None and group.size > 1 else None
-        if self.group is not None:
-            why = [w for w, bad in (("cells_per_pass 1", cfg.cells_per_pass not in (1, "auto")),
-                                    ("a number for batch_size", cfg.batch_size == "auto"),
-                                    ("no per-cell curvature", self.task.curvature),
-                                    ("no compile", group.mode == "shard" and bool(cfg.compile))) if bad]
-            if why:
-                raise ValueError(f"eval.group_size > 1 needs {', '.join(why)}")
         self.cfg = cfg
         self._curvature = {}  # split -> curvature.Curvature on its fixed batches
         self.prenormalize_bytes = prenormalize_bytes
@@ -146,8 +144,8 @@ class Evaluator:
             model = model.to(self.device, memory_format=fmt)
             set_bn_mode(model, cfg.bn)
         live = model.state_dict(keep_vars=True)
-        end_state = dirs.get("target")
-        planes = dirs.get("_planes", [])  # directions.repeats: planes 1..n-1 (plane 0 is dirs itself)
+        end_state = dirs.target
+        planes = dirs.planes  # directions.repeats: planes 1..n-1 (plane 0 is dirs itself)
         self.slots = []
         with torch.no_grad():
             for name, w in theta.items():
@@ -159,10 +157,10 @@ class Evaluator:
                         raise RuntimeError(f"{name}: FSDP holds {t.shape[0]} rows here, lldist expected "
                                            f"{rows.stop - rows.start} ({rows})")
                 part = lambda v: _rows(v, w, rows).to(self.device)  # noqa: E731
-                dx = part(dirs["x"][name])
-                dy = part(dirs["y"][name]) if "y" in dirs else None
+                dx = part(dirs.x[name])
+                dy = part(dirs.y[name]) if dirs.y is not None else None
                 end = part(end_state[name]) if end_state is not None else None
-                bend = part(dirs["bend"][name]) if curve is not None else None
+                bend = part(dirs.bend[name]) if curve is not None else None
                 wl = part(w)
                 # entries with zero directions never change: skip them per cell
                 moving = bool(dx.any()) or (dy is not None and bool(dy.any())) or \
@@ -191,15 +189,15 @@ class Evaluator:
         self.batch_size = cfg.batch_size if cfg.batch_size != "auto" else self.calibrate_batch()
         self.cells_per_pass = 1
         if cfg.cells_per_pass == "auto" and not self.task.curvature and curve is None and self.bn_data is None:
-            self.cells_per_pass = self.calibrate_group()
+            self.cells_per_pass = self.calibrate_pass()
         elif cfg.cells_per_pass > 1:
             self.cells_per_pass = cfg.cells_per_pass
 
-    def _plane_slots(self, dirs: dict) -> list:
+    def _plane_slots(self, dirs: Directions) -> list:
         out = []
         for s in self.slots:
-            dx = dirs["x"][s.name].to(self.device)
-            dy = dirs["y"][s.name].to(self.device) if "y" in dirs else None
+            dx = dirs.x[s.name].to(self.device)
+            dy = dirs.y[s.name].to(self.device) if dirs.y is not None else None
             moving = bool(dx.any()) or (dy is not None and bool(dy.any()))
             out.append(s._replace(dx=dx, dy=dy, moving=moving))
         return out
@@ -393,10 +391,10 @@ class Evaluator:
         if self.cells_per_pass == 1:
             return np.stack([self.evaluate(a, b) for a, b in coords])
         g = self.cells_per_pass
-        return np.concatenate([self.evaluate_group(coords[i:i + g]) for i in range(0, len(coords), g)])
+        return np.concatenate([self.evaluate_pass(coords[i:i + g]) for i in range(0, len(coords), g)])
 
     @torch.inference_mode()
-    def evaluate_group(self, coords: Sequence[tuple]) -> np.ndarray:
+    def evaluate_pass(self, coords: Sequence[tuple]) -> np.ndarray:
         """Several cells in one pass: torch.func.vmap over stacked weights (G, *shape), the data
         shared. Pays for small dense models on a GPU (one big matmul instead of G small ones);
         eval-mode BatchNorm only, buffers passed unbatched."""
@@ -440,8 +438,8 @@ class Evaluator:
             out[:, j, 2] = [standard_error(t, n, q, t, n, n) for t, q in zip(total.tolist(), square.tolist())]
         return out
 
-    def calibrate_group(self, candidates=(8, 32, 128), budget_s: float = 3.0) -> int:
-        """Cells per pass that evaluates fastest; 1 unless grouping is at least 10% faster."""
+    def calibrate_pass(self, candidates=(8, 32, 128), budget_s: float = 3.0) -> int:
+        """Cells per pass that evaluates fastest; 1 unless several a pass is at least 10% faster."""
         if self.cfg.bn != "eval" or not self.plain:
             return 1
         rng = np.random.RandomState(0)

@@ -1,5 +1,5 @@
 """The sharpness measures of the generalization literature at a point θ of a model, on fixed
-batches. No MPI, no HDF5: lldist/flatness.py spreads the restarts, draws and groups over ranks.
+batches. No MPI, no HDF5: lldist/runs/sharpness.py spreads the restarts, draws and groups over ranks.
 
     s = Sharpness(model, batches, task)          # L(θ*) on the batches, the parameters' |θ*|
     s.worst(rho=0.5, p=2, steps=20, restart=0)   # the largest rise one restart of PGD finds
@@ -41,7 +41,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from .tasks import Task, batch_size, model_inputs
+from .tasks import Task, batch_size, mean_loss, model_inputs
 
 PAC_EPS = 1e-3  # Jiang et al.'s additive noise floor
 KIND = {"worst": 1, "average": 2, "pac": 3}  # the generator streams, apart per measure
@@ -95,14 +95,10 @@ class Sharpness:
         """L(θ + sign·δ), the mean over the batches (float64 sums of the float32 batch sums)."""
         batches = self.batches if batches is None else batches
         point = self.theta if delta is None else {n: self.theta[n] + sign * delta[n] for n in self.names}
-        v = w = 0.0
-        with torch.no_grad():
-            for b in batches:
-                s, n = self._terms(point, b)
-                v, w = v + float(s), w + float(n)
+        value = mean_loss(lambda b: self._terms(point, b), batches)
         self.passes += 1
         self.should_stop()
-        return v / w
+        return value
 
     def loss_and_grad(self, delta: dict, batches=None) -> tuple:
         """(L(θ + δ), ∇L(θ + δ) by parameter): the batches' summed losses backward one at a

@@ -191,7 +191,7 @@ class Task:
         if not isinstance(metrics, dict):
             raise TypeError(f"metrics must be a dict of name -> callable, got {type(metrics).__name__}")
         self._metrics = {}
-        # the user's own code, which the job's identity hashes (lldist.identity.task)
+        # the user's own code, which the job's identity hashes (lldist.inputs.identity.task)
         self.user_loss = loss if callable(loss) else None
         self.user_metrics = {}
         for name, fn in metrics.items():
@@ -317,6 +317,32 @@ class Task:
         means.update({n: f(means) for n, f in self.derived.items()})
         means["loss_se"] = standard_error(t[0], t[1], *t[-4:])
         return [means[n] for n in self.names if n not in self.curvature]
+
+
+@torch.no_grad()
+def mean_loss(terms: Callable, batches) -> float:
+    """The mean loss over fixed batches from each batch's (sum, weight) (`terms(batch)`, the
+    task's loss_terms at some weights), accumulated as Python floats: the curvature's and the
+    sharpness measures' loss at a point."""
+    v = w = 0.0
+    for b in batches:
+        s, n = terms(b)
+        v, w = v + float(s), w + float(n)
+    return v / w
+
+
+@torch.no_grad()
+def mean_over(model, data, task: Task, batch_size: int) -> dict:
+    """{quantity: its mean over the split} of the task at the weights the model holds, the plain
+    way (eval mode, one batch at a time, the batch sums accumulated in float64): what training
+    reports each epoch and a PCA plane's checkpoints are measured by. The evaluator's own loops
+    (evaluator.py) add groups, vmapped passes and one device sync per split to the same sums."""
+    model.eval()
+    total = None
+    for batch in data.batches(batch_size):
+        sums = task.sums(task.forward(model, batch), batch).double()
+        total = sums if total is None else total + sums
+    return dict(zip([n for n in task.names if n not in task.curvature], task.means(total)))
 
 
 def make_task(loss="cross_entropy", metrics=None) -> Task:

@@ -1,23 +1,19 @@
-"""Everything that is written to or read from disk: the one HDF5 file of a surface and its exports.
+"""The one HDF5 file of a surface: the only h5py user, and free of torch (analysis/ reads it
+without). The layout: docs/FORMAT.md.
 
     from lldist.store import SurfaceReader
     with SurfaceReader("out.h5") as sf:
-        s = sf.read_all()        # x, y, done, values {(split, quantity): (ny, nx)}, curvature, ...
+        s = sf.read_all()        # Surface: x, y, done, values {(split, quantity): (ny, nx)}, curvature, ...
 
-`hdf5`: the only h5py user: layout, the done mask, group commit, resume, provenance, the
-output lock (SurfaceWriter is used by rank 0 alone: one writer). `export`: ParaView (VTK XML)
-and interactive HTML surfaces, from arrays already read. The layout: docs/FORMAT.md.
+  layout.py   what a new file holds, allocated whole at creation; the format and its version
+  reader.py   SurfaceReader (never writes) and its records: Surface, Points
+  writer.py   SurfaceWriter: rank 0's, the one writer; the group commit, values before done marks
+  output.py   Output: a run's output checked, locked, resumed or made anew; Lock
+  results.py  what is added to a finished file: curvature, sharpness, metrics
 """
 
-from .hdf5 import (  # noqa: F401
-                   FORMAT_VERSION,
-                   Lock,
-                   Output,
-                   SurfaceReader,
-                   SurfaceWriter,
-                   all_closed,
-                   check_writable,
-                   write_curvature,
-                   write_metrics,
-                   write_sharpness,
-)
+from .layout import FORMAT_VERSION  # noqa: F401
+from .output import Lock, Output, all_closed, check_writable  # noqa: F401
+from .reader import Points, Surface, SurfaceReader  # noqa: F401
+from .results import write_curvature, write_metrics, write_sharpness  # noqa: F401
+from .writer import SurfaceWriter  # noqa: F401

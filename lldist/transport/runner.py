@@ -6,7 +6,7 @@ that imports mpi4py. It imports nothing else of lldist but `errors`.
 
 One process (`python -m lldist.surface job.yaml`) or N under a launcher (`mpirun -n 8 ...`,
 `srun --mpi=pmix ...`): the same code path, chosen from the launch environment. The caller's
-`room` (lldist.run.SurfaceRun) says *what* to compute; this module says who does it, and how a
+`room` (lldist.runs.surface.SurfaceRun) says *what* to compute; this module says who does it, and how a
 run starts, fails and ends. What a room offers (see `Room`): `prepare()` on rank 0, `build()`
 on the others, `evaluate(cells)` anywhere, and on rank 0 `schedule`, `take_result`, `tick`,
 `start` and `close`.
@@ -46,8 +46,9 @@ are tags; every wait below polls with a short sleep, so a waiting rank uses no C
     0          MPI_Abort(code) on "stopped"/"failed" (workers may be mid-chunk); on "done" every
                worker has had its ("stop",) and returns 0
 
-A second, shorter conversation: curvature products spread over the ranks (`Products`; python -m
-lldist.hessian and a study's Hessian at each variant's θ*). Every rank holds the model and the
+A second, shorter conversation: a computation at θ* spread over the ranks (`Spread`; the
+Hessian of python -m lldist.hessian and of a study's variants, the sharpness measures, the gate
+lldist.connect's ranks wait at while rank 0 trains: lldist/runs/optimum.py). Every rank holds the model and the
 same fixed batches; rank r takes batches [B r / N, B (r + 1) / N). Rank 0 runs Lanczos (scipy's
 ARPACK, the density's recurrence, Hutchinson's vectors) and asks for each product:
 
@@ -64,7 +65,7 @@ bit; one rank and N differ only by the order of float64 additions. A failure on 
 the job (MPI_Abort), as in a surface run; before the products, `gate` holds the others while
 rank 0 trains a missing checkpoint. Waits poll with a sleep, as everywhere here.
 
-The same object serves the sharpness measures (python -m lldist.sharpness, lldist/flatness.py),
+The same object serves the sharpness measures (python -m lldist.sharpness, lldist/runs/sharpness.py),
 where every rank runs the same code: restarts, draws and groups are dealt round robin by index,
 and after each measure
 
@@ -74,10 +75,11 @@ and after each measure
 so every rank reduces the same numbers in index order (and takes the same bisection steps).
 
 Rank 0 evaluates cells too (in runs of up to RANK0_COMPUTES_UP_TO groups; a group is one rank
-with k = 1), one vmapped group of cells at a time between polls of its mailbox, so a worker's request waits at most one group of rank 0's
-cells while the worker computes its queued chunk. Assignment is dynamic: a slow rank simply
-asks less often. Rank 0 hands each result to the room, which keeps it and commits results to
-the file in groups (at least once a second), so its cost per message does not grow with the grid.
+with k = 1), one pass of cells (eval.cells_per_pass) at a time between polls of its mailbox, so
+a worker's request waits at most one pass of rank 0's cells while the worker computes its
+queued chunk. Assignment is dynamic: a slow rank simply asks less often. Rank 0 hands each
+result to the room, which keeps it and commits results to the file at least once a second, so
+its cost per message does not grow with the grid.
 
 Failures, and how every rank ends (the exit status is the run's):
 
@@ -115,8 +117,8 @@ import numpy as np
 from ..errors import EXIT_USAGE, Stopped, UserError, one_line
 
 WORK, CTRL, GROUP = 7, 8, 9
-ASK, PART = 10, 11  # the curvature's products (Products)
-SHARE = 12  # the sharpness measures' results (Products.gather)
+ASK, PART = 10, 11  # the curvature's products (Spread)
+SHARE = 12  # the sharpness measures' results (Spread.gather)
 # A product's waits are short (a partial sum, the next vector after a Lanczos step): their
 # polls sleep at most 1 ms. At the runner's 50 ms a small model's product (45 ms of compute on
 # one rank) took as long on two ranks as on one.
@@ -151,8 +153,8 @@ class ChunkResult(NamedTuple):
 
 
 class Room(Protocol):
-    """What the runner asks of a computation (lldist.run.SurfaceRun is the one in use)."""
-    schedule: Any  # take() -> cells or None (none now); exhausted: none ever again (lldist.schedule)
+    """What the runner asks of a computation (lldist.runs.surface.SurfaceRun is the one in use)."""
+    schedule: Any  # take() -> cells or None (none now); exhausted: none ever again (lldist.cells.schedule)
     group_size: int  # ranks that evaluate each cell together (rank 0 sets it in prepare)
     cells_per_pass: int  # cells rank 0 evaluates between polls of its mailbox
     device: str
@@ -230,7 +232,7 @@ class MpiLink:
     def abort(self, code: int) -> None:
         self.comm.Abort(code)
 
-    # arrays, as buffers (no pickling): the curvature's vectors (Products)
+    # arrays, as buffers (no pickling): the curvature's vectors (Spread)
     def bcast_array(self, arr: np.ndarray, root: int = 0) -> None:
         self.comm.Bcast(arr, root=root)
 
@@ -641,7 +643,7 @@ class _Coordinator:
         return got
 
     def compute_own(self) -> bool:
-        """One group of rank 0's own cells; True when it computed."""
+        """One pass of rank 0's own cells; True when it computed."""
         alone = self.ctx.link is None or self.ctx.size == 1
         computes = alone or (self.room.rank0_computes and self.groups <= RANK0_COMPUTES_UP_TO)
         if self.local is None and computes:
@@ -655,16 +657,16 @@ class _Coordinator:
         if self.local is None:
             return False
         cid, cells, pos, values, t0 = self.local
-        group = self.room.cells_per_pass
+        per_pass = self.room.cells_per_pass
         try:
-            part = self.room.evaluate(cells[pos:pos + group])
+            part = self.room.evaluate(cells[pos:pos + per_pass])
         except BaseException as e:
             e.lldist_phase = f"chunk {cid} (cells {cells[0]}..{cells[-1]})"
             raise
         if values is None:
             values = self.local[3] = np.zeros((len(cells),) + part.shape[1:])
         values[pos:pos + len(part)] = part
-        self.local[2] = min(len(cells), pos + group)
+        self.local[2] = min(len(cells), pos + per_pass)
         if self.local[2] == len(cells):
             self.keep(ChunkResult(cid, cells, values, 0, self.ctx.host, self.room.device, t0, time.time()))
             self.local = None
@@ -774,14 +776,15 @@ def _follow(ctx: Context, room: Room) -> None:
         ctx.abort(1)
 
 
-# ----------------------------------------------------------------------------- curvature products
+# ----------------------------------------------------------------------------- a computation at θ*
 
-class Products:
-    """Curvature products spread over the ranks (the second conversation, at the top). Rank 0
-    calls `ask` and `combine` around its own share of each product, then `end`; every other rank
-    calls `serve(local)` and returns when rank 0 ends. With one process it is never made.
+class Spread:
+    """A computation at θ* spread over the ranks (the second conversation, at the top): curvature
+    products, results gathered, a gate. For products rank 0 calls `ask` and `combine` around its
+    own share of each, then `end`; every other rank calls `serve(local)` and returns when rank 0
+    ends. With one process it is never made.
 
-        spread = Products(ctx)
+        spread = Spread(ctx)
         lo, hi = spread.share(len(batches))        # this rank's batches
     """
 

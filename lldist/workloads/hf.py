@@ -1,4 +1,4 @@
-"""HuggingFace models and data sets: the only module that imports transformers and datasets
+"""HuggingFace models and data sets: the workloads' transformers and datasets user
 (an optional extra: pip install 'lldist[hf]').
 
     model: {name: "hf:bert-base-uncased"}          # or a local folder: hf:jobs/models/tiny_bert

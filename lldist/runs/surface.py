@@ -30,29 +30,22 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from . import identity
-from .config import Job
-from .errors import UserError
-from .evaluation.evaluator import Evaluator, device_for_rank
-from .evaluation.groups import GroupSpec, all_reduce_sum, init_process_group, shard_rows
-from .evaluation.tasks import Task
-from .grid import Grid, auto_chunk_size
-from .loading import (
-    Loaded,
-    Source,
-    bn_data,
-    check_rows,
-    ensure_checkpoint,
-    make_dirs,
-    materialize,
-    point_states,
-    trajectory_files,
-)
-from .schedule import Adaptive, Sweep
-from .store import Output
-from .transport import runner
-from .transport.progress import Progress
-from .workloads import notes
+from ..inputs import identity
+from ..config import Job
+from ..errors import UserError
+from ..evaluation.evaluator import Evaluator, device_for_rank
+from ..evaluation.groups import GroupSpec, all_reduce_sum, init_process_group, shard_rows
+from ..evaluation.tasks import Task
+from ..cells.grid import Grid, auto_chunk_size
+from ..directions import kinds
+from ..directions.record import Directions
+from ..inputs.loading import Loaded, Source, bn_data
+from ..cells.schedule import Adaptive, Sweep
+from ..store import Output
+from ..transport import runner
+from ..transport.progress import Progress
+from .train import ensure_checkpoint
+from ..workloads import notes
 
 
 def log(msg: str) -> None:
@@ -70,7 +63,7 @@ class Payload:
     """What rank 0 sends every worker: the job, the stored directions, and the numbers rank 0
     fixed for every rank (the last float bits of a loss depend on them)."""
     job: Job
-    dirs: dict
+    dirs: Directions  # as the file keeps them: arrays, or a recipe each rank regenerates
     batch_size: int
     cells_per_pass: int
 
@@ -97,10 +90,10 @@ def _return_freed_memory() -> None:
         pass
 
 
-def make_evaluator(job: Job, loaded: Loaded, dirs: dict, device: str, batch_size, cells_per_pass,
+def make_evaluator(job: Job, loaded: Loaded, dirs: Directions, device: str, batch_size, cells_per_pass,
                    task: Task, group: Optional[GroupSpec] = None) -> Evaluator:
     cfg = dataclasses.replace(job.eval, batch_size=batch_size, cells_per_pass=cells_per_pass)
-    curve = (job.directions.curve or "bezier") if job.directions.kind == "curve" else None
+    curve = (job.directions.curve or "bezier") if dirs.bend is not None else None  # x is t along it
     try:
         return Evaluator(loaded.model, loaded.theta, dirs, loaded.splits, cfg, device=device, task=task, group=group,
                          curve=curve, bn_data=bn_data(job, loaded))
@@ -152,8 +145,7 @@ class SurfaceRun:
         # the loss, metrics and outputs tried on two examples, before any file exists
         for data in loaded.splits.values():
             task.check(loaded.model, next(iter(data.batches(2))), getattr(data, "num_classes", 0))
-        trajectory = trajectory_files(job) if job.directions.kind == "pca" else []
-        inputs = {**identity.inputs(job, trajectory, task), **(self.source.files or {})}
+        inputs = {**identity.inputs(job, task), **kinds.inputs(job), **(self.source.files or {})}
         hashes = {"job": identity.job(job, inputs), "config": identity.config(job)}
         self.grid = Grid(job.grid.x, job.grid.y, job.directions.repeats)
         meta = {"checkpoint_meta": loaded.meta, "checkpoint_sha256": inputs.get("checkpoint", ""),
@@ -162,7 +154,7 @@ class SurfaceRun:
         if job.grid.adaptive is not None:  # how to read the file back (store.SurfaceReader.adaptive)
             meta["grid_adaptive"] = dataclasses.asdict(job.grid.adaptive)
         sf = self.writer = self.output.open(
-            job, hashes, self.grid, lambda: make_dirs(job, loaded, task, self.source, log, trajectory), meta,
+            job, hashes, self.grid, lambda: kinds.make(kinds.Making(job, loaded, task, self.source, log)), meta,
             self.options.overwrite, {q: task.long_name(q, "{split}") for q in task.names})
         if sf.quantities != list(task.names):
             raise UserError(f"output {job.output} holds {', '.join(sf.quantities)}, this job computes "
@@ -172,7 +164,7 @@ class SurfaceRun:
         if k > 1:  # rank 0 evaluates with its group: its evaluator is built with theirs (build)
             self.schedule = self._schedule(job)
             return Payload(job, stored, job.eval.batch_size, 1)
-        dirs = materialize(stored, job, loaded)  # (regenerated here when the file keeps a recipe)
+        dirs = kinds.materialize(stored, job, loaded)  # (regenerated here when the file keeps a recipe)
         # rank 0 fixes the batch size and cells per pass for every rank: the last float bits
         # of a loss depend on them. "auto" is calibrated once and stored in the file, so a
         # resume reuses it; a number in the job is the user's choice and always wins.
@@ -183,7 +175,7 @@ class SurfaceRun:
             group = int(sf.attr("eval_cells_per_pass"))
         ev = self.evaluator = make_evaluator(job, loaded, dirs, self.device, batch, group, task)
         if not sf.points_done():  # kind plane: the three models, each from its own file, before the grid
-            sf.write_points(np.stack([ev.evaluate_state(st) for st in point_states(job, loaded)]))
+            sf.write_points(np.stack([ev.evaluate_state(st) for st in kinds.points(job, loaded)]))
             log("the plane's three points evaluated from their own files")
         sf.set_attr("eval_batch_size", ev.batch_size)
         sf.set_attr("eval_cells_per_pass", ev.cells_per_pass)
@@ -297,9 +289,9 @@ class SurfaceRun:
             params = {n for n, _ in loaded.model.named_parameters()}
             rows = {n: shard_rows(w.shape[0], spec.size, spec.rank) for n, w in loaded.theta.items()
                     if n in params and w.dim()}
-        dirs = materialize(payload.dirs, job, loaded, rows)
+        dirs = kinds.materialize(payload.dirs, job, loaded, rows)
         if rows is not None:
-            check_rows(dirs, payload.dirs, job, loaded, rows, all_reduce_sum)
+            kinds.check_rows(dirs, payload.dirs, job, loaded, rows, all_reduce_sum)
         self.evaluator = make_evaluator(job, loaded, dirs, self.device, payload.batch_size, payload.cells_per_pass,
                                         self.source.make_task(job), spec)
         del loaded, dirs  # a sharded rank keeps its rows only: the whole theta* and model go

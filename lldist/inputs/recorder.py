@@ -14,7 +14,7 @@ Files: `<stem>_step<N>.pt` (or `_epoch<N>.pt` with unit="epoch"), each lldist's 
 format ({"state_dict", "meta"}, written to a temporary name and renamed), and `<stem>.pt` from
 finish(); `<stem>_trajectory.json` lists them in order with their metadata (step, epoch, time,
 what the caller passed). A job whose `model.checkpoint` is `<stem>.pt` finds the series by
-itself (loading.trajectory_files: the epoch series, else the step series).
+itself (directions/pca.py's trajectory_files: the epoch series, else the step series).
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Recorder:
         self.saved: list = []  # [{file, step|epoch, time, ...}] in order
 
     def _save(self, model, n: int, meta: dict) -> str:
-        from .workloads.models import plain_meta, save_checkpoint
+        from ..workloads.models import plain_meta, save_checkpoint
         path = f"{self.stem}_{self.unit}{n}.pt"
         record = {self.unit: n, "time": time.time(), **plain_meta(meta)}
         save_checkpoint(model, path, record)
@@ -71,7 +71,7 @@ class Recorder:
 
     def finish(self, model, **meta) -> str:
         """The final weights, θ*: `path` itself."""
-        from .workloads.models import plain_meta, save_checkpoint
+        from ..workloads.models import plain_meta, save_checkpoint
         record = {self.unit: self.count, "time": time.time(), **plain_meta(meta)}
         save_checkpoint(model, self.path, record)
         self._index(final={"file": os.path.basename(self.path), **record})

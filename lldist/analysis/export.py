@@ -1,5 +1,5 @@
 """Surfaces for other tools: ParaView (VTK XML structured grid) and the browser (one
-self-contained HTML file with an interactive 3D surface). Reads the dict of
+self-contained HTML file with an interactive 3D surface). Reads the Surface of
 SurfaceReader.read_all (an adaptive grid's reconstruction included); no torch, MPI or HDF5.
 
     python -m lldist.plot out.h5 --vtk      # out.vts: open in ParaView ("Warp By Scalar" not needed)
@@ -28,23 +28,23 @@ def _array(name: str, values: np.ndarray, components: int = 1) -> str:
             f"{blob}</DataArray>")
 
 
-def write_vts(s: dict, path: str, height: str = "loss", log: bool = False) -> str:
+def write_vts(s, path: str, height: str = "loss", log: bool = False) -> str:
     """The surface as a structured grid: points (alpha, beta, z) with z the first split's
     `height` quantity (its log10 with `log`), every quantity of every split as point data, and
     `computed` (1 where the cell was computed, 0 where interpolated or missing). 1D surfaces
     are a line of points. NaN (overflowed or not computed) stays NaN: ParaView leaves a gap."""
-    x = np.asarray(s["x"], dtype=float)
-    y = np.asarray(s["y"], dtype=float) if s["y"] is not None else np.zeros(1)
+    x = np.asarray(s.x, dtype=float)
+    y = np.asarray(s.y, dtype=float) if s.y is not None else np.zeros(1)
     nx, ny = len(x), len(y)
-    split = s["splits"][0]
-    z = np.asarray(s["values"][(split, height)], dtype=float).reshape(ny, nx)
+    split = s.splits[0]
+    z = np.asarray(s.values[(split, height)], dtype=float).reshape(ny, nx)
     if log:
         with np.errstate(all="ignore"):
             z = np.log10(z)
     X, Y = np.meshgrid(x, y)  # (ny, nx): VTK's x index runs fastest, as the file's rows do
     points = np.stack([X.ravel(), Y.ravel(), z.ravel()], axis=1)
-    arrays = [_array(f"{sp}/{q}", np.asarray(v, dtype=float).ravel()) for (sp, q), v in s["values"].items()]
-    arrays.append(_array("computed", np.asarray(s["done"], dtype=float).ravel()))
+    arrays = [_array(f"{sp}/{q}", np.asarray(v, dtype=float).ravel()) for (sp, q), v in s.values.items()]
+    arrays.append(_array("computed", np.asarray(s.done, dtype=float).ravel()))
     extent = f"0 {nx - 1} 0 {ny - 1} 0 0"
     text = (
         '<?xml version="1.0"?>\n'
@@ -58,23 +58,23 @@ def write_vts(s: dict, path: str, height: str = "loss", log: bool = False) -> st
     return path
 
 
-def write_html(s: dict, path: str, split: str, q: str = "loss", log: bool = False) -> str:
+def write_html(s, path: str, split: str, q: str = "loss", log: bool = False) -> str:
     """One interactive 3D surface (plotly, JavaScript embedded): rotate, zoom, hover values."""
     try:
         import plotly.graph_objects as go
     except ImportError:
         from ..errors import UserError
         raise UserError("--html needs plotly: pip install 'lldist[html]'")
-    z = np.asarray(s["values"][(split, q)], dtype=float)
+    z = np.asarray(s.values[(split, q)], dtype=float)
     if log:
         with np.errstate(all="ignore"):
             z = np.log10(z)
-    title = f"{s['name']}: {split} {'log10 ' if log else ''}{q}"
-    if s["y"] is None:
-        fig = go.Figure(go.Scatter(x=s["x"], y=z, mode="lines+markers"))
+    title = f"{s.name}: {split} {'log10 ' if log else ''}{q}"
+    if s.y is None:
+        fig = go.Figure(go.Scatter(x=s.x, y=z, mode="lines+markers"))
         fig.update_layout(title=title, xaxis_title="alpha", yaxis_title=q)
     else:
-        fig = go.Figure(go.Surface(x=s["x"], y=s["y"], z=z, colorscale="Viridis",
+        fig = go.Figure(go.Surface(x=s.x, y=s.y, z=z, colorscale="Viridis",
                                    contours={"z": {"show": True, "usecolormap": True, "project": {"z": True}}}))
         fig.update_layout(title=title, scene={"xaxis_title": "alpha (x)", "yaxis_title": "beta (y)",
                                               "zaxis_title": ("log10 " if log else "") + q})

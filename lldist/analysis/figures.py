@@ -1,8 +1,8 @@
-"""Figures of surfaces: the only module that imports matplotlib. `python -m lldist.plot`, the
-study's report and `lldist.open(path).plot()` all draw with these. The backend is the caller's:
-a notebook keeps its own, the command line chooses Agg.
+"""Figures of surfaces: every figure lldist draws. `python -m lldist.plot`, the study's report
+and `lldist.open(path).plot()` all draw with these. The backend is the caller's: a notebook keeps
+its own, the commands choose Agg.
 
-    s = read_surface("out.h5")                       # or drawable(SurfaceReader(...).read_all())
+    s = read_surface("out.h5")                       # or drawable(SurfaceReader(...).read_all()): a Drawable
     fig = figure(s, "test", "loss", "contour")       # contour | contourf | heat | 3d; a curve on 1D
     plot_2d(s, PlotOptions(dpi=300), outdir, stem)   # every figure of a file, written
     compare(paths, PlotOptions(), outdir)            # several files on one colour scale
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -30,8 +31,9 @@ import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 
-from .errors import UserError
-from .levels import geometric_span, labelled, round_levels
+from ..errors import UserError
+from ..cells.levels import geometric_span, labelled, round_levels
+from ..store import Surface, SurfaceReader
 
 
 @dataclass(frozen=True)
@@ -54,33 +56,39 @@ ERRORS = ("loss_se",)  # error bars of another quantity: a heat map in 2D, a ban
 LEVEL = 0.95  # the confidence of the bands drawn
 
 
-def read_surface(path: str) -> dict:
+def read_surface(path: str) -> "Drawable":
     """Arrays of an lldist file, with cells not done as NaN, ready to draw (see drawable)."""
-    from .store import SurfaceReader
     with SurfaceReader(path) as sf:
         return drawable(sf.read_all())
 
 
-def drawable(s: dict) -> dict:
-    """SurfaceReader.read_all's dict as the figures draw it (a copy where it changes): a 2D grid
-    of one row or one column has no area to contour, so it becomes the curve along its other
-    axis."""
-    s = dict(s)
-    s["xlabel"] = "alpha (direction x)" if not s.get("curve") or s.get("y") is not None else \
-        f"t along the {s['curve']} curve (0: a, 1: b)"
-    if s.get("planes", 1) > 1:  # directions.repeats: every figure draws the mean over the planes,
-        # and the planes' own figures (plot_planes) each plane and the spread
-        s["plane_values"] = s["values"]
-        s["values"] = {k: v.mean(axis=0) for k, v in s["values"].items()}  # NaN where a plane is not done
-        s["done"] = s["done"].all(axis=0)
-    if s["y"] is not None and 1 in s["done"].shape:
-        along_x = len(s["x"]) > 1 or len(s["y"]) == 1
-        s["values"] = {k: v.reshape(-1) for k, v in s["values"].items()}
-        s["done"] = s["done"].reshape(-1)
+@dataclass
+class Drawable(Surface):
+    """A surface as the figures draw it (drawable): the mean over planes in `values`, and the
+    label of the x axis."""
+    xlabel: str = "alpha (direction x)"
+    plane_values: Optional[dict] = None  # directions.repeats: each plane's values, (planes, ...)
+
+
+def drawable(s: Surface) -> Drawable:
+    """The surface as the figures draw it: with directions.repeats the mean over the planes
+    (each plane's kept in plane_values); a 2D grid of one row or one column has no area to
+    contour, so it becomes the curve along its other axis."""
+    d = Drawable(**{f.name: getattr(s, f.name) for f in dataclasses.fields(Surface)})
+    d.xlabel = "alpha (direction x)" if not s.curve or s.y is not None else f"t along the {s.curve} curve (0: a, 1: b)"
+    if s.planes > 1:  # directions.repeats: every figure draws the mean over the planes,
+        # and the planes' own figures (figure_planes) each plane and the spread
+        d.plane_values = s.values
+        d.values = {k: v.mean(axis=0) for k, v in s.values.items()}  # NaN where a plane is not done
+        d.done = s.done.all(axis=0)
+    if d.y is not None and 1 in d.done.shape:
+        along_x = len(d.x) > 1 or len(d.y) == 1
+        d.values = {k: v.reshape(-1) for k, v in d.values.items()}
+        d.done = d.done.reshape(-1)
         if not along_x:
-            s["x"], s["xlabel"] = s["y"], "beta (direction y)"
-        s["y"] = None
-    return s
+            d.x, d.xlabel = d.y, "beta (direction y)"
+        d.y = None
+    return d
 
 
 class Levels(np.ndarray):
@@ -149,22 +157,22 @@ def _label(q: str) -> str:
     return LABELS.get(q, q)
 
 
-def figure_2d(s: dict, split: str, q: str, kind: str, args) -> "matplotlib.figure.Figure":
+def figure_2d(s: Drawable, split: str, q: str, kind: str, args) -> "matplotlib.figure.Figure":
     """One 2D figure: kind is contour, contourf, heat or 3d. None when nothing is finite.
     Levels at round values, labels and colour-bar ticks at the majors among them; accuracy in
     percent, filled (its lines alone, at chance level, are noise); theta* marked in every kind."""
-    z = shown(s["values"][(split, q)], q)
+    z = shown(s.values[(split, q)], q)
     lev = _levels(z, args, q)
     if lev is None:
         return None
-    X, Y = np.meshgrid(s["x"], s["y"])  # (ny, nx), the file's own layout
+    X, Y = np.meshgrid(s.x, s.y)  # (ny, nx), the file's own layout
     zm = _masked(z, lev)
     geometric = _geometric(q, lev)
     norm = matplotlib.colors.LogNorm(lev[0], lev[-1]) if geometric else None
     cmap = "cividis" if q == "acc" else "viridis"
     label = _label(q) + (" (%)" if q in SCALE else "")
     fig = plt.figure(figsize=(5.5, 4.5))
-    centre = (int(np.argmin(np.abs(s["y"]))), int(np.argmin(np.abs(s["x"]))))
+    centre = (int(np.argmin(np.abs(s.y))), int(np.argmin(np.abs(s.x))))
     if kind == "3d":
         ax = fig.add_subplot(projection="3d")
         # clipped to the levels, not cut: values beyond them lie flat on the range's edge, so
@@ -174,7 +182,7 @@ def figure_2d(s: dict, split: str, q: str, kind: str, args) -> "matplotlib.figur
             zz = np.log10(zz)
         surf = ax.plot_surface(X, Y, zz, cmap=cmap, linewidth=0, antialiased=True,
                                vmin=np.nanmin(zz) if np.isfinite(zz).any() else None)
-        ax.scatter([s["x"][centre[1]]], [s["y"][centre[0]]], [zz[centre]], color="r", s=25, depthshade=False,
+        ax.scatter([s.x[centre[1]]], [s.y[centre[0]]], [zz[centre]], color="r", s=25, depthshade=False,
                    label="θ*")
         cb = fig.colorbar(surf, ax=ax, shrink=0.6, pad=0.2, label=("log10 " if geometric else "") + label)
         cb.formatter = FORMAT
@@ -198,7 +206,7 @@ def figure_2d(s: dict, split: str, q: str, kind: str, args) -> "matplotlib.figur
                 ax.clabel(lines, inline=True, fontsize=7, fmt=_number)
         elif kind == "heat":
             im = ax.imshow(zm, origin="lower", aspect="auto", cmap=cmap, norm=norm,
-                           extent=(s["x"][0], s["x"][-1], s["y"][0], s["y"][-1]),
+                           extent=(s.x[0], s.x[-1], s.y[0], s.y[-1]),
                            vmin=None if norm else lev[0], vmax=None if norm else lev[-1])
             fig.colorbar(im, ax=ax, label=label, **_ticks(lev))
         else:
@@ -209,45 +217,45 @@ def figure_2d(s: dict, split: str, q: str, kind: str, args) -> "matplotlib.figur
         ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(6))
     ax.set_xlabel("alpha (direction x)")
     ax.set_ylabel("beta (direction y)")
-    t = s.get("trajectory")
+    t = s.trajectory
     if t is not None and kind in ("contour", "contourf", "heat"):  # pca: the path training took
         ax.plot(t[:, 0], t[:, 1], "-o", color="tab:red", ms=3, lw=1, label="training trajectory")
         ax.plot([t[0, 0]], [t[0, 1]], "s", color="tab:red", ms=5)
-    cp = s.get("curve_path")
+    cp = s.curve_path
     if cp is not None and kind in ("contour", "contourf", "heat"):  # the curve whose bend is the third point
-        ax.plot(cp[:, 0], cp[:, 1], "-", color="tab:red", lw=1.5, zorder=4, label=f"{s.get('curve')} curve")
+        ax.plot(cp[:, 0], cp[:, 1], "-", color="tab:red", lw=1.5, zorder=4, label=f"{s.curve} curve")
         ax.plot([0, 1], [0, 0], "--", color="tab:red", lw=0.8, zorder=4, label="straight line")
-    pts = s.get("points")
+    pts = s.points
     if pts is not None and kind in ("contour", "contourf", "heat"):  # kind plane: the three models
-        c = pts["coords"]
+        c = pts.coords
         ax.plot(c[:, 0], c[:, 1], "o", color="tab:red", mec="white", ms=7, zorder=5, label="the three models")
-        for (px, py), name in zip(c, pts["labels"]):
+        for (px, py), name in zip(c, pts.labels):
             ax.annotate(name, (px, py), textcoords="offset points", xytext=(5, 5), fontsize=7, color="tab:red")
-    title = f"{s['name']}: {split} {label}"
-    if s.get("interpolated") is not None:  # an adaptive grid: say how much is computed
-        title += f"\nadaptive: {100 * s['done'].mean():.0f}% of cells computed, the rest interpolated"
+    title = f"{s.name}: {split} {label}"
+    if s.interpolated is not None:  # an adaptive grid: say how much is computed
+        title += f"\nadaptive: {100 * s.done.mean():.0f}% of cells computed, the rest interpolated"
         if kind in ("contour", "contourf", "heat"):
-            iy, ix = np.nonzero(s["done"])
-            ax.plot(s["x"][ix], s["y"][iy], ",", color="k", alpha=0.25)  # where the surface was computed
+            iy, ix = np.nonzero(s.done)
+            ax.plot(s.x[ix], s.y[iy], ",", color="k", alpha=0.25)  # where the surface was computed
     ax.set_title(title, fontsize=10)
     return fig
 
 
-def plot_2d(s: dict, args, outdir: str, stem: str) -> list:
+def plot_2d(s: Drawable, args, outdir: str, stem: str) -> list:
     written = []
-    for (split, q) in s["values"]:
+    for (split, q) in s.values:
         for kind in ("heat",) if q in ERRORS else ("contour", "contourf", "heat", "3d"):
             fig = figure_2d(s, split, q, kind, args)
             if fig is None:
                 break
             path = os.path.join(outdir, f"{stem}_{split}_{q}_{kind}.{args.format}")
             written.append(_save(fig, path, args))
-    if "plane_values" in s:  # directions.repeats: each plane beside the mean, one colour scale
-        for (split, q) in s["plane_values"]:
+    if s.plane_values is not None:  # directions.repeats: each plane beside the mean, one colour scale
+        for (split, q) in s.plane_values:
             fig = figure_planes(s, split, q, args) if q not in ERRORS else None
             if fig is not None:
                 written.append(_save(fig, os.path.join(outdir, f"{stem}_{split}_{q}_planes.{args.format}"), args))
-    for split in s["splits"]:
+    for split in s.splits:
         for what, make in (("curvature", figure_curvature), ("trajectory", figure_trajectory)):
             fig = make(s, split, args)
             if fig is not None:
@@ -255,15 +263,15 @@ def plot_2d(s: dict, args, outdir: str, stem: str) -> list:
     return written
 
 
-def figure_planes(s: dict, split: str, q: str, args):
+def figure_planes(s: Drawable, split: str, q: str, args):
     """Small multiples: each plane of a directions.repeats file (its seed in the title) and
     their mean, filled contours on one colour scale, theta* marked. None when nothing is finite."""
-    planes = [shown(z, q) for z in s["plane_values"][(split, q)]]
-    mean = shown(s["values"][(split, q)], q)
+    planes = [shown(z, q) for z in s.plane_values[(split, q)]]
+    mean = shown(s.values[(split, q)], q)
     lev = _levels(np.concatenate([z.ravel() for z in planes]), args, q)
     if lev is None:
         return None
-    panels = [(f"plane {k} (seed {seed})", z) for k, (seed, z) in enumerate(zip(s["plane_seeds"], planes))]
+    panels = [(f"plane {k} (seed {seed})", z) for k, (seed, z) in enumerate(zip(s.plane_seeds, planes))]
     panels.append((f"mean of the {len(planes)} planes", mean))
     cols = min(len(panels), 4)
     rows = -(-len(panels) // cols)
@@ -271,7 +279,7 @@ def figure_planes(s: dict, split: str, q: str, args):
                              layout="constrained")
     geometric = _geometric(q, lev)
     norm = (matplotlib.colors.LogNorm if geometric else matplotlib.colors.Normalize)(lev[0], lev[-1])
-    X, Y = np.meshgrid(s["x"], s["y"])
+    X, Y = np.meshgrid(s.x, s.y)
     cs = None
     for ax, (title, z) in zip(axes.flat, panels):
         cs = ax.contourf(X, Y, _masked(z, lev), levels=lev, cmap="cividis" if q == "acc" else "viridis", norm=norm)
@@ -283,7 +291,7 @@ def figure_planes(s: dict, split: str, q: str, args):
         ax.set_visible(False)
     fig.colorbar(cs, ax=axes.ravel().tolist(), label=f"{split} {_label(q)}" + (" (%)" if q in SCALE else ""),
                  **_ticks(lev))
-    fig.suptitle(f"{s['name']}: {split} {_label(q)}, {len(planes)} independent planes (directions.repeats)",
+    fig.suptitle(f"{s.name}: {split} {_label(q)}, {len(planes)} independent planes (directions.repeats)",
                  fontsize=10)
     return fig
 
@@ -300,12 +308,12 @@ def _save(fig, path: str, args, close: bool = True) -> str:
     return path
 
 
-def _loss_contours(ax, s: dict, split: str, args, colors="w") -> None:
+def _loss_contours(ax, s: Drawable, split: str, args, colors="w") -> None:
     """Thin loss contours over another quantity's map: where the basin is."""
-    z = s["values"].get((split, "loss"))
+    z = s.values.get((split, "loss"))
     lev = _levels(z, args, "loss") if z is not None else None
     if lev is not None:
-        X, Y = np.meshgrid(s["x"], s["y"])
+        X, Y = np.meshgrid(s.x, s.y)
         ax.contour(X, Y, _masked(z, lev), levels=labelled(np.asarray(lev), _geometric("loss", lev)), colors=colors,
                    linewidths=0.5, alpha=0.8)
 
@@ -316,8 +324,8 @@ def curvature_panels(fig, axes, maps: list, args, colorbars: bool = True):
     directions of descent), |lambda_min/lambda_max| from 0 (convex) up; loss contours over them."""
     images = []
     for ax, (s, split, q, lev) in zip(axes, maps):
-        z = s["values"][(split, q)]
-        X, Y = np.meshgrid(s["x"], s["y"])
+        z = s.values[(split, q)]
+        X, Y = np.meshgrid(s.x, s.y)
         if q == "lambda_min":
             # white at 0, blue below, red above, symmetric-log: lambda_min spans decades too
             lim = max(abs(lev[0]), abs(lev[-1]), 1e-12)
@@ -358,11 +366,11 @@ def _colorbar(fig, im, **kw):
     return cb
 
 
-def figure_curvature(s: dict, split: str, args):
+def figure_curvature(s: Drawable, split: str, args):
     """The reference code's convexity map and its parts: lambda_max, lambda_min and their
     ratio per cell (eval.curvature), side by side, with the loss contours. None without them."""
-    qs = [q for q in ("lambda_max", "lambda_min", "eig_ratio") if (split, q) in s["values"]]
-    levs = [_levels(s["values"][(split, q)], args, q) for q in qs]
+    qs = [q for q in ("lambda_max", "lambda_min", "eig_ratio") if (split, q) in s.values]
+    levs = [_levels(s.values[(split, q)], args, q) for q in qs]
     if not qs or any(lev is None for lev in levs):
         return None
     fig, axes = plt.subplots(1, len(qs), figsize=(4.6 * len(qs), 3.9), squeeze=False, layout="constrained")
@@ -371,22 +379,22 @@ def figure_curvature(s: dict, split: str, args):
         ax.set_title(_label(q), fontsize=9)
         ax.set_xlabel("alpha (direction x)")
     axes[0][0].set_ylabel("beta (direction y)")
-    fig.suptitle(f"{s['name']}: {split} Hessian per cell (white: loss contours)", fontsize=10)
+    fig.suptitle(f"{s.name}: {split} Hessian per cell (white: loss contours)", fontsize=10)
     return fig
 
 
-def figure_trajectory(s: dict, split: str, args):
+def figure_trajectory(s: Drawable, split: str, args):
     """directions.kind pca: the loss on the plane of the trajectory's top two principal
     directions, the checkpoints' path on it numbered by epoch, the variance each axis explains."""
-    t = s.get("trajectory")
-    z = s["values"].get((split, "loss"))
+    t = s.trajectory
+    z = s.values.get((split, "loss"))
     if t is None or z is None:
         return None
     lev = _levels(z, args, "loss")
     if lev is None:
         return None
     fig, ax = plt.subplots(figsize=(5.8, 4.6))
-    X, Y = np.meshgrid(s["x"], s["y"])
+    X, Y = np.meshgrid(s.x, s.y)
     norm = matplotlib.colors.LogNorm(lev[0], lev[-1]) if _geometric("loss", lev) else None
     cs = ax.contour(X, Y, _masked(z, lev), levels=lev, cmap="viridis", norm=norm, linewidths=0.8)
     major = labelled(np.asarray(lev), _geometric("loss", lev), most=6)
@@ -395,7 +403,7 @@ def figure_trajectory(s: dict, split: str, args):
     step = max(1, len(t) // 8)  # at most about eight numbers on the path
     for i in list(range(0, len(t), step)) + ([len(t) - 1] if (len(t) - 1) % step else []):
         ax.annotate(str(i + 1), t[i], textcoords="offset points", xytext=(4, 4), fontsize=7, color="tab:red")
-    fit = s.get("trajectory_fit")
+    fit = s.trajectory_fit
     if fit is not None:  # checkpoints the plane holds under half of: their dot is a projection only
         well = fit.get("threshold", 0.5)
         bad = np.asarray(fit["captured"]) < well
@@ -403,7 +411,7 @@ def figure_trajectory(s: dict, split: str, args):
             ax.plot(t[bad, 0], t[bad, 1], "o", mfc="white", mec="tab:red", ms=6, mew=1.2,
                     label=f"under {100 * well:.0f}% of its displacement in the plane")
     ax.plot([0], [0], "k*", ms=9, label="θ* (final weights)")
-    ev = s.get("explained_variance_ratio")
+    ev = s.explained_variance_ratio
     ev = json.loads(ev) if isinstance(ev, str) else ev
     names = [f"{n} ({100 * float(v):.1f}% of the variance)" for n, v in zip(("PC1", "PC2"), ev)] if ev is not None \
         else ["PC1", "PC2"]
@@ -411,7 +419,7 @@ def figure_trajectory(s: dict, split: str, args):
     ax.set_ylabel(names[1])
     ax.set_aspect("equal", adjustable="datalim")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
-    ax.set_title(f"{s['name']}: {split} loss and the training trajectory (numbers: epochs)", fontsize=9)
+    ax.set_title(f"{s.name}: {split} loss and the training trajectory (numbers: epochs)", fontsize=9)
     return fig
 
 
@@ -420,7 +428,7 @@ def figure_density(c: dict, name: str, split: str):
     with the top eigenvalues marked. None without a density."""
     if "density_nodes" not in c:
         return None
-    from .evaluation.curvature import smoothed_density
+    from .spectrum import smoothed_density
     grid, d = smoothed_density(c["density_nodes"], c["density_weights"])
     fig, ax = plt.subplots(figsize=(5.8, 3.6))
     ax.semilogy(grid, np.maximum(d, 1e-12), lw=1.2)
@@ -479,21 +487,20 @@ def figure_blocks(c: dict, name: str, split: str):
     return fig
 
 
-def figure(s: dict, split: str, q: str = "loss", kind: str = "contour", **kw):
+def figure(s: Drawable, split: str, q: str = "loss", kind: str = "contour", **kw):
     """A figure of one quantity of a surface read by read_surface (lldist.Landscape.plot):
     a 2D kind, or the 1D curve of all quantities."""
     args = PlotOptions(**kw)
-    if (split, q) not in s["values"]:
-        raise ValueError(f"no {split}/{q} in this surface (has {', '.join('/'.join(k) for k in s['values'])})")
-    if s["y"] is None:
+    if (split, q) not in s.values:
+        raise ValueError(f"no {split}/{q} in this surface (has {', '.join('/'.join(k) for k in s.values)})")
+    if s.y is None:
         return figure_1d(s, args)
     return figure_2d(s, split, q, kind, args)
 
 
 def job_labels(paths: list) -> list:
     """A short title per file from what differs between their jobs, e.g. "cnn_skip, batch 64"."""
-    from .config import effective_raw
-    from .store import SurfaceReader
+    from ..config import effective_raw
     flat = []
     for p in paths:
         with SurfaceReader(p) as sf:
@@ -543,25 +550,25 @@ def compare(paths: list, args, outdir: str) -> list:
     curves (1D). Returns [(path, figure)] before closing, for tests to inspect."""
     surfaces = [read_surface(p) for p in paths]
     labels = job_labels(paths)
-    dims = {s["y"] is None for s in surfaces}
+    dims = {s.y is None for s in surfaces}
     if len(dims) > 1:
         raise UserError("--compare needs surfaces of one kind: all 1D or all 2D")
-    splits = [sp for sp in surfaces[0]["splits"] if all(sp in s["splits"] for s in surfaces)]
+    splits = [sp for sp in surfaces[0].splits if all(sp in s.splits for s in surfaces)]
     if not splits:
         raise UserError("--compare: the files share no split (train/test)")
     written = []
     for split in splits:
-        for q in [q for q in surfaces[0]["quantities"] if q not in ERRORS and all(q in t["quantities"] for t in surfaces)]:
-            zs = [shown(s["values"][(split, q)], q) for s in surfaces]
+        for q in [q for q in surfaces[0].quantities if q not in ERRORS and all(q in t.quantities for t in surfaces)]:
+            zs = [shown(s.values[(split, q)], q) for s in surfaces]
             lev = _levels(np.concatenate([z.ravel() for z in zs]), args, q)
             if lev is None:
                 continue
             name = os.path.join(outdir, f"compare_{split}_{q}.{args.format}")
-            if surfaces[0]["y"] is None:
+            if surfaces[0].y is None:
                 fig, ax = plt.subplots(figsize=(6.5, 4.2))
                 for s, z, lab in zip(surfaces, zs, labels):
-                    ax.plot(s["x"], np.ma.masked_invalid(z), label=lab, marker="o" if len(s["x"]) == 1 else None)
-                ax.set_xlabel("t (0: a, 1: b)" if all(s.get("path") for s in surfaces) else surfaces[0]["xlabel"])
+                    ax.plot(s.x, np.ma.masked_invalid(z), label=lab, marker="o" if len(s.x) == 1 else None)
+                ax.set_xlabel("t (0: a, 1: b)" if all(s.is_path for s in surfaces) else surfaces[0].xlabel)
                 ax.set_ylabel(f"{split} {_label(q)}" + (" (%)" if q in SCALE else ""))
                 ax.axvline(0, color="0.5", lw=0.8, ls=":", label="θ*")
                 if _geometric(q, lev):
@@ -578,7 +585,7 @@ def compare(paths: list, args, outdir: str) -> list:
                 major = labelled(np.asarray(lev), geometric)
                 cs = None
                 for k, (ax, s, z, lab) in enumerate(zip(axes.flat, surfaces, zs, labels)):
-                    X, Y = np.meshgrid(s["x"], s["y"])
+                    X, Y = np.meshgrid(s.x, s.y)
                     cs = ax.contourf(X, Y, _masked(z, lev), levels=lev, cmap="cividis" if q == "acc" else "viridis",
                                      norm=norm)
                     ax.contour(X, Y, _masked(z, lev), levels=major, colors="k", linewidths=0.4)
@@ -595,7 +602,7 @@ def compare(paths: list, args, outdir: str) -> list:
                 fig.colorbar(cs, ax=axes.ravel().tolist(), label=f"{split} {_label(q)}" + (" (%)" if q in SCALE else ""),
                              **_ticks(lev))
             written.append((_save(fig, name, args, close=False), fig))
-        if surfaces[0]["y"] is not None:
+        if surfaces[0].y is not None:
             fig = compare_curvature(surfaces, labels, split, args)
             if fig is not None:
                 name = os.path.join(outdir, f"compare_{split}_curvature.{args.format}")
@@ -606,10 +613,10 @@ def compare(paths: list, args, outdir: str) -> list:
 def compare_curvature(surfaces: list, labels: list, split: str, args):
     """The curvature maps of several surfaces: a row per surface, a column per quantity
     (lambda_max, lambda_min, |lambda_min/lambda_max|), each column on ONE colour scale."""
-    qs = [q for q in ("lambda_max", "lambda_min", "eig_ratio") if all((split, q) in t["values"] for t in surfaces)]
+    qs = [q for q in ("lambda_max", "lambda_min", "eig_ratio") if all((split, q) in t.values for t in surfaces)]
     if not qs:
         return None
-    levs = [_levels(np.concatenate([t["values"][(split, q)].ravel() for t in surfaces]), args, q) for q in qs]
+    levs = [_levels(np.concatenate([t.values[(split, q)].ravel() for t in surfaces]), args, q) for q in qs]
     if any(lev is None for lev in levs):
         return None
     n = len(surfaces)
@@ -627,39 +634,39 @@ def compare_curvature(surfaces: list, labels: list, split: str, args):
     return fig
 
 
-def figure_1d(s: dict, args):
+def figure_1d(s: Drawable, args):
     """Loss on the left axis, the second quantity (accuracy in %, or e.g. a custom metric) on
     the right; train solid, test dashed. Shaded: the 95% intervals over examples, the loss's
     from its stored standard error, the accuracy's Wilson interval."""
     from .uncertainty import interval, wilson
     fig, ax = plt.subplots(figsize=(6, 4))
-    others = [q for q in s["quantities"] if q != "loss" and q not in ERRORS]
+    others = [q for q in s.quantities if q != "loss" and q not in ERRORS]
     right = "acc" if "acc" in others else (others[0] if others else None)
     ax2 = ax.twinx() if right else None
     styles = {"train": "-", "test": "--"}
-    for split in s["splits"]:
-        marker = "o" if len(s["x"]) == 1 else ""  # a single cell is a point, not a line
-        loss = np.ma.masked_invalid(s["values"][(split, "loss")])
-        ax.plot(s["x"], loss, "b" + marker + styles[split], label=f"{split} loss" + (
-            f" (mean of {s['planes']} planes)" if "plane_values" in s else ""))
-        if "plane_values" in s:  # directions.repeats: each plane thin, the planes' range shaded
-            each = s["plane_values"][(split, "loss")]
+    for split in s.splits:
+        marker = "o" if len(s.x) == 1 else ""  # a single cell is a point, not a line
+        loss = np.ma.masked_invalid(s.values[(split, "loss")])
+        ax.plot(s.x, loss, "b" + marker + styles[split], label=f"{split} loss" + (
+            f" (mean of {s.planes} planes)" if s.plane_values is not None else ""))
+        if s.plane_values is not None:  # directions.repeats: each plane thin, the planes' range shaded
+            each = s.plane_values[(split, "loss")]
             for z in each:
-                ax.plot(s["x"], np.ma.masked_invalid(z), color="b", lw=0.5, alpha=0.5, ls=styles[split])
-            ax.fill_between(s["x"], each.min(axis=0), each.max(axis=0), color="b", alpha=0.12, lw=0)
-        elif (split, "loss_se") in s["values"]:
-            lo, hi = interval(s["values"][(split, "loss")], s["values"][(split, "loss_se")], LEVEL)
-            ax.fill_between(s["x"], lo, hi, color="b", alpha=0.15, lw=0)
+                ax.plot(s.x, np.ma.masked_invalid(z), color="b", lw=0.5, alpha=0.5, ls=styles[split])
+            ax.fill_between(s.x, each.min(axis=0), each.max(axis=0), color="b", alpha=0.12, lw=0)
+        elif (split, "loss_se") in s.values:
+            lo, hi = interval(s.values[(split, "loss")], s.values[(split, "loss_se")], LEVEL)
+            ax.fill_between(s.x, lo, hi, color="b", alpha=0.15, lw=0)
         if right:
-            v = np.ma.masked_invalid(s["values"][(split, right)])
-            ax2.plot(s["x"], 100 * v if right == "acc" else v, "r" + marker + styles[split],
+            v = np.ma.masked_invalid(s.values[(split, right)])
+            ax2.plot(s.x, 100 * v if right == "acc" else v, "r" + marker + styles[split],
                      label=f"{split} {_label(right)}")
-            n = s.get("eval_samples", {}).get(split)
-            if right == "acc" and n and "plane_values" not in s:
-                lo, hi = wilson(s["values"][(split, "acc")], n, LEVEL)
-                ax2.fill_between(s["x"], 100 * lo, 100 * hi, color="r", alpha=0.12, lw=0)
+            n = s.eval_samples.get(split)
+            if right == "acc" and n and s.plane_values is None:
+                lo, hi = wilson(s.values[(split, "acc")], n, LEVEL)
+                ax2.fill_between(s.x, 100 * lo, 100 * hi, color="r", alpha=0.12, lw=0)
     ax.axvline(0, color="0.5", lw=0.8, ls=":", label="θ*")
-    ax.set_xlabel(s["xlabel"])
+    ax.set_xlabel(s.xlabel)
     ax.set_ylabel("loss", color="b")
     if right:
         ax2.set_ylabel("accuracy (%)" if right == "acc" else _label(right), color="r")
@@ -671,24 +678,24 @@ def figure_1d(s: dict, args):
     # the legend below the axes: inside, it sat on the curves; above, on the title
     ax.legend(lines, [ln.get_label() for ln in lines], fontsize=8, loc="upper center",
               bbox_to_anchor=(0.5, -0.14), ncol=min(3, len(lines)), frameon=False)
-    ax.set_title(s["name"] + (f" ({s['planes']} planes: thin lines, their range shaded)" if "plane_values" in s else
+    ax.set_title(s.name + (f" ({s.planes} planes: thin lines, their range shaded)" if s.plane_values is not None else
                               f" (bands: {100 * LEVEL:.0f}% intervals over examples)"
-                              if any(q in ERRORS for q in s["quantities"]) else ""), fontsize=10)
+                              if any(q in ERRORS for q in s.quantities) else ""), fontsize=10)
     return fig
 
 
-def plot_1d(s: dict, args, outdir: str, stem: str) -> list:
+def plot_1d(s: Drawable, args, outdir: str, stem: str) -> list:
     fig = figure_1d(s, args)
     path = os.path.join(outdir, f"{stem}_curve.{args.format}")
     return [_save(fig, path, args)]
 
 
-def write_all(s: dict, args: PlotOptions, outdir: str, stem: str) -> list:
+def write_all(s: Drawable, args: PlotOptions, outdir: str, stem: str) -> list:
     """Every figure of one surface (2D or 1D), and the spectral density where stored: paths."""
-    written = plot_2d(s, args, outdir, stem) if s["y"] is not None else plot_1d(s, args, outdir, stem)
-    for key, c in s.get("curvature_by_key", s["curvature"]).items():
+    written = plot_2d(s, args, outdir, stem) if s.y is not None else plot_1d(s, args, outdir, stem)
+    for key, c in s.curvature_by_key.items():
         for what, make in (("density", figure_density), ("blocks", figure_blocks)):
-            fig = make(c, s["name"], key.split("_")[0])
+            fig = make(c, s.name, key.split("_")[0])
             if fig is not None:
                 written.append(_save(fig, os.path.join(outdir, f"{stem}_{key}_{what}.{args.format}"), args))
     return written

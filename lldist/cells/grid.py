@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from .config import Axis
+from ..config import Axis
 
 
 class Grid:

@@ -1,12 +1,13 @@
 """The sharpness measures at θ* of a job's model: `python -m lldist.sharpness job.yaml`, and
-a study's variants with `sharpness: true`.
+a study's variants with `sharpness: true` (runs/optimum.py runs it on every rank and stores it).
 
-    res = measure(job)          # a dict, as stored under /sharpness/<split> (store.write_sharpness)
+    res = compute(job)          # a dict, as stored under /sharpness/<split> (store.write_sharpness)
+    SHARPNESS                   # the same as a runs.optimum.Measure
 
 Worst-case adaptive sharpness in the ℓ2 and ℓ∞ balls, the average case, SAM's m-sharpness
 and the PAC-Bayes flatness magnitude (evaluation/sharpness.py defines them; the job's
 `sharpness:` section sets them), on the first `sharpness.examples` examples of one split.
-Under MPI (`spread`, transport.runner.Products) restarts, draws and groups are dealt round
+Under MPI (`spread`, transport.runner.Spread) restarts, draws and groups are dealt round
 robin by index; every rank gets every result (`spread.gather`) and reduces them in index order,
 so the numbers are the same on any number of ranks.
 """
@@ -17,10 +18,12 @@ import dataclasses
 import math
 import time
 
-from .errors import UserError
-from .evaluation.sharpness import Sharpness, bisect_sigma, mean_and_se, rows
-from .evaluation.tasks import batch_size
-from .loading import Source, ready_at_optimum
+from ..errors import UserError
+from ..evaluation.sharpness import Sharpness, bisect_sigma, mean_and_se, rows
+from ..evaluation.tasks import batch_size
+from ..inputs.loading import Source
+from ..store import SurfaceReader, write_sharpness
+from .optimum import Measure
 
 NORMS = {"2": 2, "inf": math.inf}  # the worst case's balls, by the name its results carry
 
@@ -37,19 +40,23 @@ def _examples(data, bs: int, n: int, dtype) -> list:
     return out
 
 
-def measure(job, log=print, should_stop=lambda: None, spread=None) -> dict:
-    """Every sharpness measure at θ* of the job's model. Every rank calls it (with `spread`);
-    each returns the same dict."""
+def check(job) -> None:
+    """SAM's groups are taken within batches: sharpness.m at most eval.batch_size."""
+    bs = job.eval.batch_size if job.eval.batch_size != "auto" else 256
+    if job.sharpness.m > bs:
+        raise UserError(f"{job.source}: key 'sharpness.m' is {job.sharpness.m}, more than eval.batch_size ({bs}): "
+                        "SAM's groups are taken within batches")
+
+
+def compute(job, spread=None, log=print, should_stop=lambda: None) -> dict:
+    """Every sharpness measure at θ* of the job's model, whose checkpoint must exist (runs.optimum's
+    `ready` trains a missing one). Every rank calls it (with `spread`); each returns the same dict,
+    rank 0 says it."""
     import torch
 
-    from .evaluation.evaluator import device_for_rank
+    from ..evaluation.evaluator import device_for_rank
     cfg = job.sharpness
     bs = job.eval.batch_size if job.eval.batch_size != "auto" else 256
-    if cfg.m > bs:
-        raise UserError(f"{job.source}: key 'sharpness.m' is {cfg.m}, more than eval.batch_size ({bs}): SAM's groups "
-                        "are taken within batches")
-    driver = ready_at_optimum(job, spread, should_stop, log)
-    log = log if driver else (lambda m: None)  # every rank gets the numbers; rank 0 says them
     job = dataclasses.replace(job, eval=dataclasses.replace(job.eval, split=cfg.split))  # load that split
     src = Source()
     loaded = src.load(job)
@@ -104,3 +111,14 @@ def measure(job, log=print, should_stop=lambda: None, spread=None) -> dict:
 def json_settings(cfg) -> str:
     import json
     return json.dumps(dataclasses.asdict(cfg), sort_keys=True)
+
+
+def held(path: str, job) -> bool:
+    """Whether the surface holds the measures with these settings (a study resumes)."""
+    import json
+    with SurfaceReader(path) as sf:
+        old = sf.sharpness().get(job.sharpness.split, {})
+    return old.get("settings") == json.loads(json_settings(job.sharpness))
+
+
+SHARPNESS = Measure("the sharpness", "sharpness", compute, write_sharpness, held, check)

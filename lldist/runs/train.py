@@ -1,7 +1,9 @@
 """Training a job's model: the checkpoint a surface starts from (`python -m lldist.train`, and
-`lldist.surface` when the checkpoint is missing).
+every run whose checkpoint is missing), and the loop lldist.connect trains a curve's bend with.
 
     meta = train(job, log=print, should_stop=lambda: None)
+    ensure_checkpoint(job)                                      # train it only when it is missing
+    meta = fit(model, job, job.train, train_set, test_set)     # the loop, any trainable parameters
 
 Writes `model.checkpoint` (final weights) and, beside it, `<stem>_epoch<N>.pt` after every
 epoch (for trajectory and interpolation plots), each with metadata: epoch, train/test loss
@@ -19,13 +21,13 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 
-from .config import Job, TrainConfig
-from .errors import Stopped, UserError
-from .evaluation.curves import has_batchnorm
-from .evaluation.evaluator import plain_loss_acc, resolve_device
-from .evaluation.tasks import task_from_config
-from .workloads.data import TensorSet, load_split
-from .workloads.models import build_model, save_checkpoint
+from ..config import Job, TrainConfig
+from ..errors import Stopped, UserError
+from ..evaluation.curves import has_batchnorm
+from ..evaluation.evaluator import plain_loss_acc, resolve_device
+from ..evaluation.tasks import mean_over, task_from_config
+from ..workloads.data import TensorSet, load_split
+from ..workloads.models import build_model, save_checkpoint
 
 PROGRESS_S = 30.0  # seconds between progress lines within an epoch
 
@@ -41,16 +43,12 @@ def _measure(model, data, device, task):
     model.eval()
     if isinstance(data, TensorSet) and task.classification:
         return plain_loss_acc(model, data, batch_size=512, device=device)
-    total = None
-    for batch in data.to(device).batches(128):
-        sums = task.sums(task.forward(model, batch), batch).double()
-        total = sums if total is None else total + sums
-    means = dict(zip(task.names, task.means(total)))
+    means = mean_over(model, data.to(device), task, 128)
     return means["loss"], means.get("acc", float("nan"))
 
 
 def _sample(data, job: Job):
-    from .workloads.data import subset_indices
+    from ..workloads.data import subset_indices
     idx = subset_indices(len(data), job.data)
     return data if idx is None else data.select(torch.from_numpy(idx))
 
@@ -70,6 +68,18 @@ def _optimizer(t, model):
     if t.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
     return torch.optim.SGD(params, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+
+
+def ensure_checkpoint(job: Job, should_stop=lambda: None, log=print) -> None:
+    """Train first when the job names a checkpoint that does not exist yet and can train."""
+    ck = job.model.checkpoint
+    if ck and not os.path.exists(ck):
+        if job.train is None:
+            raise UserError(f"{job.source}: key 'model.checkpoint': {ck} does not exist")
+        log(f"checkpoint {ck} missing: training it first")
+        train(job, log=log, should_stop=should_stop)
+    if job.directions.target and not os.path.exists(job.directions.target):
+        raise UserError(f"{job.source}: key 'directions.target': {job.directions.target} does not exist")
 
 
 def train(job: Job, log=print, should_stop: Callable[[], Optional[int]] = lambda: None) -> dict:

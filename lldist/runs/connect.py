@@ -5,7 +5,7 @@ ensembling of DNNs"), composed from lldist's parts: `python -m lldist.connect a.
     for name, j in plan.jobs.items():                         # curve, line (, line_aligned), plane
         run_surface(ctx, lambda: j, ...)                      # each a surface file, resumable
 
-The bend is trained by the trainer (training.fit) on the job's task: evaluation/curves.py's
+The bend is trained by the trainer (runs/train.py's fit) on the job's task: evaluation/curves.py's
 CurveModel holds a and b fixed and draws t ~ U(0, 1) for every batch, so the expected loss
 along the curve is what falls. It starts at the ends' midpoint (the curve starts as the
 straight line). The bend is saved as a checkpoint of the job's model (its BatchNorm statistics
@@ -35,11 +35,12 @@ from typing import Callable, Optional
 
 import torch
 
-from . import identity
-from .config import Job, TrainConfig, effective_raw, job_from_dict
-from .errors import UserError
-from .evaluation.curves import CurveModel, has_batchnorm
-from .loading import load_model_and_data, plane_frame
+from ..inputs import identity
+from ..config import Job, TrainConfig, effective_raw, job_from_dict
+from ..errors import UserError
+from ..evaluation.curves import CurveModel, has_batchnorm
+from ..directions.plane import plane_frame
+from ..inputs.loading import load_model_and_data
 
 FILES = ("curve", "line", "line_aligned", "plane")  # the surfaces, in the order they run
 
@@ -86,8 +87,8 @@ def train_bend(job: Job, la, theta_b: dict, meta: dict, path: str, log=print, sh
     """Train the bend of a curve from a (`la`, loading.Loaded at a) to the state theta_b and
     save it to `path`, a checkpoint of the job's model with `meta` and the trained curve's
     loss and accuracy at t = 0.5. Returns the checkpoint's metadata."""
-    from .training import fit, training_splits
-    from .workloads.models import save_checkpoint
+    from .train import fit, training_splits
+    from ..workloads.models import save_checkpoint
     t = _settings(job)
     cm = CurveModel(copy.deepcopy(la.model), la.theta, theta_b, job.connect.curve, seed=t.seed)
     train_set, test_set = training_splits(job)
@@ -105,8 +106,9 @@ def prepare(job: Job, a: str, b: str, out: str, overwrite: bool = False, log=pri
             should_stop: Callable = lambda: None) -> Plan:
     """Rank 0's part before the surfaces: b aligned (connect.align), the bend trained or reused,
     and the jobs of the files."""
-    from .loading import aligned_to_theta, checkpoint_state
-    from .workloads.models import load_checkpoint, save_checkpoint
+    from ..directions.target import aligned_to_theta
+    from ..inputs.loading import checkpoint_state
+    from ..workloads.models import load_checkpoint, save_checkpoint
     for p in (a, b):
         if not os.path.exists(p):
             raise UserError(f"checkpoint {p} does not exist")
@@ -151,7 +153,7 @@ def surface_jobs(job: Job, a: str, b: str, b_end: str, bend: str, out: str, with
                  notes: Optional[list] = None) -> dict:
     """The connect run's surface jobs, each a validated job made from the user's own (its model,
     data and eval keys) with the directions, grid and output of that file. `tc`: the bend's x in
-    the plane (loading.plane_frame), which the plane's grid covers."""
+    the plane (directions/plane.py's plane_frame), which the plane's grid covers."""
     raw = effective_raw(job.text, job.source) if job.text else {}
     for k in ("train", "directions", "grid", "output"):
         raw.pop(k, None)
@@ -182,3 +184,19 @@ def surface_jobs(job: Job, a: str, b: str, b_end: str, bend: str, out: str, with
             r = {**copy.deepcopy(raw), "directions": d, "grid": g, "output": os.path.join(out, f"{name}.h5")}
             jobs[name] = job_from_dict(r, f"{job.source} (connect: {name})")
     return jobs
+
+
+def summary(paths: dict) -> list:
+    """Lines comparing the barriers of the files (lldist.analysis.metrics.path_metrics), each stored in
+    its file's /metrics."""
+    from ..analysis.metrics import from_file
+    lines = []
+    for name in ("line", "line_aligned", "curve"):
+        if name not in paths:
+            continue
+        m = from_file(paths[name], store=True)
+        se = f" ± {m['barrier_loss_se']:.3g}" if "barrier_loss_se" in m else ""
+        err = f", error {m['barrier_error']:.4f} at t = {m['barrier_error_alpha']:.3g}" if "barrier_error" in m else ""
+        lines.append(f"{name:>12}: barrier ({m['split']}) loss {m['barrier_loss']:.4f}{se} at t = "
+                     f"{m['barrier_loss_alpha']:.3g}{err}")
+    return lines

@@ -5,7 +5,7 @@ numbers it computed. numpy and scipy only; no torch, MPI or HDF5.
     d = difference(g64, g512)                                # delta, se, p, real
     c = rank_correlation(sharpness, gap, boot=2000)          # Kendall's tau, p, bootstrap interval
 
-Rows are metric dicts (lldist.metrics.from_file): a value `k` may carry its own standard error
+Rows are metric dicts (lldist.analysis.metrics.from_file): a value `k` may carry its own standard error
 as `k_se`, `k_stderr` (Hutchinson's trace) or `k_planes_se` (over direction planes). Over
 replicates (variants that differ only in a seed) the spread of the values is the error bar: it
 holds the measurement's own noise too. With one replicate the value's own error is used, and

@@ -3,10 +3,10 @@ hashes; a run resumes a file only when both match its own.
 
     identity.config(job)                 # the job file's keys that change the numbers (known before training)
     identity.job(job, inputs)            # ... and the content of everything it reads
-    identity.inputs(job, trajectory)     # those contents, one entry per input kind:
-        identity.file(path)              #   a checkpoint or a target (sha256 of its bytes)
-        identity.directions_file(path)   #   another lldist file's directions (their names and bytes)
+    identity.inputs(job, task)           # those contents, one entry per input kind:
+        identity.file(path)              #   a checkpoint, a target, a plane's model (sha256 of its bytes)
         identity.data_files(cfg, splits) #   the data set's files (CIFAR-10 batches, an image folder, text files)
+    directions.kinds.inputs(job)         # and what the directions' kind reads, beside them
     identity.tensors(obj)                # objects given from Python: a state dict, (x, y) tensors, batches
     identity.task(task)                  # the loss and metrics, callables by their code
 
@@ -25,7 +25,7 @@ from typing import Optional
 
 import torch
 
-from .config import Job, as_dict
+from ..config import Job, as_dict
 
 # ----------------------------------------------------------------------------- the job's keys
 
@@ -88,22 +88,6 @@ def file(path: str) -> str:
     return h.hexdigest()
 
 
-def directions_file(path: str) -> str:
-    """sha256 of a surface file's directions (their names and bytes): a file that gains cells
-    keeps its digest, one made with other directions does not."""
-    from .store import SurfaceReader
-    h = hashlib.sha256()
-    with SurfaceReader(path) as sf:
-        dirs = sf.read_directions()
-    if "_recipe" in dirs:  # the recipe and its checksums stand for the tensors
-        return hashlib.sha256(json.dumps(dirs, sort_keys=True).encode()).hexdigest()
-    for axis in sorted(dirs):
-        for name in sorted(dirs[axis]):
-            h.update(f"{axis}/{name}".encode())
-            h.update(dirs[axis][name].contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
 def data_files(cfg, splits) -> str:
     """A hash of the files a job reads its examples from: the same `data.root` holding other
     images must not resume a file computed on the first ones. CIFAR-10: the content of each
@@ -147,22 +131,15 @@ def data_files(cfg, splits) -> str:
     return ""
 
 
-def inputs(job_: Job, trajectory: list = (), task_=None) -> dict:
-    """The content of everything a job file's run reads, one entry per input kind: checkpoint,
-    target, trajectory (pca), directions file, data files, and the task when it has code of
-    the user's (python: losses and metrics; absent for the built-in ones, so files made before
-    keep their hash)."""
+def inputs(job_: Job, task_=None) -> dict:
+    """The content of what a job file's run reads, one entry per input kind: checkpoint, data
+    files, and the task when it has code of the user's (python: losses and metrics; absent for
+    the built-in ones, so files made before keep their hash). What the directions' kind reads
+    (a target, a trajectory, another file's directions, a plane's models) is the kind's to say:
+    directions.kinds.inputs(job), beside these."""
     out = {}
     if job_.model.checkpoint:
         out["checkpoint"] = file(job_.model.checkpoint)
-    if job_.directions.target:
-        out["target"] = file(job_.directions.target)
-    if job_.directions.kind == "pca":
-        out["trajectory"] = [file(f) for f in trajectory]
-    if job_.directions.kind == "file":
-        out["directions_file"] = directions_file(job_.directions.file)
-    if job_.directions.kind in ("plane", "curve"):
-        out["points"] = [file(f) for f in job_.directions.points]
     # eval.bn: recompute reads the train split for its statistics, whichever splits are evaluated
     data = data_files(job_.data, tuple(dict.fromkeys(job_.splits + (("train",) if job_.eval.bn == "recompute" else ()))))
     if data:

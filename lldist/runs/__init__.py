@@ -1,0 +1,13 @@
+"""What each command does, on every rank, under the command's own name; the command itself
+(lldist/<name>.py) only reads its command line and calls here.
+
+  surface.py    one surface: the room transport/runner.py talks to (prepare, build, evaluate a
+                chunk, take a result, close)
+  train.py      training a job's model, and the loop a curve's bend trains with
+  optimum.py    a computation at θ* every rank joins, written once: launch, gate, fail,
+                store the result where it may go
+  hessian.py    the Hessian (GGN, Fisher) at θ*: spectrum, trace, density, blocks, jackknife
+  sharpness.py  the sharpness measures at θ*
+  connect.py    lldist.connect: a curve's bend trained, and the surfaces of its paths
+  study.py      lldist.study: every variant's surface and measures, then the report
+"""
