@@ -17,6 +17,7 @@ rank 0 returns the landscape, the other ranks None after their share).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import tempfile
@@ -89,7 +90,8 @@ def _api_message(e: Exception) -> str:
     return (str(e).replace("use --out for a new file or --overwrite to replace it",
                            "pass another out= for a new file, or resume=False to replace it")
             .replace("<landscape()>: ", "").replace("key 'eval.", "argument '")
-            .replace("key 'grid.", "argument '").replace("key '", "argument '"))
+            .replace("key 'grid.", "argument '").replace("key '", "argument '")
+            .replace("directions.target", "target="))
 
 
 def landscape(model: nn.Module, data, *, x=(-1.0, 1.0, 51), y=(-1.0, 1.0, 51), split: str = "test",
@@ -121,6 +123,15 @@ def landscape(model: nn.Module, data, *, x=(-1.0, 1.0, 51), y=(-1.0, 1.0, 51), s
                          f"(known: {', '.join(sorted(DIRECTION_KEYS))})")
     if split not in ("test", "train"):
         raise ValueError(f"split must be 'test' or 'train' (the name the values are stored under), got {split!r}")
+    for k, v in directions.items():  # a job file's values: paths, numbers, names (a plane's points are files)
+        if not _plain(v):
+            raise TypeError(f"directions[{k!r}] must be plain values (numbers, strings, lists of them; a plane's "
+                            f"points are checkpoint files), got {type(v).__name__}")
+    if target is not None:  # the job's rules see a target (align needs one, repeats refuse it): given from Python
+        directions["target"] = "object:target"
+    if eval_options.get("bn") == "recompute" and split != "train":
+        raise ValueError("bn: 'recompute' takes BatchNorm statistics on the train split: give the training data "
+                         "with split='train'")
     task = make_task(loss, metrics)
     if eval_options.get("curvature") and not task.curvature:
         task = Task(loss, metrics, curvature=True) if not isinstance(loss, Task) else task
@@ -166,7 +177,10 @@ def landscape(model: nn.Module, data, *, x=(-1.0, 1.0, 51), y=(-1.0, 1.0, 51), s
 
     def load(job):
         theta, kinds = _state(model)
-        return Loaded(model, theta, kinds, {split: ts}, {})
+        # a shard group makes FSDP modules of the model it is given, in place: it gets a copy,
+        # and the caller's model stays the caller's (a copy is what a rank holds anyway)
+        shard = job.eval.group_size > 1 and job.eval.group_mode == "shard"
+        return Loaded(copy.deepcopy(model) if shard else model, theta, kinds, {split: ts}, {})
     source = Source(loader=load, task=task, files=files, target=theta_target)
     # the evaluator moves the model's weights in place: the caller gets theta* back afterwards
     saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -183,6 +197,14 @@ def landscape(model: nn.Module, data, *, x=(-1.0, 1.0, 51), y=(-1.0, 1.0, 51), s
     if code:
         raise RuntimeError(f"lldist: the landscape ended with status {code}")
     return open(out) if ctx.rank == 0 else None
+
+
+def _plain(v) -> bool:
+    if isinstance(v, (list, tuple)):
+        return all(_plain(x) for x in v)
+    if isinstance(v, dict):
+        return all(isinstance(k, str) and _plain(x) for k, x in v.items())
+    return v is None or isinstance(v, (str, int, float, bool))
 
 
 def _state(model):

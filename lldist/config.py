@@ -481,6 +481,10 @@ def _check_repeats(job: "Job", path: str) -> None:
         raise UserError(f"{path}: key 'directions.repeats' must be at least 1, got {n}")
     if n == 1:
         return
+    cells = job.grid.x.num * (job.grid.y.num if job.grid.y is not None else 1)
+    if n * cells > MAX_CELLS:  # every plane's cells live in the one file
+        raise UserError(f"{path}: key 'directions.repeats': {n:,} planes of {cells:,} cells are {n * cells:,} cells, "
+                        f"more than lldist stores in one file ({MAX_CELLS:,})")
     why = [w for w, bad in (("directions.kind: random", job.directions.kind != "random"),
                             ("no directions.target", job.directions.target is not None),
                             ("no grid.adaptive", job.grid.adaptive is not None),
@@ -495,8 +499,8 @@ def _check_sharpness(c: SharpnessConfig, path: str) -> None:
         if getattr(c, k) < 1:
             raise UserError(f"{path}: key 'sharpness.{k}' must be at least 1, got {getattr(c, k)}")
     for k in ("rho_2", "rho_inf", "rho_sam", "pac_threshold", "pac_tol"):
-        if not getattr(c, k) > 0:
-            raise UserError(f"{path}: key 'sharpness.{k}' must be positive, got {getattr(c, k)}")
+        if not (getattr(c, k) > 0 and math.isfinite(getattr(c, k))):
+            raise UserError(f"{path}: key 'sharpness.{k}' must be a positive finite number, got {getattr(c, k)}")
     if c.m > c.examples:
         raise UserError(f"{path}: key 'sharpness.m' is {c.m}, more than sharpness.examples ({c.examples})")
 
@@ -677,10 +681,10 @@ def _check_directions(job: Job, p: str) -> None:
     if dr.store == "recipe" and (dr.kind != "random" or dr.target):
         raise UserError(f"{p}: key 'directions.store: recipe' is for random directions (a target, a PCA plane or "
                         "eigenvectors are kept as tensors)")
-    if dr.params and dr.kind in ("hessian", "file"):
+    if dr.params and dr.kind not in ("random", "target", "pca"):  # the others move every float entry
         raise UserError(f"{p}: key 'directions.params' is for random, target and pca directions, not {dr.kind}")
     _choice(dr.ignore, IGNORES, "directions.ignore", p)
-    if dr.target and not os.path.exists(dr.target) and job.train is None:
+    if dr.target and not dr.target.startswith("object:") and not os.path.exists(dr.target) and job.train is None:
         raise UserError(f"{p}: key 'directions.target': {dr.target} does not exist")
 
 

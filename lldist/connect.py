@@ -17,11 +17,13 @@ and why: lldist/runs/connect.py.
 from __future__ import annotations
 
 
-def main(argv=None) -> int:
+def read(argv):
+    """(args, job, out): the command line read, the job made from it (the model at θ* is a), the
+    output folder."""
     from .config import job_from_dict, load_job
     from .errors import ArgumentParser
-    from .runs.surface import RunOptions, log, run_surface
-    from .transport import runner
+    from .runs.connect import out_dir
+    from .runs.surface import RunOptions
     ap = ArgumentParser(prog="python -m lldist.connect", doc=__doc__)
     ap.add_argument("a", help="the first minimum (a checkpoint)")
     ap.add_argument("b", help="the second minimum (a checkpoint of the same model)")
@@ -42,21 +44,22 @@ def main(argv=None) -> int:
         for item in sets:
             apply_override(raw, item, "<command line>")
         job = job_from_dict(raw, "<command line>")
-    from .runs.connect import out_dir, prepare, summary
-    from .runs.optimum import spread_over, together
-    out = out_dir(job, args.a, args.b, args.out)
+    return args, job, out_dir(job, args.a, args.b, args.out)
+
+
+def main(argv=None) -> int:
+    from .runs.connect import prepare, summary
+    from .runs.optimum import agree
+    from .runs.surface import RunOptions, log, run_surface
+    from .transport import runner
     ctx = runner.launch()
-    spread = spread_over(ctx)
+    args, job, out = agree(ctx, lambda: read(argv))  # read once: a refusal is one line, not one per rank
     should_stop = runner.install_sigterm() if ctx.rank == 0 else (lambda: None)
-    plan = None
-    with together(spread):  # the others wait at the gate while rank 0 trains: a failure ends every rank
-        if ctx.rank == 0:
-            plan = prepare(job, args.a, args.b, out, args.overwrite, log, should_stop)
+    # rank 0 aligns b and trains the bend while the others wait; every rank then runs the same jobs
+    plan = agree(ctx, lambda: prepare(job, args.a, args.b, out, args.overwrite, log, should_stop))
     if ctx.rank == 0:
         for line in plan.notes:
             log(line)
-    if spread is not None:
-        plan = spread.gate(plan)  # every rank runs the same jobs
     for name, j in plan.jobs.items():
         if ctx.rank == 0:
             log(f"connect: {name} -> {j.output}")

@@ -32,6 +32,15 @@ class Stopped(Exception):
         return 128 + self.signum
 
 
+class Quiet(Exception):
+    """End this process with `exit_code` and say nothing: under MPI, another rank (rank 0) has
+    said why, once."""
+
+    def __init__(self, exit_code: int):
+        super().__init__(f"exit {exit_code}")
+        self.exit_code = int(exit_code)
+
+
 def one_line(text: str) -> str:
     return " ".join(str(text).split())
 
@@ -45,6 +54,8 @@ def run_cli(main, argv=None) -> int:
         return EXIT_USAGE
     except Stopped as e:
         print(f"lldist: {one_line(e)}", file=sys.stderr)
+        return e.exit_code
+    except Quiet as e:
         return e.exit_code
     except KeyboardInterrupt:
         print("lldist: interrupted", file=sys.stderr)

@@ -32,7 +32,9 @@ FLAGS = {
     "density_steps": (int, f"Lanczos steps per start vector (default {D.density_steps})"),
     "tol": (float, f"Lanczos's relative tolerance of the eigenvalues (eigsh's tol, default {D.tol:g}; a large "
                    "model's smallest eigenvalue, beside a bulk near 0, may take hundreds of products at 1e-4: "
-                   "1e-2 gives two digits)"),
+                   "1e-2 gives two digits). It is relative to the largest: the GGN's and the Fisher's lambda_min, "
+                   "0 in exact arithmetic (both are positive semidefinite), come out within about tol x "
+                   "lambda_max of 0"),
 }
 SWITCHES = {
     "density": "also the eigenvalue spectral density (stochastic Lanczos quadrature)",
@@ -59,7 +61,8 @@ def settings(args, job):
     return dataclasses.replace(job, curvature=c)
 
 
-def main(argv=None) -> int:
+def read(argv):
+    """(args, job): the command line read, the job loaded and the flags applied."""
     ap = ArgumentParser(prog="python -m lldist.hessian", doc=__doc__)
     ap.add_argument("job", help="job file (YAML)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -72,11 +75,16 @@ def main(argv=None) -> int:
                         help=SWITCHES[name] + f" (default {getattr(D, name)})")
     ap.add_argument("--out", help="surface file to store the numbers in (default: the job's output, if it exists)")
     args = ap.parse_args(argv)
-    job = settings(args, load_job(args.job, args.set))
+    return args, settings(args, load_job(args.job, args.set))
+
+
+def main(argv=None) -> int:
     from .runs.hessian import HESSIAN
-    from .runs.optimum import measure_and_store
+    from .runs.optimum import agree, measure_and_store
     from .transport import runner
-    return measure_and_store(runner.launch(), job, HESSIAN, args.out)
+    ctx = runner.launch()
+    args, job = agree(ctx, lambda: read(argv))  # read once: a refusal is one line, not one per rank
+    return measure_and_store(ctx, job, HESSIAN, args.out)
 
 
 def cli() -> None:

@@ -3,9 +3,9 @@
 
     python -m lldist.metrics runs/study/*/surface.h5 [--split test] [--store]
 
-Computed by lldist/analysis/metrics.py from each file's loss array on its grid; `--store` also
-writes them into each file under /metrics/<split>, after every file was read (a bad file leaves
-all of them unchanged).
+Computed by lldist/analysis/metrics.py from each file's loss array on its grid, for every split
+it holds (or --split's); `--store` also writes them into each file under /metrics/<split>,
+after every file was read (a bad file leaves all of them unchanged).
 """
 
 from __future__ import annotations
@@ -19,17 +19,28 @@ def main(argv=None) -> int:
     from .analysis.metrics import of_file, table
     ap = ArgumentParser(prog="python -m lldist.metrics", doc=__doc__)
     ap.add_argument("files", nargs="+", help="complete lldist surface files (.h5)")
-    ap.add_argument("--split", help="train or test (default: the file's first split)")
+    ap.add_argument("--split", help="train or test (default: every split of each file, a row each)")
     ap.add_argument("--store", action="store_true", help="also write /metrics/<split> into each file "
                     "(after every file was read: a bad file leaves all of them unchanged)")
     args = ap.parse_args(argv)
-    computed = [of_file(p, args.split) for p in args.files]  # all checked before any is written
+    rows = []  # (file, metrics, convexity map): all computed, so all checked, before any is written
+    for p in args.files:
+        for split in [args.split] if args.split else splits_of(p):
+            m, conv = of_file(p, split)
+            rows.append((p, m, conv))
     if args.store:
         from .store import write_metrics
-        for p, (m, conv) in zip(args.files, computed):
+        for p, m, conv in rows:
             write_metrics(p, m["split"], m, conv)
-    print(table([m for m, _ in computed], args.files))
+    several = len(rows) > len(args.files)  # (then each row says its split)
+    print(table([m for _, m, _ in rows], [f"{p} ({m['split']})" if several else p for p, m, _ in rows]))
     return 0
+
+
+def splits_of(path: str) -> list:
+    from .store import SurfaceReader
+    with SurfaceReader(path) as sf:
+        return list(sf.splits)
 
 
 def cli() -> None:

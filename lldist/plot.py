@@ -87,7 +87,9 @@ def main(argv=None) -> int:
         s = figures.read_surface(path)
         outdir = folder(args.out or os.path.dirname(os.path.abspath(path)))
         stem = os.path.splitext(os.path.basename(path))[0]
-        if not s.done.any():
+        computed = s.plane_values is not None or s.done.any()  # (with repeats: the mean's cells need every plane)
+        if not computed or (s.plane_values is not None and
+                            not any(np.isfinite(v).any() for v in s.plane_values.values())):
             raise UserError(f"{path}: no cell is computed yet")
         ad = s.adaptive
         if ad and (opts.levels != ad.get("levels") or opts.vmin is not None or opts.vmax is not None):

@@ -16,18 +16,24 @@ from .config import load_job
 from .errors import ArgumentParser, finish, run_cli
 
 
-def main(argv=None) -> int:
+def read(argv):
+    """(args, job): the command line read, the job loaded."""
     ap = ArgumentParser(prog="python -m lldist.sharpness", doc=__doc__)
     ap.add_argument("job", help="job file (YAML)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a job key, e.g. --set sharpness.restarts=8 (repeatable)")
     ap.add_argument("--out", help="surface file to store the numbers in (default: the job's output, if it exists)")
     args = ap.parse_args(argv)
-    job = load_job(args.job, args.set)
-    from .runs.optimum import measure_and_store
+    return args, load_job(args.job, args.set)
+
+
+def main(argv=None) -> int:
+    from .runs.optimum import agree, measure_and_store
     from .runs.sharpness import SHARPNESS
     from .transport import runner
-    return measure_and_store(runner.launch(), job, SHARPNESS, args.out)
+    ctx = runner.launch()
+    args, job = agree(ctx, lambda: read(argv))  # read once: a refusal is one line, not one per rank
+    return measure_and_store(ctx, job, SHARPNESS, args.out)
 
 
 def cli() -> None:

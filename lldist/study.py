@@ -19,7 +19,9 @@ import os
 from .errors import ArgumentParser, UserError, finish, run_cli
 
 
-def main(argv=None) -> int:
+def read(argv):
+    """(args, study): the command line read, the study file loaded and checked."""
+    from .inputs.study_file import load_study
     ap = ArgumentParser(prog="python -m lldist.study", doc=__doc__)
     ap.add_argument("study", help="study file (YAML)")
     ap.add_argument("--only", nargs="+", metavar="VARIANT", help="run only these variants (no report)")
@@ -27,17 +29,22 @@ def main(argv=None) -> int:
     ap.add_argument("--progress-every", type=float, default=30.0, metavar="S",
                     help="seconds between progress lines when not on a terminal (0: none)")
     args = ap.parse_args(argv)
-    import matplotlib
-    matplotlib.use("Agg")  # the report's figures are files
-    from .inputs.study_file import load_study
-    from .runs.study import StudyOptions, run_study
-    from .transport import runner
-    ctx = runner.launch()
     study = load_study(args.study)
     unknown = set(args.only or ()) - {v.name for v in study.variants}
     if unknown:
         raise UserError(f"--only: no variant {sorted(unknown)[0]!r} (variants: "
                         f"{', '.join(v.name for v in study.variants)})")
+    return args, study
+
+
+def main(argv=None) -> int:
+    import matplotlib
+    matplotlib.use("Agg")  # the report's figures are files
+    from .runs.optimum import agree
+    from .runs.study import StudyOptions, run_study
+    from .transport import runner
+    ctx = runner.launch()
+    args, study = agree(ctx, lambda: read(argv))  # read once: a refusal is one line, not one per rank
     omp = os.environ.get("OMP_NUM_THREADS")
     made_by = f"{'OMP_NUM_THREADS=' + omp + ' ' if omp else ''}python -m lldist.study {args.study}"
     return run_study(ctx, study, StudyOptions(tuple(args.only) if args.only else None, args.report_only,

@@ -112,3 +112,67 @@ def paced(kind="mlp", seconds=0.01, **args):
     from lldist.config import ModelConfig
     from lldist.workloads.models import build_model
     return Paced(build_model(ModelConfig(name=kind, args=args), (1, 8, 8), 10), seconds)
+
+
+def diabetes(split, as_dataset=False):
+    """scikit-learn's bundled diabetes regression (442 patients, 10 features, a real-valued
+    target), standardized: an (x, y) pair or a Dataset of (x, y) samples."""
+    from sklearn.datasets import load_diabetes
+    x, y = load_diabetes(return_X_y=True)
+    x = torch.tensor((x - x.mean(0)) / x.std(0), dtype=torch.float32)
+    y = torch.tensor((y - y.mean()) / y.std(), dtype=torch.float32)
+    part = slice(0, 350) if split == "train" else slice(350, None)
+    x, y = x[part], y[part]
+    if as_dataset:
+        return torch.utils.data.TensorDataset(x, y)
+    return x, y
+
+
+class Regressor(nn.Module):
+    """A small regression MLP whose output is one number per example."""
+
+    def __init__(self, width=16, seed=0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.net = nn.Sequential(nn.Linear(10, width), nn.Tanh(), nn.Linear(width, 1))
+
+    def forward(self, x):
+        return self.net(x.flatten(1)).squeeze(-1)
+
+
+def regressor(width=16, seed=0):
+    return Regressor(width, seed)
+
+
+class Tempered(nn.Module):
+    """Tiny with a learnt temperature: a 0-dimensional parameter (a scale, ReZero's alpha)."""
+
+    def __init__(self, width=8):
+        super().__init__()
+        self.body = Tiny(width)
+        self.temperature = nn.Parameter(torch.tensor(1.5))
+
+    def forward(self, x):
+        return self.body(x) / self.temperature
+
+
+def tempered(width=8):
+    return Tempered(width)
+
+
+class TiedLM(nn.Module):
+    """A tiny language model whose output layer is its embedding (tied weights, as GPT-2's)."""
+
+    def __init__(self, vocab=12, width=8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, width)
+        self.mix = nn.Linear(width, width)
+        self.out = nn.Linear(width, vocab, bias=False)
+        self.out.weight = self.embed.weight
+
+    def forward(self, x):
+        return self.out(torch.tanh(self.mix(self.embed(x.long().flatten(1)[:, :4] % 12)))).mean(1)[:, :3]
+
+
+def tied_lm():
+    return TiedLM()

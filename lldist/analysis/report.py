@@ -22,9 +22,10 @@ def _img(path: str) -> str:
         return "data:image/png;base64," + base64.b64encode(f.read()).decode()
 
 
-def report(title: str, out: str, variants: list, log=print, made_by: str = "") -> tuple:
+def report(title: str, out: str, variants: list, log=print, made_by: str = "", made_on: str = "") -> tuple:
     """Metrics, comparison figures, per-variant contours, HTML + Markdown. Rank 0 only.
-    `made_by`: the command line, recorded at the top (docs/ quote it; tests rerun it)."""
+    `made_by`: the command line, recorded at the top (docs/ quote it; tests rerun it); `made_on`:
+    the machine (a CNN's float32 training follows its CPU's kernels: docs/ say where they were made)."""
     figdir = os.path.join(out, "figures")
     os.makedirs(figdir, exist_ok=True)
     paths = [v.job.output for v in variants]
@@ -38,7 +39,7 @@ def report(title: str, out: str, variants: list, log=print, made_by: str = "") -
     for path, fig in figures.compare(paths, figures.PlotOptions(), figdir):
         figs.append(path)
         figures.plt.close(fig)
-    md = [f"# {title}\n", f"Made by `{made_by}`.\n\n" if made_by else "",
+    md = [f"# {title}\n", (f"Made by `{made_by}`" + (f" on {made_on}" if made_on else "") + ".\n\n") if made_by else "",
           "Landscape metrics (definitions: docs/METRICS.md), one row per variant, in three tables a split.\n"]
     seeds = any(_replicate(k) for v in variants for k, _ in v.cross)  # then the tables below judge λmax too
     sharp = hessian_verdicts(variants, [metrics.from_file(p, splits[0]) for p in paths]) if not seeds else []

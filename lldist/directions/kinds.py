@@ -102,17 +102,36 @@ def points(job: Job, loaded) -> Optional[list]:
     return hook(job, loaded) if hook else None
 
 
+def check_stored(stored: Directions, job: Job, loaded) -> None:
+    """What a file keeps must be directions of this model, every plane's: the axes of the grid,
+    and for arrays the model's entries with their shapes, for a recipe one this lldist reads. A
+    damaged or foreign file is one UserError, before anything is computed or written."""
+    for d in [stored] + stored.planes:
+        if d.recipe is not None:
+            try:
+                recipes.from_dict(d.recipe)
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{job.output}: its direction recipe cannot be read ({e}); use --out for a new file")
+            held = d.summary
+        else:
+            held = d.tensors()
+        for axis in ("x", "y")[:job.ndim]:
+            entries = (held.get("checksums", {}) if d.recipe is not None else held).get(axis)
+            if entries is None or set(entries) != set(loaded.theta) or (d.recipe is None and any(
+                    tuple(entries[n].shape) != tuple(w.shape) for n, w in loaded.theta.items())):
+                raise UserError(f"{job.output}: its directions ({axis}) are not this model's or are damaged (their "
+                                "entries or shapes differ from the model's float state); use --out for a new file")
+
+
 def materialize(stored: Directions, job: Job, loaded, rows: Optional[dict] = None) -> Directions:
     """The directions as tensors, from what the file keeps: its arrays, or the recipe, regenerated
-    here (only the rows `rows` of the named entries, for a shard). A whole regeneration is
-    checked against the file's checksums."""
+    here (only the rows `rows` of the named entries, for a shard). Checked first (check_stored);
+    a whole regeneration against the file's checksums too."""
+    check_stored(stored, job, loaded)
     if stored.recipe is None:
         return as_tensors(stored)
     planes = [materialize(p, job, loaded, rows) for p in stored.planes]
-    try:
-        r = recipes.from_dict(stored.recipe)
-    except ValueError as e:
-        raise UserError(f"{job.output}: {e}")
+    r = recipes.from_dict(stored.recipe)
     checksums = stored.summary["checksums"]
     axes = {a: recipes.direction(loaded.theta, loaded.kinds, r, a, rows) for a in checksums}
     for a in axes:  # whole entries by their sha256; a shard's rows by check_rows, with its group

@@ -66,9 +66,17 @@ def kept_as_recipe(job, loaded) -> bool:
 
 
 def check_moves(job, loaded, d: Directions) -> None:
-    """directions.params must choose a parameter the directions move."""
+    """directions.params must choose a parameter the directions move: a direction held whole
+    moves somewhere, a recipe selects an entry it moves."""
     from ..errors import UserError
-    if job.directions.params and not any(t.any() for axis in (d.x, d.y) if axis is not None for t in axis.values()):
+    if not job.directions.params:
+        return
+    if d.recipe is not None:
+        r = recipes.from_dict(d.recipe)
+        moves = any(r.moves(n, loaded.kinds[n]) for n in loaded.theta)
+    else:
+        moves = any(t.any() for axis in (d.x, d.y) if axis is not None for t in axis.values())
+    if not moves:
         raise UserError(f"{job.source}: key 'directions.params' chooses no parameter the directions can move "
                         f"(the model's: {', '.join(list(loaded.theta)[:6])}, ...)")
 
@@ -80,9 +88,11 @@ def make(m) -> Directions:
     names = trainable_names(loaded.model)
     if kept_as_recipe(job, loaded):
         r = Recipe.of(job.directions, names)
+        check_moves(job, loaded, Directions(recipe=recipes.to_dict(r)))  # before the work of summing
         summary = recipes.summarize(loaded.theta, loaded.kinds, r, ("x", "y")[:job.ndim])
+        d = Directions(recipe=recipes.to_dict(r), summary=summary)
         m.log(f"directions kept as their recipe ({r.describe()}): {num_parameters(loaded):,} parameters")
-        return Directions(recipe=recipes.to_dict(r), summary=summary)
+        return d
     d = make_directions(loaded.theta, loaded.kinds, job.directions, job.ndim, None, names)
     check_moves(job, loaded, d)
     return d

@@ -19,9 +19,10 @@ Y_KIND = "random"
 
 
 def inputs(job) -> dict:
-    """θ' by its content (sha256): a retrained target makes a different job."""
+    """θ' by its content (sha256): a retrained target makes a different job. (A target given from
+    Python, object:target, is fingerprinted by lldist.landscape itself.)"""
     from ..inputs.identity import file
-    return {"target": file(job.directions.target)}
+    return {} if job.directions.target.startswith("object:") else {"target": file(job.directions.target)}
 
 
 def aligned_to_theta(loaded, target: dict, log) -> tuple:

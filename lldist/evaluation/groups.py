@@ -96,6 +96,17 @@ def shard_model(model: nn.Module, g: GroupSpec, device: str) -> nn.Module:
     return model
 
 
+def tied_parameters(model: nn.Module) -> list:
+    """The names under which a parameter appears a second time (a language model's output layer
+    tied to its embedding): FSDP2 cannot shard one parameter for two modules."""
+    seen, tied = set(), []
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if id(p) in seen:
+            tied.append(name)
+        seen.add(id(p))
+    return tied
+
+
 def sharded_modules(model: nn.Module) -> list:
     """The modules fully_shard made FSDP modules (none for a model that is not sharded)."""
     try:

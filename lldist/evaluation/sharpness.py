@@ -41,6 +41,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..errors import Stopped
 from .tasks import Task, batch_size, mean_loss, model_inputs
 
 PAC_EPS = 1e-3  # Jiang et al.'s additive noise floor
@@ -91,13 +92,21 @@ class Sharpness:
         out = torch.func.functional_call(self.model, {**point, **self.buffers}, args, kwargs)
         return self.task.loss_terms(out, batch)
 
+    def _passed(self) -> None:
+        """One more pass over the batches; a stop asked for (SIGTERM: a Slurm time limit) ends the
+        measures here, within one pass, with errors.Stopped."""
+        self.passes += 1
+        signum = self.should_stop()
+        if signum is not None:
+            raise Stopped(signum, f"stopped by signal {signum} during the sharpness measures ({self.passes} passes "
+                                  "done); run the same command to compute them again")
+
     def loss(self, delta: Optional[dict] = None, sign: float = 1.0, batches=None) -> float:
         """L(θ + sign·δ), the mean over the batches (float64 sums of the float32 batch sums)."""
         batches = self.batches if batches is None else batches
         point = self.theta if delta is None else {n: self.theta[n] + sign * delta[n] for n in self.names}
         value = mean_loss(lambda b: self._terms(point, b), batches)
-        self.passes += 1
-        self.should_stop()
+        self._passed()
         return value
 
     def loss_and_grad(self, delta: dict, batches=None) -> tuple:
@@ -114,8 +123,7 @@ class Sharpness:
                 if g is not None:
                     grads[k] += g
             v, w = v + float(s.detach()), w + float(n)
-        self.passes += 1
-        self.should_stop()
+        self._passed()
         return v / w, {k: g / w for k, g in grads.items()}
 
     # ------------------------------------------------------------------ random vectors

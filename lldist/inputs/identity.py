@@ -80,8 +80,15 @@ def job_hash(job: Job, inputs: Optional[dict]) -> str:
 # ----------------------------------------------------------------------------- what it reads
 
 def file(path: str) -> str:
-    """sha256 of a file's bytes."""
+    """sha256 of a file's bytes; of a folder (a HuggingFace checkpoint), of each file's path in
+    it and its bytes, in sorted order."""
     h = hashlib.sha256()
+    if os.path.isdir(path):
+        for d, _, fs in sorted(os.walk(path)):
+            for name in sorted(fs):
+                h.update(os.path.relpath(os.path.join(d, name), path).encode() + b"\0")
+                h.update(bytes.fromhex(file(os.path.join(d, name))))
+        return h.hexdigest()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)

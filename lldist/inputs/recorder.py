@@ -27,6 +27,12 @@ from typing import Optional
 UNITS = ("step", "epoch")
 
 
+def _module(model) -> None:
+    import torch
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+
+
 class Recorder:
     def __init__(self, path: str, every: int = 1, unit: str = "step"):
         if unit not in UNITS:
@@ -61,6 +67,7 @@ class Recorder:
     def step(self, model, n: Optional[int] = None, **meta) -> Optional[str]:
         """One step (or epoch) done: saves every `every`-th. `n`: the caller's own count (a
         trainer's global step); else this recorder counts. Returns the file written, or None."""
+        _module(model)
         self.count = int(n) if n is not None else self.count + 1
         # a trainer's count repeats across accumulated batches: one file per count
         if self.count % self.every == 0 and not (self.saved and self.saved[-1][self.unit] == self.count):
@@ -71,6 +78,7 @@ class Recorder:
 
     def finish(self, model, **meta) -> str:
         """The final weights, θ*: `path` itself."""
+        _module(model)
         from ..workloads.models import plain_meta, save_checkpoint
         record = {self.unit: self.count, "time": time.time(), **plain_meta(meta)}
         save_checkpoint(model, self.path, record)

@@ -112,10 +112,17 @@ def prepare(job: Job, a: str, b: str, out: str, overwrite: bool = False, log=pri
     for p in (a, b):
         if not os.path.exists(p):
             raise UserError(f"checkpoint {p} does not exist")
-    os.makedirs(out, exist_ok=True)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise UserError(f"--out {out} is a file, not a folder (the bend and the surfaces go into it)")
+    # every surface job checked before any training (with placeholder points: the bend is not
+    # made yet), so what it refuses is refused now, not after the bend has trained
+    surface_jobs(job, a, b, b, a, out, False, 0.5)
     ja = dataclasses.replace(job, model=dataclasses.replace(job.model, checkpoint=a))
     la = load_model_and_data(ja)  # the model at a, once
     theta_b = checkpoint_state(ja, la, b)
+    if all(torch.equal(w, theta_b[n]) for n, w in la.theta.items()):
+        raise UserError(f"connect: {a} and {b} hold the same weights: there is nothing between them to connect")
+    os.makedirs(out, exist_ok=True)
     notes = []
     b_end = b
     if job.connect.align:
@@ -126,12 +133,13 @@ def prepare(job: Job, a: str, b: str, out: str, overwrite: bool = False, log=pri
         state, info = aligned_to_theta(la, theta_b, log)
         if overwrite or not os.path.exists(b_end) or \
                 not all(torch.equal(v, state[n]) for n, v in checkpoint_state(ja, la, b_end).items()):
+            # the ends by their paths from the output folder: the folder can move with them
             save_checkpoint(_model_at(state, la.model), b_end,
-                            {**info, "aligned_to": os.path.abspath(a), "source": os.path.abspath(b)})
+                            {**info, "aligned_to": os.path.relpath(a, out), "source": os.path.relpath(b, out)})
         theta_b = checkpoint_state(ja, la, b_end)
         notes.append(f"b aligned to a by weight matching: {b_end}")
     bend = os.path.join(out, "bend.pt")
-    wanted = {**_meta(job, a, b_end), "ends": [os.path.abspath(a), os.path.abspath(b_end)]}
+    wanted = {**_meta(job, a, b_end), "ends": [os.path.relpath(a, out), os.path.relpath(b_end, out)]}
     if os.path.exists(bend) and not overwrite:
         stored = load_checkpoint(copy.deepcopy(la.model), bend)
         if not _same(stored, {k: v for k, v in wanted.items() if k != "ends"}):
@@ -144,7 +152,8 @@ def prepare(job: Job, a: str, b: str, out: str, overwrite: bool = False, log=pri
     try:
         tc = plane_frame(la.theta, theta_b, checkpoint_state(ja, la, bend))[2]
     except ValueError as e:
-        raise UserError(f"connect: the plane of {a}, {b_end} and the bend: {e}")
+        raise UserError(f"connect: the plane of {a}, {b_end} and the bend: {e} (the bend {bend} is kept: a rerun "
+                        "with the same ends and settings reuses it, --overwrite trains it again)")
     with_bn = has_batchnorm(la.model)
     return Plan(surface_jobs(job, a, b, b_end, bend, out, with_bn, tc, notes), notes)
 

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 from ..config import Job, effective_raw
-from ..errors import UserError
+from ..errors import EXIT_USAGE, Quiet, Stopped, UserError
 from ..inputs import identity
 from ..store import SurfaceReader
 from ..transport import runner
+from ..transport.runner import SIGINT_EXIT
 from .train import ensure_checkpoint
 
 
@@ -47,9 +48,34 @@ class Measure:
     check: Callable = lambda job: None  # (job): refuse settings it cannot take, before any training
 
 
-def spread_over(ctx: runner.Context) -> Optional[runner.Spread]:
-    """The ranks' share of a computation at θ*; None in a single process."""
-    return runner.Spread(ctx) if ctx.size > 1 else None
+def spread_over(ctx: runner.Context, what: str = "the computation at theta*") -> Optional[runner.Spread]:
+    """The ranks' share of a computation at θ* (`what` names it in a failure's report); None in
+    a single process."""
+    return runner.Spread(ctx, what) if ctx.size > 1 else None
+
+
+def agree(ctx: runner.Context, make: Callable):
+    """What rank 0 makes (a command line read, its job loaded and checked), on every rank. A
+    refusal is rank 0's to say, once: the others end with its exit status and say nothing (they
+    would each print the same line)."""
+    if ctx.size == 1:
+        return make()
+    spread = runner.Spread(ctx, "reading the command line")
+    if ctx.rank != 0:
+        verdict, value = spread.gate()
+        if verdict == "refused":
+            raise Quiet(value)
+        return value
+    try:
+        value = make()
+    except BaseException as e:  # the others end with the status rank 0 ends with
+        code = EXIT_USAGE if isinstance(e, UserError) else e.exit_code if isinstance(e, Stopped) else \
+            SIGINT_EXIT if isinstance(e, KeyboardInterrupt) else \
+            (e.code if isinstance(e.code, int) else 0) if isinstance(e, SystemExit) else 1  # (--help: 0)
+        spread.gate(("refused", code))
+        raise
+    spread.gate(("made", value))
+    return value
 
 
 @contextlib.contextmanager
@@ -119,7 +145,7 @@ def measure_and_store(ctx: runner.Context, job: Job, m: Measure, out: Optional[s
     what it found and where it went. Returns the exit status."""
     driver = ctx.rank == 0
     should_stop = runner.install_sigterm() if driver else (lambda: None)
-    spread = spread_over(ctx)
+    spread = spread_over(ctx, m.what)
     with together(spread):
         path = store_target(out or job.output, job, explicit=bool(out), what=m.what) if driver else None
         res = compute(job, m, spread, log, should_stop)

@@ -95,8 +95,12 @@ def compute(job, spread=None, log=print, should_stop=lambda: None) -> dict:
         sam, sam_se = mean_and_se(spread_over(groups, lambda k: s.sam(k, cfg.m, cfg.rho_sam, cfg.sam_steps)))
     else:
         sam = sam_se = math.nan
-    out.update(sam=sam, sam_se=sam_se, sam_groups=groups)
-    log(f"SAM's m-sharpness, m {cfg.m}, rho {cfg.rho_sam:g}: {sam:.6g} +- {sam_se:.2g} ({groups} groups)")
+    # groups are whole m examples within a batch: each batch's last (batch size mod m) are left out
+    left_out = n - groups * cfg.m
+    out.update(sam=sam, sam_se=sam_se, sam_groups=groups, sam_examples_left_out=left_out)
+    log(f"SAM's m-sharpness, m {cfg.m}, rho {cfg.rho_sam:g}: {sam:.6g} +- {sam_se:.2g} ({groups} groups"
+        + (f"; {left_out} of the {n} examples left out: groups of {cfg.m} are taken within batches of {bs}"
+           if left_out else "") + ")")
     pac = bisect_sigma(lambda sigma: mean_and_se(spread_over(cfg.draws, lambda k: s.pac_rise(sigma, k, cfg.seed))),
                        cfg.pac_threshold, cfg.pac_tol)
     out.update(pac_bayes_sigma=pac["sigma"], pac_bayes_flatness=1 / pac["sigma"] ** 2 if pac["sigma"] else math.nan,

@@ -32,6 +32,20 @@ class StudyOptions:
     made_by: str = ""  # the command line, recorded at the top of the report
 
 
+def machine() -> str:
+    """The CPU and torch a report was made with: a CNN's float32 training sums in the order of its
+    CPU's kernels (oneDNN picks them by instruction set), so its digits repeat on that family."""
+    import torch
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "")
+    except OSError:
+        pass
+    import platform
+    return f"{cpu or platform.processor() or platform.machine()}, torch {torch.__version__}"
+
+
 def at_theta(job, splits: tuple):
     """The variant's job with its Hessian on the study's split, or the job's first when it does
     not evaluate that one (a study of test-only jobs)."""
@@ -59,13 +73,13 @@ def run_study(ctx: runner.Context, study: Study, options: StudyOptions = StudyOp
                 if code:
                     return code
                 for m in measures:  # every rank its share: the products' batches, the restarts and draws
-                    measure_unless_held(at_theta(v.job, v.job.splits), m, spread_over(ctx), log, should_stop)
+                    measure_unless_held(at_theta(v.job, v.job.splits), m, spread_over(ctx, m.what), log, should_stop)
         if ctx.rank == 0 and options.only is None:
             if options.report_only:  # a study run before curvature or sharpness existed: fill them in, alone
                 for v in variants:
                     for m in measures:
                         measure_unless_held(at_theta(v.job, v.job.splits), m, None, log, should_stop)
-            report(study.name, study.out, variants, log=log, made_by=options.made_by)
+            report(study.name, study.out, variants, log=log, made_by=options.made_by, made_on=machine())
     except Stopped as e:
         if ctx.size > 1:  # the other ranks wait for rank 0's next run: end them too
             print(f"lldist: {e}", file=sys.stderr, flush=True)

@@ -34,7 +34,7 @@ from ..inputs import identity
 from ..config import Job
 from ..errors import UserError
 from ..evaluation.evaluator import Evaluator, device_for_rank
-from ..evaluation.groups import GroupSpec, all_reduce_sum, init_process_group, shard_rows
+from ..evaluation.groups import GroupSpec, all_reduce_sum, init_process_group, shard_rows, tied_parameters
 from ..evaluation.tasks import Task
 from ..cells.grid import Grid, auto_chunk_size
 from ..directions import kinds
@@ -42,6 +42,7 @@ from ..directions.record import Directions
 from ..inputs.loading import Loaded, Source, bn_data
 from ..cells.schedule import Adaptive, Sweep
 from ..store import Output
+from ..store.writer import check_room, size
 from ..transport import runner
 from ..transport.progress import Progress
 from .train import ensure_checkpoint
@@ -76,6 +77,14 @@ def set_threads(job: Job, cpus: int) -> int:
     if n:
         torch.set_num_threads(n)
     return torch.get_num_threads()
+
+
+def available_memory() -> int:
+    """Bytes of memory available now (0 where the system does not say)."""
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def _return_freed_memory() -> None:
@@ -142,6 +151,10 @@ class SurfaceRun:
         ensure_checkpoint(job, self.should_stop, log)
         loaded = self.source.load(job)
         task = self.source.make_task(job)
+        tied = tied_parameters(loaded.model) if k > 1 and job.eval.group_mode == "shard" else []
+        if tied:
+            raise UserError(f"{job.source}: key 'eval.group_mode: shard' cannot shard a parameter that two modules "
+                            f"share ({', '.join(tied[:3])}: tied weights) yet; use group_mode: data")
         # the loss, metrics and outputs tried on two examples, before any file exists
         for data in loaded.splits.values():
             task.check(loaded.model, next(iter(data.batches(2))), getattr(data, "num_classes", 0))
@@ -153,18 +166,30 @@ class SurfaceRun:
                 "eval_samples": {k: len(v) for k, v in loaded.splits.items()}}
         if job.grid.adaptive is not None:  # how to read the file back (store.SurfaceReader.adaptive)
             meta["grid_adaptive"] = dataclasses.asdict(job.grid.adaptive)
+        quantities = {q: task.long_name(q, "{split}") for q in task.names}
+        kept = {}
+
+        def check(sf) -> None:
+            """A file to resume, read-only: it holds this task's quantities, and directions this
+            model can take (rank 0 regenerates a recipe in full, with its checksums, unless its
+            group shares the work)."""
+            if sf.quantities != list(task.names):
+                raise UserError(f"output {job.output} holds {', '.join(sf.quantities)}, this job computes "
+                                f"{', '.join(task.names)}; use --out for a new file or --overwrite to replace it")
+            kept["stored"] = sf.read_directions()
+            kept["dirs"] = kinds.materialize(kept["stored"], job, loaded) if k == 1 else \
+                kinds.check_stored(kept["stored"], job, loaded)
         sf = self.writer = self.output.open(
-            job, hashes, self.grid, lambda: kinds.make(kinds.Making(job, loaded, task, self.source, log)), meta,
-            self.options.overwrite, {q: task.long_name(q, "{split}") for q in task.names})
-        if sf.quantities != list(task.names):
-            raise UserError(f"output {job.output} holds {', '.join(sf.quantities)}, this job computes "
-                            f"{', '.join(task.names)}; use --out for a new file or --overwrite to replace it")
-        stored = sf.read_directions()  # every evaluation, first run or resume, uses the stored copy
+            job, hashes, self.grid, lambda: self._directions(job, loaded, task, len(job.splits) * len(quantities)),
+            meta, self.options.overwrite, quantities, check)
+        # every evaluation, first run or resume, uses the stored copy
+        stored = kept["stored"] if kept else sf.read_directions()
         self.device = device_for_rank(self.ctx.local_rank, job.eval.device)
         if k > 1:  # rank 0 evaluates with its group: its evaluator is built with theirs (build)
             self.schedule = self._schedule(job)
             return Payload(job, stored, job.eval.batch_size, 1)
-        dirs = kinds.materialize(stored, job, loaded)  # (regenerated here when the file keeps a recipe)
+        # (regenerated here when the file keeps a recipe)
+        dirs = kept["dirs"] if kept else kinds.materialize(stored, job, loaded)
         # rank 0 fixes the batch size and cells per pass for every rank: the last float bits
         # of a loss depend on them. "auto" is calibrated once and stored in the file, so a
         # resume reuses it; a number in the job is the user's choice and always wins.
@@ -182,6 +207,20 @@ class SurfaceRun:
         self.cells_per_pass = ev.cells_per_pass
         self.schedule = self._schedule(job)
         return Payload(job, stored, ev.batch_size, ev.cells_per_pass)  # a recipe travels as the recipe
+
+    def _directions(self, job: Job, loaded: Loaded, task: Task, values_per_cell: int) -> Directions:
+        """A new file's directions, once there is room for every plane's (directions.repeats):
+        on the disk, where the file allocates them, and in each rank's memory, where the
+        evaluator holds them (refused before any is made, not after hours of making them)."""
+        planes, entries = job.directions.repeats, sum(t.numel() for t in loaded.theta.values())
+        check_room(job.output, self.grid.ncells, values_per_cell, planes * job.ndim * entries)
+        held = planes * job.ndim * sum(t.numel() * t.element_size() for t in loaded.theta.values())
+        free = available_memory()
+        if planes > 1 and free and held > free / 2:
+            raise UserError(f"{job.source}: key 'directions.repeats': {planes:,} planes of {entries:,} parameters "
+                            f"hold {size(held)} of directions on every rank, more than half of the {size(free)} "
+                            "of memory available here")
+        return kinds.make(kinds.Making(job, loaded, task, self.source, log))
 
     def _schedule(self, job: Job):
         done = self.writer.taken()  # the writer's own mask, shared with the schedule: read from the file once
@@ -222,6 +261,11 @@ class SurfaceRun:
 
     def take_result(self, r: runner.ChunkResult) -> int:
         saved = self.writer.write_chunk(r)
+        if self.group_size > 1:
+            # rank 0 computes its next chunk in collectives with its group: a member that fails
+            # there leaves it blocked until the job is aborted, with no chance to commit. So what
+            # it holds is committed now (a flush a chunk: group cells are the costly ones)
+            saved += self.writer.commit()
         self.schedule.returned(np.asarray(r.cells), np.asarray(r.values)[:, 0, 0])  # first split's loss
         self.computed += len(r.cells)
         return saved

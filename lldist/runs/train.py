@@ -78,7 +78,8 @@ def ensure_checkpoint(job: Job, should_stop=lambda: None, log=print) -> None:
             raise UserError(f"{job.source}: key 'model.checkpoint': {ck} does not exist")
         log(f"checkpoint {ck} missing: training it first")
         train(job, log=log, should_stop=should_stop)
-    if job.directions.target and not os.path.exists(job.directions.target):
+    target = job.directions.target  # (object:target: a model given from Python, lldist.landscape's target=)
+    if target and not target.startswith("object:") and not os.path.exists(target):
         raise UserError(f"{job.source}: key 'directions.target': {job.directions.target} does not exist")
 
 

@@ -149,10 +149,13 @@ class Output:
                             "new file or --overwrite to replace it")
 
     def open(self, job: Job, hashes: dict, grid: Grid, make_dirs: Callable[[], Directions], meta: dict,
-             overwrite: bool = False, quantities: Optional[dict] = None) -> "SurfaceWriter":
-        """Resume the file this job made, or make a new one. A new file (also with --overwrite)
-        is written beside the old under a temporary name and renamed over it only once it is
-        complete: a run that fails before then leaves the old file as it was."""
+             overwrite: bool = False, quantities: Optional[dict] = None,
+             check: Callable[[SurfaceReader], None] = lambda sf: None) -> "SurfaceWriter":
+        """Resume the file this job made, or make a new one. A file to resume is first read and
+        `check`ed read-only (what it holds must be what this run computes: a refusal leaves it
+        as it was, its run count included). A new file (also with --overwrite) is written beside
+        the old under a temporary name and renamed over it only once it is complete: a run that
+        fails before then leaves the old file as it was."""
         self.refuse_foreign(hashes["config"], overwrite)
         e = self.existing
         if e is not None and not overwrite:
@@ -160,6 +163,8 @@ class Output:
                 raise UserError(f"output {self.path} was made by a different job ({e['source']}, hash "
                                 f"{e['job'][:12]}; this job's is {hashes['job'][:12]}: another checkpoint, target, "
                                 "data or loss); use --out for a new file or --overwrite to replace it")
+            with SurfaceReader(self.path) as sf:
+                check(sf)
             return SurfaceWriter.begin(self.path)
         return SurfaceWriter.create(self.path, job, hashes, grid, make_dirs(), meta, quantities or DEFAULT_QUANTITIES)
 

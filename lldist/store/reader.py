@@ -8,6 +8,7 @@ surface, and read into records.
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Optional
@@ -19,14 +20,23 @@ from ..directions.record import Directions
 from ..errors import UserError
 from .layout import FORMAT, RUN_ATTRS
 
-def _read_directions(gd) -> Directions:
-    """One plane's directions (see SurfaceReader.read_directions)."""
-    if gd.attrs.get("store") == "recipe":
-        return Directions(recipe=json.loads(gd.attrs["recipe"]),
-                          summary={"norms": {a: json.loads(g.attrs["norms"]) for a, g in gd.items()},
-                                   "checksums": {a: json.loads(g.attrs["checksums"]) for a, g in gd.items()},
-                                   "sums": {a: json.loads(g.attrs["sums"]) for a, g in gd.items()}})
-    return Directions(**{axis: {name: ds[()] for name, ds in g.items()} for axis, g in gd.items()})
+def _read_directions(gd, path: str) -> Directions:
+    """One plane's directions (see SurfaceReader.read_directions); a damaged one is a UserError."""
+    try:
+        if gd.attrs.get("store") == "recipe":
+            return Directions(recipe=json.loads(gd.attrs["recipe"]),
+                              summary={k: {a: json.loads(g.attrs[k]) for a, g in gd.items()}
+                                       for k in ("norms", "checksums", "sums")})
+        # np.asarray: a 0-dimensional entry (a temperature, ReZero's alpha) reads as a 0-d array
+        out = Directions(**{axis: {name: np.asarray(ds[()]) for name, ds in g.items()} for axis, g in gd.items()})
+    except (KeyError, ValueError, TypeError, AttributeError, OSError) as e:
+        raise UserError(f"{path}: its directions ({gd.name}) are damaged: {type(e).__name__}: "
+                        f"{str(e).splitlines()[0][:120] if str(e) else ''}")
+    for axis, entries in out.tensors().items():
+        bad = [n for n, a in entries.items() if not np.issubdtype(a.dtype, np.floating)]
+        if bad:  # (an object dataset of an old or foreign writer)
+            raise UserError(f"{path}: its direction {axis} of {bad[0]} holds {entries[bad[0]].dtype} values, not floats")
+    return out
 
 
 @dataclass
@@ -68,6 +78,26 @@ class Surface:
     curve_path: Optional[np.ndarray] = None  # (101, 2): the curve on a plane through its control points
 
 
+DAMAGE = (KeyError, ValueError, TypeError, AttributeError, IndexError, OSError, RuntimeError)
+
+
+def _checked(read):
+    """A read of the file whose structure is not what lldist wrote (bytes flipped, a group where
+    a dataset belongs, an attribute that is not JSON) is one UserError naming the file, not a
+    traceback from deep inside h5py or json."""
+    @functools.wraps(read)
+    def wrapped(self, *args, **kwargs):
+        try:
+            return read(self, *args, **kwargs)
+        except UserError:
+            raise
+        except DAMAGE as e:
+            why = str(e).splitlines()[0][:160] if str(e) else ""
+            raise UserError(f"{self.path} is damaged ({read.__name__}: {type(e).__name__}{': ' + why if why else ''}); "
+                            "it cannot be read as an lldist surface") from None
+    return wrapped
+
+
 class SurfaceReader:
     """A surface file opened read-only; closing it never writes.
 
@@ -101,10 +131,28 @@ class SurfaceReader:
             raise UserError(f"{path} says it is an lldist surface but lacks {', '.join(missing)}: it was not "
                             "written by lldist, or is damaged")
         self.splits = splits
-        self.shape = self.f["done"].shape
-        self.planes = len(self.f["plane"]) if "plane" in self.f else 1  # directions.repeats
-        self.version = int(self.f.attrs.get("format_version", 0))
-        self.quantities = json.loads(self.f.attrs.get("quantities", '["loss", "acc"]'))
+        try:
+            self._structure()
+        except BaseException:
+            self.f.close()
+            raise
+
+    @_checked
+    def _structure(self) -> None:
+        """The grid's shape, the planes, the quantities: the arrays' axes must be the grid's
+        (x, y, and the planes' with directions.repeats), every quantity of every split there."""
+        f = self.f
+        self.shape = f["done"].shape
+        self.planes = len(f["plane"]) if "plane" in f else 1  # directions.repeats
+        self.version = int(f.attrs.get("format_version", 0))
+        self.quantities = json.loads(f.attrs.get("quantities", '["loss", "acc"]'))
+        axes = ((self.planes,) if self.planes > 1 else ()) + ((len(f["y"]),) if "y" in f else ()) + (len(f["x"]),)
+        if self.shape != axes:
+            raise ValueError(f"its done mask is {self.shape}, its axes {axes}")
+        for split in self.splits:
+            for q in self.quantities:
+                if f[split][q].shape != axes:
+                    raise ValueError(f"{split}/{q} is {f[split][q].shape}, its axes {axes}")
 
     def __enter__(self):
         return self
@@ -117,29 +165,37 @@ class SurfaceReader:
             self.f.close()
 
     # ------------------------------------------------------------------ reading
+    @_checked
     def read_directions(self) -> Directions:
         """The directions, numpy arrays by group (x, y, and target, bend where a plane holds
         them), or, for a file that keeps them as their recipe, the recipe and its summary (norms,
         checksums, sums); directions.kinds.materialize makes tensors of either."""
-        out = _read_directions(self.f["directions"])
+        out = _read_directions(self.f["directions"], self.path)
         if "planes" in self.f:  # directions.repeats: planes 1..n-1 under /planes/<k>
             gp = self.f["planes"]
-            out.planes = [_read_directions(gp[str(k)]) for k in range(1, len(gp) + 1)]
+            if set(gp) != {str(k) for k in range(1, len(gp) + 1)}:
+                raise UserError(f"{self.path}: its planes' directions are damaged (groups {', '.join(sorted(gp))})")
+            out.planes = [_read_directions(gp[str(k)], self.path) for k in range(1, len(gp) + 1)]
         return out
 
+    @_checked
     def done(self) -> np.ndarray:
         return self.f["done"][()]
 
+    @_checked
     def array(self, split: str, q: str) -> np.ndarray:
         """One quantity of one split as stored (cells not done hold NaN)."""
         return self.f[split][q][()]
 
+    @_checked
     def checkpoint_meta(self) -> dict:
         return json.loads(self.f.attrs.get("checkpoint_meta", "{}") or "{}")
 
+    @_checked
     def job_yaml(self) -> str:
         return str(self.f.attrs.get("job_yaml", ""))
 
+    @_checked
     def attr(self, name: str, default=None, group: str = "/"):
         """An attribute's value; run-level placeholders (0, NaN, "") read as `default`."""
         v = self.f[group].attrs.get(name, default)
@@ -150,17 +206,20 @@ class SurfaceReader:
             return default
         return v
 
+    @_checked
     def attrs(self, group: str = "/") -> dict:
         """Every attribute of a group, text decoded."""
         return {k: (v.decode(errors="replace").rstrip() if isinstance(v, bytes) else v)
                 for k, v in self.f[group].attrs.items()}
 
     @property
+    @_checked
     def adaptive(self) -> Optional[dict]:
         """The job's grid.adaptive settings, or None for a full grid."""
         text = self.f.attrs.get("grid_adaptive", "")
         return json.loads(text) if text else None
 
+    @_checked
     def read_all(self, reconstruct: bool = True) -> "Surface":
         """Everything a plot or the metrics need, as a Surface: each split's quantities with
         cells not done as NaN. On an adaptive grid the cells not computed are interpolated
@@ -192,6 +251,7 @@ class SurfaceReader:
             curve=self.attr("curve", None, group="directions"),
             curve_path=np.asarray(json.loads(cp)) if cp is not None else None)
 
+    @_checked
     def curvature(self, operator: Optional[str] = "hessian") -> dict:
         """{split: {...}}: the Hessian at theta* (lldist.hessian), lists decoded, the spectral
         density's nodes and weights as arrays where computed. `operator`: ggn or fisher for
@@ -208,6 +268,7 @@ class SurfaceReader:
                 out[key.split("_")[0]] = d
         return out
 
+    @_checked
     def points(self) -> Optional["Points"]:
         """kind plane: the three models, evaluated from their own files; None for other kinds."""
         if "points" not in self.f:
@@ -228,6 +289,7 @@ class SurfaceReader:
                 values[(split, q)] = a
         return values
 
+    @_checked
     def trajectory_fit(self) -> Optional[dict]:
         """pca: how well the plane holds each checkpoint (directions/pca.py), or None."""
         if "trajectory" not in self.f or "captured" not in self.f["trajectory"].attrs:
@@ -238,6 +300,7 @@ class SurfaceReader:
                    checkpoints=json.loads(a.get("checkpoints", "[]")))
         return out
 
+    @_checked
     def sharpness(self) -> dict:
         """{split: {...}}: the sharpness measures at theta* (lldist.sharpness), lists decoded."""
         out = {}
@@ -246,6 +309,7 @@ class SurfaceReader:
                         for k, v in g.attrs.items()}
         return out
 
+    @_checked
     def chunk_log(self) -> tuple:
         """(records, cells): the valid part of the per-chunk work log, and the computed cells
         in the order of their records (chunk by chunk)."""

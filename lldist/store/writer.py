@@ -54,6 +54,16 @@ def free_bytes(folder: str) -> int:
     return shutil.disk_usage(folder).free
 
 
+def check_room(path: str, ncells: int, values_per_cell: int, direction_values: int) -> None:
+    """Refuse a new file its folder has no room for (every dataset is allocated at creation):
+    before the file is made, and before its directions are (the run asks with their count)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    need = estimate_bytes(ncells, values_per_cell, direction_values)
+    free = free_bytes(folder)
+    if need > free:
+        raise UserError(f"output {path}: the file needs about {size(need)} and {folder} has {size(free)} free")
+
+
 class SurfaceWriter(SurfaceReader):
     """Rank 0's handle on the file it computes into (the only writer).
 
@@ -118,13 +128,8 @@ class SurfaceWriter(SurfaceReader):
 
     @staticmethod
     def _create(path: str, job: Job, hashes: dict, grid: Grid, dirs: Directions, meta: dict, quantities: dict) -> None:
-        folder = os.path.dirname(os.path.abspath(path))
-        need = estimate_bytes(grid.ncells, len(job.splits) * len(quantities),
-                              sum(t.numel() for p in [dirs] + dirs.planes for d in p.tensors().values()
-                                  for t in d.values()))
-        free = free_bytes(folder)
-        if need > free:
-            raise UserError(f"output {path}: the file needs about {size(need)} and {folder} has {size(free)} free")
+        check_room(path, grid.ncells, len(job.splits) * len(quantities),
+                   sum(t.numel() for p in [dirs] + dirs.planes for d in p.tensors().values() for t in d.values()))
         tmp = path + ".creating"
         try:
             with h5py.File(tmp, "w") as f:

@@ -788,8 +788,9 @@ class Spread:
         lo, hi = spread.share(len(batches))        # this rank's batches
     """
 
-    def __init__(self, ctx: Context):
+    def __init__(self, ctx: Context, what: str = "the computation at theta*"):
         self.ctx, self.rank, self.size = ctx, ctx.rank, ctx.size
+        self.what = what  # what a failure report names: "the Hessian", "the sharpness", "connect"
 
     def share(self, n: int) -> tuple:
         return n * self.rank // self.size, n * (self.rank + 1) // self.size
@@ -826,7 +827,7 @@ class Spread:
             code = SIGINT_EXIT
             print("lldist: interrupted", file=sys.stderr)
         else:
-            code, message, tb = _failure(self.rank, self.ctx.host, "the curvature", exc)
+            code, message, tb = _failure(self.rank, self.ctx.host, self.what, exc)
             _report(message, tb)
         self.ctx.abort(code)
 
@@ -883,7 +884,7 @@ class Spread:
             try:
                 partial, weight = local(key, v)
             except Exception as e:
-                code, message, tb = _failure(self.rank, self.ctx.host, f"a curvature product ({key})", e)
+                code, message, tb = _failure(self.rank, self.ctx.host, f"a product of {self.what} ({key})", e)
                 _report(message, tb)
                 self.ctx.abort(code)
             self.combine(partial, weight)

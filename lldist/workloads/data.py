@@ -122,11 +122,14 @@ def _python(cfg: DataConfig, split: str) -> TensorSet:
         except TypeError:
             raise UserError(f"data {cfg.name}: the factory must return (x, y) tensors or a Dataset")
         x = torch.stack([torch.as_tensor(p[0]) for p in pairs])
-        y = torch.as_tensor([int(p[1]) for p in pairs])
-    y = torch.as_tensor(y).long()
+        y = torch.stack([torch.as_tensor(p[1]) for p in pairs])
+    # the targets keep their kind: integers are class labels (int64, as cross-entropy takes
+    # them), real values a regression's targets (mse) and stay what they are
+    y = torch.as_tensor(y)
+    y = y.long() if not y.is_floating_point() else y
     if x.dtype != torch.uint8:
         x = x.float()
-    n = int(y.max()) + 1 if len(y) else 0
+    n = int(y.max()) + 1 if len(y) and not y.is_floating_point() else 0
     return TensorSet(x, y, int(cfg.args.get("num_classes", n)))
 
 

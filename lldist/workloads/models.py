@@ -13,6 +13,7 @@ for user models (the factory is called with `model.args` as keyword arguments).
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -169,6 +170,9 @@ def load_checkpoint(model: nn.Module, path: str) -> dict:
     """Load a state dict saved by lldist.train (or a plain state dict, or a HuggingFace checkpoint
     folder). Returns its metadata."""
     if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise UserError(f"checkpoint {path} is a folder, but not a HuggingFace checkpoint (no config.json): "
+                            "give a checkpoint file, or a folder save_pretrained wrote")
         from . import hf
         state = hf.folder_state(path)
         missing = set(model.state_dict()) - set(state)
@@ -177,17 +181,25 @@ def load_checkpoint(model: nn.Module, path: str) -> dict:
         model.load_state_dict(state, strict=False)
         return {"checkpoint_folder": os.path.abspath(path)}
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of a plain pickle's protocol in two lines of its own
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist")
     except Exception as e:  # corrupt, truncated, or not a torch file
         import re
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        text = str(e)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
         if found:  # torch's own text is a page of advice; the class it refused is what matters
             raise UserError(f"checkpoint {path} holds a Python object ({found.group(1)}) that lldist does not "
                             "unpickle (torch.load with weights_only=True: a checkpoint can run code); save a "
                             "plain state dict of tensors, with numbers and strings as metadata")
-        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        refused = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
+        if refused:  # a pickle torch's safe loader cannot read (a plain pickle.dump, an odd operand)
+            raise UserError(f"checkpoint {path} is a pickle torch.load reads only with weights_only=False, which "
+                            f"can run code ({' '.join(refused.group(1).split())}); save it with torch.save as a "
+                            "plain state dict of tensors")
+        raise UserError(f"checkpoint {path} cannot be read ({type(e).__name__}: {' '.join(text.split())[:300]})")
     meta = {}
     if isinstance(obj, dict) and "state_dict" in obj:
         raw = obj.get("meta")

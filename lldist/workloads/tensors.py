@@ -20,7 +20,7 @@ import torch
 @dataclass(frozen=True)
 class TensorSet:
     x: torch.Tensor  # (N, C, H, W), uint8 or float32
-    y: torch.Tensor  # (N,) int64 class labels
+    y: torch.Tensor  # (N,) int64 class labels, or a regression's real-valued targets
     num_classes: int
     scale: float = 1.0  # x * scale brings raw values to [0, 1]
     mean: Optional[tuple] = None  # per channel, applied after scale
