@@ -195,7 +195,9 @@ def load_checkpoint(model: nn.Module, path: str) -> dict:
                             "unpickle (torch.load with weights_only=True: a checkpoint can run code); save a "
                             "plain state dict of tensors, with numbers and strings as metadata")
         refused = re.search(r"WeightsUnpickler error:\s*(.+?)\s*(?:\n\n|$)", text, re.S)
-        if refused:  # a pickle torch's safe loader cannot read (a plain pickle.dump, an odd operand)
+        with open(path, "rb") as f:
+            pickled = f.read(1) == b"\x80"  # pickle's PROTO opcode: a plain pickle.dump (a torch file is a zip)
+        if refused and pickled:  # a pickle torch's safe loader cannot read (an odd operand, an object)
             raise UserError(f"checkpoint {path} is a pickle torch.load reads only with weights_only=False, which "
                             f"can run code ({' '.join(refused.group(1).split())}); save it with torch.save as a "
                             "plain state dict of tensors")
