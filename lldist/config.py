@@ -622,6 +622,9 @@ def _check_grid(g: GridConfig, p: str) -> None:
             raise UserError(f"{p}: key '{key}': num must be at least 1 (empty grid), got {ax.num}")
         if not (math.isfinite(ax.min) and math.isfinite(ax.max)):
             raise UserError(f"{p}: key '{key}': min and max must be finite numbers, got [{ax.min}, {ax.max}]")
+        if ax.num == 1 and ax.min != ax.max:  # one point: where? (linspace would put it at min, silently)
+            raise UserError(f"{p}: key '{key}': one point needs min = max (its coordinate: [0, 0, 1] is θ*), "
+                            f"got [{ax.min}, {ax.max}, 1]")
         if not (ax.min < ax.max or (ax.num == 1 and ax.min == ax.max)):
             raise UserError(f"{p}: key '{key}': min must be below max, got [{ax.min}, {ax.max}]")
     ncells = g.x.num * (g.y.num if g.y is not None else 1)

@@ -58,7 +58,7 @@ def run_cli(main, argv=None) -> int:
     except Quiet as e:
         return e.exit_code
     except KeyboardInterrupt:
-        print("lldist: interrupted", file=sys.stderr)
+        print("lldist: interrupted; what is finished is kept: run the same command to resume", file=sys.stderr)
         return 130
     except BrokenPipeError:
         # the reader went away (`python -m lldist.info out.h5 | head`): what it wanted is out;

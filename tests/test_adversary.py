@@ -204,7 +204,8 @@ def test_ctrl_c_on_the_command_line_is_one_line_and_130(workdir):
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 130, err
-    assert "Traceback" not in err and err.strip().splitlines()[-1] == "lldist: interrupted"
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == \
+        "lldist: interrupted; what is finished is kept: run the same command to resume"  # (it said nothing of that)
     with h5py.File(workdir / "out.h5", "r") as f:
         assert 0 < f["done"][()].sum() < 200  # what was finished is kept
 

@@ -234,3 +234,35 @@ def test_the_gpu_benchmark_extra_rows_run_on_a_cpu():
     assert rep["text"]["lldist_cells_s"] > 0 and rep["text"]["naive_cells_s"] > 0
     md = gpu_markdown(rep)
     assert "| cnn_skip |" in md and "BERT-style classifier" in md
+
+
+# ----------------------------------------------------------------------------- round 3 (issue 36)
+
+def test_the_hessian_takes_a_split_the_landscape_does_not_evaluate(workdir):
+    """`python -m lldist.hessian jobs/quickstart.yaml --split train` refused: the job evaluates
+    test only. And a result without a trace printed "trace nan +- nan"."""
+    job = write_job(workdir / "job.yaml", grid={"x": [-1, 1, 3], "y": None})  # eval.split: test
+    run(["lldist.surface", job], workdir)
+    p = run(["lldist.hessian", job, "--split", "train", "--top", "1", "--batches", "1", "--trace-samples", "0",
+             "--no-smallest"], workdir)
+    summary = [ln for ln in p.stdout.splitlines() if "top eigenvalues" in ln][0]
+    assert "on train" in summary and "nan" not in summary and "trace" not in summary
+    with h5py.File("out.h5", "r") as f:
+        assert "train" in f["curvature"] and np.isfinite(f["curvature/train"].attrs["lambda_max"])
+
+
+def test_small_frictions_get_their_one_line(workdir, capsys):
+    """A mistyped checkpoint in hessian was "a surface of another model"; grid.x=[-1,1,1] put
+    its one point at alpha = -1 silently; a python: module not found gave no hint."""
+    from lldist import hessian, surface
+    from lldist.errors import run_cli
+    job = write_job(workdir / "job.yaml", grid={"x": [-1, 1, 3], "y": None})
+    run(["lldist.surface", job], workdir)
+    checks = [(hessian.main, [job, "--set", "model.checkpoint=modle.pt", "--top", "1"], "modle.pt does not exist"),
+              (surface.main, [job, "--set", "grid.x=[-1,1,1]"], "one point needs min = max"),
+              (surface.main, [job, "--set", "model.name=python:nosuchpkg.models:net", "--set", "train=null",
+                              "--set", "model.checkpoint=null", "--out", "new.h5"], "on PYTHONPATH")]
+    for main, argv, expect in checks:
+        code = run_cli(main, argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and expect in err[0], err

@@ -236,7 +236,7 @@ def test_hessian_of_the_text_models_over_ranks_with_the_attention_fallback(workd
     the GGN at θ* run with eager attention, over two ranks, and the file and the log say so."""
     from conftest import mpiexec
     job = text_job(workdir / "job.yaml", model, loss=loss, label=label)
-    run(["lldist.surface", job, "--set", "grid.x=[-1,1,1]", "--set", "grid.y=null"], workdir)
+    run(["lldist.surface", job, "--set", "grid.x=[0,0,1]", "--set", "grid.y=null"], workdir)
     for op in ("hessian", "ggn"):
         r = run([mpiexec(), "-n", "2", sys.executable, "-m", "lldist.hessian", job, "--top", "1", "--batches", "2",
                  "--trace-samples", "4", "--set", "curvature.blocks=transformer", "--no-block-top",

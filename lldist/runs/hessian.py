@@ -12,6 +12,7 @@ batches; rank 0 runs Lanczos, drives and returns the result, the others None.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from typing import Optional
@@ -46,10 +47,12 @@ class AtOptimum:
         self.job, self.settings, self.log = job, job.curvature, log
         self.driver = spread is None or spread.rank == 0
         s = self.settings
+        # the split asked for is loaded whether or not the job's landscape evaluates it (the
+        # literature's Hessian is the train loss's); by default the landscape's own first split
+        self.split = s.split or job.splits[0]
+        if self.split not in job.splits:
+            job = dataclasses.replace(job, eval=dataclasses.replace(job.eval, split=self.split))
         loaded = Source().load(job)
-        self.split = s.split or next(iter(loaded.splits))
-        if self.split not in loaded.splits:
-            raise UserError(f"--split {self.split}: the job evaluates {', '.join(loaded.splits)}")
         self.batch_size = job.eval.batch_size if job.eval.batch_size != "auto" else 256
         chosen = first_batches(loaded.splits[self.split], self.batch_size, s.batches)
         op = s.operator
@@ -118,8 +121,9 @@ class AtOptimum:
             products += sum(c.matvecs for c in self.parts.values())
         out.update(hessian_vector_products=products, seconds=time.perf_counter() - t, num_parameters=curv.n)
         log(f"{self.what} on {self.split} ({self.nchosen} batches of {self.batch_size}, loss {out['loss']:.6g}): "
-            f"top eigenvalues {', '.join(f'{v:.6g}' for v in out['top_eigenvalues'])}; lambda_min {lo:.6g}; "
-            f"trace {tr:.6g} +- {err:.2g} ({s.trace_samples} Hutchinson samples)"
+            f"top eigenvalues {', '.join(f'{v:.6g}' for v in out['top_eigenvalues'])}"
+            + (f"; lambda_min {lo:.6g}" if s.smallest else "")
+            + (f"; trace {tr:.6g} +- {err:.2g} ({s.trace_samples} Hutchinson samples)" if s.trace_samples else "")
             + (f"; spectral density from {runs} x {out['density_nodes'].shape[1]} Lanczos steps" if runs > 0 else "")
             + f"; {products} products in {out['seconds']:.1f} s")
         if self.jack:

@@ -124,6 +124,9 @@ def store_target(path: str, job: Job, explicit: bool, what: str = "the Hessian")
         model = raw.get("model") or {}
         same = not theirs and model.get("name", "cnn") == job.model.name and (model.get("args") or {}) == job.model.args
     if not same:
+        if ck and not os.path.exists(ck):  # (a typo, most likely: this job would train a new model there)
+            raise UserError(f"{job.source}: key 'model.checkpoint': {ck} does not exist, so {what} would be of a "
+                            f"model trained anew, not of the one {path} is a surface of")
         raise UserError(f"{path} is a surface of another model or checkpoint than {job.source}'s; {what} of "
                         "this job is not stored there (give --out a surface of this job)")
     return path

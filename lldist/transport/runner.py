@@ -319,7 +319,9 @@ def launch() -> Context:
     try:
         from mpi4py import MPI
     except ImportError as e:
-        raise UserError(f"started by an MPI launcher but mpi4py cannot be imported ({e}); pip install mpi4py")
+        raise UserError(f"started by an MPI launcher but mpi4py cannot be imported ({e}): pip install "
+                        "'lldist[mpich]' (mpi4py with MPICH's wheel: launch with its mpiexec, in the same environment), "
+                        "or pip install mpi4py built against your system's MPI")
     comm = MPI.COMM_WORLD
     if expected and comm.Get_size() != expected:
         # the classic trap: each process comes up as a singleton rank 0 of 1 and would

@@ -18,7 +18,9 @@ def import_object(spec: str, what: str):
     try:
         mod = importlib.import_module(module)
     except ImportError as e:
-        raise UserError(f"{what} {spec}: cannot import module {module!r}: {e}")
+        missing = isinstance(e, ModuleNotFoundError) and e.name == module.split(".")[0]
+        raise UserError(f"{what} {spec}: cannot import module {module!r}: {e}"
+                        + ("; is its folder on PYTHONPATH? (PYTHONPATH=. python -m lldist...)" if missing else ""))
     fn = getattr(mod, name, None)
     if not callable(fn):
         raise UserError(f"{what} {spec}: module {module!r} has no callable {name!r}")
