@@ -328,16 +328,27 @@ def test_connects_checkpoints_record_their_ends_relative_to_the_folder(workdir):
 
 # ----------------------------------------------------------------------------- 10. tied weights in shard groups
 
-def test_shard_groups_refuse_tied_weights_before_any_file(workdir):
-    """FSDP's raw message and an MPI_Abort line, after out.h5 was made: now one line, exit 2."""
+def test_shard_groups_shard_tied_weights_to_one_process_numbers(workdir):
+    """FSDP's raw message and an MPI_Abort line, after out.h5 was made: now a module that shares
+    its parameter with another is left to the root's unit, and the shard group's numbers are one
+    process's (the planted model's children are the embedding, a layer and the tied output)."""
+    from lldist.evaluation.groups import blocks
+    from userfactories import tied_lm
+    model = tied_lm()
+    assert blocks(model) == [model.mix]  # the two users of the tied weight stay with the root
     job = write_job(workdir / "job.yaml", train=None,
                     model={"name": "python:userfactories:tied_lm", "checkpoint": None, "args": {}},
                     data={"name": "python:userfactories:blobs", "subset": None},
-                    eval={"split": "test", "batch_size": 30, "group_size": 2, "group_mode": "shard", "threads": 1})
-    p = run([mpiexec(), "-n", "2", sys.executable, "-m", "lldist.surface", job], workdir, check=False)
-    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
-    assert p.returncode == 2 and len(lines) == 1 and "tied weights" in lines[0], p.stderr
-    assert not os.path.exists("out.h5")
+                    eval={"split": "test", "batch_size": 30, "threads": 1})
+    run(["lldist.surface", job, "--out", "one.h5", "--progress-every", "0"], workdir)
+    p = run([mpiexec(), "-n", "2", sys.executable, "-m", "lldist.surface", job, "--out", "shard.h5", "--set",
+             "eval.group_size=2", "--set", "eval.group_mode=shard", "--progress-every", "0"], workdir, check=False)
+    assert p.returncode == 0, p.stderr
+    with h5py.File("one.h5", "r") as a, h5py.File("shard.h5", "r") as b:
+        for q in ("loss", "acc"):
+            x, y = a[f"test/{q}"][...], b[f"test/{q}"][...]
+            assert np.isfinite(x).all()
+            np.testing.assert_allclose(y, x, rtol=1e-6, atol=0, err_msg=q)
 
 
 # ----------------------------------------------------------------------------- 12, 13. damaged and partial files

@@ -75,13 +75,28 @@ def init_process_group(g: GroupSpec, bcast, device: str) -> None:
 def blocks(model: nn.Module) -> list:
     """The modules sharded on their own before the root (each gathered for its own forward):
     HuggingFace's blocks where the model names them (_no_split_modules: GPT2Block, BertLayer),
-    else every direct child that holds parameters."""
+    else every direct child that holds parameters. A module holding a parameter that is also
+    used outside it (an output layer tied to its embedding) is left to the root's unit: FSDP2
+    shards a parameter once, for the unit that owns it, so both users must be in that unit."""
     names = set(getattr(model, "_no_split_modules", None) or ())
-    if names:
-        found = [m for m in model.modules() if type(m).__name__ in names]
-        if found:
-            return found
-    return [m for m in model.children() if any(True for _ in m.parameters())]
+    found = [m for m in model.modules() if type(m).__name__ in names] if names else []
+    if not found:
+        found = [m for m in model.children() if any(True for _ in m.parameters())]
+    uses = _uses(model)
+    return [m for m in found if all(uses[id(p)] == n for p, n in _counted(m))]
+
+
+def _counted(module: nn.Module) -> list:
+    """Each parameter of a module with the number of places it appears in it."""
+    count, first = {}, {}
+    for _, p in module.named_parameters(remove_duplicate=False):
+        count[id(p)] = count.get(id(p), 0) + 1
+        first.setdefault(id(p), p)
+    return [(first[i], n) for i, n in count.items()]
+
+
+def _uses(model: nn.Module) -> dict:
+    return {id(p): n for p, n in _counted(model)}
 
 
 def shard_model(model: nn.Module, g: GroupSpec, device: str) -> nn.Module:
@@ -94,17 +109,6 @@ def shard_model(model: nn.Module, g: GroupSpec, device: str) -> nn.Module:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
-
-
-def tied_parameters(model: nn.Module) -> list:
-    """The names under which a parameter appears a second time (a language model's output layer
-    tied to its embedding): FSDP2 cannot shard one parameter for two modules."""
-    seen, tied = set(), []
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:
-            tied.append(name)
-        seen.add(id(p))
-    return tied
 
 
 def sharded_modules(model: nn.Module) -> list:

@@ -34,7 +34,7 @@ from ..inputs import identity
 from ..config import Job
 from ..errors import UserError
 from ..evaluation.evaluator import Evaluator, device_for_rank
-from ..evaluation.groups import GroupSpec, all_reduce_sum, init_process_group, shard_rows, tied_parameters
+from ..evaluation.groups import GroupSpec, all_reduce_sum, init_process_group, shard_rows
 from ..evaluation.tasks import Task
 from ..cells.grid import Grid, auto_chunk_size
 from ..directions import kinds
@@ -151,10 +151,6 @@ class SurfaceRun:
         ensure_checkpoint(job, self.should_stop, log)
         loaded = self.source.load(job)
         task = self.source.make_task(job)
-        tied = tied_parameters(loaded.model) if k > 1 and job.eval.group_mode == "shard" else []
-        if tied:
-            raise UserError(f"{job.source}: key 'eval.group_mode: shard' cannot shard a parameter that two modules "
-                            f"share ({', '.join(tied[:3])}: tied weights) yet; use group_mode: data")
         # the loss, metrics and outputs tried on two examples, before any file exists
         for data in loaded.splits.values():
             task.check(loaded.model, next(iter(data.batches(2))), getattr(data, "num_classes", 0))
