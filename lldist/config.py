@@ -306,6 +306,24 @@ def effective_raw(text: str, source: str) -> dict:
     return raw
 
 
+def differences(text_a: str, text_b: str, source: str = "<job>") -> list:
+    """What two stored job texts set differently, as "key: a -> b" (keys of the mapping, nested
+    ones by their dots; where the output goes and the job's name left out)."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in (d or {}).items():
+            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+        return out
+    try:
+        a, b = flat(effective_raw(text_a, source)), flat(effective_raw(text_b, source))
+    except (UserError, ValueError, TypeError):  # an unreadable stored text: nothing to say
+        return []
+    first = ("grid.", "directions.", "data.", "model.", "eval.")  # the keys a job's identity is made of
+    keys = sorted((k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in ("output", "name")),
+                  key=lambda k: (next((i for i, p in enumerate(first) if k.startswith(p)), len(first)), k))
+    return [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in keys]
+
+
 def job_from_dict(raw: dict, source: str, text: Optional[str] = None) -> Job:
     """A validated Job from a mapping (a parsed job file, or a study's variant)."""
     job = _build(Job, raw, "", source)

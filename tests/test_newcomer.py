@@ -266,3 +266,14 @@ def test_small_frictions_get_their_one_line(workdir, capsys):
         code = run_cli(main, argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert code == 2 and len(err) == 1 and expect in err[0], err
+
+
+def test_a_rerun_refused_as_another_job_names_what_differs(workdir, capsys):
+    """A PCA rerun with a wider grid was refused as "made by a different job", nothing more."""
+    from lldist import surface
+    from lldist.errors import run_cli
+    job = write_job(workdir / "job.yaml", grid={"x": [-1, 1, 3], "y": None})
+    run(["lldist.surface", job], workdir)
+    code = run_cli(surface.main, [job, "--set", "grid.x=[-2,2,5]"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "grid.x: [-1, 1, 3] -> [-2, 2, 5]" in err[0], err

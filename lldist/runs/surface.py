@@ -147,7 +147,7 @@ class SurfaceRun:
                             f"launch a multiple of {k} (mpirun -n {k * max(1, self.ctx.size // k)} ...)")
         self.threads = set_threads(job, self.ctx.cpus)  # before training, which uses them too
         # an output this job may not write is refused now, not after an hour of training
-        self.output.refuse_foreign(identity.config(job), self.options.overwrite)
+        self.output.refuse_foreign(identity.config(job), self.options.overwrite, job.text)
         ensure_checkpoint(job, self.should_stop, log)
         loaded = self.source.load(job)
         task = self.source.make_task(job)

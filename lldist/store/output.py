@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import h5py
 
 from ..cells.grid import Grid
-from ..config import Job
+from ..config import Job, differences
 from ..directions.record import Directions
 from ..errors import UserError
 from .layout import DEFAULT_QUANTITIES, FORMAT_VERSION, RESUMABLE, now_iso
@@ -122,11 +122,11 @@ class Output:
         try:
             with SurfaceReader(self.path) as sf:
                 return {"config": sf.attr("job_config_hash", ""), "job": sf.attr("job_hash", ""),
-                        "version": sf.version, "source": sf.attr("job_source", "?")}
+                        "version": sf.version, "source": sf.attr("job_source", "?"), "text": sf.job_yaml()}
         except UserError as e:
             return {"foreign": str(e)}
 
-    def refuse_foreign(self, config_hash: str, overwrite: bool) -> None:
+    def refuse_foreign(self, config_hash: str, overwrite: bool, job_text: str = "") -> None:
         """Refuse an output this job may not write. Anything that is not an lldist surface is
         never touched, --overwrite or not (it may be the job's own checkpoint or job file given
         as --out). Without --overwrite, a surface made by another job configuration, or by an
@@ -145,8 +145,10 @@ class Output:
             raise UserError(f"output {self.path} has format version {e['version']}, this lldist writes "
                             f"{FORMAT_VERSION} ({why}); use --out for a new file or --overwrite to replace it")
         if e["config"] and e["config"] != config_hash:
-            raise UserError(f"output {self.path} was made by a different job ({e['source']}); use --out for a "
-                            "new file or --overwrite to replace it")
+            changed = differences(e["text"], job_text) if job_text else []
+            raise UserError(f"output {self.path} was made by a different job ({e['source']}"
+                            + (f"; {', '.join(changed[:3])}{' ...' if len(changed) > 3 else ''}" if changed else "")
+                            + "); use --out for a new file or --overwrite to replace it")
 
     def open(self, job: Job, hashes: dict, grid: Grid, make_dirs: Callable[[], Directions], meta: dict,
              overwrite: bool = False, quantities: Optional[dict] = None,
@@ -156,7 +158,7 @@ class Output:
         as it was, its run count included). A new file (also with --overwrite) is written beside
         the old under a temporary name and renamed over it only once it is complete: a run that
         fails before then leaves the old file as it was."""
-        self.refuse_foreign(hashes["config"], overwrite)
+        self.refuse_foreign(hashes["config"], overwrite, job.text)
         e = self.existing
         if e is not None and not overwrite:
             if e["job"] != hashes["job"]:
