@@ -1,43 +1,43 @@
-"""lldist from Python, start to end: train two small models, compute their landscapes, plot
-and compare them. Runs as a script (the tests execute it) or cell by cell in a notebook.
+"""lldist from Python, start to end, on its public face only: train two small models, compute
+their landscapes, the Hessian at each minimum and the sharpness measures, and compare them.
+Runs as a script (the tests execute it) or cell by cell in a notebook (docs/notebook.ipynb is
+the same in Jupyter's form).
 
     python docs/walkthrough.py [OUT_DIR]          # about a minute on 2 CPU cores
 
 The question is the field's usual one: does a smaller training batch end in a flatter place?
 Two copies of one MLP are trained on scikit-learn's bundled digits with Adam, batch 16 and
-batch 512, the same number of epochs; each gets a 21x21 filter-normalized landscape.
+batch 512, the same number of epochs; each gets a 21x21 filter-normalized landscape, the top
+Hessian eigenvalues of its train loss and its sharpness measures.
 """
 
 import os
 import sys
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+import torch.nn.functional as F
+from matplotlib.colors import LogNorm
+from sklearn.datasets import load_digits
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import lldist  # noqa: E402
-from lldist.config import DataConfig  # noqa: E402
-from lldist.cells.levels import labelled, round_levels  # noqa: E402
-from lldist.workloads.data import load_split  # noqa: E402
-from lldist.analysis.metrics import compute  # noqa: E402
+import lldist
 
 out = sys.argv[1] if len(sys.argv) > 1 else "runs/walkthrough"
 os.makedirs(out, exist_ok=True)
 torch.set_num_threads(1)
 
 # --- data: (x, y) tensors are all lldist needs (a DataLoader or dict batches work too)
-train, test = load_split(DataConfig(), "train"), load_split(DataConfig(), "test")
-x_train, y_train = train.normalize(train.x), train.y
-x_test, y_test = test.normalize(test.x), test.y
+digits = load_digits()
+x = torch.tensor(digits.data, dtype=torch.float32)
+x = (x - x[:1437].mean(0)) / (x[:1437].std(0) + 1e-6)  # standardized by the train split's statistics
+y = torch.tensor(digits.target)
+x_train, y_train, x_test, y_test = x[:1437], y[:1437], x[1437:], y[1437:]
 
 
 def mlp():
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
 
 
 def fit(model, batch, epochs=15):
@@ -54,36 +54,38 @@ def fit(model, batch, epochs=15):
     return model.eval()
 
 
-# --- two landscapes: the same call for any nn.Module and data
-landscapes = {}
+# --- per model: a landscape, the Hessian at θ* and the sharpness measures, each one call
+landscapes, hessians, sharpness = {}, {}, {}
 for batch in (16, 512):
     model = fit(mlp(), batch)
-    landscapes[batch] = lldist.landscape(model, (x_test, y_test), x=(-1, 1, 21), y=(-1, 1, 21),
-                                         out=os.path.join(out, f"batch{batch}.h5"), batch_size=360)
-    ls = landscapes[batch]
-    print(f"batch {batch}: test loss at theta* {ls.loss[10, 10]:.4f}, accuracy {ls.acc[10, 10]:.3f}")
+    ls = landscapes[batch] = lldist.landscape(model, (x_test, y_test), x=(-1, 1, 21), y=(-1, 1, 21),
+                                              out=os.path.join(out, f"batch{batch}.h5"), batch_size=360)
+    hessians[batch] = lldist.curvature(model, (x_train, y_train), top=3, trace_samples=16, out=ls.path.replace(
+        ".h5", "_at_theta.h5"))
+    sharpness[batch] = lldist.sharpness_measures(model, (x_train, y_train), examples=512, draws=8)
+    print(f"batch {batch}: test loss at theta* {ls.loss[10, 10]:.4f}, accuracy {ls.acc[10, 10]:.3f}, "
+          f"Hessian lambda_max {hessians[batch].lambda_max:.3g}, worst-case l2 sharpness {sharpness[batch].worst_2:.3g}")
 
 # --- plot: ls.plot() gives the command line's contour figure
 fig = landscapes[16].plot()
 fig.savefig(os.path.join(out, "walkthrough_contours.png"), dpi=100, bbox_inches="tight")
 plt.close(fig)
 
-# --- compare: one colour scale, the same levels; and the landscape metrics
+# --- compare: one colour scale, the same levels; the landscape's own metrics in the titles
 lo = min(np.nanmin(ls.loss) for ls in landscapes.values())
 hi = max(np.nanmax(ls.loss) for ls in landscapes.values())
-levels = round_levels(lo, hi, 25, geometric=True)  # round values (0.1, 0.15, 0.2, ...), as lldist.plot's
-lo, hi = levels[0], levels[-1]
+levels = np.geomspace(lo, hi, 25)
 fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharey=True)
 for ax, (batch, ls) in zip(axes, landscapes.items()):
-    cs = ax.contourf(ls.x, ls.y, ls.loss, levels=levels, norm=matplotlib.colors.LogNorm(lo, hi))
+    cs = ax.contourf(ls.x, ls.y, ls.loss, levels=levels, norm=LogNorm(lo, hi))
     ax.plot([0], [0], "r+")
-    m, _ = compute(ls.loss, ls.acc, ls.x, ls.y)
-    ax.set_title(f"batch {batch}: rise within r=0.5 {m['mean_rise_r0.5']:.3f}, roughness {m['roughness']:.3f}",
-                 fontsize=8)
-    ax.set_xlabel("alpha")
-axes[0].set_ylabel("beta")
+    m = ls.metrics()
+    ax.set_title(f"batch {batch}: rise within r=0.5 {m['mean_rise_r0.5']:.3f}, "
+                 f"λmax {hessians[batch].lambda_max:.3g}", fontsize=8)
+    ax.set_xlabel("α")
+axes[0].set_ylabel("β")
 bar = fig.colorbar(cs, ax=axes.ravel().tolist(), label="test loss")
-ticks = labelled(levels, geometric=True)  # ticks at 1, 2, 5 x 10^k, written plainly
+ticks = [t for t in (0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50) if lo <= t <= hi]
 bar.set_ticks(ticks, labels=[f"{t:g}" for t in ticks])
 bar.minorticks_off()
 fig.savefig(os.path.join(out, "walkthrough_compare.png"), dpi=100, bbox_inches="tight")

@@ -6,7 +6,9 @@
 
     import lldist                         # from Python, any model, data and loss
     ls = lldist.landscape(model, data, x=(-1, 1, 51), y=(-1, 1, 51))
-    ls.loss, ls.acc, ls.plot(); lldist.open("out.h5")
+    ls.loss, ls.acc, ls.plot(), ls.metrics(); lldist.open("out.h5")
+    h = lldist.curvature(model, data, top=3)          # the Hessian at θ*: lambda_max, trace, density
+    s = lldist.sharpness_measures(model, data)        # worst/average adaptive, SAM, PAC-Bayes
 
 At the top: this face, the commands (surface, plot, train, study, hessian, sharpness, connect,
 metrics, info, bench), config, errors and version. Below, one room per concern: runs/ (what
@@ -31,19 +33,24 @@ from .errors import UserError  # noqa: E402,F401 - a ValueError: what lldist rai
 from .version import __version__  # noqa: E402,F401
 
 
-def landscape(model, data, **kwargs):
-    """lldist.api.landscape: a loss landscape of any model, from Python (see lldist/api.py)."""
-    from .api import landscape as _landscape
-    return _landscape(model, data, **kwargs)
+# The face, imported on first use (PEP 562): `import lldist` stays light (the commands that draw
+# import no torch), and lldist.landscape is the function itself, so help() and a notebook's
+# Shift-Tab show its real signature. None of these names is a submodule's: importing
+# lldist.hessian binds the module on the package, which would replace a function of that name.
+_FACE = {"landscape": "lldist.api", "open": "lldist.api", "curvature": "lldist.api",
+        "sharpness_measures": "lldist.api", "Landscape": "lldist.api", "Curvature": "lldist.api",
+        "Sharpness": "lldist.api", "Recorder": "lldist.inputs.recorder"}
+__all__ = ["UserError", "__version__", *_FACE]
 
 
-def open(path):  # noqa: A001 - lldist.open(path), beside the builtin it shadows only here
-    """lldist.api.open: the landscape stored in an lldist file, complete or not."""
-    from .api import open as _open
-    return _open(path)
+def __getattr__(name: str):
+    if name in _FACE:
+        import importlib
+        value = getattr(importlib.import_module(_FACE[name]), name)
+        globals()[name] = value  # once: the next use is a plain attribute
+        return value
+    raise AttributeError(f"module 'lldist' has no attribute {name!r}")
 
 
-def Recorder(path, every=1, unit="step"):  # noqa: N802 - lldist.Recorder, a class to its users
-    """lldist.inputs.recorder.Recorder: your own training loop's checkpoint series, as pca reads it."""
-    from .inputs.recorder import Recorder as _Recorder
-    return _Recorder(path, every, unit)
+def __dir__():
+    return sorted(set(globals()) | set(_FACE))

@@ -448,6 +448,33 @@ def figure_density(c: dict, name: str, split: str):
 OPERATOR_LABEL = {"hessian": "Hessian", "ggn": "Gauss-Newton", "fisher": "empirical Fisher"}
 
 
+def figure_eigenvalues(c: dict, name: str, split: str):
+    """The top eigenvalues at theta* by rank (and the smallest, where computed), on a log
+    scale when all are positive: the figure of a curvature without a density or blocks."""
+    top = np.asarray(c.get("top_eigenvalues", []), dtype=float)
+    if not len(top):
+        return None
+    op = OPERATOR_LABEL.get(c.get("operator", "hessian"), "Hessian")
+    fig, ax = plt.subplots(figsize=(4.8, 3.2))
+    k = np.arange(1, len(top) + 1)
+    ax.plot(k, top, "o-", lw=1, ms=4, label="largest (Lanczos)")
+    se = c.get("lambda_max_se")
+    if se is not None and np.isfinite(se):
+        ax.errorbar([1], [top[0]], yerr=[se], color="tab:blue", capsize=3, lw=0.8)
+    lo = c.get("lambda_min")
+    if lo is not None and np.isfinite(lo):
+        ax.axhline(lo, color="tab:red", lw=0.8, ls="--", label=f"smallest {_number(lo)}")
+    if (top > 0).all() and (lo is None or not np.isfinite(lo) or lo > 0):
+        ax.set_yscale("log")
+    ax.set_xticks(k)
+    ax.set_xlabel("rank")
+    ax.set_ylabel(f"{op} eigenvalue")
+    ax.legend(fontsize=7)
+    ax.set_title(f"{name}: {split} {op} at θ* ({c.get('batches')} batches)", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
 def figure_blocks(c: dict, name: str, split: str):
     """Per-block curvature at θ* (curvature.blocks): the top eigenvalue and the trace of each
     block's sub-matrix, as horizontal bars on log scales (blocks differ by orders of magnitude),
@@ -484,6 +511,20 @@ def figure_blocks(c: dict, name: str, split: str):
     axes[0].set_yticklabels(labels)
     fig.suptitle(f"{name}: {split} {op} per block at θ* ({c.get('batches')} batches)", fontsize=9)
     fig.tight_layout()
+    return fig
+
+
+def for_caller(fig, dpi: Optional[int]):
+    """A figure for the caller: at `dpi`, and, in a notebook (the inline backend), closed, so
+    that the cell shows it once, as the value it returns, not a second time as an open figure."""
+    if fig is None:
+        return None
+    if dpi is not None:
+        if isinstance(dpi, bool) or not isinstance(dpi, (int, float)) or dpi <= 0:
+            raise ValueError(f"dpi must be a positive number, got {dpi!r}")
+        fig.set_dpi(dpi)
+    if "inline" in matplotlib.get_backend():
+        plt.close(fig)
     return fig
 
 

@@ -43,7 +43,7 @@ class AtOptimum:
     block's, and the jackknife's (the whole model's without each batch), all sharing one set of
     products' bookkeeping (`watch`, `spread`). Built on every rank: the others serve products."""
 
-    def __init__(self, job: Job, spread=None, log=print, should_stop=lambda: None):
+    def __init__(self, job: Job, spread=None, log=print, should_stop=lambda: None, source: Optional[Source] = None):
         self.job, self.settings, self.log = job, job.curvature, log
         self.driver = spread is None or spread.rank == 0
         s = self.settings
@@ -52,13 +52,14 @@ class AtOptimum:
         self.split = s.split or job.splits[0]
         if self.split not in job.splits:
             job = dataclasses.replace(job, eval=dataclasses.replace(job.eval, split=self.split))
-        loaded = Source().load(job)
+        source = source or Source()  # (a model and data given from Python: lldist.curvature)
+        loaded = source.load(job)
         self.batch_size = job.eval.batch_size if job.eval.batch_size != "auto" else 256
         chosen = first_batches(loaded.splits[self.split], self.batch_size, s.batches)
         op = s.operator
         self.what = f"{op if op != 'hessian' else 'Hessian'} at theta* of {job.name}"
         self.watch = Watch(self.what, should_stop, log) if self.driver else None
-        task = Source().make_task(job)
+        task = source.make_task(job)
 
         def operator(batches, key, names=None, guard=None):
             return Curvature(loaded.model, batches, task, watch=self.watch, operator=op, names=names, spread=spread,
@@ -158,12 +159,13 @@ class AtOptimum:
                  "batches: " + ", ".join(f"{v:.5g}" for v in each) + ")")
 
 
-def compute(job: Job, spread=None, log=print, should_stop=lambda: None) -> Optional[dict]:
+def compute(job: Job, spread=None, log=print, should_stop=lambda: None, source: Optional[Source] = None) -> Optional[dict]:
     """Curvature at θ* of the job's model with its `curvature:` settings (see the module
     docstring); runs where the job's data and checkpoint are, which must exist (runs.optimum's
     `ready` trains a missing one). `should_stop` is asked after every product: a signal ends it
-    within one, with errors.Stopped; progress is logged every 10 s."""
-    at = AtOptimum(job, spread, log, should_stop)
+    within one, with errors.Stopped; progress is logged every 10 s. `source`: where the model and
+    data come from (the job's files by default)."""
+    at = AtOptimum(job, spread, log, should_stop, source)
     if not at.driver:
         at.serve(spread)
         return None
@@ -176,13 +178,16 @@ def compute(job: Job, spread=None, log=print, should_stop=lambda: None) -> Optio
 
 def held(path: str, job: Job) -> bool:
     """Whether the surface holds the curvature these settings ask for (a study resumes): the same
-    batches and trace samples, at least as many eigenvalues, the same blocks."""
+    batches and trace samples, at least as many eigenvalues, the same blocks, and the smallest
+    eigenvalue, the density and the jackknife where they are asked for."""
     s = job.curvature
     with SurfaceReader(path) as sf:
         old = sf.curvature(operator=s.operator).get(s.split, {})
     # a small split may hold fewer batches than asked: compare what was asked
     return old.get("batches_requested") == s.batches and old.get("trace_samples") == s.trace_samples and \
-        len(old.get("top_eigenvalues", [])) >= s.top and old.get("blocks_spec", None) == s.blocks
+        len(old.get("top_eigenvalues", [])) >= s.top and old.get("blocks_spec", None) == s.blocks and \
+        (not s.smallest or np.isfinite(old.get("lambda_min", np.nan))) and \
+        (not s.density or "density_nodes" in old) and (not s.jackknife or "lambda_max_se" in old or old["batches"] < 2)
 
 
 HESSIAN = Measure("the Hessian", "curvature", compute, write_curvature, held)

@@ -42,7 +42,7 @@ class Measure:
     """One computation at θ*: how every rank computes it, and how its file keeps it."""
     what: str  # "the Hessian", "the sharpness": for messages
     group: str  # the file's group it goes under: "curvature" | "sharpness"
-    compute: Callable  # (job, spread, log, should_stop) -> the result (a dict) on rank 0, None or it elsewhere
+    compute: Callable  # (job, spread, log, should_stop, source) -> the result (a dict) on rank 0, None or it elsewhere
     write: Callable  # the store's writer: (path, result) -> its key under `group`
     held: Callable  # (path, job) -> whether the file holds it with the job's settings
     check: Callable = lambda job: None  # (job): refuse settings it cannot take, before any training
@@ -133,12 +133,12 @@ def store_target(path: str, job: Job, explicit: bool, what: str = "the Hessian")
 
 
 def compute(job: Job, m: Measure, spread: Optional[runner.Spread] = None, say=log,
-            should_stop=lambda: None) -> Optional[dict]:
+            should_stop=lambda: None, source=None) -> Optional[dict]:
     """`m` at the job's θ* with every rank of `spread` (collective), or alone: rank 0 returns the
-    result."""
+    result. `source` (inputs.loading.Source): a model and data given from Python."""
     m.check(job)
     driver = ready(job, spread, should_stop, say if spread is None or spread.rank == 0 else quiet)
-    return m.compute(job, spread, say if driver else quiet, should_stop)
+    return m.compute(job, spread, say if driver else quiet, should_stop, source)
 
 
 def measure_and_store(ctx: runner.Context, job: Job, m: Measure, out: Optional[str] = None) -> int:
@@ -146,8 +146,10 @@ def measure_and_store(ctx: runner.Context, job: Job, m: Measure, out: Optional[s
     rank, stored in `out` or the job's output when that is a surface of this job (refused before
     any work when it is not; not stored when the job's output does not exist yet). Rank 0 says
     what it found and where it went. Returns the exit status."""
+    from .surface import set_threads
     driver = ctx.rank == 0
     should_stop = runner.install_sigterm() if driver else (lambda: None)
+    set_threads(job, ctx.cpus)  # eval.threads, as the surface takes it
     spread = spread_over(ctx, m.what)
     with together(spread):
         path = store_target(out or job.output, job, explicit=bool(out), what=m.what) if driver else None

@@ -48,17 +48,17 @@ def check(job) -> None:
                         "SAM's groups are taken within batches")
 
 
-def compute(job, spread=None, log=print, should_stop=lambda: None) -> dict:
+def compute(job, spread=None, log=print, should_stop=lambda: None, source=None) -> dict:
     """Every sharpness measure at θ* of the job's model, whose checkpoint must exist (runs.optimum's
     `ready` trains a missing one). Every rank calls it (with `spread`); each returns the same dict,
-    rank 0 says it."""
+    rank 0 says it. `source`: where the model and data come from (the job's files by default)."""
     import torch
 
     from ..evaluation.evaluator import device_for_rank
     cfg = job.sharpness
     bs = job.eval.batch_size if job.eval.batch_size != "auto" else 256
     job = dataclasses.replace(job, eval=dataclasses.replace(job.eval, split=cfg.split))  # load that split
-    src = Source()
+    src = source or Source()
     loaded = src.load(job)
     device = device_for_rank(spread.ctx.local_rank if spread is not None else 0, job.eval.device)
     model = loaded.model.to(device)
