@@ -158,6 +158,19 @@ class Axis:
     num: int
 
 
+AUTO_NUM = 31  # cells per axis of an automatic grid
+
+
+@dataclass(frozen=True)
+class AutoAxis(Axis):
+    """`grid.x: auto` (and the default of a pca job that gives no grid): an axis that covers
+    the PCA trajectory's coordinates, with a margin, decided once the trajectory is read
+    (directions/pca.py's covering, before the job's identity is taken)."""
+    min: float = math.nan
+    max: float = math.nan
+    num: int = AUTO_NUM
+
+
 @dataclass(frozen=True)
 class AdaptiveConfig:
     """Compute a coarse lattice, then only the cells the contour picture needs (lldist/cells/schedule.py)."""
@@ -273,6 +286,11 @@ class Job:
     def ndim(self) -> int:
         return 1 if self.grid.y is None else 2
 
+    @property
+    def grid_auto(self) -> bool:
+        """Whether an axis is `auto` (made numbers by directions/kinds.resolved)."""
+        return isinstance(self.grid.x, AutoAxis) or isinstance(self.grid.y, AutoAxis)
+
 
 # ----------------------------------------------------------------------------- loading
 
@@ -328,6 +346,8 @@ def job_from_dict(raw: dict, source: str, text: Optional[str] = None) -> Job:
     """A validated Job from a mapping (a parsed job file, or a study's variant)."""
     job = _build(Job, raw, "", source)
     d = job.directions
+    if d.kind == "pca" and "grid" not in raw:  # a trajectory's extent is not [-1, 1]: the grid covers it
+        job = dataclasses.replace(job, grid=dataclasses.replace(job.grid, x=AutoAxis(), y=AutoAxis()))
     if d.kind in ("plane", "curve") and isinstance(d.points, list) and d.points and job.model.checkpoint is None:
         # a plane's origin and a curve's start are the first point: the model's theta*
         job = dataclasses.replace(job, model=dataclasses.replace(job.model, checkpoint=d.points[0]))
@@ -393,6 +413,8 @@ def _coerce(value: Any, t, key: str, path: str):
                 pass  # the next type may take it; the message below names them all
         wanted = " or ".join(_typename(a) for a in args if a is not type(None))
         raise UserError(f"{path}: key '{key}' must be {wanted}, got {value!r}")
+    if t is Axis and value == "auto":
+        return AutoAxis()
     if t is Axis:
         if (not isinstance(value, (list, tuple)) or len(value) != 3
                 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
@@ -634,7 +656,7 @@ def _check_data(d: DataConfig, p: str) -> None:
 
 def _check_grid(g: GridConfig, p: str) -> None:
     for key, ax in (("grid.x", g.x), ("grid.y", g.y)):
-        if ax is None:
+        if ax is None or isinstance(ax, AutoAxis):
             continue
         if ax.num < 1:
             raise UserError(f"{p}: key '{key}': num must be at least 1 (empty grid), got {ax.num}")
@@ -665,6 +687,10 @@ def _check_grid(g: GridConfig, p: str) -> None:
 def _check_directions(job: Job, p: str) -> None:
     dr, e = job.directions, job.eval
     _choice(dr.kind, DIRECTION_KINDS, "directions.kind", p)
+    auto = [k for k, a in (("grid.x", job.grid.x), ("grid.y", job.grid.y)) if isinstance(a, AutoAxis)]
+    if auto and dr.kind != "pca":
+        raise UserError(f"{p}: key '{auto[0]}: auto' covers a training trajectory: it is for directions.kind: pca "
+                        "(give [min, max, num])")
     if dr.target and dr.kind not in ("random", "target"):
         raise UserError(f"{p}: key 'directions.target' is for kind: target, not {dr.kind}")
     if dr.kind == "target" and not dr.target:

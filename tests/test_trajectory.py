@@ -59,3 +59,35 @@ def test_the_plot_marks_checkpoints_the_plane_holds_poorly():
     fig = figures.figure_trajectory(figures.drawable(s), "test", figures.PlotOptions())
     marked = [ln for ln in fig.axes[0].get_lines() if "under 50%" in ln.get_label()]
     assert len(marked) == 1 and list(marked[0].get_xdata()) == [0.2]
+
+
+def test_a_pca_job_without_a_grid_covers_its_trajectory(workdir):
+    """A pca job's default grid was [-1, 1] while its trajectory spanned [-7, 2]: without a grid
+    (or with grid.x: auto) the grid covers the trajectory and θ*, with a margin, and a rerun
+    resumes the same file."""
+    import yaml
+    job = write_job(workdir / "job.yaml", train={"epochs": 5, "lr": 0.01, "batch_size": 32, "seed": 0},
+                    directions={"kind": "pca"})
+    raw = yaml.safe_load(open(job))
+    del raw["grid"]
+    yaml.safe_dump(raw, open(job, "w"))
+    run(["lldist.train", job], workdir)
+    p = run(["lldist.surface", job], workdir)
+    assert "grid.x: auto covers the trajectory" in p.stdout and "grid.y: auto covers" in p.stdout
+    with h5py.File("out.h5", "r") as f:
+        x, y, coords = f["x"][()], f["y"][()], f["trajectory"][()]
+    for axis, c in ((x, coords[:, 0]), (y, coords[:, 1])):
+        lo, hi = min(0.0, c.min()), max(0.0, c.max())
+        assert axis.size == 31 and axis[0] < lo and axis[-1] > hi
+        assert axis[-1] - axis[0] == pytest.approx(1.4 * (hi - lo), rel=1e-4)  # a fifth beyond each side
+    again = run(["lldist.surface", job], workdir)
+    assert "0 to compute" in again.stdout
+    bad = run(["lldist.surface", job, "--set", "directions.kind=random", "--set", "grid.x=auto"], workdir, check=False)
+    assert bad.returncode == 2 and "grid.x: auto" in bad.stderr and "pca" in bad.stderr
+
+
+def test_the_trajectory_is_numbered_by_what_its_checkpoints_count():
+    from lldist.analysis.figures import checkpoint_numbers
+    assert checkpoint_numbers(["m_epoch1.pt", "m_epoch3.pt"], 2) == (["1", "3"], "epochs")
+    assert checkpoint_numbers(["m_step50.pt", "m_step100.pt"], 2) == (["50", "100"], "steps")
+    assert checkpoint_numbers(["a.pt", "b.pt"], 2) == (["1", "2"], "checkpoints in training order")

@@ -1,8 +1,9 @@
 """Threads on a shared machine: a real surface run (python -m lldist.surface, one process) with
-lldist's default threads, with one thread, and with OpenMP's passive wait policy, on an idle
-machine and beside K processes spinning on every core.
+lldist's default threads (runs/threads.py: its share of the CPUs, fewer when other processes
+keep them busy), with fixed counts, and with OpenMP's wait policies, on an idle machine and
+beside K processes spinning.
 
-    python -m lldist.bench threads [--load 2] [--cells 15] [--rounds 2]
+    python -m lldist.bench threads [--load 2] [--cells 15] [--rounds 2] [--settings default "1 thread" ...]
 
 OpenMP threads that spin-wait are fast alone and slow when other processes want the cores: a
 spinning thread holds a core its sibling, or a neighbour, needs. What lldist should default
@@ -25,6 +26,7 @@ from .common import Busy, run_time
 SETTINGS = {  # name -> environment changes
     "default": {},
     "1 thread": {"OMP_NUM_THREADS": "1"},
+    "all CPUs": {"OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))},  # (lldist's default before it followed the load)
     "passive wait": {"OMP_WAIT_POLICY": "PASSIVE"},
     "active wait": {"OMP_WAIT_POLICY": "ACTIVE"},
     "spin 10k": {"GOMP_SPINCOUNT": "10000"},
@@ -81,5 +83,23 @@ def threads(args) -> list:
 
 def markdown(rows: list) -> str:
     head = "| load (spinning processes) | setting | cells/s (median) | rounds |\n|---|---|---|---|\n"
-    return head + "".join(f"| {r['load']} | {r['setting']} | {r['cells_s']:.2f} | "
-                          f"{', '.join(f'{x:.2f}' for x in r['rounds'])} |\n" for r in rows)
+    out = head + "".join(f"| {r['load']} | {r['setting']} | {r['cells_s']:.2f} | "
+                         f"{', '.join(f'{x:.2f}' for x in r['rounds'])} |\n" for r in rows)
+    return out + "\n" + verdict(rows)
+
+
+FIXED = ("1 thread", "all CPUs")  # the choices a user could fix instead of the default
+
+
+def verdict(rows: list) -> str:
+    """Per load: how much slower the default is than the best fixed thread count (the bar:
+    at most 1.3x)."""
+    lines = []
+    for load in sorted({r["load"] for r in rows}):
+        at = {r["setting"]: r["cells_s"] for r in rows if r["load"] == load}
+        fixed = {k: v for k, v in at.items() if k in FIXED}
+        if "default" in at and fixed:
+            best = max(fixed, key=fixed.get)
+            lines.append(f"* load {load}: the default is {fixed[best] / at['default']:.2f}x slower than the best fixed "
+                         f"choice ({best}, {fixed[best]:.2f} cells/s against {at['default']:.2f})")
+    return "\n".join(lines) + ("\n" if lines else "")

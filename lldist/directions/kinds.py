@@ -13,6 +13,7 @@ A kind is one module here (random, target, pca, hessian, file, plane, curve) wit
   Y_KIND                          (optional) what y is when not the kind itself (target: random)
   inputs(job) -> dict             (optional) the content of the files it reads, for the job's identity
   points(job, loaded) -> list     (optional) states evaluated apart from the grid (a plane's models)
+  covering(job, loaded, log)      (optional) the job with its grid.x/y: auto made numbers (pca)
 Adding a kind is its module, a line in KINDS and its keys in config.py.
 """
 
@@ -94,6 +95,13 @@ def inputs(job: Job) -> dict:
     """The identity entries of the files the job's kind reads (inputs/identity.py)."""
     hook = getattr(KINDS[kind_of(job)], "inputs", None)
     return hook(job) if hook else {}
+
+
+def resolved(job: Job, loaded, log=lambda m: None) -> Job:
+    """The job with an automatic grid (grid.x/y: auto) made numbers by its kind, before its
+    identity is taken; the job itself otherwise."""
+    hook = getattr(KINDS[kind_of(job)], "covering", None)
+    return hook(job, loaded, log) if hook else job
 
 
 def points(job: Job, loaded) -> Optional[list]:

@@ -6,11 +6,13 @@ each checkpoint.
     dirs, info, coords = pca_directions(theta, kinds, [theta_1, ..., theta_m])
     # dirs {"x", "y"}: unit vectors; info: explained variance ratios; coords: (m, 2)
     d = make(making)                                                     # the job's: Directions
+    job = covering(job, loaded)                                          # grid.x/y: auto made numbers
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import glob
 import os
 import re
@@ -143,9 +145,14 @@ def trajectory_fit(job, loaded, task, states: list, dirs: Directions, coords, lo
             "threshold": CAPTURED_WELL}
 
 
-def make(m) -> Directions:
+def _of(job, loaded) -> tuple:
+    """(files, states, dirs, info, coords) of the job's trajectory, computed once per loaded
+    model (`covering` needs the coordinates before the file exists, `make` the rest)."""
     from ..inputs.loading import checkpoint_state
-    job, loaded = m.job, m.loaded
+    key = (job.directions, job.model.checkpoint)
+    cached = getattr(loaded, "_pca", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
     files = trajectory_files(job)
     states = [checkpoint_state(job, loaded, f) for f in files]
     try:
@@ -154,6 +161,34 @@ def make(m) -> Directions:
                                             job.directions.center, selects)
     except ValueError as e:
         raise UserError(f"{job.source}: directions.kind: pca: {e}")
+    loaded._pca = (key, (files, states, dirs, info, coords))
+    return loaded._pca[1]
+
+
+MARGIN = 0.2  # an automatic grid reaches this share of the trajectory's extent beyond it
+
+
+def covering(job, loaded, log=lambda m: None):
+    """The job with each `auto` axis (config.AutoAxis) made the trajectory's extent on it, θ*
+    (0) included, widened by MARGIN on both sides; the job as it is without one."""
+    from ..config import Axis, AutoAxis
+    if not any(isinstance(a, AutoAxis) for a in (job.grid.x, job.grid.y)):
+        return job
+    coords = _of(job, loaded)[4]
+    axes = {}
+    for name, k in (("x", 0), ("y", 1)):
+        a = getattr(job.grid, name)
+        if isinstance(a, AutoAxis):
+            lo, hi = min(0.0, float(coords[:, k].min())), max(0.0, float(coords[:, k].max()))
+            pad = MARGIN * (hi - lo) or 1.0
+            axes[name] = Axis(round(lo - pad, 6), round(hi + pad, 6), a.num)
+            log(f"grid.{name}: auto covers the trajectory: [{axes[name].min:g}, {axes[name].max:g}, {a.num}]")
+    return dataclasses.replace(job, grid=dataclasses.replace(job.grid, **axes))
+
+
+def make(m) -> Directions:
+    job, loaded = m.job, m.loaded
+    files, states, dirs, info, coords = _of(job, loaded)
     m.log(f"pca of {len(files)} checkpoints: explained variance {info['explained_variance_ratio'][0]:.3f}, "
           f"{info['explained_variance_ratio'][1]:.3f}")
     info["checkpoints"] = [os.path.basename(f) for f in files]

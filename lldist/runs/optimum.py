@@ -146,7 +146,7 @@ def measure_and_store(ctx: runner.Context, job: Job, m: Measure, out: Optional[s
     rank, stored in `out` or the job's output when that is a surface of this job (refused before
     any work when it is not; not stored when the job's output does not exist yet). Rank 0 says
     what it found and where it went. Returns the exit status."""
-    from .surface import set_threads
+    from .threads import set_threads
     driver = ctx.rank == 0
     should_stop = runner.install_sigterm() if driver else (lambda: None)
     set_threads(job, ctx.cpus)  # eval.threads, as the surface takes it

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
-import torch
 
 from ..inputs import identity
 from ..config import Job
@@ -45,6 +44,7 @@ from ..store import Output
 from ..store.writer import check_room, size
 from ..transport import runner
 from ..transport.progress import Progress
+from .threads import automatic, set_threads, timed
 from .train import ensure_checkpoint
 from ..workloads import notes
 
@@ -67,16 +67,7 @@ class Payload:
     dirs: Directions  # as the file keeps them: arrays, or a recipe each rank regenerates
     batch_size: int
     cells_per_pass: int
-
-
-def set_threads(job: Job, cpus: int) -> int:
-    """CPU threads for torch: the job's eval.threads, else OMP_NUM_THREADS, else this rank's
-    share of the CPUs it may run on (runner.cpu_share). Returns the number chosen."""
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    n = job.eval.threads or (int(omp) if omp.isdigit() and int(omp) > 0 else 0) or cpus
-    if n:
-        torch.set_num_threads(n)
-    return torch.get_num_threads()
+    threads: int = 0  # the CPU threads chosen for this file when the job leaves them automatic (0: each rank's own)
 
 
 def available_memory() -> int:
@@ -145,12 +136,14 @@ class SurfaceRun:
         if k > 1 and (self.ctx.size % k or self.ctx.size < k):
             raise UserError(f"{job.source}: key 'eval.group_size' is {k}, but the run has {self.ctx.size} rank(s): "
                             f"launch a multiple of {k} (mpirun -n {k * max(1, self.ctx.size // k)} ...)")
-        self.threads = set_threads(job, self.ctx.cpus)  # before training, which uses them too
+        self.threads = set_threads(job, self.ctx.cpus, log)  # (training uses them too; timed on cells below)
         # an output this job may not write is refused now, not after an hour of training
-        self.output.refuse_foreign(identity.config(job), self.options.overwrite, job.text)
+        if not job.grid_auto:  # (an automatic grid's identity is known once the trajectory is read: below)
+            self.output.refuse_foreign(identity.config(job), self.options.overwrite, job.text)
         ensure_checkpoint(job, self.should_stop, log)
         loaded = self.source.load(job)
         task = self.source.make_task(job)
+        job = kinds.resolved(job, loaded, log)
         # the loss, metrics and outputs tried on two examples, before any file exists
         for data in loaded.splits.values():
             task.check(loaded.model, next(iter(data.batches(2))), getattr(data, "num_classes", 0))
@@ -178,12 +171,13 @@ class SurfaceRun:
         sf = self.writer = self.output.open(
             job, hashes, self.grid, lambda: self._directions(job, loaded, task, len(job.splits) * len(quantities)),
             meta, self.options.overwrite, quantities, check)
+        old_threads = sf.attr("eval_threads") if automatic(job) else None
         # every evaluation, first run or resume, uses the stored copy
         stored = kept["stored"] if kept else sf.read_directions()
         self.device = device_for_rank(self.ctx.local_rank, job.eval.device)
         if k > 1:  # rank 0 evaluates with its group: its evaluator is built with theirs (build)
             self.schedule = self._schedule(job)
-            return Payload(job, stored, job.eval.batch_size, 1)
+            return Payload(job, stored, job.eval.batch_size, 1, self._same_threads(job, sf, old_threads))
         # (regenerated here when the file keeps a recipe)
         dirs = kept["dirs"] if kept else kinds.materialize(stored, job, loaded)
         # rank 0 fixes the batch size and cells per pass for every rank: the last float bits
@@ -195,6 +189,10 @@ class SurfaceRun:
         if group == "auto" and sf.attr("eval_cells_per_pass") is not None:
             group = int(sf.attr("eval_cells_per_pass"))
         ev = self.evaluator = make_evaluator(job, loaded, dirs, self.device, batch, group, task)
+        if old_threads is None and automatic(job) and self.device == "cpu":  # a new file's count: timed on cells
+            self.threads = timed(lambda: ev.evaluate_cells([(0.0, 0.0)] * ev.cells_per_pass),
+                                 self.threads, log)
+        threads = self._same_threads(job, sf, old_threads)
         if not sf.points_done():  # kind plane: the three models, each from its own file, before the grid
             sf.write_points(np.stack([ev.evaluate_state(st) for st in kinds.points(job, loaded)]))
             log("the plane's three points evaluated from their own files")
@@ -202,7 +200,19 @@ class SurfaceRun:
         sf.set_attr("eval_cells_per_pass", ev.cells_per_pass)
         self.cells_per_pass = ev.cells_per_pass
         self.schedule = self._schedule(job)
-        return Payload(job, stored, ev.batch_size, ev.cells_per_pass)  # a recipe travels as the recipe
+        return Payload(job, stored, ev.batch_size, ev.cells_per_pass, threads)  # a recipe travels as the recipe
+
+    def _same_threads(self, job: Job, sf, old) -> int:
+        """An automatic thread count (runs/threads.py: it follows the machine's load) is chosen
+        once per file: a resume takes the first run's (`old`), so that its cells' last float
+        bits are those an unbroken run gives; every rank takes rank 0's. 0 when the user chose."""
+        if automatic(job):
+            if old and int(old) != self.threads:
+                self.threads = set_threads(job, int(old), fixed=True)
+                log(f"{self.threads} CPU thread(s), as this file's first run chose (the numbers stay the same)")
+            sf.set_attr("eval_threads", self.threads)
+            return self.threads
+        return 0
 
     def _directions(self, job: Job, loaded: Loaded, task: Task, values_per_cell: int) -> Directions:
         """A new file's directions, once there is room for every plane's (directions.repeats):
@@ -317,7 +327,7 @@ class SurfaceRun:
         if self.ctx.rank != 0:  # what loading says, rank 0 said already
             notes.quiet()
         self.grid = Grid(job.grid.x, job.grid.y, job.directions.repeats)
-        set_threads(job, self.ctx.cpus)
+        set_threads(job, payload.threads or self.ctx.cpus, fixed=bool(payload.threads))
         self.device = device_for_rank(self.ctx.local_rank, job.eval.device)
         spec = None
         if group is not None and group.size > 1:

@@ -37,7 +37,8 @@ RESUMABLE = (5,)  # older files lack loss_se: their cells cannot be completed wi
 # later rewritten in place with Attribute.modify: no update ever allocates file space or grows
 # an object header, so a kill during one cannot leave the file's structure half-written.
 RUN_ATTRS = {"runs": 0, "last_started": "", "last_finished": "", "git_revision": "", "complete": False,
-             "eval_batch_size": 0, "eval_cells_per_pass": 0, "coordinator_ms_per_message": float("nan"),
+             "eval_batch_size": 0, "eval_cells_per_pass": 0, "eval_threads": 0,
+             "coordinator_ms_per_message": float("nan"),
              # rank 0's time per result message (receive, take, answer) of the last run that finished
              "coordinator_ms_median": float("nan"), "coordinator_ms_p99": float("nan"),
              "coordinator_ms_max": float("nan"), "coordinator_results": 0}
