@@ -9,12 +9,13 @@
     ls.loss, ls.acc, ls.plot(), ls.metrics(); lldist.open("out.h5")
     h = lldist.curvature(model, data, top=3)          # the Hessian at θ*: lambda_max, trace, density
     s = lldist.sharpness_measures(model, data)        # worst/average adaptive, SAM, PAC-Bayes
+    c = lldist.connect_minima(a, b, data, train=(x, y))   # a trained curve between two minima
 
 At the top: this face, the commands (surface, plot, train, study, hessian, sharpness, connect,
 metrics, info, bench), config, errors and version. Below, one room per concern: runs/ (what
 each command does on every rank), inputs/, directions/, evaluation/, cells/, analysis/,
-workloads/, store/ (the only h5py user), transport/ (the only mpi4py user); README.md's
-Layout maps them, tests/test_layout.py keeps them apart. README.md has the job-file
+workloads/, store/ (the only h5py user), transport/ (the only mpi4py user); docs/LAYOUT.md
+maps them, tests/test_layout.py keeps them apart. README.md has the job-file
 reference, docs/FORMAT.md the output file.
 """
 
@@ -39,7 +40,8 @@ from .version import __version__  # noqa: E402,F401
 # lldist.hessian binds the module on the package, which would replace a function of that name.
 _FACE = {"landscape": "lldist.api", "open": "lldist.api", "curvature": "lldist.api",
         "sharpness_measures": "lldist.api", "Landscape": "lldist.api", "Curvature": "lldist.api",
-        "Sharpness": "lldist.api", "Recorder": "lldist.inputs.recorder"}
+        "Sharpness": "lldist.api", "connect_minima": "lldist.api", "Connection": "lldist.api",
+        "Recorder": "lldist.inputs.recorder"}
 __all__ = ["UserError", "__version__", *_FACE]
 
 

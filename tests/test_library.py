@@ -4,6 +4,7 @@ the caller's model given back after Ctrl-C, a file that resumes, arguments refus
 names that no command module can replace, ls.metrics(), MPI, and a notebook that runs it all
 on a user's own module."""
 
+import copy
 import inspect
 import os
 import sys
@@ -116,7 +117,7 @@ def test_out_keeps_the_result_and_a_rerun_reads_it(workdir):
     model, (x, y) = small()
     calls = [0]  # forward passes, counted by a hook (which no identity sees)
     model.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
-    kw = dict(top=2, batches=2, batch_size=48, trace_samples=4, out="h.h5")
+    kw = dict(top=2, batches=2, batch_size=48, trace_samples=4, out="h.h5", threads=1)  # (no thread timing)
     first = lldist.curvature(model, (x, y), **kw)
     assert calls[0] > 0
     calls[0] = 0
@@ -219,7 +220,7 @@ if h is not None:
 @pytest.mark.slow
 def test_the_notebook_runs_on_a_users_own_module(workdir, monkeypatch):
     """docs/notebook.ipynb, executed as Jupyter would: a landscape, the Hessian, the sharpness
-    measures and the metrics of a module defined in the notebook."""
+    measures, the metrics and a curve between two minima of a module defined in the notebook."""
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     nb = nbformat.read(os.path.join(ROOT, "docs", "notebook.ipynb"), as_version=4)
@@ -230,9 +231,52 @@ def test_the_notebook_runs_on_a_users_own_module(workdir, monkeypatch):
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.get("output_type") == "error"]
     text = "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in outputs)
-    assert "<Curvature hessian" in text and "<Sharpness" in text and "centre_loss" in text
+    assert "<Curvature hessian" in text and "<Sharpness" in text and "centre_loss" in text and "<Connection" in text
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     # ls.plot() and h.plot() as a cell's last line: one figure each, not two
     per_cell = [sum("image/png" in o.get("data", {}) for o in c.get("outputs", [])) for c in nb.cells
                 if c.cell_type == "code" and c.source.strip().splitlines()[-1].endswith(".plot()")]
     assert images and per_cell and all(n == 1 for n in per_cell), per_cell
+
+
+def _minimum(seed, x, y):
+    torch.manual_seed(seed)
+    m = torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+    opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+    for _ in range(150):
+        opt.zero_grad()
+        F.cross_entropy(m(x), y).backward()
+        opt.step()
+    return m
+
+
+def test_connect_minima_trains_a_curve_whose_points_are_the_bezier_of_its_files(workdir):
+    torch.manual_seed(0)
+    x = torch.randn(240, 5)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    a, b = _minimum(1, x, y), _minimum(2, x, y)
+    before = state_of(a), state_of(b)
+    c = lldist.connect_minima(a, b, (x, y), train=(x, y), split="train", epochs=15, lr=1e-2, batch_size=40,
+                              points=5, plane=0, out="ab", threads=1, progress_every=0)
+    assert same_state(before[0], a.state_dict()) and same_state(before[1], b.state_dict())
+    assert c.plane is None and list(c.t) == [0, 0.25, 0.5, 0.75, 1]
+    bend = torch.load("ab/bend.pt", weights_only=True)["state_dict"]
+    mid = {k: 0.25 * a.state_dict()[k] + 0.5 * bend[k] + 0.25 * b.state_dict()[k] for k in bend}
+    probe = copy.deepcopy(a)
+    probe.load_state_dict(mid)
+    with torch.no_grad():  # a plain evaluation of the quadratic Bezier curve at t = 0.5, and of the ends
+        want = [F.cross_entropy(m(x), y).item() for m in (a, probe, b)]
+    np.testing.assert_allclose(c.curve.loss[[0, 2, 4]], want, rtol=1e-5)
+    assert c.line.loss[0] == c.curve.loss[0] and c.line.loss[-1] == c.curve.loss[-1]
+    assert c.barrier("curve")["barrier_loss"] < c.barrier("line")["barrier_loss"]  # the bend was trained
+    stamp = os.path.getmtime("ab/bend.pt")
+    again = lldist.connect_minima(a, b, (x, y), train=(x, y), split="train", epochs=15, lr=1e-2, batch_size=40,
+                                  points=5, plane=0, out="ab", threads=1, progress_every=0)
+    assert os.path.getmtime("ab/bend.pt") == stamp and np.array_equal(again.curve.loss, c.curve.loss)
+    with pytest.raises(ValueError, match="same weights"):
+        lldist.connect_minima(a, copy.deepcopy(a), (x, y), train=(x, y))
+    with pytest.raises(TypeError, match="train"):
+        lldist.connect_minima(a, b, (x, y), train=[(x, y)])
+    bn = [torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3)) for _ in "ab"]
+    with pytest.raises(ValueError, match="BatchNorm"):
+        lldist.connect_minima(*bn, (x, y), train=(x, y))

@@ -8,6 +8,7 @@ result in an HDF5 file given as out= (a rerun resumes it).
     ls.loss, ls.acc, ls.plot(), ls.metrics()
     h = lldist.curvature(model, data, top=3, density=True)           # a Curvature: the Hessian at θ*
     s = lldist.sharpness_measures(model, data)                        # a Sharpness
+    c = lldist.connect_minima(a, b, data, train=(x, y), epochs=5)     # a Connection: a curve between minima
     ls2 = lldist.open("out.h5")
 
 `data`: a DataLoader, a Dataset of (x, y) samples, an `(x, y)` pair of tensors, or an iterable
@@ -20,8 +21,10 @@ ranks None after their share).
   inputs       what the face takes from the caller: data, arguments, the job it records, kept()
   landscapes   landscape(), open() and the Landscape record
   optimum      curvature() and sharpness_measures(), and their Curvature and Sharpness records
+  connecting   connect_minima() and its Connection record
 """
 
 from .inputs import as_data  # noqa: F401
 from .landscapes import Landscape, landscape, open  # noqa: F401,A004
 from .optimum import Block, Curvature, Sharpness, curvature, sharpness_measures  # noqa: F401
+from .connecting import Connection, connect_minima  # noqa: F401

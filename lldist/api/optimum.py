@@ -176,7 +176,7 @@ def _measure(m, name: str, model, data, split: str, loss, metrics, out, resume: 
     run; rank 0 returns its result (read from `out` when the file holds it), the others None."""
     from ..inputs.loading import Loaded, Source
     from ..runs.optimum import compute, log, spread_over, together
-    from ..runs.surface import set_threads
+    from ..runs.threads import set_threads
     from ..store import SurfaceReader
     from ..transport import runner
     check_model(model)

@@ -107,14 +107,20 @@ def training_splits(job: Job) -> tuple:
             load_split(job.data, "test", subset=False, model_name=job.model.name))
 
 
+def _clock(seconds: float) -> str:
+    s = int(seconds + 0.5)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 def fit(model: torch.nn.Module, job: Job, t: TrainConfig, train_set, test_set, log=print,
-        should_stop: Callable[[], Optional[int]] = lambda: None, on_epoch=None, what: str = "train") -> dict:
+        should_stop: Callable[[], Optional[int]] = lambda: None, on_epoch=None, what: str = "train",
+        task=None) -> dict:
     """The training loop: `model`'s trainable parameters (a curve's bend: lldist.connect) by
     t's optimizer on the job's task, seeded by t.seed. After each epoch the loss and accuracy
     of both splits, then on_epoch(model, epoch, meta). Returns the last epoch's metadata."""
     device = resolve_device(t.device)
     model = model.to(device)
-    task = task_from_config(job.eval)
+    task = task or task_from_config(job.eval)  # (a task of Python callables: lldist.connect_minima)
     opt = _optimizer(t, model)
     # linear warm-up over the first warmup_steps steps, then the constant rate
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / t.warmup_steps)) \
@@ -124,6 +130,7 @@ def fit(model: torch.nn.Module, job: Job, t: TrainConfig, train_set, test_set, l
         f"{t.optimizer} lr={t.lr} batch={t.batch_size} epochs={t.epochs} on {device}")
     meta = {}
     step, last_report = 0, time.perf_counter()
+    started = last_report
     for epoch in range(1, t.epochs + 1):
         model.train()
         t0 = time.perf_counter()
@@ -146,8 +153,11 @@ def fit(model: torch.nn.Module, job: Job, t: TrainConfig, train_set, test_set, l
             step += 1
             if time.perf_counter() - last_report >= PROGRESS_S:  # a long epoch shows it moves
                 last_report = time.perf_counter()
-                log(f"epoch {epoch}: step {step}, batch {i // t.batch_size + 1} of "
-                    f"{-(-len(order) // t.batch_size)}, loss {loss.item():.4f}")
+                per_epoch = -(-len(order) // t.batch_size)
+                total = min(t.steps, per_epoch * t.epochs) if t.steps is not None else per_epoch * t.epochs
+                eta = (last_report - started) / step * (total - step)
+                log(f"epoch {epoch}: step {step} of {total}, batch {i // t.batch_size + 1} of {per_epoch}, "
+                    f"loss {loss.item():.4f}, ETA {_clock(eta)}")
             signum = should_stop()
             if signum is not None:
                 kept = f"the checkpoints of epochs 1..{epoch - 1} are kept" if epoch > 1 and on_epoch is not None \
