@@ -55,6 +55,7 @@ def directions_line(attrs: dict) -> str:
 
 
 def main(argv=None) -> int:
+    from .config import effective_raw
     from .store import SurfaceReader
     ap = ArgumentParser(prog="python -m lldist.info", doc=__doc__)
     ap.add_argument("file", help="an lldist surface file (.h5), complete or not")
@@ -73,7 +74,11 @@ def main(argv=None) -> int:
                   "the rest interpolated when read")
         print(f"  lldist {sf.attr('lldist_version')}, torch {sf.attr('torch_version')}, git {sf.attr('git_revision')}, "
               f"created {sf.attr('created')}, last finished {sf.attr('last_finished', '-')}")
-        print(f"  batch {sf.attr('eval_batch_size')}, cells per pass {sf.attr('eval_cells_per_pass')}, "
+        ev = (effective_raw(sf.job_yaml(), args.file) or {}).get("eval") or {}
+        group = f", groups of {ev['group_size']} ranks ({ev.get('group_mode', 'data')})" \
+            if (ev.get("group_size") or 1) > 1 else ""
+        threads = f", {sf.attr('eval_threads')} CPU thread(s)" if sf.attr("eval_threads") else ""
+        print(f"  batch {sf.attr('eval_batch_size')}, cells per pass {sf.attr('eval_cells_per_pass')}{group}{threads}, "
               f"cosine(x, y) {sf.attr('cosine_xy', group='directions')}")
         mean = sf.attr("coordinator_ms_per_message")
         if mean is not None:
@@ -98,6 +103,12 @@ def main(argv=None) -> int:
                 for r in a["blocks"]:
                     print(f"    {r['block'][:32]:<32} {r['parameters']:>10,} {r['lambda_max']:>11.4g} {r['trace']:>11.4g} "
                           f"{r['trace_stderr']:>8.2g}")
+        for split, m in sf.sharpness().items():
+            print(f"  sharpness at theta* ({split}, {m['examples']} examples"
+                  + (f", {m['ranks']} ranks" if m.get("ranks", 1) > 1 else "") + "): worst-case adaptive l2 "
+                  f"{m['worst_2']:.4g}, linf {m['worst_inf']:.4g}; average l2 {m['average_2']:.4g} +- "
+                  f"{m['average_2_se']:.2g}; SAM {m['sam']:.4g} +- {m['sam_se']:.2g}; PAC-Bayes 1/sigma^2 "
+                  f"{m['pac_bayes_flatness']:.4g}")
         print("  " + directions_line(sf.attrs("directions")))
         pts = sf.points()
         if pts is not None:  # a plane's three models, evaluated from their own files

@@ -2,7 +2,7 @@
 level or inside a function, resolved to the lldist module it names (importing a module runs
 its packages' __init__ too, so those count).
 
-The rooms and what each may import (ROOMS below; README.md's map says what each holds):
+The rooms and what each may import (ROOMS below; docs/LAYOUT.md's map says what each holds):
 
   face        lldist/__init__.py, api/         anything but a command
   commands    surface, plot, train, study, hessian, sharpness, connect, metrics, info, bench

@@ -277,3 +277,55 @@ def test_a_rerun_refused_as_another_job_names_what_differs(workdir, capsys):
     code = run_cli(surface.main, [job, "--set", "grid.x=[-2,2,5]"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "grid.x: [-1, 1, 3] -> [-2, 2, 5]" in err[0], err
+
+
+# ----------------------------------------------------------------------------- round 3: what a terminal and a log say
+
+def test_metrics_print_a_column_per_file_for_a_terminal(workdir):
+    job = write_job(workdir / "job.yaml", grid={"x": [-1.0, 1.0, 5], "y": [-1.0, 1.0, 5]})
+    run(["lldist.surface", job], workdir)
+    run(["lldist.surface", job, "--out", "b.h5", "--set", "directions.seed=4"], workdir)
+    out = run(["lldist.metrics", "out.h5", "b.h5"], workdir).stdout
+    lines = out.splitlines()
+    assert lines[:2] == ["[1] out.h5", "[2] b.h5"]
+    row = next(ln for ln in lines if ln.strip().startswith("roughness")).split()
+    from lldist.analysis.metrics import of_file
+    assert len(row) == 3 and float(row[1]) == pytest.approx(of_file("out.h5")[0]["roughness"], rel=1e-3)
+    assert max(len(ln) for ln in lines) < 100  # (the wide table: 21 columns, 400 characters a line)
+    assert "| surface |" in run(["lldist.metrics", "out.h5", "--wide"], workdir).stdout
+
+
+def test_info_shows_the_sharpness_and_the_group(workdir):
+    job = write_job(workdir / "job.yaml", grid={"x": [-1.0, 1.0, 3], "y": None},
+                    sharpness={"examples": 40, "m": 20, "draws": 2, "restarts": 1, "steps": 2})
+    run(["lldist.surface", job, "--set", "eval.group_size=1"], workdir)
+    run(["lldist.sharpness", job, "--set", "sharpness.split=test"], workdir)
+    out = run(["lldist.info", "out.h5"], workdir).stdout
+    stored = lldist.open("out.h5").sharpness["test"]
+    assert f"sharpness at theta* (test, 40 examples): worst-case adaptive l2 {stored['worst_2']:.4g}" in out
+    with h5py.File("out.h5", "r+") as f:  # a group run's job text (as --set eval.group_size=2 records it)
+        f.attrs["job_yaml"] = f.attrs["job_yaml"] + '\n# overrides: {"set": ["eval.group_size=2", ' \
+                                                    '"eval.group_mode=shard"]}\n'
+    assert "groups of 2 ranks (shard)" in run(["lldist.info", "out.h5"], workdir).stdout
+
+
+def test_a_wrong_input_shape_says_which_data_met_which_model(workdir):
+    m = torch.nn.Linear(10, 3)
+    with pytest.raises(RuntimeError) as e:
+        lldist.landscape(m, (torch.randn(20, 7), torch.randint(0, 3, (20,))), x=(-1, 1, 3), y=None,
+                         progress_every=0)
+    notes = " ".join(getattr(e.value, "__notes__", []))
+    assert "mat1 and mat2" in str(e.value) and "the model (Linear) failed on the data's first 2 examples" in notes
+    assert "(2, 7) float32" in notes
+
+
+def test_the_sharpness_and_a_long_training_say_how_far_they_are(capsys):
+    from lldist.evaluation.sharpness import Sharpness
+    x, y = blobs()
+    said = []
+    s = Sharpness(model(), [(x, y)], log=said.append, every=0.0)
+    s.stage = "worst case"
+    s.worst(0.1, 2, 3, 0, 0)
+    assert said and said[-1].startswith("sharpness: worst case, ") and "passes over the examples" in said[-1]
+    from lldist.runs.train import _clock
+    assert (_clock(75), _clock(3725)) == ("1m15s", "1h02m")

@@ -135,10 +135,13 @@ def _number(v: float) -> str:
     """A level or tick as a reader writes it: 0.1, 2.5, 300, 2e+04."""
     if v == 0:
         return "0"
-    return f"{v:g}" if 1e-3 <= abs(v) < 1e5 else f"{v:.0e}"
+    text = f"{v:g}" if 1e-3 <= abs(v) < 1e5 else f"{v:.0e}"
+    return text.replace("-", MINUS)  # one minus sign, matplotlib's own on the ticks beside it
 
 
+MINUS = "\u2212"
 FORMAT = matplotlib.ticker.FuncFormatter(lambda v, _: _number(v))
+SMALL = 8  # a grid with fewer points than this along an axis is drawn as cells (a heat map): its contours are boxes
 
 
 def _ticks(lev) -> dict:
@@ -193,21 +196,23 @@ def figure_2d(s: Drawable, split: str, q: str, kind: str, args) -> "matplotlib.f
     else:
         ax = fig.add_subplot()
         major = labelled(np.asarray(lev), geometric)
+        if kind in ("contour", "contourf") and min(len(s.x), len(s.y)) < SMALL:
+            kind = "heat"  # a few cells: linear interpolation between them would draw boxes, not contours
         if kind == "contour" and q != "acc":
             cs = ax.contour(X, Y, zm, levels=lev, cmap=cmap, norm=norm, linewidths=0.8)
             # labels on the round majors only: near theta* the levels crowd and labels pile up
             ax.clabel(cs, [v for v in cs.levels if np.isclose(major, v, rtol=1e-9).any()], inline=True, fontsize=7,
-                      fmt=_number)
+                      fmt=_number, rightside_up=True)
+            fig.colorbar(cs, ax=ax, label=label, **_ticks(lev))
         elif kind in ("contour", "contourf"):
             cs = ax.contourf(X, Y, zm, levels=lev, cmap=cmap, norm=norm)
             fig.colorbar(cs, ax=ax, label=label, **_ticks(lev))
             if kind == "contour":  # accuracy: filled, with dark lines and labels at the round majors
                 lines = ax.contour(X, Y, zm, levels=major, colors="k", linewidths=0.6)
-                ax.clabel(lines, inline=True, fontsize=7, fmt=_number)
-        elif kind == "heat":
-            im = ax.imshow(zm, origin="lower", aspect="auto", cmap=cmap, norm=norm,
-                           extent=(s.x[0], s.x[-1], s.y[0], s.y[-1]),
-                           vmin=None if norm else lev[0], vmax=None if norm else lev[-1])
+                ax.clabel(lines, inline=True, fontsize=7, fmt=_number, rightside_up=True)
+        elif kind == "heat":  # each cell a box centred on its coordinates
+            im = ax.pcolormesh(s.x, s.y, zm, shading="nearest", cmap=cmap, norm=norm,
+                               vmin=None if norm else lev[0], vmax=None if norm else lev[-1])
             fig.colorbar(im, ax=ax, label=label, **_ticks(lev))
         else:
             plt.close(fig)
@@ -230,7 +235,8 @@ def figure_2d(s: Drawable, split: str, q: str, kind: str, args) -> "matplotlib.f
         c = pts.coords
         ax.plot(c[:, 0], c[:, 1], "o", color="tab:red", mec="white", ms=7, zorder=5, label="the three models")
         for (px, py), name in zip(c, pts.labels):
-            ax.annotate(name, (px, py), textcoords="offset points", xytext=(5, 5), fontsize=7, color="tab:red")
+            ax.annotate(name, (px, py), textcoords="offset points", xytext=(7, 7), fontsize=7, color="tab:red",
+                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.7})
     title = f"{s.name}: {split} {label}"
     if s.interpolated is not None:  # an adaptive grid: say how much is computed
         title += f"\nadaptive: {100 * s.done.mean():.0f}% of cells computed, the rest interpolated"
@@ -287,6 +293,11 @@ def figure_planes(s: Drawable, split: str, q: str, args):
         ax.set_title(title, fontsize=9)
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
         ax.yaxis.set_major_locator(matplotlib.ticker.MaxNLocator(5))
+    for k, ax in enumerate(axes.flat[:len(panels)]):
+        if k % cols == 0:
+            ax.set_ylabel("beta (direction y)")
+        if k >= len(panels) - cols:
+            ax.set_xlabel("alpha (direction x)")
     for ax in axes.flat[len(panels):]:
         ax.set_visible(False)
     fig.colorbar(cs, ax=axes.ravel().tolist(), label=f"{split} {_label(q)}" + (" (%)" if q in SCALE else ""),
@@ -385,7 +396,7 @@ def figure_curvature(s: Drawable, split: str, args):
 
 def figure_trajectory(s: Drawable, split: str, args):
     """directions.kind pca: the loss on the plane of the trajectory's top two principal
-    directions, the checkpoints' path on it numbered by epoch, the variance each axis explains."""
+    directions, the checkpoints' path on it numbered by epoch or step, the variance each axis explains."""
     t = s.trajectory
     z = s.values.get((split, "loss"))
     if t is None or z is None:
@@ -398,12 +409,14 @@ def figure_trajectory(s: Drawable, split: str, args):
     norm = matplotlib.colors.LogNorm(lev[0], lev[-1]) if _geometric("loss", lev) else None
     cs = ax.contour(X, Y, _masked(z, lev), levels=lev, cmap="viridis", norm=norm, linewidths=0.8)
     major = labelled(np.asarray(lev), _geometric("loss", lev), most=6)
-    ax.clabel(cs, [v for v in cs.levels if np.isclose(major, v, rtol=1e-9).any()], inline=True, fontsize=6, fmt=_number)
+    ax.clabel(cs, [v for v in cs.levels if np.isclose(major, v, rtol=1e-9).any()], inline=True, fontsize=6, fmt=_number,
+              rightside_up=True)
     ax.plot(t[:, 0], t[:, 1], "-o", color="tab:red", ms=3.5, lw=1.2, label="training trajectory")
+    fit = s.trajectory_fit
+    labels, unit = checkpoint_numbers((fit or {}).get("checkpoints") or [], len(t))
     step = max(1, len(t) // 8)  # at most about eight numbers on the path
     for i in list(range(0, len(t), step)) + ([len(t) - 1] if (len(t) - 1) % step else []):
-        ax.annotate(str(i + 1), t[i], textcoords="offset points", xytext=(4, 4), fontsize=7, color="tab:red")
-    fit = s.trajectory_fit
+        ax.annotate(labels[i], t[i], textcoords="offset points", xytext=(4, 4), fontsize=7, color="tab:red")
     if fit is not None:  # checkpoints the plane holds under half of: their dot is a projection only
         well = fit.get("threshold", 0.5)
         bad = np.asarray(fit["captured"]) < well
@@ -419,8 +432,19 @@ def figure_trajectory(s: Drawable, split: str, args):
     ax.set_ylabel(names[1])
     ax.set_aspect("equal", adjustable="datalim")
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2, frameon=False)
-    ax.set_title(f"{s.name}: {split} loss and the training trajectory (numbers: epochs)", fontsize=9)
+    ax.set_title(f"{s.name}: {split} loss and the training trajectory (numbers: {unit})", fontsize=9)
     return fig
+
+
+def checkpoint_numbers(names: list, m: int) -> tuple:
+    """(a label per checkpoint, what the labels count): the epoch or step each file's name says
+    (lldist.train's <stem>_epoch<N>.pt, a Recorder's <stem>_step<N>.pt), else their order."""
+    import re
+    for unit in ("epoch", "step"):
+        found = [re.search(rf"_{unit}(\d+)\.pt$", str(n)) for n in names]
+        if len(found) == m and m and all(found):
+            return [f.group(1) for f in found], f"{unit}s"
+    return [str(i + 1) for i in range(m)], "checkpoints in training order"
 
 
 def figure_density(c: dict, name: str, split: str):
@@ -539,6 +563,19 @@ def figure(s: Drawable, split: str, q: str = "loss", kind: str = "contour", **kw
     return figure_2d(s, split, q, kind, args)
 
 
+def paths_figure(t: np.ndarray, losses: dict, ylabel: str):
+    """Losses along paths between two models (a curve and the straight line), t from 0 to 1."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, z in losses.items():
+        ax.plot(t, np.ma.masked_invalid(z), "-o", ms=3, label=name)
+    ax.set_xlabel("t (0: a, 1: b)")
+    ax.set_ylabel(ylabel)
+    ax.legend(fontsize=8)
+    ax.set_title(f"{ylabel} along the paths between two minima", fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
 def job_labels(paths: list) -> list:
     """A short title per file from what differs between their jobs, e.g. "cnn_skip, batch 64"."""
     from ..config import effective_raw
@@ -615,6 +652,7 @@ def compare(paths: list, args, outdir: str) -> list:
                 if _geometric(q, lev):
                     ax.set_yscale("log")
                 ax.legend(fontsize=8)
+                ax.set_title(f"{split} {_label(q)} of {len(surfaces)} surfaces", fontsize=10)
             else:
                 n = len(surfaces)
                 cols = min(n, 3)
@@ -642,6 +680,8 @@ def compare(paths: list, args, outdir: str) -> list:
                     ax.set_visible(False)
                 fig.colorbar(cs, ax=axes.ravel().tolist(), label=f"{split} {_label(q)}" + (" (%)" if q in SCALE else ""),
                              **_ticks(lev))
+                fig.suptitle(f"{split} {_label(q)}: {n} surfaces on one colour scale, the same levels and axes",
+                             fontsize=10)
             written.append((_save(fig, name, args, close=False), fig))
         if surfaces[0].y is not None:
             fig = compare_curvature(surfaces, labels, split, args)

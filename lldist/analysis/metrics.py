@@ -271,6 +271,37 @@ def tables(rows: list, names: list) -> dict:
     return out
 
 
+def _fmt(v) -> str:
+    if isinstance(v, (bool, np.bool_)):
+        return str(bool(v))
+    if isinstance(v, (int, np.integer)):
+        return str(v)
+    if isinstance(v, (float, np.floating)):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)
+
+
+def transposed(rows: list, names: list) -> str:
+    """The metrics for a terminal: one line per metric, one column per surface, in GROUPS'
+    groups; the surfaces named above the columns ([1], [2], ...) when there are several."""
+    columns = [f"[{i + 1}]" for i in range(len(rows))] if len(rows) > 1 else ["value"]
+    lines = [f"{c} {n}" for c, n in zip(columns, names)] if len(rows) > 1 else [names[0]]
+    width = max(len(k) for ks in GROUPS.values() for k in ks)
+
+    def cell(r, k):
+        se = r.get(f"{k}_planes_se")
+        return _fmt(r.get(k)) + (f" ± {se:.2g}" if se is not None and np.isfinite(se) else "")
+    for group, keys in GROUPS.items():
+        keys = [k for k in keys if any(k in r for r in rows)]
+        if not keys:
+            continue
+        cells = [[cell(r, k) for r in rows] for k in keys]
+        wide = [max(len(columns[j]), *(len(c[j]) for c in cells)) for j in range(len(rows))]
+        lines += ["", f"{group + ':':<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(columns, wide))]
+        lines += [f"  {k:<{width - 2}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(c, wide)) for k, c in zip(keys, cells)]
+    return "\n".join(lines)
+
+
 def table(rows: list, names: list, keys: list = None) -> str:
     """Markdown table of metrics, one row per surface (every metric, or `keys`); "" if none."""
     keys = keys or [k for ks in GROUPS.values() for k in ks]
@@ -279,14 +310,8 @@ def table(rows: list, names: list, keys: list = None) -> str:
         return ""
     head = "| surface | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
 
-    def fmt(v):
-        if isinstance(v, (int, np.integer)):
-            return str(v)
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return "" if v is None else str(v)
     def cell(r, k):  # over several planes: the mean ± its standard error over them
         se = r.get(f"{k}_planes_se")
-        return fmt(r.get(k)) + (f" ± {se:.2g}" if se is not None and np.isfinite(se) else "")
+        return _fmt(r.get(k)) + (f" ± {se:.2g}" if se is not None and np.isfinite(se) else "")
     return head + "".join(f"| {n} | " + " | ".join(cell(r, k) for k in keys) + " |\n" for n, r in zip(names, rows))
 

@@ -70,8 +70,12 @@ class Sharpness:
     """The measures above at the model's current parameters (θ), on fixed batches."""
 
     def __init__(self, model: nn.Module, batches: list, task: Optional[Task] = None, eta: float = 0.0,
-                 should_stop: Callable = lambda: None):
+                 should_stop: Callable = lambda: None, log: Callable = lambda m: None, every: float = 10.0):
+        import time
         self.model = model.eval()
+        # progress: every `every` seconds a line with the measure under way (`stage`) and the passes
+        self.log, self.every, self.stage = log, every, ""
+        self.t0 = self.last = time.perf_counter()
         self.task = task or Task()
         self.batches = batches
         self.should_stop = should_stop
@@ -95,7 +99,13 @@ class Sharpness:
     def _passed(self) -> None:
         """One more pass over the batches; a stop asked for (SIGTERM: a Slurm time limit) ends the
         measures here, within one pass, with errors.Stopped."""
+        import time
         self.passes += 1
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            self.log(f"sharpness: {self.stage + ', ' if self.stage else ''}{self.passes} passes over the examples, "
+                     f"{now - self.t0:.0f} s")
         signum = self.should_stop()
         if signum is not None:
             raise Stopped(signum, f"stopped by signal {signum} during the sharpness measures ({self.passes} passes "

@@ -259,6 +259,16 @@ class Task:
         try:
             with torch.no_grad():
                 out = self.forward(model, batch)
+        except Exception as e:  # torch's words alone do not say which data met which model
+            args, kwargs = model_inputs(batch)
+            shapes = ", ".join([f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}" for t in args
+                                if isinstance(t, torch.Tensor)] + [f"{k} {tuple(t.shape)}" for k, t in kwargs.items()
+                                                                   if isinstance(t, torch.Tensor)])
+            context = (f"the model ({type(model).__name__}) failed on the data's first {n} examples (inputs "
+                       f"{shapes}): is the data the model's (input shape, dtype, keys)?")
+            e.add_note(f"lldist: {context}")
+            e.lldist_failure = context  # the command line's last line says it (errors.run_cli)
+            raise
         finally:
             model.train(was)
         parts = [("loss", self._loss, self.user_loss is not None)] + \

@@ -74,7 +74,7 @@ def compute(job, spread=None, log=print, should_stop=lambda: None, source=None) 
         return [got[k] for k in range(count)]
 
     t = time.perf_counter()
-    s = Sharpness(model, batches, src.make_task(job), should_stop=should_stop)
+    s = Sharpness(model, batches, src.make_task(job), should_stop=should_stop, log=log)
     nparams = sum(v.numel() for v in s.theta.values())
     log(f"sharpness at theta* of {job.name} on {cfg.split}: {nparams:,} parameters, {n} examples in batches of {bs}"
         + (f", over {size} ranks" if size > 1 else ""))
@@ -82,15 +82,18 @@ def compute(job, spread=None, log=print, should_stop=lambda: None, source=None) 
            "num_parameters": nparams, "settings": json_settings(cfg)}
     for name, p in NORMS.items():
         rho = cfg.rho_2 if p == 2 else cfg.rho_inf
+        s.stage = f"worst case, l{name} ball ({cfg.restarts} restarts of {cfg.steps} steps)"
         found = spread_over(cfg.restarts, lambda k: s.worst(rho, p, cfg.steps, k, cfg.seed))
         out[f"worst_{name}"] = max(found)
         out[f"worst_{name}_restarts"] = found  # the spread says how far the ascent is from converged
         log(f"worst-case adaptive sharpness, l{name} ball rho {rho:g}: {max(found):.6g} "
             f"(restarts {', '.join(f'{v:.4g}' for v in found)})")
+    s.stage = f"average case ({cfg.draws} draws)"
     avg, avg_se = mean_and_se(spread_over(cfg.draws, lambda k: s.average(cfg.rho_2, k, cfg.seed)))
     out.update(average_2=avg, average_2_se=avg_se)
     log(f"average-case adaptive sharpness, l2 sphere rho {cfg.rho_2:g}: {avg:.6g} +- {avg_se:.2g} ({cfg.draws} draws)")
     groups = len(s.groups(cfg.m))
+    s.stage = f"SAM's m-sharpness ({groups} groups)"
     if groups:
         sam, sam_se = mean_and_se(spread_over(groups, lambda k: s.sam(k, cfg.m, cfg.rho_sam, cfg.sam_steps)))
     else:
@@ -101,6 +104,7 @@ def compute(job, spread=None, log=print, should_stop=lambda: None, source=None) 
     log(f"SAM's m-sharpness, m {cfg.m}, rho {cfg.rho_sam:g}: {sam:.6g} +- {sam_se:.2g} ({groups} groups"
         + (f"; {left_out} of the {n} examples left out: groups of {cfg.m} are taken within batches of {bs}"
            if left_out else "") + ")")
+    s.stage = "PAC-Bayes flatness (bisection on sigma)"
     pac = bisect_sigma(lambda sigma: mean_and_se(spread_over(cfg.draws, lambda k: s.pac_rise(sigma, k, cfg.seed))),
                        cfg.pac_threshold, cfg.pac_tol)
     out.update(pac_bayes_sigma=pac["sigma"], pac_bayes_flatness=1 / pac["sigma"] ** 2 if pac["sigma"] else math.nan,

@@ -364,9 +364,11 @@ def _note(exc: BaseException, ctx: "Context", phase: str) -> None:
     note (shown under its traceback) and as `lldist_failure`, the line errors.run_cli prints."""
     if isinstance(exc, (UserError, Stopped, KeyboardInterrupt)):
         return
-    exc.lldist_failure = f"{_where(ctx.host, ctx.rank)} failed in {phase}"
+    where = f"{_where(ctx.host, ctx.rank)} failed in {phase}"
     if hasattr(exc, "add_note"):
-        exc.add_note(f"lldist: {exc.lldist_failure}")
+        exc.add_note(f"lldist: {where}")
+    said = getattr(exc, "lldist_failure", None)  # what the work knew (which data met which model) stays
+    exc.lldist_failure = f"{where}: {said}" if said else where
 
 
 def _wait(link, source: int, tag: int, should_stop=lambda: False, longest: float = POLL_MAX_S,

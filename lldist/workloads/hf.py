@@ -181,7 +181,7 @@ def load_text(cfg: DataConfig, split: str, model_name: str = ""):
         tok.pad_token = tok.eos_token
     enc = tok(list(ds[args["text"]]), padding="max_length", truncation=True, max_length=ml, return_tensors="pt")
     tensors = {k: v for k, v in enc.items()}
-    _check_tokenizer(tok, tok_path, tensors, model_path, cfg.name)
+    _check_tokenizer(tok, tok_path, tensors, model_path, cfg.name, split)
     num_classes = 0
     label = args["label"]
     if label and label not in ds.column_names and "label" in cfg.args:
@@ -211,7 +211,7 @@ _ANNOUNCED = set()
 UNK_SHARE = 0.5  # more than this share of the real tokens unknown: the tokenizer is not the model's
 
 
-def _check_tokenizer(tok, path: str, tensors: dict, model_path, name: str) -> None:
+def _check_tokenizer(tok, path: str, tensors: dict, model_path, name: str, split: str = "") -> None:
     """A tokenizer that does not fit the model is refused: a folder saved without its tokenizer
     files gets a tiny default one from transformers, and every word becomes [UNK]."""
     ids, mask = tensors["input_ids"], tensors.get("attention_mask", torch.ones_like(tensors["input_ids"]))
@@ -223,9 +223,10 @@ def _check_tokenizer(tok, path: str, tensors: dict, model_path, name: str) -> No
         _ANNOUNCED.add(path)
         note(f"tokenizer {type(tok).__name__} from {path}: {vocab:,} tokens"
              + (f" (the model's vocabulary: {model_vocab:,})" if model_vocab else "")
-             + (f", {100 * unk / real:.1f}% of the text's tokens unknown" if real else ""))
+             + (f", {100 * unk / real:.1f}% of the {split + ' split' if split else 'text'}'s tokens unknown"
+                if real else ""))
     if real and unk > UNK_SHARE * real:
-        raise UserError(f"data {name}: {100 * unk / real:.0f}% of the tokens are unknown ({tok.unk_token}) to the "
+        raise UserError(f"data {name}: {100 * unk / real:.0f}% of the {split} split's tokens are unknown ({tok.unk_token}) to the "
                         f"tokenizer from {path} ({vocab:,} tokens): it is not this text's tokenizer (a model folder "
                         "saved without its tokenizer files?); set data.args.tokenizer")
     if model_vocab and vocab < model_vocab // 100:
