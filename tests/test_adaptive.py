@@ -26,6 +26,7 @@ def replay(full_loss):
     return rp(full_loss, ADAPTIVE["coarse"], ADAPTIVE["tolerance"], ADAPTIVE["levels"])
 
 
+@pytest.mark.slow
 def test_adaptive_run_computes_what_the_schedule_asks_and_equals_the_full_grid_there(workdir):
     job = write_job(workdir / "job.yaml", grid={"x": [-1.0, 1.0, 33], "y": [-1.0, 1.0, 29]},
                     eval={"chunk_size": 16})

@@ -50,6 +50,7 @@ def tiny():
 def quick(model, data, **kw):
     kw.setdefault("x", (-1, 1, 3))
     kw.setdefault("y", None)
+    kw.setdefault("threads", 1)  # (no thread timing: a model that raises after n forwards counts the cells' own)
     return lldist.landscape(model, data, progress_every=0, **kw)
 
 
@@ -219,6 +220,7 @@ def _wait_for_cells(p, timeout=60):
     raise AssertionError("no progress line")
 
 
+@pytest.mark.slow
 def test_ctrl_c_under_mpiexec_is_one_line_and_130(workdir):
     job = write_job(workdir / "job.yaml", train=None, grid={"x": [-1, 1, 300], "y": None},
                     model={"name": "python:lldist.workloads.synthetic:fixed_cost", "checkpoint": None,
@@ -260,6 +262,7 @@ def test_the_lock_needs_no_free_space(workdir, monkeypatch):
     assert not os.path.exists("out.h5.lock")
 
 
+@pytest.mark.slow
 def test_hessian_stores_only_into_a_surface_of_its_job(workdir, capsys):
     job = write_job(workdir / "job.yaml", grid={"x": [-1, 1, 3], "y": None},
                     model={"name": "mlp", "checkpoint": "model.pt", "args": {"hidden": [4]}})  # 310 parameters

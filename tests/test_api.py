@@ -36,6 +36,7 @@ def file_dirs(path):
         return as_tensors(sf.read_directions())
 
 
+@pytest.mark.slow
 def test_api_equals_cli_bit_for_bit(workdir):
     job = write_job(workdir / "job.yaml")
     run(["lldist.train", job], workdir)

@@ -127,6 +127,7 @@ def test_existing_files_are_never_damaged(workdir, capsys):
     fails(capsys, plot.main, ["missing.h5"], "does not exist")
 
 
+@pytest.mark.slow
 def test_cli_subprocess_one_line(workdir):
     """The real command line: exit status 2 and a single line, for a job of another run too."""
     job = write_job(workdir / "job.yaml", grid={"x": [-1, 1, 3], "y": None})

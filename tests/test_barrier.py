@@ -9,6 +9,7 @@ from conftest import run, write_job
 from lldist.analysis import metrics
 
 
+@pytest.mark.slow
 def test_the_barrier_of_an_interpolation_is_numpys_on_the_stored_curve(workdir):
     job = write_job(workdir / "job.yaml", grid={"x": [-0.25, 1.25, 13], "y": None})
     run(["lldist.train", job], workdir)

@@ -64,6 +64,7 @@ def values(path):
         return {k: f[k][()] for k in ("train/loss", "train/acc", "test/loss", "test/acc", "done")}, f["x"][()]
 
 
+@pytest.mark.slow
 def test_the_bezier_curve_between_two_recorded_mlps_beats_the_line(workdir):
     a, b = recorded_mlps(workdir)
     job = connect_job(workdir)
@@ -160,6 +161,7 @@ def test_recomputed_batchnorm_statistics_are_torchs_update_bn():
     assert abs(plain[0] - got[0]) > 1e-3
 
 
+@pytest.mark.slow
 def test_bad_curves_are_refused_in_one_line(workdir):
     a, b = (str(workdir / n) for n in ("a.pt", "b.pt"))
     from lldist.workloads.models import save_checkpoint

@@ -117,6 +117,7 @@ def tiny_job(workdir, **kw):
                      eval={"split": "test", "batch_size": 12, "threads": 1}, **kw)
 
 
+@pytest.mark.slow
 def test_direction_kinds_in_files(workdir):
     job = tiny_job(workdir)
     run(["lldist.surface", job, "--set", "directions.kind=pca", "--out", "pca.h5"], workdir)
@@ -166,6 +167,7 @@ def test_direction_kinds_in_files(workdir):
     assert fig.axes[0].get_xlabel().startswith("PC1 (")
 
 
+@pytest.mark.slow
 def test_per_cell_curvature_matches_the_full_hessian_at_each_cell(workdir):
     job = tiny_job(workdir, grid={"x": [-1.0, 1.0, 3], "y": [-1.0, 1.0, 2]})
     run(["lldist.surface", job, "--set", "eval.curvature=true", "--set", "eval.curvature_batches=2"], workdir)
@@ -336,6 +338,7 @@ def test_direction_kinds_under_mpi_equal_one_process_and_resume(workdir, kind):
         np.testing.assert_array_equal(f["test/loss"][()], full)
 
 
+@pytest.mark.slow
 def test_lambda_max_has_the_jackknifes_standard_error_over_batches(workdir):
     """lambda_max's error bar: the top eigenvalue without each batch, against the exact
     Hessian of those batches (numpy.linalg.eigvalsh), and the jackknife formula in numpy."""

@@ -29,6 +29,7 @@ def _spread(workdir, n, operator):
 
 
 @pytest.mark.parametrize("operator", ["hessian", "ggn", "fisher"])
+@pytest.mark.slow
 def test_products_over_1_2_3_ranks_agree_and_equal_the_exact_matrix(workdir, operator):
     from spread_products import model_and_batches
     m, batches = model_and_batches()
@@ -50,6 +51,7 @@ def tiny_job(workdir, **kw):
                      eval={"split": "test", "batch_size": 12, "threads": 1}, **kw)
 
 
+@pytest.mark.slow
 def test_hessian_command_over_ranks_with_blocks_and_operators(workdir):
     job = tiny_job(workdir, curvature={"blocks": "layers"})
     run(["lldist.surface", job, "--set", "grid.x=[-1,1,3]", "--set", "grid.y=[-1,1,3]", "--out", "s.h5"], workdir)
@@ -91,6 +93,7 @@ def test_hessian_command_over_ranks_with_blocks_and_operators(workdir):
     assert os.path.exists("s3_test_blocks.png") and os.path.exists("s3_test_ggn_blocks.png")
 
 
+@pytest.mark.slow
 def test_a_failing_worker_ends_every_rank(workdir):
     job = tiny_job(workdir)
     run(["lldist.surface", job, "--set", "grid.x=[-1,1,3]", "--out", "s.h5"], workdir)

@@ -6,6 +6,7 @@ import pytest
 from conftest import run, write_job
 
 
+@pytest.mark.slow
 def test_vts_reads_back_in_vtk_and_html_is_written(workdir):
     vtk = pytest.importorskip("vtk")
     from vtk.util.numpy_support import vtk_to_numpy

@@ -44,6 +44,7 @@ def test_fp32_paths_match_reference(name, opts):
         assert ev.cells_per_pass == 3
 
 
+@pytest.mark.slow
 def test_cells_per_pass_auto_is_used_and_correct():
     got, ev = fast("mlp", cells_per_pass="auto", batch_size=256)
     np.testing.assert_allclose(got[:, 0], reference("mlp")[:, 0], rtol=1e-5)

@@ -51,6 +51,7 @@ def mlp_job(workdir, **kw):
 
 
 @pytest.mark.parametrize("mode", ["data", "shard"])
+@pytest.mark.slow
 def test_two_groups_of_two_equal_one_process(workdir, mode):
     job = mlp_job(workdir)
     run(["lldist.surface", job, "--out", "one.h5"], workdir)

@@ -163,6 +163,7 @@ def test_sharpness_measures_at_theta_star_against_a_plain_loop():
     assert again.stored == {**s.stored, "seconds": again.stored["seconds"]}
 
 
+@pytest.mark.slow
 def test_the_calls_equal_the_commands(workdir):
     """lldist.curvature and sharpness_measures on the job's model and data give the numbers
     python -m lldist.hessian and lldist.sharpness store."""

@@ -43,6 +43,7 @@ def cnn_job(workdir):
     return job
 
 
+@pytest.mark.slow
 def test_ranks_bitwise_equal_to_one_process(cnn_job, workdir):
     for ranks, chunk in [(1, 2), (3, 1), (3, 4), (2, 3)]:  # one trained model for all four
         check_ranks_equal_one_process(cnn_job, workdir, ranks, chunk)

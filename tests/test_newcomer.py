@@ -112,6 +112,7 @@ def test_a_landscape_without_accuracy_says_what_it_has():
 
 # ----------------------------------------------------------------------------- signals and long steps
 
+@pytest.mark.slow
 def test_sigterm_during_the_studys_hessian_ends_within_seconds_and_resumes(workdir):
     study = {"name": "s", "out": "study",
              "base": {"data": {"name": "digits", "subset": 100}, "train": {"epochs": 1, "seed": 0, "batch_size": 64},

@@ -34,6 +34,7 @@ def start_and_signal(cmd, workdir, after_cells, sig=signal.SIGTERM):
     return p.returncode, "".join(seen) + rest
 
 
+@pytest.mark.slow
 def test_sigterm_single_process_flushes_and_resumes(workdir):
     job = slow_job(workdir)
     code, err = start_and_signal([sys.executable, "-m", "lldist.surface", job, "--progress-every", "0.001"], workdir, 6)

@@ -64,6 +64,7 @@ def test_2d_matches_reference_on_non_square_grid(workdir):
     assert loss[2, 3] == loss.min()
 
 
+@pytest.mark.slow
 def test_axis_convention_is_row_y_column_x(workdir):
     """With a zero y direction (a 1-cell y axis is not allowed, so use identical rows), every row
     must equal the 1D curve along x: checks that x varies along axis 1."""
@@ -92,6 +93,7 @@ def test_both_splits_and_1d(workdir):
     assert os.path.exists("out_curve.svg")
 
 
+@pytest.mark.slow
 def test_interpolation_hits_both_checkpoints(workdir):
     job = write_job(workdir / "job.yaml", directions={"target": "model_epoch1.pt", "seed": 0},
                     grid={"x": [0.0, 1.0, 3], "y": None})
@@ -112,6 +114,7 @@ def test_interpolation_hits_both_checkpoints(workdir):
     np.testing.assert_allclose(acc[[0, -1]], [res[0][1], res[1][1]], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_interpolation_moves_batchnorm_statistics(workdir):
     """BatchNorm running statistics are part of the state: alpha = 1 must be theta' exactly."""
     job = write_job(workdir / "job.yaml", model={"name": "cnn", "checkpoint": "model.pt",
@@ -154,6 +157,7 @@ def killable_cnn_job(workdir, subset, grid, chunk):
     return job, [sys.executable, "-m", "lldist.surface", job, "--progress-every", "0.001"]
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_gives_identical_arrays(workdir):
     # a run of a few seconds: progress counts committed cells (a commit a second), and the
     # kill must land after one commit and before the end
@@ -177,6 +181,7 @@ def test_sigkill_then_resume_gives_identical_arrays(workdir):
     assert " 0 to compute" in r.stdout
 
 
+@pytest.mark.slow
 def test_other_job_refused_and_overwrite(workdir):
     job = write_job(workdir / "job.yaml", grid={"x": [-1.0, 1.0, 3], "y": None})
     run(["lldist.surface", job], workdir)

@@ -231,6 +231,7 @@ def test_a_lora_adapter_landscape_moves_the_adapter_alone(workdir):
 
 
 @pytest.mark.parametrize("model,loss,label", [(BERT, "cross_entropy", "label"), (GPT, "lm", None)])
+@pytest.mark.slow
 def test_hessian_of_the_text_models_over_ranks_with_the_attention_fallback(workdir, model, loss, label):
     """Both text jobs attend through sdpa, whose double backward fails here: the Hessian and
     the GGN at θ* run with eager attention, over two ranks, and the file and the log say so."""

@@ -548,6 +548,7 @@ def test_the_recipe_stream_regenerates_from_format_md_alone():
         assert torch.equal(gaussian(name, shape, 7, "y"), from_the_words(7, "y", name, shape))
 
 
+@pytest.mark.slow
 def test_sam_says_which_examples_its_groups_leave_out(workdir):
     """SAM's groups of m are taken within batches: batch_size mod m examples of each batch were
     dropped without a word."""

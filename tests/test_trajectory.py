@@ -15,6 +15,7 @@ from lldist.evaluation.evaluator import evaluate_plain
 from lldist.store import SurfaceReader
 
 
+@pytest.mark.slow
 def test_each_checkpoints_share_in_the_plane_and_its_projected_loss(workdir):
     job = write_job(workdir / "job.yaml", train={"epochs": 5, "lr": 0.01, "batch_size": 32, "seed": 0},
                     directions={"kind": "pca"}, grid={"x": [-1.0, 1.0, 5], "y": [-1.0, 1.0, 5]})
@@ -61,6 +62,7 @@ def test_the_plot_marks_checkpoints_the_plane_holds_poorly():
     assert len(marked) == 1 and list(marked[0].get_xdata()) == [0.2]
 
 
+@pytest.mark.slow
 def test_a_pca_job_without_a_grid_covers_its_trajectory(workdir):
     """A pca job's default grid was [-1, 1] while its trajectory spanned [-7, 2]: without a grid
     (or with grid.x: auto) the grid covers the trajectory and θ*, with a margin, and a rerun
