@@ -324,16 +324,19 @@ def effective_raw(text: str, source: str) -> dict:
     return raw
 
 
+def dotted(raw: dict, prefix: str = "") -> dict:
+    """A job mapping flattened: {"grid.x": [-1, 1, 21], "model.args.width": 16, ...}."""
+    out = {}
+    for k, v in (raw or {}).items():
+        out.update(dotted(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
 def differences(text_a: str, text_b: str, source: str = "<job>") -> list:
     """What two stored job texts set differently, as "key: a -> b" (keys of the mapping, nested
     ones by their dots; where the output goes and the job's name left out)."""
-    def flat(d, prefix=""):
-        out = {}
-        for k, v in (d or {}).items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
     try:
-        a, b = flat(effective_raw(text_a, source)), flat(effective_raw(text_b, source))
+        a, b = dotted(effective_raw(text_a, source)), dotted(effective_raw(text_b, source))
     except (UserError, ValueError, TypeError):  # an unreadable stored text: nothing to say
         return []
     first = ("grid.", "directions.", "data.", "model.", "eval.")  # the keys a job's identity is made of

@@ -278,6 +278,12 @@ def test_connect_minima_trains_a_curve_whose_points_are_the_bezier_of_its_files(
         lldist.connect_minima(a, copy.deepcopy(a), (x, y), train=(x, y))
     with pytest.raises(TypeError, match="train"):
         lldist.connect_minima(a, b, (x, y), train=[(x, y)])
+    # the bend's training settings are checked as a job file's train: section (they went unchecked:
+    # epochs=0 saved an untrained bend, lr=-1 met Adam's own words)
+    with pytest.raises(ValueError, match="'lr' must be positive"):
+        lldist.connect_minima(a, b, (x, y), train=(x, y), lr=-1.0, out="bad")
+    with pytest.raises(ValueError, match="epochs"):
+        lldist.connect_minima(a, b, (x, y), train=(x, y), epochs=0, out="bad")
     bn = [torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3)) for _ in "ab"]
     with pytest.raises(ValueError, match="BatchNorm"):
         lldist.connect_minima(*bn, (x, y), train=(x, y))

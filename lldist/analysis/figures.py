@@ -578,7 +578,7 @@ def paths_figure(t: np.ndarray, losses: dict, ylabel: str):
 
 def job_labels(paths: list) -> list:
     """A short title per file from what differs between their jobs, e.g. "cnn_skip, batch 64"."""
-    from ..config import effective_raw
+    from ..config import dotted, effective_raw
     flat = []
     for p in paths:
         with SurfaceReader(p) as sf:
@@ -586,16 +586,7 @@ def job_labels(paths: list) -> list:
                 raw = effective_raw(sf.job_yaml(), p)  # the file's text and its --set overrides
             except (UserError, ValueError):  # an unreadable job text only costs the panel its title
                 raw = {}
-        out = {}
-
-        def walk(d, prefix=""):
-            for k, v in d.items():
-                if isinstance(v, dict):
-                    walk(v, f"{prefix}{k}.")
-                else:
-                    out[prefix + k] = v
-        walk(raw)
-        flat.append(out)
+        flat.append(dotted(raw))
     ignore = {"name", "output", "model.checkpoint", "directions.target"}
     keys = sorted({k for f in flat for k in f} - ignore)
     differ = [k for k in keys if len({repr(f.get(k)) for f in flat}) > 1]

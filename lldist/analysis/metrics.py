@@ -281,21 +281,23 @@ def _fmt(v) -> str:
     return "" if v is None else str(v)
 
 
+def _cell(r: dict, k: str) -> str:
+    """A metric as printed; over several planes the mean ± its standard error over them."""
+    se = r.get(f"{k}_planes_se")
+    return _fmt(r.get(k)) + (f" ± {se:.2g}" if se is not None and np.isfinite(se) else "")
+
+
 def transposed(rows: list, names: list) -> str:
     """The metrics for a terminal: one line per metric, one column per surface, in GROUPS'
     groups; the surfaces named above the columns ([1], [2], ...) when there are several."""
     columns = [f"[{i + 1}]" for i in range(len(rows))] if len(rows) > 1 else ["value"]
     lines = [f"{c} {n}" for c, n in zip(columns, names)] if len(rows) > 1 else [names[0]]
     width = max(len(k) for ks in GROUPS.values() for k in ks)
-
-    def cell(r, k):
-        se = r.get(f"{k}_planes_se")
-        return _fmt(r.get(k)) + (f" ± {se:.2g}" if se is not None and np.isfinite(se) else "")
     for group, keys in GROUPS.items():
         keys = [k for k in keys if any(k in r for r in rows)]
         if not keys:
             continue
-        cells = [[cell(r, k) for r in rows] for k in keys]
+        cells = [[_cell(r, k) for r in rows] for k in keys]
         wide = [max(len(columns[j]), *(len(c[j]) for c in cells)) for j in range(len(rows))]
         lines += ["", f"{group + ':':<{width}}  " + "  ".join(f"{c:>{w}}" for c, w in zip(columns, wide))]
         lines += [f"  {k:<{width - 2}}  " + "  ".join(f"{v:>{w}}" for v, w in zip(c, wide)) for k, c in zip(keys, cells)]
@@ -310,8 +312,5 @@ def table(rows: list, names: list, keys: list = None) -> str:
         return ""
     head = "| surface | " + " | ".join(keys) + " |\n|---|" + "---|" * len(keys) + "\n"
 
-    def cell(r, k):  # over several planes: the mean ± its standard error over them
-        se = r.get(f"{k}_planes_se")
-        return _fmt(r.get(k)) + (f" ± {se:.2g}" if se is not None and np.isfinite(se) else "")
-    return head + "".join(f"| {n} | " + " | ".join(cell(r, k) for k in keys) + " |\n" for n, r in zip(names, rows))
+    return head + "".join(f"| {n} | " + " | ".join(_cell(r, k) for k in keys) + " |\n" for n, r in zip(names, rows))
 

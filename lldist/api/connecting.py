@@ -131,10 +131,13 @@ def connect_minima(a: nn.Module, b: nn.Module, data, *, train, curve: str = "bez
     if os.path.exists(out) and not os.path.isdir(out):
         raise ValueError(f"out: {out} is a file, not a folder (the bend and the surfaces go into it)")
     paths = {k: os.path.join(out, f"{k}.pt") for k in ("a", "b", "bend")}
-    settings = TrainConfig(**train_options) if train_options else TrainConfig()
-    # the job the trainer reads (names for its log, data.subset: none); the settings are `settings`
+    # the job the trainer reads, its train: section the bend's settings, checked as a job file's
+    # are (a bad value is a ValueError naming it); model.checkpoint: where a lands (train: needs one)
     job = object_job(a, data, task, name="connect", out=os.path.join(out, "curve.h5"), split=split,
-                     grid={"x": [0.0, 1.0, points]}, options=eval_options)
+                     grid={"x": [0.0, 1.0, points]}, options=eval_options,
+                     sections={"model": {"name": f"object:{type(a).__name__}", "checkpoint": paths["a"]},
+                               "train": train_options})
+    settings = job.train
     with kept(a), kept(b):
         if ctx.rank == 0:
             os.makedirs(out, exist_ok=True)

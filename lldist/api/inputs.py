@@ -18,13 +18,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import LOSSES, EvalConfig, job_from_dict
+from ..config import LOSSES, job_from_dict
 from ..errors import UserError
 from ..evaluation.tasks import Task, make_task, qualified_name
 from ..inputs import identity
 from ..workloads.tensors import BatchList, TensorSet
 
-EVAL_KEYS = {f.name for f in dataclasses.fields(EvalConfig)}
 SPLITS = ("test", "train")
 NAMED = {"split", "loss", "metrics", "operator"}  # sections' fields the calls take as named arguments
 
@@ -87,7 +86,8 @@ def message(e: Exception) -> str:
                            "pass another out= for a new file, or resume=False to replace it")
             .replace("<landscape()>: ", "").replace("key 'eval.", "argument '")
             .replace("key 'grid.", "argument '").replace("key 'curvature.", "argument '")
-            .replace("key 'sharpness.", "argument '").replace("key '", "argument '")
+            .replace("key 'sharpness.", "argument '").replace("key 'train.", "argument '")
+            .replace("key '", "argument '")
             .replace("directions.target", "target="))
 
 

@@ -191,7 +191,7 @@ class SurfaceRun:
         ev = self.evaluator = make_evaluator(job, loaded, dirs, self.device, batch, group, task)
         if old_threads is None and automatic(job) and self.device == "cpu":  # a new file's count: timed on cells
             self.threads = timed(lambda: ev.evaluate_cells([(0.0, 0.0)] * ev.cells_per_pass),
-                                 self.threads, log)
+                                 self.threads, self.grid.ncells, log)
         threads = self._same_threads(job, sf, old_threads)
         if not sf.points_done():  # kind plane: the three models, each from its own file, before the grid
             sf.write_points(np.stack([ev.evaluate_state(st) for st in kinds.points(job, loaded)]))

@@ -7,7 +7,7 @@ idle and loaded (docs/PERFORMANCE.md).
 
     n, why = choose(job.eval.threads, cpus)     # why: one phrase for the log
     set_threads(job, cpus) -> n                 # chosen and applied
-    n = timed(lambda: ev.evaluate_cells(...), n, log)   # 1 where one thread runs the cells as fast
+    n = timed(lambda: ev.evaluate_cells(...), n, cells, log)   # 1 where one thread runs the cells as fast
 
 Idle, more threads are not always faster: a model whose operations are tiny (a digits CNN at
 batch 120) ran 79-93 cells/s on one thread and 45-58 on two (`bench threads`, 2026-12-07): the
@@ -44,13 +44,18 @@ def busy_elsewhere() -> Optional[float]:
     return float(max(0, sorted(queue)[SAMPLES // 2]))
 
 
+def _omp() -> int:
+    """OMP_NUM_THREADS as a count, 0 when unset or not a positive number."""
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    return int(omp) if omp.isdigit() else 0
+
+
 def choose(threads: int, cpus: int) -> tuple:
     """(threads, why) for a rank whose share of the CPUs is `cpus`."""
     if threads:
         return threads, "eval.threads"
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    if omp.isdigit() and int(omp) > 0:
-        return int(omp), "OMP_NUM_THREADS"
+    if _omp():
+        return _omp(), "OMP_NUM_THREADS"
     if not cpus:
         return torch.get_num_threads(), "torch's default"
     busy = busy_elsewhere()
@@ -65,18 +70,21 @@ def choose(threads: int, cpus: int) -> tuple:
 
 
 EXPENSIVE_S = 2.0  # a cell that takes longer is compute-bound: its threads are kept, not timed
+WORTH_TIMING = 50  # cells in the grid: the timing costs about five, so a smaller grid keeps its count untimed
+#                    (lldist.curvature's one-cell file would spend five times its work on it)
 MARGIN = 0.9  # more threads are kept only when at least 10% faster: one thread wins a tie, as it costs the
 #              machine's other work least
 
 
-def timed(cell: Callable[[], object], n: int, log=None) -> int:
+def timed(cell: Callable[[], object], n: int, cells: int, log=None) -> int:
     """An automatic count n above 1 against one thread, on the run's own cells (`cell`
     evaluates one: weights set, every batch, the sums): after a warm-up, the faster of two
     cells at each count, kept at least 10% faster for n. A cell over EXPENSIVE_S keeps n
     untimed. A single forward is not enough: on a digits CNN two threads ran one batch as fast
     as one, and whole cells 1.8x slower (the weights' update and the sums between batches are
-    many small operations, each waking the second thread). Returns the count, applied to torch."""
-    if n <= 1:
+    many small operations, each waking the second thread). `cells`: the grid's; under
+    WORTH_TIMING, n is kept untimed. Returns the count, applied to torch."""
+    if n <= 1 or cells < WORTH_TIMING:
         return n
     start = time.perf_counter()
     cell()  # warm-up at n: the first cell pays for allocations
@@ -104,8 +112,7 @@ def timed(cell: Callable[[], object], n: int, log=None) -> int:
 
 def automatic(job) -> bool:
     """Whether lldist chooses (neither eval.threads nor OMP_NUM_THREADS does)."""
-    omp = os.environ.get("OMP_NUM_THREADS", "")
-    return not job.eval.threads and not (omp.isdigit() and int(omp) > 0)
+    return not job.eval.threads and not _omp()
 
 
 def set_threads(job, cpus: int, log=None, fixed: bool = False) -> int:
