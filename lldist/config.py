@@ -530,8 +530,7 @@ def _check_repeats(job: "Job", path: str) -> None:
                         f"more than lldist stores in one file ({MAX_CELLS:,})")
     why = [w for w, bad in (("directions.kind: random", job.directions.kind != "random"),
                             ("no directions.target", job.directions.target is not None),
-                            ("no grid.adaptive", job.grid.adaptive is not None),
-                            ("eval.group_size: 1", job.eval.group_size != 1)) if bad]
+                            ("no grid.adaptive", job.grid.adaptive is not None)) if bad]
     if why:
         raise UserError(f"{path}: key 'directions.repeats' above 1 (independent random planes) needs {', '.join(why)}")
 
@@ -784,19 +783,17 @@ def eval_conflict(e: EvalConfig) -> Optional[str]:
         if e.cells_per_pass != 1:
             return (f"key 'eval.cells_per_pass' must be 1 with eval.bn: {e.bn} "
                     "(several cells per pass run BatchNorm with running statistics only)")
-        if e.bn == "recompute" and e.group_size != 1:
-            return ("key 'eval.bn: recompute' needs eval.group_size: 1 (the statistics are one "
-                    "rank's passes over the train split)")
     if (e.loss != "cross_entropy" or e.metrics) and e.cells_per_pass != 1:
         return ("key 'eval.cells_per_pass' must be 1 with another loss or metrics than the "
                 "default (several cells per pass know cross-entropy and accuracy only)")
     if e.curvature and (e.batch_size == "auto" or e.cells_per_pass != 1 or e.bn != "eval"):
         return ("key 'eval.curvature' needs a number for eval.batch_size, eval.cells_per_pass: 1, "
                 "eval.bn: eval and eval.curvature_batches >= 1 (the Hessian is taken on fixed batches)")
-    if e.group_size > 1 and (e.batch_size == "auto" or e.cells_per_pass != 1 or e.curvature
-                             or (e.group_mode == "shard" and e.compile)):
+    if e.group_size > 1 and (e.batch_size == "auto" or e.cells_per_pass != 1
+                             or (e.group_mode == "shard" and (e.curvature or e.compile))):
         return ("key 'eval.group_size' above 1 needs a number for eval.batch_size, eval.cells_per_pass: 1, "
-                "no eval.curvature (and no eval.compile with group_mode: shard)")
+                "and with group_mode: shard no eval.curvature (double backward does not pass through FSDP2) "
+                "and no eval.compile")
     return None
 
 

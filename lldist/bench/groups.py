@@ -11,13 +11,17 @@ measuring: rank 0's training peak is not the evaluation's), into a temporary out
 Each setting is a real `mpiexec -n R python -m lldist.surface` run. Cells/s: from the file's
 work log (first chunk's start to last chunk's end). Memory, per rank, from /proc while it runs:
 the peak resident set (VmHWM), and what it holds once its evaluator is built and the cells run
-(VmRSS at the last sample): a sharded rank's parameters, theta* and directions are about 1/k of
-a whole one's, but it built the whole model once first (see docs/GROUPS.md).
+(VmRSS at the last sample). Both are also given above the baseline: the peak of a process that
+only imports what a rank imports (torch, transformers, mpi4py, lldist's surface command), which
+no group size changes. The GPT-2 model is read from a seeded safetensors checkpoint written
+first, so a shard group builds it on the meta device and each rank reads its own rows
+(inputs/rows.py): a sharded rank's parameters, θ* and directions are about 1/k of a whole one's.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -39,6 +43,11 @@ def add_arguments(ap) -> None:
     ap.add_argument("--sizes", type=positive_int, nargs="+", default=[1, 2, 4], help="group sizes")
     ap.add_argument("--ranks", type=positive_int, default=4, help="ranks of every run (a multiple of each size)")
     ap.add_argument("--job", help="measure this job file instead of --models (run from the current directory)")
+    ap.add_argument("--modes", nargs="+", default=["data", "shard"], choices=["data", "shard"],
+                    help="group modes above size 1 (a model that only fits sharded: --sizes 4 --modes shard)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="passed to every run's lldist.surface (e.g. eval.precision=bf16)")
+    ap.add_argument("--keep", help="copy each setting's output file into this folder (<model>_<size>_<mode>.h5)")
 
 
 def run(args) -> tuple:
@@ -50,11 +59,11 @@ JOBS = {
     "mlp": ("name: g_mlp\noutput: g.h5\nmodel: {name: mlp, args: {hidden: [512, 256]}}\n"
             "data: {name: digits}\ngrid: {x: [-1, 1, 24], y: [-1, 1, 4]}\n"
             "eval: {split: test, batch_size: 60, chunk_size: 2, threads: 1}\n"),
-    "gpt2": (f"name: g_gpt2\noutput: g.h5\nmodel: {{name: hf:{ROOT}/jobs/models/gpt2_small, seed: 0}}\n"
-             f"data: {{name: hf:csv, root: {ROOT}/jobs/data/pydoc_topics, subset: 8,\n"
+    "gpt2": (f"name: g_gpt2\noutput: g.h5\nmodel: {{name: hf:{ROOT}/jobs/models/gpt2_small, checkpoint: gpt2.safetensors}}\n"
+             f"data: {{name: hf:csv, root: {ROOT}/jobs/data/pydoc_topics, subset: 16,\n"
              f"       args: {{text: text, label: null, max_length: 48, tokenizer: {ROOT}/jobs/models/tiny_gpt}}}}\n"
              "directions: {seed: 0, store: recipe}\ngrid: {x: [-1, 1, 8]}\n"
-             "eval: {split: test, batch_size: 8, loss: lm, chunk_size: 1, threads: 1}\n"),
+             "eval: {split: test, batch_size: 4, loss: lm, chunk_size: 1, threads: 1}\n"),
 }
 
 
@@ -78,9 +87,33 @@ class Memory(threading.Thread):
             time.sleep(0.1)
 
 
+BASELINE = ("import mpi4py.MPI, torch, transformers, datasets, lldist.surface, lldist.runs.surface\n"
+            "import transformers.models.gpt2.modeling_gpt2\n"
+            "print(max(int(ln.split()[1]) for ln in open('/proc/self/status') if ln.startswith('VmHWM')) / 1024)")
+
+
+def baseline_mib() -> float:
+    """The peak resident set of a process that imports the code a rank imports and nothing
+    more: torch, transformers (and GPT-2's modeling module), datasets, mpi4py, lldist. No model,
+    no data: what no group size changes."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", BASELINE], env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
+
+
+def _seeded_gpt2(path: str) -> None:
+    """GPT-2 small at its seeded initialization, as safetensors (read by rows in shard groups)."""
+    from ..config import ModelConfig
+    from ..workloads.models import build_model, save_checkpoint
+    save_checkpoint(build_model(ModelConfig(f"hf:{ROOT}/jobs/models/gpt2_small", seed=0), (), 0), path,
+                    {"source": "lldist.bench groups: seed 0"})
+
+
 def groups(args) -> list:
     mpiexec = find_mpiexec()
     rows = []
+    base = baseline_mib()
+    print(f"baseline: {base:.0f} MiB (a process importing torch, transformers, GPT-2's modeling code, datasets, mpi4py and lldist)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         cases = [(os.path.splitext(os.path.basename(args.job))[0], os.path.abspath(args.job), os.getcwd())] \
             if args.job else [(m, os.path.join(tmp, f"{m}.yaml"), tmp) for m in args.models]
@@ -88,7 +121,9 @@ def groups(args) -> list:
             if not args.job:
                 with open(job, "w") as f:
                     f.write(JOBS[model])
-            settings = [(1, "data")] + [(k, m) for k in args.sizes if k > 1 for m in ("data", "shard")]
+                if model == "gpt2":
+                    _seeded_gpt2(os.path.join(tmp, "gpt2.safetensors"))
+            settings = [(1, "data")] * (1 in args.sizes) + [(k, m) for k in args.sizes if k > 1 for m in args.modes]
             for k, mode in settings:
                 if args.ranks % k:
                     continue
@@ -96,6 +131,8 @@ def groups(args) -> list:
                 env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
                 cmd = [mpiexec, "-n", str(args.ranks), sys.executable, "-m", "lldist.surface", job, "--out", out,
                        "--set", f"eval.group_size={k}", "--set", f"eval.group_mode={mode}", "--progress-every", "0"]
+                for kv in args.set:
+                    cmd += ["--set", kv]
                 p = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                 mem = Memory(p.pid)
                 mem.start()
@@ -111,16 +148,33 @@ def groups(args) -> list:
                 held = [mem.rss.get(r, float("nan")) for r in range(args.ranks)]
                 row = {"model": model, "ranks": args.ranks, "group_size": k, "mode": mode if k > 1 else "-",
                        "cells": cells, "seconds": secs, "cells_s": cells / secs,
-                       "peak_mib_per_rank": peaks, "held_mib_per_rank": held,
-                       "peak_mib_max": float(np.nanmax(peaks)), "held_mib_max": float(np.nanmax(held))}
+                       "peak_mib_per_rank": peaks, "held_mib_per_rank": held, "baseline_mib": base,
+                       "peak_mib_max": float(np.nanmax(peaks)), "held_mib_max": float(np.nanmax(held)),
+                       "peak_above_baseline_mib": float(np.nanmax(peaks)) - base,
+                       "by_rows": "built on the meta device" in stdout}
+                one = row if k == 1 else next((r for r in rows if r["model"] == model and r["group_size"] == 1), None)
+                row["peak_above_baseline_vs_1"] = row["peak_above_baseline_mib"] / one["peak_above_baseline_mib"] \
+                    if one else float("nan")
+                row["cells_s_vs_1"] = row["cells_s"] / one["cells_s"] if one else float("nan")
+                row["seconds_per_cell"] = secs / cells * args.ranks / k  # a group's time for one cell
+                if args.keep:
+                    os.makedirs(args.keep, exist_ok=True)
+                    shutil.copy(out, os.path.join(args.keep, os.path.basename(out)))
                 rows.append(row)
                 print(f"{model:5s} {args.ranks} ranks, groups of {k} ({row['mode']:5s}): {row['cells_s']:7.2f} cells/s, "
-                      f"peak {row['peak_mib_max']:6.0f} MiB a rank, holding {row['held_mib_max']:6.0f} MiB", flush=True)
+                      f"peak {row['peak_mib_max']:6.0f} MiB a rank ({row['peak_above_baseline_mib']:6.0f} above the "
+                      f"baseline, {row['peak_above_baseline_vs_1']:.2f}x groups of 1), holding {row['held_mib_max']:6.0f} "
+                      f"MiB{', by rows' if row['by_rows'] else ''}", flush=True)
     return rows
 
 
 def markdown(rows: list) -> str:
-    head = ("| model | ranks | group size | mode | cells | cells/s | peak MiB a rank (max) | MiB held a rank at the end "
-            "(max) |\n|---|---|---|---|---|---|---|---|\n")
-    return head + "".join(f"| {r['model']} | {r['ranks']} | {r['group_size']} | {r['mode']} | {r['cells']} | "
-                          f"{r['cells_s']:.2f} | {r['peak_mib_max']:.0f} | {r['held_mib_max']:.0f} |\n" for r in rows)
+    base = rows[0]["baseline_mib"] if rows else float("nan")
+    head = (f"Baseline (a process importing torch, transformers, GPT-2's modeling code, datasets, mpi4py and lldist): {base:.0f} MiB.\n\n"
+            "| model | ranks | group size | mode | built | cells | cells/s | vs groups of 1 | peak MiB a rank (max) | "
+            "above baseline | vs groups of 1 | MiB held a rank at the end (max) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+    return head + "".join(f"| {r['model']} | {r['ranks']} | {r['group_size']} | {r['mode']} | "
+                          f"{'by rows' if r['by_rows'] else 'whole'} | {r['cells']} | {r['cells_s']:.2f} | "
+                          f"{r['cells_s_vs_1']:.2f}x | {r['peak_mib_max']:.0f} | {r['peak_above_baseline_mib']:.0f} | "
+                          f"{r['peak_above_baseline_vs_1']:.2f}x | {r['held_mib_max']:.0f} |\n" for r in rows)

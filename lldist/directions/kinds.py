@@ -91,6 +91,12 @@ def make(m: Making) -> Directions:
     return d
 
 
+def kept_as_recipe(job: Job, loaded) -> bool:
+    """Whether the job's directions are kept as their recipe: each rank regenerates its own
+    rows (random directions, directions.store: recipe, or auto above RECIPE_ABOVE)."""
+    return random.kept_as_recipe(job, loaded)
+
+
 def inputs(job: Job) -> dict:
     """The identity entries of the files the job's kind reads (inputs/identity.py)."""
     hook = getattr(KINDS[kind_of(job)], "inputs", None)
@@ -141,7 +147,7 @@ def materialize(stored: Directions, job: Job, loaded, rows: Optional[dict] = Non
     planes = [materialize(p, job, loaded, rows) for p in stored.planes]
     r = recipes.from_dict(stored.recipe)
     checksums = stored.summary["checksums"]
-    axes = {a: recipes.direction(loaded.theta, loaded.kinds, r, a, rows) for a in checksums}
+    axes = {a: recipes.direction(loaded.theta, loaded.kinds, r, a, rows, loaded.read) for a in checksums}
     for a in axes:  # whole entries by their sha256; a shard's rows by check_rows, with its group
         for n, t in axes[a].items():
             if (rows is None or n not in rows) and recipes.checksum(t) != checksums[a].get(n):
@@ -165,6 +171,8 @@ def check_rows(d: Directions, stored: Directions, job: Job, loaded, rows: dict, 
     """A sharded group's regenerated rows against the file: each entry's rows' float64 sums,
     added over the group by `add_up` (an all-reduce of a float64 tensor, called by every rank
     of the group with the same entries in the same order), give the sum the file stores."""
+    for mine, kept in zip(d.planes, stored.planes):  # directions.repeats: every plane's rows
+        check_rows(mine, kept, job, loaded, rows, add_up)
     if stored.recipe is None or "sums" not in stored.summary:
         return
     sums, norms = stored.summary["sums"], stored.summary["norms"]

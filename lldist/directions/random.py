@@ -89,7 +89,7 @@ def make(m) -> Directions:
     if kept_as_recipe(job, loaded):
         r = Recipe.of(job.directions, names)
         check_moves(job, loaded, Directions(recipe=recipes.to_dict(r)))  # before the work of summing
-        summary = recipes.summarize(loaded.theta, loaded.kinds, r, ("x", "y")[:job.ndim])
+        summary = recipes.summarize(loaded.theta, loaded.kinds, r, ("x", "y")[:job.ndim], loaded.read)
         d = Directions(recipe=recipes.to_dict(r), summary=summary)
         m.log(f"directions kept as their recipe ({r.describe()}): {num_parameters(loaded):,} parameters")
         return d

@@ -27,7 +27,7 @@ import hashlib
 import math
 import re
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -144,24 +144,34 @@ def _rowwise(kind: str, norm: str, ndim: int) -> bool:
 
 
 def parameter(name: str, w: torch.Tensor, kind: str, recipe: Recipe, axis: str,
-              rows: Optional[slice] = None) -> torch.Tensor:
+              rows: Optional[slice] = None, read: Optional[Callable] = None) -> torch.Tensor:
     """One parameter's direction (its rows `rows`, all by default), normalized to theta*'s `w`
-    (the whole parameter), in w's dtype. Zero where the recipe does not move it."""
-    local = w if rows is None or w.dim() == 0 else w[rows]
+    (the whole parameter), in w's dtype. Zero where the recipe does not move it. Where `w` is
+    a meta tensor (a model loaded by rows: its shape alone), `read(name, rows)` gives its
+    values: only the rows `rows` where the norm needs no others, else the whole parameter."""
+    def values(r: Optional[slice]) -> torch.Tensor:
+        if w.is_meta:
+            return read(name, r if w.dim() else None)
+        return w if r is None or w.dim() == 0 else w[r]
     if not recipe.moves(name, kind):
-        return torch.zeros_like(local)
+        shape = tuple(w.shape) if rows is None or w.dim() == 0 else \
+            (len(range(*rows.indices(w.shape[0]))),) + tuple(w.shape[1:])
+        return torch.zeros(shape, dtype=w.dtype)
     if _rowwise(kind, recipe.norm, w.dim()):
         d = gaussian(name, w.shape, recipe.seed, axis, rows)
-        return normalize(d, local.float(), recipe.norm, 0).to(w.dtype)
-    d = normalize(gaussian(name, w.shape, recipe.seed, axis), w.float(), recipe.norm, filter_dim(kind))
-    return (d if rows is None or d.dim() == 0 else d[rows]).to(w.dtype)
+        return normalize(d, values(rows).float(), recipe.norm, 0).to(w.dtype)
+    d = normalize(gaussian(name, w.shape, recipe.seed, axis), values(None).float(), recipe.norm, filter_dim(kind))
+    # the rows as a tensor of their own: a view would keep the whole parameter's direction alive
+    return (d if rows is None or d.dim() == 0 else d[rows].clone()).to(w.dtype)
 
 
-def direction(theta: dict, kinds: dict, recipe: Recipe, axis: str, rows: Optional[dict] = None) -> dict:
+def direction(theta: dict, kinds: dict, recipe: Recipe, axis: str, rows: Optional[dict] = None,
+              read: Optional[Callable] = None) -> dict:
     """{name: tensor}: the direction `axis` over the float state theta (whole tensors), or for
-    each name in `rows` only those rows (a shard's; names missing from `rows` are whole)."""
+    each name in `rows` only those rows (a shard's; names missing from `rows` are whole).
+    `read`: θ*'s values where theta holds meta tensors (see parameter)."""
     rows = rows or {}
-    return {n: parameter(n, w, kinds[n], recipe, axis, rows.get(n)) for n, w in theta.items()}
+    return {n: parameter(n, w, kinds[n], recipe, axis, rows.get(n), read) for n, w in theta.items()}
 
 
 def norms(d: dict) -> dict:
@@ -206,15 +216,16 @@ def from_dict(d: dict) -> Recipe:
                   frozenset(d["trainable"]) if d.get("trainable") is not None else None)
 
 
-def summarize(theta: dict, kinds: dict, recipe: Recipe, axes: tuple) -> dict:
+def summarize(theta: dict, kinds: dict, recipe: Recipe, axes: tuple, read: Optional[Callable] = None) -> dict:
     """What a file keeps beside a recipe, made one parameter at a time (so a model of billions
     of parameters never holds a whole direction): each entry's norm and sha256 per axis, and
     the cosine of x and y. Each entry's float64 sum too: a shard cannot hash the whole, but its
-    rows' sums, added over the group, must give it (see rows_agree)."""
+    rows' sums, added over the group, must give it (see rows_agree). `read`: as for parameter,
+    where theta holds meta tensors (one parameter whole at a time)."""
     out = {"norms": {a: {} for a in axes}, "checksums": {a: {} for a in axes}, "sums": {a: {} for a in axes}}
     dot, sq = 0.0, {a: 0.0 for a in axes}
     for name, w in theta.items():
-        parts = {a: parameter(name, w, kinds[name], recipe, a) for a in axes}
+        parts = {a: parameter(name, w, kinds[name], recipe, a, read=read) for a in axes}
         for a, t in parts.items():
             v = t.double()
             out["norms"][a][name] = float(v.norm())

@@ -29,17 +29,20 @@ def _transposed(module: nn.Module) -> bool:
 
 
 def model_state(model: nn.Module) -> tuple[dict, dict]:
-    """(theta, kinds): detached CPU copies of the float state, and each entry's kind."""
+    """(theta, kinds): detached CPU copies of the float state, and each entry's kind (a meta
+    tensor stays one: its shape and dtype)."""
     params = {n for n, _ in model.named_parameters()}
     transposed = {f"{m_name}.weight" if m_name else "weight" for m_name, m in model.named_modules() if _transposed(m)}
     theta, kinds, seen = {}, {}, set()
-    for name, t in model.state_dict().items():
+    for name, t in model.state_dict(keep_vars=True).items():
         if not t.is_floating_point():
             continue  # e.g. BatchNorm's num_batches_tracked
-        if t.numel() and t.data_ptr() in seen:
+        key = id(t) if t.is_meta else t.data_ptr()  # (meta tensors have no data to point at)
+        if t.numel() and key in seen:
             continue  # a tied weight (a language model's output layer = its embedding): moved once
-        seen.add(t.data_ptr())
-        theta[name] = t.detach().to("cpu", copy=True)
+        seen.add(key)
+        # a parameter on the meta device (a model loaded by rows: inputs/rows.py) is its shape
+        theta[name] = t.detach() if t.is_meta else t.detach().to("cpu", copy=True)
         if name in params:
             kinds[name] = ("weight_t" if name in transposed else "weight") if t.dim() > 1 else "vector"
         else:

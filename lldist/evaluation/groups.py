@@ -27,7 +27,7 @@ from __future__ import annotations
 import math
 import socket
 from datetime import timedelta
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
@@ -99,15 +99,18 @@ def _uses(model: nn.Module) -> dict:
     return {id(p): n for p, n in _counted(model)}
 
 
-def shard_model(model: nn.Module, g: GroupSpec, device: str) -> nn.Module:
+def shard_model(model: nn.Module, g: GroupSpec, device: str, gathered: Optional[torch.dtype] = None) -> nn.Module:
     """FSDP2 over the group: each block, then the root; parameters become Shard(0) DTensors
-    whose local rows a rank updates in place (torch.distributed.fsdp.fully_shard)."""
+    whose local rows a rank updates in place (torch.distributed.fsdp.fully_shard). `gathered`:
+    the dtype each block's parameters are gathered and run in (FSDP2's mixed precision: the rows
+    stay in their own dtype, so θ* + αδ is made in it; eval.precision: bf16), else their own."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mesh = init_device_mesh(torch.device(device).type, (g.size,))
+    policy = MixedPrecisionPolicy(param_dtype=gathered, reduce_dtype=torch.float32) if gathered else MixedPrecisionPolicy()
     for block in blocks(model):
-        fully_shard(block, mesh=mesh)
-    fully_shard(model, mesh=mesh)
+        fully_shard(block, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
     return model
 
 

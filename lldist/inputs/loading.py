@@ -31,6 +31,15 @@ class Loaded:
     kinds: dict
     splits: dict  # split name -> TensorSet, DictSet or BatchList (CPU)
     meta: dict  # checkpoint metadata (train/test accuracy at training time)
+    rows: Optional[object] = None  # inputs.rows.Rows when theta's parameters are shapes (meta
+    #                                tensors): a model loaded by rows; their values are read through it
+
+    def read(self, name: str, rows: Optional[slice] = None) -> torch.Tensor:
+        """θ*'s entry `name`, or its rows `rows` of dim 0, whether held or read by rows."""
+        w = self.theta[name]
+        if w.is_meta:
+            return self.rows.read(name, rows)
+        return w if rows is None or not w.dim() else w[rows]
 
 
 def load_model_and_data(job: Job) -> Loaded:

@@ -38,6 +38,7 @@ from ..evaluation.tasks import Task
 from ..cells.grid import Grid, auto_chunk_size
 from ..directions import kinds
 from ..directions.record import Directions
+from ..inputs import rows
 from ..inputs.loading import Loaded, Source, bn_data
 from ..cells.schedule import Adaptive, Sweep
 from ..store import Output
@@ -68,6 +69,7 @@ class Payload:
     batch_size: int
     cells_per_pass: int
     threads: int = 0  # the CPU threads chosen for this file when the job leaves them automatic (0: each rank's own)
+    by_rows: bool = False  # a shard group builds its model on the meta device and reads its rows (inputs/rows.py)
 
 
 def available_memory() -> int:
@@ -87,6 +89,22 @@ def _return_freed_memory() -> None:
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc: nothing to ask
+        pass
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
+LARGE_BLOCK = 1 << 20
+
+
+def _return_memory_at_once() -> None:
+    """Blocks of 1 MiB and more straight from mmap, handed back to the OS when freed. glibc
+    otherwise raises its mmap threshold as large blocks come and go (up to 32 MiB) and keeps
+    what they free in its heap, so a rank's resident set carried the garbage of its last
+    forward and build (GPT-2 in a shard group of two: 300 MB, a fifth of its peak; each
+    cell's temporaries are then mapped afresh, which bench groups measures)."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK)
+    except (OSError, AttributeError):  # not glibc: its own policy
         pass
 
 
@@ -110,6 +128,7 @@ class SurfaceRun:
     def __init__(self, ctx: runner.Context, get_job: Callable[[], Job], options: RunOptions = RunOptions(),
                  source: Source = Source(), should_stop: Callable[[], Optional[int]] = lambda: None):
         self.ctx, self.get_job, self.options, self.source, self.should_stop = ctx, get_job, options, source, should_stop
+        _return_memory_at_once()
         self.job: Optional[Job] = None
         self.grid: Optional[Grid] = None
         self.output = None  # store.Output (rank 0)
@@ -141,11 +160,12 @@ class SurfaceRun:
         if not job.grid_auto:  # (an automatic grid's identity is known once the trajectory is read: below)
             self.output.refuse_foreign(identity.config(job), self.options.overwrite, job.text)
         ensure_checkpoint(job, self.should_stop, log)
-        loaded = self.source.load(job)
+        loaded = self._load(job)
         task = self.source.make_task(job)
         job = kinds.resolved(job, loaded, log)
-        # the loss, metrics and outputs tried on two examples, before any file exists
-        for data in loaded.splits.values():
+        # the loss, metrics and outputs tried on two examples, before any file exists (a model
+        # loaded by rows is tried by its group, on the rows: build)
+        for data in loaded.splits.values() if loaded.rows is None else ():
             task.check(loaded.model, next(iter(data.batches(2))), getattr(data, "num_classes", 0))
         inputs = {**identity.inputs(job, task), **kinds.inputs(job), **(self.source.files or {})}
         hashes = {"job": identity.job(job, inputs), "config": identity.config(job)}
@@ -177,7 +197,8 @@ class SurfaceRun:
         self.device = device_for_rank(self.ctx.local_rank, job.eval.device)
         if k > 1:  # rank 0 evaluates with its group: its evaluator is built with theirs (build)
             self.schedule = self._schedule(job)
-            return Payload(job, stored, job.eval.batch_size, 1, self._same_threads(job, sf, old_threads))
+            return Payload(job, stored, job.eval.batch_size, 1, self._same_threads(job, sf, old_threads),
+                           loaded.rows is not None)
         # (regenerated here when the file keeps a recipe)
         dirs = kept["dirs"] if kept else kinds.materialize(stored, job, loaded)
         # rank 0 fixes the batch size and cells per pass for every rank: the last float bits
@@ -201,6 +222,25 @@ class SurfaceRun:
         self.cells_per_pass = ev.cells_per_pass
         self.schedule = self._schedule(job)
         return Payload(job, stored, ev.batch_size, ev.cells_per_pass, threads)  # a recipe travels as the recipe
+
+    def _load(self, job: Job) -> Loaded:
+        """What rank 0 prepares from: in a shard group whose model can be read by rows, the
+        model's shapes alone (no rank holds it whole); else the whole model, saying why."""
+        why = rows.whole_because(job, self.source)
+        if why is None:
+            try:
+                loaded = rows.shapes(job)
+            except rows.Unbuildable as e:
+                why = str(e)
+            else:
+                if kinds.kept_as_recipe(job, loaded):
+                    log(f"model {job.model.name}: built on the meta device, each rank of a group reading its rows "
+                        f"of {rows.source_path(job)}")
+                    return loaded
+                why = "its directions are kept as tensors (directions.store: recipe reads them by rows)"
+        if job.eval.group_size > 1 and job.eval.group_mode == "shard":
+            log(f"note: model {job.model.name} is built whole on every rank before it is sharded: {why}")
+        return self.source.load(job)
 
     def _same_threads(self, job: Job, sf, old) -> int:
         """An automatic thread count (runs/threads.py: it follows the machine's load) is chosen
@@ -333,17 +373,23 @@ class SurfaceRun:
         if group is not None and group.size > 1:
             spec = GroupSpec(group.rank, group.size, job.eval.group_mode)
             init_process_group(spec, group.bcast, self.device)
-        loaded = self.source.load(job)
-        rows = None
+        task = self.source.make_task(job)
+        if payload.by_rows:  # on the meta device, sharded, each rank reading its own rows
+            loaded = rows.by_rows(job, spec, self.device)
+            for data in loaded.splits.values():  # (collective: each block's rows are gathered)
+                task.check(loaded.model, next(iter(data.batches(2))), getattr(data, "num_classes", 0))
+        else:
+            loaded = self.source.load(job)
+        mine = None
         if spec is not None and spec.mode == "shard":  # FSDP2 splits every parameter's dim 0
             params = {n for n, _ in loaded.model.named_parameters()}
-            rows = {n: shard_rows(w.shape[0], spec.size, spec.rank) for n, w in loaded.theta.items()
+            mine = {n: shard_rows(w.shape[0], spec.size, spec.rank) for n, w in loaded.theta.items()
                     if n in params and w.dim()}
-        dirs = kinds.materialize(payload.dirs, job, loaded, rows)
-        if rows is not None:
-            kinds.check_rows(dirs, payload.dirs, job, loaded, rows, all_reduce_sum)
+        dirs = kinds.materialize(payload.dirs, job, loaded, mine)
+        if mine is not None:
+            kinds.check_rows(dirs, payload.dirs, job, loaded, mine, all_reduce_sum)
         self.evaluator = make_evaluator(job, loaded, dirs, self.device, payload.batch_size, payload.cells_per_pass,
-                                        self.source.make_task(job), spec)
+                                        task, spec)
         del loaded, dirs  # a sharded rank keeps its rows only: the whole theta* and model go
         _return_freed_memory()
         self.cells_per_pass = self.evaluator.cells_per_pass

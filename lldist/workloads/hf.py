@@ -51,7 +51,7 @@ def is_causal(config) -> bool:
     return any(a.endswith("LMHeadModel") or "ForCausalLM" in a for a in (config.architectures or []))
 
 
-def _has_weights(path: str) -> bool:
+def has_weights(path: str) -> bool:
     return any(os.path.exists(os.path.join(path, f)) for f in
                ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json"))
 
@@ -74,11 +74,12 @@ def model_folder(path: str) -> str:
     return adapter_base(path) or path
 
 
-def build_model(path: str, seed: int) -> torch.nn.Module:
+def build_model(path: str, seed: int, weights: bool = True) -> torch.nn.Module:
     """The config says the number of labels (num_labels), as HuggingFace configs do. A PEFT
     adapter folder (LoRA, ...) is loaded onto its base model with its parameters trainable and
     the base's frozen (pip install 'lldist[peft]'): `directions.params: {trainable_only: true}`
-    then moves the adapter alone."""
+    then moves the adapter alone. `weights=False`: built from the config, the folder's weights
+    not loaded (a loader by rows reads them)."""
     base = adapter_base(path)
     if base is not None:
         try:
@@ -96,7 +97,7 @@ def build_model(path: str, seed: int) -> torch.nn.Module:
     config = _config(path)
     auto = transformers.AutoModelForCausalLM if is_causal(config) else transformers.AutoModelForSequenceClassification
     try:
-        if os.path.isdir(path) and not _has_weights(path):
+        if os.path.isdir(path) and (not weights or not has_weights(path)):
             torch.manual_seed(seed)
             return auto.from_config(config)
         return auto.from_pretrained(path)

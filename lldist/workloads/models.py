@@ -129,8 +129,10 @@ def _check_builtin_args(name: str, args: dict) -> None:
             raise UserError(f"model {name}: model.args.batchnorm must be true or false, got {args['batchnorm']!r}")
 
 
-def build_model(cfg: ModelConfig, in_shape: tuple, num_classes: int) -> nn.Module:
-    """A fresh model for data of shape `in_shape` (C, H, W) and `num_classes` classes, seeded."""
+def build_model(cfg: ModelConfig, in_shape: tuple, num_classes: int, weights: bool = True) -> nn.Module:
+    """A fresh model for data of shape `in_shape` (C, H, W) and `num_classes` classes, seeded.
+    `weights=False`: an hf: folder's weights are not loaded (its config builds it; a loader by
+    rows reads them)."""
     torch.manual_seed(cfg.seed)
     name, args = cfg.name, dict(cfg.args)
     _check_builtin_args(name, args)
@@ -146,7 +148,7 @@ def build_model(cfg: ModelConfig, in_shape: tuple, num_classes: int) -> nn.Modul
             model = _torchvision_model("mobilenet_v2", num_classes, cfg.pretrained, args)
         elif name.startswith("hf:"):
             from . import hf
-            model = hf.build_model(name.split(":", 1)[1], cfg.seed)
+            model = hf.build_model(name.split(":", 1)[1], cfg.seed, weights)
         elif name.startswith("torchvision:"):
             model = _torchvision_model(name.split(":", 1)[1], num_classes, cfg.pretrained, args)
         else:
@@ -167,8 +169,8 @@ def build_model(cfg: ModelConfig, in_shape: tuple, num_classes: int) -> nn.Modul
 
 
 def load_checkpoint(model: nn.Module, path: str) -> dict:
-    """Load a state dict saved by lldist.train (or a plain state dict, or a HuggingFace checkpoint
-    folder). Returns its metadata."""
+    """Load a state dict saved by lldist.train (or a plain state dict, a safetensors file, or a
+    HuggingFace checkpoint folder). Returns its metadata."""
     if os.path.isdir(path):
         if not os.path.exists(os.path.join(path, "config.json")):
             raise UserError(f"checkpoint {path} is a folder, but not a HuggingFace checkpoint (no config.json): "
@@ -180,15 +182,56 @@ def load_checkpoint(model: nn.Module, path: str) -> dict:
             raise UserError(f"checkpoint {path} does not fit model {type(model).__name__}: no {sorted(missing)[0]}")
         model.load_state_dict(state, strict=False)
         return {"checkpoint_folder": os.path.abspath(path)}
+    obj, meta = read_checkpoint(path)
+    for name, twin in tied(model).items():  # a file that saved a tied tensor once (safetensors)
+        if name not in obj and twin in obj:
+            obj[name] = obj[twin]
+    try:
+        model.load_state_dict(obj, strict=True)
+    except RuntimeError as e:
+        first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:3]
+        raise UserError(f"checkpoint {path} does not fit model {type(model).__name__}: {' '.join(first)[:300]}")
+    return meta
+
+
+def is_safetensors(path: str) -> bool:
+    """A safetensors file: by its name, or by its header (8 bytes of length, then JSON)."""
+    if path.endswith(".safetensors"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") < (1 << 32)
+
+
+META_KEY = "lldist_meta"  # a safetensors file's metadata entry holding lldist's (JSON)
+
+
+def read_checkpoint(path: str, mmap: bool = False) -> tuple:
+    """(state dict, metadata) of a checkpoint file: lldist's {"state_dict", "meta"} or a plain
+    state dict saved by torch.save, or a safetensors file. With `mmap`, a torch file's tensors
+    are memory-mapped (only what is touched is paged in), and a safetensors file's tensors are
+    left to read by the caller: (None, metadata)."""
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint {path} does not exist")
+    if is_safetensors(path):
+        return _read_safetensors(path, mmap)
     try:
         with warnings.catch_warnings():  # torch warns of a plain pickle's protocol in two lines of its own
             warnings.simplefilter("ignore", UserWarning)
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except FileNotFoundError:
         raise UserError(f"checkpoint {path} does not exist")
     except Exception as e:  # corrupt, truncated, or not a torch file
         import re
         text = str(e)
+        if mmap and "mmap" in text:  # torch's old (non-zip) format cannot be mapped: read whole
+            from .notes import note
+            note(f"checkpoint {path} is in torch's old (non-zip) format, which cannot be memory-mapped: each rank "
+                 "reads it whole (save it again with torch.save, or as safetensors, to read it by rows)")
+            return read_checkpoint(path)
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
         if found:  # torch's own text is a page of advice; the class it refused is what matters
             raise UserError(f"checkpoint {path} holds a Python object ({found.group(1)}) that lldist does not "
@@ -209,12 +252,24 @@ def load_checkpoint(model: nn.Module, path: str) -> dict:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"checkpoint {path} holds no state dict of tensors")
+    return obj, meta
+
+
+def _read_safetensors(path: str, lazy: bool) -> tuple:
+    import json
     try:
-        model.load_state_dict(obj, strict=True)
-    except RuntimeError as e:
-        first = [ln.strip() for ln in str(e).splitlines() if ln.strip()][1:3]
-        raise UserError(f"checkpoint {path} does not fit model {type(model).__name__}: {' '.join(first)[:300]}")
-    return meta
+        from safetensors import safe_open
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get(META_KEY)
+            state = None if lazy else {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # a truncated file, a damaged header
+        raise UserError(f"checkpoint {path} cannot be read as safetensors ({type(e).__name__}: "
+                        f"{' '.join(str(e).split())[:200]})")
+    try:
+        meta = plain_meta(json.loads(raw)) if raw else {}
+    except ValueError:
+        meta = {"meta": raw}
+    return state, meta
 
 
 def plain_meta(meta) -> dict:
@@ -233,10 +288,32 @@ def plain_meta(meta) -> dict:
     return plain(meta) if isinstance(meta, dict) else {"meta": plain(meta)}
 
 
+def tied(model: nn.Module) -> dict:
+    """{name: the name it shares its tensor with} for the state entries a model holds twice (a
+    language model's output layer tied to its embedding), each against its first name."""
+    first, out = {}, {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in first:
+            out[name] = first[id(t)]
+        else:
+            first[id(t)] = name
+    return out
+
+
 def save_checkpoint(model: nn.Module, path: str, meta: dict) -> None:
-    """Written to a temporary name and renamed, so a killed run never leaves half a checkpoint."""
+    """Written to a temporary name and renamed, so a killed run never leaves half a checkpoint.
+    A path ending in .safetensors gets a safetensors file (a tied tensor saved once, the
+    metadata as JSON); any other torch's zip format, which is memory-mapped too when read by
+    rows (inputs/rows.py): both let a rank of a shard group read only its rows."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"state_dict": state, "meta": meta}, tmp)
+    if path.endswith(".safetensors"):
+        import json
+        from safetensors.torch import save_file
+        twins = tied(model)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in twins}
+        save_file(state, tmp, metadata={META_KEY: json.dumps(plain_meta(meta))})
+    else:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        torch.save({"state_dict": state, "meta": meta}, tmp)
     os.replace(tmp, path)

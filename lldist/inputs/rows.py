@@ -1,0 +1,306 @@
+"""A model that no rank holds whole (eval.group_mode: shard): built with its parameters on the
+meta device, sharded by FSDP2, and each rank reading only its own rows of θ* from the
+checkpoint. Rank 0 prepares the file from the shapes alone.
+
+    ckpt = Checkpoint.open("runs/llm/model.safetensors")   # a file (.safetensors, .pt) or a HuggingFace folder
+    ckpt.shape("lm_head.weight"); ckpt.read("fc.weight", slice(0, 128))   # the shape; those rows only
+    loaded = shapes(job, splits)               # Loaded: θ*'s parameters as meta tensors (rank 0's prepare)
+    loaded = by_rows(job, group, device)       # Loaded: the sharded model holding this rank's rows
+    why = whole_because(job, source)           # None, or why this job's model is built whole on each rank
+
+Formats read by rows: a safetensors file (a tensor's rows are one byte range: only it is read); a
+HuggingFace folder with model.safetensors or sharded safetensors and their index; a torch file
+(lldist's {"state_dict", "meta"} or a plain state dict) in torch's zip format, memory-mapped, so
+that only the pages of the rows read are touched. A torch file of the old non-zip format cannot
+be mapped: it is read whole, with a note (models.read_checkpoint).
+
+What a rank holds: its rows of each parameter, the buffers whole (they are small: statistics,
+rotary caches), and for a moment one parameter whole where a direction's norm spans rows (a
+transposed Conv1D weight, directions.norm: layer). Parameters are made on the meta device by
+registering them there as they are made (buffers stay real: a rotary cache or position ids
+computed in __init__ keep their values); a model whose __init__ needs its parameters' values
+cannot be built so and is built whole, with a note naming it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import Job
+from ..directions.state import model_state
+from ..errors import UserError
+from ..evaluation.evaluator import AUTOCAST
+from ..evaluation.groups import GroupSpec, local, shard_model, shard_rows
+from ..workloads.data import load_split
+from ..workloads.models import build_model, is_safetensors, read_checkpoint, tied
+
+INDEX = "model.safetensors.index.json"
+
+
+# ----------------------------------------------------------------------------- the checkpoint
+
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+class _Safetensors:
+    """One safetensors file, read by byte ranges: its header says where each tensor's bytes
+    are, and rows of dim 0 are one contiguous range, read straight into a new tensor (no
+    mapping of the file, so no page of it counts in this rank's memory)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                header = json.loads(f.read(n))
+            header.pop("__metadata__", None)
+            self.entries = {k: (DTYPES[v["dtype"]], tuple(v["shape"]), 8 + n + int(v["data_offsets"][0]))
+                            for k, v in header.items()}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UserError(f"checkpoint {path} cannot be read as safetensors ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200]})")
+
+    def keys(self) -> list:
+        return list(self.entries)
+
+    def shape(self, key: str) -> tuple:
+        return self.entries[key][1]
+
+    def read(self, key: str, rows: Optional[slice]) -> torch.Tensor:
+        dtype, shape, offset = self.entries[key]
+        if rows is not None and shape:
+            start, stop, _ = rows.indices(shape[0])
+            row = math.prod(shape[1:]) * dtype.itemsize
+            offset, shape = offset + start * row, (max(0, stop - start),) + shape[1:]
+        out = torch.empty(shape, dtype=dtype)
+        view = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
+        if view is not None:
+            with open(self.path, "rb") as f:
+                f.seek(offset)
+                if f.readinto(view) != view.size:
+                    raise UserError(f"checkpoint {self.path} is truncated: {key} is cut short")
+        return out
+
+
+class _Mapped:
+    """A torch file's state dict, memory-mapped."""
+
+    def __init__(self, path: str, state: dict):
+        self.path, self.state = path, state
+
+    def keys(self) -> list:
+        return list(self.state)
+
+    def shape(self, key: str) -> tuple:
+        return tuple(self.state[key].shape)
+
+    def read(self, key: str, rows: Optional[slice]) -> torch.Tensor:
+        t = self.state[key]
+        return (t if rows is None or not t.dim() else t[rows]).clone()
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint's entries, each readable whole or by rows of dim 0, from whichever file of
+    it holds the entry."""
+    path: str
+    files: dict  # entry -> _Safetensors | _Mapped
+    meta: dict = field(default_factory=dict)
+
+    @classmethod
+    def open(cls, path: str) -> "Checkpoint":
+        if os.path.isdir(path):
+            return cls._folder(path)
+        if is_safetensors(path):
+            _, meta = read_checkpoint(path, mmap=True)
+            f = _Safetensors(path)
+            return cls(path, {k: f for k in f.keys()}, meta)
+        state, meta = read_checkpoint(path, mmap=True)
+        f = _Mapped(path, state)
+        return cls(path, {k: f for k in f.keys()}, meta)
+
+    @classmethod
+    def _folder(cls, path: str) -> "Checkpoint":
+        index = os.path.join(path, INDEX)
+        if os.path.exists(index):
+            try:
+                with open(index) as fh:
+                    weight_map = json.load(fh)["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise UserError(f"checkpoint {path}: {INDEX} cannot be read ({type(e).__name__}: {e})")
+            shards = {}
+            for shard in sorted(set(weight_map.values())):
+                file = os.path.join(path, shard)
+                if not os.path.exists(file):
+                    raise UserError(f"checkpoint {path}: {INDEX} names shard {shard}, which is not in the folder")
+                shards[shard] = _Safetensors(file)
+            return cls(path, {k: shards[s] for k, s in weight_map.items()}, {"checkpoint_folder": os.path.abspath(path)})
+        for name in ("model.safetensors", "pytorch_model.bin"):
+            file = os.path.join(path, name)
+            if os.path.exists(file):
+                ck = cls.open(file)
+                ck.path, ck.meta = path, {"checkpoint_folder": os.path.abspath(path)}
+                return ck
+        raise UserError(f"checkpoint {path}: no model.safetensors, {INDEX} or pytorch_model.bin in the folder")
+
+    def shape(self, key: str) -> tuple:
+        return self.files[key].shape(key)
+
+    def read(self, key: str, rows: Optional[slice] = None) -> torch.Tensor:
+        """The entry `key`, or its rows `rows` of dim 0 (only those bytes read)."""
+        return self.files[key].read(key, rows)
+
+
+def source_path(job: Job) -> Optional[str]:
+    """Where θ* is read from: model.checkpoint, else an hf: model folder that holds weights."""
+    if job.model.checkpoint:
+        return job.model.checkpoint
+    if job.model.name.startswith("hf:"):
+        from ..workloads import hf
+        path = job.model.name.split(":", 1)[1]
+        if os.path.isdir(path) and hf.has_weights(path):
+            return path
+    return None
+
+
+# ----------------------------------------------------------------------------- building on meta
+
+@contextlib.contextmanager
+def parameters_on_meta():
+    """Parameters registered inside are meta tensors: a shape and a dtype, no memory (the one a
+    layer's __init__ allocates, untouched, is freed at once). Buffers stay as they are made."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, param):
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+        register(module, name, param)
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+class Unbuildable(Exception):
+    """The model cannot be built with its parameters on the meta device: built whole instead."""
+
+
+def skeleton(job: Job, first) -> nn.Module:
+    """The job's model with its parameters on the meta device (weights are not loaded)."""
+    try:
+        with parameters_on_meta():
+            return build_model(job.model, first.in_shape, first.num_classes, weights=False)
+    except UserError:
+        raise
+    except Exception as e:  # an __init__ that reads its parameters' values (meta tensors have none)
+        raise Unbuildable(f"model {job.model.name} cannot be built on the meta device ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:160]})")
+
+
+@dataclass
+class Rows:
+    """θ*'s values where a Loaded holds only its parameters' shapes (meta tensors): read from
+    the checkpoint, whole or by rows (a rank's own rows are read again rather than taken from
+    its model, which FSDP may hold gathered after a forward)."""
+    checkpoint: Checkpoint
+    keys: dict  # state entry -> the checkpoint's key for it
+
+    def read(self, name: str, rows: Optional[slice] = None) -> torch.Tensor:
+        return self.checkpoint.read(self.keys[name], rows)
+
+
+def _keys(model: nn.Module, ckpt: Checkpoint, job: Job) -> dict:
+    """Each persistent state entry's key in the checkpoint (a tied twin once), every shape
+    checked: the entry's own name, its twin's, or the name without the model's base prefix
+    (HuggingFace's base models save without it)."""
+    twins = tied(model)
+    aliases = {}
+    for name, twin in twins.items():
+        aliases.setdefault(twin, []).append(name)
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    out = {}
+    for name, w in model.state_dict(keep_vars=True).items():
+        if name in twins:
+            continue
+        names = [name] + aliases.get(name, []) + ([name[len(prefix) + 1:]] if prefix and name.startswith(prefix + ".")
+                                                   else [])
+        key = next((k for k in names if k in ckpt.files), None)
+        if key is None:
+            raise UserError(f"checkpoint {ckpt.path} does not fit model {job.model.name}: it has no entry {name}")
+        if tuple(ckpt.shape(key)) != tuple(w.shape):
+            raise UserError(f"checkpoint {ckpt.path} does not fit model {job.model.name}: {name} is "
+                            f"{tuple(ckpt.shape(key))} there, {tuple(w.shape)} in the model")
+        out[name] = key
+    return out
+
+
+def _splits(job: Job) -> dict:
+    return {s: load_split(job.data, s, model_name=job.model.name) for s in job.splits}
+
+
+def shapes(job: Job, splits: Optional[dict] = None):
+    """What rank 0 prepares a file from: the model with its parameters as meta tensors and its
+    buffers read from the checkpoint; θ*'s parameters are shapes, read through `Loaded.rows`."""
+    from .loading import Loaded
+    splits = splits if splits is not None else _splits(job)
+    model = skeleton(job, next(iter(splits.values())))
+    ckpt = Checkpoint.open(source_path(job))
+    keys = _keys(model, ckpt, job)
+    with torch.no_grad():
+        for name, b in model.named_buffers():  # small and real: the checkpoint's, as a whole load gives
+            if name in keys:
+                b.copy_(ckpt.read(keys[name]))
+    theta, kinds = model_state(model)
+    return Loaded(model, theta, kinds, splits, ckpt.meta, rows=Rows(ckpt, keys))
+
+
+def by_rows(job: Job, group: GroupSpec, device: str):
+    """The model sharded over the group, each rank allocating and reading only its own rows of
+    every parameter (collective: every rank of the group calls it)."""
+    loaded = shapes(job)
+    model, keys, ckpt = loaded.model, loaded.rows.keys, loaded.rows.checkpoint
+    buffers = dict(model.named_buffers())  # to_empty replaces them: these keep the values
+    model.eval()
+    shard_model(model, group, device, AUTOCAST[job.eval.precision])  # bf16: gathered in it
+    model.to_empty(device=device)  # this rank's rows of each parameter, and the buffers, allocated
+    with torch.no_grad():
+        for name, b in buffers.items():
+            model.get_buffer(name).copy_(b)
+        for name, p in model.named_parameters():
+            rows = shard_rows(p.shape[0], group.size, group.rank) if p.dim() else None
+            part = local(p)
+            if rows is not None and part.shape[0] != rows.stop - rows.start:
+                raise RuntimeError(f"{name}: FSDP holds {part.shape[0]} rows here, lldist expected {rows}")
+            part.copy_(ckpt.read(keys[name], rows))
+    return loaded
+
+
+def whole_because(job: Job, source) -> Optional[str]:
+    """Why this job's model is built whole on every rank rather than by rows, or None. By rows
+    needs a sharded group, the job file's model, a checkpoint to read rows from, and random
+    directions (the caller checks they are kept as their recipe: tensors would travel whole
+    to every rank)."""
+    if job.eval.group_size < 2 or job.eval.group_mode != "shard":
+        return "not a sharded group"
+    if getattr(source, "loader", None) is not None or job.model.name.startswith("object:"):
+        return "the model is given from Python"
+    if source_path(job) is None:
+        return "it has no checkpoint to read rows from (its seeded initialization is made whole)"
+    if job.model.name.startswith("hf:"):
+        from ..workloads import hf
+        if hf.adapter_base(job.model.name.split(":", 1)[1]) is not None:
+            return "a PEFT adapter is loaded onto its base model whole"
+    if job.directions.kind != "random" or job.directions.target:
+        return f"directions.kind {job.directions.kind} is made whole (only random directions are made by rows)"
+    return None

@@ -1,0 +1,83 @@
+"""Every feature in rank groups (issue 32 item 4): directions.repeats, adaptive grids, per-cell
+curvature maps and eval.bn: recompute, each computed by a real group of MPI ranks (a shard
+group builds its model on the meta device and reads its rows) and equal to one process."""
+
+import h5py
+import numpy as np
+import pytest
+from conftest import run, write_job
+from test_groups import mpirun
+
+ADAPTIVE = {"coarse": 4, "tolerance": 0.2, "levels": 10}
+
+
+def arrays(path):
+    with h5py.File(path, "r") as f:
+        return {q: f[f"test/{q}"][()] for q in f["test"]}, f["done"][()]
+
+
+def same_as_one_process(job, workdir, k, mode, *extra, ranks=None):
+    """The group's file against one process's: every quantity of every cell, bit for bit
+    (NaN where neither computed: an adaptive grid's interpolated cells are not stored)."""
+    if not (workdir / "one.h5").exists():
+        run(["lldist.surface", job, "--out", "one.h5", *extra], workdir)
+    out = f"{mode}{k}.h5"
+    p = mpirun(ranks or k, job, workdir, "--out", out, "--set", f"eval.group_size={k}", "--set",
+               f"eval.group_mode={mode}", *extra)
+    assert ("built on the meta device" in p.stdout) == (mode == "shard"), p.stdout
+    (a, da), (b, db) = arrays("one.h5"), arrays(out)
+    np.testing.assert_array_equal(da, db)
+    assert a.keys() == b.keys()
+    for q in a:
+        np.testing.assert_array_equal(a[q][da], b[q][db], err_msg=q)
+    return p
+
+
+def mlp(workdir, **kw):
+    return write_job(workdir / "job.yaml", model={"name": "mlp", "checkpoint": "model.pt", "args": {"hidden": [32, 16]}},
+                     **{"eval": {"batch_size": 40, "chunk_size": 2, "threads": 1}, **kw})
+
+
+@pytest.mark.parametrize("mode", ["shard", "data"])
+def test_repeats_in_groups_equal_one_process(workdir, mode):
+    """directions.repeats: 3 planes, each rank of a shard group regenerating its rows of each."""
+    job = mlp(workdir, grid={"x": [-1, 1, 4], "y": [-1, 1, 3]},
+              directions={"seed": 3, "repeats": 3, "store": "recipe"})
+    same_as_one_process(job, workdir, 2, mode)
+    with h5py.File("shard2.h5" if mode == "shard" else "data2.h5", "r") as f:
+        assert f["test/loss"].shape[0] == 3 and f["done"][()].all()
+
+
+@pytest.mark.slow
+def test_an_adaptive_grid_in_shard_groups_equals_one_process(workdir):
+    """Two groups of two: the schedule takes their chunks as they come, and computes the cells
+    one process computes, with its values."""
+    job = mlp(workdir, grid={"x": [-1.0, 1.0, 21], "y": [-1.0, 1.0, 21], "adaptive": ADAPTIVE},
+              directions={"seed": 3, "store": "recipe"}, eval={"batch_size": 40, "chunk_size": 4, "threads": 1})
+    same_as_one_process(job, workdir, 2, "shard", ranks=4)
+    _, done = arrays("shard2.h5")
+    assert 0.05 < done.mean() < 1.0
+
+
+@pytest.mark.slow
+def test_curvature_maps_in_a_data_group_equal_one_process_and_shard_says_why_not(workdir):
+    job = mlp(workdir, grid={"x": [-1, 1, 3], "y": [-1, 1, 2]},
+              eval={"batch_size": 40, "chunk_size": 1, "threads": 1, "curvature": True, "curvature_batches": 2})
+    same_as_one_process(job, workdir, 2, "data")
+    assert "lambda_max" in arrays("data2.h5")[0]
+    p = mpirun(2, job, workdir, "--out", "s.h5", "--set", "eval.group_size=2", "--set", "eval.group_mode=shard",
+               check=False)
+    assert p.returncode == 2 and "double backward does not pass through FSDP2" in p.stderr, p.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["shard", "data"])
+def test_bn_recompute_in_groups_equals_one_process(workdir, mode):
+    """eval.bn: recompute: every rank of the group takes BatchNorm's statistics on every train
+    batch through the (sharded) model: the statistics, and so the cells, are one rank's."""
+    job = write_job(workdir / "job.yaml", model={"name": "cnn_skip", "checkpoint": "model.pt",
+                                                  "args": {"width": 8, "stages": 2}},
+                    data={"name": "digits", "subset": 120}, grid={"x": [-1, 1, 3], "y": [-1, 1, 2]},
+                    directions={"seed": 3, "store": "recipe"},
+                    eval={"batch_size": 40, "chunk_size": 1, "threads": 1, "bn": "recompute"})
+    same_as_one_process(job, workdir, 2, mode)
