@@ -87,18 +87,42 @@ class Memory(threading.Thread):
             time.sleep(0.1)
 
 
-BASELINE = ("import mpi4py.MPI, torch, transformers, datasets, lldist.surface, lldist.runs.surface\n"
-            "import transformers.models.gpt2.modeling_gpt2\n"
+BASELINE = ("import importlib, mpi4py.MPI, torch, lldist.surface, lldist.runs.surface\n"
+            "for m in {0!r}: importlib.import_module(m)\n"
             "print(max(int(ln.split()[1]) for ln in open('/proc/self/status') if ln.startswith('VmHWM')) / 1024)")
 
 
-def baseline_mib() -> float:
+def model_type(job: str, cwd: str):
+    """The transformers architecture of a job's hf: model (its config's model_type), or None."""
+    import json
+
+    import yaml
+    with open(job) as f:
+        name = ((yaml.safe_load(f) or {}).get("model") or {}).get("name", "")
+    if not name.startswith("hf:"):
+        return None
+    try:
+        with open(os.path.join(cwd, name.split(":", 1)[1], "config.json")) as f:
+            return json.load(f)["model_type"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def baseline_mib(architecture=None) -> float:
     """The peak resident set of a process that imports the code a rank imports and nothing
-    more: torch, transformers (and GPT-2's modeling module), datasets, mpi4py, lldist. No model,
-    no data: what no group size changes."""
+    more: torch, mpi4py, lldist, and for an hf: model transformers with the model's modeling
+    module and datasets. No model, no data: what no group size changes."""
+    extra = ["transformers", "datasets", f"transformers.models.{architecture}.modeling_{architecture}"] \
+        if architecture else []
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-c", BASELINE], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", BASELINE.format(extra)], env=env, capture_output=True,
+                         text=True, check=True)
     return float(out.stdout.split()[-1])
+
+
+def _code(architecture) -> str:
+    return (f"torch, transformers, {architecture}'s modeling code, datasets, mpi4py and lldist" if architecture
+            else "torch, mpi4py and lldist")
 
 
 def _seeded_gpt2(path: str) -> None:
@@ -112,8 +136,6 @@ def _seeded_gpt2(path: str) -> None:
 def groups(args) -> list:
     mpiexec = find_mpiexec()
     rows = []
-    base = baseline_mib()
-    print(f"baseline: {base:.0f} MiB (a process importing torch, transformers, GPT-2's modeling code, datasets, mpi4py and lldist)", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         cases = [(os.path.splitext(os.path.basename(args.job))[0], os.path.abspath(args.job), os.getcwd())] \
             if args.job else [(m, os.path.join(tmp, f"{m}.yaml"), tmp) for m in args.models]
@@ -123,6 +145,9 @@ def groups(args) -> list:
                     f.write(JOBS[model])
                 if model == "gpt2":
                     _seeded_gpt2(os.path.join(tmp, "gpt2.safetensors"))
+            arch = model_type(job, cwd)
+            base = baseline_mib(arch)
+            print(f"{model}: baseline {base:.0f} MiB (a process importing {_code(arch)})", flush=True)
             settings = [(1, "data")] * (1 in args.sizes) + [(k, m) for k in args.sizes if k > 1 for m in args.modes]
             for k, mode in settings:
                 if args.ranks % k:
@@ -150,7 +175,7 @@ def groups(args) -> list:
                        "cells": cells, "seconds": secs, "cells_s": cells / secs,
                        "peak_mib_per_rank": peaks, "held_mib_per_rank": held, "baseline_mib": base,
                        "peak_mib_max": float(np.nanmax(peaks)), "held_mib_max": float(np.nanmax(held)),
-                       "peak_above_baseline_mib": float(np.nanmax(peaks)) - base,
+                       "peak_above_baseline_mib": float(np.nanmax(peaks)) - base, "architecture": arch,
                        "by_rows": "built on the meta device" in stdout}
                 one = row if k == 1 else next((r for r in rows if r["model"] == model and r["group_size"] == 1), None)
                 row["peak_above_baseline_vs_1"] = row["peak_above_baseline_mib"] / one["peak_above_baseline_mib"] \
@@ -169,8 +194,8 @@ def groups(args) -> list:
 
 
 def markdown(rows: list) -> str:
-    base = rows[0]["baseline_mib"] if rows else float("nan")
-    head = (f"Baseline (a process importing torch, transformers, GPT-2's modeling code, datasets, mpi4py and lldist): {base:.0f} MiB.\n\n"
+    head = ("".join(f"Baseline of {m}: {r['baseline_mib']:.0f} MiB (a process importing {_code(r['architecture'])}).\n"
+                    for m, r in {r["model"]: r for r in rows}.items()) + "\n"
             "| model | ranks | group size | mode | built | cells | cells/s | vs groups of 1 | peak MiB a rank (max) | "
             "above baseline | vs groups of 1 | MiB held a rank at the end (max) |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|---|\n")
