@@ -217,3 +217,15 @@ def test_killed_while_loading_or_computing_resumes_to_the_same_file(workdir):
         compare("whole.h5", out, exact=True)
         with h5py.File(out, "r") as f:
             assert f["directions"].attrs["store"] == "recipe"
+
+
+def test_a_folders_weights_are_the_jobs_identity(workdir):
+    """θ* read from an hf: folder's weights (no model.checkpoint) is in the job's identity,
+    streamed from its files: other weights in the folder are another job, not a resume."""
+    folder = seeded_folder("tiny_gpt", workdir / "model")
+    job = write_job(workdir / "job.yaml", model={"name": f"hf:{folder}", "checkpoint": None}, data=TEXT, train=None,
+                    grid={"x": [-1, 1, 3], "y": None}, eval={"batch_size": 7, "threads": 1, "loss": "lm"})
+    run(["lldist.surface", job], workdir, HF_HUB_OFFLINE=1)
+    seeded_folder("tiny_gpt", workdir / "model", seed=1)
+    p = run(["lldist.surface", job], workdir, check=False, HF_HUB_OFFLINE=1)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "checkpoint" in p.stderr, p.stderr

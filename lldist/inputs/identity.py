@@ -95,6 +95,12 @@ def file(path: str) -> str:
     return h.hexdigest()
 
 
+def _weights_folder(path: str) -> bool:
+    """A local HuggingFace folder that holds weights (not a config alone, not a hub name)."""
+    from ..workloads.hf import has_weights
+    return os.path.isdir(path) and has_weights(path)
+
+
 def data_files(cfg, splits) -> str:
     """A hash of the files a job reads its examples from: the same `data.root` holding other
     images must not resume a file computed on the first ones. CIFAR-10: the content of each
@@ -147,6 +153,8 @@ def inputs(job_: Job, task_=None) -> dict:
     out = {}
     if job_.model.checkpoint:
         out["checkpoint"] = file(job_.model.checkpoint)
+    elif job_.model.name.startswith("hf:") and _weights_folder(job_.model.name.split(":", 1)[1]):
+        out["checkpoint"] = file(job_.model.name.split(":", 1)[1])  # θ* is the folder's weights
     # eval.bn: recompute reads the train split for its statistics, whichever splits are evaluated
     data = data_files(job_.data, tuple(dict.fromkeys(job_.splits + (("train",) if job_.eval.bn == "recompute" else ()))))
     if data:

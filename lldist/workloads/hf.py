@@ -35,6 +35,10 @@ def require():
     except ImportError as e:
         raise UserError(f"hf: models and data need the HuggingFace libraries ({e.name or e}): "
                         "pip install 'lldist[hf]'")
+    try:  # its "Loading weights" bar, on every rank, stood before lldist's own lines
+        transformers.utils.logging.disable_progress_bar()
+    except AttributeError:
+        pass
     return transformers
 
 
