@@ -229,3 +229,29 @@ def test_a_folders_weights_are_the_jobs_identity(workdir):
     seeded_folder("tiny_gpt", workdir / "model", seed=1)
     p = run(["lldist.surface", job], workdir, check=False, HF_HUB_OFFLINE=1)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "checkpoint" in p.stderr, p.stderr
+
+
+def test_a_model_whose_init_needs_values_is_built_whole_with_a_note(workdir):
+    job = write_job(workdir / "job.yaml", model={"name": "python:userfactories:valued", "checkpoint": "model.pt", "args": {}},
+                    grid={"x": [-1, 1, 3], "y": [-1, 1, 2]}, directions={"seed": 3, "store": "recipe"})
+    run(["lldist.surface", job, "--out", "one.h5"], workdir)
+    p = mpirun(2, job, workdir, "--out", "g.h5", "--set", "eval.group_size=2", "--set", "eval.group_mode=shard")
+    assert "note: model python:userfactories:valued is built whole on every rank before it is sharded: " \
+        "model python:userfactories:valued cannot be built on the meta device" in p.stdout, p.stdout
+    compare("one.h5", "g.h5", exact=True)
+
+
+@pytest.mark.slow
+def test_training_writes_safetensors_that_a_shard_group_reads_by_rows(workdir):
+    """A job whose checkpoint is named .safetensors: lldist.train writes it (and its epochs) as
+    safetensors, a pca job finds the epochs, and a shard group reads its rows."""
+    job = write_job(workdir / "job.yaml", model={"name": "mlp", "checkpoint": "model.safetensors",
+                                                 "args": {"hidden": [32, 16]}},
+                    train={"epochs": 4, "lr": 0.01, "batch_size": 64, "seed": 0},
+                    grid={"x": [-1, 1, 3], "y": [-1, 1, 2]}, directions={"seed": 3, "store": "recipe"})
+    run(["lldist.train", job], workdir)
+    from lldist.workloads.models import is_safetensors
+    assert is_safetensors("model.safetensors") and is_safetensors("model_epoch1.safetensors")
+    by_rows_equals_one_process(workdir, job, 2)
+    run(["lldist.surface", job, "--out", "pca.h5", "--set", "directions.kind=pca", "--set", "directions.store=auto"],
+        workdir)

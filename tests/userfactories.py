@@ -176,3 +176,21 @@ class TiedLM(nn.Module):
 
 def tied_lm():
     return TiedLM()
+
+
+class Valued(nn.Module):
+    """A model whose __init__ reads its own weights' values (a scale fixed at construction):
+    it cannot be built with its parameters on the meta device."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(64, 10)
+        self.scale = float(self.fc.weight.abs().mean())  # a number, from real values
+
+    def forward(self, x):
+        return self.fc(x.flatten(1)) / self.scale
+
+
+def valued():
+    return Valued()

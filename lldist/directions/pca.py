@@ -89,9 +89,10 @@ def trajectory_files(job) -> list:
         if not job.model.checkpoint:
             raise UserError(f"{job.source}: directions.kind: pca needs directions.checkpoints or a model.checkpoint "
                             "whose <stem>_epoch<N>.pt series is the trajectory")
-        stem = os.path.splitext(job.model.checkpoint)[0]
+        stem, ext = os.path.splitext(job.model.checkpoint)
+        ext = ext or ".pt"  # lldist.train's epoch files keep the checkpoint's format (.pt, .safetensors)
         # lldist.train's epoch series, else a Recorder's step series (inputs/recorder.py)
-        pattern = stem + "_epoch*.pt" if len(glob.glob(stem + "_epoch*.pt")) >= 2 or \
+        pattern = stem + "_epoch*" + ext if len(glob.glob(stem + "_epoch*" + ext)) >= 2 or \
             len(glob.glob(stem + "_step*.pt")) < 2 else stem + "_step*.pt"
     final = os.path.abspath(job.model.checkpoint) if job.model.checkpoint else None
 
