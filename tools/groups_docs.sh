@@ -7,7 +7,8 @@
 set -euo pipefail
 ROOT=$(pwd)
 PY=${PY:-$ROOT/.venv/bin/python}
-export PATH=$(dirname "$PY"):$PATH OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
+BIN=$(dirname "$PY")
+export PATH=$BIN:$PATH OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1
 mkdir -p runs/groups_docs
 # GPT-2 small at its seeded initialization, read from safetensors: two groups of one against a
 # shard group of two on 2 ranks (the speed comparison), then sizes 1, 2, 4 on 4 ranks (memory)

@@ -309,7 +309,11 @@ def save_checkpoint(model: nn.Module, path: str, meta: dict) -> None:
     tmp = path + ".tmp"
     if path.endswith(".safetensors"):
         import json
-        from safetensors.torch import save_file
+        try:
+            from safetensors.torch import save_file
+        except ImportError as e:
+            raise UserError(f"checkpoint {path}: writing safetensors needs the safetensors package ({e}): "
+                            "pip install safetensors, or name the checkpoint .pt")
         twins = tied(model)
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k not in twins}
         save_file(state, tmp, metadata={META_KEY: json.dumps(plain_meta(meta))})
