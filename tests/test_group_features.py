@@ -38,7 +38,7 @@ def mlp(workdir, **kw):
                      **{"eval": {"batch_size": 40, "chunk_size": 2, "threads": 1}, **kw})
 
 
-@pytest.mark.parametrize("mode", ["shard", "data"])
+@pytest.mark.parametrize("mode", ["shard", pytest.param("data", marks=pytest.mark.slow)])
 def test_repeats_in_groups_equal_one_process(workdir, mode):
     """directions.repeats: 3 planes, each rank of a shard group regenerating its rows of each."""
     job = mlp(workdir, grid={"x": [-1, 1, 4], "y": [-1, 1, 3]},

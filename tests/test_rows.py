@@ -219,6 +219,7 @@ def test_killed_while_loading_or_computing_resumes_to_the_same_file(workdir):
             assert f["directions"].attrs["store"] == "recipe"
 
 
+@pytest.mark.slow
 def test_a_folders_weights_are_the_jobs_identity(workdir):
     """θ* read from an hf: folder's weights (no model.checkpoint) is in the job's identity,
     streamed from its files: other weights in the folder are another job, not a resume."""
