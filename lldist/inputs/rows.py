@@ -40,7 +40,7 @@ from ..errors import UserError
 from ..evaluation.evaluator import AUTOCAST
 from ..evaluation.groups import GroupSpec, local, shard_model, shard_rows
 from ..workloads.data import load_split
-from ..workloads.models import build_model, is_safetensors, read_checkpoint, tied
+from ..workloads.models import build_model, is_safetensors, lldist_meta, read_checkpoint, tied
 
 INDEX = "model.safetensors.index.json"
 
@@ -63,7 +63,7 @@ class _Safetensors:
             with open(path, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(n))
-            header.pop("__metadata__", None)
+            self.metadata = header.pop("__metadata__", None) or {}
             self.entries = {k: (DTYPES[v["dtype"]], tuple(v["shape"]), 8 + n + int(v["data_offsets"][0]))
                             for k, v in header.items()}
         except (OSError, ValueError, KeyError, TypeError) as e:
@@ -122,9 +122,8 @@ class Checkpoint:
         if os.path.isdir(path):
             return cls._folder(path)
         if is_safetensors(path):
-            _, meta = read_checkpoint(path, mmap=True)
             f = _Safetensors(path)
-            return cls(path, {k: f for k in f.keys()}, meta)
+            return cls(path, {k: f for k in f.keys()}, lldist_meta(f.metadata))
         state, meta = read_checkpoint(path, mmap=True)
         f = _Mapped(path, state)
         return cls(path, {k: f for k in f.keys()}, meta)

@@ -212,12 +212,12 @@ META_KEY = "lldist_meta"  # a safetensors file's metadata entry holding lldist's
 def read_checkpoint(path: str, mmap: bool = False) -> tuple:
     """(state dict, metadata) of a checkpoint file: lldist's {"state_dict", "meta"} or a plain
     state dict saved by torch.save, or a safetensors file. With `mmap`, a torch file's tensors
-    are memory-mapped (only what is touched is paged in), and a safetensors file's tensors are
-    left to read by the caller: (None, metadata)."""
+    are memory-mapped (only what is touched is paged in; inputs/rows.py reads safetensors by
+    rows itself)."""
     if not os.path.exists(path):
         raise UserError(f"checkpoint {path} does not exist")
     if is_safetensors(path):
-        return _read_safetensors(path, mmap)
+        return _read_safetensors(path)
     try:
         with warnings.catch_warnings():  # torch warns of a plain pickle's protocol in two lines of its own
             warnings.simplefilter("ignore", UserWarning)
@@ -255,21 +255,26 @@ def read_checkpoint(path: str, mmap: bool = False) -> tuple:
     return obj, meta
 
 
-def _read_safetensors(path: str, lazy: bool) -> tuple:
-    import json
+def _read_safetensors(path: str) -> tuple:
     try:
         from safetensors import safe_open
         with safe_open(path, framework="pt") as f:
-            raw = (f.metadata() or {}).get(META_KEY)
-            state = None if lazy else {k: f.get_tensor(k) for k in f.keys()}
+            meta = lldist_meta(f.metadata())
+            state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # a truncated file, a damaged header
         raise UserError(f"checkpoint {path} cannot be read as safetensors ({type(e).__name__}: "
                         f"{' '.join(str(e).split())[:200]})")
-    try:
-        meta = plain_meta(json.loads(raw)) if raw else {}
-    except ValueError:
-        meta = {"meta": raw}
     return state, meta
+
+
+def lldist_meta(metadata) -> dict:
+    """lldist's metadata from a safetensors file's (strings only: lldist's is one JSON entry)."""
+    import json
+    raw = (metadata or {}).get(META_KEY)
+    try:
+        return plain_meta(json.loads(raw)) if raw else {}
+    except ValueError:
+        return {"meta": raw}
 
 
 def plain_meta(meta) -> dict:
