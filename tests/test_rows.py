@@ -165,12 +165,15 @@ def test_bad_checkpoints_are_refused_in_one_line_and_nothing_is_written(workdir)
     state = load_file("model.safetensors")
     save_file({k: v for k, v in state.items() if k != "net.1.weight"}, "missing.safetensors")
     save_file({**state, "net.1.weight": state["net.1.weight"][:, :7].contiguous()}, "shape.safetensors")
+    save_file({**state, "net.9.weight": state["net.1.weight"].clone()}, "extra.safetensors")
     checkpoint({"name": "cnn", "args": {"width": 4, "stages": 1}}, (1, 8, 8), 10, "cnn.safetensors")
     job = write_job(workdir / "job.yaml", model=model, train=None)
     assert "missing.safetensors does not fit model mlp: it has no entry net.1.weight" in \
         bad(workdir, job, "--set", "model.checkpoint=missing.safetensors")
     assert "shape.safetensors does not fit model mlp: net.1.weight is (32, 7) there, (32, 64) in the model" in \
         bad(workdir, job, "--set", "model.checkpoint=shape.safetensors")
+    assert "extra.safetensors does not fit model mlp: it has an entry net.9.weight the model does not" in \
+        bad(workdir, job, "--set", "model.checkpoint=extra.safetensors")
     assert "cnn.safetensors does not fit model mlp: it has no entry" in \
         bad(workdir, job, "--set", "model.checkpoint=cnn.safetensors")
     folder = seeded_folder("tiny_gpt", workdir / "gpt")

@@ -241,6 +241,12 @@ def _keys(model: nn.Module, ckpt: Checkpoint, job: Job) -> dict:
             raise UserError(f"checkpoint {ckpt.path} does not fit model {job.model.name}: {name} is "
                             f"{tuple(ckpt.shape(key))} there, {tuple(w.shape)} in the model")
         out[name] = key
+    # entries the model does not have: refused, as a whole load refuses them (a HuggingFace
+    # folder's are left, as from_pretrained leaves them)
+    extra = sorted(set(ckpt.files) - set(out.values()) - set(twins))
+    if extra and not os.path.isdir(ckpt.path):
+        raise UserError(f"checkpoint {ckpt.path} does not fit model {job.model.name}: it has an entry {extra[0]} "
+                        "the model does not")
     return out
 
 
