@@ -26,7 +26,7 @@ from torch import nn
 from ..config import BN_MODES, EvalConfig, eval_conflict
 from ..directions.record import Directions
 from ..workloads.data import TensorSet
-from .groups import GroupSpec, all_reduce_sum, local, shard_model, shard_rows, sharded_modules
+from .groups import GroupSpec, all_reduce_sum, held_rows, local, shard_model, sharded_modules
 from .curves import coefficients, combine, update_bn
 from .tasks import Task, standard_error
 
@@ -149,16 +149,13 @@ class Evaluator:
         end_state = dirs.target
         planes = dirs.planes  # directions.repeats: planes 1..n-1 (plane 0 is dirs itself)
         self.slots = []
-        self._shard_rows = {}  # entry -> (its rows here, its whole length): other planes' directions too
+        self._shard_rows = {}  # entry -> (its rows here or None, θ*'s entry for its shape): other planes' too
         with torch.no_grad():
             for name, w in theta.items():
                 t = local(live[name]) if hasattr(live[name], "to_local") else live[name].data
                 rows = None
                 if hasattr(live[name], "to_local") and w.dim():  # a sharded parameter: this rank's rows
-                    rows = shard_rows(w.shape[0], self.group.size, self.group.rank)
-                    if t.shape[0] != rows.stop - rows.start:
-                        raise RuntimeError(f"{name}: FSDP holds {t.shape[0]} rows here, lldist expected "
-                                           f"{rows.stop - rows.start} ({rows})")
+                    rows = held_rows(name, t, w.shape[0], self.group)
                 part = lambda v: _rows(v, w, rows).to(self.device)  # noqa: E731
                 self._shard_rows[name] = (rows, w)
                 dx = part(dirs.x[name])

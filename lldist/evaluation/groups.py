@@ -49,6 +49,16 @@ def shard_rows(n: int, size: int, rank: int) -> slice:
     return slice(min(n, rank * step), min(n, (rank + 1) * step))
 
 
+def held_rows(name: str, part: torch.Tensor, n: int, g: GroupSpec) -> slice:
+    """This rank's rows of a sharded entry of n rows, checked against `part`, the local rows
+    FSDP holds for it here: were they to differ, every cell would move the wrong rows."""
+    rows = shard_rows(n, g.size, g.rank)
+    if part.shape[0] != rows.stop - rows.start:
+        raise RuntimeError(f"{name}: FSDP holds {part.shape[0]} rows here, lldist expected "
+                           f"{rows.stop - rows.start} ({rows})")
+    return rows
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))

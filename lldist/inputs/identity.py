@@ -95,10 +95,17 @@ def file(path: str) -> str:
     return h.hexdigest()
 
 
-def _weights_folder(path: str) -> bool:
-    """A local HuggingFace folder that holds weights (not a config alone, not a hub name)."""
-    from ..workloads.hf import has_weights
-    return os.path.isdir(path) and has_weights(path)
+def theta_source(job_: Job) -> Optional[str]:
+    """Where θ* is read from: model.checkpoint, else a local hf: folder that holds weights;
+    None for a seeded initialization (or a hub name). Its content is the job's "checkpoint"."""
+    if job_.model.checkpoint:
+        return job_.model.checkpoint
+    if job_.model.name.startswith("hf:"):
+        from ..workloads.hf import has_weights
+        path = job_.model.name.split(":", 1)[1]
+        if os.path.isdir(path) and has_weights(path):
+            return path
+    return None
 
 
 def data_files(cfg, splits) -> str:
@@ -151,10 +158,9 @@ def inputs(job_: Job, task_=None) -> dict:
     (a target, a trajectory, another file's directions, a plane's models) is the kind's to say:
     directions.kinds.inputs(job), beside these."""
     out = {}
-    if job_.model.checkpoint:
-        out["checkpoint"] = file(job_.model.checkpoint)
-    elif job_.model.name.startswith("hf:") and _weights_folder(job_.model.name.split(":", 1)[1]):
-        out["checkpoint"] = file(job_.model.name.split(":", 1)[1])  # θ* is the folder's weights
+    source = theta_source(job_)
+    if source:
+        out["checkpoint"] = file(source)
     # eval.bn: recompute reads the train split for its statistics, whichever splits are evaluated
     data = data_files(job_.data, tuple(dict.fromkeys(job_.splits + (("train",) if job_.eval.bn == "recompute" else ()))))
     if data:

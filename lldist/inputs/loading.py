@@ -42,11 +42,16 @@ class Loaded:
         return w if rows is None or not w.dim() else w[rows]
 
 
+def load_splits(job: Job) -> dict:
+    """The job's evaluation splits, by name (CPU)."""
+    return {s: load_split(job.data, s, model_name=job.model.name) for s in job.splits}
+
+
 def load_model_and_data(job: Job) -> Loaded:
     """Everything each rank loads once: evaluation data, model at theta*."""
     if job.model.name.startswith("object:") or job.data.name.startswith("object:"):
         raise UserError(f"{job.source}: object: models and data are given from Python (lldist.landscape)")
-    splits = {s: load_split(job.data, s, model_name=job.model.name) for s in job.splits}
+    splits = load_splits(job)
     first = next(iter(splits.values()))
     model = build_model(job.model, first.in_shape, first.num_classes)
     meta = load_checkpoint(model, job.model.checkpoint) if job.model.checkpoint else {}

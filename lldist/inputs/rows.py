@@ -4,7 +4,7 @@ checkpoint. Rank 0 prepares the file from the shapes alone.
 
     ckpt = Checkpoint.open("runs/llm/model.safetensors")   # a file (.safetensors, .pt) or a HuggingFace folder
     ckpt.shape("lm_head.weight"); ckpt.read("fc.weight", slice(0, 128))   # the shape; those rows only
-    loaded = shapes(job, splits)               # Loaded: θ*'s parameters as meta tensors (rank 0's prepare)
+    loaded = shapes(job)                       # Loaded: θ*'s parameters as meta tensors (rank 0's prepare)
     loaded = by_rows(job, group, device)       # Loaded: the sharded model holding this rank's rows
     why = whole_because(job, source)           # None, or why this job's model is built whole on each rank
 
@@ -38,8 +38,9 @@ from ..config import Job
 from ..directions.state import model_state
 from ..errors import UserError
 from ..evaluation.evaluator import AUTOCAST
-from ..evaluation.groups import GroupSpec, local, shard_model, shard_rows
-from ..workloads.data import load_split
+from ..evaluation.groups import GroupSpec, held_rows, local, shard_model
+from .identity import theta_source
+from .loading import Loaded, load_splits
 from ..workloads.models import build_model, is_safetensors, lldist_meta, read_checkpoint, tied
 
 INDEX = "model.safetensors.index.json"
@@ -160,18 +161,6 @@ class Checkpoint:
         return self.files[key].read(key, rows)
 
 
-def source_path(job: Job) -> Optional[str]:
-    """Where θ* is read from: model.checkpoint, else an hf: model folder that holds weights."""
-    if job.model.checkpoint:
-        return job.model.checkpoint
-    if job.model.name.startswith("hf:"):
-        from ..workloads import hf
-        path = job.model.name.split(":", 1)[1]
-        if os.path.isdir(path) and hf.has_weights(path):
-            return path
-    return None
-
-
 # ----------------------------------------------------------------------------- building on meta
 
 @contextlib.contextmanager
@@ -250,17 +239,12 @@ def _keys(model: nn.Module, ckpt: Checkpoint, job: Job) -> dict:
     return out
 
 
-def _splits(job: Job) -> dict:
-    return {s: load_split(job.data, s, model_name=job.model.name) for s in job.splits}
-
-
-def shapes(job: Job, splits: Optional[dict] = None):
+def shapes(job: Job) -> Loaded:
     """What rank 0 prepares a file from: the model with its parameters as meta tensors and its
     buffers read from the checkpoint; θ*'s parameters are shapes, read through `Loaded.rows`."""
-    from .loading import Loaded
-    splits = splits if splits is not None else _splits(job)
+    splits = load_splits(job)
     model = skeleton(job, next(iter(splits.values())))
-    ckpt = Checkpoint.open(source_path(job))
+    ckpt = Checkpoint.open(theta_source(job))
     keys = _keys(model, ckpt, job)
     with torch.no_grad():
         for name, b in model.named_buffers():  # small and real: the checkpoint's, as a whole load gives
@@ -270,7 +254,7 @@ def shapes(job: Job, splits: Optional[dict] = None):
     return Loaded(model, theta, kinds, splits, ckpt.meta, rows=Rows(ckpt, keys))
 
 
-def by_rows(job: Job, group: GroupSpec, device: str):
+def by_rows(job: Job, group: GroupSpec, device: str) -> Loaded:
     """The model sharded over the group, each rank allocating and reading only its own rows of
     every parameter (collective: every rank of the group calls it)."""
     loaded = shapes(job)
@@ -283,11 +267,8 @@ def by_rows(job: Job, group: GroupSpec, device: str):
         for name, b in buffers.items():
             model.get_buffer(name).copy_(b)
         for name, p in model.named_parameters():
-            rows = shard_rows(p.shape[0], group.size, group.rank) if p.dim() else None
             part = local(p)
-            if rows is not None and part.shape[0] != rows.stop - rows.start:
-                raise RuntimeError(f"{name}: FSDP holds {part.shape[0]} rows here, lldist expected {rows}")
-            part.copy_(ckpt.read(keys[name], rows))
+            part.copy_(ckpt.read(keys[name], held_rows(name, part, p.shape[0], group) if p.dim() else None))
     return loaded
 
 
@@ -300,7 +281,7 @@ def whole_because(job: Job, source) -> Optional[str]:
         return "not a sharded group"
     if getattr(source, "loader", None) is not None or job.model.name.startswith("object:"):
         return "the model is given from Python"
-    if source_path(job) is None:
+    if theta_source(job) is None:
         return "it has no checkpoint to read rows from (its seeded initialization is made whole)"
     if job.model.name.startswith("hf:"):
         from ..workloads import hf

@@ -235,7 +235,7 @@ class SurfaceRun:
             else:
                 if kinds.kept_as_recipe(job, loaded):
                     log(f"model {job.model.name}: built on the meta device, each rank of a group reading its rows "
-                        f"of {rows.source_path(job)}")
+                        f"of {identity.theta_source(job)}")
                     return loaded
                 why = "its directions are kept as tensors (directions.store: recipe reads them by rows)"
         if job.eval.group_size > 1 and job.eval.group_mode == "shard":
