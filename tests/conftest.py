@@ -104,6 +104,24 @@ def model_and_data(job, checkpoint):
     return model, data
 
 
+def cells_at_least(n):
+    """A progress line saying that n cells or more are done ("cells 8/60 ...")."""
+    return lambda line: line.startswith("cells ") and int(line.split()[1].split("/")[0]) >= n
+
+
+def surface_until(ranks, job, out, cwd, ready):
+    """`mpiexec -n ranks python -m lldist.surface job --out out` with a progress line per step,
+    returned still running once a line of its output (stdout and stderr together) passes
+    `ready`: the moment a test kills it."""
+    p = subprocess.Popen([mpiexec(), "-n", str(ranks), sys.executable, "-m", "lldist.surface", job, "--out", out,
+                          "--progress-every", "0.001"], cwd=cwd, env=env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
+    for line in p.stdout:
+        if ready(line):
+            break
+    return p
+
+
 def done_after_kill(path, timeout=10.0):
     """Cells done in a file whose writer was just SIGKILLed. HDF5 locks the file with flock;
     the kernel releases it once the last descriptor of the dead process is closed, which can

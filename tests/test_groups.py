@@ -6,14 +6,13 @@ here they agree bit for bit too)."""
 
 import os
 import signal
-import subprocess
 import sys
 import time
 
 import h5py
 import numpy as np
 import pytest
-from conftest import ROOT, done_after_kill, env, kill_tree, mpiexec, run, write_job
+from conftest import ROOT, cells_at_least, done_after_kill, kill_tree, mpiexec, run, surface_until, write_job
 
 JOBS = os.path.join(ROOT, "jobs")
 
@@ -147,12 +146,7 @@ def test_killing_one_rank_of_a_group_then_resuming_gives_the_same_file(workdir):
     run(["lldist.surface", job, "--out", "whole.h5", "--set", "eval.group_size=1"], workdir)
     for victim in ("world", "member"):
         out = f"{victim}.h5"
-        p = subprocess.Popen([mpiexec(), "-n", "4", sys.executable, "-m", "lldist.surface", job, "--out", out,
-                              "--progress-every", "0.001"], cwd=workdir, env=env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-        for line in p.stderr:
-            if line.startswith("cells ") and int(line.split()[1].split("/")[0]) >= 8:
-                break
+        p = surface_until(4, job, out, workdir, cells_at_least(8))
         if victim == "world":
             kill_tree(p.pid, signal.SIGKILL)
         else:  # one rank of group 1: the launcher ends the others

@@ -4,13 +4,12 @@ real torch.distributed groups on gloo and real FSDP2; against one process that l
 
 import os
 import signal
-import subprocess
 import sys
 
 import h5py
 import pytest
 import torch
-from conftest import ROOT, done_after_kill, env, kill_tree, mpiexec, run, write_job
+from conftest import ROOT, cells_at_least, done_after_kill, kill_tree, mpiexec, run, surface_until, write_job
 from test_groups import compare, mpirun
 
 from lldist.config import ModelConfig
@@ -198,16 +197,12 @@ def test_killed_while_loading_or_computing_resumes_to_the_same_file(workdir):
                     directions={"store": "recipe"},
                     eval={"batch_size": 60, "chunk_size": 2, "threads": 1, "group_size": 2, "group_mode": "shard"})
     run(["lldist.surface", job, "--out", "whole.h5", "--set", "eval.group_size=1"], workdir)
+    # "loading": once rank 0 has made the directions of the new file, which the group then
+    # builds its model and reads its rows for
+    ready = {"loading": lambda line: "directions kept as their recipe" in line, "computing": cells_at_least(8)}
     for moment in ("loading", "computing"):
         out = f"{moment}.h5"
-        p = subprocess.Popen([mpiexec(), "-n", "2", sys.executable, "-m", "lldist.surface", job, "--out", out,
-                              "--progress-every", "0.001"], cwd=workdir, env=env(), stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-        for line in p.stdout:
-            if moment == "loading" and "built on the meta device" in line:
-                break  # rank 0 has made the file; the group now builds and reads its rows
-            if moment == "computing" and line.startswith("cells ") and int(line.split()[1].split("/")[0]) >= 8:
-                break
+        p = surface_until(2, job, out, workdir, ready[moment])
         if moment == "loading":
             kill_tree(p.pid, signal.SIGKILL)
         else:
