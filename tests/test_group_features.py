@@ -2,10 +2,12 @@
 curvature maps and eval.bn: recompute, each computed by a real group of MPI ranks (a shard
 group builds its model on the meta device and reads its rows) and equal to one process."""
 
+import sys
+
 import h5py
 import numpy as np
 import pytest
-from conftest import run, write_job
+from conftest import mpiexec, run, write_job
 from test_groups import mpirun
 
 ADAPTIVE = {"coarse": 4, "tolerance": 0.2, "levels": 10}
@@ -81,3 +83,65 @@ def test_bn_recompute_in_groups_equals_one_process(workdir, mode):
                     directions={"seed": 3, "store": "recipe"},
                     eval={"batch_size": 40, "chunk_size": 1, "threads": 1, "bn": "recompute"})
     same_as_one_process(job, workdir, 2, mode)
+
+
+# ----------------------------------------------------------------------------- python -m lldist.sharpness
+
+SMALL = ["--set", "sharpness.examples=200", "--set", "sharpness.steps=3", "--set", "sharpness.restarts=3",
+         "--set", "sharpness.draws=5", "--set", "sharpness.m=25", "--set", "sharpness.pac_tol=0.2"]
+COUNTS = ("examples", "batch_size", "num_parameters", "sam_groups", "sam_examples_left_out", "pac_bayes_evaluations",
+          "pac_bayes_bracketed")
+
+
+def sharpness(path):
+    with h5py.File(path, "r") as f:
+        return dict(f["sharpness/train"].attrs)
+
+
+def sharpness_same_as_one_process(job, workdir, ranks, k, mode, *extra, **envs):
+    """Every measure of a run in groups against one process's. The losses are one rank's bit
+    for bit; the ascent's gradients are sums over the members in another order (FSDP2's
+    reduce-scatter, or an all-reduce), so the measures agree to float32 round-off: 1e-6 relative
+    (bit for bit on the MLP here, 2026-12-07)."""
+    import json
+    run(["lldist.surface", job, "--progress-every", "0"], workdir, **envs)
+    run(["lldist.sharpness", job, *SMALL, *extra], workdir, **envs)
+    one = sharpness("out.h5")
+    p = run([mpiexec(), "-n", str(ranks), sys.executable, "-m", "lldist.sharpness", job, *SMALL, *extra,
+             "--set", f"eval.group_size={k}", "--set", f"eval.group_mode={mode}"], workdir, timeout=600, **envs)
+    assert ("built on the meta device" in p.stdout) == (mode == "shard"), p.stdout
+    assert f"in {ranks // k} {mode} group(s) of {k}" in p.stdout, p.stdout
+    grouped = sharpness("out.h5")
+    assert (grouped["ranks"], grouped["group_size"], grouped["group_mode"]) == (ranks, k, mode)
+    assert one["loss"] == grouped["loss"]  # a pass of the group's: one rank's sums
+    for key, v in one.items():
+        if key in ("ranks", "group_size", "group_mode", "seconds", "forward_passes", "split", "settings"):
+            continue
+        a, b = (json.loads(v), json.loads(grouped[key])) if isinstance(v, str) else (v, grouped[key])
+        if key in COUNTS:
+            assert a == b, key
+        else:
+            np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-9, err_msg=key)
+    assert one["worst_2"] > 0 and one["sam"] > 0 and one["pac_bayes_bracketed"]
+    return one
+
+
+@pytest.mark.parametrize("mode", ["shard", pytest.param("data", marks=pytest.mark.slow)])
+def test_sharpness_in_groups_equals_one_process(workdir, mode):
+    """Two groups of two ranks share the restarts and draws; each group's gradient steps go
+    through its (FSDP2-sharded, read by rows) model; 4 batches of 50: two a member."""
+    job = write_job(workdir / "job.yaml", model={"name": "mlp", "checkpoint": "model.pt", "args": {"hidden": [32, 16]}},
+                    grid={"x": [-1, 1, 3], "y": None}, eval={"batch_size": 50, "threads": 1})
+    sharpness_same_as_one_process(job, workdir, 4, 2, mode)
+
+
+@pytest.mark.slow
+def test_sharpness_of_a_tied_gpt2_in_a_shard_group_equals_one_process(workdir):
+    """GPT-2 (its output layer tied to its embedding: one parameter, one gradient) from sharded
+    safetensors, read by rows, in a shard group of 3 (uneven rows), on the language-model loss."""
+    from test_rows import TEXT, seeded_folder
+    folder = seeded_folder("tiny_gpt", workdir / "model")
+    job = write_job(workdir / "job.yaml", model={"name": f"hf:{folder}", "checkpoint": None}, train=None,
+                    data=dict(TEXT, args={"max_length": 24, "label": None}, subset=60),
+                    grid={"x": [-1, 1, 3], "y": None}, eval={"batch_size": 25, "threads": 1, "loss": "lm"})
+    sharpness_same_as_one_process(job, workdir, 3, 3, "shard", "--set", "sharpness.examples=60", HF_HUB_OFFLINE=1)

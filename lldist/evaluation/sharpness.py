@@ -31,6 +31,17 @@ scaling), ⊘ elementwise division:
 Every random vector comes from its own generator seeded by (seed, kind, index), so restart k
 or draw k is the same numbers whichever rank computes it, and the results do not depend on the
 number of ranks.
+
+In a rank group (`group`, eval.group_size; its process group made already) the members
+compute each measure together: each runs its share of the batches (batch i on member
+i % size), the float32 batch sums meet in their slots by an all-reduce and are summed in batch
+order as one rank sums them, so every loss is one rank's bit for bit. In `data` mode each
+member holds the whole model and the gradients are all-reduced; in `shard` mode the model is
+FSDP2's (evaluation/groups.py), θ*, |θ*| and every vector are the member's own rows, a random
+vector is drawn whole one parameter at a time and its rows kept, norms are all-reduced, and the
+gradient is FSDP2's reduce-scatter of each member's (summed, not averaged). The gradients are
+then sums in another order than one rank's: the ascent steps agree with one rank's to float32
+round-off, not bit for bit (tests/test_group_features.py states the agreement).
 """
 
 from __future__ import annotations
@@ -42,6 +53,7 @@ import torch
 from torch import nn
 
 from ..errors import Stopped
+from .groups import GroupSpec, all_reduce_sum, held_rows, local, sharded_modules
 from .tasks import Task, batch_size, mean_loss, model_inputs
 
 PAC_EPS = 1e-3  # Jiang et al.'s additive noise floor
@@ -70,9 +82,17 @@ class Sharpness:
     """The measures above at the model's current parameters (θ), on fixed batches."""
 
     def __init__(self, model: nn.Module, batches: list, task: Optional[Task] = None, eta: float = 0.0,
-                 should_stop: Callable = lambda: None, log: Callable = lambda m: None, every: float = 10.0):
+                 should_stop: Callable = lambda: None, log: Callable = lambda m: None, every: float = 10.0,
+                 group: Optional[GroupSpec] = None):
+        """`group`: the rank group this one computes every measure with (its process group made,
+        a shard group's model sharded already: evaluation/groups.py), or None alone."""
         import time
         self.model = model.eval()
+        self.group = group if group is not None and group.size > 1 else None
+        self.fsdp = sharded_modules(model)
+        for m in self.fsdp:  # each member's gradient summed into the rows, as one rank sums batches:
+            m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM),
+            m.set_gradient_divide_factor(1.0)          # divided by nothing
         # progress: every `every` seconds a line with the measure under way (`stage`) and the passes
         self.log, self.every, self.stage = log, every, ""
         self.t0 = self.last = time.perf_counter()
@@ -83,7 +103,15 @@ class Sharpness:
         if not params:
             raise ValueError("model: it has no floating-point parameters to perturb")
         self.names = list(params)
-        self.theta = {n: p.detach().clone() for n, p in params.items()}
+        self.shapes = {n: tuple(p.shape) for n, p in params.items()}  # (a DTensor's: the whole parameter's)
+        self.count = sum(p.numel() for p in params.values())
+        self.rows = {}  # a sharded parameter -> this member's rows of it (None: a 0-dim one, whole)
+        for n, p in params.items():
+            if hasattr(p, "to_local"):
+                self.rows[n] = held_rows(n, local(p), p.shape[0], self.group) if p.dim() else None
+            if self.group is not None:
+                p.requires_grad_(True)  # (the group's gradient is the parameters' own)
+        self.theta = {n: local(p).detach().clone() for n, p in params.items()}
         self.c = {n: t.abs() + eta for n, t in self.theta.items()}
         self.buffers = {n: b for n, b in model.named_buffers()}
         self.device = next(iter(self.theta.values())).device
@@ -115,14 +143,77 @@ class Sharpness:
         """L(θ + sign·δ), the mean over the batches (float64 sums of the float32 batch sums)."""
         batches = self.batches if batches is None else batches
         point = self.theta if delta is None else {n: self.theta[n] + sign * delta[n] for n in self.names}
-        value = mean_loss(lambda b: self._terms(point, b), batches)
+        if self.group is not None:
+            with torch.no_grad():
+                value, _ = self._group_pass(point, batches, grad=False)
+        else:
+            value = mean_loss(lambda b: self._terms(point, b), batches)
         self._passed()
         return value
+
+    # ------------------------------------------------------------------ in a rank group
+    def _write(self, point: dict) -> None:
+        """The point into the model's parameters (a shard group's: the member's rows), in place."""
+        for m in self.fsdp:  # FSDP2 leaves the root gathered after a forward without backward:
+            m.reshard()      # shard it again, so that the module's parameters are the sharded ones
+        live = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for n in self.names:
+                local(live[n]).copy_(point[n])
+
+    def _group_pass(self, point: dict, batches, grad: bool) -> tuple:
+        """(L(point), ∇L(point) by parameter or None) with every member of the group: member r
+        runs batches r, r + size, ...; a member with a batch fewer repeats one and discards it
+        (a shard group's gathers and reduce-scatters are collective). The batch sums meet in
+        their slots: each filled by one member, zeros elsewhere, so the all-reduce is exact."""
+        g = self.group
+        self._write(point)
+        live = dict(self.model.named_parameters())
+        if grad:
+            for n in self.names:
+                live[n].grad = None
+        slots = torch.zeros(len(batches), 2, dtype=torch.float64, device=self.device)
+        ran = 0
+
+        def terms(b):
+            args, kwargs = model_inputs(b)
+            return self.task.loss_terms(self.model(*args, **kwargs), b)
+        for i, b in enumerate(batches):
+            if i % g.size != g.rank:
+                continue
+            s, n = terms(b)
+            if grad:
+                s.backward()
+            slots[i, 0], slots[i, 1] = float(s.detach()), float(n)
+            ran += 1
+        for _ in range(-(-len(batches) // g.size) - ran):
+            s, _ = terms(batches[0])
+            if grad:
+                (s * 0).backward()  # its gradient's share of the reduce-scatter: zeros
+        all_reduce_sum(slots)
+        v = w = 0.0
+        for s, n in slots.tolist():  # in batch order, as one rank sums them
+            v, w = v + s, w + n
+        if not grad:
+            return v / w, None
+        grads = {}
+        for n in self.names:
+            p = live[n]
+            gr = local(p.grad) if p.grad is not None else torch.zeros_like(self.theta[n])
+            if not self.fsdp:  # data mode: each member's gradient of its batches, summed
+                gr = all_reduce_sum(gr.contiguous())
+            grads[n] = gr / w
+            p.grad = None
+        return v / w, grads
 
     def loss_and_grad(self, delta: dict, batches=None) -> tuple:
         """(L(θ + δ), ∇L(θ + δ) by parameter): the batches' summed losses backward one at a
         time (one batch's graph in memory), the gradient divided by the total weight last."""
         batches = self.batches if batches is None else batches
+        if self.group is not None:
+            value, grads = self._group_pass({n: self.theta[n] + delta[n] for n in self.names}, batches, grad=True)
+            self._passed()
+            return value, grads
         point = {n: (self.theta[n] + delta[n]).requires_grad_(True) for n in self.names}
         grads = {n: torch.zeros_like(t) for n, t in self.theta.items()}
         v = w = 0.0
@@ -139,10 +230,24 @@ class Sharpness:
     # ------------------------------------------------------------------ random vectors
     def _normal(self, seed: int, kind: str, index: int) -> dict:
         """Standard normal entries shaped like θ, drawn on the CPU (the same numbers on any
-        device and rank) from the generator of (seed, kind, index)."""
+        device and rank) from the generator of (seed, kind, index); in a shard group each
+        parameter is drawn whole in turn and this member's rows kept."""
         g = torch.Generator().manual_seed((seed * 1_000_003 + KIND[kind]) * 1_000_003 + index)
-        return {n: torch.randn(t.shape, generator=g, dtype=torch.float32).to(self.device, t.dtype)
-                for n, t in self.theta.items()}
+        out = {}
+        for n, t in self.theta.items():
+            z = torch.randn(self.shapes[n], generator=g, dtype=torch.float32)
+            rows = self.rows.get(n)
+            out[n] = (z[rows] if rows is not None else z).to(self.device, t.dtype)
+        return out
+
+    def _norm(self, vectors: dict) -> float:
+        """‖v‖₂ over every entry: float64 sums of squares per parameter, added in parameter
+        order; a shard group's row sums all-reduced first (each parameter's sum is then the
+        whole parameter's, to float64 round-off)."""
+        sums = torch.stack([vectors[n].double().square().sum() for n in self.names])
+        if self.fsdp:
+            all_reduce_sum(sums)
+        return math.sqrt(sum(sums.tolist()))
 
     # ------------------------------------------------------------------ the measures
     def worst(self, rho: float, p: float = 2, steps: int = 20, restart: int = 0, seed: int = 0,
@@ -155,7 +260,7 @@ class Sharpness:
         if restart > 0:
             z = self._normal(seed, "worst", restart)
             if p == 2:  # a random point of the ball, half way out
-                scale = rho / 2 / _norm(z)
+                scale = rho / 2 / self._norm(z)
                 u = {n: v * scale for n, v in z.items()}
             else:  # uniform in the cube, from the normal draw's CDF
                 u = {n: rho * (2 * torch.special.ndtr(v) - 1) for n, v in z.items()}
@@ -166,7 +271,7 @@ class Sharpness:
             gu = {n: self.c[n] * grad[n] for n in self.names}  # the gradient in u
             step = rho / 2 * (1 + math.cos(math.pi * t / steps)) / 2
             if p == 2:
-                if not _l2_step(u, gu, step, rho):
+                if not _l2_step(u, gu, step, rho, self._norm):
                     break
             else:
                 for n in self.names:
@@ -177,7 +282,7 @@ class Sharpness:
     def average(self, rho: float, draw: int, seed: int = 0) -> float:
         """(L(θ + δ) + L(θ − δ))/2 − L(θ) for δ = rho c ⊙ z/‖z‖ of draw `draw`."""
         z = self._normal(seed, "average", draw)
-        scale = rho / _norm(z)
+        scale = rho / self._norm(z)
         delta = {n: self.c[n] * z[n] * scale for n in self.names}
         return (self.loss(delta) + self.loss(delta, -1.0)) / 2 - self.base
 
@@ -195,7 +300,7 @@ class Sharpness:
         alpha = rho if steps == 1 else 2 * rho / steps  # several steps: the sphere by half way
         for _ in range(steps):
             _, grad = self.loss_and_grad(eps, part)
-            if not _l2_step(eps, grad, alpha, rho):
+            if not _l2_step(eps, grad, alpha, rho, self._norm):
                 break
         return self.loss(eps, batches=part) - base
 
@@ -206,19 +311,16 @@ class Sharpness:
         return (self.loss(u) + self.loss(u, -1.0)) / 2 - self.base
 
 
-def _norm(vectors: dict) -> float:
-    return math.sqrt(sum(float((v * v).sum()) for v in vectors.values()))
-
-
-def _l2_step(u: dict, grad: dict, step: float, rho: float) -> bool:
+def _l2_step(u: dict, grad: dict, step: float, rho: float, norm_of: Callable) -> bool:
     """u += step · grad/‖grad‖, then back onto the ℓ2 ball of radius rho (in place, over every
-    entry at once). False, and u unchanged, when the gradient is zero."""
-    norm = _norm(grad)
+    entry at once; `norm_of`: the Sharpness's norm, over a group's rows). False, and u
+    unchanged, when the gradient is zero."""
+    norm = norm_of(grad)
     if norm == 0:
         return False
     for n in u:
         u[n].add_(grad[n], alpha=step / norm)
-    size = _norm(u)
+    size = norm_of(u)
     if size > rho:
         for v in u.values():
             v.mul_(rho / size)

@@ -279,6 +279,16 @@ def whole_because(job: Job, source) -> Optional[str]:
     to every rank)."""
     if job.eval.group_size < 2 or job.eval.group_mode != "shard":
         return "not a sharded group"
+    why = model_whole_because(job, source)
+    if why is None and (job.directions.kind != "random" or job.directions.target):
+        why = f"directions.kind {job.directions.kind} is made whole (only random directions are made by rows)"
+    return why
+
+
+def model_whole_because(job: Job, source) -> Optional[str]:
+    """Why this job's model itself cannot be read by rows (a model given from Python, no
+    checkpoint, a PEFT adapter), or None: what python -m lldist.sharpness asks, which has no
+    directions."""
     if getattr(source, "loader", None) is not None or job.model.name.startswith("object:"):
         return "the model is given from Python"
     if theta_source(job) is None:
@@ -287,6 +297,4 @@ def whole_because(job: Job, source) -> Optional[str]:
         from ..workloads import hf
         if hf.adapter_base(job.model.name.split(":", 1)[1]) is not None:
             return "a PEFT adapter is loaded onto its base model whole"
-    if job.directions.kind != "random" or job.directions.target:
-        return f"directions.kind {job.directions.kind} is made whole (only random directions are made by rows)"
     return None

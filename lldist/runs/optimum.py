@@ -118,8 +118,9 @@ def store_target(path: str, job: Job, explicit: bool, what: str = "the Hessian")
         theirs = sf.attr("checkpoint_sha256", "")
         raw = effective_raw(sf.job_yaml(), path)
     ck = job.model.checkpoint
-    if ck and os.path.exists(ck):
-        same = theirs == identity.file(ck)
+    source = identity.theta_source(job)  # (a HuggingFace folder's weights, as the surface's identity takes them)
+    if source and os.path.exists(source):
+        same = theirs == identity.file(source)
     else:
         model = raw.get("model") or {}
         same = not theirs and model.get("name", "cnn") == job.model.name and (model.get("args") or {}) == job.model.args

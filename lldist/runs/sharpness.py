@@ -10,6 +10,11 @@ and the PAC-Bayes flatness magnitude (evaluation/sharpness.py defines them; the 
 Under MPI (`spread`, transport.runner.Spread) restarts, draws and groups are dealt round
 robin by index; every rank gets every result (`spread.gather`) and reduces them in index order,
 so the numbers are the same on any number of ranks.
+
+With `eval.group_size: k` they are dealt over groups of k ranks instead, each group computing
+its share together (evaluation/sharpness.py): in `shard` mode through FSDP2, its model built on
+the meta device with each rank reading only its rows (inputs/rows.py) where the job's model
+can be, so that no rank holds the whole model; in `data` mode each member whole.
 """
 
 from __future__ import annotations
@@ -57,28 +62,39 @@ def compute(job, spread=None, log=print, should_stop=lambda: None, source=None) 
     from ..evaluation.evaluator import device_for_rank
     cfg = job.sharpness
     bs = job.eval.batch_size if job.eval.batch_size != "auto" else 256
-    job = dataclasses.replace(job, eval=dataclasses.replace(job.eval, split=cfg.split))  # load that split
+    # that split, in float32 (the measures have no precision of their own)
+    job = dataclasses.replace(job, eval=dataclasses.replace(job.eval, split=cfg.split, precision="fp32"))
     src = source or Source()
-    loaded = src.load(job)
     device = device_for_rank(spread.ctx.local_rank if spread is not None else 0, job.eval.device)
-    model = loaded.model.to(device)
+    k = job.eval.group_size
+    rank, size = (spread.rank, spread.size) if spread is not None else (0, 1)
+    if k > 1 and (size % k or size < k):
+        raise UserError(f"{job.source}: key 'eval.group_size' is {k}, but the run has {size} rank(s): "
+                        f"launch a multiple of {k} (mpirun -n {k * max(1, size // k)} ...)")
+    group = _group(job, spread, device) if k > 1 else None
+    loaded, model = _load(job, src, group, device, log)
     batches = [({k: v.to(device) for k, v in b.items()} if isinstance(b, dict) else tuple(t.to(device) for t in b))
                for b in _examples(loaded.splits[cfg.split], bs, cfg.examples, torch.float32)]
     n = sum(batch_size(b) for b in batches)
-    rank, size = (spread.rank, spread.size) if spread is not None else (0, 1)
     gather = spread.gather if spread is not None else (lambda d: d)
+    # the workers: groups of k ranks (each rank its own group when k = 1); a group's leader
+    # hands in its results (every member computes them: the members' passes are collective)
+    workers, me, leader = size // k, rank // k, rank % k == 0
 
     def spread_over(count: int, one) -> list:
-        """one(k) for k = 0..count-1, dealt round robin; every result, in index order."""
-        got = gather({k: one(k) for k in range(rank, count, size)})
-        return [got[k] for k in range(count)]
+        """one(k) for k = 0..count-1, dealt round robin over the groups; every result, in index order."""
+        mine = {j: one(j) for j in range(me, count, workers)}
+        got = gather(mine if leader else {})
+        return [got[j] for j in range(count)]
 
     t = time.perf_counter()
-    s = Sharpness(model, batches, src.make_task(job), should_stop=should_stop, log=log)
-    nparams = sum(v.numel() for v in s.theta.values())
+    s = Sharpness(model, batches, src.make_task(job), should_stop=should_stop, log=log, group=group)
+    nparams = s.count
     log(f"sharpness at theta* of {job.name} on {cfg.split}: {nparams:,} parameters, {n} examples in batches of {bs}"
-        + (f", over {size} ranks" if size > 1 else ""))
+        + (f", over {size} ranks" if size > 1 else "")
+        + (f" in {workers} {job.eval.group_mode} group(s) of {k}" if k > 1 else ""))
     out = {"split": cfg.split, "examples": n, "batch_size": bs, "loss": s.base, "ranks": size,
+           "group_size": k, "group_mode": job.eval.group_mode if k > 1 else "",
            "num_parameters": nparams, "settings": json_settings(cfg)}
     for name, p in NORMS.items():
         rho = cfg.rho_2 if p == 2 else cfg.rho_inf
@@ -114,6 +130,38 @@ def compute(job, spread=None, log=print, should_stop=lambda: None, source=None) 
         f"<= {cfg.pac_threshold:g}), 1/sigma'^2 {out['pac_bayes_flatness']:.4g}")
     out.update(forward_passes=s.passes, seconds=time.perf_counter() - t)  # (this rank's passes)
     return out
+
+
+def _group(job, spread, device: str):
+    """This rank's group of eval.group_size ranks, its torch.distributed world made (collective)."""
+    from ..evaluation.groups import GroupSpec, init_process_group
+    group = spread.group(job.eval.group_size)
+    spec = GroupSpec(group.rank, group.size, job.eval.group_mode)
+    init_process_group(spec, group.bcast, device)
+    return spec
+
+
+def _load(job, src: Source, group, device: str, log) -> tuple:
+    """(loaded, model on the device): in a shard group built on the meta device and read by
+    rows where the job's model can be (inputs/rows.py), else loaded whole (and then sharded)."""
+    from ..evaluation.groups import shard_model
+    from ..inputs import identity, rows
+    if group is not None and group.mode == "shard":
+        why = rows.model_whole_because(job, src)
+        if why is None:
+            try:
+                loaded = rows.by_rows(job, group, device)
+            except rows.Unbuildable as e:
+                why = str(e)
+            else:
+                log(f"model {job.model.name}: built on the meta device, each rank of a group reading its rows "
+                    f"of {identity.theta_source(job)}")
+                return loaded, loaded.model
+        log(f"note: model {job.model.name} is built whole on every rank before it is sharded: {why}")
+        loaded = src.load(job)
+        return loaded, shard_model(loaded.model, group, device)
+    loaded = src.load(job)
+    return loaded, loaded.model.to(device)
 
 
 def json_settings(cfg) -> str:

@@ -799,6 +799,11 @@ class Spread:
     def share(self, n: int) -> tuple:
         return n * self.rank // self.size, n * (self.rank + 1) // self.size
 
+    def group(self, k: int) -> Group:
+        """Collective: this rank's Group of k consecutive ranks (eval.group_size), whose leader
+        broadcasts the address of the group's own torch.distributed world."""
+        return Group(self.rank // k, self.rank % k, k, self.ctx.link.split(self.rank // k))
+
     def ask(self, key: str, v: np.ndarray) -> None:
         """Rank 0: every rank's share of the product of operator `key` with v."""
         v = np.ascontiguousarray(v)
