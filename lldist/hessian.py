@@ -80,10 +80,10 @@ def read(argv):
 
 def main(argv=None) -> int:
     from .runs.hessian import HESSIAN
-    from .runs.optimum import agree, measure_and_store
+    from .runs.optimum import measure_and_store, read_checked
     from .transport import runner
     ctx = runner.launch()
-    args, job = agree(ctx, lambda: read(argv))  # read once: a refusal is one line, not one per rank
+    args, job = read_checked(ctx, lambda: read(argv), HESSIAN)  # once: a refusal is one line, not one per rank
     return measure_and_store(ctx, job, HESSIAN, args.out)
 
 

@@ -28,11 +28,11 @@ def read(argv):
 
 
 def main(argv=None) -> int:
-    from .runs.optimum import agree, measure_and_store
+    from .runs.optimum import measure_and_store, read_checked
     from .runs.sharpness import SHARPNESS
     from .transport import runner
     ctx = runner.launch()
-    args, job = agree(ctx, lambda: read(argv))  # read once: a refusal is one line, not one per rank
+    args, job = read_checked(ctx, lambda: read(argv), SHARPNESS)  # once: a refusal is one line, not one per rank
     return measure_and_store(ctx, job, SHARPNESS, args.out)
 
 

@@ -186,8 +186,9 @@ def _measure(m, name: str, model, data, split: str, loss, metrics, out, resume: 
     ts = read_data(data, eval_options)
     job = object_job(model, data, task, name=name, out=os.fspath(out) if out is not None else "<none>",
                      split=split, grid={"x": [0.0, 0.0, 1]}, options=eval_options, sections=sections)
+    ctx = runner.launch()
     try:
-        m.check(job)
+        m.check(job, ctx.size)
     except UserError as e:
         raise ValueError(message(e)) from None
 
@@ -195,7 +196,6 @@ def _measure(m, name: str, model, data, split: str, loss, metrics, out, resume: 
         theta, kinds = state(model)
         return Loaded(model, theta, kinds, {split: ts}, {})
     source = Source(loader=load, task=task)  # (its identity is the one-cell file's, which landscape() fingerprints)
-    ctx = runner.launch()
     driver = ctx.rank == 0
     with kept(model):
         if out is not None:  # the file: a one-cell landscape at θ*, its identity this call's objects

@@ -142,3 +142,69 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     import torch.distributed as dist
     dist.all_reduce(t)
     return t
+
+
+def sum_gradients(model: nn.Module) -> None:
+    """A sharded model's gradient as the sum of the members' (FSDP2 averages them by default):
+    a plain SUM (gloo has no PREMUL_SUM), divided by nothing, as one rank sums its batches."""
+    for m in sharded_modules(model):
+        m.set_force_sum_reduction_for_comms(True)
+        m.set_gradient_divide_factor(1.0)
+
+
+def write_point(model: nn.Module, names: list, point: dict) -> None:
+    """A point into the model's parameters, in place: a sharded model's, this rank's rows."""
+    for m in sharded_modules(model):  # FSDP2 leaves the root gathered after a forward without
+        m.reshard()                   # backward: shard it again, so the parameters are the rows
+    live = dict(model.named_parameters())
+    with torch.no_grad():
+        for n in names:
+            local(live[n]).copy_(point[n])
+
+
+def group_pass(model: nn.Module, names: list, batches: list, terms, g: GroupSpec, grad: bool) -> tuple:
+    """(Σ sums / Σ weights, {name: this rank's part of the mean's gradient} or None) of the
+    weights the model holds, over fixed batches, with every member of the group (collective).
+    `terms(batch) -> (summed loss, weight)` runs the model. Member r runs batches r, r + size,
+    ...; a member with a batch fewer repeats one and discards it (a shard group's gathers and
+    reduce-scatters are collective). The batch sums meet in their slots, each filled by one
+    member and zeros elsewhere, so the all-reduce is exact and the sum over batches runs in
+    batch order, as one rank runs it: the value is one rank's bit for bit. The gradient of a
+    sharded model is FSDP2's reduce-scatter (call sum_gradients once first); of a `data` group's
+    whole model, an all-reduce of the members'."""
+    fsdp = sharded_modules(model)
+    live = dict(model.named_parameters())
+    device = live[names[0]].device
+    if grad:
+        for p in live.values():
+            p.grad = None
+    slots = torch.zeros(len(batches), 2, dtype=torch.float64, device=device)
+    ran = 0
+    for i, b in enumerate(batches):
+        if i % g.size != g.rank:
+            continue
+        s, n = terms(b)
+        if grad:
+            s.backward()
+        slots[i, 0], slots[i, 1] = float(s.detach()), float(n)
+        ran += 1
+    for _ in range(-(-len(batches) // g.size) - ran):
+        s, _ = terms(batches[0])
+        if grad:
+            (s * 0).backward()  # its share of the reduce-scatter: zeros
+    all_reduce_sum(slots)
+    v = w = 0.0
+    for s, n in slots.tolist():  # in batch order, as one rank sums them
+        v, w = v + s, w + n
+    if not grad:
+        return v / w, None
+    grads = {}
+    for n in names:
+        p = live[n]
+        gr = local(p.grad) if p.grad is not None else torch.zeros_like(local(p))
+        if not fsdp:  # data mode: each member's gradient of its batches, summed
+            gr = all_reduce_sum(gr.contiguous())
+        grads[n] = gr / w
+    for p in live.values():  # (the others' too: a block's gradient leaves none behind)
+        p.grad = None
+    return v / w, grads

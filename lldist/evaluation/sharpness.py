@@ -53,7 +53,8 @@ import torch
 from torch import nn
 
 from ..errors import Stopped
-from .groups import GroupSpec, all_reduce_sum, held_rows, local, sharded_modules
+from .groups import (GroupSpec, all_reduce_sum, group_pass, held_rows, local, sharded_modules, sum_gradients,
+                     write_point)
 from .tasks import Task, batch_size, mean_loss, model_inputs
 
 PAC_EPS = 1e-3  # Jiang et al.'s additive noise floor
@@ -90,9 +91,7 @@ class Sharpness:
         self.model = model.eval()
         self.group = group if group is not None and group.size > 1 else None
         self.fsdp = sharded_modules(model)
-        for m in self.fsdp:  # each member's gradient summed into the rows, as one rank sums batches:
-            m.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM),
-            m.set_gradient_divide_factor(1.0)          # divided by nothing
+        sum_gradients(model)  # each member's gradient summed into the rows, as one rank sums batches
         # progress: every `every` seconds a line with the measure under way (`stage`) and the passes
         self.log, self.every, self.stage = log, every, ""
         self.t0 = self.last = time.perf_counter()
@@ -152,59 +151,14 @@ class Sharpness:
         return value
 
     # ------------------------------------------------------------------ in a rank group
-    def _write(self, point: dict) -> None:
-        """The point into the model's parameters (a shard group's: the member's rows), in place."""
-        for m in self.fsdp:  # FSDP2 leaves the root gathered after a forward without backward:
-            m.reshard()      # shard it again, so that the module's parameters are the sharded ones
-        live = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for n in self.names:
-                local(live[n]).copy_(point[n])
-
     def _group_pass(self, point: dict, batches, grad: bool) -> tuple:
-        """(L(point), ∇L(point) by parameter or None) with every member of the group: member r
-        runs batches r, r + size, ...; a member with a batch fewer repeats one and discards it
-        (a shard group's gathers and reduce-scatters are collective). The batch sums meet in
-        their slots: each filled by one member, zeros elsewhere, so the all-reduce is exact."""
-        g = self.group
-        self._write(point)
-        live = dict(self.model.named_parameters())
-        if grad:
-            for n in self.names:
-                live[n].grad = None
-        slots = torch.zeros(len(batches), 2, dtype=torch.float64, device=self.device)
-        ran = 0
+        """(L(point), ∇L(point) by parameter or None) with every member of the group."""
+        write_point(self.model, self.names, point)
 
         def terms(b):
             args, kwargs = model_inputs(b)
             return self.task.loss_terms(self.model(*args, **kwargs), b)
-        for i, b in enumerate(batches):
-            if i % g.size != g.rank:
-                continue
-            s, n = terms(b)
-            if grad:
-                s.backward()
-            slots[i, 0], slots[i, 1] = float(s.detach()), float(n)
-            ran += 1
-        for _ in range(-(-len(batches) // g.size) - ran):
-            s, _ = terms(batches[0])
-            if grad:
-                (s * 0).backward()  # its gradient's share of the reduce-scatter: zeros
-        all_reduce_sum(slots)
-        v = w = 0.0
-        for s, n in slots.tolist():  # in batch order, as one rank sums them
-            v, w = v + s, w + n
-        if not grad:
-            return v / w, None
-        grads = {}
-        for n in self.names:
-            p = live[n]
-            gr = local(p.grad) if p.grad is not None else torch.zeros_like(self.theta[n])
-            if not self.fsdp:  # data mode: each member's gradient of its batches, summed
-                gr = all_reduce_sum(gr.contiguous())
-            grads[n] = gr / w
-            p.grad = None
-        return v / w, grads
+        return group_pass(self.model, self.names, batches, terms, self.group, grad)
 
     def loss_and_grad(self, delta: dict, batches=None) -> tuple:
         """(L(θ + δ), ∇L(θ + δ) by parameter): the batches' summed losses backward one at a

@@ -254,11 +254,14 @@ def shapes(job: Job) -> Loaded:
     return Loaded(model, theta, kinds, splits, ckpt.meta, rows=Rows(ckpt, keys))
 
 
-def by_rows(job: Job, group: GroupSpec, device: str) -> Loaded:
+def by_rows(job: Job, group: GroupSpec, device: str, dtype: Optional[torch.dtype] = None) -> Loaded:
     """The model sharded over the group, each rank allocating and reading only its own rows of
-    every parameter (collective: every rank of the group calls it)."""
+    every parameter (collective: every rank of the group calls it). `dtype`: its floating-point
+    parameters and buffers in it (a sharded Hessian's float64), the checkpoint's values cast."""
     loaded = shapes(job)
     model, keys, ckpt = loaded.model, loaded.rows.keys, loaded.rows.checkpoint
+    if dtype is not None:
+        model.to(dtype)
     buffers = dict(model.named_buffers())  # to_empty replaces them: these keep the values
     model.eval()
     shard_model(model, group, device, AUTOCAST[job.eval.precision])  # bf16: gathered in it

@@ -164,7 +164,11 @@ def compute(job: Job, spread=None, log=print, should_stop=lambda: None, source: 
     docstring); runs where the job's data and checkpoint are, which must exist (runs.optimum's
     `ready` trains a missing one). `should_stop` is asked after every product: a signal ends it
     within one, with errors.Stopped; progress is logged every 10 s. `source`: where the model and
-    data come from (the job's files by default)."""
+    data come from (the job's files by default). In a shard group (eval.group_mode: shard) the
+    products go through the sharded model instead: runs/sharded_hessian.py."""
+    if job.eval.group_size > 1 and job.eval.group_mode == "shard":
+        from .sharded_hessian import compute as sharded
+        return sharded(job, spread, log, should_stop, source)
     at = AtOptimum(job, spread, log, should_stop, source)
     if not at.driver:
         at.serve(spread)
@@ -190,4 +194,11 @@ def held(path: str, job: Job) -> bool:
         (not s.density or "density_nodes" in old) and (not s.jackknife or "lambda_max_se" in old or old["batches"] < 2)
 
 
-HESSIAN = Measure("the Hessian", "curvature", compute, write_curvature, held)
+def check(job: Job, ranks: int) -> None:
+    """A shard group's Hessian refuses what it cannot take (runs/sharded_hessian.py)."""
+    if job.eval.group_size > 1 and job.eval.group_mode == "shard":
+        from .sharded_hessian import check as sharded
+        sharded(job, ranks)
+
+
+HESSIAN = Measure("the Hessian", "curvature", compute, write_curvature, held, check)

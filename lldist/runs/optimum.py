@@ -45,13 +45,33 @@ class Measure:
     compute: Callable  # (job, spread, log, should_stop, source) -> the result (a dict) on rank 0, None or it elsewhere
     write: Callable  # the store's writer: (path, result) -> its key under `group`
     held: Callable  # (path, job) -> whether the file holds it with the job's settings
-    check: Callable = lambda job: None  # (job): refuse settings it cannot take, before any training
+    check: Callable = lambda job, ranks: None  # (job, ranks): refuse what it cannot take, before any training
 
 
 def spread_over(ctx: runner.Context, what: str = "the computation at theta*") -> Optional[runner.Spread]:
     """The ranks' share of a computation at θ* (`what` names it in a failure's report); None in
     a single process."""
     return runner.Spread(ctx, what) if ctx.size > 1 else None
+
+
+def join_group(job: Job, spread: runner.Spread, device: str):
+    """This rank's group of eval.group_size ranks (an evaluation.groups.GroupSpec), its
+    torch.distributed world made (collective: every rank calls it)."""
+    from ..evaluation.groups import GroupSpec, init_process_group
+    group = spread.group(job.eval.group_size)
+    spec = GroupSpec(group.rank, group.size, job.eval.group_mode)
+    init_process_group(spec, group.bcast, device)
+    return spec
+
+
+def read_checked(ctx: runner.Context, read: Callable, m: Measure):
+    """A command's (args, job), read and checked by `m` on rank 0, on every rank (`agree`): a
+    refusal is one line."""
+    def make():
+        args, job = read()
+        m.check(job, ctx.size)
+        return args, job
+    return agree(ctx, make)
 
 
 def agree(ctx: runner.Context, make: Callable):
@@ -137,7 +157,7 @@ def compute(job: Job, m: Measure, spread: Optional[runner.Spread] = None, say=lo
             should_stop=lambda: None, source=None) -> Optional[dict]:
     """`m` at the job's θ* with every rank of `spread` (collective), or alone: rank 0 returns the
     result. `source` (inputs.loading.Source): a model and data given from Python."""
-    m.check(job)
+    m.check(job, spread.size if spread is not None else 1)
     driver = ready(job, spread, should_stop, say if spread is None or spread.rank == 0 else quiet)
     return m.compute(job, spread, say if driver else quiet, should_stop, source)
 

@@ -28,7 +28,7 @@ from ..evaluation.sharpness import Sharpness, bisect_sigma, mean_and_se, rows
 from ..evaluation.tasks import batch_size
 from ..inputs.loading import Source
 from ..store import SurfaceReader, write_sharpness
-from .optimum import Measure
+from .optimum import Measure, join_group
 
 NORMS = {"2": 2, "inf": math.inf}  # the worst case's balls, by the name its results carry
 
@@ -45,12 +45,17 @@ def _examples(data, bs: int, n: int, dtype) -> list:
     return out
 
 
-def check(job) -> None:
-    """SAM's groups are taken within batches: sharpness.m at most eval.batch_size."""
+def check(job, ranks: int = 1) -> None:
+    """SAM's groups are taken within batches: sharpness.m at most eval.batch_size; groups of
+    eval.group_size ranks need a multiple of it."""
     bs = job.eval.batch_size if job.eval.batch_size != "auto" else 256
     if job.sharpness.m > bs:
         raise UserError(f"{job.source}: key 'sharpness.m' is {job.sharpness.m}, more than eval.batch_size ({bs}): "
                         "SAM's groups are taken within batches")
+    k = job.eval.group_size
+    if k > 1 and (ranks % k or ranks < k):
+        raise UserError(f"{job.source}: key 'eval.group_size' is {k}, but the run has {ranks} rank(s): "
+                        f"launch a multiple of {k} (mpirun -n {k * max(1, ranks // k)} ...)")
 
 
 def compute(job, spread=None, log=print, should_stop=lambda: None, source=None) -> dict:
@@ -68,10 +73,8 @@ def compute(job, spread=None, log=print, should_stop=lambda: None, source=None) 
     device = device_for_rank(spread.ctx.local_rank if spread is not None else 0, job.eval.device)
     k = job.eval.group_size
     rank, size = (spread.rank, spread.size) if spread is not None else (0, 1)
-    if k > 1 and (size % k or size < k):
-        raise UserError(f"{job.source}: key 'eval.group_size' is {k}, but the run has {size} rank(s): "
-                        f"launch a multiple of {k} (mpirun -n {k * max(1, size // k)} ...)")
-    group = _group(job, spread, device) if k > 1 else None
+    check(job, size)
+    group = join_group(job, spread, device) if k > 1 else None
     loaded, model = _load(job, src, group, device, log)
     batches = [({k: v.to(device) for k, v in b.items()} if isinstance(b, dict) else tuple(t.to(device) for t in b))
                for b in _examples(loaded.splits[cfg.split], bs, cfg.examples, torch.float32)]
@@ -130,15 +133,6 @@ def compute(job, spread=None, log=print, should_stop=lambda: None, source=None) 
         f"<= {cfg.pac_threshold:g}), 1/sigma'^2 {out['pac_bayes_flatness']:.4g}")
     out.update(forward_passes=s.passes, seconds=time.perf_counter() - t)  # (this rank's passes)
     return out
-
-
-def _group(job, spread, device: str):
-    """This rank's group of eval.group_size ranks, its torch.distributed world made (collective)."""
-    from ..evaluation.groups import GroupSpec, init_process_group
-    group = spread.group(job.eval.group_size)
-    spec = GroupSpec(group.rank, group.size, job.eval.group_mode)
-    init_process_group(spec, group.bcast, device)
-    return spec
 
 
 def _load(job, src: Source, group, device: str, log) -> tuple:

@@ -1,0 +1,170 @@
+"""The Hessian at θ* of a model sharded over a rank group: `mpirun -n k python -m lldist.hessian
+job.yaml --set eval.group_size=k --set eval.group_mode=shard` (runs/hessian.py sends a shard
+group here). No rank holds the model, the Hessian or a whole Lanczos vector.
+
+    res = compute(job, spread)         # every rank of the group; rank 0 returns the dict it stores
+
+The group builds the model on the meta device in float64 and each rank reads its rows of θ*
+(inputs/rows.py; built whole and then sharded, with a note, where it cannot be). Products are
+central differences of FSDP2's sharded gradient (evaluation/sharded.py says why and how
+accurate); Lanczos runs on every rank on its rows of every vector, with all-reduced dot
+products, so every rank takes the same steps. It computes what the one-process Hessian
+computes (runs/hessian.py): the top eigenvalues, the smallest, Hutchinson's trace with the same
+Rademacher vectors, per-block traces and top eigenvalues, λmax's jackknife over the batches,
+and the spectral density; of the Hessian only (the GGN and the Fisher use forward-mode
+products, not built through FSDP2 yet: refused in one line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from ..config import Job
+from ..errors import UserError
+from ..evaluation.blocks import blocks as block_names
+from ..evaluation.curvature import Watch, first_batches
+from ..evaluation.operators import DESCRIPTION
+from ..evaluation.sharded import EPS_SCALE, Sharded
+from ..inputs.loading import Source
+
+PRODUCT = (f"central differences of the FSDP2-sharded gradient in float64, each entry moved by {EPS_SCALE:.3g} "
+           "x max(1, rms(theta)) on average")
+
+
+def check(job: Job, ranks: int) -> None:
+    """What a shard group's Hessian cannot take, refused in one line before any work."""
+    k, s = job.eval.group_size, job.curvature
+    if ranks != k:
+        raise UserError(f"{job.source}: key 'eval.group_size' is {k} with group_mode shard, but the run has {ranks} "
+                        f"rank(s): the sharded Hessian runs in one group (mpirun -n {k} ...)")
+    if s.operator != "hessian":
+        raise UserError(f"{job.source}: key 'curvature.operator' is {s.operator}: in a shard group only the Hessian "
+                        "(its products are differences of the sharded gradient; the GGN's and the Fisher's "
+                        "forward-mode products are not built through FSDP2 yet)")
+
+
+def _load(job: Job, src: Source, group, device: str, log):
+    """The model sharded over the group, its parameters and buffers in float64."""
+    from ..evaluation.groups import shard_model
+    from ..inputs import identity, rows
+    why = rows.model_whole_because(job, src)
+    if why is None:
+        try:
+            loaded = rows.by_rows(job, group, device, torch.float64)
+        except rows.Unbuildable as e:
+            why = str(e)
+        else:
+            log(f"model {job.model.name}: built on the meta device in float64, each rank of the group reading its "
+                f"rows of {identity.theta_source(job)}")
+            return loaded
+    log(f"note: model {job.model.name} is built whole on every rank before it is sharded: {why}")
+    loaded = src.load(job)
+    loaded.model = shard_model(loaded.model.double().eval(), group, device)
+    return loaded
+
+
+def compute(job: Job, spread=None, log=print, should_stop=lambda: None,
+            source: Optional[Source] = None) -> Optional[dict]:
+    from ..evaluation.evaluator import device_for_rank
+    from .optimum import join_group
+    ranks = spread.size if spread is not None else 1
+    check(job, ranks)
+    s = job.curvature
+    driver = spread.rank == 0
+    split = s.split or job.splits[0]
+    # that split, in float32 as stored (the group's model is float64 whatever eval.precision says)
+    job = dataclasses.replace(job, eval=dataclasses.replace(job.eval, split=split, precision="fp32"))
+    src = source or Source()
+    device = device_for_rank(spread.ctx.local_rank, job.eval.device)
+    group = join_group(job, spread, device)
+    loaded = _load(job, src, group, device, log)
+    bs = job.eval.batch_size if job.eval.batch_size != "auto" else 256
+    chosen = [_to(b, device) for b in first_batches(loaded.splits[split], bs, s.batches, torch.float64)]
+    task = src.make_task(job)
+    what = f"Hessian at theta* of {job.name}"
+    watch = Watch(what, should_stop, log) if driver else Watch(what)
+    op = Sharded(loaded.model, chosen, task, group, watch=watch)
+    if s.top >= op.n:
+        raise UserError(f"--top {s.top}: the model has {op.n:,} parameters, so at most {op.n - 1:,} eigenvalues "
+                        "can be asked of Lanczos")
+    t = time.perf_counter()
+    log(f"{what} on {split}: {op.n:,} parameters, {len(chosen)} batches of {bs}, in one shard group of {group.size} "
+        f"(products: {PRODUCT})")
+    watch.stage = f"top {s.top} eigenvalues" + (" and the smallest" if s.smallest else "")
+    top, lo, steps, converged = op.extremes(s.top, s.tol, s.smallest)
+    if not converged:
+        log(f"note: Lanczos stopped at {steps} steps before the eigenvalues met tol {s.tol:g}")
+    named = {}
+    if s.blocks is not None:
+        try:
+            named = block_names(loaded.model, s.blocks, among=op.names)
+        except ValueError as e:
+            raise UserError(str(e))
+    watch.stage = f"the trace ({s.trace_samples} samples)"
+    nan = (math.nan, math.nan)
+    (tr, err), block_traces = op.trace(s.trace_samples, blocks=named) if s.trace_samples > 0 else \
+        (nan, {b: nan for b in named})
+    out = {"split": split, "operator": "hessian", "operator_description": DESCRIPTION["hessian"],
+           "batches": len(chosen), "batches_requested": s.batches, "batch_size": bs, "loss": op.loss(),
+           "top_eigenvalues": top, "lambda_max": top[0], "lambda_min": lo,
+           "eig_ratio": abs(lo / top[0]) if top[0] else math.nan, "trace": tr, "trace_stderr": err,
+           "trace_samples": s.trace_samples, "ranks": ranks, "group_size": group.size, "group_mode": "shard",
+           "product": PRODUCT, "lanczos_tol": s.tol, "lanczos_steps": steps, "lanczos_converged": converged}
+    extra = 0  # the products of the blocks' and the jackknife's own runs
+    if s.density:
+        watch.stage = f"the density ({s.density_runs} x {s.density_steps} Lanczos steps)"
+        out["density_nodes"], out["density_weights"] = _density(op, s.density_runs, s.density_steps)
+    if named:
+        rows = []
+        for b, names in named.items():
+            part = Sharded(loaded.model, chosen, task, group, names=names, watch=watch)
+            watch.stage = f"block {b} ({part.n:,} parameters)"
+            top_b = part.extremes(1, s.tol, smallest=False)[0][0] if s.block_top and part.n > 1 else math.nan
+            extra += part.matvecs
+            rows.append({"block": b, "parameters": part.n, "lambda_max": top_b, "trace": block_traces[b][0],
+                         "trace_stderr": block_traces[b][1]})
+        out["blocks"] = rows
+        import json
+        out["blocks_spec"] = json.dumps(s.blocks)
+        log("per block (top eigenvalue, trace): " + "; ".join(
+            f"{r['block']} {r['lambda_max']:.4g}, {r['trace']:.4g}" for r in rows))
+    out["num_parameters"] = op.n
+    log(f"{what} on {split} ({len(chosen)} batches of {bs}, loss {out['loss']:.6g}): top eigenvalues "
+        f"{', '.join(f'{v:.6g}' for v in top)}" + (f"; lambda_min {lo:.6g}" if s.smallest else "")
+        + (f"; trace {tr:.6g} +- {err:.2g} ({s.trace_samples} Hutchinson samples)" if s.trace_samples else "")
+        + f"; {steps} Lanczos steps")
+    if s.jackknife and len(chosen) > 1:
+        watch.stage = f"lambda_max without each of the {len(chosen)} batches (the jackknife)"
+        from .hessian import jackknife_se
+        each = []
+        for b in range(len(chosen)):
+            part = Sharded(loaded.model, chosen[:b] + chosen[b + 1:], task, group, watch=watch)
+            each.append(part.extremes(1, s.tol, smallest=False)[0][0])
+            extra += part.matvecs
+        out.update(lambda_max_jackknife=each, lambda_max_se=jackknife_se(each))
+        log(f"lambda_max {top[0]:.6g} +- {out['lambda_max_se']:.2g} (jackknife over {len(each)} batches)")
+    out.update(hessian_vector_products=op.matvecs + extra, seconds=time.perf_counter() - t)
+    return out if driver else None
+
+
+def _density(op: Sharded, runs: int, steps: int) -> tuple:
+    """Stochastic Lanczos quadrature (curvature.Curvature.density) on sharded vectors."""
+    from scipy.linalg import eigh_tridiagonal
+    steps = min(steps, op.n)
+    nodes, weights = np.zeros((runs, steps)), np.zeros((runs, steps))
+    for r in range(runs):
+        alpha, beta, _ = op.lanczos(op.normal(1_000 + r), steps)
+        vals, vecs = eigh_tridiagonal(np.array(alpha), np.array(beta[:len(alpha) - 1]))
+        nodes[r, :len(vals)], weights[r, :len(vals)] = vals, vecs[0] ** 2
+    return nodes, weights
+
+
+def _to(batch, device):
+    return {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else \
+        tuple(t.to(device) for t in batch)

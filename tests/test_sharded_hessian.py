@@ -1,0 +1,155 @@
+"""The Hessian of a model sharded over a rank group (issue 33): `python -m lldist.hessian` in a
+shard group of real MPI ranks, real torch.distributed groups on gloo and real FSDP2, its
+products central differences of the sharded gradient and its Lanczos vectors sharded; against
+the exact Hessian (torch's double backward on the whole float64 model) and one process."""
+
+import json
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from conftest import mpiexec, run, write_job
+
+from lldist.config import load_job
+from lldist.evaluation.curvature import first_batches
+from lldist.inputs.loading import Source
+
+FLAGS = ["--top", "3", "--trace-samples", "6", "--batches", "3", "--tol", "1e-10"]
+
+
+def stored(path, split="test"):
+    with h5py.File(path, "r") as f:
+        g = f["curvature"][split]
+        return dict(g.attrs), {k: g[k][()] for k in g if isinstance(g[k], h5py.Dataset)}
+
+
+def sharded(workdir, job, k, *extra, check=True):
+    return run([mpiexec(), "-n", str(k), sys.executable, "-m", "lldist.hessian", job, *FLAGS, *extra,
+                "--set", f"eval.group_size={k}", "--set", "eval.group_mode=shard"], workdir, check=check, timeout=600)
+
+
+def exact(job_path, batches=3, samples=6, blocks=None):
+    """The exact Hessian of the job's mean loss on its first batches, the whole model in
+    float64 (torch.autograd.functional.hessian of a flat vector): its eigenvalues, the
+    trace estimates of the same Rademacher vectors, each block's top eigenvalue and trace
+    estimate, and λmax without each batch."""
+    job = load_job(job_path)
+    src = Source()
+    loaded = src.load(job)
+    task = src.make_task(job)
+    model = loaded.model.double().eval()
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for _, p in model.named_parameters()]
+    sizes = [p.numel() for _, p in model.named_parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
+    chosen = first_batches(loaded.splits["test"], job.eval.batch_size, batches, torch.float64)
+
+    def hessian(bs):
+        def loss(flat):
+            ps = {n: c.view(s) for n, c, s in zip(names, torch.split(flat, sizes), shapes)}
+            tot = w = 0
+            for b in bs:
+                s, n = task.loss_terms(torch.func.functional_call(model, ps, (b[0],)), b)
+                tot, w = tot + s, w + n
+            return tot / w
+        return torch.autograd.functional.hessian(loss, theta).numpy()
+    H = hessian(chosen)
+    g = torch.Generator().manual_seed(0)
+    zs = [(torch.randint(0, 2, (len(theta),), generator=g) * 2 - 1).double().numpy() for _ in range(samples)]
+    offsets = dict(zip(names, np.cumsum([0] + sizes[:-1])))
+    size = dict(zip(names, sizes))
+    out = {"eigenvalues": np.linalg.eigvalsh(H), "traces": [z @ H @ z for z in zs], "blocks": {},
+           "jackknife": [np.linalg.eigvalsh(hessian(chosen[:b] + chosen[b + 1:]))[-1] for b in range(len(chosen))]}
+    for b, ps in (blocks or {}).items():
+        idx = np.concatenate([np.arange(offsets[n], offsets[n] + size[n]) for n in ps])
+        out["blocks"][b] = (np.linalg.eigvalsh(H[np.ix_(idx, idx)])[-1], [z[idx] @ (H @ z)[idx] for z in zs])
+    return out
+
+
+def mlp_job(workdir, hidden=(16,)):
+    return write_job(workdir / "job.yaml", model={"name": "mlp", "checkpoint": "model.pt", "args": {"hidden": list(hidden)}},
+                     data={"name": "digits", "subset": 400}, grid={"x": [-1, 1, 3], "y": None},
+                     eval={"batch_size": 20, "threads": 1})
+
+
+@pytest.mark.parametrize("k", [2, pytest.param(3, marks=pytest.mark.slow)])
+def test_a_shard_groups_hessian_equals_the_exact_matrix_and_one_process(workdir, k):
+    """An MLP (uneven rows at k = 3): the top eigenvalues, the smallest, the trace with the same
+    Rademacher vectors, each layer's top eigenvalue and trace, and the jackknife, against the
+    exact matrix to 1e-7 relative (the products' error is about 1e-9: evaluation/sharded.py),
+    and one process's float32 Hessian to 1e-5."""
+    job = mlp_job(workdir)
+    run(["lldist.surface", job, "--progress-every", "0"], workdir)
+    run(["lldist.hessian", job, *FLAGS, "--set", "curvature.blocks=layers"], workdir)
+    one, _ = stored(workdir / "out.h5")
+    p = sharded(workdir, job, k, "--set", "curvature.blocks=layers")
+    assert "built on the meta device in float64" in p.stdout and f"one shard group of {k}" in p.stdout, p.stdout
+    got, _ = stored(workdir / "out.h5")
+    assert (got["group_size"], got["group_mode"], got["ranks"]) == (k, "shard", k)
+    assert got["lanczos_converged"] and got["num_parameters"] == one["num_parameters"] == 64 * 16 + 16 + 16 * 10 + 10
+    ex = exact(workdir / "job.yaml", blocks={"net.1": ["net.1.weight", "net.1.bias"],
+                                             "net.3": ["net.3.weight", "net.3.bias"]})
+    scale = np.abs(ex["eigenvalues"]).max()
+    np.testing.assert_allclose(json.loads(got["top_eigenvalues"]), ex["eigenvalues"][::-1][:3], rtol=1e-7)
+    np.testing.assert_allclose(got["lambda_min"], ex["eigenvalues"][0], atol=1e-7 * scale)
+    np.testing.assert_allclose(got["trace"], np.mean(ex["traces"]), rtol=1e-7)
+    np.testing.assert_allclose(json.loads(got["lambda_max_jackknife"]), ex["jackknife"], rtol=1e-7)
+    for row in json.loads(got["blocks"]):
+        top, traces = ex["blocks"][row["block"]]
+        np.testing.assert_allclose(row["lambda_max"], top, rtol=1e-7, err_msg=row["block"])
+        np.testing.assert_allclose(row["trace"], np.mean(traces), rtol=1e-7, err_msg=row["block"])
+    np.testing.assert_allclose(json.loads(got["top_eigenvalues"]), json.loads(one["top_eigenvalues"]), rtol=1e-5)
+    np.testing.assert_allclose(got["trace"], one["trace"], rtol=1e-5)
+    assert got["loss"] == pytest.approx(one["loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+def test_a_shard_groups_density_matches_the_exact_spectrum(workdir):
+    """Stochastic Lanczos quadrature on sharded vectors: with as many steps as it takes to
+    exhaust a small model's Krylov space, its nodes are the exact eigenvalues and its weights
+    the squared projections of the start vector: the density's mean and second moment are the
+    exact (1/n) tr(H) and (1/n) tr(H²) up to the start vectors' spread."""
+    job = mlp_job(workdir, hidden=(4,))
+    run(["lldist.surface", job, "--progress-every", "0"], workdir)
+    sharded(workdir, job, 2, "--density", "--density-runs", "2", "--density-steps", "400", "--no-jackknife",
+            "--trace-samples", "0")
+    _, data = stored(workdir / "out.h5")
+    ex = exact(workdir / "job.yaml", samples=0)["eigenvalues"]
+    nodes, weights = data["density_nodes"], data["density_weights"]
+    np.testing.assert_allclose(weights.sum(1), 1.0, rtol=1e-9)
+    used = nodes[weights > 1e-12]
+    # every node sits on an exact eigenvalue (Lanczos on an exhausted Krylov space)
+    assert np.abs(used[:, None] - ex[None, :]).min(1).max() < 1e-6 * np.abs(ex).max()
+
+
+def test_a_shard_groups_hessian_refuses_what_it_cannot_take_in_one_line(workdir):
+    job = mlp_job(workdir)
+    for extra, ranks, says in ((["--set", "curvature.operator=ggn"], 2, "only the Hessian"),
+                               ([], 1, "the sharded Hessian runs in one group")):
+        p = run([mpiexec(), "-n", str(ranks), sys.executable, "-m", "lldist.hessian", job, *FLAGS, *extra,
+                 "--set", "eval.group_size=2", "--set", "eval.group_mode=shard"], workdir, check=False)
+        assert p.returncode == 2 and says in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+@pytest.mark.slow
+def test_a_tied_gpt2s_hessian_in_a_shard_group_equals_one_process(workdir):
+    """GPT-2 with its output layer tied to its embedding, from sharded safetensors read by rows,
+    in a shard group of 3, on the language-model loss: against one process's (float32)."""
+    from test_rows import TEXT, seeded_folder
+    folder = seeded_folder("tiny_gpt", workdir / "model")
+    job = write_job(workdir / "job.yaml", model={"name": f"hf:{folder}", "checkpoint": None}, train=None,
+                    data=dict(TEXT, args={"max_length": 24, "label": None}), grid={"x": [-1, 1, 3], "y": None},
+                    eval={"batch_size": 7, "threads": 1, "loss": "lm"})
+    env = {"HF_HUB_OFFLINE": 1}
+    run(["lldist.surface", job, "--progress-every", "0"], workdir, **env)
+    run(["lldist.hessian", job, *FLAGS, "--tol", "1e-6", "--no-jackknife"], workdir, **env)
+    one, _ = stored(workdir / "out.h5")
+    p = run([mpiexec(), "-n", "3", sys.executable, "-m", "lldist.hessian", job, *FLAGS, "--tol", "1e-6",
+             "--no-jackknife", "--set", "eval.group_size=3", "--set", "eval.group_mode=shard"], workdir, timeout=600,
+            **env)
+    assert "built on the meta device in float64" in p.stdout, p.stdout
+    got, _ = stored(workdir / "out.h5")
+    np.testing.assert_allclose(json.loads(got["top_eigenvalues"]), json.loads(one["top_eigenvalues"]), rtol=1e-4)
+    np.testing.assert_allclose(got["trace"], one["trace"], rtol=1e-4)
