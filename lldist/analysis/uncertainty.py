@@ -3,6 +3,7 @@ stores. Plain numpy and the standard library; no torch, no MPI, no HDF5.
 
     lo, hi = interval(loss, loss_se, level=0.95)       # the mean loss ± z·se (normal)
     lo, hi = wilson(acc, n, level=0.95)                # Wilson's score interval for an accuracy
+    se = jackknife_se([lam_without_batch_1, ...])      # the jackknife's standard error
 
 The loss's standard error is over the split's examples (evaluation/tasks.py: loss_se): it says
 how far the cell's loss could move on another sample of the same size from the same
@@ -49,3 +50,11 @@ def binomial_se(p, n):
     """sqrt(p(1−p)/n): the standard error of a proportion."""
     p = np.asarray(p, dtype=float)
     return np.sqrt(np.clip(p * (1 - p), 0, None) / np.asarray(n, dtype=float))
+
+
+def jackknife_se(leave_one_out: list) -> float:
+    """The jackknife's standard error from the n leave-one-out estimates:
+    sqrt((n − 1)/n · Σ (θ_(i) − mean)²) (Efron and Stein; Quenouille)."""
+    v = np.asarray(leave_one_out, dtype=float)
+    n = len(v)
+    return float(np.sqrt((n - 1) / n * np.sum((v - v.mean()) ** 2))) if n > 1 else float("nan")

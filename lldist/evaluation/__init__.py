@@ -6,6 +6,8 @@ HDF5: the runs hand them data, directions and a rank group's process group.
                 and the plain mean over a split
   groups.py     a rank group's torch.distributed world; FSDP2 sharding by rows
   curvature.py  Hessian-vector products, extreme eigenvalues, trace, spectral density (Lanczos)
+  sharded.py    the Hessian of a model sharded over a rank group: products by differences of
+                the sharded gradient, Lanczos on sharded vectors
   operators.py  the Hessian's, the Gauss-Newton's and the empirical Fisher's products
   blocks.py     per-block spectra: which parameters each block holds
   attention.py  fused attention switched to the math path for double backward

@@ -20,6 +20,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..analysis.uncertainty import jackknife_se
 from ..config import Job
 from ..errors import UserError
 from ..evaluation.blocks import blocks as block_names
@@ -28,14 +29,6 @@ from ..evaluation.operators import DESCRIPTION
 from ..inputs.loading import Source
 from ..store import SurfaceReader, write_curvature
 from .optimum import Measure
-
-
-def jackknife_se(leave_one_out: list) -> float:
-    """The jackknife's standard error from the n leave-one-out estimates:
-    sqrt((n − 1)/n · Σ (θ_(i) − mean)²) (Efron and Stein; Quenouille)."""
-    v = np.asarray(leave_one_out, dtype=float)
-    n = len(v)
-    return float(np.sqrt((n - 1) / n * np.sum((v - v.mean()) ** 2))) if n > 1 else float("nan")
 
 
 class AtOptimum:

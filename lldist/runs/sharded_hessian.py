@@ -25,6 +25,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from ..analysis.uncertainty import jackknife_se
 from ..config import Job
 from ..errors import UserError
 from ..evaluation.blocks import blocks as block_names
@@ -141,7 +142,6 @@ def compute(job: Job, spread=None, log=print, should_stop=lambda: None,
         + f"; {steps} Lanczos steps")
     if s.jackknife and len(chosen) > 1:
         watch.stage = f"lambda_max without each of the {len(chosen)} batches (the jackknife)"
-        from .hessian import jackknife_se
         each = []
         for b in range(len(chosen)):
             part = Sharded(loaded.model, chosen[:b] + chosen[b + 1:], task, group, watch=watch)
