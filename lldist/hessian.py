@@ -10,6 +10,8 @@ batches (the jackknife) and, with `--density`, the spectral density; with the jo
 section, which gives the defaults: the flag wins. Prints the numbers and stores them under
 /curvature/<split> (<split>_ggn, <split>_fisher) of the job's output file if it exists. Under
 MPI every product's batches are split over the ranks; rank 0 runs Lanczos, prints and stores.
+With `eval.group_size: k` and `eval.group_mode: shard` on k ranks the model is sharded over
+them and no rank holds it or a whole Lanczos vector (lldist/runs/sharded_hessian.py).
 """
 
 from __future__ import annotations
