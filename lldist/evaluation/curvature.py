@@ -235,9 +235,7 @@ class Curvature:
             for b, i in idx.items():
                 per[b].append(float(zhz[i].sum()))
 
-        def mean_err(x):
-            x = np.array(x)
-            return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
+        mean_err = mean_and_stderr
         if blocks is None:
             return mean_err(est)
         return mean_err(est), {b: mean_err(v) for b, v in per.items()}
@@ -265,6 +263,12 @@ class Curvature:
         """A flat parameter vector as a direction over the float state: zero on buffers."""
         parts = dict(zip(self.names, self._split(torch.as_tensor(vec, dtype=torch.float64))))
         return {n: (parts[n].to(w.dtype).cpu().clone() if n in parts else torch.zeros_like(w)) for n, w in theta.items()}
+
+
+def mean_and_stderr(x) -> tuple:
+    """(mean, standard error of the mean) of a trace's samples; NaN error for one."""
+    x = np.array(x)
+    return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
 
 
 def serve(spread, curvatures: dict) -> None:

@@ -32,6 +32,8 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from .tasks import model_inputs
+
 MODES = ("data", "shard")
 SETUP_TIMEOUT_S = 120  # a group whose rank never joins fails within this, not after torch's 30 min
 
@@ -162,16 +164,19 @@ def write_point(model: nn.Module, names: list, point: dict) -> None:
             local(live[n]).copy_(point[n])
 
 
-def group_pass(model: nn.Module, names: list, batches: list, terms, g: GroupSpec, grad: bool) -> tuple:
+def group_pass(model: nn.Module, names: list, batches: list, task, g: GroupSpec, grad: bool) -> tuple:
     """(Σ sums / Σ weights, {name: this rank's part of the mean's gradient} or None) of the
-    weights the model holds, over fixed batches, with every member of the group (collective).
-    `terms(batch) -> (summed loss, weight)` runs the model. Member r runs batches r, r + size,
+    weights the model holds, over fixed batches, with every member of the group (collective),
+    of the task's loss (tasks.Task: its summed loss and weight per batch). Member r runs batches r, r + size,
     ...; a member with a batch fewer repeats one and discards it (a shard group's gathers and
     reduce-scatters are collective). The batch sums meet in their slots, each filled by one
     member and zeros elsewhere, so the all-reduce is exact and the sum over batches runs in
     batch order, as one rank runs it: the value is one rank's bit for bit. The gradient of a
     sharded model is FSDP2's reduce-scatter (call sum_gradients once first); of a `data` group's
     whole model, an all-reduce of the members'."""
+    def terms(b):
+        args, kwargs = model_inputs(b)
+        return task.loss_terms(model(*args, **kwargs), b)
     fsdp = sharded_modules(model)
     live = dict(model.named_parameters())
     device = live[names[0]].device

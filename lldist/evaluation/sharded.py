@@ -44,8 +44,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from .curvature import mean_and_stderr
 from .groups import GroupSpec, all_reduce_sum, group_pass, held_rows, local, sum_gradients, write_point
-from .tasks import Task, model_inputs
+from .tasks import Task
 
 EPS_SCALE = float(np.finfo(np.float64).eps) ** 0.5  # a central difference's step, relative (see above)
 
@@ -113,22 +114,15 @@ class Sharded:
     # ------------------------------------------------------------------ products
     def _gradient(self, point: dict) -> dict:
         write_point(self.model, self.names, point)
-
-        def terms(b):
-            args, kwargs = model_inputs(b)
-            return self.task.loss_terms(self.model(*args, **kwargs), b)
-        return group_pass(self.model, self.names, self.batches, terms, self.group, grad=True)[1]
+        return group_pass(self.model, self.names, self.batches, self.task, self.group, grad=True)[1]
 
     def loss(self) -> float:
         """The mean loss at θ (one rank's bit for bit: group_pass)."""
         return self.value
 
     def _loss(self) -> float:
-        def terms(b):
-            args, kwargs = model_inputs(b)
-            return self.task.loss_terms(self.model(*args, **kwargs), b)
         with torch.no_grad():
-            return group_pass(self.model, self.names, self.batches, terms, self.group, grad=False)[0]
+            return group_pass(self.model, self.names, self.batches, self.task, self.group, grad=False)[0]
 
     def hvp(self, v: dict) -> dict:
         """H v (collective): the central difference of the sharded gradient along v."""
@@ -213,8 +207,4 @@ class Sharded:
             est.append(math.fsum(sums))
             for b, names in blocks.items():
                 per[b].append(math.fsum(by[n] for n in names))
-
-        def mean_err(x):
-            x = np.array(x)
-            return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else math.nan
-        return mean_err(est), {b: mean_err(v) for b, v in per.items()}
+        return mean_and_stderr(est), {b: mean_and_stderr(v) for b, v in per.items()}

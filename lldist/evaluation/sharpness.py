@@ -154,11 +154,7 @@ class Sharpness:
     def _group_pass(self, point: dict, batches, grad: bool) -> tuple:
         """(L(point), ∇L(point) by parameter or None) with every member of the group."""
         write_point(self.model, self.names, point)
-
-        def terms(b):
-            args, kwargs = model_inputs(b)
-            return self.task.loss_terms(self.model(*args, **kwargs), b)
-        return group_pass(self.model, self.names, batches, terms, self.group, grad)
+        return group_pass(self.model, self.names, batches, self.task, self.group, grad)
 
     def loss_and_grad(self, delta: dict, batches=None) -> tuple:
         """(L(θ + δ), ∇L(θ + δ) by parameter): the batches' summed losses backward one at a

@@ -275,6 +275,28 @@ def by_rows(job: Job, group: GroupSpec, device: str, dtype: Optional[torch.dtype
     return loaded
 
 
+def for_group(job: Job, source, group: GroupSpec, device: str, say, dtype: Optional[torch.dtype] = None) -> Loaded:
+    """A computation at θ* in a shard group (the sharpness, the Hessian): the model sharded over
+    the group, built on the meta device and read by rows where the job's model can be, else
+    loaded whole by `source` and sharded, `say` telling which (collective). `dtype`: as by_rows."""
+    why = model_whole_because(job, source)
+    if why is None:
+        try:
+            loaded = by_rows(job, group, device, dtype)
+        except Unbuildable as e:
+            why = str(e)
+        else:
+            made = f" in {str(dtype).removeprefix('torch.')}" if dtype is not None else ""  # "in float64"
+            say(f"model {job.model.name}: built on the meta device{made}, each rank of the group reading its rows "
+                f"of {theta_source(job)}")
+            return loaded
+    say(f"note: model {job.model.name} is built whole on every rank before it is sharded: {why}")
+    loaded = source.load(job)
+    model = loaded.model.to(dtype) if dtype is not None else loaded.model
+    loaded.model = shard_model(model.eval(), group, device)
+    return loaded
+
+
 def whole_because(job: Job, source) -> Optional[str]:
     """Why this job's model is built whole on every rank rather than by rows, or None. By rows
     needs a sharded group, the job file's model, a checkpoint to read rows from, and random

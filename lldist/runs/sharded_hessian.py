@@ -32,6 +32,7 @@ from ..evaluation.blocks import blocks as block_names
 from ..evaluation.curvature import Watch, first_batches
 from ..evaluation.operators import DESCRIPTION
 from ..evaluation.sharded import EPS_SCALE, Sharded
+from ..inputs import rows
 from ..inputs.loading import Source
 
 PRODUCT = (f"central differences of the FSDP2-sharded gradient in float64, each entry moved by {EPS_SCALE:.3g} "
@@ -50,26 +51,6 @@ def check(job: Job, ranks: int) -> None:
                         "forward-mode products are not built through FSDP2 yet)")
 
 
-def _load(job: Job, src: Source, group, device: str, log):
-    """The model sharded over the group, its parameters and buffers in float64."""
-    from ..evaluation.groups import shard_model
-    from ..inputs import identity, rows
-    why = rows.model_whole_because(job, src)
-    if why is None:
-        try:
-            loaded = rows.by_rows(job, group, device, torch.float64)
-        except rows.Unbuildable as e:
-            why = str(e)
-        else:
-            log(f"model {job.model.name}: built on the meta device in float64, each rank of the group reading its "
-                f"rows of {identity.theta_source(job)}")
-            return loaded
-    log(f"note: model {job.model.name} is built whole on every rank before it is sharded: {why}")
-    loaded = src.load(job)
-    loaded.model = shard_model(loaded.model.double().eval(), group, device)
-    return loaded
-
-
 def compute(job: Job, spread=None, log=print, should_stop=lambda: None,
             source: Optional[Source] = None) -> Optional[dict]:
     from ..evaluation.evaluator import device_for_rank
@@ -84,7 +65,7 @@ def compute(job: Job, spread=None, log=print, should_stop=lambda: None,
     src = source or Source()
     device = device_for_rank(spread.ctx.local_rank, job.eval.device)
     group = join_group(job, spread, device)
-    loaded = _load(job, src, group, device, log)
+    loaded = rows.for_group(job, src, group, device, log, torch.float64)
     bs = job.eval.batch_size if job.eval.batch_size != "auto" else 256
     chosen = [_to(b, device) for b in first_batches(loaded.splits[split], bs, s.batches, torch.float64)]
     task = src.make_task(job)
@@ -122,19 +103,19 @@ def compute(job: Job, spread=None, log=print, should_stop=lambda: None,
         watch.stage = f"the density ({s.density_runs} x {s.density_steps} Lanczos steps)"
         out["density_nodes"], out["density_weights"] = _density(op, s.density_runs, s.density_steps)
     if named:
-        rows = []
+        table = []
         for b, names in named.items():
             part = Sharded(loaded.model, chosen, task, group, names=names, watch=watch)
             watch.stage = f"block {b} ({part.n:,} parameters)"
             top_b = part.extremes(1, s.tol, smallest=False)[0][0] if s.block_top and part.n > 1 else math.nan
             extra += part.matvecs
-            rows.append({"block": b, "parameters": part.n, "lambda_max": top_b, "trace": block_traces[b][0],
-                         "trace_stderr": block_traces[b][1]})
-        out["blocks"] = rows
+            table.append({"block": b, "parameters": part.n, "lambda_max": top_b, "trace": block_traces[b][0],
+                          "trace_stderr": block_traces[b][1]})
+        out["blocks"] = table
         import json
         out["blocks_spec"] = json.dumps(s.blocks)
         log("per block (top eigenvalue, trace): " + "; ".join(
-            f"{r['block']} {r['lambda_max']:.4g}, {r['trace']:.4g}" for r in rows))
+            f"{r['block']} {r['lambda_max']:.4g}, {r['trace']:.4g}" for r in table))
     out["num_parameters"] = op.n
     log(f"{what} on {split} ({len(chosen)} batches of {bs}, loss {out['loss']:.6g}): top eigenvalues "
         f"{', '.join(f'{v:.6g}' for v in top)}" + (f"; lambda_min {lo:.6g}" if s.smallest else "")

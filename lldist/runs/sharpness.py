@@ -75,7 +75,7 @@ def compute(job, spread=None, log=print, should_stop=lambda: None, source=None) 
     rank, size = (spread.rank, spread.size) if spread is not None else (0, 1)
     check(job, size)
     group = join_group(job, spread, device) if k > 1 else None
-    loaded, model = _load(job, src, group, device, log)
+    loaded = _load(job, src, group, device, log)
     batches = [({k: v.to(device) for k, v in b.items()} if isinstance(b, dict) else tuple(t.to(device) for t in b))
                for b in _examples(loaded.splits[cfg.split], bs, cfg.examples, torch.float32)]
     n = sum(batch_size(b) for b in batches)
@@ -91,7 +91,7 @@ def compute(job, spread=None, log=print, should_stop=lambda: None, source=None) 
         return [got[j] for j in range(count)]
 
     t = time.perf_counter()
-    s = Sharpness(model, batches, src.make_task(job), should_stop=should_stop, log=log, group=group)
+    s = Sharpness(loaded.model, batches, src.make_task(job), should_stop=should_stop, log=log, group=group)
     nparams = s.count
     log(f"sharpness at theta* of {job.name} on {cfg.split}: {nparams:,} parameters, {n} examples in batches of {bs}"
         + (f", over {size} ranks" if size > 1 else "")
@@ -135,27 +135,15 @@ def compute(job, spread=None, log=print, should_stop=lambda: None, source=None) 
     return out
 
 
-def _load(job, src: Source, group, device: str, log) -> tuple:
-    """(loaded, model on the device): in a shard group built on the meta device and read by
-    rows where the job's model can be (inputs/rows.py), else loaded whole (and then sharded)."""
-    from ..evaluation.groups import shard_model
-    from ..inputs import identity, rows
+def _load(job, src: Source, group, device: str, log):
+    """The loaded job with its model on the device: in a shard group, sharded over it
+    (inputs/rows.for_group: read by rows where it can be)."""
     if group is not None and group.mode == "shard":
-        why = rows.model_whole_because(job, src)
-        if why is None:
-            try:
-                loaded = rows.by_rows(job, group, device)
-            except rows.Unbuildable as e:
-                why = str(e)
-            else:
-                log(f"model {job.model.name}: built on the meta device, each rank of a group reading its rows "
-                    f"of {identity.theta_source(job)}")
-                return loaded, loaded.model
-        log(f"note: model {job.model.name} is built whole on every rank before it is sharded: {why}")
-        loaded = src.load(job)
-        return loaded, shard_model(loaded.model, group, device)
+        from ..inputs import rows
+        return rows.for_group(job, src, group, device, log)
     loaded = src.load(job)
-    return loaded, loaded.model.to(device)
+    loaded.model = loaded.model.to(device)
+    return loaded
 
 
 def json_settings(cfg) -> str:

@@ -505,7 +505,12 @@ def _start_workers(ctx: Context, room: Room, payload, hosts: dict, should_stop) 
 
 def _join_group(ctx: Context, k: int) -> None:
     """Split the world into groups of k consecutive ranks (collective: every rank calls it)."""
-    ctx.group = Group(ctx.rank // k, ctx.rank % k, k, ctx.link.split(ctx.rank // k))
+    ctx.group = _group_of(ctx, k)
+
+
+def _group_of(ctx: Context, k: int) -> Group:
+    """This rank's group of k consecutive ranks, its communicator split off (collective)."""
+    return Group(ctx.rank // k, ctx.rank % k, k, ctx.link.split(ctx.rank // k))
 
 
 def _worker(ctx: Context, room: Room) -> int:
@@ -802,7 +807,7 @@ class Spread:
     def group(self, k: int) -> Group:
         """Collective: this rank's Group of k consecutive ranks (eval.group_size), whose leader
         broadcasts the address of the group's own torch.distributed world."""
-        return Group(self.rank // k, self.rank % k, k, self.ctx.link.split(self.rank // k))
+        return _group_of(self.ctx, k)
 
     def ask(self, key: str, v: np.ndarray) -> None:
         """Rank 0: every rank's share of the product of operator `key` with v."""
