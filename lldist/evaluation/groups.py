@@ -164,7 +164,8 @@ def write_point(model: nn.Module, names: list, point: dict) -> None:
             local(live[n]).copy_(point[n])
 
 
-def group_pass(model: nn.Module, names: list, batches: list, task, g: GroupSpec, grad: bool) -> tuple:
+def group_pass(model: nn.Module, names: list, batches: list, task, g: GroupSpec, grad: bool,
+               terms=None) -> tuple:
     """(Σ sums / Σ weights, {name: this rank's part of the mean's gradient} or None) of the
     weights the model holds, over fixed batches, with every member of the group (collective),
     of the task's loss (tasks.Task: its summed loss and weight per batch). Member r runs batches r, r + size,
@@ -173,10 +174,16 @@ def group_pass(model: nn.Module, names: list, batches: list, task, g: GroupSpec,
     member and zeros elsewhere, so the all-reduce is exact and the sum over batches runs in
     batch order, as one rank runs it: the value is one rank's bit for bit. The gradient of a
     sharded model is FSDP2's reduce-scatter (call sum_gradients once first); of a `data` group's
-    whole model, an all-reduce of the members'."""
-    def terms(b):
+    whole model, an all-reduce of the members'.
+
+    `terms(batch) -> (summed loss, weight, objective)`: what one batch runs, its objective the
+    scalar whose gradient is summed (default: the summed loss itself; a curvature product's
+    J^T u: sharded.py). It runs the same collective forwards for the discarded repeat."""
+    def plain(b):
         args, kwargs = model_inputs(b)
-        return task.loss_terms(model(*args, **kwargs), b)
+        s, n = task.loss_terms(model(*args, **kwargs), b)
+        return s, n, s
+    terms = terms or plain
     fsdp = sharded_modules(model)
     live = dict(model.named_parameters())
     device = live[names[0]].device
@@ -188,15 +195,15 @@ def group_pass(model: nn.Module, names: list, batches: list, task, g: GroupSpec,
     for i, b in enumerate(batches):
         if i % g.size != g.rank:
             continue
-        s, n = terms(b)
+        s, n, objective = terms(b)
         if grad:
-            s.backward()
+            objective.backward()
         slots[i, 0], slots[i, 1] = float(s.detach()), float(n)
         ran += 1
     for _ in range(-(-len(batches) // g.size) - ran):
-        s, _ = terms(batches[0])
+        _, _, objective = terms(batches[0])
         if grad:
-            (s * 0).backward()  # its share of the reduce-scatter: zeros
+            (objective * 0).backward()  # its share of the reduce-scatter: zeros
     all_reduce_sum(slots)
     v = w = 0.0
     for s, n in slots.tolist():  # in batch order, as one rank sums them

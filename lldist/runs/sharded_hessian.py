@@ -11,8 +11,7 @@ accurate); Lanczos runs on every rank on its rows of every vector, with all-redu
 products, so every rank takes the same steps. It computes what the one-process Hessian
 computes (runs/hessian.py): the top eigenvalues, the smallest, Hutchinson's trace with the same
 Rademacher vectors, per-block traces and top eigenvalues, λmax's jackknife over the batches,
-and the spectral density; of the Hessian only (the GGN and the Fisher use forward-mode
-products, not built through FSDP2 yet: refused in one line).
+and the spectral density; of the Hessian, the GGN or the empirical Fisher (curvature.operator).
 """
 
 from __future__ import annotations
@@ -35,20 +34,20 @@ from ..evaluation.sharded import EPS_SCALE, Sharded
 from ..inputs import rows
 from ..inputs.loading import Source
 
-PRODUCT = (f"central differences of the FSDP2-sharded gradient in float64, each entry moved by {EPS_SCALE:.3g} "
-           "x max(1, rms(theta)) on average")
+STEP = f"each entry moved by {EPS_SCALE:.3g} x max(1, rms(theta)) on average"
+PRODUCT = {"hessian": f"central differences of the FSDP2-sharded gradient in float64, {STEP}",
+           "ggn": f"J v by central differences of the logits in float64 ({STEP}), H_out exact, J^T by the "
+                  "FSDP2-sharded backward",
+           "fisher": f"g_i . v by central differences of each example's loss in float64 ({STEP}), then one "
+                     "FSDP2-sharded backward"}
 
 
 def check(job: Job, ranks: int) -> None:
     """What a shard group's Hessian cannot take, refused in one line before any work."""
-    k, s = job.eval.group_size, job.curvature
+    k = job.eval.group_size
     if ranks != k:
         raise UserError(f"{job.source}: key 'eval.group_size' is {k} with group_mode shard, but the run has {ranks} "
                         f"rank(s): the sharded Hessian runs in one group (mpirun -n {k} ...)")
-    if s.operator != "hessian":
-        raise UserError(f"{job.source}: key 'curvature.operator' is {s.operator}: in a shard group only the Hessian "
-                        "(its products are differences of the sharded gradient; the GGN's and the Fisher's "
-                        "forward-mode products are not built through FSDP2 yet)")
 
 
 def compute(job: Job, spread=None, log=print, should_stop=lambda: None,
@@ -69,15 +68,15 @@ def compute(job: Job, spread=None, log=print, should_stop=lambda: None,
     bs = job.eval.batch_size if job.eval.batch_size != "auto" else 256
     chosen = [_to(b, device) for b in first_batches(loaded.splits[split], bs, s.batches, torch.float64)]
     task = src.make_task(job)
-    what = f"Hessian at theta* of {job.name}"
+    what = f"{s.operator if s.operator != 'hessian' else 'Hessian'} at theta* of {job.name}"
     watch = Watch(what, should_stop, log) if driver else Watch(what)
-    op = Sharded(loaded.model, chosen, task, group, watch=watch)
+    op = Sharded(loaded.model, chosen, task, group, watch=watch, operator=s.operator)
     if s.top >= op.n:
         raise UserError(f"--top {s.top}: the model has {op.n:,} parameters, so at most {op.n - 1:,} eigenvalues "
                         "can be asked of Lanczos")
     t = time.perf_counter()
     log(f"{what} on {split}: {op.n:,} parameters, {len(chosen)} batches of {bs}, in one shard group of {group.size} "
-        f"(products: {PRODUCT})")
+        f"(products: {PRODUCT[s.operator]})")
     watch.stage = f"top {s.top} eigenvalues" + (" and the smallest" if s.smallest else "")
     top, lo, steps, converged = op.extremes(s.top, s.tol, s.smallest)
     if not converged:
@@ -92,12 +91,12 @@ def compute(job: Job, spread=None, log=print, should_stop=lambda: None,
     nan = (math.nan, math.nan)
     (tr, err), block_traces = op.trace(s.trace_samples, blocks=named) if s.trace_samples > 0 else \
         (nan, {b: nan for b in named})
-    out = {"split": split, "operator": "hessian", "operator_description": DESCRIPTION["hessian"],
+    out = {"split": split, "operator": s.operator, "operator_description": DESCRIPTION[s.operator],
            "batches": len(chosen), "batches_requested": s.batches, "batch_size": bs, "loss": op.loss(),
            "top_eigenvalues": top, "lambda_max": top[0], "lambda_min": lo,
            "eig_ratio": abs(lo / top[0]) if top[0] else math.nan, "trace": tr, "trace_stderr": err,
            "trace_samples": s.trace_samples, "ranks": ranks, "group_size": group.size, "group_mode": "shard",
-           "product": PRODUCT, "lanczos_tol": s.tol, "lanczos_steps": steps, "lanczos_converged": converged}
+           "product": PRODUCT[s.operator], "lanczos_tol": s.tol, "lanczos_steps": steps, "lanczos_converged": converged}
     extra = 0  # the products of the blocks' and the jackknife's own runs
     if s.density:
         watch.stage = f"the density ({s.density_runs} x {s.density_steps} Lanczos steps)"
@@ -105,7 +104,7 @@ def compute(job: Job, spread=None, log=print, should_stop=lambda: None,
     if named:
         table = []
         for b, names in named.items():
-            part = Sharded(loaded.model, chosen, task, group, names=names, watch=watch)
+            part = Sharded(loaded.model, chosen, task, group, names=names, watch=watch, operator=s.operator)
             watch.stage = f"block {b} ({part.n:,} parameters)"
             top_b = part.extremes(1, s.tol, smallest=False)[0][0] if s.block_top and part.n > 1 else math.nan
             extra += part.matvecs
@@ -125,7 +124,7 @@ def compute(job: Job, spread=None, log=print, should_stop=lambda: None,
         watch.stage = f"lambda_max without each of the {len(chosen)} batches (the jackknife)"
         each = []
         for b in range(len(chosen)):
-            part = Sharded(loaded.model, chosen[:b] + chosen[b + 1:], task, group, watch=watch)
+            part = Sharded(loaded.model, chosen[:b] + chosen[b + 1:], task, group, watch=watch, operator=s.operator)
             each.append(part.extremes(1, s.tol, smallest=False)[0][0])
             extra += part.matvecs
         out.update(lambda_max_jackknife=each, lambda_max_se=jackknife_se(each))
