@@ -790,10 +790,9 @@ def eval_conflict(e: EvalConfig) -> Optional[str]:
         return ("key 'eval.curvature' needs a number for eval.batch_size, eval.cells_per_pass: 1, "
                 "eval.bn: eval and eval.curvature_batches >= 1 (the Hessian is taken on fixed batches)")
     if e.group_size > 1 and (e.batch_size == "auto" or e.cells_per_pass != 1
-                             or (e.group_mode == "shard" and (e.curvature or e.compile))):
+                             or (e.group_mode == "shard" and e.compile)):
         return ("key 'eval.group_size' above 1 needs a number for eval.batch_size, eval.cells_per_pass: 1, "
-                "and with group_mode: shard no eval.curvature (double backward does not pass through FSDP2) "
-                "and no eval.compile")
+                "and with group_mode: shard no eval.compile (FSDP2's hooks make dynamo recompile every forward)")
     return None
 
 

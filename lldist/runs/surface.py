@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
+import torch
 
 from ..inputs import identity
 from ..config import Job
@@ -108,13 +109,17 @@ def _return_memory_at_once() -> None:
         pass
 
 
+def _quiet(msg: str) -> None:
+    pass
+
+
 def make_evaluator(job: Job, loaded: Loaded, dirs: Directions, device: str, batch_size, cells_per_pass,
-                   task: Task, group: Optional[GroupSpec] = None) -> Evaluator:
+                   task: Task, group: Optional[GroupSpec] = None, curvature_model=None) -> Evaluator:
     cfg = dataclasses.replace(job.eval, batch_size=batch_size, cells_per_pass=cells_per_pass)
     curve = (job.directions.curve or "bezier") if dirs.bend is not None else None  # x is t along it
     try:
         return Evaluator(loaded.model, loaded.theta, dirs, loaded.splits, cfg, device=device, task=task, group=group,
-                         curve=curve, bn_data=bn_data(job, loaded))
+                         curve=curve, bn_data=bn_data(job, loaded), curvature_model=curvature_model)
     except ValueError as e:  # options the data or task cannot take
         raise UserError(f"{job.source}: {e}")
 
@@ -388,8 +393,16 @@ class SurfaceRun:
         dirs = kinds.materialize(payload.dirs, job, loaded, mine)
         if mine is not None:
             kinds.check_rows(dirs, payload.dirs, job, loaded, mine, all_reduce_sum)
+        twin = None
+        if spec is not None and spec.mode == "shard" and task.curvature:
+            # per-cell curvature maps: their products are differences of the sharded gradient,
+            # taken in a float64 copy of the sharded model (evaluator.Evaluator._sharded_curvature)
+            # (gathered in float64 too, whatever eval.precision: fp32 says the policy gathers as held)
+            fp = dataclasses.replace(job, eval=dataclasses.replace(job.eval, precision="fp32"))
+            twin = rows.for_group(fp, self.source, spec, self.device, log if self.ctx.rank == 0 else _quiet,
+                                  torch.float64).model
         self.evaluator = make_evaluator(job, loaded, dirs, self.device, payload.batch_size, payload.cells_per_pass,
-                                        task, spec)
+                                        task, spec, curvature_model=twin)
         del loaded, dirs  # a sharded rank keeps its rows only: the whole theta* and model go
         _return_freed_memory()
         self.cells_per_pass = self.evaluator.cells_per_pass
