@@ -227,6 +227,8 @@ class CurvatureConfig:
     density_steps: int = 80  # its Lanczos steps per start vector
     block_top: bool = True  # with blocks: each block's top eigenvalue (a Lanczos run each), not only its trace
     jackknife: bool = True  # lambda_max's standard error over the batches (a Lanczos run without each)
+    basis_memory: float = 2e9  # bytes of Lanczos basis a rank keeps in memory (one process: eigsh's is cut
+    #                            to fit; a shard group's goes on in a file in the temp folder, TMPDIR)
 
 
 @dataclass(frozen=True)
@@ -561,6 +563,8 @@ def curvature_problem(c: CurvatureConfig) -> Optional[tuple]:
             return k, "must be at least 1"
     if c.trace_samples < 0:
         return "trace_samples", "must be 0 (no trace) or more"
+    if not c.basis_memory > 0:
+        return "basis_memory", "must be a positive number of bytes"
     if not 0 < c.tol < 1:
         return "tol", "must be between 0 and 1 (a relative tolerance)"
     if c.top > MAX_TOP:

@@ -37,6 +37,9 @@ FLAGS = {
                    "1e-2 gives two digits). It is relative to the largest: the GGN's and the Fisher's lambda_min, "
                    "0 in exact arithmetic (both are positive semidefinite), come out within about tol x "
                    "lambda_max of 0"),
+    "basis_memory": (float, f"bytes of Lanczos basis a rank keeps in memory (default {D.basis_memory:g}): one "
+                            "process cuts eigsh's basis to fit (more restarts); in a shard group the later vectors "
+                            "go to a file in the temp folder (TMPDIR), the same numbers"),
 }
 SWITCHES = {
     "density": "also the eigenvalue spectral density (stochastic Lanczos quadrature)",

@@ -188,6 +188,30 @@ def test_a_shard_groups_ggn_and_fisher_equal_the_exact_matrices(workdir, operato
     np.testing.assert_allclose(got["trace"], one["trace"], rtol=1e-5)
 
 
+def test_a_lanczos_basis_beyond_its_memory_goes_to_disk_with_the_same_numbers(workdir):
+    """curvature.basis_memory of 20 kB keeps 4 of a rank's 4.8 kB vectors in memory, the rest in
+    a temporary file: the eigenvalues, the trace and the density are the in-memory run's, bit for
+    bit, and the file is gone afterwards."""
+    import os
+    job = mlp_job(workdir)
+    run(["lldist.surface", job, "--progress-every", "0"], workdir)
+    extra = ("--no-jackknife", "--density", "--density-runs", "1", "--density-steps", "30")
+    sharded(workdir, job, 2, *extra)
+    mem, mem_data = stored(workdir / "out.h5")
+    tmp = workdir / "tmp"
+    tmp.mkdir()
+    p = run([mpiexec(), "-n", "2", sys.executable, "-m", "lldist.hessian", job, *FLAGS, *extra, "--basis-memory",
+             "20000", "--set", "eval.group_size=2", "--set", "eval.group_mode=shard"], workdir, timeout=600,
+            TMPDIR=tmp)
+    assert "Lanczos basis: 4 vectors of 0.00484 MB a rank in memory" in p.stdout and str(tmp) in p.stdout, p.stdout
+    disk, disk_data = stored(workdir / "out.h5")
+    for key in ("top_eigenvalues", "lambda_min", "trace", "lanczos_steps"):
+        assert disk[key] == mem[key], key
+    for key in ("density_nodes", "density_weights"):
+        np.testing.assert_array_equal(disk_data[key], mem_data[key])
+    assert not [f for f in os.listdir(tmp) if f.startswith("lldist")]  # (torch leaves its own folder there)
+
+
 def test_a_shard_groups_hessian_refuses_what_it_cannot_take_in_one_line(workdir):
     job = mlp_job(workdir)
     for extra, ranks, says in (([], 1, "the sharded Hessian runs in one group"),):

@@ -33,10 +33,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..config import CurvatureConfig
 from .tasks import Task, head, logits_of, mean_loss, model_inputs
 
 
-ARPACK_BYTES = 2e9  # the Lanczos basis eigsh may keep (see Curvature.eigs)
+ARPACK_BYTES = CurvatureConfig.basis_memory  # the Lanczos basis eigsh may keep by default (see Curvature.eigs)
 
 
 class Watch:
@@ -83,7 +84,8 @@ class Curvature:
     batches, `key` names this operator in the conversation."""
 
     def __init__(self, model: nn.Module, batches: list, task: Task = None, dtype=torch.float32, watch=None,
-                 operator: str = "hessian", names=None, spread=None, key: str = "all", guard=None):
+                 operator: str = "hessian", names=None, spread=None, key: str = "all", guard=None,
+                 basis_bytes: float = ARPACK_BYTES):
         from .attention import Guard
         from .operators import OPERATORS
         if operator not in OPERATORS:
@@ -93,6 +95,7 @@ class Curvature:
         self.task = task or Task()
         self.batches = batches
         self.operator, self.spread, self.key = operator, spread, key
+        self.basis_bytes = basis_bytes
         params = dict(model.named_parameters())
         self.names = list(names) if names is not None else list(params)
         unknown = [n for n in self.names if n not in params]
@@ -185,7 +188,7 @@ class Curvature:
         v0 = np.random.default_rng(seed).standard_normal(self.n)
         # ARPACK keeps ncv float64 vectors of n: 20 of them for a 124M-parameter model is 20 GB,
         # so a large model gets fewer (at least 2k+1; more restarts, the same eigenvalues)
-        ncv = min(self.n, max(2 * k + 1, min(20, int(ARPACK_BYTES // (8 * self.n)))))
+        ncv = min(self.n, max(2 * k + 1, min(20, int(self.basis_bytes // (8 * self.n)))))
         vals, vecs = eigsh(op, k=k, which=which, tol=tol, v0=v0, ncv=ncv, maxiter=maxiter or 50 * self.n)
         order = np.argsort(vals)[::-1] if which == "LA" else np.argsort(vals)
         return vals[order], vecs[:, order]

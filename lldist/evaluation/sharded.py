@@ -41,7 +41,16 @@ takes the same decisions. Full reorthogonalization (twice, classical Gram-Schmid
 products in one all-reduce) against the sharded basis. The eigenvalues of the tridiagonal T
 are the Ritz values; a wanted one has converged when its residual |β_j s_j| is at most tol ×
 the largest |Ritz value| (ARPACK's test, relative to the spectrum's scale, so that a λmin near
-0 converges too). The basis lives in memory: `steps` vectors of a rank's rows (float64).
+0 converges too).
+
+**Memory.** A rank holds its rows of: θ, the model's parameters (and their float64 gradient),
+the two points θ ± εv, their two gradients, v and w, and the basis. The basis (`Basis`) keeps
+its first vectors in memory up to `basis_bytes` (curvature.basis_memory) and writes the later
+ones to an unlinked file in the temp folder (TMPDIR: a node-local disk on a cluster), reading
+each back when reorthogonalization passes it: the same arithmetic on the same float64 values,
+so the same numbers bit for bit, at the cost of reading the spilled basis twice a step. A
+rank's bytes are then about (8 + min(steps, basis vectors that fit)) × 8 × (parameters / k),
+plus one gathered FSDP unit and the activations of a batch.
 """
 
 from __future__ import annotations
@@ -53,12 +62,56 @@ import numpy as np
 import torch
 from torch import nn
 
-from .curvature import mean_and_stderr
+from .curvature import ARPACK_BYTES, mean_and_stderr
 from .groups import GroupSpec, all_reduce_sum, group_pass, held_rows, local, sum_gradients, write_point
 from .operators import OPERATORS
 from .tasks import Task, logits_of, model_inputs
 
 EPS_SCALE = float(np.finfo(np.float64).eps) ** 0.5  # a central difference's step, relative (see above)
+
+
+class Basis:
+    """A Lanczos basis on one rank, in order: its rows of each vector (dicts of tensors), the first
+    in memory up to `budget` bytes, the rest appended to a temporary file (unlinked at once:
+    nothing is left behind, even by a SIGKILL) and read back one vector at a time when iterated."""
+
+    def __init__(self, names: list, like: dict, budget: float):
+        self.names = names
+        self.shapes = [tuple(like[n].shape) for n in names]
+        self.sizes = [like[n].numel() for n in names]
+        self.dtype, self.device = like[names[0]].dtype, like[names[0]].device
+        self.bytes = max(1, sum(self.sizes)) * torch.empty((), dtype=self.dtype).element_size()
+        self.keep = max(1, int(budget // self.bytes))
+        self.memory, self.spilled, self.file = [], 0, None
+
+    def append(self, v: dict) -> None:
+        if len(self.memory) < self.keep:
+            self.memory.append(v)
+            return
+        import os
+        import tempfile
+        if self.file is None:
+            self.file = tempfile.TemporaryFile(prefix="lldist-lanczos-")
+        flat = torch.cat([v[n].reshape(-1) for n in self.names]).cpu().numpy()
+        os.pwrite(self.file.fileno(), flat.tobytes(), self.spilled * self.bytes)
+        self.spilled += 1
+
+    def __len__(self) -> int:
+        return len(self.memory) + self.spilled
+
+    def __iter__(self):
+        yield from self.memory
+        import os
+        for j in range(self.spilled):
+            raw = os.pread(self.file.fileno(), self.bytes, j * self.bytes)
+            flat = torch.from_numpy(np.frombuffer(raw, dtype=torch.empty((), dtype=self.dtype).numpy().dtype).copy())
+            parts = torch.split(flat.to(self.device), self.sizes)
+            yield {n: t.view(s) for n, t, s in zip(self.names, parts, self.shapes)}
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
 
 
 class Sharded:
@@ -67,11 +120,13 @@ class Sharded:
     for a per-block spectrum, the others held)."""
 
     def __init__(self, model: nn.Module, batches: list, task: Optional[Task], group: GroupSpec,
-                 names: Optional[list] = None, watch: Optional[Callable] = None, operator: str = "hessian"):
+                 names: Optional[list] = None, watch: Optional[Callable] = None, operator: str = "hessian",
+                 basis_bytes: float = ARPACK_BYTES):
         if operator not in OPERATORS:
             raise ValueError(f"operator {operator!r}: allowed {', '.join(OPERATORS)}")
         self.model, self.batches, self.task, self.group = model.eval(), batches, task or Task(), group
-        self.operator = operator
+        self.operator, self.basis_bytes = operator, basis_bytes
+        self.spilled = 0  # the most Lanczos vectors a run of this operator wrote to disk
         self.watch = watch
         sum_gradients(model)
         params = {n: p for n, p in model.named_parameters() if p.is_floating_point()}
@@ -205,27 +260,33 @@ class Sharded:
         the tridiagonal T and the last β_j (0: the Krylov space is exhausted, T exact).
         `done(alpha, beta, last)` after each step: stop early (converged)."""
         v = self._scaled(v0, 1 / math.sqrt(self.dot(v0, v0)))
-        basis, alpha, beta = [v], [], []
+        basis = Basis(self.names, v, self.basis_bytes)
+        basis.append(v)
+        alpha, beta = [], []
         scale = 0.0
-        for j in range(min(steps, self.n)):
-            w = self.hvp(v)
-            a = self.dot(w, v)
-            alpha.append(a)
-            scale = max(scale, abs(a))
-            for _ in range(2):  # twice is enough (Kahan; Parlett)
-                c = self.dots(basis, w)
-                for q, cq in zip(basis, c):
-                    for n in self.names:
-                        w[n].sub_(q[n], alpha=cq)
-            b = math.sqrt(self.dot(w, w))
-            if b <= 1e-10 * max(scale, 1e-300) or not math.isfinite(b):
-                return alpha, beta, 0.0  # an invariant subspace: T is exact
-            if j == min(steps, self.n) - 1 or done(alpha, beta, b):
-                return alpha, beta, b
-            beta.append(b)
-            v = self._scaled(w, 1 / b)
-            basis.append(v)
-        return alpha, beta, 0.0
+        try:
+            for j in range(min(steps, self.n)):
+                w = self.hvp(v)
+                a = self.dot(w, v)
+                alpha.append(a)
+                scale = max(scale, abs(a))
+                for _ in range(2):  # twice is enough (Kahan; Parlett)
+                    c = self.dots(basis, w)
+                    for q, cq in zip(basis, c):
+                        for n in self.names:
+                            w[n].sub_(q[n], alpha=cq)
+                b = math.sqrt(self.dot(w, w))
+                if b <= 1e-10 * max(scale, 1e-300) or not math.isfinite(b):
+                    return alpha, beta, 0.0  # an invariant subspace: T is exact
+                if j == min(steps, self.n) - 1 or done(alpha, beta, b):
+                    return alpha, beta, b
+                beta.append(b)
+                v = self._scaled(w, 1 / b)
+                basis.append(v)
+            return alpha, beta, 0.0
+        finally:
+            self.spilled = max(self.spilled, basis.spilled)
+            basis.close()
 
     def _scaled(self, v: dict, c: float) -> dict:
         return {n: t * c for n, t in v.items()}

@@ -56,7 +56,7 @@ class AtOptimum:
 
         def operator(batches, key, names=None, guard=None):
             return Curvature(loaded.model, batches, task, watch=self.watch, operator=op, names=names, spread=spread,
-                             key=key, guard=guard)
+                             key=key, guard=guard, basis_bytes=s.basis_memory)
         self.whole = operator(chosen, "all")
         self.nchosen, self.ranks = len(chosen), spread.size if spread is not None else 1
         self.parts = {}

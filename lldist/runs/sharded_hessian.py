@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import tempfile
 import time
 from typing import Optional
 
@@ -30,7 +31,7 @@ from ..errors import UserError
 from ..evaluation.blocks import blocks as block_names
 from ..evaluation.curvature import Watch, first_batches
 from ..evaluation.operators import DESCRIPTION
-from ..evaluation.sharded import EPS_SCALE, Sharded
+from ..evaluation.sharded import EPS_SCALE, Basis, Sharded
 from ..inputs import rows
 from ..inputs.loading import Source
 
@@ -70,7 +71,8 @@ def compute(job: Job, spread=None, log=print, should_stop=lambda: None,
     task = src.make_task(job)
     what = f"{s.operator if s.operator != 'hessian' else 'Hessian'} at theta* of {job.name}"
     watch = Watch(what, should_stop, log) if driver else Watch(what)
-    op = Sharded(loaded.model, chosen, task, group, watch=watch, operator=s.operator)
+    op = Sharded(loaded.model, chosen, task, group, watch=watch, operator=s.operator,
+                 basis_bytes=s.basis_memory)
     if s.top >= op.n:
         raise UserError(f"--top {s.top}: the model has {op.n:,} parameters, so at most {op.n - 1:,} eigenvalues "
                         "can be asked of Lanczos")
@@ -79,6 +81,10 @@ def compute(job: Job, spread=None, log=print, should_stop=lambda: None,
         f"(products: {PRODUCT[s.operator]})")
     watch.stage = f"top {s.top} eigenvalues" + (" and the smallest" if s.smallest else "")
     top, lo, steps, converged = op.extremes(s.top, s.tol, s.smallest)
+    basis = Basis(op.names, op.theta, s.basis_memory)
+    if op.spilled:
+        log(f"Lanczos basis: {basis.keep} vectors of {basis.bytes / 1e6:.3g} MB a rank in memory "
+            f"(curvature.basis_memory {s.basis_memory:g}), {op.spilled} more in a file in {tempfile.gettempdir()}")
     if not converged:
         log(f"note: Lanczos stopped at {steps} steps before the eigenvalues met tol {s.tol:g}")
     named = {}
@@ -104,7 +110,8 @@ def compute(job: Job, spread=None, log=print, should_stop=lambda: None,
     if named:
         table = []
         for b, names in named.items():
-            part = Sharded(loaded.model, chosen, task, group, names=names, watch=watch, operator=s.operator)
+            part = Sharded(loaded.model, chosen, task, group, names=names, watch=watch, operator=s.operator,
+                 basis_bytes=s.basis_memory)
             watch.stage = f"block {b} ({part.n:,} parameters)"
             top_b = part.extremes(1, s.tol, smallest=False)[0][0] if s.block_top and part.n > 1 else math.nan
             extra += part.matvecs
@@ -124,7 +131,8 @@ def compute(job: Job, spread=None, log=print, should_stop=lambda: None,
         watch.stage = f"lambda_max without each of the {len(chosen)} batches (the jackknife)"
         each = []
         for b in range(len(chosen)):
-            part = Sharded(loaded.model, chosen[:b] + chosen[b + 1:], task, group, watch=watch, operator=s.operator)
+            part = Sharded(loaded.model, chosen[:b] + chosen[b + 1:], task, group, watch=watch, operator=s.operator,
+                 basis_bytes=s.basis_memory)
             each.append(part.extremes(1, s.tol, smallest=False)[0][0])
             extra += part.matvecs
         out.update(lambda_max_jackknife=each, lambda_max_se=jackknife_se(each))
