@@ -115,3 +115,44 @@ def test_the_lightning_callback_records_a_series_pca_reads(workdir):
     assert [c["step"] for c in index["checkpoints"]] == [3, 6, 9]
     run(["lldist.surface", pca_job(workdir)], workdir)  # the net's own state: the job's mlp loads it
     assert read_trajectory()[0] == ["model_step3.pt", "model_step6.pt", "model_step9.pt"]
+
+
+def test_the_recorder_keeps_each_saved_steps_optimizer_and_adams_second_moments(workdir):
+    """A schedule's learning rate as it was at each saved step, SGD's momentum, and Adam's
+    exp_avg_sq by parameter name (what lldist.series's stability thresholds read)."""
+    from lldist.analysis.stability import Optimizer, preconditioner, threshold
+    model = build_model(ModelConfig(name="mlp", args={"hidden": [8]}), (1, 8, 8), 10)
+    x, y = digits()
+    sgd = torch.optim.SGD(model.parameters(), lr=0.2, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(sgd, step_size=2, gamma=0.5)
+    rec = lldist.Recorder("sgd/model.pt", every=2)
+    for _ in range(4):
+        sgd.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        sgd.step()
+        sched.step()
+        rec.step(model, optimizer=sgd)
+    saved = json.load(open("sgd/model_trajectory.json"))["checkpoints"]
+    assert [c["optimizer"]["lr"] for c in saved] == [0.1, 0.05]  # after each saved step's scheduler step
+    assert saved[0]["optimizer"]["class"] == "SGD" and saved[0]["optimizer"]["momentum"] == 0.9
+    assert threshold(Optimizer.of(saved[1]["optimizer"])) == pytest.approx(3.8 / 0.05)
+
+    adam = torch.optim.Adam(model.parameters(), lr=1e-3, betas=(0.8, 0.99))
+    rec = lldist.Recorder("adam/model.pt", every=3, second_moments=True)
+    for _ in range(3):
+        adam.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        adam.step()
+        rec.step(model, optimizer=adam)
+    (c,) = json.load(open("adam/model_trajectory.json"))["checkpoints"]
+    moments = torch.load(os.path.join("adam", c["second_moments"]))
+    assert moments["step"] == 3 and set(moments["exp_avg_sq"]) == {n for n, _ in model.named_parameters()}
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(moments["exp_avg_sq"][n], adam.state[p]["exp_avg_sq"])
+    opt = Optimizer.of(c["optimizer"])
+    assert (opt.kind, opt.beta1, opt.beta2) == ("adam", 0.8, 0.99)
+    assert float(preconditioner(moments["exp_avg_sq"]["net.1.bias"], opt, 3).min()) > 0
+    with pytest.raises(ValueError, match="needs the optimizer"):
+        rec.step(model)
+    with pytest.raises(ValueError, match="keeps no exp_avg_sq"):
+        lldist.Recorder("s/model.pt", every=1, second_moments=True).step(model, optimizer=sgd)

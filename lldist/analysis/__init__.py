@@ -7,6 +7,7 @@ report draw on these.
   export.py        ParaView (VTK) and interactive HTML surfaces
   spectrum.py      the Hessian's spectral density, smoothed and summed up
   uncertainty.py   intervals from the stored standard errors (Wilson's for accuracy)
+  stability.py     an optimizer's edge of stability: 2/η, momentum's and Adam's thresholds
   significance.py  the study's tests: Welch, Kendall, the bootstrap
   verdicts.py      the study's answers: sharper or not, beyond the error bars or not
   report.py        the study's Markdown and HTML report
