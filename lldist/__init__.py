@@ -10,9 +10,10 @@
     h = lldist.curvature(model, data, top=3)          # the Hessian at θ*: lambda_max, trace, density
     s = lldist.sharpness_measures(model, data)        # worst/average adaptive, SAM, PAC-Bayes
     c = lldist.connect_minima(a, b, data, train=(x, y))   # a trained curve between two minima
+    s = lldist.series("job.yaml")                     # every measure at every checkpoint of a run
 
 At the top: this face, the commands (surface, plot, train, study, hessian, sharpness, connect,
-metrics, info, bench), config, errors and version. Below, one room per concern: runs/ (what
+series, metrics, info, bench), config, errors and version. Below, one room per concern: runs/ (what
 each command does on every rank), inputs/, directions/, evaluation/, cells/, analysis/,
 workloads/, store/ (the only h5py user), transport/ (the only mpi4py user); docs/LAYOUT.md
 maps them, tests/test_layout.py keeps them apart. README.md has the job-file
@@ -42,10 +43,13 @@ _FACE = {"landscape": "lldist.api", "open": "lldist.api", "curvature": "lldist.a
         "sharpness_measures": "lldist.api", "Landscape": "lldist.api", "Curvature": "lldist.api",
         "Sharpness": "lldist.api", "connect_minima": "lldist.api", "Connection": "lldist.api",
         "Recorder": "lldist.inputs.recorder"}
-__all__ = ["UserError", "__version__", *_FACE]
+__all__ = ["UserError", "__version__", "series", *_FACE]
 
 
 def __getattr__(name: str):
+    if name == "series":  # the command's module, callable as the function (lldist/series.py says why)
+        import importlib
+        return importlib.import_module("lldist.series")
     if name in _FACE:
         import importlib
         value = getattr(importlib.import_module(_FACE[name]), name)

@@ -264,6 +264,19 @@ class ConnectConfig:
     output: Optional[str] = None  # folder for the bend and the three files (default runs/connect/<a>_<b>)
 
 
+SERIES_MEASURES = ("loss", "curvature", "gradient", "weights")  # lldist/runs/series.py
+
+
+@dataclass(frozen=True)
+class SeriesConfig:
+    """A recorded run's checkpoints and what is measured at each (python -m lldist.series). The
+    curvature is the job's `curvature:` settings (operator, split, batches, top, ...), taken on
+    the same first batches at every checkpoint; the losses are the job's eval.split."""
+    checkpoints: Optional[Union[str, list]] = None  # a Recorder's <stem>_trajectory.json, a glob, or a list of files
+    measures: Optional[list] = None  # of SERIES_MEASURES (default: all)
+    output: Optional[str] = None  # the series file (default: series.h5 beside the job's output)
+
+
 @dataclass(frozen=True)
 class Job:
     name: str = "job"
@@ -277,6 +290,7 @@ class Job:
     curvature: CurvatureConfig = CurvatureConfig()
     sharpness: SharpnessConfig = SharpnessConfig()
     connect: ConnectConfig = ConnectConfig()
+    series: SeriesConfig = SeriesConfig()
     source: str = field(default="<job>", compare=False)  # the file it came from
     text: str = field(default="", compare=False)  # the YAML text, with overrides appended
 
@@ -537,6 +551,18 @@ def _check_repeats(job: "Job", path: str) -> None:
         raise UserError(f"{path}: key 'directions.repeats' above 1 (independent random planes) needs {', '.join(why)}")
 
 
+def _check_series(c: SeriesConfig, path: str) -> None:
+    if isinstance(c.checkpoints, list) and not all(isinstance(f, str) for f in c.checkpoints):
+        raise UserError(f"{path}: key 'series.checkpoints' must be a list of file names, got {c.checkpoints!r}")
+    if c.measures is not None:
+        if not c.measures:
+            raise UserError(f"{path}: key 'series.measures' is empty; allowed: {', '.join(SERIES_MEASURES)}")
+        for m in c.measures:
+            _choice(m, SERIES_MEASURES, "series.measures", path)
+        if len(set(c.measures)) != len(c.measures):
+            raise UserError(f"{path}: key 'series.measures' names a measure twice: {c.measures}")
+
+
 def _check_sharpness(c: SharpnessConfig, path: str) -> None:
     _choice(c.split, ("train", "test"), "sharpness.split", path)
     for k in ("examples", "steps", "restarts", "draws", "m", "sam_steps"):
@@ -627,6 +653,7 @@ def validate(job: Job) -> None:
     _check_repeats(job, p)
     _check_align(job, p)
     _check_connect(job.connect, p)
+    _check_series(job.series, p)
     if job.train is not None:
         _check_train(job.train, "train", p)
     if not job.output:

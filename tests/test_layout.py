@@ -34,7 +34,7 @@ from conftest import ROOT, env
 
 PKG = os.path.join(ROOT, "lldist")
 COMMANDS = {"lldist.surface", "lldist.plot", "lldist.study", "lldist.hessian", "lldist.train", "lldist.metrics",
-            "lldist.info", "lldist.bench", "lldist.sharpness", "lldist.connect"}
+            "lldist.info", "lldist.bench", "lldist.sharpness", "lldist.connect", "lldist.series"}
 FACE = {"lldist", "lldist.api"}  # and every module under lldist.api (is_face)
 LIBRARY = ("lldist.config", "lldist.errors", "lldist.version", "lldist.runs", "lldist.inputs", "lldist.directions",
            "lldist.evaluation", "lldist.cells", "lldist.analysis", "lldist.workloads", "lldist.store",

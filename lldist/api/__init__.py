@@ -22,6 +22,7 @@ ranks None after their share).
   landscapes   landscape(), open() and the Landscape record
   optimum      curvature() and sharpness_measures(), and their Curvature and Sharpness records
   connecting   connect_minima() and its Connection record
+  series       series(): a recorded run's series, as lldist.series (lldist/series.py) calls it
 """
 
 from .inputs import as_data  # noqa: F401

@@ -227,8 +227,12 @@ class Landscape:
                 f"{', '.join(self._values)}: {self.path}>")
 
 
-def open(path: str) -> Landscape:  # noqa: A001 - lldist.open, as the issue names it
-    """Any lldist file, complete or not; needs no model and no data."""
+def open(path: str):  # noqa: A001 - lldist.open, as the issue names it
+    """Any lldist file, complete or not; needs no model and no data: a surface's Landscape, or a
+    series' Series (lldist.series: its steps, thresholds and each measure's columns as arrays)."""
     if not os.path.exists(path):
         raise FileNotFoundError(path)
+    from ..store.series import is_series, read_series
+    if is_series(path):
+        return read_series(path)
     return Landscape(path)

@@ -70,13 +70,14 @@ JOBS = {
 class Memory(threading.Thread):
     """Samples the VmHWM and VmRSS of every rank of a launcher's process tree (MiB)."""
 
-    def __init__(self, root_pid: int):
+    def __init__(self, root_pid: int, command: bytes = b"lldist.surface"):
         super().__init__(daemon=True)
         self.root, self.peak, self.rss, self.running = root_pid, {}, {}, True
+        self.command = command  # what the ranks run (their command line holds it)
 
     def run(self):
         while self.running:
-            for rank, pid in mpi_ranks(self.root).items():
+            for rank, pid in mpi_ranks(self.root, self.command).items():
                 try:
                     st = {ln.split(":")[0]: int(ln.split()[1]) for ln in open(f"/proc/{pid}/status")
                           if ln.startswith(("VmHWM", "VmRSS"))}

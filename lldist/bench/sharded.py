@@ -63,7 +63,7 @@ def sharded(args) -> list:
             env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TMPDIR=tmp)
             t0 = time.perf_counter()
             p = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            mem = Memory(p.pid)
+            mem = Memory(p.pid, b"lldist.hessian")
             mem.start()
             stdout, stderr = p.communicate(timeout=7200)
             mem.running = False

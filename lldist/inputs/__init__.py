@@ -6,4 +6,5 @@
   recorder.py    lldist.Recorder: a training loop's checkpoint series, for pca and interpolations,
                  with each saved step's optimizer (and Adam's second moments) for the thresholds
   study_file.py  a study file: its variants, each a validated job
+  series.py      a recorded run's checkpoints in training order, with their steps and optimizers
 """

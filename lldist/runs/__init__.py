@@ -11,6 +11,8 @@
   sharpness.py  the sharpness measures at θ*
   connect.py    lldist.connect: a curve's bend trained, and the surfaces of its paths
   study.py      lldist.study: every variant's surface and measures, then the report
+  series.py     lldist.series: every measure at every checkpoint of a recorded run, as units
+                the runner hands out (a room like surface.py's)
   threads.py    how many CPU threads a rank takes: the job's, the CPU mask's share less the
                 busy CPUs, one where one runs a batch faster
 """

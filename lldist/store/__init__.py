@@ -10,6 +10,7 @@ without). The layout: docs/FORMAT.md.
   writer.py   SurfaceWriter: rank 0's, the one writer; the group commit, values before done marks
   output.py   Output: a run's output checked, locked, resumed or made anew; Lock
   results.py  what is added to a finished file: curvature, sharpness, metrics
+  series.py   a series file (python -m lldist.series): its layout, its one writer, read_series
 """
 
 from .layout import FORMAT_VERSION  # noqa: F401
