@@ -9,7 +9,8 @@ Every figure of each file (lldist/analysis/figures.py says which), written next 
 surfaces side by side on one colour scale, with the same contour levels and axes (2D), or
 overlaid (1D), and the curvature maps in a grid; panel titles say what differs between the
 jobs. `--vtk` also writes `<stem>.vts` for ParaView, `--html` an interactive 3D surface per
-quantity (lldist[html]).
+quantity (lldist[html]). A series file (python -m lldist.series) gets λmax against step with the
+stability threshold and the loss below, and each other measure against step with its errors.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def main(argv=None) -> int:
     from .analysis import figures
     d = figures.PlotOptions()
     ap = ArgumentParser(prog="python -m lldist.plot", doc=__doc__)
-    ap.add_argument("files", nargs="+", help="lldist surface files (.h5)")
+    ap.add_argument("files", nargs="+", help="lldist surface or series files (.h5)")
     ap.add_argument("--out", help="output folder (default: next to each file)")
     ap.add_argument("--format", default=d.format, choices=("png", "pdf", "svg"), help="figure file format")
     ap.add_argument("--vmin", type=float, default=d.vmin, help="lowest loss shown")
@@ -83,7 +84,19 @@ def main(argv=None) -> int:
             figures.plt.close(fig)
         print(f"lldist: wrote {len(figs)} comparison figures to {outdir}", flush=True)
         return 0
+    from .store.series import is_series
     for path in args.files:
+        if is_series(path):  # python -m lldist.series's file: its measures against step
+            from .analysis import series_figures
+            from .store.series import read_series
+            ser = read_series(path)
+            if not ser.done.any():
+                raise UserError(f"{path}: no unit of the series is computed yet")
+            outdir = folder(args.out or os.path.dirname(os.path.abspath(path)))
+            written = series_figures.write_all(ser, outdir, os.path.splitext(os.path.basename(path))[0],
+                                               args.format, args.dpi)
+            print(f"lldist: {path}: wrote {len(written)} figures to {outdir}", flush=True)
+            continue
         s = figures.read_surface(path)
         outdir = folder(args.out or os.path.dirname(os.path.abspath(path)))
         stem = os.path.splitext(os.path.basename(path))[0]

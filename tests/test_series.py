@@ -115,6 +115,8 @@ def test_a_series_holds_lldist_hessians_lambda_max_at_each_checkpoint_and_the_ex
     a, b = w[2] - w[1], w[3] - w[2]
     assert s.column("update_cosine")[2] == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), rel=1e-12)
     assert np.isnan(s.column("update_cosine")[[0, -1]]).all()
+    p = run(["lldist.plot", "s.h5", "--out", "figs"], workdir)
+    assert (workdir / "figs" / "s_sharpness.png").exists() and (workdir / "figs" / "s_train_loss.png").exists()
 
 
 def test_three_ranks_give_one_process_file_and_a_killed_run_resumes_to_it(workdir):

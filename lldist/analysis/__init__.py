@@ -8,6 +8,7 @@ report draw on these.
   spectrum.py      the Hessian's spectral density, smoothed and summed up
   uncertainty.py   intervals from the stored standard errors (Wilson's for accuracy)
   stability.py     an optimizer's edge of stability: 2/η, momentum's and Adam's thresholds
+  series_figures.py  a series file's figures: λmax against step with the threshold, each measure
   significance.py  the study's tests: Welch, Kendall, the bootstrap
   verdicts.py      the study's answers: sharper or not, beyond the error bars or not
   report.py        the study's Markdown and HTML report
