@@ -69,8 +69,6 @@ def test_a_series_holds_lldist_hessians_lambda_max_at_each_checkpoint_and_the_ex
     the gradient's norm and the distances are numpy's; the thresholds are 2/η."""
     import dataclasses
 
-    from lldist.evaluation.curvature import first_batches
-    from lldist.inputs.loading import Source
     from lldist.runs.hessian import compute
     from lldist.workloads.models import read_checkpoint
     job = series_job(workdir, record())
@@ -81,7 +79,6 @@ def test_a_series_holds_lldist_hessians_lambda_max_at_each_checkpoint_and_the_ex
     np.testing.assert_array_equal(s.thresholds, 2 / 0.5)
     assert s.subset["batches"] == 3 and s.subset["split"] == "train"
     j = load_job(str(job))
-    src = Source()
     files = [f"mine/model_step{k}.pt" for k in s.steps]
     torch.set_num_threads(1)  # eval.threads: the float32 sums' order
     for i, f in enumerate(files):
@@ -90,8 +87,30 @@ def test_a_series_holds_lldist_hessians_lambda_max_at_each_checkpoint_and_the_ex
         assert s.column("lambda_max")[i] == res["lambda_max"] and s.column("trace")[i] == res["trace"]
         assert s.column("lambda_max_se")[i] == res["lambda_max_se"]
     # the exact Hessian of the last checkpoint, float64, on the curvature's three batches of 40
-    loaded = src.load(dataclasses.replace(j, model=dataclasses.replace(j.model, checkpoint=files[-1])))
-    model, task = loaded.model.double(), src.make_task(j)
+    H, grad, names = exact(j, files[-1])
+    assert s.column("lambda_max")[-1] == pytest.approx(np.linalg.eigvalsh(H)[-1], rel=1e-4)
+    assert s.column("grad_norm")[-1] == pytest.approx(float(np.linalg.norm(grad)), rel=1e-5)
+    assert np.isnan(s.column("preconditioned_lambda_max")).all()  # (gradient descent: no second moments)
+    w = [torch.cat([read_checkpoint(f)[0][n].double().reshape(-1) for n in names]).numpy() for f in files]
+    np.testing.assert_allclose(s.column("distance_first"), [np.linalg.norm(v - w[0]) for v in w], rtol=1e-12)
+    np.testing.assert_allclose(s.column("distance_last"), [np.linalg.norm(v - w[-1]) for v in w], rtol=1e-12)
+    a, b = w[2] - w[1], w[3] - w[2]
+    assert s.column("update_cosine")[2] == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), rel=1e-12)
+    assert np.isnan(s.column("update_cosine")[[0, -1]]).all()
+    p = run(["lldist.plot", "s.h5", "--out", "figs"], workdir)
+    assert (workdir / "figs" / "s_sharpness.png").exists() and (workdir / "figs" / "s_train_loss.png").exists()
+
+
+def exact(job, file):
+    """(the exact float64 Hessian of the mean train loss on the curvature's first three batches
+    of 40 at checkpoint `file`, its gradient, the parameter names)."""
+    import dataclasses
+
+    from lldist.evaluation.curvature import first_batches
+    from lldist.inputs.loading import Source
+    src = Source()
+    loaded = src.load(dataclasses.replace(job, model=dataclasses.replace(job.model, checkpoint=file)))
+    model, task = loaded.model.double(), src.make_task(job)
     names = [n for n, _ in model.named_parameters()]
     shapes, sizes = [p.shape for p in model.parameters()], [p.numel() for p in model.parameters()]
     theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -104,19 +123,38 @@ def test_a_series_holds_lldist_hessians_lambda_max_at_each_checkpoint_and_the_ex
             sm, n = task.loss_terms(torch.func.functional_call(model, ps, (b[0],)), b)
             tot, w = tot + sm, w + n
         return tot / w
-    top = np.linalg.eigvalsh(torch.autograd.functional.hessian(loss, theta).numpy())[-1]
-    assert s.column("lambda_max")[-1] == pytest.approx(top, rel=1e-4)
     flat = theta.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(loss(flat), flat)
-    assert s.column("grad_norm")[-1] == pytest.approx(float(grad.norm()), rel=1e-5)
-    w = [torch.cat([read_checkpoint(f)[0][n].double().reshape(-1) for n in names]).numpy() for f in files]
-    np.testing.assert_allclose(s.column("distance_first"), [np.linalg.norm(v - w[0]) for v in w], rtol=1e-12)
-    np.testing.assert_allclose(s.column("distance_last"), [np.linalg.norm(v - w[-1]) for v in w], rtol=1e-12)
-    a, b = w[2] - w[1], w[3] - w[2]
-    assert s.column("update_cosine")[2] == pytest.approx(a @ b / np.linalg.norm(a) / np.linalg.norm(b), rel=1e-12)
-    assert np.isnan(s.column("update_cosine")[[0, -1]]).all()
-    p = run(["lldist.plot", "s.h5", "--out", "figs"], workdir)
-    assert (workdir / "figs" / "s_sharpness.png").exists() and (workdir / "figs" / "s_train_loss.png").exists()
+    return torch.autograd.functional.hessian(loss, theta).numpy(), grad.numpy(), names
+
+
+def test_adams_preconditioned_sharpness_is_the_exact_one_against_38_over_eta(workdir):
+    """A run recorded with Adam's second moments: λmax(P⁻¹H) at each checkpoint equals the top
+    eigenvalue of P^-1/2 H P^-1/2 with the exact Hessian and P from the stored moments (1e-4),
+    and the threshold is (2 + 2β₁)/((1 − β₁)η): 38/η."""
+    from lldist.analysis.stability import Optimizer, preconditioner
+    ts = load_split(DataConfig(subset=120), "train")
+    x, y = ts.normalize(ts.x), ts.y
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(name="mlp", args={"hidden": HIDDEN}), (1, 8, 8), 10)
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    rec = lldist.Recorder("adam/model.pt", every=10, second_moments=True)
+    for _ in range(20):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        rec.step(model, optimizer=opt)
+    job = series_job(workdir, "adam/model_trajectory.json", measures=["curvature"])
+    run(["lldist.series", job, "--out", "a.h5", "--progress-every", "0"], workdir)
+    s = lldist.open("a.h5")
+    np.testing.assert_allclose(s.thresholds, 38 / 0.01)
+    for i, step in enumerate(s.steps):
+        H, _, names = exact(load_job(str(job)), f"adam/model_step{step}.pt")
+        m = torch.load(f"adam/model_step{step}_moments.pt")
+        p = torch.cat([preconditioner(m["exp_avg_sq"][n].double().reshape(-1), Optimizer("adam", 0.01), int(m["step"]))
+                       for n in names]).numpy()
+        want = np.linalg.eigvalsh(H / np.sqrt(p)[:, None] / np.sqrt(p)[None, :])[-1]
+        assert s.column("preconditioned_lambda_max")[i] == pytest.approx(want, rel=1e-4)
 
 
 def test_three_ranks_give_one_process_file_and_a_killed_run_resumes_to_it(workdir):

@@ -30,6 +30,9 @@ def sharpness_figure(s: Series):
     fig, (top, bottom) = plt.subplots(2, 1, sharex=True, figsize=(6.4, 5.6), height_ratios=(3, 2))
     lam, err = s.column("lambda_max"), _errors(s, "lambda_max")
     top.errorbar(s.steps, lam, yerr=err, marker="o", ms=3, lw=1.2, capsize=2, label=r"$\lambda_{max}$")
+    pre = s.values.get("preconditioned_lambda_max")
+    if pre is not None and np.isfinite(pre).any():  # Adam: the threshold bounds this one
+        top.plot(s.steps, pre, marker="s", ms=3, lw=1.2, label=r"$\lambda_{max}(P^{-1}H)$")
     if np.isfinite(s.thresholds).any():
         label = "2/η" if s.threshold_kind == "lambda_max" else f"threshold ({s.threshold_kind})"
         top.step(s.steps, s.thresholds, where="post", ls="--", color="k", lw=1, label=label)
@@ -77,7 +80,7 @@ def write_all(s: Series, outdir: str, stem: str, fmt: str = "png", dpi: int = 15
     if "lambda_max" in s.values and np.isfinite(s.values["lambda_max"]).any():
         save(sharpness_figure(s), "sharpness")
     for name, v in s.values.items():
-        if name.endswith("_se") or name == "lambda_max" or not np.isfinite(v).any():
+        if name.endswith("_se") or name in ("lambda_max", "preconditioned_lambda_max") or not np.isfinite(v).any():
             continue
         save(measure_figure(s, name), name)
     return written

@@ -56,7 +56,9 @@ CURVATURE_COLUMNS = {"lambda_max": "largest eigenvalue of the {operator} (Lanczo
                      "lambda_max_se": "its jackknife standard error over the batches",
                      "lambda_min": "smallest eigenvalue of the {operator}",
                      "trace": "Hutchinson's estimate of its trace",
-                     "trace_se": "the trace's standard error over the Rademacher vectors"}
+                     "trace_se": "the trace's standard error over the Rademacher vectors",
+                     "preconditioned_lambda_max": "largest eigenvalue of P^-1 H, P Adam's preconditioner at the step "
+                                                  "(Cohen et al. 2022; NaN without its second moments)"}
 GRADIENT_COLUMNS = {"grad_norm": "norm of the gradient of the mean loss on the curvature's batches",
                     "grad_loss": "the mean loss on those batches"}
 WEIGHTS_COLUMNS = {"distance_first": "Euclidean distance of the parameters from the first checkpoint's",
@@ -283,7 +285,31 @@ class SeriesRun:
         from .hessian import compute
         res = compute(self._job_at(i), None, _quiet, self.should_stop, self.source)
         return [res["lambda_max"], res.get("lambda_max_se", math.nan), res.get("lambda_min", math.nan),
-                res.get("trace", math.nan), res.get("trace_stderr", math.nan)]
+                res.get("trace", math.nan), res.get("trace_stderr", math.nan), self.preconditioned(i)]
+
+    def preconditioned(self, i: int) -> float:
+        """λmax(P⁻¹H) on the curvature's batches, P Adam's preconditioner from the checkpoint's
+        second moments (analysis/stability.py): the top eigenvalue of the symmetric
+        P^-1/2 H P^-1/2, by eigsh with the seeded start vector and the job's tolerance. NaN
+        where the run recorded no second moments (Recorder(second_moments=True))."""
+        r = self.payload.run[i]
+        if r.moments is None or r.optimizer is None:
+            return math.nan
+        from scipy.sparse.linalg import LinearOperator, eigsh
+
+        from ..evaluation.curvature import Curvature, first_batches
+        job = self.payload.job
+        opt = stability.Optimizer.of(r.optimizer)
+        moments = torch.load(r.moments, map_location="cpu", weights_only=True)
+        model = self._at(i).to(self.device).eval()
+        batches = first_batches(self.splits[job.curvature.split or job.splits[0]], batch_size(job),
+                                job.curvature.batches)
+        c = Curvature(model, [_to(b, self.device) for b in batches], self.task).at(dict(model.named_parameters()))
+        scale = np.concatenate([preconditioner_rows(moments, n, opt) for n in c.names])
+        op = LinearOperator((c.n, c.n), matvec=lambda v: scale * c.matvec(scale * np.asarray(v).reshape(-1)),
+                            dtype=np.float64)
+        v0 = np.random.default_rng(0).standard_normal(c.n)
+        return float(eigsh(op, k=1, which="LA", tol=job.curvature.tol, v0=v0, maxiter=50 * c.n)[0][0])
 
     def gradient(self, i: int) -> list:
         from ..evaluation.curvature import first_batches
@@ -296,8 +322,7 @@ class SeriesRun:
         grads = [torch.zeros_like(p, dtype=torch.float64) for p in params]
         total = weight = 0.0
         for b in batches:
-            b = {k: v.to(self.device) for k, v in b.items()} if isinstance(b, dict) else \
-                tuple(t.to(self.device) for t in b)
+            b = _to(b, self.device)
             args, kwargs = model_inputs(b)
             s, n = self.task.loss_terms(model(*args, **kwargs), b)
             for g, d in zip(grads, torch.autograd.grad(s, params, allow_unused=True)):
@@ -329,6 +354,19 @@ class SeriesRun:
             denom = float(np.linalg.norm(into) * np.linalg.norm(out))
             cos = float(into @ out) / denom if denom else math.nan
         return [float(np.linalg.norm(here - first)), float(np.linalg.norm(here - last)), cos]
+
+
+def preconditioner_rows(moments: dict, name: str, opt) -> np.ndarray:
+    """P^-1/2 of one parameter, flat: Adam's P_t from its stored exp_avg_sq and step."""
+    v = moments["exp_avg_sq"].get(name)
+    if v is None:
+        raise UserError(f"series: the second moments hold no {name} (recorded from another model?)")
+    return 1 / np.sqrt(stability.preconditioner(v.double().numpy().reshape(-1), opt, int(moments["step"])))
+
+
+def _to(batch, device):
+    return {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else \
+        tuple(t.to(device) for t in batch)
 
 
 def _params(path: str, names: list) -> np.ndarray:
