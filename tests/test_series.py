@@ -200,7 +200,11 @@ def test_bad_series_input_is_one_line_and_status_2(workdir):
         p = run(["lldist.series", job, "--out", "bad.h5"], workdir, check=False)
         assert p.returncode == 2 and says in p.stderr and len(p.stderr.strip().splitlines()) == 1, (series, p.stderr)
         assert not os.path.exists(workdir / "bad.h5")
+    with pytest.raises(ValueError, match="no file matches"):  # from Python: the UserError itself
+        lldist.series(str(series_job(workdir, "nothing_step*.pt")), out=str(workdir / "py.h5"))
     job = series_job(workdir, rec)
+    got = lldist.series(str(job), out=str(workdir / "py.h5"), overrides=("series.measures=[weights]",))
+    assert got.complete and got.measures == ["weights"] and len(got.column("distance_first")) == 6
     run(["lldist.series", job, "--out", "s.h5", "--set", "series.measures=[weights]"], workdir)
     p = run(["lldist.series", job, "--out", "s.h5"], workdir, check=False)  # another series' file: kept
     assert p.returncode == 2 and "holds another series" in p.stderr, p.stderr

@@ -22,10 +22,11 @@ import h5py
 import numpy as np
 
 from ..errors import UserError
-from .layout import git_revision, now_iso
+from .layout import _fixed, git_revision, now_iso
 
 FORMAT = "lldist.series"
 FORMAT_VERSION = 1
+RUN_ATTRS = {"runs": 0, "last_started": "", "last_finished": "", "git_revision": "", "complete": False, "threads": 0}
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,13 @@ def is_series(path: str) -> bool:
 
 def _layout(f: h5py.File, plan: Plan) -> None:
     n, m = len(plan.steps), len(plan.measures)
-    f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, created=now_iso(), git_revision=git_revision(),
+    f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, created=now_iso(),
                    identity=plan.identity, job=plan.job_text, measures=json.dumps(list(plan.measures)),
                    columns=json.dumps(plan.columns), descriptions=json.dumps(plan.descriptions),
                    checkpoints=json.dumps(list(plan.checkpoints)), subset=json.dumps(plan.subset),
-                   threshold_kind=plan.threshold_kind, runs=0, complete=False)
+                   threshold_kind=plan.threshold_kind)
+    for name, value in RUN_ATTRS.items():  # rewritten in place by every run: made now, fixed in size
+        f.attrs[name] = _fixed(value)
     f.create_dataset("step", data=np.asarray(plan.steps, dtype=np.int64))
     f.create_dataset("lr", data=np.asarray(plan.lrs, dtype=np.float64))
     f.create_dataset("threshold", data=np.asarray(plan.thresholds, dtype=np.float64))
@@ -99,9 +102,14 @@ class SeriesWriter:
     def __init__(self, path: str, plan: Plan):
         self.path, self.plan = path, plan
         self.f = h5py.File(path, "r+")
-        self.f.attrs["runs"] = int(self.f.attrs.get("runs", 0)) + 1
-        self.f.attrs["last_started"] = now_iso()
+        self._set(runs=int(self.f.attrs["runs"]) + 1, last_started=now_iso(), git_revision=git_revision())
         self.f.flush()
+
+    def _set(self, **values) -> None:
+        """Run attributes rewritten in place (same type and size: the file's structure never
+        changes after creation, so a kill mid-write cannot damage it)."""
+        for name, value in values.items():
+            self.f.attrs.modify(name, _fixed(value))
 
     @classmethod
     def open(cls, path: str, plan: Plan, overwrite: bool = False) -> "SeriesWriter":
@@ -132,8 +140,9 @@ class SeriesWriter:
 
     def threads(self, n: int) -> int:
         """The CPU threads of the file's first run (stored by it: `n`, this run's choice)."""
-        if "threads" not in self.f.attrs:
-            self.f.attrs["threads"] = int(n)
+        if int(self.f.attrs["threads"]) == 0:
+            self._set(threads=int(n))
+            self.f.flush()
         return int(self.f.attrs["threads"])
 
     def write(self, units, values) -> int:
@@ -152,8 +161,7 @@ class SeriesWriter:
         return len(units)
 
     def finish(self, complete: bool) -> None:
-        self.f.attrs["complete"] = bool(complete)
-        self.f.attrs["last_finished"] = now_iso()
+        self._set(complete=bool(complete), last_finished=now_iso())
         self.close()
 
     def close(self) -> None:

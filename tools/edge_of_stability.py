@@ -1,0 +1,144 @@
+"""docs/SERIES.md's edge of stability: full-batch gradient descent on 500 shipped digits, an MLP
+and a small CNN at several learning rates (and one Adam run), each recorded by lldist.Recorder
+every few steps with its optimizer, then `python -m lldist.series` over the checkpoints
+(λmax on the whole training set, with its jackknife over the two batches) and the figures.
+
+    python tools/edge_of_stability.py [--ranks 2]     # runs/eos/, docs/series/*.png, docs/series/eos.md
+
+Per run it reports the step where λmax first reaches 0.9 × 2/η, the median of λmax / (2/η)
+after it, the loss increases after it (a non-monotone descent), and the last λmax / (2/η);
+for Adam the same of λmax(P⁻¹H) against 38/η. Wall time at the end.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import lldist  # noqa: E402
+from lldist.config import DataConfig, ModelConfig  # noqa: E402
+from lldist.workloads.data import load_split  # noqa: E402
+from lldist.workloads.models import build_model  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OUT = os.path.join(ROOT, "runs", "eos")
+DOCS = os.path.join(ROOT, "docs", "series")
+N = 500  # training examples: the full batch
+# (name, model, hidden, optimizer, learning rate, steps, record every)
+RUNS = [("mlp_lr0.2", "mlp", [64], "sgd", 0.2, 2000, 25),
+        ("mlp_lr0.4", "mlp", [64], "sgd", 0.4, 2000, 25),
+        ("mlp_lr0.8", "mlp", [64], "sgd", 0.8, 2000, 25),
+        ("cnn_lr0.05", "cnn", None, "sgd", 0.05, 1500, 30),
+        ("cnn_lr0.1", "cnn", None, "sgd", 0.1, 1500, 30),
+        ("mlp_adam", "mlp", [64], "adam", 0.002, 600, 20)]
+
+
+def job_text(name, model, hidden, folder):
+    args = f", args: {{hidden: {hidden}}}" if hidden else ""
+    return (f"name: {name}\noutput: {folder}/surface.h5\nmodel: {{name: {model}{args}}}\n"
+            f"data: {{name: digits, subset: {N}}}\n"
+            "eval: {batch_size: 250, split: train, threads: 1}\n"
+            "curvature: {split: train, batches: 2, top: 1, smallest: false, trace_samples: 0, tol: 1.0e-4}\n"
+            f"series: {{checkpoints: {folder}/model_trajectory.json, measures: [curvature, loss]}}\n")
+
+
+def train(name, model_name, hidden, kind, lr, steps, every, folder):
+    ts = load_split(DataConfig(subset=N), "train")
+    x, y = ts.normalize(ts.x), ts.y
+    torch.manual_seed(0)
+    args = {"hidden": hidden} if hidden else {}
+    model = build_model(ModelConfig(name=model_name, args=args), (1, 8, 8), 10)
+    opt = torch.optim.SGD(model.parameters(), lr=lr) if kind == "sgd" else torch.optim.Adam(model.parameters(), lr=lr)
+    rec = lldist.Recorder(f"{folder}/model.pt", every=every, second_moments=kind == "adam")
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        rec.step(model, optimizer=opt, loss=loss.item())
+    rec.finish(model)
+    return np.array(losses)
+
+
+def summary(s, adam):
+    lam = s.column("preconditioned_lambda_max" if adam else "lambda_max")
+    ratio = lam / s.thresholds
+    hit = np.flatnonzero(ratio >= 0.9)
+    first = int(s.steps[hit[0]]) if len(hit) else None
+    after = ratio[hit[0]:] if len(hit) else np.array([])
+    loss = s.column("train/loss")
+    rises = int((np.diff(loss[hit[0]:]) > 0).sum()) if len(hit) else 0
+    return {"first_step_at_0.9": first, "median_ratio_after": float(np.median(after)) if len(after) else None,
+            "band_after": [float(after.min()), float(after.max())] if len(after) else None,
+            "loss_rises_after": rises, "last_ratio": float(ratio[-1]), "max_ratio_before": float(ratio[:hit[0]].max())
+            if len(hit) and hit[0] > 0 else None}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ranks", type=int, default=2)
+    args = ap.parse_args()
+    t0 = time.perf_counter()
+    shutil.rmtree(OUT, ignore_errors=True)
+    os.makedirs(OUT)
+    os.makedirs(DOCS, exist_ok=True)
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    rows, series = [], {}
+    for name, model, hidden, kind, lr, steps, every in RUNS:
+        folder = os.path.join(OUT, name)
+        t = time.perf_counter()
+        train(name, model, hidden, kind, lr, steps, every, folder)
+        t_train = time.perf_counter() - t
+        job = os.path.join(folder, "job.yaml")
+        with open(job, "w") as f:
+            f.write(job_text(name, model, hidden, folder))
+        t = time.perf_counter()
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        subprocess.run([mpiexec, "-n", str(args.ranks), sys.executable, "-m", "lldist.series", job, "--out",
+                        os.path.join(folder, "series.h5"), "--progress-every", "0"], check=True, env=env, cwd=ROOT)
+        t_series = time.perf_counter() - t
+        s = lldist.open(os.path.join(folder, "series.h5"))
+        series[name] = s
+        row = {"run": name, "model": model, "optimizer": kind, "lr": lr, "steps": steps, "checkpoints": len(s.steps),
+               "threshold": float(s.thresholds[0]), "train_s": round(t_train, 1), "series_s": round(t_series, 1),
+               **summary(s, kind == "adam")}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        from lldist.analysis.series_figures import sharpness_figure
+        fig = sharpness_figure(s)
+        fig.savefig(os.path.join(DOCS, f"eos_{name}.png"), dpi=110)
+        plt.close(fig)
+    # the SGD runs of each model together, λmax / (2/η) against step
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True)
+    for ax, model in zip(axes, ("mlp", "cnn")):
+        for name, s in series.items():
+            if name.startswith(model) and "adam" not in name:
+                ax.plot(s.steps, s.column("lambda_max") * s.lrs / 2, marker=".", label=name.split("_")[1])
+        ax.axhline(1.0, ls="--", color="k", lw=1)
+        ax.set_title(f"{model}: λmax · η/2 (1 = the edge)", fontsize=10)
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(DOCS, "eos_ratio.png"), dpi=110)
+    wall = time.perf_counter() - t0
+    with open(os.path.join(DOCS, "eos.json"), "w") as f:
+        json.dump({"date": time.strftime("%Y-%m-%d"), "ranks": args.ranks, "wall_s": round(wall), "rows": rows}, f,
+                  indent=1)
+    print(f"wall {wall:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
