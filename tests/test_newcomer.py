@@ -233,8 +233,11 @@ def test_the_gpu_benchmark_extra_rows_run_on_a_cpu():
     assert all(r["curvature_cell_s"] > r["loss_cell_s"] > 0 and r["hessian_vector_products"] > 2
                for r in rep["curvature"])
     assert rep["text"]["lldist_cells_s"] > 0 and rep["text"]["naive_cells_s"] > 0
+    g = rep["gpt2"]  # the GPT-2 job's model, fp32 against bf16, and FSDP2 over one rank against none
+    assert g["fp32_cells_s"] > 0 and g["bf16_cells_s"] > 0 and g["bf16_loss_rel_diff"] < 0.05
+    assert g["shard1_equal"] and g["shard1_cells_s"] > 0
     md = gpu_markdown(rep)
-    assert "| cnn_skip |" in md and "BERT-style classifier" in md
+    assert "| cnn_skip |" in md and "BERT-style classifier" in md and "shard group of 1" in md
 
 
 # ----------------------------------------------------------------------------- round 3 (issue 36)

@@ -1,7 +1,8 @@
 """The GPU run: the `gpu`-marked tests, then every fast path (fp32/bf16, channels-last, compile)
 of the MLP, the skip CNN and MobileNetV2 at 32 and 224 against its ceiling and the naive loop,
 the vmapped MLP, `batch_size: auto` and peak memory, a curvature cell against a loss cell, the
-BERT-style text row, and the 51x51 projection; JSON + Markdown.
+BERT-style text row, the GPT-2 job's model in fp32 and bf16 and in a shard group of 1 (FSDP2's
+cost alone), and the 51x51 projection; JSON + Markdown.
 
     PYTHONPATH=. python -m lldist.bench gpu [--out DIR] [--budget 400] [--skip-tests]
 
@@ -195,10 +196,78 @@ def gpu_report(args) -> dict:
 
 EXTRAS = {  # the sizes of the extra rows on a GPU; the CPU test of this code runs them small
     "cuda": {"curvature": {"images": 8192, "batch": 1024, "curvature_batches": 2, "rounds": 3},
-             "text": {"n": 2048, "batch_sizes": [128, 256, 512, 1024], "rounds": 3}},
+             "text": {"n": 2048, "batch_sizes": [128, 256, 512, 1024], "rounds": 3},
+             "gpt2": {"config": "gpt2_small", "n": 256, "seq": 128, "batch": 32, "cells": 3}},
     "cpu": {"curvature": {"images": 64, "batch": 32, "curvature_batches": 1, "rounds": 1},
-            "text": {"n": 32, "batch_sizes": [16, 32], "rounds": 1}},
+            "text": {"n": 32, "batch_sizes": [16, 32], "rounds": 1},
+            "gpt2": {"config": "tiny_gpt", "n": 16, "seq": 32, "batch": 8, "cells": 2}},
 }
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def gpt2_rows(device: str, config: str, n: int, seq: int, batch: int, cells: int) -> dict:
+    """The GPT-2 job's model (jobs/models/<config>, seeded) under the language-model loss on
+    random token ids: one rank's cells/s in fp32 and in bf16 and the loss's difference between
+    them; then the fp32 cells again in a shard group of 1 (FSDP2 over a world of one: the cost of
+    the sharding machinery alone), its numbers against the unsharded rank's, and the device
+    memory each holds."""
+    import copy
+
+    from ..config import DirectionsConfig, EvalConfig, ModelConfig
+    from ..directions.random import make_directions
+    from ..directions.state import model_state
+    from ..evaluation.evaluator import Evaluator
+    from ..evaluation.groups import GroupSpec, init_process_group
+    from ..evaluation.tasks import Task
+    from ..workloads.data import DictSet
+    from ..workloads.models import build_model
+    model = build_model(ModelConfig(f"hf:{ROOT}/jobs/models/{config}", seed=0), (), 0).eval()
+    vocab = model.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    data = DictSet({"input_ids": torch.randint(0, vocab, (n, seq), generator=g),
+                    "attention_mask": torch.ones(n, seq, dtype=torch.int64)}, 0)
+    theta, kinds = model_state(model)
+    dirs = make_directions(theta, kinds, DirectionsConfig(seed=1), 2)
+    coords = [(0.05 * i, -0.05 * i) for i in range(1, cells + 1)]
+    cuda = device.startswith("cuda")
+
+    def rate(ev):
+        ev.evaluate_cells(coords[:1])  # warm-up, outside the clock
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        out = ev.evaluate_cells(coords)
+        if cuda:
+            torch.cuda.synchronize()
+        mib = torch.cuda.max_memory_allocated() / 2 ** 20 if cuda else float("nan")
+        return cells / (time.perf_counter() - t), out, mib
+    row = {"model": config, "sequences": n, "seq": seq, "batch": batch, "cells": cells}
+    results = {}
+    for precision in ("fp32", "bf16"):
+        ev = Evaluator(copy.deepcopy(model), theta, dirs, {"test": data}, EvalConfig(batch_size=batch, precision=precision),
+                       device=device, task=Task("lm"))
+        results[precision] = rate(ev)
+        del ev
+    row.update(fp32_cells_s=results["fp32"][0], bf16_cells_s=results["bf16"][0],
+               bf16_vs_fp32=results["bf16"][0] / results["fp32"][0], fp32_peak_mib=results["fp32"][2],
+               bf16_peak_mib=results["bf16"][2],
+               bf16_loss_rel_diff=float(np.max(np.abs(results["bf16"][1][..., 0] - results["fp32"][1][..., 0])
+                                               / np.abs(results["fp32"][1][..., 0]))))
+    import torch.distributed as dist
+    spec = GroupSpec(0, 1, "shard")
+    init_process_group(spec, lambda obj: obj, device)
+    try:
+        ev = Evaluator(copy.deepcopy(model), theta, dirs, {"test": data}, EvalConfig(batch_size=batch), device=device,
+                       task=Task("lm"), group=spec)
+        r, out, mib = rate(ev)
+    finally:
+        dist.destroy_process_group()
+    row.update(shard1_cells_s=r, shard1_vs_unsharded=r / results["fp32"][0], shard1_peak_mib=mib,
+               shard1_equal=bool(np.array_equal(out, results["fp32"][1])),
+               shard1_max_rel_diff=float(np.nanmax(np.abs(out - results["fp32"][1]) /
+                                                   np.maximum(np.abs(results["fp32"][1]), 1e-30))))
+    return row
 
 
 def gpu_extras(rep: dict, device: str, t_end: float) -> None:
@@ -222,6 +291,11 @@ def gpu_extras(rep: dict, device: str, t_end: float) -> None:
             rep["text"] = text_row(device, t["n"], t["batch_sizes"], rounds=t["rounds"])
         except Exception as e:  # transformers missing, or out of memory
             rep["skipped"].append(["bert_128", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"])
+    if time.perf_counter() < t_end:
+        try:
+            rep["gpt2"] = gpt2_rows(device, **sizes["gpt2"])
+        except Exception as e:
+            rep["skipped"].append(["gpt2", f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"])
 
 
 def gpu_markdown(rep: dict) -> str:
@@ -252,6 +326,15 @@ def gpu_markdown(rep: dict) -> str:
                      f"batch {t['batch']}): ceiling {t['ceiling_img_s']:,.0f} seq/s, lldist {t['lldist_img_s']:,.0f} "
                      f"seq/s ({t['vs_ceiling']:.2f} of it), naive loop {t['naive_cells_s']:.3f} cells/s "
                      f"({t['speedup_vs_naive']:.2f}x)")
+    g = rep.get("gpt2")
+    if g:
+        lines.append(f"\nThe GPT-2 job's model ({g['model']}, seeded; {g['sequences']} sequences of {g['seq']} tokens a "
+                     f"cell, batch {g['batch']}, loss lm): fp32 {g['fp32_cells_s']:.3f} cells/s, bf16 "
+                     f"{g['bf16_cells_s']:.3f} ({g['bf16_vs_fp32']:.2f}x; loss within {g['bf16_loss_rel_diff']:.1e} "
+                     f"of fp32's), peak {g['fp32_peak_mib']:.0f} / {g['bf16_peak_mib']:.0f} MiB. A shard group of 1 "
+                     f"(FSDP2 over one rank): {g['shard1_cells_s']:.3f} cells/s, {g['shard1_vs_unsharded']:.2f}x the "
+                     f"unsharded rank, numbers {'equal bit for bit' if g['shard1_equal'] else 'within ' + format(g['shard1_max_rel_diff'], '.1e')}, "
+                     f"peak {g['shard1_peak_mib']:.0f} MiB")
     p = rep.get("projection_51x51_mobilenet224_5000img")
     if p:
         lines.append(f"\n51x51 MobileNetV2 at 224x224 on 5,000 images, at {p['img_s']:,.0f} img/s: "

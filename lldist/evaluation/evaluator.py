@@ -110,7 +110,8 @@ class Evaluator:
         if cfg.bn not in BN_MODES:
             raise ValueError(f"bn {cfg.bn!r}; allowed: {', '.join(BN_MODES)}")
         self.task = task or Task()
-        self.group = group if group is not None and group.size > 1 else None
+        # (a shard group of 1 is FSDP2 over a world of one: the benchmark's measure of its cost alone)
+        self.group = group if group is not None and (group.size > 1 or group.mode == "shard") else None
         # the keys that cannot go together, as config.py states them for job files: here with
         # what this evaluator was given (the task's curvature, the group's size)
         bad = eval_conflict(dataclasses.replace(cfg, curvature=bool(self.task.curvature),
