@@ -163,7 +163,7 @@ def exact_outer(job_path, operator, batches=3, samples=6):
     return np.linalg.eigvalsh(M), [z @ M @ z for z in zs]
 
 
-@pytest.mark.parametrize("operator", ["ggn", "fisher"])
+@pytest.mark.parametrize("operator", ["ggn", pytest.param("fisher", marks=pytest.mark.slow)])
 def test_a_shard_groups_ggn_and_fisher_equal_the_exact_matrices(workdir, operator):
     """G v and F v through FSDP2 (a central difference of forwards, then a sharded backward):
     the top eigenvalues, the smallest and the trace against the exact matrices to 1e-7, and
