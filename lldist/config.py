@@ -272,7 +272,7 @@ class SeriesConfig:
     """A recorded run's checkpoints and what is measured at each (python -m lldist.series). The
     curvature is the job's `curvature:` settings (operator, split, batches, top, ...), taken on
     the same first batches at every checkpoint; the losses are the job's eval.split."""
-    checkpoints: Optional[Union[str, list]] = None  # a Recorder's <stem>_trajectory.json, a glob, or a list of files
+    checkpoints: Optional[Union[str, list]] = None  # a Recorder's <stem>_trajectory.json or folder, a glob, or a list of files
     measures: Optional[list] = None  # of SERIES_MEASURES (default: all)
     output: Optional[str] = None  # the series file (default: series.h5 beside the job's output)
 

@@ -71,7 +71,8 @@ def test_a_series_holds_lldist_hessians_lambda_max_at_each_checkpoint_and_the_ex
 
     from lldist.runs.hessian import compute
     from lldist.workloads.models import read_checkpoint
-    job = series_job(workdir, record())
+    record()
+    job = series_job(workdir, "mine")  # a Recorder's folder: its index
     p = run(["lldist.series", job, "--out", "s.h5", "--progress-every", "0"], workdir)
     assert "6 checkpoints (steps 5..30)" in p.stdout, p.stdout
     s = lldist.open("s.h5")

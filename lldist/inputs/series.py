@@ -1,7 +1,7 @@
 """The checkpoints of a recorded run, in training order, with their steps and optimizers: what
 `python -m lldist.series` measures (series.checkpoints).
 
-    run = recorded("runs/mine/model_trajectory.json")    # a Recorder's index
+    run = recorded("runs/mine/model_trajectory.json")    # a Recorder's index (or its folder)
     run = recorded("runs/mine/model_step*.pt")           # a glob: steps from the names
     run = recorded(["a_step10.pt", "a_step20.pt"])       # a list, in training order
     check_fits(run, model)                               # every file is this model's
@@ -66,6 +66,12 @@ def recorded(spec: Union[str, list, None]) -> list:
     if spec is None or spec == [] or spec == "":
         raise UserError("series.checkpoints is not given: name a Recorder's <stem>_trajectory.json, a glob of "
                         "checkpoints or a list of them")
+    if isinstance(spec, str) and os.path.isdir(spec):  # a Recorder's folder: its one index
+        found = sorted(globbing.glob(os.path.join(spec, "*_trajectory.json")))
+        if len(found) != 1:
+            raise UserError(f"series.checkpoints: folder {spec} holds {len(found)} Recorder indexes "
+                            f"(*_trajectory.json){': ' + ', '.join(found) if found else ''}; name one")
+        spec = found[0]
     if isinstance(spec, str) and spec.endswith(".json"):
         if not os.path.exists(spec):
             raise UserError(f"series.checkpoints: {spec} does not exist")
