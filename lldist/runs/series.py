@@ -222,7 +222,7 @@ class SeriesRun:
             f"{self.plan.steps[-1]}), measures {', '.join(self.plan.measures)}: {self.schedule.total} of "
             f"{n * len(self.plan.measures)} units to compute on {self.ctx.size} rank(s)")
         total = n * len(self.plan.measures)
-        return Progress(total, total - self.schedule.total, every=self.options.progress_every)
+        return Progress(total, total - self.schedule.total, every=self.options.progress_every, unit="unit")
 
     def take_result(self, r: runner.ChunkResult) -> int:
         return self.writer.write(r.cells, r.values)

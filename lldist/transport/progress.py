@@ -33,8 +33,10 @@ class Progress:
     decides as it goes (an adaptive grid), a function giving the cells it has queued or out,
     so the line says what is known to remain instead of counting the whole grid."""
 
-    def __init__(self, total: int, done: int = 0, every: float = 10.0, stream=None, tty=None, queued=None):
+    def __init__(self, total: int, done: int = 0, every: float = 10.0, stream=None, tty=None, queued=None,
+                 unit: str = "cell"):
         self.total, self.done, self.start_done = total, done, done
+        self.unit = unit  # what is counted: a surface's cells, a series' (checkpoint, measure) units
         self.stream = stream or sys.stderr
         self.every, self.queued = every, queued
         self.t0 = self.last = time.perf_counter()
@@ -49,7 +51,7 @@ class Progress:
                 from tqdm.auto import tqdm
             else:
                 from tqdm import tqdm
-            self.bar = tqdm(total=None if queued else total, initial=done, unit="cell", file=self.stream,
+            self.bar = tqdm(total=None if queued else total, initial=done, unit=unit, file=self.stream,
                             smoothing=0.1, dynamic_ncols=True)
 
     def rate(self) -> float:
@@ -66,7 +68,8 @@ class Progress:
                     f"{r:.2f} cells/s  elapsed {elapsed}  ETA at least {_fmt_s(eta)}  {memory()}")
         eta = (self.total - self.done) / r if r > 0 else float("inf")
         pct = 100.0 * self.done / self.total if self.total else 100.0
-        return (f"cells {self.done}/{self.total} ({pct:.0f}%)  {r:.2f} cells/s  "
+        u = self.unit
+        return (f"{u}s {self.done}/{self.total} ({pct:.0f}%)  {r:.2f} {u}s/s  "
                 f"elapsed {elapsed}  ETA {_fmt_s(eta)}  {memory()}")
 
     def update(self, n: int) -> None:
