@@ -69,8 +69,14 @@ def sharded(args) -> list:
             stdout, stderr = p.communicate(timeout=7200)
             mem.running = False
             wall = time.perf_counter() - t0
-            if p.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd)} failed:\n{stderr[-2000:]}")
+            if p.returncode != 0:  # (a rank killed for memory is a result: the machine's limit)
+                peaks = [mem.peak.get(r, float("nan")) for r in range(k)]
+                rows.append({"model": "gpt2", "group_size": k, "basis_memory": budget, "failed": p.returncode,
+                             "stderr": stderr[-500:], "peak_mib_per_rank": peaks, "baseline_mib": base,
+                             "wall_s": wall, "architecture": arch})
+                print(f"gpt2 k={k} basis {budget}: failed (exit {p.returncode}; a rank killed for memory exits "
+                      f"-9 or 137), peaks so far {[round(x) for x in peaks]} MiB", flush=True)
+                continue
             found = re.search(r"top eigenvalues ([-0-9.e+]+)", stdout)
             steps = re.search(r"; (\d+) Lanczos steps", stdout)
             spill = re.search(r"Lanczos basis: (\d+) vectors of ([0-9.e+]+) MB a rank in memory.*?, (\d+) more", stdout)
@@ -99,9 +105,15 @@ def markdown(rows: list) -> str:
                     for r in rows[:1]) + "\n"
             "| group size | route | basis_memory | λmax | Lanczos steps (products) | vectors spilled | "
             "peak MiB a rank (max) | above baseline | wall s |\n|---|---|---|---|---|---|---|---|---|\n")
+
     def budget(r):
         return "-" if r["basis_memory"] is None else f"{r['basis_memory']:g}"
-    return head + "".join(
+    failed = [r for r in rows if "failed" in r]
+    rows = [r for r in rows if "failed" not in r]
+    tail = "".join(f"\nk = {r['group_size']}, basis_memory {budget(r)}: failed (exit {r['failed']}), peak per rank "
+                   f"{', '.join(f'{x:.0f}' for x in r['peak_mib_per_rank'])} MiB when it ended\n" for r in failed)
+    body = "".join(
         f"| {r['group_size']} | {r['route']} | {budget(r)} | {r['lambda_max']:.6g} | "
         f"{r['lanczos_steps'] or '(' + str(r['products']) + ')'} | {r['spilled']} | {r['peak_mib_max']:.0f} | "
         f"{r['peak_above_baseline_mib']:.0f} | {r['wall_s']:.0f} |\n" for r in rows)
+    return head + body + tail
