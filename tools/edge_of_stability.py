@@ -6,7 +6,8 @@ lldist.Recorder every few steps with its optimizer, then `python -m lldist.serie
 checkpoints (λmax on the whole training set, with its jackknife over the four batches) and the
 figures.
 
-    python tools/edge_of_stability.py [--ranks 2]     # runs/eos/, docs/series/*.png, docs/series/eos.md
+    python tools/edge_of_stability.py [--ranks 2]     # runs/eos/, docs/series/*.png, docs/series/eos.json
+    python tools/edge_of_stability.py --cost          # a 100-checkpoint λmax series on 1 and 4 ranks
 
 Per run it reports the step where λmax first reaches 0.9 × 2/η, the median of λmax / (2/η)
 after it, the loss increases after it (a non-monotone descent), and the last λmax / (2/η);
@@ -99,10 +100,42 @@ def summary(s, adam):
             if len(hit) and hit[0] > 0 else None}
 
 
+def cost(ranks_list=(1, 4)) -> dict:
+    """The cost of a 100-checkpoint λmax series: η = 0.5 recorded every 15 steps for 1,500 steps,
+    then `lldist.series` with the curvature alone on each rank count (wall time of the command,
+    interpreter start-up included), into docs/series/cost.json."""
+    folder = os.path.join(OUT, "cost")
+    shutil.rmtree(folder, ignore_errors=True)
+    train("cost", "mlp", [64], "sgd", 0.5, 1500, 15, folder)
+    job = os.path.join(folder, "job.yaml")
+    with open(job, "w") as f:
+        f.write(job_text("cost", "mlp", [64], folder).replace("measures: [curvature, loss]", "measures: [curvature]"))
+    mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
+    out = {"date": time.strftime("%Y-%m-%d"), "checkpoints": 100, "seconds": {}}
+    files = []
+    for n in ranks_list:
+        path = os.path.join(folder, f"series_{n}.h5")
+        t = time.perf_counter()
+        subprocess.run([mpiexec, "-n", str(n), sys.executable, "-m", "lldist.series", job, "--out", path,
+                        "--progress-every", "0"], check=True, env=dict(os.environ, OMP_NUM_THREADS="1"), cwd=ROOT,
+                       stdout=subprocess.DEVNULL)
+        out["seconds"][n] = round(time.perf_counter() - t, 1)
+        files.append(lldist.open(path))
+    out["same_numbers"] = all(np.array_equal(f.column("lambda_max"), files[0].column("lambda_max")) for f in files)
+    with open(os.path.join(DOCS, "cost.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    print(json.dumps(out), flush=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ranks", type=int, default=2)
+    ap.add_argument("--cost", action="store_true", help="only the 100-checkpoint series on 1 and 4 ranks")
     args = ap.parse_args()
+    if args.cost:
+        cost()
+        return
     t0 = time.perf_counter()
     shutil.rmtree(OUT, ignore_errors=True)
     os.makedirs(OUT)
