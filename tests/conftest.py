@@ -138,3 +138,39 @@ def done_after_kill(path, timeout=10.0):
             if time.time() > deadline:
                 raise
             time.sleep(0.2)
+
+
+class Flat:
+    """A job's model in float64 as a function of one flat parameter vector: the exact references
+    (whole Hessians, Jacobians) the curvature tests check against. `checkpoint`: another file of
+    the model than the job's."""
+
+    def __init__(self, job, checkpoint=None):
+        import dataclasses
+
+        import torch
+
+        from lldist.inputs.loading import Source
+        src = Source()
+        if checkpoint is not None:
+            job = dataclasses.replace(job, model=dataclasses.replace(job.model, checkpoint=checkpoint))
+        self.loaded = src.load(job)
+        self.task = src.make_task(job)
+        self.model = self.loaded.model.double().eval()
+        self.names = [n for n, _ in self.model.named_parameters()]
+        self.shapes = [p.shape for p in self.model.parameters()]
+        self.sizes = [p.numel() for p in self.model.parameters()]
+        self.theta = torch.cat([p.detach().reshape(-1) for p in self.model.parameters()])
+
+    def outputs(self, flat, x):
+        import torch
+        ps = {n: c.view(s) for n, c, s in zip(self.names, torch.split(flat, self.sizes), self.shapes)}
+        return torch.func.functional_call(self.model, ps, (x,))
+
+    def loss(self, flat, batches):
+        """The mean loss over the batches (Σ summed losses / Σ weights), the evaluation's own."""
+        tot = w = 0
+        for b in batches:
+            s, n = self.task.loss_terms(self.outputs(flat, b[0]), b)
+            tot, w = tot + s, w + n
+        return tot / w

@@ -74,31 +74,20 @@ def exact_extremes(job_path, cells, operator="hessian"):
     model) of the mean test loss over the first two batches of 40, at each cell's weights θ* +
     x δ + y η with the directions as stored (an independent reference)."""
     import torch
+    from conftest import Flat
     from lldist.config import load_job
     from lldist.evaluation.curvature import first_batches
-    from lldist.inputs.loading import Source
     from lldist.store import SurfaceReader
-    job = load_job(job_path)
-    src = Source()
-    loaded = src.load(job)
-    task = src.make_task(job)
-    model = loaded.model.double().eval()
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in model.named_parameters()]
+    f = Flat(load_job(job_path))
+    names = f.names
     with SurfaceReader(str(job_path.parent / "one.h5")) as r:
         dirs = r.read_directions()
-    theta = torch.cat([loaded.theta[n].reshape(-1) for n in names]).double()
+    theta = torch.cat([f.loaded.theta[n].reshape(-1) for n in names]).double()
     dx, dy = (torch.cat([torch.as_tensor(d[n]).reshape(-1) for n in names]).double() for d in (dirs.x, dirs.y))
-    batches = first_batches(loaded.splits["test"], 40, 2, torch.float64)
+    batches = first_batches(f.loaded.splits["test"], 40, 2, torch.float64)
 
     def loss(flat):
-        ps = {n: c.view(s) for n, c, s in zip(names, torch.split(flat, sizes), shapes)}
-        tot = w = 0
-        for b in batches:
-            s, n = task.loss_terms(torch.func.functional_call(model, ps, (b[0],)), b)
-            tot, w = tot + s, w + n
-        return tot / w
+        return f.loss(flat, batches)
     out = []
     for x, y in cells:
         # the cell's weights as the float32 evaluator makes them (θ* + x δ, then + y η, in float32)

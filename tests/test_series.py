@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import env, mpiexec, run, write_job
+from conftest import Flat, env, mpiexec, run, write_job
 
 import lldist
 from lldist.config import DataConfig, ModelConfig, load_job
@@ -105,25 +105,13 @@ def test_a_series_holds_lldist_hessians_lambda_max_at_each_checkpoint_and_the_ex
 def exact(job, file):
     """(the exact float64 Hessian of the mean train loss on the curvature's first three batches
     of 40 at checkpoint `file`, its gradient, the parameter names)."""
-    import dataclasses
-
     from lldist.evaluation.curvature import first_batches
-    from lldist.inputs.loading import Source
-    src = Source()
-    loaded = src.load(dataclasses.replace(job, model=dataclasses.replace(job.model, checkpoint=file)))
-    model, task = loaded.model.double(), src.make_task(job)
-    names = [n for n, _ in model.named_parameters()]
-    shapes, sizes = [p.shape for p in model.parameters()], [p.numel() for p in model.parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    batches = first_batches(loaded.splits["train"], 40, 3, torch.float64)
+    f = Flat(job, file)
+    names, theta = f.names, f.theta
+    batches = first_batches(f.loaded.splits["train"], 40, 3, torch.float64)
 
     def loss(flat):
-        ps = {n: c.view(sh) for n, c, sh in zip(names, torch.split(flat, sizes), shapes)}
-        tot = w = 0
-        for b in batches:
-            sm, n = task.loss_terms(torch.func.functional_call(model, ps, (b[0],)), b)
-            tot, w = tot + sm, w + n
-        return tot / w
+        return f.loss(flat, batches)
     flat = theta.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(loss(flat), flat)
     return torch.autograd.functional.hessian(loss, theta).numpy(), grad.numpy(), names

@@ -10,11 +10,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import mpiexec, run, write_job
+from conftest import Flat, mpiexec, run, write_job
 
 from lldist.config import load_job
 from lldist.evaluation.curvature import first_batches
-from lldist.inputs.loading import Source
 
 FLAGS = ["--top", "3", "--trace-samples", "6", "--batches", "3", "--tol", "1e-10"]
 
@@ -36,25 +35,12 @@ def exact(job_path, batches=3, samples=6, blocks=None):
     trace estimates of the same Rademacher vectors, each block's top eigenvalue and trace
     estimate, and λmax without each batch."""
     job = load_job(job_path)
-    src = Source()
-    loaded = src.load(job)
-    task = src.make_task(job)
-    model = loaded.model.double().eval()
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in model.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
-    chosen = first_batches(loaded.splits["test"], job.eval.batch_size, batches, torch.float64)
+    f = Flat(job)
+    names, sizes, theta = f.names, f.sizes, f.theta
+    chosen = first_batches(f.loaded.splits["test"], job.eval.batch_size, batches, torch.float64)
 
     def hessian(bs):
-        def loss(flat):
-            ps = {n: c.view(s) for n, c, s in zip(names, torch.split(flat, sizes), shapes)}
-            tot = w = 0
-            for b in bs:
-                s, n = task.loss_terms(torch.func.functional_call(model, ps, (b[0],)), b)
-                tot, w = tot + s, w + n
-            return tot / w
-        return torch.autograd.functional.hessian(loss, theta).numpy()
+        return torch.autograd.functional.hessian(lambda flat: f.loss(flat, bs), theta).numpy()
     H = hessian(chosen)
     g = torch.Generator().manual_seed(0)
     zs = [(torch.randint(0, 2, (len(theta),), generator=g) * 2 - 1).double().numpy() for _ in range(samples)]
@@ -131,20 +117,13 @@ def exact_outer(job_path, operator, batches=3, samples=6):
     float64 model (torch.autograd.functional): its eigenvalues and the trace estimates of the
     same Rademacher vectors as the sharded run's."""
     job = load_job(job_path)
-    src = Source()
-    loaded = src.load(job)
-    task = src.make_task(job)
-    model = loaded.model.double().eval()
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for _, p in model.named_parameters()]
-    sizes = [p.numel() for _, p in model.named_parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
+    f = Flat(job)
+    task, theta = f.task, f.theta
     F = torch.autograd.functional
     M, W = np.zeros((len(theta), len(theta))), 0.0
-    for b in first_batches(loaded.splits["test"], job.eval.batch_size, batches, torch.float64):
+    for b in first_batches(f.loaded.splits["test"], job.eval.batch_size, batches, torch.float64):
         def logits(flat):
-            ps = {n: c.view(s) for n, c, s in zip(names, torch.split(flat, sizes), shapes)}
-            return torch.func.functional_call(model, ps, (b[0],))
+            return f.outputs(flat, b[0])
         if operator == "ggn":
             out = logits(theta).detach()
             J = F.jacobian(logits, theta).reshape(out.numel(), -1).numpy()
