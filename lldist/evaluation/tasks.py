@@ -105,6 +105,12 @@ def _lm_acc(logits, batch):
     return ((pred.argmax(-1) == tgt) & mask).sum(1).float(), mask.sum(1).float()
 
 
+def to_device(batch, device):
+    """A batch (a tuple of tensors, or a dict of them) on `device`."""
+    return {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else \
+        tuple(t.to(device) for t in batch)
+
+
 def standard_error(v: float, w: float, v2: float, vw: float, w2: float, n: float) -> float:
     """The standard error of the mean Σv/Σw over n examples drawn at random (the ratio
     estimator's, from the sums of v, w, v², v·w and w²); NaN for fewer than two examples."""

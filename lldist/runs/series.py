@@ -43,6 +43,7 @@ import torch
 from ..analysis import stability
 from ..config import SERIES_MEASURES, Job
 from ..errors import UserError
+from ..evaluation.tasks import to_device
 from ..inputs.loading import Source
 from ..inputs.series import check_fits, recorded
 from ..store.output import Lock, check_writable
@@ -255,7 +256,7 @@ class SeriesRun:
         set_threads(payload.job, payload.threads, fixed=True)
         self.device = device_for_rank(self.ctx.local_rank, payload.job.eval.device)
         loaded = self.source.load(payload.job)
-        self.model, self.splits, self.theta_names = loaded.model, loaded.splits, None
+        self.model, self.splits = loaded.model, loaded.splits
         self.task = self.source.make_task(payload.job)
         self.current = None
 
@@ -304,7 +305,7 @@ class SeriesRun:
         model = self._at(i).to(self.device).eval()
         batches = first_batches(self.splits[job.curvature.split or job.splits[0]], batch_size(job),
                                 job.curvature.batches)
-        c = Curvature(model, [_to(b, self.device) for b in batches], self.task).at(dict(model.named_parameters()))
+        c = Curvature(model, [to_device(b, self.device) for b in batches], self.task).at(dict(model.named_parameters()))
         scale = np.concatenate([preconditioner_rows(moments, n, opt) for n in c.names])
         op = LinearOperator((c.n, c.n), matvec=lambda v: scale * c.matvec(scale * np.asarray(v).reshape(-1)),
                             dtype=np.float64)
@@ -322,7 +323,7 @@ class SeriesRun:
         grads = [torch.zeros_like(p, dtype=torch.float64) for p in params]
         total = weight = 0.0
         for b in batches:
-            b = _to(b, self.device)
+            b = to_device(b, self.device)
             args, kwargs = model_inputs(b)
             s, n = self.task.loss_terms(model(*args, **kwargs), b)
             for g, d in zip(grads, torch.autograd.grad(s, params, allow_unused=True)):
@@ -363,10 +364,6 @@ def preconditioner_rows(moments: dict, name: str, opt) -> np.ndarray:
         raise UserError(f"series: the second moments hold no {name} (recorded from another model?)")
     return 1 / np.sqrt(stability.preconditioner(v.double().numpy().reshape(-1), opt, int(moments["step"])))
 
-
-def _to(batch, device):
-    return {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else \
-        tuple(t.to(device) for t in batch)
 
 
 def _params(path: str, names: list) -> np.ndarray:

@@ -33,6 +33,7 @@ from ..evaluation.curvature import Watch, first_batches
 from ..evaluation.operators import DESCRIPTION
 from ..evaluation.sharded import EPS_SCALE, Basis, Sharded
 from ..inputs import rows
+from ..evaluation.tasks import to_device
 from ..inputs.loading import Source
 
 STEP = f"each entry moved by {EPS_SCALE:.3g} x max(1, rms(theta)) on average"
@@ -67,7 +68,7 @@ def compute(job: Job, spread=None, log=print, should_stop=lambda: None,
     group = join_group(job, spread, device)
     loaded = rows.for_group(job, src, group, device, log, torch.float64)
     bs = job.eval.batch_size if job.eval.batch_size != "auto" else 256
-    chosen = [_to(b, device) for b in first_batches(loaded.splits[split], bs, s.batches, torch.float64)]
+    chosen = [to_device(b, device) for b in first_batches(loaded.splits[split], bs, s.batches, torch.float64)]
     task = src.make_task(job)
     what = f"{s.operator if s.operator != 'hessian' else 'Hessian'} at theta* of {job.name}"
     watch = Watch(what, should_stop, log) if driver else Watch(what)
@@ -151,8 +152,3 @@ def _density(op: Sharded, runs: int, steps: int) -> tuple:
         vals, vecs = eigh_tridiagonal(np.array(alpha), np.array(beta[:len(alpha) - 1]))
         nodes[r, :len(vals)], weights[r, :len(vals)] = vals, vecs[0] ** 2
     return nodes, weights
-
-
-def _to(batch, device):
-    return {k: v.to(device) for k, v in batch.items()} if isinstance(batch, dict) else \
-        tuple(t.to(device) for t in batch)
