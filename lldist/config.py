@@ -174,9 +174,24 @@ class AutoAxis(Axis):
 @dataclass(frozen=True)
 class AdaptiveConfig:
     """Compute a coarse lattice, then only the cells the contour picture needs (lldist/cells/schedule.py)."""
-    coarse: int = 4  # the lattice: every coarse-th cell along each axis, and the last
-    tolerance: float = 0.05  # interpolation error allowed, in contour-level spacings
-    levels: int = 30  # contour levels the picture is judged at (lldist.plot's default)
+    coarse: Union[int, str] = "auto"  # the lattice: every coarse-th cell along each axis, and the last;
+    #                                   auto: 17-32 points an axis (interpolation.auto_coarse)
+    tolerance: float = 0.02  # estimated interpolation error allowed, in spacings of `levels` levels
+    levels: int = 30  # the densest levels (linear or geometric) the picture must hold at
+    budget: Optional[Union[int, float]] = None  # at most this many cells a plane (or this fraction of them)
+
+    def stride(self, grid: "GridConfig") -> int:
+        """The lattice's stride on `grid`: `coarse`, or auto's choice for its longer axis."""
+        from .cells.interpolation import auto_coarse
+        n = max(grid.x.num, grid.y.num if grid.y is not None else 0)
+        return auto_coarse(n) if self.coarse == "auto" else int(self.coarse)
+
+    def cells(self, grid: "GridConfig") -> Optional[int]:
+        """The budget in cells of a plane, or None."""
+        if self.budget is None:
+            return None
+        n = grid.x.num * (grid.y.num if grid.y is not None else 1)
+        return int(self.budget) if isinstance(self.budget, int) else max(1, math.floor(self.budget * n))
 
 
 @dataclass(frozen=True)
@@ -545,8 +560,7 @@ def _check_repeats(job: "Job", path: str) -> None:
         raise UserError(f"{path}: key 'directions.repeats': {n:,} planes of {cells:,} cells are {n * cells:,} cells, "
                         f"more than lldist stores in one file ({MAX_CELLS:,})")
     why = [w for w, bad in (("directions.kind: random", job.directions.kind != "random"),
-                            ("no directions.target", job.directions.target is not None),
-                            ("no grid.adaptive", job.grid.adaptive is not None)) if bad]
+                            ("no directions.target", job.directions.target is not None)) if bad]
     if why:
         raise UserError(f"{path}: key 'directions.repeats' above 1 (independent random planes) needs {', '.join(why)}")
 
@@ -705,16 +719,37 @@ def _check_grid(g: GridConfig, p: str) -> None:
         raise UserError(f"{p}: key 'grid': {ncells:,} cells is more than lldist stores in one file "
                         f"({MAX_CELLS:,}, e.g. 11585 x 11585)")
     if g.adaptive is not None:
-        a = g.adaptive
-        if a.coarse < 2:
-            raise UserError(f"{p}: key 'grid.adaptive.coarse' must be at least 2, got {a.coarse}")
-        if not (a.tolerance > 0 and math.isfinite(a.tolerance)):
-            raise UserError(f"{p}: key 'grid.adaptive.tolerance' must be a positive number, got {a.tolerance}")
-        if a.levels < 3:
-            raise UserError(f"{p}: key 'grid.adaptive.levels' must be at least 3, got {a.levels}")
-        if max(g.x.num, g.y.num if g.y is not None else 0) <= a.coarse:
-            raise UserError(f"{p}: key 'grid.adaptive': a grid of {g.x.num} points is no larger than its "
-                            f"coarse lattice (every {a.coarse}th point); compute it in full")
+        _check_adaptive(g, p)
+
+
+def _check_adaptive(g: GridConfig, p: str) -> None:
+    a = g.adaptive
+    if not (a.coarse == "auto" or (isinstance(a.coarse, int) and a.coarse >= 2)):
+        raise UserError(f"{p}: key 'grid.adaptive.coarse' must be an integer of at least 2 or 'auto', got {a.coarse!r}")
+    if not (a.tolerance >= 0 and math.isfinite(a.tolerance)) or (a.tolerance == 0 and a.budget is None):
+        raise UserError(f"{p}: key 'grid.adaptive.tolerance' must be a positive number (0 only with a budget: "
+                        f"spend all of it), got {a.tolerance}")
+    if a.levels < 3:
+        raise UserError(f"{p}: key 'grid.adaptive.levels' must be at least 3, got {a.levels}")
+    stride = a.stride(g)
+    if max(g.x.num, g.y.num if g.y is not None else 0) <= stride:
+        raise UserError(f"{p}: key 'grid.adaptive': a grid of {g.x.num} points is no larger than its "
+                        f"coarse lattice (every {stride}th point); compute it in full")
+    if a.budget is None:
+        return
+    from .cells.interpolation import lattice
+    n = g.x.num * (g.y.num if g.y is not None else 1)
+    lat = len(lattice(g.x.num, stride)) * (len(lattice(g.y.num, stride)) if g.y is not None else 1)
+    b = a.budget
+    if isinstance(b, float) and not 0 < b < 1:
+        raise UserError(f"{p}: key 'grid.adaptive.budget' as a fraction of the cells must lie strictly between 0 "
+                        f"and 1, got {b}")
+    cells = a.cells(g)
+    if cells < 1 or cells > n:
+        raise UserError(f"{p}: key 'grid.adaptive.budget' must be between 1 and the grid's {n:,} cells, got {b}")
+    if cells < lat:
+        raise UserError(f"{p}: key 'grid.adaptive.budget': {cells:,} cells do not cover the coarse lattice's "
+                        f"{lat:,} (every {stride}th point); raise the budget or grid.adaptive.coarse")
 
 
 def _check_directions(job: Job, p: str) -> None:

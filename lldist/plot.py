@@ -105,10 +105,17 @@ def main(argv=None) -> int:
                             not any(np.isfinite(v).any() for v in s.plane_values.values())):
             raise UserError(f"{path}: no cell is computed yet")
         ad = s.adaptive
-        if ad and (opts.levels != ad.get("levels") or opts.vmin is not None or opts.vmax is not None):
-            print(f"lldist: warning: {path} is an adaptive grid refined for {ad.get('levels')} round contour levels "
-                  "over its whole range (linear and geometric); drawn with other levels, a few cells may fall in "
-                  "the wrong band", file=sys.stderr, flush=True)
+        if ad:
+            from .store import SurfaceReader
+            with SurfaceReader(path) as sf:
+                worst, mean = sf.adaptive_error()
+            print(f"lldist: {path}: adaptive grid, {int(s.done.sum())} of {s.done.size} cells computed; estimated "
+                  f"interpolation error {worst:.3g} of the spacing of {ad.get('levels')} levels at most, {mean:.2g} "
+                  "on average", flush=True)
+        if ad and (opts.levels > ad.get("levels") or opts.vmin is not None or opts.vmax is not None):
+            print(f"lldist: warning: {path} is an adaptive grid read to a fraction of the spacing of "
+                  f"{ad.get('levels')} contour levels over its range (linear or geometric); drawn with denser "
+                  "levels, more cells may fall in the wrong band", file=sys.stderr, flush=True)
         written = figures.write_all(s, opts, outdir, stem)
         print(f"lldist: {path}: wrote {len(written)} figures to {outdir}", flush=True)
         from .analysis import export

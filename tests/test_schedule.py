@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from lldist.analysis.figures import PlotOptions, _levels
-from lldist.cells.schedule import Adaptive, Box, Sweep, lattice, reconstruct
+from lldist.cells.interpolation import auto_coarse, axis_levels, survey
+from lldist.cells.schedule import Adaptive, Sweep, lattice, reconstruct
 
 
 def drain(s, values, rng=None, batch=1):
@@ -70,100 +71,162 @@ def level_mismatch(full, approx, levels=30, **kind):
     return np.mean(np.digitize(full, lev) != np.digitize(approx, lev))
 
 
-@pytest.mark.parametrize("n", [101, 201])
-def test_adaptive_reproduces_the_contour_picture_from_few_cells(n):
+def make(z, chunk=32, planes=1, done=None, known=None, **kw):
+    """An Adaptive schedule for surface z (one plane, or `planes` stacked), defaults as a job's."""
+    shape = z.shape[1:] if planes > 1 else z.shape
+    kw.setdefault("coarse", auto_coarse(max(shape)))
+    kw.setdefault("tolerance", 0.02)
+    kw.setdefault("levels", 30)
+    done = np.zeros(z.size, bool) if done is None else done
+    known = np.full(z.size, np.nan) if known is None else known
+    return Adaptive(shape, planes, done, known, chunk, kw["coarse"], kw["tolerance"], kw["levels"],
+                    kw.get("budget"), kw.get("workers", 1))
+
+
+def mask(z, cells):
+    done = np.zeros(z.size, bool)
+    done[np.concatenate(cells) if isinstance(cells, list) and cells and np.ndim(cells[0]) else cells] = True
+    return done.reshape(z.shape)
+
+
+def mismatches(full, rec):
+    """Band mismatches at the figures' default levels, 30 linear, 30 geometric and 12 linear
+    over the full range."""
+    out = [level_mismatch(full, rec, **kind) for kind in ({}, {"linear": True}, {"log": True})]
+    even = np.linspace(full.min(), full.max(), 12)
+    return out + [np.mean(np.digitize(full, even) != np.digitize(rec, even))]
+
+
+@pytest.mark.parametrize("n,share", [(101, 0.20), (201, 0.08)])
+def test_adaptive_reproduces_the_contour_picture_from_few_cells(n, share):
     z = bowl(n)
-    s = Adaptive(z.shape, np.zeros(z.size, bool), np.full(z.size, np.nan), 32, coarse=4)
+    s = make(z)
     cells = np.concatenate(drain(s, z))
     assert len(cells) == len(set(cells.tolist()))  # each cell once
-    done = np.zeros(z.size, bool)
-    done[cells] = True
-    done = done.reshape(z.shape)
-    # the coarse lattice is always computed
-    assert done[np.ix_(lattice(n, 4), lattice(n, 4))].all()
-    rec = reconstruct(np.where(done, z, np.nan), done, 4)
+    done = mask(z, cells)
+    c = auto_coarse(n)
+    assert done[np.ix_(lattice(n, c), lattice(n, c))].all()  # the coarse lattice is always computed
+    rec = reconstruct(np.where(done, z, np.nan), done, c, 30)
     assert np.array_equal(rec[done], z[done])  # computed cells are the truth
     assert np.isfinite(rec).all()
-    assert done.mean() <= 0.40, done.mean()
-    # the picture holds for the figures' default levels, and for --linear and --log alike
-    for kind in ({}, {"linear": True}, {"log": True}):
-        assert level_mismatch(z, rec, **kind) <= 0.01, kind
+    assert done.mean() <= share, done.mean()
+    assert max(mismatches(z, rec)) <= 0.005  # at every level choice
+
+
+def test_the_estimated_error_bounds_the_true_error():
+    """What the schedule believes of the cells it leaves to interpolation holds: the true error,
+    in contour spacings, is within the estimate on a smooth bowl and on one with ripples a few
+    lattice cells wide. (Ripples narrower than the lattice are invisible to it: docs/ADAPTIVE.md.)"""
+    t = np.linspace(-1, 1, 101)
+    X, Y = np.meshgrid(t, t)
+    for z in (bowl(101), bowl(101) * (1 + 0.1 * np.sin(5 * X) * np.cos(4 * Y)), bowl(201)):
+        done = mask(z, drain(make(z), z))
+        sv = survey(np.where(done, z, np.nan), done, auto_coarse(z.shape[0]), 30)
+        true = sv.units.error(sv.units.to(z), sv.units.to(sv.surface))
+        assert true.max() <= sv.error, (true.max(), sv.error)
+        assert true[~done].mean() > 0  # the test could fail: some cells are read, not computed
 
 
 def test_adaptive_refines_more_where_the_surface_is_rough():
     z0, z1 = bowl(101), bowl(101, rough=0.2)
-    n0 = len(np.concatenate(drain(Adaptive(z0.shape, np.zeros(z0.size, bool), np.full(z0.size, np.nan), 16), z0)))
-    n1 = len(np.concatenate(drain(Adaptive(z1.shape, np.zeros(z1.size, bool), np.full(z1.size, np.nan), 16), z1)))
+    n0 = len(np.concatenate(drain(make(z0, 16), z0)))
+    n1 = len(np.concatenate(drain(make(z1, 16), z1)))
     assert n1 > n0
 
 
-def test_a_plane_needs_only_the_lattice_and_is_reconstructed_exactly():
-    """A plane through zero: only linear levels apply, and there interpolation is exact. (A
-    positive plane is refined: the grid is judged against geometric levels too, for plot --log,
-    and in log units a plane is curved.)"""
-    t = np.linspace(0, 1, 41)
-    z = -1.0 + np.add.outer(0.5 * t, 2.0 * t)  # bilinear in (y, x): interpolation is exact
-    s = Adaptive(z.shape, np.zeros(z.size, bool), np.full(z.size, np.nan), 8, coarse=8)
+def test_a_cubic_surface_needs_only_the_lattice_and_is_read_exactly():
+    """Cubic interpolation reproduces a cubic: the lattice's surpluses are zero, nothing is
+    refined, and every cell is read to round-off. (Through zero, so the grid is read in linear
+    units: a positive surface is read in its log, where a cubic is not one.)"""
+    t = np.linspace(-1, 1, 41)
+    X, Y = np.meshgrid(t, t)
+    z = X ** 3 - 0.5 * X * Y ** 2 + 0.3 * Y - 0.1
+    s = make(z, 8, coarse=8)
     cells = np.concatenate(drain(s, z))
     assert sorted(cells.tolist()) == sorted(s.coarse_cells.tolist())
-    positive = z + 2.0  # 1 to 3.5: geometric levels apply too; refined, and the picture still holds
-    s = Adaptive(z.shape, np.zeros(z.size, bool), np.full(z.size, np.nan), 8, coarse=8)
-    assert len(np.concatenate(drain(s, positive))) > len(s.coarse_cells)
-    done = np.zeros(z.size, bool)
-    done[cells] = True
-    np.testing.assert_allclose(reconstruct(np.where(done.reshape(z.shape), z, np.nan), done.reshape(z.shape), 8),
-                               z, rtol=1e-12, atol=1e-12)
+    done = mask(z, cells)
+    np.testing.assert_allclose(reconstruct(np.where(done, z, np.nan), done, 8, 30), z, rtol=0, atol=1e-12)
+    assert survey(np.where(done, z, np.nan), done, 8, 30).error < 1e-9
 
 
 def test_the_cells_do_not_depend_on_the_order_results_arrive_in():
     z = bowl(61, rough=0.1)
     sets = []
-    for seed, chunk, batch in ((None, 32, 1), (0, 5, 3), (1, 1, 7), (2, 64, 2)):
+    for seed, chunk, batch, budget in ((None, 32, 1, None), (0, 5, 3, None), (1, 1, 7, None), (2, 64, 2, None),
+                                       (None, 32, 1, 700), (3, 3, 5, 700)):
         rng = None if seed is None else np.random.default_rng(seed)
-        s = Adaptive(z.shape, np.zeros(z.size, bool), np.full(z.size, np.nan), chunk)
-        sets.append(sorted(np.concatenate(drain(s, z, rng, batch)).tolist()))
-    assert all(x == sets[0] for x in sets)
+        s = make(z, chunk, budget=budget, tolerance=0.005, workers=3, coarse=4)
+        sets.append((budget, sorted(np.concatenate(drain(s, z, rng, batch)).tolist())))
+    full = [c for b, c in sets if b is None]
+    cut = [c for b, c in sets if b is not None]
+    assert all(x == full[0] for x in full) and all(x == cut[0] for x in cut)
+    assert len(cut[0]) == 700 and len(full[0]) > 700  # the budget cut, at the same cells every time
 
 
-def test_resuming_from_any_point_gives_the_same_cells():
+@pytest.mark.parametrize("budget", [None, 500])
+def test_resuming_from_any_point_gives_the_same_cells(budget):
     z = bowl(61, rough=0.1)
-    s = Adaptive(z.shape, np.zeros(z.size, bool), np.full(z.size, np.nan), 8)
+    s = make(z, 8, budget=budget, tolerance=0.005, coarse=4)
     order = drain(s, z)
     full = sorted(np.concatenate(order).tolist())
     for k in (1, len(order) // 3, len(order) - 1):
         done = np.zeros(z.size, bool)
         done[np.concatenate(order[:k])] = True
         known = np.where(done, z.reshape(-1), np.nan)
-        r = Adaptive(z.shape, done, known, 8)
+        r = make(z, 8, done=done, known=known, budget=budget, tolerance=0.005, coarse=4)
         rest = np.concatenate(drain(r, z)) if not r.exhausted else np.empty(0, int)
         assert not done[rest].any()  # nothing computed twice
         assert sorted(np.flatnonzero(done).tolist() + rest.tolist()) == full
 
 
+def test_a_budget_is_spent_in_order_of_the_error_and_every_prefix_is_a_picture():
+    """A smaller budget computes a prefix of a larger one's cells; the estimated error and the
+    true one fall as the budget grows, and a run stopped anywhere reads back."""
+    z = bowl(101, rough=0.05)
+    order = np.concatenate(drain(make(z, 4, budget=z.size, tolerance=0.0), z)).tolist()
+    lat = len(make(z).coarse_cells)
+    prev_est, prev_true = np.inf, np.inf
+    for b in (lat, 900, 1400, 2000, 3000):
+        cells = np.concatenate(drain(make(z, 4, budget=b, tolerance=0.0), z)).tolist()
+        assert cells == order[:b]  # handed out in the same order: a prefix
+        done = mask(z, cells)
+        sv = survey(np.where(done, z, np.nan), done, 4, 30)
+        true = sv.units.error(sv.units.to(z), sv.units.to(sv.surface)).mean()
+        assert sv.error <= prev_est and true < prev_true, (b, sv.error, prev_est, true, prev_true)
+        prev_est, prev_true = sv.error, true
+    # stopped mid-tier: still a full picture
+    done = mask(z, order[:1234])
+    assert np.isfinite(reconstruct(np.where(done, z, np.nan), done, 4, 30)).all()
+
+
+def test_planes_are_refined_each_on_its_own_cells():
+    z = np.stack([bowl(61), bowl(61, rough=0.2)])
+    s = make(z, 16, planes=2)
+    got = np.concatenate(drain(s, z, np.random.default_rng(0), 2))
+    for p in range(2):
+        alone = np.concatenate(drain(make(z[p], 16), z[p]))
+        mine = got[(got >= p * z[0].size) & (got < (p + 1) * z[0].size)] - p * z[0].size
+        assert sorted(mine.tolist()) == sorted(alone.tolist())
+
+
 def test_non_finite_corners_are_refined_to_the_finest_cells():
     z = bowl(41)
     z[20:23, 20:23] = np.inf  # an overflow around one place
-    s = Adaptive(z.shape, np.zeros(z.size, bool), np.full(z.size, np.nan), 8)
-    done = np.zeros(z.size, bool)
-    done[np.concatenate(drain(s, z))] = True
-    done = done.reshape(z.shape)
+    done = mask(z, drain(make(z, 8), z))
     assert done[19:24, 19:24].all()  # the gap and its border are computed, not interpolated
 
 
 def test_one_dimensional_grids():
     t = np.linspace(-1, 1, 201)
     z = 0.1 + t ** 2 + 0.05 * np.sin(9 * t)
-    s = Adaptive(z.shape, np.zeros(z.size, bool), np.full(z.size, np.nan), 4)
-    done = np.zeros(z.size, bool)
-    done[np.concatenate(drain(s, z))] = True
-    rec = reconstruct(np.where(done, z, np.nan), done, 4)
-    assert done.mean() < 0.6 and level_mismatch(z, rec) <= 0.01
+    done = mask(z, drain(make(z, 4), z))
+    rec = reconstruct(np.where(done, z, np.nan), done, auto_coarse(201), 30)
+    assert done.mean() < 0.3 and max(mismatches(z, rec)) <= 0.01
+    b = np.concatenate(drain(make(z, 4, budget=40, tolerance=0.0), z))
+    assert len(b) == 40
 
 
-def test_box_refinement_covers_the_box():
-    b = Box(0, 4, 0, 3)
-    kids = b.children()
-    assert len(kids) == 4 and {(k.x0, k.x1, k.y0, k.y1) for k in kids} == \
-        {(0, 2, 0, 1), (2, 4, 0, 1), (0, 2, 1, 3), (2, 4, 1, 3)}
-    assert b.new_points() == [(2, 0), (0, 1), (2, 1), (4, 1), (2, 3)]
-    assert Box(0, 1, 0, 5).children()[0].x1 == 1 and len(Box(0, 1, 0, 5).children()) == 2
+def test_axis_levels_add_midpoints_until_every_point():
+    lv = axis_levels(11, 4)
+    assert [x.tolist() for x in lv] == [[0, 4, 8, 10], [0, 2, 4, 6, 8, 9, 10], list(range(11))]
+    assert auto_coarse(101) == 4 and auto_coarse(201) == 8 and auto_coarse(501) == 16 and auto_coarse(41) == 2

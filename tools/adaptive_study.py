@@ -1,6 +1,6 @@
 """Adaptive grids against full grids: cells computed, contour-level mismatch, loss error.
 
-    python tools/adaptive_study.py full.h5 [more_full.h5 ...] [--coarse 4 --tolerance 0.05]
+    python tools/adaptive_study.py full.h5 [more_full.h5 ...] [--coarse auto --tolerance 0.02]
         replays the adaptive schedule on finished full grids (the schedule decides from the
         values of the cells it asked for, so a replay on a full file is exactly what a run
         would compute) and prints the table.
@@ -8,10 +8,13 @@
         compares a real adaptive run with its full grid, and draws both.
     python tools/adaptive_study.py --replay-picture full.h5 --png out.png
         draws the replayed schedule on a full grid (bash tools/adaptive_docs.sh runs it all).
+    python tools/adaptive_study.py --budget-curve full.h5 [...] --png out.png
+        the error (estimated and true) against the cells computed, for every prefix of a budget.
 
 Level mismatch: the fraction of cells whose contour-level index differs between the
 reconstructed and the full surface, for the figures' round levels from the full grid's range:
-the default choice, linear (plot --linear) and geometric (plot --log).
+the default choice, linear (plot --linear) and geometric (plot --log), 30 of each, and 12 evenly
+spaced linear levels over the full range. The basin: cells whose loss is at most twice the least.
 """
 
 import argparse
@@ -22,32 +25,53 @@ import numpy as np
 
 from lldist.analysis.figures import PlotOptions, _levels
 from lldist.cells.levels import labelled
-from lldist.cells.schedule import Adaptive, reconstruct
+from lldist.cells.interpolation import auto_coarse
+from lldist.cells.schedule import Adaptive, estimated_errors
 from lldist.store import SurfaceReader
 
 
-def replay(loss: np.ndarray, coarse: int, tolerance: float, levels: int = 30, chunk: int = 32) -> np.ndarray:
-    """The done mask an adaptive run computes on this surface."""
+def replay(loss: np.ndarray, tolerance: float, levels: int = 30, coarse=None, budget=None, chunk: int = 32,
+           order: list = None) -> np.ndarray:
+    """The done mask an adaptive run computes on this surface (`order`: a list the cells are
+    appended to in the order they are handed out)."""
     shape = loss.shape
     flat = loss.reshape(-1)
-    s = Adaptive(shape, np.zeros(flat.size, bool), np.full(flat.size, np.nan), chunk, coarse, tolerance, levels)
+    s = Adaptive(shape, 1, np.zeros(flat.size, bool), np.full(flat.size, np.nan), chunk,
+                 coarse or auto_coarse(max(shape)), tolerance, levels, budget)
     done = np.zeros(flat.size, bool)
     while not s.exhausted:
         cells = s.take()
         if cells is None:
             raise RuntimeError("the schedule waits with nothing out")
         done[cells] = True
+        if order is not None:
+            order.extend(cells.tolist())
         s.returned(cells, flat[cells])
     return done.reshape(shape)
 
 
+def read_back(full: np.ndarray, done: np.ndarray, coarse=None, levels: int = 30):
+    """The Survey of the cells `done` (what lldist.plot draws and lldist.info reports)."""
+    return estimated_errors(np.where(done, full, np.nan), done, coarse or auto_coarse(max(full.shape)), levels)[0]
+
+
 def compare(full: np.ndarray, approx: np.ndarray, levels: int = 30, **kind) -> dict:
-    lev = _levels(full, PlotOptions(levels=levels, **kind), "loss")
+    """Cells in another band than the full grid's, at the figures' round levels (`kind`: linear
+    or log), or at `even` linear levels over the full range; the largest loss errors."""
     ok = np.isfinite(full)
+    if kind.get("even"):
+        lev = np.linspace(np.nanmin(full), np.nanmax(full), kind["even"])
+    else:
+        lev = _levels(full, PlotOptions(levels=levels, **kind), "loss")
     a, b = np.digitize(full[ok], lev), np.digitize(np.nan_to_num(approx[ok], nan=np.inf), lev)
     err = np.abs(approx[ok] - full[ok])
+    basin = full[ok] <= 2 * np.nanmin(full)
     return {"mismatch": float(np.mean(a != b)), "max_err": float(np.nanmax(err)),
-            "max_rel_err": float(np.nanmax(err / np.abs(full[ok])))}
+            "max_rel_err": float(np.nanmax(err / np.abs(full[ok]))), "basin_err": float(np.nanmax(err[basin])),
+            "basin_rel_err": float(np.nanmax(err[basin] / np.abs(full[ok][basin])))}
+
+
+KINDS = ({}, {"linear": True}, {"log": True}, {"even": 12})  # default, 30 linear, 30 geometric, 12 linear
 
 
 def read(path):
@@ -65,12 +89,54 @@ def picture(full_path: str, adaptive_path: str, png: str, levels: int = 30) -> d
     return draw(name, f, a.values[(split, "loss")], a.done, png, levels, a.adaptive["tolerance"])
 
 
-def replay_picture(full_path: str, png: str, coarse: int, tolerance: float, levels: int = 30) -> dict:
+def replay_picture(full_path: str, png: str, tolerance: float, levels: int = 30, coarse=None) -> dict:
     """The same from a full grid alone: the schedule replayed on it (what a run computes)."""
     name, f = read(full_path)
     full = f.values[(f.splits[0], "loss")]
-    done = replay(full, coarse, tolerance, levels)
-    return draw(name, f, reconstruct(np.where(done, full, np.nan), done, coarse), done, png, levels, tolerance)
+    done = replay(full, tolerance, levels, coarse)
+    return draw(name, f, read_back(full, done, coarse, levels).surface, done, png, levels, tolerance)
+
+
+def budget_curve(paths: list, png: str, tolerance: float, levels: int = 30, points: int = 24) -> list:
+    """The error of the picture against the cells computed, for a run with a budget killed after
+    each prefix: estimated error (what lldist.info reports) and true error (the full grid as
+    truth), one curve a model. Returns the rows."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(1, 2, figsize=(11, 4), constrained_layout=True)
+    rows = []
+    for path in paths:
+        name, f = read(path)
+        full = f.values[(f.splits[0], "loss")]
+        order = []
+        replay(full, 0.0, levels, budget=full.size, order=order)  # tolerance 0: the budget's whole order
+        n0 = len(Adaptive(full.shape, 1, np.zeros(full.size, bool), np.full(full.size, np.nan), 32,
+                          auto_coarse(max(full.shape)), 0.0, levels, full.size).coarse_cells)
+        ks = np.unique(np.geomspace(n0, len(order), points).astype(int))
+        est, mis, mean = [], [], []
+        for k in ks:
+            done = np.zeros(full.size, bool)
+            done[order[:k]] = True
+            sv = read_back(full, done.reshape(full.shape), None, levels)
+            est.append(sv.error)
+            mean.append(sv.mean_error)
+            mis.append(max(compare(full, sv.surface, levels, **kind)["mismatch"] for kind in KINDS))
+            rows.append((name, int(k), k / full.size, sv.error, sv.mean_error, mis[-1]))
+        ax[0].loglog(ks / full.size, est, "-", label=f"{name}: largest, estimated")
+        ax[0].loglog(ks / full.size, mean, "--", label=f"{name}: mean, estimated")
+        ax[1].semilogx(ks / full.size, 100 * np.array(mis), "-o", ms=3, label=name)
+    ax[0].set_xlabel("share of cells computed")
+    ax[0].set_ylabel("interpolation error, contour spacings")
+    ax[0].legend(fontsize=8)
+    ax[1].axhline(0.5, color="0.5", lw=0.8, ls=":")
+    ax[1].set_xlabel("share of cells computed")
+    ax[1].set_ylabel("cells in another band than the full grid's, % (worst of 4 level sets)")
+    ax[1].legend(fontsize=8)
+    fig.suptitle(f"a budget's every prefix: {levels} levels, cells in the order a run computes them", fontsize=11)
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+    return rows
 
 
 def draw(name: str, f: dict, rec: np.ndarray, done: np.ndarray, png: str, levels: int, tolerance: float) -> dict:
@@ -110,34 +176,42 @@ def draw(name: str, f: dict, rec: np.ndarray, done: np.ndarray, png: str, levels
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("files", nargs="*")
-    ap.add_argument("--coarse", type=int, default=4)
-    ap.add_argument("--tolerance", type=float, default=0.05)
+    ap.add_argument("--coarse", type=int, default=None, help="the lattice's stride (default: auto)")
+    ap.add_argument("--tolerance", type=float, default=0.02)
     ap.add_argument("--levels", type=int, default=30)
     ap.add_argument("--compare", nargs=2, metavar=("FULL", "ADAPTIVE"))
     ap.add_argument("--png")
     ap.add_argument("--replay-picture", metavar="FULL", help="draw the replayed schedule on a full grid into --png")
+    ap.add_argument("--budget-curve", action="store_true", help="the error against cells computed, into --png")
     a = ap.parse_args(argv)
     if a.replay_picture:
-        c = replay_picture(a.replay_picture, a.png or "adaptive.png", a.coarse, a.tolerance, a.levels)
+        c = replay_picture(a.replay_picture, a.png or "adaptive.png", a.tolerance, a.levels, a.coarse)
         print(f"level mismatch {c['mismatch']:.2%}, max loss error {c['max_err']:.3g} ({c['max_rel_err']:.1%})")
         return 0
     if a.compare:
         c = picture(a.compare[0], a.compare[1], a.png or "adaptive.png", a.levels)
         print(f"level mismatch {c['mismatch']:.2%}, max loss error {c['max_err']:.3g} ({c['max_rel_err']:.1%})")
         return 0
-    print("| model | grid | loss span | cells computed | mismatch, default levels | linear | geometric | "
-          "max loss error (rel.) |")
-    print("|---|---|---|---|---|---|---|---|")
+    if a.budget_curve:
+        print("| model | cells | share | estimated error, largest | mean | worst mismatch |")
+        print("|---|---|---|---|---|---|")
+        for r in budget_curve(a.files, a.png or "budget.png", a.tolerance, a.levels):
+            print(f"| {r[0]} | {r[1]} | {r[2]:.1%} | {r[3]:.3g} | {r[4]:.2g} | {r[5]:.2%} |")
+        return 0
+    print("| model | grid | loss span | cells computed | mismatch, default levels | 30 linear | 30 geometric | "
+          "12 linear, full range | estimated error (largest, mean) | max loss error (rel.) | in the basin (rel.) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for path in a.files:
         name, s = read(path)
         full = s.values[(s.splits[0], "loss")]
-        done = replay(full, a.coarse, a.tolerance, a.levels)
-        rec = reconstruct(np.where(done, full, np.nan), done, a.coarse)
-        c = [compare(full, rec, a.levels, **kind) for kind in ({}, {"linear": True}, {"log": True})]
+        done = replay(full, a.tolerance, a.levels, a.coarse)
+        sv = read_back(full, done, a.coarse, a.levels)
+        c = [compare(full, sv.surface, a.levels, **kind) for kind in KINDS]
         span = np.nanmax(full) / np.nanmin(full)
         print(f"| {name} | {' x '.join(map(str, full.shape))} | x{span:,.0f} | {done.mean():.1%} | "
-              f"{c[0]['mismatch']:.2%} | {c[1]['mismatch']:.2%} | {c[2]['mismatch']:.2%} | "
-              f"{c[0]['max_err']:.3g} ({c[0]['max_rel_err']:.1%}) |")
+              f"{c[0]['mismatch']:.2%} | {c[1]['mismatch']:.2%} | {c[2]['mismatch']:.2%} | {c[3]['mismatch']:.2%} | "
+              f"{sv.error:.3f}, {sv.mean_error:.4f} | {c[0]['max_err']:.3g} ({c[0]['max_rel_err']:.1%}) | "
+              f"{c[0]['basin_err']:.2g} ({c[0]['basin_rel_err']:.2%}) |")
     return 0
 
 

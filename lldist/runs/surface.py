@@ -179,7 +179,8 @@ class SurfaceRun:
                 "num_parameters": sum(p.numel() for p in loaded.model.parameters()),
                 "eval_samples": {k: len(v) for k, v in loaded.splits.items()}}
         if job.grid.adaptive is not None:  # how to read the file back (store.SurfaceReader.adaptive)
-            meta["grid_adaptive"] = dataclasses.asdict(job.grid.adaptive)
+            ad = job.grid.adaptive  # stored resolved: the reader needs the stride and the budget in cells
+            meta["grid_adaptive"] = {**dataclasses.asdict(ad), "coarse": ad.stride(job.grid), "budget": ad.cells(job.grid)}
         quantities = {q: task.long_name(q, "{split}") for q in task.names}
         kept = {}
 
@@ -282,7 +283,8 @@ class SurfaceRun:
             return Sweep(done, chunk)
         # the deciding quantity: the first split's loss (NaN where not computed)
         known = np.where(done, self.writer.array(job.splits[0], "loss"), np.nan)
-        return Adaptive(self.grid.shape, done, known, chunk, ad.coarse, ad.tolerance, ad.levels)
+        return Adaptive(self.grid.plane_shape, self.grid.planes, done, known, chunk, ad.stride(job.grid),
+                        ad.tolerance, ad.levels, ad.cells(job.grid), workers=max(1, self.ctx.size // self.group_size))
 
     def start(self, hosts: dict) -> Progress:
         job, grid, ev = self.job, self.grid, self.evaluator
@@ -351,7 +353,10 @@ class SurfaceRun:
                 "(receive, take, answer)")
         if adaptive:
             n = int(np.count_nonzero(sf.taken()))
-            log(f"adaptive: {n}/{grid.ncells} cells computed ({100 * n / grid.ncells:.1f}%), the rest interpolated")
+            err = max(self.schedule.errors)
+            log(f"adaptive: {n}/{grid.ncells} cells computed ({100 * n / grid.ncells:.1f}%), the rest interpolated; "
+                f"estimated error {err:.3g} of a contour spacing ({self.job.grid.adaptive.levels} levels), "
+                f"after {max(self.schedule.tiers)} tiers")
         sf.finish(complete=True if adaptive else None)
         n = self.computed
         log(f"done: {n} cells in {dt:.3f}s ({n / dt if dt > 0 else 0:.2f} cells/s) -> {self.job.output}")

@@ -220,6 +220,20 @@ class SurfaceReader:
         return json.loads(text) if text else None
 
     @_checked
+    def adaptive_error(self) -> Optional[tuple]:
+        """An adaptive grid's estimated interpolation error, in contour spacings of its levels:
+        (largest, mean over the cells) over its planes, from the first split's loss; None for a
+        full grid."""
+        ad = self.adaptive
+        if not ad:
+            return None
+        from ..cells.schedule import estimated_errors
+        done = self.f["done"][()]
+        loss = self._values(self.f, done)[(self.splits[0], self.quantities[0])]
+        sv = estimated_errors(loss, done, int(ad["coarse"]), int(ad.get("levels", 30)), self.planes)
+        return max(s.error for s in sv), max(s.mean_error for s in sv)
+
+    @_checked
     def read_all(self, reconstruct: bool = True) -> "Surface":
         """Everything a plot or the metrics need, as a Surface: each split's quantities with
         cells not done as NaN. On an adaptive grid the cells not computed are interpolated
@@ -230,7 +244,9 @@ class SurfaceReader:
         values = self._values(f, done)
         if self.adaptive and reconstruct:
             from ..cells.schedule import reconstruct as fill
-            values = {k: fill(a, done, int(self.adaptive["coarse"])) for k, a in values.items()}
+            ad = self.adaptive
+            values = {k: fill(a, done, int(ad["coarse"]), int(ad.get("levels", 30)), self.planes)
+                      for k, a in values.items()}
         interpolated = None
         if self.adaptive and reconstruct:
             interpolated = ~done & np.isfinite(values[(self.splits[0], self.quantities[0])])
