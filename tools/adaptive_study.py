@@ -25,53 +25,14 @@ import numpy as np
 
 from lldist.analysis.figures import PlotOptions, _levels
 from lldist.cells.levels import labelled
+from lldist.bench.adaptive import KINDS as BENCH_KINDS
+from lldist.bench.adaptive import compare, read_back, replay
 from lldist.cells.interpolation import auto_coarse
-from lldist.cells.schedule import Adaptive, estimated_errors
+from lldist.cells.schedule import Adaptive
 from lldist.store import SurfaceReader
 
 
-def replay(loss: np.ndarray, tolerance: float, levels: int = 30, coarse=None, budget=None, chunk: int = 32,
-           order: list = None) -> np.ndarray:
-    """The done mask an adaptive run computes on this surface (`order`: a list the cells are
-    appended to in the order they are handed out)."""
-    shape = loss.shape
-    flat = loss.reshape(-1)
-    s = Adaptive(shape, 1, np.zeros(flat.size, bool), np.full(flat.size, np.nan), chunk,
-                 coarse or auto_coarse(max(shape)), tolerance, levels, budget)
-    done = np.zeros(flat.size, bool)
-    while not s.exhausted:
-        cells = s.take()
-        if cells is None:
-            raise RuntimeError("the schedule waits with nothing out")
-        done[cells] = True
-        if order is not None:
-            order.extend(cells.tolist())
-        s.returned(cells, flat[cells])
-    return done.reshape(shape)
-
-
-def read_back(full: np.ndarray, done: np.ndarray, coarse=None, levels: int = 30):
-    """The Survey of the cells `done` (what lldist.plot draws and lldist.info reports)."""
-    return estimated_errors(np.where(done, full, np.nan), done, coarse or auto_coarse(max(full.shape)), levels)[0]
-
-
-def compare(full: np.ndarray, approx: np.ndarray, levels: int = 30, **kind) -> dict:
-    """Cells in another band than the full grid's, at the figures' round levels (`kind`: linear
-    or log), or at `even` linear levels over the full range; the largest loss errors."""
-    ok = np.isfinite(full)
-    if kind.get("even"):
-        lev = np.linspace(np.nanmin(full), np.nanmax(full), kind["even"])
-    else:
-        lev = _levels(full, PlotOptions(levels=levels, **kind), "loss")
-    a, b = np.digitize(full[ok], lev), np.digitize(np.nan_to_num(approx[ok], nan=np.inf), lev)
-    err = np.abs(approx[ok] - full[ok])
-    basin = full[ok] <= 2 * np.nanmin(full)
-    return {"mismatch": float(np.mean(a != b)), "max_err": float(np.nanmax(err)),
-            "max_rel_err": float(np.nanmax(err / np.abs(full[ok]))), "basin_err": float(np.nanmax(err[basin])),
-            "basin_rel_err": float(np.nanmax(err[basin] / np.abs(full[ok][basin])))}
-
-
-KINDS = ({}, {"linear": True}, {"log": True}, {"even": 12})  # default, 30 linear, 30 geometric, 12 linear
+KINDS = [kind for _, kind in BENCH_KINDS]  # default, 30 linear, 30 geometric, 12 linear over the range
 
 
 def read(path):
@@ -131,7 +92,7 @@ def budget_curve(paths: list, png: str, tolerance: float, levels: int = 30, poin
     ax[0].legend(fontsize=8)
     ax[1].axhline(0.5, color="0.5", lw=0.8, ls=":")
     ax[1].set_xlabel("share of cells computed")
-    ax[1].set_ylabel("cells in another band than the full grid's, % (worst of 4 level sets)")
+    ax[1].set_ylabel("cells in another band, %\n(worst of 4 level sets, full grid as truth)")
     ax[1].legend(fontsize=8)
     fig.suptitle(f"a budget's every prefix: {levels} levels, cells in the order a run computes them", fontsize=11)
     fig.savefig(png, dpi=110)

@@ -7,6 +7,7 @@
     python -m lldist.bench threads [--load 2]         # threads.py: a real run's threads, idle and beside a load
     python -m lldist.bench groups [--sizes 1 2 4]     # groups.py: rank groups' cells/s and memory per rank
     python -m lldist.bench sharded [--sizes 1 2 4]    # sharded.py: a sharded Hessian's memory per rank, basis spilled or not
+    python -m lldist.bench adaptive --full F.h5 ...   # adaptive.py: adaptive grids' cells and picture against full grids, wall time
     PYTHONPATH=. python -m lldist.bench gpu [--out DIR] [--budget 400]        # gpu.py: on a CUDA machine
 
 Every mode prints a Markdown table; `--json PATH` and `--markdown PATH` also write the rows
@@ -30,6 +31,7 @@ MODES = {"throughput": "lldist vs the pure forward-pass ceiling and a naive per-
          "threads": "a real run with the default threads, one thread, passive waits: idle and beside a load",
          "groups": "rank groups (data, shard) at sizes 1, 2, 4: cells/s and memory per rank, a small model and GPT-2",
          "sharded": "the Hessian of GPT-2 small in shard groups of 1, 2, 4: memory per rank, the basis in memory or on disk",
+         "adaptive": "adaptive grids replayed on full grids (cells, band mismatch), and timed against a full run",
          "gpu": "everything the GPU issue measures, with the gpu-marked tests (needs CUDA)"}
 
 
