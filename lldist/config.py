@@ -171,20 +171,36 @@ class AutoAxis(Axis):
     num: int = AUTO_NUM
 
 
+def auto_coarse(n: int) -> int:
+    """grid.adaptive.coarse: auto on an axis of n points: the largest power of 2 that leaves at
+    least 16 intervals on the lattice (4 at 101 points, 8 at 201, 16 at 501). The lattice then
+    has 17-32 points an axis whatever the resolution: a landscape's features have a size in
+    alpha and beta, not in cells."""
+    s = 2
+    while (n - 1) / (2 * s) >= 16:
+        s *= 2
+    return s
+
+
 @dataclass(frozen=True)
 class AdaptiveConfig:
     """Compute a coarse lattice, then only the cells the contour picture needs (lldist/cells/schedule.py)."""
     coarse: Union[int, str] = "auto"  # the lattice: every coarse-th cell along each axis, and the last;
-    #                                   auto: 17-32 points an axis (interpolation.auto_coarse)
+    #                                   auto: 17-32 points an axis (auto_coarse)
     tolerance: float = 0.02  # estimated interpolation error allowed, in spacings of `levels` levels
     levels: int = 30  # the densest levels (linear or geometric) the picture must hold at
     budget: Optional[Union[int, float]] = None  # at most this many cells a plane (or this fraction of them)
 
     def stride(self, grid: "GridConfig") -> int:
         """The lattice's stride on `grid`: `coarse`, or auto's choice for its longer axis."""
-        from .cells.interpolation import auto_coarse
         n = max(grid.x.num, grid.y.num if grid.y is not None else 0)
         return auto_coarse(n) if self.coarse == "auto" else int(self.coarse)
+
+    def lattice_cells(self, grid: "GridConfig") -> int:
+        """The lattice's cells on a plane (cells/interpolation.lattice: every stride-th and the last)."""
+        s = self.stride(grid)
+        count = lambda n: len(range(0, n, s)) + ((n - 1) % s != 0)  # noqa: E731
+        return count(grid.x.num) * (count(grid.y.num) if grid.y is not None else 1)
 
     def cells(self, grid: "GridConfig") -> Optional[int]:
         """The budget in cells of a plane, or None."""
@@ -737,9 +753,8 @@ def _check_adaptive(g: GridConfig, p: str) -> None:
                         f"coarse lattice (every {stride}th point); compute it in full")
     if a.budget is None:
         return
-    from .cells.interpolation import lattice
     n = g.x.num * (g.y.num if g.y is not None else 1)
-    lat = len(lattice(g.x.num, stride)) * (len(lattice(g.y.num, stride)) if g.y is not None else 1)
+    lat = a.lattice_cells(g)
     b = a.budget
     if isinstance(b, float) and not 0 < b < 1:
         raise UserError(f"{p}: key 'grid.adaptive.budget' as a fraction of the cells must lie strictly between 0 "

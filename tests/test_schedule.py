@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from lldist.analysis.figures import PlotOptions, _levels
-from lldist.cells.interpolation import auto_coarse, axis_levels, survey
+from lldist.cells.interpolation import axis_levels, survey
+from lldist.config import auto_coarse
 from lldist.cells.schedule import Adaptive, Sweep, lattice, reconstruct
 
 

@@ -27,7 +27,7 @@ from lldist.analysis.figures import PlotOptions, _levels
 from lldist.cells.levels import labelled
 from lldist.bench.adaptive import KINDS as BENCH_KINDS
 from lldist.bench.adaptive import compare, read_back, replay
-from lldist.cells.interpolation import auto_coarse
+from lldist.config import auto_coarse
 from lldist.cells.schedule import Adaptive
 from lldist.store import SurfaceReader
 

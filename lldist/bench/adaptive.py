@@ -47,7 +47,7 @@ def replay(loss: np.ndarray, tolerance: float, levels: int = 30, coarse=None, bu
            order: list = None) -> np.ndarray:
     """The done mask an adaptive run computes on this surface (`order`: a list the cells are
     appended to in the order they are handed out)."""
-    from ..cells.interpolation import auto_coarse
+    from ..config import auto_coarse
     from ..cells.schedule import Adaptive
     flat = loss.reshape(-1)
     s = Adaptive(loss.shape, 1, np.zeros(flat.size, bool), np.full(flat.size, np.nan), chunk,
@@ -66,7 +66,7 @@ def replay(loss: np.ndarray, tolerance: float, levels: int = 30, coarse=None, bu
 
 def read_back(full: np.ndarray, done: np.ndarray, coarse=None, levels: int = 30):
     """The Survey of the cells `done`: what lldist.plot draws and lldist.info reports."""
-    from ..cells.interpolation import auto_coarse
+    from ..config import auto_coarse
     from ..cells.schedule import estimated_errors
     return estimated_errors(np.where(done, full, np.nan), done, coarse or auto_coarse(max(full.shape)), levels)[0]
 
@@ -117,9 +117,9 @@ def timing(args, tolerance) -> list:
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=tmp,
                            env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
             seconds, _ = run_time(out)
-            import h5py
-            with h5py.File(out, "r") as f:
-                cells = int(f["done"][()].sum())
+            from ..store import SurfaceReader
+            with SurfaceReader(out) as sf:
+                cells = int(sf.done().sum())
             rows.append({"run": label, "cells": cells, "seconds": seconds, "cells_per_s": cells / seconds})
     rows[1]["vs_full"] = rows[1]["cells_per_s"] / rows[0]["cells_per_s"]
     rows[1]["wall_vs_full"] = rows[1]["seconds"] / rows[0]["seconds"]

@@ -8,15 +8,15 @@ interpolation through the four nearest points, along x and then along y, and rep
 computed values wherever there are any. A smooth surface is read with an error of order h^4 in
 the spacing h, against h^2 for bilinear interpolation: most of the savings of an adaptive grid.
 
-The difference between a computed value and its prediction (the surplus) is the error the
-reading made there at that scale. It is measured in contour spacings, in both scales a picture
-may be drawn on: `levels` linear levels over the lattice's range, and, for a positive quantity,
-`levels` geometric ones. A picture drawn with levels at least that far apart is right to within
-that fraction of a level, wherever its levels lie. The error inside a box of level k that is
-not refined further is estimated as RHO times the largest surplus among its corners that came
-in at level k (the lattice's own corners: from reading the lattice off every other lattice
-point). Interpolation is in the log of a positive quantity: a loss basin is far closer to
-quadratic there.
+Errors are measured in contour spacings, in both scales a picture may be drawn on: `levels`
+round linear levels over the lattice's range and, for a positive quantity, `levels` round
+geometric ones. A picture drawn with levels at least that far apart is right to within that
+fraction of a level, wherever its levels lie. The error inside a box not refined further is
+estimated from how far the cubic stencils shifted by one node disagree at its midpoints (KAPPA
+times that), and at least RHO times the surplus (a computed value's difference from its
+prediction: the error the reading made there at the coarser scale) of its corners that came in
+at its level (the lattice's own: read off every other lattice point). Interpolation is in the
+log of a positive quantity: a loss basin is far closer to quadratic there.
 """
 
 from __future__ import annotations
@@ -29,9 +29,8 @@ import numpy as np
 from .levels import round_levels
 
 # The error at half the spacing, as a fraction of the error at the spacing: cubic interpolation
-# of a smooth surface gives 1/16; 1/4 is the margin for surfaces that are not yet smooth at the
-# scale of the cells (ReLU kinks averaged over a few batches, the wall of a basin). Measured on
-# docs/ADAPTIVE.md's models: at 1/8 the estimates fall below the true errors on the roughest.
+# of a smooth surface gives 1/16; 1/4 is the margin for surfaces not yet smooth at the scale of
+# the cells. It is the second estimate, a floor under the stencils' disagreement (KAPPA).
 RHO = 0.25
 # The error of the centred cubic stencil at a midpoint, as a fraction of its disagreement with a
 # stencil shifted by one node: 3/8 for a smooth surface (the two error terms are 3/128 and
@@ -45,17 +44,6 @@ def lattice(n: int, stride: int) -> list:
     if idx[-1] != n - 1:
         idx.append(n - 1)
     return idx
-
-
-def auto_coarse(n: int) -> int:
-    """The lattice stride for an axis of n points: the largest power of 2 that leaves at least
-    16 intervals on the lattice (4 at 101 points, 8 at 201, 16 at 501). The lattice then has
-    17-32 points an axis whatever the resolution: the landscape's features have a size in alpha
-    and beta, not in cells."""
-    s = 2
-    while (n - 1) / (2 * s) >= 16:
-        s *= 2
-    return s
 
 
 def axis_levels(n: int, coarse: int) -> list:

@@ -1,16 +1,14 @@
-"""The contour levels a surface is drawn at: one rule for the figures, the adaptive grid that
-judges its error in level spacings, and the reconstruction of an adaptive grid. Numpy only.
+"""The contour levels a surface is drawn at: one rule for the figures and for the adaptive grid,
+which measures its error in these levels' spacings (cells/interpolation.py). Numpy only.
 
     geometric_span(0.01, 3.2)              # True: spanning more than GEOMETRIC_SPAN: geometric levels by default
     round_levels(0.07, 5.8, 30, True)      # about 30 levels at round values: 0.07, 0.08, 0.09, 0.1, 0.125, ...
     labelled(levels, geometric)            # those worth a label or a tick: 0.1, 0.2, 0.5, 1, 2, 5
-    level_scales(lo, hi, 30)               # the level sets an adaptive grid is judged against
 """
 
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import numpy as np
 
@@ -87,23 +85,3 @@ def labelled(levels: np.ndarray, geometric: bool, most: int = 8) -> np.ndarray:
         if 2 <= len(picked) <= most:
             return np.array(picked)
     return levels[:: math.ceil(len(levels) / most)]
-
-
-class Scale(NamedTuple):
-    """A set of contour levels in its own units: `transform` maps values there (the log for
-    geometric levels), `levels` are the transformed levels, `spacing` the smallest gap."""
-    transform: object
-    levels: np.ndarray
-    spacing: float
-
-
-def level_scales(lo: float, hi: float, n: int) -> list:
-    """The level sets a picture of values in [lo, hi] may be drawn with: the linear round levels
-    and, when lo > 0, the geometric ones (whichever the plot's default, --linear or --log picks)."""
-    out = []
-    lin = round_levels(lo, hi, n, False)
-    out.append(Scale(lambda v: v, lin, float(np.min(np.diff(lin))) if len(lin) > 1 else max(hi - lo, 1e-12)))
-    if lo > 0:
-        geo = np.log(round_levels(lo, hi, n, True))
-        out.append(Scale(np.log, geo, float(np.min(np.diff(geo))) if len(geo) > 1 else 1.0))
-    return out
