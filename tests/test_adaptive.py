@@ -163,11 +163,14 @@ def test_adaptive_curvature_maps_are_taken_on_the_cells_the_loss_refines(workdir
     ({"tolerance": 0}, "0 only with a budget"),
     ({"coarse": 1}, "at least 2 or 'auto'"),
 ])
-def test_bad_adaptive_settings_are_refused_in_one_line(workdir, bad, says):
+def test_bad_adaptive_settings_are_refused_in_one_line(workdir, capsys, bad, says):
+    from lldist import surface
+    from lldist.errors import run_cli
     job = write_job(workdir / "job.yaml", grid={"x": [-1.0, 1.0, 33], "y": [-1.0, 1.0, 33]})
-    p = run(["lldist.surface", job, "--set", f"grid.adaptive={ {**ADAPTIVE, **bad} }"], workdir, check=False)
-    assert p.returncode == 2 and says in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
-    assert not Path(workdir / "out.h5").exists() and not list(Path(workdir).glob("*.h5"))
+    code = run_cli(surface.main, [job, "--set", f"grid.adaptive={ {**ADAPTIVE, **bad} }"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and says in err[0], err
+    assert not list(Path(workdir).glob("*.h5")) and not Path(workdir / "model.pt").exists()
 
 
 def test_a_one_dimensional_adaptive_grid_with_a_budget(workdir):
