@@ -254,3 +254,24 @@ def test_training_writes_safetensors_that_a_shard_group_reads_by_rows(workdir):
     by_rows_equals_one_process(workdir, job, 2)
     run(["lldist.surface", job, "--out", "pca.h5", "--set", "directions.kind=pca", "--set", "directions.store=auto"],
         workdir)
+
+
+def test_theta_read_again_is_refused_once_the_checkpoint_changes(workdir):
+    """A shard rank reads θ*'s rows again at every cell (inputs/rows.Rows.rereader): the same
+    bytes as its first read, and a checkpoint rewritten mid-run is refused in words rather than
+    read as another θ*."""
+    import torch
+    from safetensors.torch import save_file
+
+    from lldist.errors import UserError
+    from lldist.inputs.rows import Checkpoint, Rows
+    w = torch.randn(10, 3)
+    save_file({"w": w}, "m.safetensors")
+    fill = Rows(Checkpoint.open("m.safetensors"), {"w": "w"}).rereader("w", slice(4, 7))
+    out = torch.empty(3, 3)
+    fill(out)
+    assert torch.equal(out, w[4:7])
+    st = os.stat("m.safetensors")
+    os.utime("m.safetensors", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    with pytest.raises(UserError, match="changed while the run read"):
+        fill(out)

@@ -61,6 +61,8 @@ class _Safetensors:
     def __init__(self, path: str):
         self.path = path
         try:
+            st = os.stat(path)
+            self.stamp = (st.st_size, st.st_mtime_ns)  # what a later read checks it still is
             with open(path, "rb") as f:
                 n = int.from_bytes(f.read(8), "little")
                 header = json.loads(f.read(n))
@@ -76,6 +78,13 @@ class _Safetensors:
 
     def shape(self, key: str) -> tuple:
         return self.entries[key][1]
+
+    def unchanged(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return False
+        return (st.st_size, st.st_mtime_ns) == self.stamp
 
     def read(self, key: str, rows: Optional[slice]) -> torch.Tensor:
         dtype, shape, offset = self.entries[key]
@@ -206,6 +215,25 @@ class Rows:
 
     def read(self, name: str, rows: Optional[slice] = None) -> torch.Tensor:
         return self.checkpoint.read(self.keys[name], rows)
+
+    def rereader(self, name: str, rows: Optional[slice]):
+        """A function that overwrites a tensor with θ*'s rows `rows` of `name` read again from
+        the checkpoint, for a rank that does not keep them (evaluation.Evaluator: a quarter of
+        a sharded rank's rows, for one read of them a cell); None where the entry is not in a
+        safetensors file (a mapped torch file's pages would count in the rank's memory as the
+        copy does). The file must not change while the run reads it: each read checks its size
+        and modification time against those it had when opened."""
+        f = self.checkpoint.files.get(self.keys.get(name))
+        if not isinstance(f, _Safetensors):
+            return None
+        key = self.keys[name]
+
+        def fill(out: torch.Tensor) -> None:
+            if not f.unchanged():
+                raise UserError(f"checkpoint {f.path} changed while the run read θ* from it; run again "
+                                "(the cells computed before are kept)")
+            out.copy_(f.read(key, rows))
+        return fill
 
 
 def _keys(model: nn.Module, ckpt: Checkpoint, job: Job) -> dict:

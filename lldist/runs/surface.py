@@ -117,9 +117,11 @@ def make_evaluator(job: Job, loaded: Loaded, dirs: Directions, device: str, batc
                    task: Task, group: Optional[GroupSpec] = None, curvature_model=None) -> Evaluator:
     cfg = dataclasses.replace(job.eval, batch_size=batch_size, cells_per_pass=cells_per_pass)
     curve = (job.directions.curve or "bezier") if dirs.bend is not None else None  # x is t along it
+    # a model read by rows reads θ*'s rows again at each cell rather than keep a copy of them
+    reread = loaded.rows.rereader if loaded.rows is not None and group is not None and group.mode == "shard" else None
     try:
         return Evaluator(loaded.model, loaded.theta, dirs, loaded.splits, cfg, device=device, task=task, group=group,
-                         curve=curve, bn_data=bn_data(job, loaded), curvature_model=curvature_model)
+                         curve=curve, bn_data=bn_data(job, loaded), curvature_model=curvature_model, reread=reread)
     except ValueError as e:  # options the data or task cannot take
         raise UserError(f"{job.source}: {e}")
 
