@@ -86,20 +86,39 @@ class _Safetensors:
             return False
         return (st.st_size, st.st_mtime_ns) == self.stamp
 
-    def read(self, key: str, rows: Optional[slice]) -> torch.Tensor:
+    def _range(self, key: str, rows: Optional[slice]) -> tuple:
+        """(dtype, shape, byte offset) of `key`'s rows `rows` of dim 0 (all of it: None)."""
         dtype, shape, offset = self.entries[key]
         if rows is not None and shape:
             start, stop, _ = rows.indices(shape[0])
             row = math.prod(shape[1:]) * dtype.itemsize
             offset, shape = offset + start * row, (max(0, stop - start),) + shape[1:]
-        out = torch.empty(shape, dtype=dtype)
-        view = out.view(-1).view(torch.uint8).numpy() if out.numel() else None
+        return dtype, shape, offset
+
+    def _fill(self, key: str, offset: int, out: torch.Tensor) -> None:
+        view = out.detach().view(-1).view(torch.uint8).numpy() if out.numel() else None
         if view is not None:
             with open(self.path, "rb") as f:
                 f.seek(offset)
                 if f.readinto(view) != view.size:
                     raise UserError(f"checkpoint {self.path} is truncated: {key} is cut short")
+
+    def read(self, key: str, rows: Optional[slice]) -> torch.Tensor:
+        dtype, shape, offset = self._range(key, rows)
+        out = torch.empty(shape, dtype=dtype)
+        self._fill(key, offset, out)
         return out
+
+    def read_into(self, key: str, rows: Optional[slice], out: torch.Tensor) -> None:
+        """The same values written into `out`: straight from the file where `out` is a
+        contiguous host tensor of the entry's dtype and shape (no new memory to fault in),
+        else through a read and a copy (a GPU's rows, a cast)."""
+        dtype, shape, offset = self._range(key, rows)
+        if out.device.type == "cpu" and out.dtype == dtype and tuple(out.shape) == tuple(shape) \
+                and out.is_contiguous():
+            self._fill(key, offset, out)
+        else:
+            out.copy_(self.read(key, rows))
 
 
 class _Mapped:
@@ -232,7 +251,7 @@ class Rows:
             if not f.unchanged():
                 raise UserError(f"checkpoint {f.path} changed while the run read θ* from it; run again "
                                 "(the cells computed before are kept)")
-            out.copy_(f.read(key, rows))
+            f.read_into(key, rows, out)
         return fill
 
 
