@@ -62,6 +62,20 @@ def test_an_adaptive_grid_in_shard_groups_equals_one_process(workdir):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("mode", ["shard", "data"])
+def test_adaptive_planes_with_a_budget_in_groups_equal_one_process(workdir, mode):
+    """Everything at once: two planes (directions.repeats), each refined on its own cells up to
+    a budget, in two groups of two: one process's cells and values."""
+    ad = {**ADAPTIVE, "tolerance": 0.0, "budget": 150}
+    job = mlp(workdir, grid={"x": [-1.0, 1.0, 21], "y": [-1.0, 1.0, 21], "adaptive": ad},
+              directions={"seed": 3, "store": "recipe", "repeats": 2},
+              eval={"batch_size": 40, "chunk_size": 4, "threads": 1})
+    same_as_one_process(job, workdir, 2, mode, ranks=4)
+    _, done = arrays(f"{mode}2.h5")
+    assert done.shape == (2, 21, 21) and [int(d.sum()) for d in done] == [150, 150]
+
+
+@pytest.mark.slow
 def test_curvature_maps_in_a_data_group_equal_one_process(workdir):
     job = mlp(workdir, grid={"x": [-1, 1, 3], "y": [-1, 1, 2]},
               eval={"batch_size": 40, "chunk_size": 1, "threads": 1, "curvature": True, "curvature_batches": 2})
