@@ -69,12 +69,12 @@ def main(argv=None) -> int:
               f"complete={bool(sf.attr('complete')) if sf.adaptive else bool(done.all())}")
         if sf.adaptive:
             a = sf.adaptive
-            worst, mean = sf.adaptive_error()
+            r = sf.adaptive_reading()
             budget = f", budget {a['budget']} cells a plane" if a.get("budget") else ""
             print(f"  adaptive grid (lattice every {a['coarse']}th cell, tolerance {a['tolerance']:g} of "
                   f"{a['levels']} contour levels' spacing{budget}): {int(done.sum())} cells computed "
-                  f"({100 * done.mean():.1f}%), the rest interpolated when read; estimated error {worst:.3g} "
-                  f"of a spacing at most, {mean:.2g} on average")
+                  f"({100 * done.mean():.1f}%), the rest interpolated when read; estimated error {r.error:.3g} "
+                  f"of a spacing at most, {r.mean_error:.2g} on average")
         print(f"  lldist {sf.attr('lldist_version')}, torch {sf.attr('torch_version')}, git {sf.attr('git_revision')}, "
               f"created {sf.attr('created')}, last finished {sf.attr('last_finished', '-')}")
         ev = (effective_raw(sf.job_yaml(), args.file) or {}).get("eval") or {}

@@ -106,12 +106,10 @@ def main(argv=None) -> int:
             raise UserError(f"{path}: no cell is computed yet")
         ad = s.adaptive
         if ad:
-            from .store import SurfaceReader
-            with SurfaceReader(path) as sf:
-                worst, mean = sf.adaptive_error()
-            print(f"lldist: {path}: adaptive grid, {int(s.done.sum())} of {s.done.size} cells computed; estimated "
-                  f"interpolation error {worst:.3g} of the spacing of {ad.get('levels')} levels at most, {mean:.2g} "
-                  "on average", flush=True)
+            r = s.adaptive_reading
+            print(f"lldist: {path}: adaptive grid, {r.computed} of {r.cells} cells computed; estimated "
+                  f"interpolation error {r.error:.3g} of the spacing of {ad.get('levels')} levels at most, "
+                  f"{r.mean_error:.2g} on average", flush=True)
         if ad and (opts.levels > ad.get("levels") or opts.vmin is not None or opts.vmax is not None):
             print(f"lldist: warning: {path} is an adaptive grid read to a fraction of the spacing of "
                   f"{ad.get('levels')} contour levels over its range (linear or geometric); drawn with denser "

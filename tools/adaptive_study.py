@@ -24,13 +24,12 @@ import sys
 import numpy as np
 
 from lldist.analysis.figures import PlotOptions, _levels
-from lldist.cells.levels import labelled
 from lldist.bench.adaptive import KINDS as BENCH_KINDS
 from lldist.bench.adaptive import compare, read_back, replay
+from lldist.cells.interpolation import lattice
+from lldist.cells.levels import labelled
 from lldist.config import auto_coarse
-from lldist.cells.schedule import Adaptive
 from lldist.store import SurfaceReader
-
 
 KINDS = [kind for _, kind in BENCH_KINDS]  # default, 30 linear, 30 geometric, 12 linear over the range
 
@@ -72,8 +71,8 @@ def budget_curve(paths: list, png: str, tolerance: float, levels: int = 30, poin
         full = f.values[(f.splits[0], "loss")]
         order = []
         replay(full, 0.0, levels, budget=full.size, order=order)  # tolerance 0: the budget's whole order
-        n0 = len(Adaptive(full.shape, 1, np.zeros(full.size, bool), np.full(full.size, np.nan), 32,
-                          auto_coarse(max(full.shape)), 0.0, levels, full.size).coarse_cells)
+        c = auto_coarse(max(full.shape))
+        n0 = len(lattice(full.shape[0], c)) * len(lattice(full.shape[1], c))  # the lattice: the first prefix
         ks = np.unique(np.geomspace(n0, len(order), points).astype(int))
         est, mis, mean = [], [], []
         for k in ks:

@@ -67,8 +67,8 @@ def replay(loss: np.ndarray, tolerance: float, levels: int = 30, coarse=None, bu
 def read_back(full: np.ndarray, done: np.ndarray, coarse=None, levels: int = 30):
     """The Survey of the cells `done`: what lldist.plot draws and lldist.info reports."""
     from ..config import auto_coarse
-    from ..cells.schedule import estimated_errors
-    return estimated_errors(np.where(done, full, np.nan), done, coarse or auto_coarse(max(full.shape)), levels)[0]
+    from ..cells.schedule import surveys
+    return surveys(np.where(done, full, np.nan), done, coarse or auto_coarse(max(full.shape)), levels)[0]
 
 
 def compare(full: np.ndarray, approx: np.ndarray, levels: int = 30, **kind) -> dict:
@@ -104,6 +104,7 @@ def table_row(path: str, tolerance: float) -> dict:
 
 
 def timing(args, tolerance) -> list:
+    from ..store import SurfaceReader
     mpi = find_mpiexec()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,7 +118,6 @@ def timing(args, tolerance) -> list:
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=tmp,
                            env={**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")})
             seconds, _ = run_time(out)
-            from ..store import SurfaceReader
             with SurfaceReader(out) as sf:
                 cells = int(sf.done().sum())
             rows.append({"run": label, "cells": cells, "seconds": seconds, "cells_per_s": cells / seconds})

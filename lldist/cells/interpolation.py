@@ -273,6 +273,8 @@ def _came_in(levels: list, n: int) -> np.ndarray:
 
 
 def _leaves(k, f, surplus, spread, lx, ly, inx, iny, rho) -> list:
+    """The boxes not refined, level by level: a box of level lev + 1 exists inside a box of level
+    lev whose new points are all computed (refined)."""
     nx = f.shape[1]
     out = []
     exists = None  # boxes of the current level whose parent was refined
@@ -281,16 +283,18 @@ def _leaves(k, f, surplus, spread, lx, ly, inx, iny, rho) -> list:
         y0, y1, my = _intervals(ly[lev])
         if exists is None:
             exists = np.ones((len(y0), len(x0)), bool)
+        refined = np.zeros_like(exists)
         for j, i in zip(*np.nonzero(exists)):
             xa, xb, xm, ya, yb, ym = x0[i], x1[i], mx[i], y0[j], y1[j], my[j]
             if xm < 0 and ym < 0:
                 continue  # a box of single cells: nothing inside to read
-            new = [(x, y) for y in ((ya, ym, yb) if ym >= 0 else (ya, yb)) if y >= 0
-                   for x in ((xa, xm, xb) if xm >= 0 else (xa, xb)) if x >= 0
-                   if x == xm or y == ym]
-            new = sorted(set(new), key=lambda p: (p[1], p[0]))
+            # its edge midpoints and centre (a 1D grid's y interval is [0, 0]: one point each)
+            new = sorted({(x, y) for y in ((ya, ym, yb) if ym >= 0 else (ya, yb))
+                          for x in ((xa, xm, xb) if xm >= 0 else (xa, xb)) if x == xm or y == ym},
+                         key=lambda p: (p[1], p[0]))
             if all(k[y, x] for x, y in new):
-                continue  # refined: its children are judged at the next level
+                refined[j, i] = True  # its children are judged at the next level
+                continue
             corners = {(xa, ya), (xb, ya), (xa, yb), (xb, yb)}
             vals = [f[y, x] for x, y in corners]
             if not all(k[y, x] for x, y in corners) or not all(np.isfinite(vals)):
@@ -306,25 +310,8 @@ def _leaves(k, f, surplus, spread, lx, ly, inx, iny, rho) -> list:
                 err = max(KAPPA * sum(along), rho * max(s) if s else 0.0)
             out.append(Leaf(lev, int(xa), int(ya), float(err), int((xb - xa + 1) * (yb - ya + 1)),
                             tuple(int(y * nx + x) for x, y in new)))
-        if lev + 1 < len(lx):
-            exists = _children(exists, k, lx, ly, lev, nx)
+        if lev + 1 < len(lx):  # the next level's boxes: those inside a refined box
+            px = np.searchsorted(x0, _intervals(lx[lev + 1])[0], side="right") - 1
+            py = np.searchsorted(y0, _intervals(ly[lev + 1])[0], side="right") - 1
+            exists = refined[np.ix_(py, px)]
     return out
-
-
-def _children(exists, k, lx, ly, lev, nx) -> np.ndarray:
-    """Which boxes of level lev + 1 exist: those inside a box of level lev that is refined
-    (all its new points computed)."""
-    x0, x1, mx = _intervals(lx[lev])
-    y0, y1, my = _intervals(ly[lev])
-    refined = np.zeros_like(exists)
-    for j, i in zip(*np.nonzero(exists)):
-        if mx[i] < 0 and my[j] < 0:
-            continue
-        xs = (x0[i], mx[i], x1[i]) if mx[i] >= 0 else (x0[i], x1[i])
-        ys = (y0[j], my[j], y1[j]) if my[j] >= 0 else (y0[j], y1[j])
-        refined[j, i] = all(k[y, x] for y in ys for x in xs if x == mx[i] or y == my[j])
-    cx0, _, _ = _intervals(lx[lev + 1])
-    cy0, _, _ = _intervals(ly[lev + 1])
-    px = np.searchsorted(x0, cx0, side="right") - 1
-    py = np.searchsorted(y0, cy0, side="right") - 1
-    return refined[np.ix_(py, px)]

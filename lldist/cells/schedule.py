@@ -178,20 +178,25 @@ class Adaptive:
             self._finished[p] = True  # the budget ends inside this tier: computed, then stop
 
 
-def reconstruct(values: np.ndarray, done: np.ndarray, coarse: int, levels: int, planes: int = 1) -> np.ndarray:
-    """The full surface of an adaptive grid: computed cells as they are, the others read by
-    cubic interpolation between them (cells/interpolation.py), plane by plane. Works on any done
-    mask (a run killed halfway too); NaN where the lattice around a cell is not computed."""
-    if planes == 1:
-        return survey(values, done, coarse, levels).surface
-    return np.stack([survey(values[p], done[p], coarse, levels).surface for p in range(planes)])
-
-
-def estimated_errors(values: np.ndarray, done: np.ndarray, coarse: int, levels: int, planes: int = 1) -> list:
-    """Each plane's Survey (its estimated error in contour spacings, largest and mean)."""
+def surveys(values: np.ndarray, done: np.ndarray, coarse: int, levels: int, planes: int = 1) -> list:
+    """Each plane's Survey (cells/interpolation.py): its reading, and its estimated error in
+    contour spacings. Works on any done mask (a run killed halfway too)."""
     if planes == 1:
         return [survey(values, done, coarse, levels)]
     return [survey(values[p], done[p], coarse, levels) for p in range(planes)]
 
 
-__all__ = ["Sweep", "Adaptive", "reconstruct", "estimated_errors", "lattice", "axis_levels"]
+def joined(read: list) -> np.ndarray:
+    """The planes' readings (surveys) as one array: a plane's shape, after the planes' axis when
+    there are several."""
+    return read[0].surface if len(read) == 1 else np.stack([sv.surface for sv in read])
+
+
+def reconstruct(values: np.ndarray, done: np.ndarray, coarse: int, levels: int, planes: int = 1) -> np.ndarray:
+    """The full surface of an adaptive grid: computed cells as they are, the others read by
+    cubic interpolation between them, plane by plane; NaN where the lattice around a cell is
+    not computed."""
+    return joined(surveys(values, done, coarse, levels, planes))
+
+
+__all__ = ["Sweep", "Adaptive", "reconstruct", "surveys", "joined", "lattice", "axis_levels"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import json
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import h5py
 import numpy as np
@@ -48,6 +48,20 @@ class Points:
     values: dict  # {(split, quantity): (3,)}, NaN where not done
 
 
+class AdaptiveReading(NamedTuple):
+    """An adaptive grid as read: its cells computed, and the estimated error of the rest, in
+    contour spacings (cells/interpolation.py), largest and mean over the cells, over its planes."""
+    computed: int
+    cells: int
+    error: float
+    mean_error: float
+
+    @classmethod
+    def of(cls, read: list, done: np.ndarray) -> "AdaptiveReading":
+        """From the Surveys of the deciding quantity's planes and the done mask."""
+        return cls(int(done.sum()), int(done.size), max(sv.error for sv in read), max(sv.mean_error for sv in read))
+
+
 @dataclass
 class Surface:
     """A surface file's arrays and what was measured on it, read once (SurfaceReader.read_all).
@@ -63,6 +77,7 @@ class Surface:
     values: dict  # {(split, quantity): float64 array}, NaN where not computed (interpolated on adaptive grids)
     interpolated: Optional[np.ndarray] = None  # adaptive grids: the cells filled in by interpolation
     adaptive: Optional[dict] = None  # the job's grid.adaptive settings
+    adaptive_reading: Optional["AdaptiveReading"] = None  # adaptive grids: cells computed, estimated error
     planes: int = 1  # directions.repeats
     plane_seeds: Optional[list] = None  # each plane's direction seed
     trajectory: Optional[np.ndarray] = None  # pca: the checkpoints' (m, 2) coordinates
@@ -219,19 +234,21 @@ class SurfaceReader:
         text = self.f.attrs.get("grid_adaptive", "")
         return json.loads(text) if text else None
 
-    @_checked
-    def adaptive_error(self) -> Optional[tuple]:
-        """An adaptive grid's estimated interpolation error, in contour spacings of its levels:
-        (largest, mean over the cells) over its planes, from the first split's loss; None for a
-        full grid."""
+    def _surveys(self, a: np.ndarray, done: np.ndarray) -> list:
+        """Each plane's Survey of quantity array `a` (NaN where not done) on this adaptive grid."""
+        from ..cells.schedule import surveys
         ad = self.adaptive
-        if not ad:
+        return surveys(a, done, int(ad["coarse"]), int(ad.get("levels", 30)), self.planes)
+
+    @_checked
+    def adaptive_reading(self) -> Optional["AdaptiveReading"]:
+        """An adaptive grid's cells computed and estimated interpolation error, from the quantity
+        that decided (the first split's loss); None for a full grid."""
+        if not self.adaptive:
             return None
-        from ..cells.schedule import estimated_errors
         done = self.f["done"][()]
-        loss = self._values(self.f, done)[(self.splits[0], self.quantities[0])]
-        sv = estimated_errors(loss, done, int(ad["coarse"]), int(ad.get("levels", 30)), self.planes)
-        return max(s.error for s in sv), max(s.mean_error for s in sv)
+        first = (self.splits[0], self.quantities[0])
+        return AdaptiveReading.of(self._surveys(self._values(self.f, done, [first])[first], done), done)
 
     @_checked
     def read_all(self, reconstruct: bool = True) -> "Surface":
@@ -242,20 +259,20 @@ class SurfaceReader:
         f = self.f
         done = f["done"][()]
         values = self._values(f, done)
+        interpolated = reading = None
         if self.adaptive and reconstruct:
-            from ..cells.schedule import reconstruct as fill
-            ad = self.adaptive
-            values = {k: fill(a, done, int(ad["coarse"]), int(ad.get("levels", 30)), self.planes)
-                      for k, a in values.items()}
-        interpolated = None
-        if self.adaptive and reconstruct:
-            interpolated = ~done & np.isfinite(values[(self.splits[0], self.quantities[0])])
+            from ..cells.schedule import joined
+            first = (self.splits[0], self.quantities[0])
+            read = {k: self._surveys(a, done) for k, a in values.items()}
+            values = {k: joined(sv) for k, sv in read.items()}
+            interpolated = ~done & np.isfinite(values[first])
+            reading = AdaptiveReading.of(read[first], done)
         samples = self.attr("eval_samples", "{}")
         cp = self.attr("curve_path", None, group="directions")  # a plane through a curve's control points
         return Surface(
             path=self.path, name=str(f.attrs.get("job_name", "")), x=f["x"][()], y=f["y"][()] if "y" in f else None,
             done=done, splits=self.splits, quantities=self.quantities, values=values, interpolated=interpolated,
-            adaptive=self.adaptive, planes=self.planes,
+            adaptive=self.adaptive, adaptive_reading=reading, planes=self.planes,
             plane_seeds=json.loads(f["plane"].attrs["seeds"]) if self.planes > 1 else None,
             trajectory=f["trajectory"][()] if "trajectory" in f else None, trajectory_fit=self.trajectory_fit(),
             explained_variance_ratio=self.attr("explained_variance_ratio", group="directions"),
@@ -294,15 +311,14 @@ class SurfaceReader:
         return Points(g["coords"][()], [x.decode() if isinstance(x, bytes) else str(x) for x in g["labels"][()]],
                       done, self._values(g, done))
 
-    def _values(self, g, done: np.ndarray) -> dict:
+    def _values(self, g, done: np.ndarray, keys: Optional[list] = None) -> dict:
         """{(split, quantity): float64 array} under group g (the grid's, the points'), NaN where
-        not done."""
+        not done; every split's every quantity, or those in `keys`."""
         values = {}
-        for split in self.splits:
-            for q in self.quantities:
-                a = g[split][q][()].astype(float)
-                a[~done] = np.nan
-                values[(split, q)] = a
+        for split, q in keys or [(split, q) for split in self.splits for q in self.quantities]:
+            a = g[split][q][()].astype(float)
+            a[~done] = np.nan
+            values[(split, q)] = a
         return values
 
     @_checked
