@@ -5,6 +5,7 @@ HDF5: the runs hand them data, directions and a rank group's process group.
   tasks.py      what a loss and a metric are (classification, regression, language modelling),
                 and the plain mean over a split
   groups.py     a rank group's torch.distributed world; FSDP2 sharding by rows
+  collectives.py  a CPU group's torch collectives over the runner's MPI link (not gloo's TCP)
   curvature.py  Hessian-vector products, extreme eigenvalues, trace, spectral density (Lanczos)
   sharded.py    the Hessian of a model sharded over a rank group: products by differences of
                 the sharded gradient, Lanczos on sharded vectors

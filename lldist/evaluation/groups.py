@@ -13,7 +13,8 @@ Two modes:
     (one rank fills each slot, the others add zeros: exact), and the float64 sum over batches
     runs in batch order as on one rank: the numbers are one rank's, bit for bit.
   * shard: the model's parameters, theta* and both directions are split by rows over the group
-    with FSDP2 (fully_shard on a device mesh: gloo on CPU, NCCL on GPUs); each rank sets its own
+    with FSDP2 (fully_shard on a device mesh: NCCL on GPUs; on CPUs MPI through collectives.py
+    under the runner, else gloo); each rank sets its own
     rows of the weights in place and runs its share of the batches as in data mode, FSDP
     gathering each block's parameters for its forward (a rank with a batch fewer repeats one,
     discarded: the gathers are collective). Per rank, parameters and directions take about
@@ -32,6 +33,7 @@ from typing import NamedTuple, Optional
 import torch
 from torch import nn
 
+from . import collectives
 from .tasks import model_inputs
 
 MODES = ("data", "shard")
@@ -67,9 +69,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_process_group(g: GroupSpec, bcast, device: str) -> None:
+def init_process_group(g: GroupSpec, bcast, device: str, link=None) -> None:
     """The group's own torch.distributed world: the leader picks an address and a port and
-    broadcasts them (`bcast`: the runner's MPI broadcast within the group); every rank joins."""
+    broadcasts them (`bcast`: the runner's MPI broadcast within the group); every rank joins.
+    Its collectives: NCCL on GPUs; on CPUs over `link` when given (runner.Group.collective_link:
+    MPI, through evaluation/collectives.py), else gloo."""
     import torch.distributed as dist
     if dist.is_initialized():
         dist.destroy_process_group()
@@ -79,7 +83,10 @@ def init_process_group(g: GroupSpec, bcast, device: str) -> None:
         host = socket.gethostbyname(host)
     except OSError:
         host = "127.0.0.1"
-    backend = "nccl" if str(device).startswith("cuda") else "gloo"
+    if str(device).startswith("cuda"):
+        backend = "nccl"
+    else:
+        backend = collectives.register(link) if link is not None else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://{host}:{port}", rank=g.rank, world_size=g.size,
                             timeout=timedelta(seconds=SETUP_TIMEOUT_S))
 

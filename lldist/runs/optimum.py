@@ -60,7 +60,7 @@ def join_group(job: Job, spread: runner.Spread, device: str):
     from ..evaluation.groups import GroupSpec, init_process_group
     group = spread.group(job.eval.group_size)
     spec = GroupSpec(group.rank, group.size, job.eval.group_mode)
-    init_process_group(spec, group.bcast, device)
+    init_process_group(spec, group.bcast, device, group.collective_link(device))
     return spec
 
 

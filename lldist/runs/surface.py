@@ -384,7 +384,7 @@ class SurfaceRun:
         spec = None
         if group is not None and group.size > 1:
             spec = GroupSpec(group.rank, group.size, job.eval.group_mode)
-            init_process_group(spec, group.bcast, self.device)
+            init_process_group(spec, group.bcast, self.device, group.collective_link(self.device))
         task = self.source.make_task(job)
         if payload.by_rows:  # on the meta device, sharded, each rank reading its own rows
             loaded = rows.by_rows(job, spec, self.device)

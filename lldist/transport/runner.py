@@ -25,6 +25,10 @@ are tags; every wait below polls with a short sleep, so a waiting rank uses no C
     w          device = room.build(payload, g)    each worker: device, model, data; with k > 1
                                                   rank 0 too, and a group's ranks together (their
                                                   process group, a sharded model: collectives)
+    group      on CPUs, the group's torch collectives (FSDP2's gathers and reduce-scatters, the
+               evaluator's sums) run over a duplicate of its communicator, Group.collective_link:
+               Allgather, Alltoall, Bcast and Barrier, every rank of the group in the same order
+               (evaluation/collectives.py issues them; on GPUs NCCL carries them instead)
     w -> 0     CTRL ("built", host, device, err)  err: None, or (code, message, traceback)
     0 -> w     CTRL ("go",) | ("abort", code)     abort when any rank failed to build
   chunks (the workers here are the groups' leaders: rank % k == 0; with k = 1, every rank)
@@ -192,6 +196,15 @@ class Group:
         """The leader's `obj` on every rank of the group (collective)."""
         return self.link.bcast(obj, 0)
 
+    def collective_link(self, device: str) -> Optional["MpiLink"]:
+        """Collective: a link of its own for the group's torch collectives on CPUs
+        (evaluation/collectives.py runs them over it: MPI's shared memory within a node, not
+        gloo's loopback TCP), on a duplicate of the group's communicator; None on GPUs (NCCL)
+        or for a link without MPI."""
+        if not str(device).startswith("cpu") or not isinstance(self.link, MpiLink):
+            return None
+        return self.link.dup()
+
     def tell(self, msg) -> None:
         """From the leader to each member."""
         for m in range(1, self.size):
@@ -242,6 +255,29 @@ class MpiLink:
 
     def recv_array(self, arr: np.ndarray, source: int, tag: int) -> None:
         self.comm.Recv(arr, source=source, tag=tag)
+
+    # a CPU group's torch collectives (evaluation/collectives.py), as buffers, collective
+    @property
+    def rank(self) -> int:
+        return self.comm.Get_rank()
+
+    @property
+    def size(self) -> int:
+        return self.comm.Get_size()
+
+    def allgather_array(self, send: Optional[np.ndarray], recv: np.ndarray) -> None:
+        """recv = every rank's `send`, in rank order; send None: this rank's part is in recv."""
+        from mpi4py import MPI
+        self.comm.Allgather(MPI.IN_PLACE if send is None else send, recv)
+
+    def alltoall_array(self, send: np.ndarray, recv: np.ndarray) -> None:
+        self.comm.Alltoall(send, recv)
+
+    def barrier(self) -> None:
+        self.comm.Barrier()
+
+    def dup(self) -> "MpiLink":
+        return MpiLink(self.comm.Dup())
 
     def split(self, color: int) -> "MpiLink":
         """The communicator of the ranks that give the same `color`, ordered as in this one."""
