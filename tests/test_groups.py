@@ -1,6 +1,6 @@
-"""Rank groups (eval.group_size, eval.group_mode): real MPI ranks, real torch.distributed groups on
-gloo, real FSDP2 sharding, against one process. `data` groups give one rank's numbers bit for bit
-(each batch's sum is made by one rank, the float64 sum over batches runs in batch order); `shard`
+"""Rank groups (eval.group_size, eval.group_mode): real MPI ranks, real torch.distributed groups
+(their collectives over MPI: evaluation/collectives.py), real FSDP2 sharding, against one
+process. `data` groups give one rank's numbers bit for bit (each batch's sum is made by one rank, the float64 sum over batches runs in batch order); `shard`
 groups, whose ranks split the batches the same way, within 1e-6 (FSDP gathers the same weights;
 here they agree bit for bit too)."""
 

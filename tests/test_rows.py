@@ -1,6 +1,7 @@
 """Models loaded by rows (inputs/rows.py): a shard group builds its model on the meta device and
 each rank reads only its own rows of θ*, from every checkpoint format, with real MPI ranks,
-real torch.distributed groups on gloo and real FSDP2; against one process that loads it whole."""
+real torch.distributed groups (their collectives over MPI: evaluation/collectives.py) and real
+FSDP2; against one process that loads it whole."""
 
 import os
 import signal
