@@ -1,7 +1,8 @@
 """The Hessian of a model sharded over a rank group (issue 33): `python -m lldist.hessian` in a
-shard group of real MPI ranks, real torch.distributed groups on gloo and real FSDP2, its
-products central differences of the sharded gradient and its Lanczos vectors sharded; against
-the exact Hessian (torch's double backward on the whole float64 model) and one process."""
+shard group of real MPI ranks, real torch.distributed groups (their collectives over MPI:
+evaluation/collectives.py) and real FSDP2, its products central differences of the sharded
+gradient and its Lanczos vectors sharded; against the exact Hessian (torch's double backward on
+the whole float64 model) and one process."""
 
 import json
 import sys
@@ -219,3 +220,40 @@ def test_a_tied_gpt2s_hessian_in_a_shard_group_equals_one_process(workdir):
     got, _ = stored(workdir / "out.h5")
     np.testing.assert_allclose(json.loads(got["top_eigenvalues"]), json.loads(one["top_eigenvalues"]), rtol=1e-4)
     np.testing.assert_allclose(got["trace"], one["trace"], rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_a_shard_groups_hessian_killed_mid_lanczos_gives_the_same_numbers_when_run_again(workdir):
+    """SIGKILL as the group starts Lanczos (its line naming the group), then the same
+    command: it starts again from scratch (seeded start vectors and Rademacher draws) and stores
+    what an uninterrupted run stores, bit for bit; the killed run stored nothing."""
+    import signal
+    import subprocess
+
+    from conftest import env, kill_tree
+    job = mlp_job(workdir)
+    run(["lldist.surface", job, "--progress-every", "0"], workdir)
+    sharded(workdir, job, 2)
+    whole, _ = stored(workdir / "out.h5")
+    with h5py.File(workdir / "out.h5", "a") as f:
+        del f["curvature"]
+    p = subprocess.Popen([mpiexec(), "-n", "2", sys.executable, "-m", "lldist.hessian", job, *FLAGS,
+                          "--set", "eval.group_size=2", "--set", "eval.group_mode=shard"], cwd=workdir, env=env(),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in p.stdout:
+        seen.append(line)
+        if "in one shard group of 2" in line:
+            break
+    kill_tree(p.pid, signal.SIGKILL)
+    p.wait(timeout=30)
+    assert any("in one shard group of 2" in line for line in seen), "".join(seen)
+    with h5py.File(workdir / "out.h5", "r") as f:
+        assert "curvature" not in f
+    sharded(workdir, job, 2)
+    again, _ = stored(workdir / "out.h5")
+    assert again.keys() == whole.keys()
+    for key in whole:
+        if key not in ("seconds", "created"):
+            assert again[key] == whole[key] if not isinstance(whole[key], np.ndarray) else \
+                np.array_equal(again[key], whole[key]), key
