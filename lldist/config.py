@@ -295,7 +295,10 @@ class ConnectConfig:
     output: Optional[str] = None  # folder for the bend and the three files (default runs/connect/<a>_<b>)
 
 
-SERIES_MEASURES = ("loss", "curvature", "gradient", "weights")  # lldist/runs/series.py
+SERIES_MEASURES = ("loss", "curvature", "gradient", "weights", "sharpness")  # lldist/runs/series.py
+# measured when series.measures is not given: sharpness only by name (hundreds of forward and
+# backward passes a checkpoint, the sharpness: section's ascents, draws and bisection)
+SERIES_DEFAULT_MEASURES = SERIES_MEASURES[:4]
 
 
 @dataclass(frozen=True)
@@ -304,7 +307,7 @@ class SeriesConfig:
     curvature is the job's `curvature:` settings (operator, split, batches, top, ...), taken on
     the same first batches at every checkpoint; the losses are the job's eval.split."""
     checkpoints: Optional[Union[str, list]] = None  # a Recorder's <stem>_trajectory.json or folder, a glob, or a list of files
-    measures: Optional[list] = None  # of SERIES_MEASURES (default: all)
+    measures: Optional[list] = None  # of SERIES_MEASURES (default: SERIES_DEFAULT_MEASURES)
     output: Optional[str] = None  # the series file (default: series.h5 beside the job's output)
 
 

@@ -77,6 +77,8 @@ def test_a_series_holds_lldist_hessians_lambda_max_at_each_checkpoint_and_the_ex
     assert "6 checkpoints (steps 5..30)" in p.stdout, p.stdout
     s = lldist.open("s.h5")
     assert s.complete and list(s.steps) == [5, 10, 15, 20, 25, 30]
+    with h5py.File(workdir / "s.h5", "r") as f:  # the default measures: all but the sharpness
+        assert sorted(f["values"]) == ["curvature", "gradient", "loss", "weights"]
     np.testing.assert_array_equal(s.thresholds, 2 / 0.5)
     assert s.subset["batches"] == 3 and s.subset["split"] == "train"
     j = load_job(str(job))
@@ -100,6 +102,33 @@ def test_a_series_holds_lldist_hessians_lambda_max_at_each_checkpoint_and_the_ex
     assert np.isnan(s.column("update_cosine")[[0, -1]]).all()
     p = run(["lldist.plot", "s.h5", "--out", "figs"], workdir)
     assert (workdir / "figs" / "s_sharpness.png").exists() and (workdir / "figs" / "s_train_loss.png").exists()
+
+
+def test_a_series_sharpness_is_lldist_sharpness_at_each_checkpoint(workdir):
+    """series.measures: [sharpness] gives, at each checkpoint, runs/sharpness.compute's measures
+    there (the command's own function, the job's sharpness: settings), bit for bit."""
+    import dataclasses
+
+    from lldist.runs.sharpness import compute
+    from lldist.runs.series import SHARPNESS_COLUMNS
+    record(steps=10, every=5)
+    small = {"examples": 80, "steps": 3, "restarts": 2, "draws": 4, "m": 20, "pac_tol": 0.2}
+    job = write_job(workdir / "job.yaml", train=None, model={"name": "mlp", "checkpoint": None, "args": {"hidden": HIDDEN}},
+                    data={"name": "digits", "subset": 120}, eval={"batch_size": 40, "split": "train", "threads": 1},
+                    sharpness=small, series={"checkpoints": "mine", "measures": ["sharpness", "weights"]})
+    run(["lldist.series", job, "--out", "s.h5", "--progress-every", "0"], workdir)
+    s = lldist.open("s.h5")
+    assert s.complete and list(s.steps) == [5, 10]
+    j = load_job(str(job))
+    torch.set_num_threads(1)
+    for i, step in enumerate(s.steps):
+        at = dataclasses.replace(j, model=dataclasses.replace(j.model, checkpoint=f"mine/model_step{step}.pt"))
+        res = compute(at, None, lambda m: None)
+        for c in SHARPNESS_COLUMNS:
+            assert s.column(c)[i] == res[c] or (np.isnan(s.column(c)[i]) and np.isnan(res[c])), (c, i)
+    assert s.column("worst_2")[1] > 0 and s.column("sam_se")[1] >= 0
+    run(["lldist.plot", "s.h5", "--out", "figs"], workdir)  # a figure a measure, its errors drawn
+    assert (workdir / "figs" / "s_worst_2.png").exists() and (workdir / "figs" / "s_sam.png").exists()
 
 
 def exact(job, file):
@@ -184,7 +213,7 @@ def test_bad_series_input_is_one_line_and_status_2(workdir):
              ({"checkpoints": ["mine/model_step10.pt", "mine/model_step5.pt"]}, "out of training order"),
              ({"checkpoints": ["mine/model.pt"]}, "has no step in its name"),
              ({"checkpoints": ["mine/model_step5.pt", "other/model_step10.pt"]}, "is not this job's model"),
-             ({"checkpoints": rec, "measures": ["loss", "sharpness"]}, "key 'series.measures' is 'sharpness'"),
+             ({"checkpoints": rec, "measures": ["loss", "flatness"]}, "key 'series.measures' is 'flatness'"),
              ({"checkpoints": None}, "series.checkpoints is not given")]
     for series, says in cases:  # from Python: the UserError (a ValueError) itself
         with pytest.raises(ValueError, match=says):

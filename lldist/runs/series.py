@@ -20,6 +20,11 @@ The measures (series.measures; columns in docs/SERIES.md):
   loss       the job's quantities (loss, accuracy, ...) with standard errors, on eval.split
   weights    the distance from the first checkpoint and from the last, and the cosine between
              the update into this checkpoint and the update out of it (NaN at the ends)
+  sharpness  the sharpness measures of `python -m lldist.sharpness` (worst- and average-case
+             adaptive, SAM's m-sharpness, PAC-Bayes flatness) with the job's sharpness:
+             settings, by runs/sharpness.compute itself: bit for bit the command's at that
+             checkpoint. Asked for by name only (not in the default measures): it costs the
+             section's ascents, draws and bisection at every checkpoint
 
 Each checkpoint's stability threshold comes from its Recorder record (analysis/stability.py).
 Rank groups are refused in one line for now: each unit runs on one rank.
@@ -41,7 +46,7 @@ import numpy as np
 import torch
 
 from ..analysis import stability
-from ..config import SERIES_MEASURES, Job
+from ..config import SERIES_DEFAULT_MEASURES, Job
 from ..errors import UserError
 from ..evaluation.tasks import to_device
 from ..inputs.loading import Source
@@ -52,7 +57,7 @@ from ..transport import runner
 from ..transport.progress import Progress
 from .threads import automatic, set_threads
 
-ORDER = ("curvature", "gradient", "loss", "weights")  # handed out in this order: the costliest first
+ORDER = ("curvature", "sharpness", "gradient", "loss", "weights")  # handed out in this order: the costliest first
 CURVATURE_COLUMNS = {"lambda_max": "largest eigenvalue of the {operator} (Lanczos)",
                      "lambda_max_se": "its jackknife standard error over the batches",
                      "lambda_min": "smallest eigenvalue of the {operator}",
@@ -62,6 +67,14 @@ CURVATURE_COLUMNS = {"lambda_max": "largest eigenvalue of the {operator} (Lanczo
                                                   "(Cohen et al. 2022; NaN without its second moments)"}
 GRADIENT_COLUMNS = {"grad_norm": "norm of the gradient of the mean loss on the curvature's batches",
                     "grad_loss": "the mean loss on those batches"}
+SHARPNESS_COLUMNS = {"worst_2": "worst-case adaptive sharpness in the l2 ball (the largest over the restarts)",
+                     "worst_inf": "worst-case adaptive sharpness in the l-infinity ball",
+                     "average_2": "average-case adaptive sharpness on the l2 sphere",
+                     "average_2_se": "its standard error over the draws",
+                     "sam": "SAM's m-sharpness",
+                     "sam_se": "its standard error over the groups of m examples",
+                     "pac_bayes_sigma": "PAC-Bayes: the largest sigma' whose expected loss rise is within the threshold",
+                     "pac_bayes_flatness": "PAC-Bayes flatness, 1 / sigma'^2"}
 WEIGHTS_COLUMNS = {"distance_first": "Euclidean distance of the parameters from the first checkpoint's",
                    "distance_last": "Euclidean distance of the parameters from the last checkpoint's",
                    "update_cosine": "cosine between the update into this checkpoint and the update out of it"}
@@ -119,11 +132,14 @@ def thresholds(run: list) -> tuple:
 
 def identity(job: Job, run: list, measures: tuple) -> str:
     """What makes two runs the same series: the checkpoints (path, step, size), the measures and
-    the job's model, data, evaluation and curvature settings."""
+    the job's model, data, evaluation and curvature settings, and its sharpness settings where
+    sharpness is measured (a series without it keeps the identity it had before that measure)."""
     what = {"checkpoints": [(os.path.abspath(r.path), r.step, os.path.getsize(r.path)) for r in run],
             "measures": list(measures), "model": dataclasses.asdict(job.model), "data": dataclasses.asdict(job.data),
             "eval": dataclasses.asdict(job.eval), "curvature": dataclasses.asdict(job.curvature)}
     what["model"].pop("checkpoint", None)
+    if "sharpness" in measures:
+        what["sharpness"] = dataclasses.asdict(job.sharpness)
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -180,7 +196,7 @@ class SeriesRun:
             raise UserError(f"{job.source}: key 'eval.group_size' is {job.eval.group_size}: a series runs each "
                             "(checkpoint, measure) on one rank; rank groups are not supported in a series yet")
         run = recorded(job.series.checkpoints)
-        measures = tuple(job.series.measures or SERIES_MEASURES)
+        measures = tuple(job.series.measures or SERIES_DEFAULT_MEASURES)
         # the model is built from the job, its weights from each checkpoint in turn
         job = dataclasses.replace(job, model=dataclasses.replace(job.model, checkpoint=run[0].path), train=None,
                                   eval=dataclasses.replace(job.eval, curvature=False))
@@ -192,10 +208,11 @@ class SeriesRun:
         check_fits(run, self.model)
         op = job.curvature.operator
         columns = {"curvature": list(CURVATURE_COLUMNS), "gradient": list(GRADIENT_COLUMNS),
-                   "loss": loss_names(job, self.source), "weights": list(WEIGHTS_COLUMNS)}
+                   "loss": loss_names(job, self.source), "weights": list(WEIGHTS_COLUMNS),
+                   "sharpness": list(SHARPNESS_COLUMNS)}
         columns = {m: columns[m] for m in measures}
         descriptions = {**{c: d.format(operator={"hessian": "Hessian"}.get(op, op)) for c, d in CURVATURE_COLUMNS.items()},
-                        **GRADIENT_COLUMNS, **WEIGHTS_COLUMNS}
+                        **GRADIENT_COLUMNS, **WEIGHTS_COLUMNS, **SHARPNESS_COLUMNS}
         descriptions = {c: descriptions.get(c, c) for m in measures for c in columns[m]}
         lrs, edges, kind, texts = thresholds(run)
         split = job.curvature.split or job.splits[0]
@@ -288,6 +305,11 @@ class SeriesRun:
         return [res["lambda_max"], res.get("lambda_max_se", math.nan), res.get("lambda_min", math.nan),
                 res.get("trace", math.nan), res.get("trace_stderr", math.nan), self.preconditioned(i)]
 
+    def sharpness(self, i: int) -> list:
+        from .sharpness import compute
+        res = compute(self._job_at(i), None, _quiet, self.should_stop, self.source)
+        return [res[c] for c in SHARPNESS_COLUMNS]
+
     def preconditioned(self, i: int) -> float:
         """λmax(P⁻¹H) on the curvature's batches, P Adam's preconditioner from the checkpoint's
         second moments (analysis/stability.py): the top eigenvalue of the symmetric
@@ -374,7 +396,7 @@ def _params(path: str, names: list) -> np.ndarray:
 
 
 MEASURES = {"curvature": SeriesRun.curvature, "gradient": SeriesRun.gradient, "loss": SeriesRun.loss,
-            "weights": SeriesRun.weights}
+            "weights": SeriesRun.weights, "sharpness": SeriesRun.sharpness}
 
 
 def run_series(ctx: runner.Context, get_job: Callable[[], Job], options: SeriesOptions = SeriesOptions(),
