@@ -16,6 +16,7 @@ mkdir -p runs/groups_docs
 "$PY" -m lldist.bench groups --models gpt2 --ranks 4 --sizes 1 2 4 --json docs/bench_groups_rows4.json
 "$PY" -m lldist.bench groups --models mlp --json docs/bench_groups_mlp.json
 # eval.precision: bf16 in a shard group (FSDP2 gathers in bf16) against fp32 and bf16 on one rank
+# (a CPU without AVX-512 runs bf16 about 30x slower than fp32: more than 15 minutes a setting)
 "$PY" -m lldist.bench groups --models gpt2 --ranks 2 --sizes 1 2 --modes shard --keep runs/groups_docs/fp32
 "$PY" -m lldist.bench groups --models gpt2 --ranks 2 --sizes 1 2 --modes shard --keep runs/groups_docs/bf16 \
   --set eval.precision=bf16
