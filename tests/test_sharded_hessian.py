@@ -5,13 +5,15 @@ gradient and its Lanczos vectors sharded; against the exact Hessian (torch's dou
 the whole float64 model) and one process."""
 
 import json
+import signal
+import subprocess
 import sys
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import Flat, mpiexec, run, write_job
+from conftest import Flat, env, kill_tree, mpiexec, run, write_job
 
 from lldist.config import load_job
 from lldist.evaluation.curvature import first_batches
@@ -25,9 +27,13 @@ def stored(path, split="test"):
         return dict(g.attrs), {k: g[k][()] for k in g if isinstance(g[k], h5py.Dataset)}
 
 
+def sharded_command(job, k, *extra):
+    return [mpiexec(), "-n", str(k), sys.executable, "-m", "lldist.hessian", job, *FLAGS, *extra,
+            "--set", f"eval.group_size={k}", "--set", "eval.group_mode=shard"]
+
+
 def sharded(workdir, job, k, *extra, check=True):
-    return run([mpiexec(), "-n", str(k), sys.executable, "-m", "lldist.hessian", job, *FLAGS, *extra,
-                "--set", f"eval.group_size={k}", "--set", "eval.group_mode=shard"], workdir, check=check, timeout=600)
+    return run(sharded_command(job, k, *extra), workdir, check=check, timeout=600)
 
 
 def exact(job_path, batches=3, samples=6, blocks=None):
@@ -227,19 +233,14 @@ def test_a_shard_groups_hessian_killed_mid_lanczos_gives_the_same_numbers_when_r
     """SIGKILL as the group starts Lanczos (its line naming the group), then the same
     command: it starts again from scratch (seeded start vectors and Rademacher draws) and stores
     what an uninterrupted run stores, bit for bit; the killed run stored nothing."""
-    import signal
-    import subprocess
-
-    from conftest import env, kill_tree
     job = mlp_job(workdir)
     run(["lldist.surface", job, "--progress-every", "0"], workdir)
     sharded(workdir, job, 2)
     whole, _ = stored(workdir / "out.h5")
     with h5py.File(workdir / "out.h5", "a") as f:
         del f["curvature"]
-    p = subprocess.Popen([mpiexec(), "-n", "2", sys.executable, "-m", "lldist.hessian", job, *FLAGS,
-                          "--set", "eval.group_size=2", "--set", "eval.group_mode=shard"], cwd=workdir, env=env(),
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    p = subprocess.Popen(sharded_command(job, 2), cwd=workdir, env=env(), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True)
     seen = []
     for line in p.stdout:
         seen.append(line)
@@ -253,7 +254,5 @@ def test_a_shard_groups_hessian_killed_mid_lanczos_gives_the_same_numbers_when_r
     sharded(workdir, job, 2)
     again, _ = stored(workdir / "out.h5")
     assert again.keys() == whole.keys()
-    for key in whole:
-        if key not in ("seconds", "created"):
-            assert again[key] == whole[key] if not isinstance(whole[key], np.ndarray) else \
-                np.array_equal(again[key], whole[key]), key
+    for key in whole.keys() - {"seconds", "created"}:
+        assert np.array_equal(again[key], whole[key]), key

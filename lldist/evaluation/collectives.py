@@ -120,11 +120,15 @@ class LinkProcessGroup(dist.ProcessGroup):
 
     _allgather_base = all_gather_single
 
+    def _stacked(self, t: torch.Tensor) -> torch.Tensor:
+        """The ranks' `t`, stacked along a new first axis in rank order."""
+        out = torch.empty((self.size(),) + tuple(t.shape), dtype=t.dtype)
+        self._gather(out, t.contiguous())
+        return out
+
     def allgather(self, output_tensors, input_tensors, opts=None):
         for outs, inp in zip(output_tensors, input_tensors):
-            buf = torch.empty((self.size(),) + tuple(inp.shape), dtype=inp.dtype)
-            self._gather(buf, inp.contiguous())
-            for o, b in zip(outs, buf):
+            for o, b in zip(outs, self._stacked(inp)):
                 o.copy_(b)
         return _done(output_tensors)
 
@@ -146,10 +150,7 @@ class LinkProcessGroup(dist.ProcessGroup):
         flat = t.contiguous().reshape(-1)
         out = torch.empty_like(flat)
         for s in range(0, flat.numel(), CHUNK):
-            part = flat[s:s + CHUNK]
-            parts = torch.empty((self.size(),) + tuple(part.shape), dtype=part.dtype)
-            self._gather(parts, part)
-            out[s:s + CHUNK] = _in_order(parts)
+            out[s:s + CHUNK] = _in_order(self._stacked(flat[s:s + CHUNK]))
         return out.view(t.shape)
 
     def allreduce(self, tensors, opts=None):

@@ -226,6 +226,7 @@ class MpiLink:
         self.comm = comm
         self._status = MPI.Status()
         self._any = MPI.ANY_SOURCE
+        self._in_place = MPI.IN_PLACE
 
     def probe(self, source: int, tag: int) -> Optional[int]:
         """The rank a message with `tag` waits from (`source`, or ANY), or None: never blocks."""
@@ -267,8 +268,7 @@ class MpiLink:
 
     def allgather_array(self, send: Optional[np.ndarray], recv: np.ndarray) -> None:
         """recv = every rank's `send`, in rank order; send None: this rank's part is in recv."""
-        from mpi4py import MPI
-        self.comm.Allgather(MPI.IN_PLACE if send is None else send, recv)
+        self.comm.Allgather(self._in_place if send is None else send, recv)
 
     def alltoall_array(self, send: np.ndarray, recv: np.ndarray) -> None:
         self.comm.Alltoall(send, recv)
