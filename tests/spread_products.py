@@ -1,5 +1,7 @@
 """Run under mpiexec by test_curvature_scale: products of a seeded model's Hessian (or GGN,
-Fisher) over the ranks, rank 0 saving them with the vectors they were taken with.
+Fisher) over a data group of every rank, each vector split over them (evaluation/data_rows.py),
+rank 0 saving the products (gathered whole for the comparison) with the vectors they were taken
+with, and the top eigenvalues and the trace from Lanczos on the split vectors.
 
     mpiexec -n 3 python tests/spread_products.py out.npz [hessian|ggn|fisher]
 """
@@ -10,7 +12,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from lldist.evaluation.curvature import Curvature, serve
+from lldist.evaluation.data_rows import DataRows
+from lldist.evaluation.groups import GroupSpec, init_process_group
 from lldist.evaluation.tasks import Task
 from lldist.transport import runner
 
@@ -25,19 +28,32 @@ def model_and_batches():
 def main():
     out, operator = sys.argv[1], sys.argv[2]
     ctx = runner.launch()
-    spread = runner.Spread(ctx) if ctx.size > 1 else None
+    if ctx.size > 1:
+        world = runner.Spread(ctx).group(ctx.size)
+        init_process_group(GroupSpec(world.rank, world.size, "data"), world.bcast, "cpu", world.collective_link("cpu"))
     m, batches = model_and_batches()
-    c = Curvature(m, batches, Task(), operator=operator, spread=spread)
-    if ctx.rank != 0:
-        serve(spread, {"all": c})
-        return
-    vs = np.random.default_rng(0).standard_normal((3, c.n))
-    hv = np.stack([c.matvec(v) for v in vs])
-    top = c.eigs(2, "LA", tol=1e-8)[0]
-    tr = c.trace(16)
-    if spread is not None:
-        spread.end()
-    np.savez(out, vs=vs, hv=hv, top=top, trace=np.array(tr))
+    op = DataRows(m, batches, Task(), ctx.rank, ctx.size, operator=operator)
+    assert ctx.size == 1 or op.entries_held() <= -(-op.n // ctx.size) < op.n  # no rank holds a whole vector
+    vs = np.random.default_rng(0).standard_normal((3, op.n))
+    hv = []
+    for v in vs:
+        flat = torch.from_numpy(v)
+        parts, at = {}, 0
+        for n, s in op.shapes.items():  # the whole vector, parameter by parameter, cut into this rank's parts
+            k = int(np.prod(s))
+            parts[n] = op._rows(n, flat[at:at + k].view(s))
+            at += k
+        mine = torch.cat([t.reshape(-1) for t in op.hvp(parts).values()])
+        if ctx.size > 1:
+            import torch.distributed as dist
+            pieces = [None] * ctx.size
+            dist.all_gather_object(pieces, mine)
+            mine = torch.cat(pieces)
+        hv.append(mine.numpy())
+    top, _, _, _ = op.extremes(2, tol=1e-8, smallest=False)
+    tr = op.trace(16)[0]
+    if ctx.rank == 0:
+        np.savez(out, vs=vs, hv=np.stack(hv), top=np.array(top), trace=np.array(tr))
 
 
 if __name__ == "__main__":

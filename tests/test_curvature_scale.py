@@ -3,9 +3,9 @@ Hessian, the hessian command over ranks, per-block spectra in the file, and per-
 the GGN and the Fisher killed and resumed.
 
 The stated tolerance (README, docs/CURVATURE.md): a product over N ranks equals one rank's to
-1e-6 relative (each rank sums its batches in float64, the ranks' sums meet in a fixed tree: only
+1e-6 relative (each rank sums its batches in float64, the ranks' sums meet in rank order: only
 the order of float64 additions differs, then one float32 rounding); eigenvalues and traces to
-1e-5 relative."""
+1e-5 relative, a semidefinite operator's λmin near 0 to Lanczos's tolerance × λmax."""
 
 import os
 import signal
@@ -75,8 +75,12 @@ def test_hessian_command_over_ranks_with_blocks_and_operators(workdir):
     for op in ("hessian", "ggn"):
         a, b = got[1, op], got[3, op]
         assert (a["ranks"], b["ranks"], a["operator"]) == (1, 3, op)
-        for k in ("lambda_max", "lambda_min", "trace"):
-            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-7)
+        # one process runs ARPACK on whole vectors, three ranks Lanczos on split ones: both to
+        # the default tolerance 1e-4 relative to the spectrum's scale (a semidefinite λmin near
+        # 0 is within that of it), and the trace from the same Rademacher vectors
+        for k in ("lambda_max", "trace"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5)
+        assert b["lambda_min"] == pytest.approx(a["lambda_min"], abs=1e-4 * a["lambda_max"])
         assert b["lambda_max_se"] == pytest.approx(a["lambda_max_se"], rel=1e-3)  # the jackknife's runs spread too
         ba, bb = json.loads(a["blocks"]), json.loads(b["blocks"])
         assert [r["block"] for r in ba] == ["net.1", "net.3"]

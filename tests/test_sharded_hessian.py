@@ -98,6 +98,43 @@ def test_a_shard_groups_hessian_equals_the_exact_matrix_and_one_process(workdir,
     assert got["loss"] == pytest.approx(one["loss"], rel=1e-6)
 
 
+def test_a_data_groups_hessian_splits_every_vector_and_equals_the_exact_matrix(workdir):
+    """Three ranks, no shard group (the MLP's 1,210 parameters split 404, 404, 402): each rank
+    holds the whole float32 model, takes exact products over its share of the batches and holds
+    a third of every Lanczos vector (stored: vector_entries_per_rank), so no rank holds the basis
+    and rank 0's memory is a worker's. The eigenvalues, λmin, the trace of the same Rademacher
+    vectors, the blocks and the jackknife against the exact float64 matrix to float32's accuracy,
+    and one process's (ARPACK on whole vectors) to 1e-5."""
+    job = mlp_job(workdir)
+    run(["lldist.surface", job, "--progress-every", "0"], workdir)
+    run(["lldist.hessian", job, *FLAGS, "--set", "curvature.blocks=layers"], workdir)
+    one, _ = stored(workdir / "out.h5")
+    p = run([mpiexec(), "-n", "3", sys.executable, "-m", "lldist.hessian", job, *FLAGS, "--set",
+             "curvature.blocks=layers"], workdir)
+    assert "each vector split over them" in p.stdout and "per rank: peak resident" in p.stdout, p.stdout
+    got, _ = stored(workdir / "out.h5")
+    n = 64 * 16 + 16 + 16 * 10 + 10
+    assert (got["group_mode"], got["ranks"], got["num_parameters"]) == ("data", 3, n)
+    assert got["vector_entries_per_rank"] == -(-n // 3) and got["lanczos_converged"]
+    peak = json.loads(got["rank_peak_mib"])
+    assert len(peak) == 3 and max(peak) < 1.3 * min(peak)
+    ex = exact(workdir / "job.yaml", blocks={"net.1": ["net.1.weight", "net.1.bias"],
+                                             "net.3": ["net.3.weight", "net.3.bias"]})
+    scale = np.abs(ex["eigenvalues"]).max()
+    top = json.loads(got["top_eigenvalues"])
+    np.testing.assert_allclose(top, ex["eigenvalues"][::-1][:3], rtol=1e-5)
+    np.testing.assert_allclose(got["lambda_min"], ex["eigenvalues"][0], atol=1e-5 * scale)
+    np.testing.assert_allclose(got["trace"], np.mean(ex["traces"]), rtol=1e-5)
+    np.testing.assert_allclose(json.loads(got["lambda_max_jackknife"]), ex["jackknife"], rtol=1e-5)
+    for row in json.loads(got["blocks"]):
+        b_top, traces = ex["blocks"][row["block"]]
+        np.testing.assert_allclose(row["lambda_max"], b_top, rtol=1e-5, err_msg=row["block"])
+        np.testing.assert_allclose(row["trace"], np.mean(traces), rtol=1e-5, err_msg=row["block"])
+    np.testing.assert_allclose(top, json.loads(one["top_eigenvalues"]), rtol=1e-5)
+    np.testing.assert_allclose(got["trace"], one["trace"], rtol=1e-6)
+    assert got["loss"] == one["loss"]  # the batches' sums in batch order, as one process adds them
+
+
 @pytest.mark.slow
 def test_a_shard_groups_density_matches_the_exact_spectrum(workdir):
     """Stochastic Lanczos quadrature on sharded vectors: with as many steps as it takes to

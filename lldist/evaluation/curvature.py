@@ -79,13 +79,11 @@ class Curvature:
     `operator`: hessian | ggn | fisher (operators.py). `names`: the parameters it is taken in
     (default: all the model's; a block's for a per-block spectrum: the others are held).
     `watch`: called after every product with the count so far; it may raise (a stop request:
-    errors.Stopped) and may report progress (see Watch). `spread`: products spread over ranks
-    (lldist.transport.runner.Spread; see `serve`): this rank computes only its share of the
-    batches, `key` names this operator in the conversation."""
+    errors.Stopped) and may report progress (see Watch). Over ranks, data_rows.DataRows wraps
+    one, each rank computing `local` over its share of the batches (`mine`)."""
 
     def __init__(self, model: nn.Module, batches: list, task: Task = None, dtype=torch.float32, watch=None,
-                 operator: str = "hessian", names=None, spread=None, key: str = "all", guard=None,
-                 basis_bytes: float = ARPACK_BYTES):
+                 operator: str = "hessian", names=None, guard=None, basis_bytes: float = ARPACK_BYTES):
         from .attention import Guard
         from .operators import OPERATORS
         if operator not in OPERATORS:
@@ -94,7 +92,7 @@ class Curvature:
         self.watch = watch
         self.task = task or Task()
         self.batches = batches
-        self.operator, self.spread, self.key = operator, spread, key
+        self.operator = operator
         self.basis_bytes = basis_bytes
         params = dict(model.named_parameters())
         self.names = list(names) if names is not None else list(params)
@@ -106,8 +104,7 @@ class Curvature:
         self.n = int(sum(self.sizes))
         self.dtype = dtype
         self.matvecs = 0
-        lo, hi = spread.share(len(batches)) if spread is not None else (0, len(batches))
-        self.mine = batches[lo:hi]  # the batches this rank's share of each product runs over
+        self.mine = batches  # the batches `local` runs over (a rank's share: data_rows.py)
         # fused attention has no double backward: decided once, on two examples of the first batch
         self.guard = guard or Guard(model, lambda: self._forward(
             {n: p.detach() for n, p in params.items()}, head(batches[0], 2)))
@@ -138,34 +135,33 @@ class Curvature:
     def _split(self, v: torch.Tensor) -> list:
         return [c.view(s) for c, s in zip(torch.split(v, self.sizes), self.shapes)]
 
-    def local(self, v: torch.Tensor) -> tuple:
-        """(Σ over this rank's batches of the summed-loss operator times v, float64; their weight)."""
+    def local(self, v: torch.Tensor, out: torch.Tensor = None) -> tuple:
+        """(Σ over this rank's batches of the summed-loss operator times v, float64; their weight).
+        `out`: a float64 buffer of at least n entries to sum into (its first n; data_rows.py's
+        padded layout), instead of a new one."""
         from .operators import product
         vs = dict(zip(self.names, self._split(v.to(self.dtype))))
         acc, total_w = None, 0.0
         with self.guard():
             for b in self.mine:
-                out, w = product(self.operator, lambda q, b=b: self._forward({**self.held, **q}, b), self.point, vs,
-                                 self.task, b)
+                out_b, w = product(self.operator, lambda q, b=b: self._forward({**self.held, **q}, b), self.point, vs,
+                                   self.task, b)
                 # float64 sums: the order of the batches' terms (which rank took which) moves the
-                # result by float64 round-off only (products over N ranks, see `serve`)
-                part = self._flat([o.detach() for o in out])
-                acc = part.double() if acc is None else acc.add_(part)  # (in place: n floats each)
-                del out, part
+                # result by float64 round-off only (products over N ranks: data_rows.py)
+                part = self._flat([o.detach() for o in out_b])
+                if acc is None:
+                    acc = out[:self.n].copy_(part) if out is not None else part.double()
+                else:
+                    acc.add_(part)  # (in place: n floats each)
+                del out_b, part
                 total_w += float(w)
         if acc is None:  # more ranks than batches: this one has none
-            acc = torch.zeros(self.n, dtype=torch.float64, device=v.device)
+            acc = out[:self.n].zero_() if out is not None else torch.zeros(self.n, dtype=torch.float64, device=v.device)
         return acc, total_w
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
-        """The operator times a flat vector v over self.names (H v for the Hessian). With a
-        spread, on the rank that drives (rank 0): every rank computes its share."""
-        if self.spread is not None:
-            self.spread.ask(self.key, v.detach().to(self.dtype).cpu().numpy())
+        """The operator times a flat vector v over self.names (H v for the Hessian)."""
         acc, total_w = self.local(v)
-        if self.spread is not None:
-            total, total_w = self.spread.combine(acc.cpu().numpy(), total_w)
-            acc = torch.from_numpy(total).to(acc.device)
         self.matvecs += 1
         if self.watch is not None:
             self.watch(self.matvecs)
@@ -272,17 +268,6 @@ def mean_and_stderr(x) -> tuple:
     """(mean, standard error of the mean) of a trace's samples; NaN error for one."""
     x = np.array(x)
     return float(x.mean()), float(x.std(ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")
-
-
-def serve(spread, curvatures: dict) -> None:
-    """Every rank but the driving one (rank 0) of a spread computation: this rank's share of
-    each product rank 0 asks, by the Curvature of the key it names, until rank 0 ends."""
-    def local(key: str, v: np.ndarray) -> tuple:
-        c = curvatures[key]
-        device = c.point[c.names[0]].device
-        acc, w = c.local(torch.from_numpy(v).to(device))
-        return acc.cpu().numpy(), w
-    spread.serve(local)
 
 
 def lanczos_quadrature(matvec, v0: torch.Tensor, steps: int) -> tuple:

@@ -7,7 +7,8 @@
   optimum.py    a computation at θ* every rank joins, written once: launch, gate, fail,
                 store the result where it may go
   hessian.py    the Hessian (GGN, Fisher) at θ*: spectrum, trace, density, blocks, jackknife
-  sharded_hessian.py  the same in a shard group: no rank holds the model or a whole vector
+  sharded_hessian.py  the same over ranks: in a shard group (no rank holds the model or a whole
+                      vector) or a data group (every rank the model, no rank a whole vector)
   sharpness.py  the sharpness measures at θ*
   connect.py    lldist.connect: a curve's bend trained, and the surfaces of its paths
   study.py      lldist.study: every variant's surface and measures, then the report

@@ -6,8 +6,11 @@ and a study's variants: runs/optimum.py runs it on every rank and stores it).
     res = compute(job)                     # a dict, as stored under /curvature/<split>
     HESSIAN                                # the same as a runs.optimum.Measure
 
-Under MPI (`spread`: transport.runner.Spread) every rank computes its share of each product's
-batches; rank 0 runs Lanczos, drives and returns the result, the others None.
+One process runs scipy's ARPACK on whole vectors (AtOptimum, below). Under MPI (`spread`:
+transport.runner.Spread) every rank holds the model, computes exact products over its share of
+the batches and its piece of every Lanczos vector (runs/sharded_hessian.py's compute_data,
+evaluation/data_rows.py), so rank 0 holds no more than the others; it returns the result, the
+others None. In a shard group the products go through the sharded model (the same file).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from ..analysis.uncertainty import jackknife_se
 from ..config import Job
 from ..errors import UserError
 from ..evaluation.blocks import blocks as block_names
-from ..evaluation.curvature import Curvature, Watch, first_batches, serve
+from ..evaluation.curvature import Curvature, Watch, first_batches
 from ..evaluation.operators import DESCRIPTION
 from ..inputs.loading import Source
 from ..store import SurfaceReader, write_curvature
@@ -34,11 +37,10 @@ from .optimum import Measure
 class AtOptimum:
     """The operators of one computation at θ*: the whole model's on the chosen batches, each
     block's, and the jackknife's (the whole model's without each batch), all sharing one set of
-    products' bookkeeping (`watch`, `spread`). Built on every rank: the others serve products."""
+    products' bookkeeping (`watch`). One process: over ranks, runs/sharded_hessian.py."""
 
-    def __init__(self, job: Job, spread=None, log=print, should_stop=lambda: None, source: Optional[Source] = None):
+    def __init__(self, job: Job, log=print, should_stop=lambda: None, source: Optional[Source] = None):
         self.job, self.settings, self.log = job, job.curvature, log
-        self.driver = spread is None or spread.rank == 0
         s = self.settings
         # the split asked for is loaded whether or not the job's landscape evaluates it (the
         # literature's Hessian is the train loss's); by default the landscape's own first split
@@ -51,28 +53,24 @@ class AtOptimum:
         chosen = first_batches(loaded.splits[self.split], self.batch_size, s.batches)
         op = s.operator
         self.what = f"{op if op != 'hessian' else 'Hessian'} at theta* of {job.name}"
-        self.watch = Watch(self.what, should_stop, log) if self.driver else None
+        self.watch = Watch(self.what, should_stop, log)
         task = source.make_task(job)
 
-        def operator(batches, key, names=None, guard=None):
-            return Curvature(loaded.model, batches, task, watch=self.watch, operator=op, names=names, spread=spread,
-                             key=key, guard=guard, basis_bytes=s.basis_memory)
-        self.whole = operator(chosen, "all")
-        self.nchosen, self.ranks = len(chosen), spread.size if spread is not None else 1
+        def operator(batches, names=None, guard=None):
+            return Curvature(loaded.model, batches, task, watch=self.watch, operator=op, names=names, guard=guard,
+                             basis_bytes=s.basis_memory)
+        self.whole = operator(chosen)
+        self.nchosen = len(chosen)
         self.parts = {}
         if s.blocks is not None:
             try:
                 named = block_names(loaded.model, s.blocks, among=self.whole.names)
             except ValueError as e:
                 raise UserError(str(e))
-            self.parts = {b: operator(chosen, b, ps, self.whole.guard) for b, ps in named.items()}
+            self.parts = {b: operator(chosen, ps, self.whole.guard) for b, ps in named.items()}
         # the jackknife over batches: the operator without batch b, for each b (lambda_max's error bar)
-        self.jack = [operator(chosen[:b] + chosen[b + 1:], f"jack{b}", guard=self.whole.guard)
+        self.jack = [operator(chosen[:b] + chosen[b + 1:], guard=self.whole.guard)
                      for b in range(len(chosen))] if s.jackknife and len(chosen) > 1 else []
-
-    def serve(self, spread) -> None:
-        """Every rank but the driver: its share of each product rank 0 asks, until rank 0 ends."""
-        serve(spread, {"all": self.whole, **self.parts, **{c.key: c for c in self.jack}})
 
     def spectrum(self) -> dict:
         """The whole operator: top eigenvalues, the smallest, the trace (and the blocks' traces
@@ -82,8 +80,7 @@ class AtOptimum:
             raise UserError(f"--top {s.top}: the model has {curv.n:,} parameters, so at most {curv.n - 1:,} eigenvalues "
                             "can be asked of Lanczos (--density gives the whole spectrum's shape)")
         t = time.perf_counter()
-        log(f"{self.what} on {self.split}: {curv.n:,} parameters, {self.nchosen} batches of {self.batch_size}"
-            + (f", products over {self.ranks} ranks" if self.ranks > 1 else ""))
+        log(f"{self.what} on {self.split}: {curv.n:,} parameters, {self.nchosen} batches of {self.batch_size}")
         if curv.guard.note:
             log(curv.guard.note)
         watch.stage = f"top {s.top} eigenvalues"
@@ -99,7 +96,7 @@ class AtOptimum:
                "batches": self.nchosen, "batches_requested": s.batches, "batch_size": self.batch_size,
                "loss": curv.loss(), "top_eigenvalues": [float(v) for v in vals], "lambda_max": float(vals[0]),
                "lambda_min": lo, "eig_ratio": abs(lo / float(vals[0])) if vals[0] else float("nan"),
-               "trace": tr, "trace_stderr": err, "trace_samples": s.trace_samples, "ranks": self.ranks,
+               "trace": tr, "trace_stderr": err, "trace_samples": s.trace_samples, "ranks": 1,
                "lanczos_tol": s.tol}
         if curv.guard.note:
             out["attention"] = curv.guard.note
@@ -162,15 +159,10 @@ def compute(job: Job, spread=None, log=print, should_stop=lambda: None, source: 
     if job.eval.group_size > 1 and job.eval.group_mode == "shard":
         from .sharded_hessian import compute as sharded
         return sharded(job, spread, log, should_stop, source)
-    at = AtOptimum(job, spread, log, should_stop, source)
-    if not at.driver:
-        at.serve(spread)
-        return None
-    try:
-        return at.spectrum()
-    finally:
-        if spread is not None:
-            spread.end()
+    if spread is not None and spread.size > 1:
+        from .sharded_hessian import compute_data
+        return compute_data(job, spread, log, should_stop, source)
+    return AtOptimum(job, log=log, should_stop=should_stop, source=source).spectrum()
 
 
 def held(path: str, job: Job) -> bool:

@@ -12,6 +12,13 @@ products, so every rank takes the same steps. It computes what the one-process H
 computes (runs/hessian.py): the top eigenvalues, the smallest, Hutchinson's trace with the same
 Rademacher vectors, per-block traces and top eigenvalues, λmax's jackknife over the batches,
 and the spectral density; of the Hessian, the GGN or the empirical Fisher (curvature.operator).
+
+Over ranks without a shard group (`mpirun -n N python -m lldist.hessian job.yaml`), runs/hessian.py
+sends the run to `compute_data`: every rank holds the whole model and takes exact products over
+its share of the batches (evaluation/data_rows.py), and the same Lanczos runs on each rank's
+piece of every vector, so rank 0 holds no more than the others. Both share `spectrum`.
+
+    res = compute_data(job, spread)    # every rank; rank 0 returns the dict it stores
 """
 
 from __future__ import annotations
@@ -20,9 +27,8 @@ import dataclasses
 import math
 import tempfile
 import time
-from typing import Optional
+from typing import Callable, Optional
 
-import numpy as np
 import torch
 
 from ..analysis.uncertainty import jackknife_se
@@ -31,7 +37,7 @@ from ..errors import UserError
 from ..evaluation.blocks import blocks as block_names
 from ..evaluation.curvature import Watch, first_batches
 from ..evaluation.operators import DESCRIPTION
-from ..evaluation.sharded import EPS_SCALE, Basis, Sharded
+from ..evaluation.sharded import EPS_SCALE, Sharded
 from ..inputs import rows
 from ..evaluation.tasks import to_device
 from ..inputs.loading import Source
@@ -72,26 +78,103 @@ def compute(job: Job, spread=None, log=print, should_stop=lambda: None,
     task = src.make_task(job)
     what = f"{s.operator if s.operator != 'hessian' else 'Hessian'} at theta* of {job.name}"
     watch = Watch(what, should_stop, log) if driver else Watch(what)
-    op = Sharded(loaded.model, chosen, task, group, watch=watch, operator=s.operator,
-                 basis_bytes=s.basis_memory)
+    def make(batches, names=None):
+        return Sharded(loaded.model, batches, task, group, names=names, watch=watch, operator=s.operator,
+                       basis_bytes=s.basis_memory)
+    out = spectrum(job, make, chosen, loaded.model, log, watch, bs, split,
+                   f"in one shard group of {group.size} (products: {PRODUCT[s.operator]})")
+    out.update(ranks=ranks, group_size=group.size, group_mode="shard", product=PRODUCT[s.operator])
+    return out if driver else None
+
+
+def compute_data(job: Job, spread, log=print, should_stop=lambda: None,
+                 source: Optional[Source] = None) -> Optional[dict]:
+    """The Hessian at θ* over a data group of every rank (spread.size > 1, no shard group):
+    each rank holds the whole model and takes exact products over its share of the batches,
+    and Lanczos runs on every rank over its piece of every vector (evaluation/data_rows.py).
+    Rank 0 returns the result, the others None."""
+    import torch.distributed as dist
+
+    from ..evaluation.data_rows import DataRows
+    from ..evaluation.evaluator import device_for_rank
+    from ..evaluation.groups import GroupSpec, init_process_group
+    s = job.curvature
+    split = s.split or job.splits[0]
+    if split not in job.splits:
+        job = dataclasses.replace(job, eval=dataclasses.replace(job.eval, split=split))
+    src = source or Source()
+    device = device_for_rank(spread.ctx.local_rank, job.eval.device)
+    world = spread.group(spread.size)
+    init_process_group(GroupSpec(world.rank, world.size, "data"), world.bcast, device,
+                       world.collective_link(device))
+    try:
+        loaded = src.load(job)
+        model = loaded.model.to(device)
+        bs = job.eval.batch_size if job.eval.batch_size != "auto" else 256
+        chosen = [to_device(b, device) for b in first_batches(loaded.splits[split], bs, s.batches)]
+        task = src.make_task(job)
+        what = f"{s.operator if s.operator != 'hessian' else 'Hessian'} at theta* of {job.name}"
+        watch = Watch(what, should_stop, log) if spread.rank == 0 else Watch(what)
+        first = []
+
+        def make(batches, names=None):
+            op = DataRows(model, batches, task, spread.rank, spread.size, names=names, watch=watch,
+                          operator=s.operator, basis_bytes=s.basis_memory, guard=first[0].guard if first else None)
+            first.append(op)
+            return op
+        out = spectrum(job, make, chosen, model, log, watch, bs, split,
+                       f"products over {spread.size} ranks, each vector split over them")
+        if first[0].guard.note:
+            out["attention"] = first[0].guard.note
+        out.update(ranks=spread.size, group_size=spread.size, group_mode="data",
+                   product=f"exact ({DESCRIPTION[s.operator]}), each rank over its share of the batches",
+                   vector_entries_per_rank=first[0].piece, **_ranks_record(first, log))
+        return out if spread.rank == 0 else None
+    finally:
+        dist.destroy_process_group()
+
+
+def _ranks_record(ops: list, log) -> dict:
+    """Every rank's peak resident memory (MiB) and the share of its products' time spent on its
+    own share of the batches (the rest: collectives and waiting), gathered (collective)."""
+    import resource
+
+    import torch.distributed as dist
+    spent, busy = sum(op.spent for op in ops), sum(op.busy for op in ops)
+    mine = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, busy / spent if spent else math.nan,
+            spent / max(1, sum(op.matvecs for op in ops)))
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    peak, share, each = (list(x) for x in zip(*every))
+    log("per rank: peak resident " + ", ".join(f"{m:,.0f}" for m in peak) + " MiB; busy "
+        + ", ".join(f"{b:.0%}" for b in share) + " of each product (the rest waits on the others); "
+        f"{each[0]:.3g} s a product")
+    return {"rank_peak_mib": peak, "rank_busy_share": share, "seconds_per_product": each[0]}
+
+
+def spectrum(job: Job, make: Callable, chosen: list, model, log, watch, bs: int, split: str, how: str) -> dict:
+    """What a Hessian at θ* computes (runs/hessian.py's AtOptimum.spectrum) with an operator on
+    vectors in rows (evaluation/lanczos.py): `make(batches, names=None)` makes it, on the chosen
+    batches or a jackknife's, in every parameter or a block's. On every rank, collectively."""
+    s = job.curvature
+    what = watch.what
+    op = make(chosen)
     if s.top >= op.n:
         raise UserError(f"--top {s.top}: the model has {op.n:,} parameters, so at most {op.n - 1:,} eigenvalues "
                         "can be asked of Lanczos")
     t = time.perf_counter()
-    log(f"{what} on {split}: {op.n:,} parameters, {len(chosen)} batches of {bs}, in one shard group of {group.size} "
-        f"(products: {PRODUCT[s.operator]})")
+    log(f"{what} on {split}: {op.n:,} parameters, {len(chosen)} batches of {bs}, {how}")
     watch.stage = f"top {s.top} eigenvalues" + (" and the smallest" if s.smallest else "")
     top, lo, steps, converged = op.extremes(s.top, s.tol, s.smallest)
-    basis = Basis(op.names, op.theta, s.basis_memory)
     if op.spilled:
-        log(f"Lanczos basis: {basis.keep} vectors of {basis.bytes / 1e6:.3g} MB a rank in memory "
+        log(f"Lanczos basis: {op.kept} vectors of {op.vector_bytes / 1e6:.3g} MB a rank in memory "
             f"(curvature.basis_memory {s.basis_memory:g}), {op.spilled} more in a file in {tempfile.gettempdir()}")
     if not converged:
         log(f"note: Lanczos stopped at {steps} steps before the eigenvalues met tol {s.tol:g}")
     named = {}
     if s.blocks is not None:
         try:
-            named = block_names(loaded.model, s.blocks, among=op.names)
+            named = block_names(model, s.blocks, among=op.names)
         except ValueError as e:
             raise UserError(str(e))
     watch.stage = f"the trace ({s.trace_samples} samples)"
@@ -102,17 +185,15 @@ def compute(job: Job, spread=None, log=print, should_stop=lambda: None,
            "batches": len(chosen), "batches_requested": s.batches, "batch_size": bs, "loss": op.loss(),
            "top_eigenvalues": top, "lambda_max": top[0], "lambda_min": lo,
            "eig_ratio": abs(lo / top[0]) if top[0] else math.nan, "trace": tr, "trace_stderr": err,
-           "trace_samples": s.trace_samples, "ranks": ranks, "group_size": group.size, "group_mode": "shard",
-           "product": PRODUCT[s.operator], "lanczos_tol": s.tol, "lanczos_steps": steps, "lanczos_converged": converged}
+           "trace_samples": s.trace_samples, "lanczos_tol": s.tol, "lanczos_steps": steps, "lanczos_converged": converged}
     extra = 0  # the products of the blocks' and the jackknife's own runs
     if s.density:
         watch.stage = f"the density ({s.density_runs} x {s.density_steps} Lanczos steps)"
-        out["density_nodes"], out["density_weights"] = _density(op, s.density_runs, s.density_steps)
+        out["density_nodes"], out["density_weights"] = op.density(s.density_runs, s.density_steps)
     if named:
         table = []
         for b, names in named.items():
-            part = Sharded(loaded.model, chosen, task, group, names=names, watch=watch, operator=s.operator,
-                 basis_bytes=s.basis_memory)
+            part = make(chosen, names)
             watch.stage = f"block {b} ({part.n:,} parameters)"
             top_b = part.extremes(1, s.tol, smallest=False)[0][0] if s.block_top and part.n > 1 else math.nan
             extra += part.matvecs
@@ -132,23 +213,12 @@ def compute(job: Job, spread=None, log=print, should_stop=lambda: None,
         watch.stage = f"lambda_max without each of the {len(chosen)} batches (the jackknife)"
         each = []
         for b in range(len(chosen)):
-            part = Sharded(loaded.model, chosen[:b] + chosen[b + 1:], task, group, watch=watch, operator=s.operator,
-                 basis_bytes=s.basis_memory)
+            part = make(chosen[:b] + chosen[b + 1:])
             each.append(part.extremes(1, s.tol, smallest=False)[0][0])
             extra += part.matvecs
         out.update(lambda_max_jackknife=each, lambda_max_se=jackknife_se(each))
         log(f"lambda_max {top[0]:.6g} +- {out['lambda_max_se']:.2g} (jackknife over {len(each)} batches)")
     out.update(hessian_vector_products=op.matvecs + extra, seconds=time.perf_counter() - t)
-    return out if driver else None
+    return out
 
 
-def _density(op: Sharded, runs: int, steps: int) -> tuple:
-    """Stochastic Lanczos quadrature (curvature.Curvature.density) on sharded vectors."""
-    from scipy.linalg import eigh_tridiagonal
-    steps = min(steps, op.n)
-    nodes, weights = np.zeros((runs, steps)), np.zeros((runs, steps))
-    for r in range(runs):
-        alpha, beta, _ = op.lanczos(op.normal(1_000 + r), steps)
-        vals, vecs = eigh_tridiagonal(np.array(alpha), np.array(beta[:len(alpha) - 1]))
-        nodes[r, :len(vals)], weights[r, :len(vals)] = vals, vecs[0] ** 2
-    return nodes, weights

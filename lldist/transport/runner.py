@@ -52,22 +52,11 @@ are tags; every wait below polls with a short sleep, so a waiting rank uses no C
 
 A second, shorter conversation: a computation at θ* spread over the ranks (`Spread`; the
 Hessian of python -m lldist.hessian and of a study's variants, the sharpness measures, the gate
-lldist.connect's ranks wait at while rank 0 trains: lldist/runs/optimum.py). Every rank holds the model and the
-same fixed batches; rank r takes batches [B r / N, B (r + 1) / N). Rank 0 runs Lanczos (scipy's
-ARPACK, the density's recurrence, Hutchinson's vectors) and asks for each product:
-
-    0 -> w     ASK (key, n, dtype) | ("end",)     key: which operator (the whole model's, a block's)
-    all        bcast_array(v)                     collective, entered once the ASK arrived (n floats)
-    all        partial = Σ over my batches of the summed-loss product with v, float64; its weight
-    all        a binomial tree in a fixed order:  at step s = 1, 2, 4, ...: rank r with r % 2s == s
-               PART weight, PART partial -> r - s sends, and rank r with r % 2s == 0 adds what r + s
-                                                  sent to its own (own + received, always that order)
-    0          the sum over every batch: the product is sum / weight
-
-The tree's order is fixed by the rank count, not by message timing, so a run repeats bit for
-bit; one rank and N differ only by the order of float64 additions. A failure on any rank ends
-the job (MPI_Abort), as in a surface run; before the products, `gate` holds the others while
-rank 0 trains a missing checkpoint. Waits poll with a sleep, as everywhere here.
+lldist.connect's ranks wait at while rank 0 trains: lldist/runs/optimum.py). Before the work,
+`gate` holds the others while rank 0 trains a missing checkpoint; a failure on any rank ends the
+job (MPI_Abort), as in a surface run. The Hessian's products and Lanczos then run in a
+torch.distributed world of every rank made with `group` (its CPU collectives over MPI:
+evaluation/collectives.py; evaluation/data_rows.py), not in this conversation.
 
 The same object serves the sharpness measures (python -m lldist.sharpness, lldist/runs/sharpness.py),
 where every rank runs the same code: restarts, draws and groups are dealt round robin by index,
@@ -121,11 +110,10 @@ import numpy as np
 from ..errors import EXIT_USAGE, Stopped, UserError, one_line
 
 WORK, CTRL, GROUP = 7, 8, 9
-ASK, PART = 10, 11  # the curvature's products (Spread)
+ASK = 10  # the gate at θ* (Spread.gate)
 SHARE = 12  # the sharpness measures' results (Spread.gather)
-# A product's waits are short (a partial sum, the next vector after a Lanczos step): their
-# polls sleep at most 1 ms. At the runner's 50 ms a small model's product (45 ms of compute on
-# one rank) took as long on two ranks as on one.
+# Waits for the others' results at θ* are short: their polls sleep at most 1 ms (at the
+# runner's 50 ms a small model's products once took as long on two ranks as on one).
 PRODUCT_POLL_MAX_S = 0.001
 ABORT_WAIT_S = 10.0  # a failed group member's wait for rank 0's abort before it aborts the job itself
 ANY = -1  # Link.probe: a message from any rank
@@ -246,18 +234,10 @@ class MpiLink:
     def abort(self, code: int) -> None:
         self.comm.Abort(code)
 
-    # arrays, as buffers (no pickling): the curvature's vectors (Spread)
+    # a CPU group's torch collectives (evaluation/collectives.py), as buffers, collective
     def bcast_array(self, arr: np.ndarray, root: int = 0) -> None:
         self.comm.Bcast(arr, root=root)
 
-    def isend_array(self, arr: np.ndarray, dest: int, tag: int):
-        """A request whose Test() says the send is done."""
-        return self.comm.Isend(arr, dest=dest, tag=tag)
-
-    def recv_array(self, arr: np.ndarray, source: int, tag: int) -> None:
-        self.comm.Recv(arr, source=source, tag=tag)
-
-    # a CPU group's torch collectives (evaluation/collectives.py), as buffers, collective
     @property
     def rank(self) -> int:
         return self.comm.Get_rank()
@@ -824,13 +804,13 @@ def _follow(ctx: Context, room: Room) -> None:
 # ----------------------------------------------------------------------------- a computation at θ*
 
 class Spread:
-    """A computation at θ* spread over the ranks (the second conversation, at the top): curvature
-    products, results gathered, a gate. For products rank 0 calls `ask` and `combine` around its
-    own share of each, then `end`; every other rank calls `serve(local)` and returns when rank 0
-    ends. With one process it is never made.
+    """A computation at θ* spread over the ranks (the second conversation, at the top): a gate,
+    results gathered, the world of every rank for torch's collectives. With one process it is
+    never made.
 
         spread = Spread(ctx)
         lo, hi = spread.share(len(batches))        # this rank's batches
+        world = spread.group(spread.size)          # every rank, for a torch.distributed world
     """
 
     def __init__(self, ctx: Context, what: str = "the computation at theta*"):
@@ -844,17 +824,6 @@ class Spread:
         """Collective: this rank's Group of k consecutive ranks (eval.group_size), whose leader
         broadcasts the address of the group's own torch.distributed world."""
         return _group_of(self.ctx, k)
-
-    def ask(self, key: str, v: np.ndarray) -> None:
-        """Rank 0: every rank's share of the product of operator `key` with v."""
-        v = np.ascontiguousarray(v)
-        for w in range(1, self.size):
-            self.ctx.link.send((key, v.shape[0], v.dtype.str), w, ASK)
-        self.ctx.link.bcast_array(v, 0)
-
-    def end(self) -> None:
-        for w in range(1, self.size):
-            self.ctx.link.send(("end",), w, ASK)
 
     def gate(self, value=None):
         """Collective: the others wait (polling, no core spun) until rank 0 comes here, e.g. after
@@ -881,32 +850,6 @@ class Spread:
             _report(message, tb)
         self.ctx.abort(code)
 
-    def combine(self, partial: np.ndarray, weight: float):
-        """This rank's partial sum (float64; summed into in place) into the fixed-order tree; on
-        rank 0 returns the sum over every rank (array, weight), elsewhere None. One receive
-        buffer of n floats: a 124M-parameter model's vectors are 1 GB each."""
-        link, r = self.ctx.link, self.rank
-        total, weight = np.ascontiguousarray(partial, dtype=np.float64), float(weight)
-        buf = None
-        s = 1
-        while s < self.size:
-            if r % (2 * s) == s:  # send what this subtree summed, then this rank is done
-                link.send(weight, r - s, PART)
-                req = link.isend_array(total, r - s, PART)
-                nap = POLL_S
-                while not req.Test():  # a blocking send would spin a core the receiver needs
-                    time.sleep(nap)
-                    nap = min(PRODUCT_POLL_MAX_S, nap * 1.5)
-                return None
-            if r % (2 * s) == 0 and r + s < self.size:
-                _, w = _wait(link, r + s, PART, longest=PRODUCT_POLL_MAX_S)
-                buf = np.empty_like(total) if buf is None else buf
-                link.recv_array(buf, r + s, PART)
-                total += buf  # own + received: the order is fixed
-                weight += float(w)
-            s *= 2
-        return total, weight
-
     def gather(self, mine: dict) -> dict:
         """Collective: every rank's {index: value} merged, returned on every rank."""
         link = self.ctx.link
@@ -919,26 +862,6 @@ class Spread:
             return merged
         link.send(mine, 0, SHARE)
         return _wait(link, 0, SHARE, longest=PRODUCT_POLL_MAX_S)[1]
-
-    def serve(self, local) -> None:
-        """Every rank but 0: `local(key, v) -> (partial float64 array, weight)` for each product
-        rank 0 asks, until it ends. A failure here ends the job (rank 0 waits in the tree)."""
-        link = self.ctx.link
-        while True:
-            _, msg = _wait(link, 0, ASK, longest=PRODUCT_POLL_MAX_S)
-            if msg[0] == "end":
-                return
-            key, n, dtype = msg
-            v = np.empty(n, dtype=np.dtype(dtype))
-            link.bcast_array(v, 0)
-            try:
-                partial, weight = local(key, v)
-            except Exception as e:
-                code, message, tb = _failure(self.rank, self.ctx.host, f"a product of {self.what} ({key})", e)
-                _report(message, tb)
-                self.ctx.abort(code)
-            self.combine(partial, weight)
-
 
 def _wait_for_abort(link) -> None:
     """A failed worker waits for rank 0's MPI_Abort; it never returns on its own, but a second

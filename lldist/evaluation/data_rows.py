@@ -1,0 +1,150 @@
+"""Curvature over a data group: every rank holds the whole model and computes exact products
+over its share of the batches, while each Lanczos vector is split over the ranks, so no rank
+holds the basis and no rank does more than another. No MPI, no HDF5: the caller makes the
+ranks' torch.distributed world (runs/sharded_hessian.py, `compute_data`).
+
+    op = DataRows(model, batches, task, rank, size)   # every rank of the world, together
+    hv = op.hvp(v)                                    # {name: this rank's part} -> H v, in parts
+    top, low, steps, converged = op.extremes(k=3, tol=1e-6)   # lanczos.RowLanczos
+
+Why: the earlier spread (runs/hessian.py with transport.runner.Spread) ran ARPACK on rank 0,
+which held its basis of whole float64 vectors, received every product's float64 partial sums
+and sent every vector out, while the others waited. On GPT-2 small over two ranks rank 0 peaked
+at about 2.3× a worker's memory, the worker idled half of each product, and the basis had to be
+capped at 2 GB, so λmin did not converge.
+
+**Layout.** The parameters' entries, flattened in order and padded to size × L, are cut into
+`size` contiguous pieces of L: rank r holds entries [rL, (r+1)L). A vector on a rank is a dict
+{name: the part of that parameter's flattened entries inside its piece} (most are empty on a
+given rank). That layout makes both collectives of a product copies of the whole buffer,
+with no packing:
+
+* all-gather: each rank's piece of v (in the model's dtype, as the product uses it) into the
+  whole padded vector on every rank;
+* the product over this rank's batches, Curvature.local's exact double backward (or the GGN's
+  or Fisher's product), summed in float64 into a padded buffer;
+* reduce-scatter: each rank receives its piece of the sum over ranks (evaluation/collectives.py
+  adds the ranks' parts in rank order on CPUs; NCCL on GPUs), divided by the total weight.
+
+Rank r runs batches [n r / size, n (r+1) / size), as Spread did. Per rank the product holds
+the model, its double-backward graph for one batch, v whole in the model's dtype, the float64
+sum whole, and the collectives' buffers; the Lanczos basis takes 8 L bytes a vector.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .curvature import ARPACK_BYTES, Curvature
+from .lanczos import RowLanczos
+from .tasks import Task
+
+
+class DataRows(RowLanczos):
+    """The operator (Hessian, GGN or Fisher: curvature.Curvature's) of the mean loss over fixed
+    batches of a model every rank holds whole, in the parameters `names` (default: all), with
+    vectors split over `size` ranks (rank `rank` of the default torch.distributed world; one
+    rank needs no world)."""
+
+    def __init__(self, model: nn.Module, batches: list, task: Optional[Task], rank: int, size: int,
+                 names: Optional[list] = None, watch: Optional[Callable] = None, operator: str = "hessian",
+                 basis_bytes: float = ARPACK_BYTES, guard=None):
+        self.curv = Curvature(model, batches, task, operator=operator, names=names, guard=guard)
+        lo, hi = len(batches) * rank // size, len(batches) * (rank + 1) // size
+        self.curv.mine = batches[lo:hi]  # this rank's share of each product
+        self.rank, self.size, self.watch = rank, size, watch
+        self.operator, self.basis_bytes, self.guard = operator, basis_bytes, self.curv.guard
+        self.names, self.n = self.curv.names, self.curv.n
+        self.shapes = dict(zip(self.names, self.curv.shapes))
+        self.device = self.curv.point[self.names[0]].device
+        self.dtype = torch.float64
+        self.piece = -(-self.n // size)  # L: entries a rank holds (the last piece padded)
+        start = rank * self.piece
+        offsets = np.cumsum([0] + self.curv.sizes).tolist()
+        # each parameter's entries inside this rank's piece, as a range of its flattened entries
+        self.parts = {n: (max(start, a) - a, max(min(start + self.piece, b), max(start, a)) - a)
+                      for n, a, b in zip(self.names, offsets[:-1], offsets[1:])}
+        self.value, self.weight = self._loss_and_weight(batches, lo, hi)
+        self.matvecs = 0
+        # seconds in products, and of them in this rank's own share (the rest: the collectives,
+        # waiting for the slowest rank): its busy share
+        self.spent = self.busy = 0.0
+
+    def _loss_and_weight(self, batches: list, lo: int, hi: int) -> tuple:
+        """The mean loss and the total weight over every batch: each rank fills its batches'
+        slots, the others hold zeros, so the all-reduce is exact and the sums run in batch order,
+        as curvature.Curvature.loss's on one rank."""
+        slots = torch.zeros(len(batches), 2, dtype=torch.float64)
+        with torch.no_grad():
+            for i in range(lo, hi):
+                s, w = self.curv._sum_and_weight(self.curv.point, batches[i])
+                slots[i, 0], slots[i, 1] = float(s), float(w)
+        if self.size > 1:
+            import torch.distributed as dist
+            slots = slots.to(self.device)
+            dist.all_reduce(slots)
+        v = w = 0.0
+        for s, n in slots.tolist():
+            v, w = v + s, w + n
+        return v / w, w
+
+    def _all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        return super()._all_sum(t) if self.size > 1 else t  # (one rank needs no world)
+
+    def loss(self) -> float:
+        return self.value
+
+    def _rows(self, n: str, whole: torch.Tensor) -> torch.Tensor:
+        a, b = self.parts[n]
+        return whole.reshape(-1)[a:b].to(self.device, self.dtype)
+
+    def _gathered(self, v: dict) -> torch.Tensor:
+        """v whole, in the model's dtype, on every rank (collective)."""
+        mine = torch.zeros(self.piece, dtype=self.curv.dtype, device=self.device)
+        mine[:self.entries_held()].copy_(torch.cat([v[n].reshape(-1) for n in self.names]))
+        if self.size == 1:
+            return mine[:self.n]
+        import torch.distributed as dist
+        whole = torch.empty(self.piece * self.size, dtype=self.curv.dtype, device=self.device)
+        dist.all_gather_into_tensor(whole, mine)
+        return whole[:self.n]
+
+    def hvp(self, v: dict) -> dict:
+        """The operator times v (collective), in this rank's parts."""
+        t0 = time.perf_counter()
+        whole = self._gathered(v)
+        total = torch.zeros(self.piece * self.size, dtype=torch.float64, device=self.device)
+        t1 = time.perf_counter()
+        self.curv.local(whole, out=total)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.busy += time.perf_counter() - t1
+        del whole
+        if self.size > 1:
+            import torch.distributed as dist
+            mine = torch.empty(self.piece, dtype=torch.float64, device=self.device)
+            # (reduce_scatter_single in newer torch, reduce_scatter_tensor in older: the same collective)
+            (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(mine, total)
+        else:
+            mine = total
+        del total
+        mine /= self.weight
+        out, pos = {}, 0
+        for n in self.names:
+            a, b = self.parts[n]
+            out[n] = mine[pos:pos + b - a]
+            pos += b - a
+        self.spent += time.perf_counter() - t0
+        self.matvecs += 1
+        if self.watch is not None:
+            self.watch(self.matvecs)
+        return out
+
+    def entries_held(self) -> int:
+        """Entries of a vector on this rank: about n / size, never n (for size > 1)."""
+        return sum(b - a for a, b in self.parts.values())
