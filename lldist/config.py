@@ -259,7 +259,7 @@ class CurvatureConfig:
     block_top: bool = True  # with blocks: each block's top eigenvalue (a Lanczos run each), not only its trace
     jackknife: bool = True  # lambda_max's standard error over the batches (a Lanczos run without each)
     basis_memory: float = 2e9  # bytes of Lanczos basis a rank keeps in memory (one process: eigsh's is cut
-    #                            to fit; a shard group's goes on in a file in the temp folder, TMPDIR)
+    #                            to fit; over ranks, each rank's piece goes on in a file in TMPDIR)
 
 
 @dataclass(frozen=True)

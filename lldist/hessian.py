@@ -38,8 +38,9 @@ FLAGS = {
                    "0 in exact arithmetic (both are positive semidefinite), come out within about tol x "
                    "lambda_max of 0"),
     "basis_memory": (float, f"bytes of Lanczos basis a rank keeps in memory (default {D.basis_memory:g}): one "
-                            "process cuts eigsh's basis to fit (more restarts); in a shard group the later vectors "
-                            "go to a file in the temp folder (TMPDIR), the same numbers"),
+                            "process cuts eigsh's basis to fit (more restarts); over ranks (each holding a piece of "
+                            "every vector) the later vectors go to a file in the temp folder (TMPDIR), the same "
+                            "numbers"),
 }
 SWITCHES = {
     "density": "also the eigenvalue spectral density (stochastic Lanczos quadrature)",

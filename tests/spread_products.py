@@ -3,7 +3,9 @@ Fisher) over a data group of every rank, each vector split over them (evaluation
 rank 0 saving the products (gathered whole for the comparison) with the vectors they were taken
 with, and the top eigenvalues and the trace from Lanczos on the split vectors.
 
-    mpiexec -n 3 python tests/spread_products.py out.npz [hessian|ggn|fisher]
+    mpiexec -n 3 python tests/spread_products.py out.npz [hessian|ggn|fisher] [SCATTER]
+
+SCATTER: entries a reduce-scatter sums at once (data_rows.SCATTER), small to cut it in slices.
 """
 
 import sys
@@ -27,6 +29,9 @@ def model_and_batches():
 
 def main():
     out, operator = sys.argv[1], sys.argv[2]
+    if len(sys.argv) > 3:
+        from lldist.evaluation import data_rows
+        data_rows.SCATTER = int(sys.argv[3])
     ctx = runner.launch()
     if ctx.size > 1:
         world = runner.Spread(ctx).group(ctx.size)

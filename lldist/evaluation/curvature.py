@@ -147,13 +147,14 @@ class Curvature:
                 out_b, w = product(self.operator, lambda q, b=b: self._forward({**self.held, **q}, b), self.point, vs,
                                    self.task, b)
                 # float64 sums: the order of the batches' terms (which rank took which) moves the
-                # result by float64 round-off only (products over N ranks: data_rows.py)
-                part = self._flat([o.detach() for o in out_b])
+                # result by float64 round-off only (products over N ranks: data_rows.py); added
+                # parameter by parameter into place, never flattened whole in float32 first
                 if acc is None:
-                    acc = out[:self.n].copy_(part) if out is not None else part.double()
-                else:
-                    acc.add_(part)  # (in place: n floats each)
-                del out_b, part
+                    acc = out[:self.n].zero_() if out is not None else \
+                        torch.zeros(self.n, dtype=torch.float64, device=v.device)
+                for o, piece in zip(out_b, torch.split(acc, self.sizes)):
+                    piece.add_(o.detach().reshape(-1))
+                del out_b
                 total_w += float(w)
         if acc is None:  # more ranks than batches: this one has none
             acc = out[:self.n].zero_() if out is not None else torch.zeros(self.n, dtype=torch.float64, device=v.device)

@@ -44,6 +44,8 @@ from .curvature import ARPACK_BYTES, Curvature
 from .lanczos import RowLanczos
 from .tasks import Task
 
+SCATTER = 1 << 23  # entries of each rank's piece a reduce-scatter sums at once (64 MB a rank in float64)
+
 
 class DataRows(RowLanczos):
     """The operator (Hessian, GGN or Fisher: curvature.Curvature's) of the mean loss over fixed
@@ -110,9 +112,23 @@ class DataRows(RowLanczos):
         if self.size == 1:
             return mine[:self.n]
         import torch.distributed as dist
+        # (all_gather_single and reduce_scatter_single in newer torch, *_tensor in older: the same)
         whole = torch.empty(self.piece * self.size, dtype=self.curv.dtype, device=self.device)
-        dist.all_gather_into_tensor(whole, mine)
+        (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(whole, mine)
         return whole[:self.n]
+
+    def _scattered(self, total: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of the sum over ranks of `total` (collective), in slices of at most
+        SCATTER entries of each piece: a whole reduce-scatter would hold another float64 copy of
+        the vector while it sums (1 GB for GPT-2 small)."""
+        import torch.distributed as dist
+        scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+        pieces = total.view(self.size, self.piece)
+        mine = torch.empty(self.piece, dtype=torch.float64, device=self.device)
+        for a in range(0, self.piece, SCATTER):
+            b = min(self.piece, a + SCATTER)
+            scatter(mine[a:b], pieces[:, a:b].contiguous())
+        return mine
 
     def hvp(self, v: dict) -> dict:
         """The operator times v (collective), in this rank's parts."""
@@ -125,13 +141,7 @@ class DataRows(RowLanczos):
             torch.cuda.synchronize(self.device)
         self.busy += time.perf_counter() - t1
         del whole
-        if self.size > 1:
-            import torch.distributed as dist
-            mine = torch.empty(self.piece, dtype=torch.float64, device=self.device)
-            # (reduce_scatter_single in newer torch, reduce_scatter_tensor in older: the same collective)
-            (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(mine, total)
-        else:
-            mine = total
+        mine = self._scattered(total) if self.size > 1 else total
         del total
         mine /= self.weight
         out, pos = {}, 0
