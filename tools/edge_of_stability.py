@@ -1,12 +1,13 @@
 """docs/SERIES.md's edge of stability: full-batch gradient descent on 1,000 shipped digits under the
 squared loss on one-hot targets (Cohen et al.'s MSE setting: with cross-entropy the digits are
-fitted within a hundred steps and λmax only decays), an MLP at three learning rates and one
-Adam run (docs/SERIES.md says why the small CNN is not here yet), each recorded by
+fitted within a hundred steps and λmax only decays), an MLP and a small CNN without BatchNorm
+at three learning rates each, and one Adam run, each recorded by
 lldist.Recorder every few steps with its optimizer, then `python -m lldist.series` over the
 checkpoints (λmax on the whole training set, with its jackknife over the four batches) and the
 figures.
 
     python tools/edge_of_stability.py [--ranks 2]     # runs/eos/, docs/series/*.png, docs/series/eos.json
+    python tools/edge_of_stability.py --only cnn_lr1  # one run again (its row replaced)
     python tools/edge_of_stability.py --cost          # a 100-checkpoint λmax series on 1 and 4 ranks
 
 Per run it reports the step where λmax first reaches 0.9 × 2/η, the median of λmax / (2/η)
@@ -39,11 +40,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "runs", "eos")
 DOCS = os.path.join(ROOT, "docs", "series")
 N = 1000  # training examples: the full batch
-# (name, model, hidden, optimizer, learning rate, steps, record every)
-RUNS = [("mlp_lr0.5", "mlp", [64], "sgd", 0.5, 1500, 25),
-        ("mlp_lr1", "mlp", [64], "sgd", 1.0, 1500, 25),
-        ("mlp_lr2", "mlp", [64], "sgd", 2.0, 1500, 25),
-        ("mlp_adam", "mlp", [64], "adam", 0.001, 800, 20)]
+MLP = {"hidden": [64]}
+# no BatchNorm: trained in train mode it would use batch statistics, and the Hessian is taken
+# in eval mode (docs/SERIES.md); 28,266 parameters
+CNN = {"width": 16, "stages": 2, "batchnorm": False}
+# (name, model, its args, optimizer, learning rate, steps, record every)
+RUNS = [("mlp_lr0.5", "mlp", MLP, "sgd", 0.5, 1500, 25),
+        ("mlp_lr1", "mlp", MLP, "sgd", 1.0, 1500, 25),
+        ("mlp_lr2", "mlp", MLP, "sgd", 2.0, 1500, 25),
+        ("mlp_adam", "mlp", MLP, "adam", 0.001, 800, 20),
+        ("cnn_lr0.5", "cnn", CNN, "sgd", 0.5, 1500, 50),
+        ("cnn_lr1", "cnn", CNN, "sgd", 1.0, 1500, 50),
+        ("cnn_lr2", "cnn", CNN, "sgd", 2.0, 1500, 50)]
 
 
 def digits_onehot(split="train", n=N, num_classes=10):
@@ -54,9 +62,8 @@ def digits_onehot(split="train", n=N, num_classes=10):
     return x, F.one_hot(y, num_classes).float()
 
 
-def job_text(name, model, hidden, folder):
-    args = f", args: {{hidden: {hidden}}}" if hidden else ""
-    return (f"name: {name}\noutput: {folder}/surface.h5\nmodel: {{name: {model}{args}}}\n"
+def job_text(name, model, args, folder):
+    return (f"name: {name}\noutput: {folder}/surface.h5\nmodel: {{name: {model}, args: {json.dumps(args)}}}\n"
             f"data: {{name: 'python:tools.edge_of_stability:digits_onehot', args: {{n: {N}, num_classes: 10}}}}\n"
             "eval: {batch_size: 250, split: train, loss: mse, threads: 1}\n"
             "curvature: {split: train, batches: 4, top: 1, smallest: false, trace_samples: 0, tol: 1.0e-3}\n"
@@ -67,10 +74,9 @@ def mse(out, t):
     return (out - t).pow(2).mean(1).mean()  # lldist's `mse`: each example's mean over outputs, then the mean
 
 
-def train(name, model_name, hidden, kind, lr, steps, every, folder):
+def train(name, model_name, args, kind, lr, steps, every, folder):
     x, y = digits_onehot()
     torch.manual_seed(0)
-    args = {"hidden": hidden} if hidden else {}
     model = build_model(ModelConfig(name=model_name, args=args), (1, 8, 8), 10)
     opt = torch.optim.SGD(model.parameters(), lr=lr) if kind == "sgd" else torch.optim.Adam(model.parameters(), lr=lr)
     rec = lldist.Recorder(f"{folder}/model.pt", every=every, second_moments=kind == "adam")
@@ -106,10 +112,10 @@ def cost(ranks_list=(1, 4)) -> dict:
     interpreter start-up included), into docs/series/cost.json."""
     folder = os.path.join(OUT, "cost")
     shutil.rmtree(folder, ignore_errors=True)
-    train("cost", "mlp", [64], "sgd", 0.5, 1500, 15, folder)
+    train("cost", "mlp", MLP, "sgd", 0.5, 1500, 15, folder)
     job = os.path.join(folder, "job.yaml")
     with open(job, "w") as f:
-        f.write(job_text("cost", "mlp", [64], folder).replace("measures: [curvature, loss]", "measures: [curvature]"))
+        f.write(job_text("cost", "mlp", MLP, folder).replace("measures: [curvature, loss]", "measures: [curvature]"))
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     out = {"date": time.strftime("%Y-%m-%d"), "checkpoints": 100, "seconds": {}}
     files = []
@@ -132,24 +138,33 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ranks", type=int, default=2)
     ap.add_argument("--cost", action="store_true", help="only the 100-checkpoint series on 1 and 4 ranks")
+    ap.add_argument("--only", nargs="+", choices=[r[0] for r in RUNS], metavar="RUN",
+                    help="run only these (their rows replace those in docs/series/eos.json; the figure of "
+                         "all runs is redrawn from runs/eos)")
     args = ap.parse_args()
     if args.cost:
         cost()
         return
     t0 = time.perf_counter()
-    shutil.rmtree(OUT, ignore_errors=True)
-    os.makedirs(OUT)
+    if not args.only:
+        shutil.rmtree(OUT, ignore_errors=True)
+    os.makedirs(OUT, exist_ok=True)
     os.makedirs(DOCS, exist_ok=True)
     mpiexec = os.path.join(os.path.dirname(sys.executable), "mpiexec")
     rows, series = [], {}
-    for name, model, hidden, kind, lr, steps, every in RUNS:
+    for name, model, margs, kind, lr, steps, every in RUNS:
         folder = os.path.join(OUT, name)
+        if args.only and name not in args.only:
+            if os.path.exists(os.path.join(folder, "series.h5")):
+                series[name] = lldist.open(os.path.join(folder, "series.h5"))
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
         t = time.perf_counter()
-        train(name, model, hidden, kind, lr, steps, every, folder)
+        train(name, model, margs, kind, lr, steps, every, folder)
         t_train = time.perf_counter() - t
         job = os.path.join(folder, "job.yaml")
         with open(job, "w") as f:
-            f.write(job_text(name, model, hidden, folder))
+            f.write(job_text(name, model, margs, folder))
         t = time.perf_counter()
         env = dict(os.environ, OMP_NUM_THREADS="1")
         subprocess.run([mpiexec, "-n", str(args.ranks), sys.executable, "-m", "lldist.series", job, "--out",
@@ -167,8 +182,9 @@ def main():
         fig.savefig(os.path.join(DOCS, f"eos_{name}.png"), dpi=110)
         plt.close(fig)
     # the SGD runs of each model together, λmax / (2/η) against step
-    fig, axes = plt.subplots(1, 1, figsize=(6, 3.6), squeeze=False)
-    for ax, model in zip(axes[0], ("mlp",)):  # (λmax · η/2: each run against its own edge)
+    models = [m for m in ("mlp", "cnn") if any(n.startswith(m) for n in series)]
+    fig, axes = plt.subplots(1, len(models), figsize=(6 * len(models), 3.6), squeeze=False)
+    for ax, model in zip(axes[0], models):  # (λmax · η/2: each run against its own edge)
         for name, s in series.items():
             if name.startswith(model) and "adam" not in name:
                 ax.plot(s.steps, s.column("lambda_max") * s.lrs / 2, marker=".", label=name.split("_")[1])
@@ -179,9 +195,17 @@ def main():
     fig.tight_layout()
     fig.savefig(os.path.join(DOCS, "eos_ratio.png"), dpi=110)
     wall = time.perf_counter() - t0
+    record = {"date": time.strftime("%Y-%m-%d"), "ranks": args.ranks, "wall_s": round(wall), "rows": rows}
+    if args.only:  # the other runs' rows as they were, this one's wall time apart
+        with open(os.path.join(DOCS, "eos.json")) as f:
+            old = json.load(f)
+        mine = {r["run"] for r in rows}
+        order = [r[0] for r in RUNS]
+        record = {**old, "rows": sorted([r for r in old["rows"] if r["run"] not in mine] + rows,
+                                        key=lambda r: order.index(r["run"])),
+                  "only": {"runs": sorted(mine), "date": record["date"], "wall_s": record["wall_s"]}}
     with open(os.path.join(DOCS, "eos.json"), "w") as f:
-        json.dump({"date": time.strftime("%Y-%m-%d"), "ranks": args.ranks, "wall_s": round(wall), "rows": rows}, f,
-                  indent=1)
+        json.dump(record, f, indent=1)
     print(f"wall {wall:.0f} s", flush=True)
 
 

@@ -55,7 +55,12 @@ class DataRows(RowLanczos):
 
     def __init__(self, model: nn.Module, batches: list, task: Optional[Task], rank: int, size: int,
                  names: Optional[list] = None, watch: Optional[Callable] = None, operator: str = "hessian",
-                 basis_bytes: float = ARPACK_BYTES, guard=None):
+                 basis_bytes: float = ARPACK_BYTES, guard=None, scratch: Optional[dict] = None):
+        # the product's two whole-vector buffers, kept from one product to the next (and shared
+        # by the operators of one computation, which run one at a time): made anew each time,
+        # their pages were faulted in again at every product (on GPT-2 small, more system time
+        # than compute)
+        self.scratch = scratch if scratch is not None else {}
         self.curv = Curvature(model, batches, task, operator=operator, names=names, guard=guard)
         lo, hi = len(batches) * rank // size, len(batches) * (rank + 1) // size
         self.curv.mine = batches[lo:hi]  # this rank's share of each product
@@ -113,9 +118,16 @@ class DataRows(RowLanczos):
             return mine[:self.n]
         import torch.distributed as dist
         # (all_gather_single and reduce_scatter_single in newer torch, *_tensor in older: the same)
-        whole = torch.empty(self.piece * self.size, dtype=self.curv.dtype, device=self.device)
+        whole = self._buffer("whole", self.curv.dtype)
         (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(whole, mine)
         return whole[:self.n]
+
+    def _buffer(self, key: str, dtype: torch.dtype) -> torch.Tensor:
+        """A scratch vector of size × L entries (its contents are the last product's)."""
+        buf = self.scratch.get(key)
+        if buf is None or buf.numel() != self.piece * self.size or buf.dtype != dtype or buf.device != self.device:
+            buf = self.scratch[key] = torch.zeros(self.piece * self.size, dtype=dtype, device=self.device)
+        return buf
 
     def _scattered(self, total: torch.Tensor) -> torch.Tensor:
         """This rank's piece of the sum over ranks of `total` (collective), in slices of at most
@@ -134,7 +146,9 @@ class DataRows(RowLanczos):
         """The operator times v (collective), in this rank's parts."""
         t0 = time.perf_counter()
         whole = self._gathered(v)
-        total = torch.zeros(self.piece * self.size, dtype=torch.float64, device=self.device)
+        # (one rank returns its sum itself: a new one)
+        total = self._buffer("total", torch.float64) if self.size > 1 else \
+            torch.empty(self.piece, dtype=torch.float64, device=self.device)
         t1 = time.perf_counter()
         self.curv.local(whole, out=total)
         if self.device.type == "cuda":

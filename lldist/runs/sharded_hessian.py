@@ -115,11 +115,12 @@ def compute_data(job: Job, spread, log=print, should_stop=lambda: None,
         task = src.make_task(job)
         what = f"{s.operator if s.operator != 'hessian' else 'Hessian'} at theta* of {job.name}"
         watch = Watch(what, should_stop, log) if spread.rank == 0 else Watch(what)
-        first = []
+        first, scratch = [], {}
 
         def make(batches, names=None):
             op = DataRows(model, batches, task, spread.rank, spread.size, names=names, watch=watch,
-                          operator=s.operator, basis_bytes=s.basis_memory, guard=first[0].guard if first else None)
+                          operator=s.operator, basis_bytes=s.basis_memory, guard=first[0].guard if first else None,
+                          scratch=scratch)
             first.append(op)
             return op
         out = spectrum(job, make, chosen, model, log, watch, bs, split,
