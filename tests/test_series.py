@@ -186,10 +186,18 @@ def test_three_ranks_give_one_process_file_and_a_killed_run_resumes_to_it(workdi
          "--progress-every", "0"], workdir, timeout=600)
     same_file(workdir / "one.h5", workdir / "three.h5")
     partial = []
-    for delay in (3.5, 5.0):
+    k = workdir / "k.h5"
+    for delay in (0.2, 1.0):
+        before = os.path.getmtime(k) if os.path.exists(k) else None
         p = subprocess.Popen([mpiexec(), "-n", "2", sys.executable, "-m", "lldist.series", job, "--out", "k.h5",
                               "--progress-every", "0"], cwd=workdir, env=env(), start_new_session=True,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # kill `delay` after this run first wrote the file (not a fixed time after launch: on a
+        # loaded machine the ranks' start-up alone took longer than the old 5 s, and no kill landed)
+        t0 = time.time()
+        while p.poll() is None and time.time() - t0 < 300 and \
+                (not os.path.exists(k) or os.path.getmtime(k) == before):
+            time.sleep(0.02)
         time.sleep(delay)
         os.killpg(p.pid, signal.SIGKILL)
         p.wait()

@@ -172,7 +172,7 @@ def optimum_scaling(args) -> list:
     nb = args.optimum_batches
     job = {"name": "optimum_scaling", "output": "s.h5",
            "model": {"name": "cnn", "args": {"width": 8, "stages": 2, "blocks": 1, "batchnorm": True}},
-           "data": {"name": "digits"}, "grid": {"x": [-1.0, 1.0, 1]},
+           "data": {"name": "digits"}, "grid": {"x": [0.0, 0.0, 1]},
            "eval": {"split": "train", "batch_size": 180, "threads": 1}}
     mpiexec, rows, first = find_mpiexec(), [], None
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")

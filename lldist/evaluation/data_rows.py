@@ -16,19 +16,20 @@ capped at 2 GB, so λmin did not converge.
 **Layout.** The parameters' entries, flattened in order and padded to size × L, are cut into
 `size` contiguous pieces of L: rank r holds entries [rL, (r+1)L). A vector on a rank is a dict
 {name: the part of that parameter's flattened entries inside its piece} (most are empty on a
-given rank). That layout makes both collectives of a product copies of the whole buffer,
-with no packing:
+given rank). With that layout neither collective of a product packs anything:
 
 * all-gather: each rank's piece of v (in the model's dtype, as the product uses it) into the
   whole padded vector on every rank;
 * the product over this rank's batches, Curvature.local's exact double backward (or the GGN's
   or Fisher's product), summed in float64 into a padded buffer;
-* reduce-scatter: each rank receives its piece of the sum over ranks (evaluation/collectives.py
-  adds the ranks' parts in rank order on CPUs; NCCL on GPUs), divided by the total weight.
+* reduce-scatter, in slices of SCATTER entries of each piece: each rank receives its piece of
+  the sum over ranks (evaluation/collectives.py adds the ranks' parts in rank order on CPUs;
+  NCCL on GPUs), divided by the total weight.
 
-Rank r runs batches [n r / size, n (r+1) / size), as Spread did. Per rank the product holds
-the model, its double-backward graph for one batch, v whole in the model's dtype, the float64
-sum whole, and the collectives' buffers; the Lanczos basis takes 8 L bytes a vector.
+Rank r runs batches [n r / size, n (r+1) / size). Per rank the product holds
+the model, its double-backward graph for one batch, v whole in the model's dtype and the
+float64 sum whole (both kept between products), and a slice's collective buffers; the Lanczos
+basis takes 8 L bytes a vector.
 """
 
 from __future__ import annotations
