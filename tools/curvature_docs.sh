@@ -24,12 +24,10 @@ done
 "$PY" -m lldist.plot cnn_random.h5 cnn_skip_random.h5 --dpi 120
 cd "$ROOT"
 # GPT-2 small (124M parameters, jobs/llm_gpt2.yaml's checkpoint): products over two ranks, on
-# 2 batches of 4 sequences; the top eigenvalue (tolerance 1e-2), the trace and each transformer
-# block's trace. Not the smallest eigenvalue: with eigsh's basis cut to 3 vectors to fit
-# memory, it had not converged after 140 products at tol 1e-4 nor 80 at 1e-2 (2026-12-02). No
-# block top eigenvalues, no density: a rank of this model holds 6-16 GB here, and a density's
-# basis of 16 vectors would add 8 GB to rank 0's.
-"$MPIEXEC" -n 2 "$PY" -m lldist.hessian jobs/llm_gpt2.yaml --top 1 --batches 2 --trace-samples 8 --tol 1e-2 --no-smallest \
+# 2 batches of 4 sequences; the top and the smallest eigenvalue (tolerance 1e-2, one Lanczos
+# run on each rank's half of every vector), the trace and each transformer block's trace. No
+# block top eigenvalues, no density: a rank of this model holds 10-12 GB here.
+"$MPIEXEC" -n 2 "$PY" -m lldist.hessian jobs/llm_gpt2.yaml --top 1 --batches 2 --trace-samples 8 --tol 1e-2 \
   --set eval.batch_size=4 --set curvature.blocks=transformer --no-block-top
 "$PY" -m lldist.info runs/llm_gpt2/surface.h5 | sed -n '/curvature at/,/run rank/p'
 "$PY" -m lldist.plot runs/llm_gpt2/surface.h5 --dpi 120
