@@ -35,6 +35,7 @@ basis takes 8 L bytes a vector.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import numpy as np
@@ -48,6 +49,16 @@ from .tasks import Task
 SCATTER = 1 << 23  # entries of each rank's piece a reduce-scatter sums at once (64 MB a rank in float64)
 
 
+@dataclass
+class Tally:
+    """Seconds in products, of them on this rank's own share of the batches (the rest: the
+    collectives, waiting for the slowest rank), and products: over every operator that adds to
+    it (a computation's whole operator, its blocks', its jackknife's)."""
+    spent: float = 0.0
+    busy: float = 0.0
+    products: int = 0
+
+
 class DataRows(RowLanczos):
     """The operator (Hessian, GGN or Fisher: curvature.Curvature's) of the mean loss over fixed
     batches of a model every rank holds whole, in the parameters `names` (default: all), with
@@ -56,7 +67,8 @@ class DataRows(RowLanczos):
 
     def __init__(self, model: nn.Module, batches: list, task: Optional[Task], rank: int, size: int,
                  names: Optional[list] = None, watch: Optional[Callable] = None, operator: str = "hessian",
-                 basis_bytes: float = ARPACK_BYTES, guard=None, scratch: Optional[dict] = None):
+                 basis_bytes: float = ARPACK_BYTES, guard=None, scratch: Optional[dict] = None,
+                 tally: Optional[Tally] = None):
         # the product's two whole-vector buffers, kept from one product to the next (and shared
         # by the operators of one computation, which run one at a time): made anew each time,
         # their pages were faulted in again at every product (on GPT-2 small, more system time
@@ -79,9 +91,7 @@ class DataRows(RowLanczos):
                       for n, a, b in zip(self.names, offsets[:-1], offsets[1:])}
         self.value, self.weight = self._loss_and_weight(batches, lo, hi)
         self.matvecs = 0
-        # seconds in products, and of them in this rank's own share (the rest: the collectives,
-        # waiting for the slowest rank): its busy share
-        self.spent = self.busy = 0.0
+        self.tally = tally if tally is not None else Tally()
 
     def _loss_and_weight(self, batches: list, lo: int, hi: int) -> tuple:
         """The mean loss and the total weight over every batch: each rank fills its batches'
@@ -154,7 +164,7 @@ class DataRows(RowLanczos):
         self.curv.local(whole, out=total)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.busy += time.perf_counter() - t1
+        self.tally.busy += time.perf_counter() - t1
         del whole
         mine = self._scattered(total) if self.size > 1 else total
         del total
@@ -164,7 +174,8 @@ class DataRows(RowLanczos):
             a, b = self.parts[n]
             out[n] = mine[pos:pos + b - a]
             pos += b - a
-        self.spent += time.perf_counter() - t0
+        self.tally.spent += time.perf_counter() - t0
+        self.tally.products += 1
         self.matvecs += 1
         if self.watch is not None:
             self.watch(self.matvecs)

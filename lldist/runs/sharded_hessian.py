@@ -78,6 +78,7 @@ def compute(job: Job, spread=None, log=print, should_stop=lambda: None,
     task = src.make_task(job)
     what = f"{s.operator if s.operator != 'hessian' else 'Hessian'} at theta* of {job.name}"
     watch = Watch(what, should_stop, log) if driver else Watch(what)
+
     def make(batches, names=None):
         return Sharded(loaded.model, batches, task, group, names=names, watch=watch, operator=s.operator,
                        basis_bytes=s.basis_memory)
@@ -95,7 +96,7 @@ def compute_data(job: Job, spread, log=print, should_stop=lambda: None,
     Rank 0 returns the result, the others None."""
     import torch.distributed as dist
 
-    from ..evaluation.data_rows import DataRows
+    from ..evaluation.data_rows import DataRows, Tally
     from ..evaluation.evaluator import device_for_rank
     from ..evaluation.groups import GroupSpec, init_process_group
     s = job.curvature
@@ -115,35 +116,39 @@ def compute_data(job: Job, spread, log=print, should_stop=lambda: None,
         task = src.make_task(job)
         what = f"{s.operator if s.operator != 'hessian' else 'Hessian'} at theta* of {job.name}"
         watch = Watch(what, should_stop, log) if spread.rank == 0 else Watch(what)
-        first, scratch = [], {}
+        # the whole operator is kept (its guard, its layout); the blocks' and the jackknife's are
+        # let go once used (each holds a copy of its parameters), their costs kept in the tally
+        whole, scratch, tally = [], {}, Tally()
 
         def make(batches, names=None):
             op = DataRows(model, batches, task, spread.rank, spread.size, names=names, watch=watch,
-                          operator=s.operator, basis_bytes=s.basis_memory, guard=first[0].guard if first else None,
-                          scratch=scratch)
-            first.append(op)
+                          operator=s.operator, basis_bytes=s.basis_memory, guard=whole[0].guard if whole else None,
+                          scratch=scratch, tally=tally)
+            if not whole:
+                whole.append(op)
             return op
         out = spectrum(job, make, chosen, model, log, watch, bs, split,
-                       f"products over {spread.size} ranks, each vector split over them")
-        if first[0].guard.note:
-            out["attention"] = first[0].guard.note
+                       f"products over {spread.size} ranks, each vector split over them",
+                       lambda op: op.guard.note and log(op.guard.note))
+        if whole[0].guard.note:
+            out["attention"] = whole[0].guard.note
         out.update(ranks=spread.size, group_size=spread.size, group_mode="data",
                    product=f"exact ({DESCRIPTION[s.operator]}), each rank over its share of the batches",
-                   vector_entries_per_rank=first[0].piece, **_ranks_record(first, log))
+                   vector_entries_per_rank=whole[0].piece, **_ranks_record(tally, log))
         return out if spread.rank == 0 else None
     finally:
         dist.destroy_process_group()
 
 
-def _ranks_record(ops: list, log) -> dict:
+def _ranks_record(tally, log) -> dict:
     """Every rank's peak resident memory (MiB) and the share of its products' time spent on its
-    own share of the batches (the rest: collectives and waiting), gathered (collective)."""
+    own share of the batches (the rest: collectives and waiting; data_rows.Tally), gathered
+    (collective)."""
     import resource
 
     import torch.distributed as dist
-    spent, busy = sum(op.spent for op in ops), sum(op.busy for op in ops)
-    mine = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, busy / spent if spent else math.nan,
-            spent / max(1, sum(op.matvecs for op in ops)))
+    mine = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            tally.busy / tally.spent if tally.spent else math.nan, tally.spent / max(1, tally.products))
     every = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     peak, share, each = (list(x) for x in zip(*every))
@@ -153,13 +158,17 @@ def _ranks_record(ops: list, log) -> dict:
     return {"rank_peak_mib": peak, "rank_busy_share": share, "seconds_per_product": each[0]}
 
 
-def spectrum(job: Job, make: Callable, chosen: list, model, log, watch, bs: int, split: str, how: str) -> dict:
+def spectrum(job: Job, make: Callable, chosen: list, model, log, watch, bs: int, split: str, how: str,
+             made: Callable = lambda op: None) -> dict:
     """What a Hessian at θ* computes (runs/hessian.py's AtOptimum.spectrum) with an operator on
     vectors in rows (evaluation/lanczos.py): `make(batches, names=None)` makes it, on the chosen
-    batches or a jackknife's, in every parameter or a block's. On every rank, collectively."""
+    batches or a jackknife's, in every parameter or a block's; `made(op)` is called on the whole
+    operator once it is made (a data group says how its attention runs). On every rank,
+    collectively."""
     s = job.curvature
     what = watch.what
     op = make(chosen)
+    made(op)
     if s.top >= op.n:
         raise UserError(f"--top {s.top}: the model has {op.n:,} parameters, so at most {op.n - 1:,} eigenvalues "
                         "can be asked of Lanczos")
