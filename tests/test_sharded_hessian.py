@@ -61,6 +61,22 @@ def exact(job_path, batches=3, samples=6, blocks=None):
     return out
 
 
+def equals_the_exact_layers(got, job_path, rtol):
+    """A stored Hessian of mlp_job's model with curvature.blocks=layers (FLAGS) against the
+    exact matrix: the top eigenvalues, λmin (to rtol × the largest |eigenvalue|), the trace of
+    the same Rademacher vectors, the jackknife and each layer's top eigenvalue and trace."""
+    ex = exact(job_path, blocks={"net.1": ["net.1.weight", "net.1.bias"], "net.3": ["net.3.weight", "net.3.bias"]})
+    scale = np.abs(ex["eigenvalues"]).max()
+    np.testing.assert_allclose(json.loads(got["top_eigenvalues"]), ex["eigenvalues"][::-1][:3], rtol=rtol)
+    np.testing.assert_allclose(got["lambda_min"], ex["eigenvalues"][0], atol=rtol * scale)
+    np.testing.assert_allclose(got["trace"], np.mean(ex["traces"]), rtol=rtol)
+    np.testing.assert_allclose(json.loads(got["lambda_max_jackknife"]), ex["jackknife"], rtol=rtol)
+    for row in json.loads(got["blocks"]):
+        top, traces = ex["blocks"][row["block"]]
+        np.testing.assert_allclose(row["lambda_max"], top, rtol=rtol, err_msg=row["block"])
+        np.testing.assert_allclose(row["trace"], np.mean(traces), rtol=rtol, err_msg=row["block"])
+
+
 def mlp_job(workdir, hidden=(16,)):
     return write_job(workdir / "job.yaml", model={"name": "mlp", "checkpoint": "model.pt", "args": {"hidden": list(hidden)}},
                      data={"name": "digits", "subset": 400}, grid={"x": [-1, 1, 3], "y": None},
@@ -82,17 +98,7 @@ def test_a_shard_groups_hessian_equals_the_exact_matrix_and_one_process(workdir,
     got, _ = stored(workdir / "out.h5")
     assert (got["group_size"], got["group_mode"], got["ranks"]) == (k, "shard", k)
     assert got["lanczos_converged"] and got["num_parameters"] == one["num_parameters"] == 64 * 16 + 16 + 16 * 10 + 10
-    ex = exact(workdir / "job.yaml", blocks={"net.1": ["net.1.weight", "net.1.bias"],
-                                             "net.3": ["net.3.weight", "net.3.bias"]})
-    scale = np.abs(ex["eigenvalues"]).max()
-    np.testing.assert_allclose(json.loads(got["top_eigenvalues"]), ex["eigenvalues"][::-1][:3], rtol=1e-7)
-    np.testing.assert_allclose(got["lambda_min"], ex["eigenvalues"][0], atol=1e-7 * scale)
-    np.testing.assert_allclose(got["trace"], np.mean(ex["traces"]), rtol=1e-7)
-    np.testing.assert_allclose(json.loads(got["lambda_max_jackknife"]), ex["jackknife"], rtol=1e-7)
-    for row in json.loads(got["blocks"]):
-        top, traces = ex["blocks"][row["block"]]
-        np.testing.assert_allclose(row["lambda_max"], top, rtol=1e-7, err_msg=row["block"])
-        np.testing.assert_allclose(row["trace"], np.mean(traces), rtol=1e-7, err_msg=row["block"])
+    equals_the_exact_layers(got, workdir / "job.yaml", 1e-7)
     np.testing.assert_allclose(json.loads(got["top_eigenvalues"]), json.loads(one["top_eigenvalues"]), rtol=1e-5)
     np.testing.assert_allclose(got["trace"], one["trace"], rtol=1e-5)
     assert got["loss"] == pytest.approx(one["loss"], rel=1e-6)
@@ -118,19 +124,8 @@ def test_a_data_groups_hessian_splits_every_vector_and_equals_the_exact_matrix(w
     assert got["vector_entries_per_rank"] == -(-n // 3) and got["lanczos_converged"]
     peak = json.loads(got["rank_peak_mib"])
     assert len(peak) == 3 and max(peak) < 1.3 * min(peak)
-    ex = exact(workdir / "job.yaml", blocks={"net.1": ["net.1.weight", "net.1.bias"],
-                                             "net.3": ["net.3.weight", "net.3.bias"]})
-    scale = np.abs(ex["eigenvalues"]).max()
-    top = json.loads(got["top_eigenvalues"])
-    np.testing.assert_allclose(top, ex["eigenvalues"][::-1][:3], rtol=1e-5)
-    np.testing.assert_allclose(got["lambda_min"], ex["eigenvalues"][0], atol=1e-5 * scale)
-    np.testing.assert_allclose(got["trace"], np.mean(ex["traces"]), rtol=1e-5)
-    np.testing.assert_allclose(json.loads(got["lambda_max_jackknife"]), ex["jackknife"], rtol=1e-5)
-    for row in json.loads(got["blocks"]):
-        b_top, traces = ex["blocks"][row["block"]]
-        np.testing.assert_allclose(row["lambda_max"], b_top, rtol=1e-5, err_msg=row["block"])
-        np.testing.assert_allclose(row["trace"], np.mean(traces), rtol=1e-5, err_msg=row["block"])
-    np.testing.assert_allclose(top, json.loads(one["top_eigenvalues"]), rtol=1e-5)
+    equals_the_exact_layers(got, workdir / "job.yaml", 1e-5)
+    np.testing.assert_allclose(json.loads(got["top_eigenvalues"]), json.loads(one["top_eigenvalues"]), rtol=1e-5)
     np.testing.assert_allclose(got["trace"], one["trace"], rtol=1e-6)
     assert got["loss"] == one["loss"]  # the batches' sums in batch order, as one process adds them
 

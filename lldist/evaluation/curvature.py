@@ -141,7 +141,9 @@ class Curvature:
         padded layout), instead of a new one."""
         from .operators import product
         vs = dict(zip(self.names, self._split(v.to(self.dtype))))
-        acc, total_w = None, 0.0
+        # (zeros when this rank has no batch: more ranks than batches)
+        acc = out[:self.n].zero_() if out is not None else torch.zeros(self.n, dtype=torch.float64, device=v.device)
+        total_w = 0.0
         with self.guard():
             for b in self.mine:
                 out_b, w = product(self.operator, lambda q, b=b: self._forward({**self.held, **q}, b), self.point, vs,
@@ -149,15 +151,10 @@ class Curvature:
                 # float64 sums: the order of the batches' terms (which rank took which) moves the
                 # result by float64 round-off only (products over N ranks: data_rows.py); added
                 # parameter by parameter into place, never flattened whole in float32 first
-                if acc is None:
-                    acc = out[:self.n].zero_() if out is not None else \
-                        torch.zeros(self.n, dtype=torch.float64, device=v.device)
                 for o, piece in zip(out_b, torch.split(acc, self.sizes)):
                     piece.add_(o.detach().reshape(-1))
                 del out_b
                 total_w += float(w)
-        if acc is None:  # more ranks than batches: this one has none
-            acc = out[:self.n].zero_() if out is not None else torch.zeros(self.n, dtype=torch.float64, device=v.device)
         return acc, total_w
 
     def hvp(self, v: torch.Tensor) -> torch.Tensor:

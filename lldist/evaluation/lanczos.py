@@ -86,8 +86,8 @@ class Basis:
 class RowLanczos:
     """What is computed from an operator's products on vectors in rows (see the module's text).
     A subclass sets `names` (the parameters, in order), `shapes` ({name: the whole entry's
-    shape}), `n` (entries in all), `device`, `dtype` (the vectors', float64), `basis_bytes`,
-    `spilled` = 0, and defines `_rows` and `hvp`."""
+    shape}), `n` (entries in all), `device`, `dtype` (the vectors', float64) and `basis_bytes`,
+    and defines `_rows` and `hvp`."""
 
     spilled = 0  # the most Lanczos vectors a run of this operator wrote to disk
     kept, vector_bytes = 0, 0  # the last run's basis: vectors in memory, bytes of one (this rank's rows)
